@@ -1,0 +1,49 @@
+# d2persist: `make demo` sets up and runs the main job; `make test` runs the whole suite.
+# Both install what is missing into the active Python (python3 -m pip, as detectron2's own
+# instructions do). For isolation, activate a virtual environment first.
+
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+# detectron2 is not on PyPI: it is installed from its repository, as its INSTALL.md says.
+DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
+DEMO_OUT ?= output/shapes
+
+.PHONY: install install-torch install-detectron2 install-test test demo lint bench help
+
+help:
+	@echo "make demo   install, train the built-in model on CPU, evaluate, export, predict"
+	@echo "make test   install what the tests need and run the whole suite"
+
+install-torch:
+	@# torchvision's compiled ops load only with the standard PyPI torch build
+	@$(PYTHON) -c "import torch, torchvision.ops; torchvision.ops.nms" 2>/dev/null \
+	  || $(PIP) install --upgrade torch torchvision
+
+install-detectron2: install-torch
+	@$(PYTHON) -c "import detectron2" 2>/dev/null \
+	  || $(PIP) install --no-build-isolation '$(DETECTRON2_SRC)'
+
+install: install-detectron2
+	@$(PYTHON) -c "import d2persist, safetensors, cv2, tqdm" 2>/dev/null \
+	  || $(PIP) install -e .
+
+install-test: install
+	@$(PYTHON) -c "import pytest, pytest_mock, flake8" 2>/dev/null \
+	  || $(PIP) install -e '.[test]'
+
+test: install-test
+	@$(PYTHON) -c "import detectron2, torchvision.ops; from detectron2 import _C" 2>/dev/null \
+	  || { echo "make test: detectron2 (with its compiled ops) cannot be imported;" \
+	       "install it from its repository as its INSTALL.md says (make install-detectron2)." >&2; \
+	       exit 1; }
+	$(PYTHON) -m flake8 d2persist tools tests bench
+	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(PYTHON) tools/train_net.py --resume OUTPUT_DIR $(DEMO_OUT)
+	$(PYTHON) tools/infer_single.py --artifacts $(DEMO_OUT) \
+	  --image "$$($(PYTHON) -m d2persist.data.shapes --held-out-image)" \
+	  --output $(DEMO_OUT)/demo/prediction.png --json $(DEMO_OUT)/demo/prediction.json
+
+bench: install
+	$(PYTHON) bench/run_all.py --quick

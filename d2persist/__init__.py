@@ -1,0 +1,56 @@
+"""
+d2persist: make a detectron2 training run persist everything needed to resume it or to predict
+with it later, and make prediction from those artifacts give exactly what evaluation gave.
+
+The public API is re-exported here. Names are imported on first use, so that prediction
+(``load_predictor``) never pays for importing the training engine.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+try:
+    import detectron2  # noqa: F401
+except ImportError as _e:  # pragma: no cover - exercised by hand, see README
+    raise ImportError(
+        "d2persist needs detectron2, which is not on PyPI: install it from its repository "
+        "as its INSTALL.md says (e.g. `make install`, or `python3 -m pip install "
+        "--no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'`)."
+    ) from _e
+
+#: public name -> module that defines it
+_EXPORTS = {
+    "add_persist_config": "config",
+    "PersistHook": "hook",
+    "PersistTrainer": "trainer",
+    "PersistCheckpointer": "checkpoint",
+    "load_predictor": "predictor",
+    "Predictor": "predictor",
+    "Prediction": "predictor",
+    "resolve_artifacts": "artifacts",
+    "write_export": "export",
+    "read_manifest": "export",
+    "register_shapes": "data.shapes",
+    "D2PersistError": "errors",
+    "ArtifactError": "errors",
+    "UnsafeArtifactError": "errors",
+    "InputImageError": "errors",
+    "ConfigRoundTripError": "errors",
+    "OutputDirNotEmptyError": "errors",
+    "CheckpointWriteError": "errors",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'd2persist' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,57 @@
+"""A background writer with at most one write in flight, whose errors are never lost."""
+
+import logging
+import threading
+
+__all__ = ["BackgroundWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundWriter:
+    """
+    Runs one write job at a time on a background thread (or inline when ``enabled`` is False).
+
+    :meth:`submit` first waits for the job in flight, so at most one snapshot waits in memory.
+    An exception raised by a job is re-raised, on the caller's thread, by the next
+    :meth:`submit`, :meth:`wait` or :meth:`check`.
+    """
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+        self._thread = None
+        self._error = None
+
+    def _run(self, fn, args):
+        try:
+            fn(*args)
+        except BaseException as e:  # noqa: B036 — handed to the training thread
+            self._error = e
+
+    def submit(self, fn, *args):
+        """Wait for the job in flight, then run ``fn(*args)`` (in the background if enabled)."""
+        self.wait()
+        if not self.enabled:
+            fn(*args)
+            return
+        self._thread = threading.Thread(
+            target=self._run, args=(fn, args), name="d2persist-writer", daemon=False
+        )
+        self._thread.start()
+
+    def wait(self):
+        """Block until no job is in flight; re-raise its error, if any."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def check(self):
+        """Re-raise the error of a finished job, if any, without waiting."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    @property
+    def busy(self):
+        return self._thread is not None and self._thread.is_alive()

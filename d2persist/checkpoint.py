@@ -1,0 +1,166 @@
+"""
+Checkpoints that stock detectron2 can read, written atomically, hashed, verified on resume.
+
+File names and contents are detectron2's (``model_{iter:07d}.pth``, ``model_final.pth``,
+``last_checkpoint``; keys ``model``, ``trainer``, ``iteration``), so ``DetectionCheckpointer``
+and ``DefaultTrainer.resume_or_load`` read them unchanged.
+"""
+
+import contextlib
+import logging
+import os
+import pickle
+
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .checkpoint_files import LAST_CHECKPOINT, SIDECAR_SUFFIX, find_newest_valid, read_sidecar
+from .errors import UnsafeArtifactError
+from .fileio import fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
+
+__all__ = ["PersistCheckpointer", "snapshot_state"]
+
+logger = logging.getLogger(__name__)
+
+
+def _clone(obj):
+    """A copy of ``obj`` whose tensors do not share memory with the original."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return type(obj)((k, _clone(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_clone(v) for v in obj)
+    return obj
+
+
+def snapshot_state(checkpointer, copy, **extra):
+    """
+    The dict a checkpoint holds: ``model``, each checkpointable's state, and ``extra``.
+
+    Args:
+        checkpointer (fvcore Checkpointer): gives the model and checkpointables.
+        copy (bool): copy tensors, so training can go on while the snapshot is written.
+        extra: more entries, e.g. ``iteration``.
+    """
+    data = {"model": checkpointer.model.state_dict()}
+    for key, obj in checkpointer.checkpointables.items():
+        data[key] = obj.state_dict()
+    data.update(extra)
+    return _clone(data) if copy else data
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles the numpy arrays of detectron2 model-zoo ``.pkl`` files and nothing else."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+class PersistCheckpointer(DetectionCheckpointer):
+    """
+    A :class:`DetectionCheckpointer` whose writes are atomic and hashed and whose reads are safe.
+
+    It writes what its parent writes, under the same names; it only changes how bytes reach disk
+    (:mod:`d2persist.fileio`) and how they are read back (no code execution, verification).
+    """
+
+    def save(self, name, **kwargs):
+        """Same as :meth:`fvcore.common.checkpoint.Checkpointer.save`, atomically."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        self.write(f"{name}.pth", snapshot_state(self, copy=False, **kwargs))
+
+    def write(self, basename, data, tag=True):
+        """
+        Write a snapshot to ``save_dir/basename`` with its sha256 sidecar, then point
+        ``last_checkpoint`` at it.
+
+        Args:
+            basename (str): file name, e.g. ``model_0000099.pth``.
+            data (dict): from :func:`snapshot_state`.
+            tag (bool): update ``last_checkpoint``.
+
+        Returns:
+            str: the path written.
+        """
+        path = os.path.join(self.save_dir, basename)
+        self.logger.info("Saving checkpoint to %s", path)
+        digest, _ = torch_save(data, path)
+        write_text(path + SIDECAR_SUFFIX, f"{digest}  {basename}\n")
+        if tag:
+            self.tag_last_checkpoint(basename)
+        return path
+
+    def link(self, src_basename, dst_basename, tag=True):
+        """
+        Give the checkpoint ``src_basename`` a second name without copying its bytes.
+
+        A hard link where the filesystem has them; a copy written atomically otherwise.
+        """
+        src = os.path.join(self.save_dir, src_basename)
+        dst = os.path.join(self.save_dir, dst_basename)
+        tmp = dst + ".link-tmp"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+            os.replace(tmp, dst)
+            fsync_dir(self.save_dir)
+            digest = read_sidecar(src) or sha256_file(dst)
+            write_text(dst + SIDECAR_SUFFIX, f"{digest}  {dst_basename}\n")
+        except OSError:
+            self.write(dst_basename, safe_torch_load(src), tag=False)
+        if tag:
+            self.tag_last_checkpoint(dst_basename)
+        return dst
+
+    def remove(self, basename):
+        """Delete a checkpoint and its sidecar."""
+        for suffix in ("", SIDECAR_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.save_dir, basename + suffix))
+
+    def tag_last_checkpoint(self, last_filename_basename):
+        """Point ``last_checkpoint`` at a checkpoint, atomically."""
+        write_text(os.path.join(self.save_dir, LAST_CHECKPOINT), last_filename_basename)
+
+    def get_checkpoint_file(self):
+        """The newest checkpoint that verifies (see :func:`find_newest_valid`), or ""."""
+        return find_newest_valid(self.save_dir) or ""
+
+    def has_checkpoint(self):
+        return bool(self.get_checkpoint_file())
+
+    def _load_file(self, filename):
+        if filename.endswith(".pkl"):  # detectron2 model zoo: numpy arrays only, never code
+            try:
+                with open(filename, "rb") as f:
+                    data = _ArrayOnlyUnpickler(f, encoding="latin1").load()
+            except pickle.UnpicklingError as e:
+                raise UnsafeArtifactError(f"Refusing to load {filename}: {e}.") from None
+            if "model" in data and "__author__" in data:
+                return data
+            data = data.get("blobs", data)
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        if filename.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return {"model": load_file(filename)}
+        return super()._load_file(filename)
+
+    def _torch_load(self, f):
+        return safe_torch_load(f)

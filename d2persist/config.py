@@ -1,0 +1,35 @@
+"""``cfg.PERSIST``: the options of :class:`d2persist.PersistHook`."""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_persist_config", "PERSIST_KEY"]
+
+#: The config node that holds d2persist's options.
+PERSIST_KEY = "PERSIST"
+
+
+def add_persist_config(cfg):
+    """
+    Add the ``cfg.PERSIST`` options of d2persist to a detectron2 config, with safe defaults.
+
+    Args:
+        cfg (CfgNode): a config from ``detectron2.config.get_cfg()``; changed in place.
+
+    Returns:
+        CfgNode: the same ``cfg``.
+    """
+    _C = cfg
+    _C.PERSIST = CN()
+    # Periodic checkpoints to keep (0 keeps all); last_checkpoint's target and model_final stay.
+    _C.PERSIST.MAX_TO_KEEP = 0
+    # Write an inference bundle (safetensors weights, config, manifest) when training completes.
+    _C.PERSIST.EXPORT = True
+    # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
+    _C.PERSIST.EXPORT_DIR = "export"
+    # Snapshot checkpoints on the training thread and write them from a background thread.
+    _C.PERSIST.ASYNC = True
+    # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.
+    _C.PERSIST.SAVE_ON_INTERRUPT = True
+    # "module:function" names of a project's add_*_config, applied when config.yaml is checked.
+    _C.PERSIST.CONFIG_EXTENSIONS = []
+    return cfg

@@ -1,0 +1,1 @@
+"""Datasets that ship with d2persist (see :mod:`d2persist.data.shapes`)."""

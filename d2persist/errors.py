@@ -1,0 +1,42 @@
+"""Errors that d2persist turns into one clear sentence for the user."""
+
+__all__ = [
+    "D2PersistError",
+    "ArtifactError",
+    "UnsafeArtifactError",
+    "InputImageError",
+    "ConfigRoundTripError",
+    "OutputDirNotEmptyError",
+    "CheckpointWriteError",
+]
+
+
+class D2PersistError(Exception):
+    """Base class: an error whose message is a complete sentence meant for the user.
+
+    Command-line tools print ``str(error)`` on one line and exit with code 2.
+    """
+
+
+class ArtifactError(D2PersistError):
+    """An artifacts folder, bundle or checkpoint is missing, incomplete or inconsistent."""
+
+
+class UnsafeArtifactError(ArtifactError):
+    """A file would execute code if loaded (a pickle payload, a python YAML tag, ...)."""
+
+
+class InputImageError(D2PersistError):
+    """An input image is missing, empty, not an image or truncated."""
+
+
+class ConfigRoundTripError(D2PersistError):
+    """The config would not load back from the YAML written for it."""
+
+
+class OutputDirNotEmptyError(D2PersistError):
+    """A new run would overwrite the checkpoints of an earlier run."""
+
+
+class CheckpointWriteError(D2PersistError):
+    """A checkpoint could not be written (disk full, permission denied, ...)."""

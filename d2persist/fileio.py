@@ -1,0 +1,308 @@
+"""
+How d2persist's bytes reach disk and come back.
+
+Every file d2persist writes goes through :func:`atomic_write`: a temporary file in the same
+folder, flushed and fsync'ed, ``os.replace``d onto its name, then the folder fsync'ed. A crash at
+any moment leaves either the old file or the new one under the final name, never a partial one.
+
+Every file d2persist reads from an artifact goes through the safe loaders here: checkpoints with
+``torch.load(weights_only=True)``, YAML with ``yaml.safe_load``. Neither executes code.
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import pickle
+import tempfile
+import zipfile
+
+import yaml
+
+from .errors import ArtifactError, CheckpointWriteError, UnsafeArtifactError
+
+__all__ = [
+    "TEMP_PREFIX",
+    "atomic_write",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "sha256_file",
+    "fsync_dir",
+    "remove_temp_files",
+    "safe_torch_load",
+    "torch_save",
+    "safe_yaml_load",
+    "read_json",
+    "resolve_inside",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Prefix of the temporary files written next to their final name.
+TEMP_PREFIX = ".d2persist-tmp-"
+
+_CHUNK = 1 << 20
+
+
+def _file_mode():
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+class _HashingWriter:
+    """A write-only file wrapper that hashes and counts what goes through it."""
+
+    def __init__(self, f):
+        self._f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data):
+        self.sha256.update(data)
+        self.size += len(data)
+        return self._f.write(data)
+
+    def flush(self):
+        self._f.flush()
+
+
+def fsync_dir(path):
+    """
+    Make a rename or unlink in folder ``path`` durable.
+
+    Args:
+        path (str): a folder.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """
+    Open a temporary file next to ``path``; on a clean exit it replaces ``path`` atomically.
+
+    The temporary file is flushed and fsync'ed before ``os.replace``, and the folder is fsync'ed
+    after. If the block raises, the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path (str): the final name.
+        mode (str): "wb" or "w".
+
+    Yields:
+        a file object that hashes what is written: ``f.sha256`` and ``f.size`` after the block.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    try:
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+        with os.fdopen(fd, "wb") as raw:
+            writer = _HashingWriter(raw)
+            if mode == "w":
+                yield _TextWriter(writer)
+            else:
+                yield writer
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+class _TextWriter:
+    """Text (UTF-8) view of a :class:`_HashingWriter`."""
+
+    def __init__(self, writer):
+        self._w = writer
+
+    def write(self, text):
+        return self._w.write(text.encode("utf-8"))
+
+    def flush(self):
+        self._w.flush()
+
+    @property
+    def sha256(self):
+        return self._w.sha256
+
+    @property
+    def size(self):
+        return self._w.size
+
+
+def write_bytes(path, data):
+    """
+    Write ``data`` to ``path`` atomically.
+
+    Returns:
+        str: the sha256 hex digest of ``data``.
+    """
+    with atomic_write(path) as f:
+        f.write(data)
+    return f.sha256.hexdigest()
+
+
+def write_text(path, text):
+    """Write a UTF-8 text file atomically. Returns its sha256 hex digest."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically. Returns its sha256 hex digest."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save(obj, path):
+    """
+    ``torch.save`` ``obj`` to ``path`` atomically, hashing the bytes as they are written.
+
+    Raises:
+        CheckpointWriteError: the write failed (disk full, permission denied, ...). The file that
+            was at ``path`` before, if any, is intact.
+
+    Returns:
+        tuple[str, int]: sha256 hex digest and size in bytes of the file.
+    """
+    import torch
+
+    try:
+        with atomic_write(path) as f:
+            torch.save(obj, f)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise CheckpointWriteError(
+            f"Could not write {path}: {reason}; earlier checkpoints are intact."
+        ) from e
+    except RuntimeError as e:  # torch wraps a failing write() in RuntimeError
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EACCES, errno.EIO):
+            raise CheckpointWriteError(
+                f"Could not write {path}: {os.strerror(cause.errno)}; "
+                "earlier checkpoints are intact."
+            ) from e
+        raise
+    return f.sha256.hexdigest(), f.size
+
+
+def sha256_file(path):
+    """Returns the sha256 hex digest of the file at ``path``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remove_temp_files(folder):
+    """
+    Remove the temporary files a killed process left in ``folder``.
+
+    Returns:
+        list[str]: the names removed.
+    """
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    if removed:
+        logger.info("Removed temporary files left by an interrupted write: %s", removed)
+    return removed
+
+
+def safe_torch_load(path):
+    """
+    Load a torch file without executing code from it (``weights_only=True``).
+
+    Raises:
+        UnsafeArtifactError: the file holds Python objects that only a full unpickler could
+            build: it would run code if loaded the unsafe way.
+        ArtifactError: the file is missing, truncated or not a torch file.
+    """
+    import torch
+
+    if not os.path.isfile(path):
+        raise ArtifactError(f"Checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        detail = next((ln for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise UnsafeArtifactError(
+            f"Refusing to load {path}: it holds Python objects beyond tensors and plain data, "
+            f"which could run code when unpickled{(' (' + detail.strip() + ')') if detail else ''}."
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"Checkpoint {path} is truncated or not a torch file ({msg}).") from None
+
+
+def safe_yaml_load(path):
+    """
+    Read a YAML file with ``yaml.safe_load``: python tags are refused, never constructed.
+
+    Raises:
+        UnsafeArtifactError: the file carries a tag that would construct a Python object.
+        ArtifactError: the file is missing or is not valid YAML.
+    """
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except yaml.constructor.ConstructorError as e:
+        tag = getattr(e, "problem", "") or str(e)
+        raise UnsafeArtifactError(
+            f"Refusing to load {path}: it carries a YAML tag that would construct a Python "
+            f"object ({tag.strip()})."
+        ) from None
+    except FileNotFoundError:
+        raise ArtifactError(f"Config file {path} does not exist.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"Config file {path} is not valid YAML ({type(e).__name__}).") from None
+
+
+def read_json(path):
+    """Read a JSON file; a missing or malformed file is an :class:`ArtifactError`."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist.") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e}).") from None
+
+
+def resolve_inside(folder, name):
+    """
+    Join a file name taken from an artifact to its folder, refusing names that leave the folder.
+
+    Args:
+        folder (str): the artifact's folder.
+        name (str): a relative file name read from the artifact.
+
+    Returns:
+        str: the absolute path.
+
+    Raises:
+        UnsafeArtifactError: ``name`` is absolute or points outside ``folder``.
+    """
+    root = os.path.realpath(folder)
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it must be relative to {folder}.")
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {folder}.")
+    return path

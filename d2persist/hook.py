@@ -1,0 +1,296 @@
+"""PersistHook: decides *when* a training run writes its config, checkpoints and export."""
+
+import logging
+import os
+import signal
+import threading
+
+import torch
+from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
+from detectron2.utils import comm
+
+from .async_writer import BackgroundWriter
+from .checkpoint import PersistCheckpointer, snapshot_state
+from .checkpoint_files import FINAL_NAME, LAST_CHECKPOINT, checkpoint_name, list_checkpoints
+from .errors import OutputDirNotEmptyError
+from .artifacts import METADATA_NAME
+from .export import dataset_metadata, train_dataset_names
+from .fileio import remove_temp_files, write_json, write_text
+from .resume import get_rng_state, set_rng_state
+from .runconfig import RunConfig
+
+__all__ = ["PersistHook", "CONFIG_NAME", "PERSIST_NAME", "check_output_dir"]
+
+logger = logging.getLogger(__name__)
+
+#: The run's config, loadable with a plain ``get_cfg().merge_from_file``.
+CONFIG_NAME = "config.yaml"
+#: d2persist's own options (cfg.PERSIST), kept out of config.yaml so stock code can load it.
+PERSIST_NAME = "persist.yaml"
+
+_SIGNAL_EXIT = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: SystemExit}
+
+
+def _train_loader(trainer):
+    """The training data loader of a DefaultTrainer or SimpleTrainer."""
+    inner = getattr(trainer, "_trainer", trainer)
+    return getattr(inner, "data_loader", None)
+
+
+def _main_says(value):
+    """The main process's ``value``, on every process."""
+    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
+
+
+def check_output_dir(output_dir, start_iter):
+    """
+    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints.
+
+    Raises:
+        OutputDirNotEmptyError: naming what is there and how to resume it.
+    """
+    if start_iter != 0:
+        return
+    existing = list_checkpoints(output_dir)
+    if existing or os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
+        raise OutputDirNotEmptyError(
+            f"{output_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "
+            "(resume_or_load(resume=True)) or choose another OUTPUT_DIR."
+        )
+
+
+def _all_finite(model):
+    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values()
+               if p.is_floating_point())
+
+
+class PersistHook(HookBase):
+    """
+    Persists a training run into its output folder.
+
+    - ``before_train``: checks that the config loads back and writes ``config.yaml`` (and
+      ``persist.yaml``); refuses to start a new run over an earlier run's checkpoints.
+    - ``after_step``: writes ``model_{iter:07d}.pth`` when ``(iter + 1) % CHECKPOINT_PERIOD == 0``,
+      and, after SIGINT/SIGTERM, a checkpoint of the finished iteration before stopping.
+    - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
+
+    Registered on a stock ``DefaultTrainer``, it takes the place of the trainer's
+    ``PeriodicCheckpointer``, so each checkpoint is written once. Its state (the checkpoints it
+    keeps, RNG states and data position of every process) travels in the checkpoint.
+    """
+
+    def __init__(self, cfg):
+        """
+        Args:
+            cfg: the run's config: a ``CfgNode`` (``cfg.PERSIST`` optional, see
+                :func:`add_persist_config`) or a LazyConfig.
+        """
+        self.run = RunConfig(cfg)
+        self.options = self.run.options
+        self._writer = BackgroundWriter(enabled=bool(self.options["ASYNC"]))
+        self._checkpointer = None
+        self._kept = []
+        self._resume_states = None
+        self._pending_resume = None
+        self._rng_to_restore = None
+        self._last_saved = None
+        self._signal = None
+        self._old_handlers = {}
+
+    # -- registration ------------------------------------------------------------------------
+
+    @property
+    def trainer(self):
+        return self.__dict__.get("_trainer_ref")
+
+    @trainer.setter
+    def trainer(self, trainer):
+        """On registration, take the place of the trainer's stock PeriodicCheckpointer."""
+        self.__dict__["_trainer_ref"] = trainer
+        hooks = getattr(trainer, "_hooks", [])
+        for i, h in enumerate(hooks):
+            if isinstance(h, PeriodicCheckpointer):
+                hooks[i] = self  # the copy register_hooks appends is dropped in before_train
+
+    def _drop_duplicate_registration(self):
+        hooks = self.trainer._hooks
+        mine = [i for i, h in enumerate(hooks) if h is self]
+        for i in reversed(mine[1:]):  # later than the current one: safe while iterating
+            del hooks[i]
+
+    # -- before_train --------------------------------------------------------------------------
+
+    def before_train(self):
+        self._drop_duplicate_registration()
+        out = self.run.output_dir
+        check_output_dir(out, self.trainer.start_iter)
+        text = self.run.dump()  # raises ConfigRoundTripError, on every process alike
+        if comm.is_main_process():
+            os.makedirs(out, exist_ok=True)
+            remove_temp_files(out)
+            write_text(os.path.join(out, CONFIG_NAME), text)
+            if not self.run.is_lazy:
+                write_text(os.path.join(out, PERSIST_NAME), self.run.persist_yaml())
+            write_json(
+                os.path.join(out, METADATA_NAME), dataset_metadata(train_dataset_names(self.run))
+            )
+        self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
+        self._apply_pending_resume()
+        if self.options["SAVE_ON_INTERRUPT"]:
+            self._install_signal_handlers()
+
+    def _apply_pending_resume(self):
+        states, self._pending_resume = self._pending_resume, None
+        if not states:
+            return
+        if len(states) != comm.get_world_size():
+            logger.warning(
+                "The checkpoint was written by %d processes, this run has %d: RNG states and data "
+                "position are not restored, so the run will not continue bit-exactly.",
+                len(states), comm.get_world_size(),
+            )
+            return
+        mine = states[comm.get_rank()]
+        loader = _train_loader(self.trainer)
+        if mine.get("data") is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(mine["data"])
+        set_rng_state(mine["rng"])
+
+    # -- signals -------------------------------------------------------------------------------
+
+    def _install_signal_handlers(self):
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in _SIGNAL_EXIT:
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self):
+        for sig, handler in self._old_handlers.items():
+            signal.signal(sig, handler)
+        self._old_handlers = {}
+
+    def _on_signal(self, signum, frame):
+        if self._signal is not None:  # a second signal: stop now, without the checkpoint
+            self._restore_signal_handlers()
+            raise _SIGNAL_EXIT[signum](128 + signum)
+        self._signal = signum
+        logger.warning(
+            "Received %s: finishing iteration %d, saving a checkpoint, then stopping "
+            "(send it again to stop at once).", signal.Signals(signum).name, self.trainer.iter,
+        )
+
+    def _interrupted(self):
+        """The signal received by any process, or None. Collective when distributed."""
+        sig = self._signal or 0
+        if comm.get_world_size() > 1:
+            sig = max(comm.all_gather(sig))
+        return sig or None
+
+    # -- after_step ----------------------------------------------------------------------------
+
+    def before_step(self):
+        # Hooks after this one (evaluation, writers) may draw random numbers after a save; undo
+        # that, so training continues from exactly the RNG state the checkpoint holds.
+        if self._rng_to_restore is not None:
+            set_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    def after_step(self):
+        self._writer.check()
+        it = self.trainer.iter
+        period = self.run.checkpoint_period
+        sig = self._interrupted() if self.options["SAVE_ON_INTERRUPT"] else None
+        if (period > 0 and (it + 1) % period == 0) or sig:
+            self._save(checkpoint_name(it), it)
+        if sig:
+            self._writer.wait()
+            logger.warning(
+                "Stopped by %s after iteration %d; checkpoint %s saved. Resume with --resume.",
+                signal.Signals(sig).name, it, checkpoint_name(it),
+            )
+            raise _SIGNAL_EXIT[sig](128 + sig)
+
+    def _save(self, basename, iteration):
+        """Snapshot the state of ``iteration`` on this thread; write it in the background."""
+        if not _all_finite(self._checkpointer.model):
+            raise FloatingPointError(
+                f"Weights after iteration {iteration} hold NaN or Inf; not saving them, and "
+                f"{LAST_CHECKPOINT} still names the last good checkpoint."
+            )
+        local = {"rng": get_rng_state(), "data": None}
+        loader = _train_loader(self.trainer)
+        if hasattr(loader, "state_dict"):
+            local["data"] = loader.state_dict()
+        self._resume_states = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
+        self._rng_to_restore = local["rng"]
+        self._last_saved = iteration
+        if not comm.is_main_process():
+            return
+        self._writer.wait()
+        if basename != FINAL_NAME:
+            self._kept.append(basename)
+        data = snapshot_state(self._checkpointer, copy=self._writer.enabled, iteration=iteration)
+        data["trainer"]["iteration"] = iteration
+        self._writer.submit(self._write, basename, data)
+
+    def _write(self, basename, data):
+        self._checkpointer.write(basename, data)
+        self._prune()
+
+    def _prune(self):
+        keep = int(self.options["MAX_TO_KEEP"])
+        if keep <= 0 or len(self._kept) <= keep:
+            return
+        old, self._kept = self._kept[:-keep], self._kept[-keep:]
+        for name in old:
+            if name != FINAL_NAME:
+                self._checkpointer.remove(name)
+
+    # -- after_train ---------------------------------------------------------------------------
+
+    def after_train(self):
+        self._restore_signal_handlers()
+        trainer = self.trainer
+        completed = trainer.iter >= trainer.max_iter
+        try:
+            self._writer.wait()
+        except Exception:
+            if completed:
+                raise
+            logger.exception("The last checkpoint write failed:")
+            return
+        if not completed or self._checkpointer is None:
+            return  # failed or interrupted: no model_final, no export
+        out = self.run.output_dir
+        trained = trainer.start_iter < trainer.max_iter
+        last = trainer.max_iter - 1
+        if self._last_saved == last:
+            if comm.is_main_process():
+                self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
+        elif trained or not _main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
+            self._save(FINAL_NAME, last)
+            self._writer.wait()
+        if self.options["EXPORT"] and comm.is_main_process():
+            from .export import MANIFEST_NAME
+
+            if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
+                self.export()
+        comm.synchronize()
+
+    def export(self):
+        """Write the inference bundle of the model as it is now to ``PERSIST.EXPORT_DIR``."""
+        from .export import write_export
+
+        return write_export(
+            self.run, self._checkpointer.model, self.run.export_dir, self.trainer.max_iter - 1
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def state_dict(self):
+        return {"kept": list(self._kept), "resume": self._resume_states}
+
+    def load_state_dict(self, state_dict):
+        self._kept = list(state_dict.get("kept", []))
+        self._pending_resume = state_dict.get("resume")

@@ -1,0 +1,114 @@
+"""What ``tools/infer_single.py`` does: predict on image files, write visualizations and JSON."""
+
+import json
+import logging
+import os
+
+from .errors import InputImageError
+from .fileio import write_bytes, write_text
+
+__all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files"]
+
+logger = logging.getLogger(__name__)
+
+#: File endings taken as images when ``--image`` names a folder.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def collect_images(paths):
+    """
+    Expand ``--image`` arguments: files as given, folders into their image files (sorted).
+
+    Returns:
+        tuple[list[str], bool]: the image files, and whether outputs must be folders (more than
+        one image, or a folder was given).
+
+    Raises:
+        InputImageError: a path does not exist, or a folder holds no image.
+    """
+    files, many = [], len(paths) > 1
+    for path in paths:
+        if os.path.isdir(path):
+            many = True
+            found = sorted(
+                os.path.join(path, n)
+                for n in os.listdir(path)
+                if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, n))
+            )
+            if not found:
+                raise InputImageError(
+                    f"Folder {path} holds no image ({', '.join(IMAGE_EXTENSIONS)})."
+                )
+            files += found
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise InputImageError(f"Image {path} does not exist.")
+    return files, many
+
+
+def output_paths(image, target, many, suffix):
+    """Where to write the output of ``image``: ``target`` itself, or a file in folder ``target``."""
+    if target is None:
+        return None
+    if many:
+        stem = os.path.splitext(os.path.basename(image))[0]
+        return os.path.join(target, stem + suffix)
+    return target
+
+
+def _encode_png(rgb):
+    import cv2
+
+    ok, buf = cv2.imencode(".png", rgb[:, :, ::-1])
+    if not ok:
+        raise InputImageError("Could not encode the visualization as PNG.")
+    return buf.tobytes()
+
+
+def predict_files(predictor, images, output=None, json_out=None, min_score=0.5, many=False,
+                  progress=True):
+    """
+    Predict on image files and write each one's visualization and JSON.
+
+    Every image is read before any model work, so a bad image fails the run before any output
+    is written.
+
+    Args:
+        predictor (Predictor): from :func:`d2persist.load_predictor`.
+        images (list[str]): image files.
+        output (str): visualization file, or folder (``many``), or None.
+        json_out (str): JSON file, or folder (``many``), or None.
+        min_score (float): instances below this score are left out of both outputs.
+        many (bool): outputs are folders, one file per image.
+        progress (bool): show a tqdm progress bar.
+
+    Returns:
+        list[dict]: the JSON data of each image.
+    """
+    from tqdm import tqdm
+
+    for target in (output, json_out):
+        if target and many:
+            os.makedirs(target, exist_ok=True)
+    meta = predictor.visualizer_metadata() if output else None
+    results = []
+    bar = tqdm(images, unit="image", disable=not progress or len(images) < 2)
+    for image in bar:
+        pred = predictor(image)
+        data = pred.to_json(image_name=image, min_score=min_score)
+        results.append(data)
+        vis_path = output_paths(image, output, many, ".png")
+        if vis_path:
+            _makedirs_for(vis_path)
+            write_bytes(vis_path, _encode_png(pred.draw(meta, min_score=min_score)))
+        json_path = output_paths(image, json_out, many, ".json")
+        if json_path:
+            _makedirs_for(json_path)
+            write_text(json_path, json.dumps(data, indent=2) + "\n")
+    return results
+
+
+def _makedirs_for(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)

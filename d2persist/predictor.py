@@ -1,0 +1,316 @@
+"""
+Prediction from d2persist artifacts, exactly as training-time evaluation does it.
+
+An image file is read with ``detectron2.data.detection_utils.read_image`` in ``INPUT.FORMAT``
+(which applies EXIF orientation and converts grayscale/RGBA like the evaluation loader),
+resized with the test-time ``ResizeShortestEdge`` built by ``build_augmentation(cfg, False)``,
+and fed to the model in eval mode with the original height and width, as
+``DatasetMapper(cfg, is_train=False)`` does. Nothing here imports training code.
+"""
+
+import logging
+import os
+
+import numpy as np
+import torch
+
+from .artifacts import resolve_artifacts
+from .errors import ArtifactError, InputImageError
+
+__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
+
+logger = logging.getLogger(__name__)
+
+_CHANNEL_ORDERS = ("BGR", "RGB", "L")
+
+
+def read_image_file(path, fmt):
+    """
+    Read an image file exactly as detectron2's evaluation loader does.
+
+    Args:
+        path (str): the image file.
+        fmt (str): ``INPUT.FORMAT`` ("BGR", "RGB", "L", ...).
+
+    Returns:
+        np.ndarray: HxWxC uint8 in ``fmt``.
+
+    Raises:
+        InputImageError: the file is missing, empty, not an image, or truncated.
+    """
+    from detectron2.data.detection_utils import read_image
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise InputImageError(f"Image {path} does not exist.")
+    if os.path.getsize(path) == 0:
+        raise InputImageError(f"Image {path} is empty.")
+    try:
+        with Image.open(path) as probe:
+            probe.verify()
+        return read_image(path, format=fmt)
+    except UnidentifiedImageError:
+        raise InputImageError(f"{path} is not an image file PIL can read.") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+
+
+def _to_format(image, channel_order, fmt):
+    """
+    Convert an array in ``channel_order`` to the model's input format, through the same PIL
+    conversion ``read_image`` applies to a file (grayscale expanded, alpha dropped).
+    """
+    from detectron2.data.detection_utils import convert_PIL_to_numpy
+    from PIL import Image
+
+    if channel_order not in _CHANNEL_ORDERS:
+        raise InputImageError(
+            f"channel_order must be one of {', '.join(_CHANNEL_ORDERS)}, not {channel_order!r}."
+        )
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise InputImageError(f"An image array must be uint8, not {image.dtype}.")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        pil = Image.fromarray(np.ascontiguousarray(image), "L")
+    elif image.ndim == 3 and image.shape[2] in (3, 4) and channel_order != "L":
+        if channel_order == "BGR":
+            image = image[:, :, [2, 1, 0, 3][: image.shape[2]]]
+        pil = Image.fromarray(np.ascontiguousarray(image), "RGB" if image.shape[2] == 3 else "RGBA")
+    else:
+        raise InputImageError(
+            f"An image array in {channel_order} order cannot have shape {image.shape}."
+        )
+    return convert_PIL_to_numpy(pil, fmt)
+
+
+class Prediction:
+    """
+    The model's output for one image.
+
+    Attributes:
+        instances (Instances): on the CPU, in original-image pixels (may be None for models
+            that predict no instances).
+        class_names (list[str]): name of each class id.
+        height, width (int): the original image size.
+        image (np.ndarray): the image as read, in the model's ``INPUT.FORMAT``.
+        outputs (dict): the model's raw output dict.
+    """
+
+    def __init__(self, outputs, class_names, image, input_format):
+        self.outputs = outputs
+        self.instances = outputs["instances"].to("cpu") if "instances" in outputs else None
+        self.class_names = class_names
+        self.image = image
+        self.input_format = input_format
+        self.height, self.width = image.shape[:2]
+
+    def class_name(self, class_id):
+        if 0 <= class_id < len(self.class_names):
+            return self.class_names[class_id]
+        return str(class_id)
+
+    def to_json(self, image_name=None, min_score=0.0):
+        """
+        JSON data: ``{"image", "height", "width", "instances": [{"category_id",
+        "category_name", "score", "bbox" (XYXY, original pixels), "segmentation" (COCO RLE,
+        with masks), "keypoints" ([[x, y, score], ...], with keypoints)}]}``.
+        """
+        out = {"image": image_name, "height": self.height, "width": self.width, "instances": []}
+        inst = self.instances
+        if inst is None:
+            return out
+        keep = (inst.scores >= min_score).nonzero().flatten().tolist()
+        masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
+        if masks is not None:
+            import pycocotools.mask as mask_util
+        for i in keep:
+            cls = int(inst.pred_classes[i])
+            item = {
+                "category_id": cls,
+                "category_name": self.class_name(cls),
+                "score": float(inst.scores[i]),
+                "bbox": [float(x) for x in inst.pred_boxes.tensor[i].tolist()],
+            }
+            if masks is not None:
+                rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
+                item["segmentation"] = {"size": list(rle["size"]),
+                                        "counts": rle["counts"].decode("ascii")}
+            if inst.has("pred_keypoints"):
+                item["keypoints"] = [[float(v) for v in kp] for kp in inst.pred_keypoints[i]]
+            out["instances"].append(item)
+        return out
+
+    def draw(self, metadata, min_score=0.0):
+        """
+        The visualization (RGB uint8, original size), drawn by detectron2's Visualizer with the
+        bundle's class names and colours.
+        """
+        from detectron2.data.detection_utils import convert_image_to_rgb
+        from detectron2.utils.visualizer import ColorMode, Visualizer
+
+        rgb = convert_image_to_rgb(self.image, self.input_format)
+        mode = ColorMode.SEGMENTATION if metadata.get("thing_colors") else ColorMode.IMAGE
+        vis = Visualizer(rgb, metadata, instance_mode=mode)
+        if self.instances is not None:
+            inst = self.instances[self.instances.scores >= min_score]
+            out = vis.draw_instance_predictions(inst)
+        elif "sem_seg" in self.outputs:
+            out = vis.draw_sem_seg(self.outputs["sem_seg"].argmax(dim=0).to("cpu"))
+        else:
+            out = vis.output
+        return out.get_image()
+
+
+class Predictor:
+    """
+    Predicts with a model rebuilt from d2persist artifacts (see :func:`load_predictor`).
+
+    Call it with an image path, or an array and its ``channel_order``.
+    """
+
+    def __init__(self, model, augmentation, input_format, metadata, device):
+        """
+        Args:
+            model (nn.Module): in eval mode, on ``device``.
+            augmentation (list[Augmentation]): test-time augmentations, e.g. ResizeShortestEdge.
+            input_format (str): the model's ``INPUT.FORMAT``.
+            metadata (dict): dataset metadata; ``thing_classes`` names the classes.
+            device (str): where the model runs.
+        """
+        from detectron2.data import transforms as T
+
+        self.model = model
+        self.augmentation = T.AugmentationList(augmentation)
+        self.input_format = input_format
+        self.metadata = metadata
+        self.device = device
+        self.class_names = list(
+            metadata.get("thing_classes") or metadata.get("stuff_classes") or []
+        )
+
+    def visualizer_metadata(self):
+        """A detectron2 ``Metadata`` holding the bundle's metadata, for the Visualizer."""
+        from detectron2.data.catalog import Metadata
+
+        meta = Metadata()
+        for k, v in self.metadata.items():
+            if k != "name":
+                setattr(meta, k, v)
+        return meta
+
+    def read(self, path):
+        """Read an image file in the model's input format (see :func:`read_image_file`)."""
+        return read_image_file(path, self.input_format)
+
+    def __call__(self, image, channel_order=None):
+        """
+        Args:
+            image (str or np.ndarray): an image file, or an HxW/HxWxC uint8 array.
+            channel_order (str): for an array: "BGR", "RGB" or "L". Must be given, so that
+                a channel-order mistake cannot pass silently.
+
+        Returns:
+            Prediction
+        """
+        from detectron2.data import transforms as T
+
+        if isinstance(image, (str, os.PathLike)):
+            image = self.read(os.fspath(image))
+        else:
+            if channel_order is None:
+                raise InputImageError(
+                    "Pass channel_order ('BGR', 'RGB' or 'L') with an image array."
+                )
+            image = _to_format(image, channel_order, self.input_format)
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(image)
+        self.augmentation(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        with torch.inference_mode():
+            outputs = self.model([{"image": tensor.to(self.device), "height": height,
+                                   "width": width}])[0]
+        return Prediction(outputs, self.class_names, image, self.input_format)
+
+
+def _load_weights(model, path):
+    """Load a weights file into ``model`` strictly, explaining any mismatch in one sentence."""
+    from .fileio import safe_torch_load
+
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"Weights file {path} is corrupt ({e}).") from None
+    else:
+        state = safe_torch_load(path)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(
+        getattr(state[k], "shape", ())))
+    if missing or unexpected or wrong:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("of another shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise ArtifactError(
+            f"The weights in {path} do not fit the model its config builds: "
+            f"{', '.join(parts)} tensors."
+        )
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+
+
+def load_predictor(path, device=None, opts=None, allowed_targets=None):
+    """
+    Load a predictor from an export folder or a training OUTPUT_DIR.
+
+    Args:
+        path (str): an export bundle, or a run folder (its export if complete, else its newest
+            checkpoint that verifies and its config.yaml).
+        device (str): "cpu" or "cuda"; the GPU if one is available when None.
+        opts (list[str]): ``KEY VALUE`` pairs that override the config (yacs configs), or
+            ``key=value`` overrides (LazyConfigs).
+        allowed_targets (list[str]): LazyConfig only: module prefixes whose callables the
+            config may instantiate, in addition to detectron2's and torch.nn's.
+
+    Returns:
+        Predictor
+    """
+    art = resolve_artifacts(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if art.config_kind == "lazy":
+        from .lazy import build_lazy_model
+
+        model, augmentation, input_format = build_lazy_model(art.config, opts, allowed_targets)
+    else:
+        model, augmentation, input_format = _build_yacs_model(art.config, opts, device)
+    _load_weights(model, art.weights_path)
+    model.to(device).eval()
+    logger.info("Loaded %s from %s", art.kind, art.weights_path)
+    return Predictor(model, augmentation, input_format, art.metadata, device)
+
+
+def _build_yacs_model(config, opts, device):
+    from detectron2.data.detection_utils import build_augmentation
+    from detectron2.modeling import build_model
+
+    from .runconfig import load_config_dict
+
+    try:
+        cfg = load_config_dict(config, new_allowed=True)
+        if opts:
+            cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ArtifactError(f"The config does not load: {e}.") from None
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = device
+    cfg.freeze()
+    return build_model(cfg), build_augmentation(cfg, is_train=False), cfg.INPUT.FORMAT

@@ -1,0 +1,212 @@
+"""
+One view of a run's config, whether a yacs ``CfgNode`` or a LazyConfig (``DictConfig``).
+
+The hook asks it *where* (output folder), *how often* (checkpoint period, max iteration) and
+*what* to write for the config; it also checks that what it writes loads back.
+"""
+
+import importlib
+import logging
+import os
+
+import yaml
+
+from .config import PERSIST_KEY, add_persist_config
+from .errors import ConfigRoundTripError
+
+__all__ = ["RunConfig", "persist_options", "load_config_dict", "DEFAULT_OPTIONS"]
+
+logger = logging.getLogger(__name__)
+
+#: cfg.PERSIST's defaults, for a config that never called add_persist_config.
+DEFAULT_OPTIONS = {
+    "MAX_TO_KEEP": 0,
+    "EXPORT": True,
+    "EXPORT_DIR": "export",
+    "ASYNC": True,
+    "SAVE_ON_INTERRUPT": True,
+    "CONFIG_EXTENSIONS": [],
+}
+
+
+def _is_lazy(cfg):
+    from omegaconf import DictConfig
+
+    return isinstance(cfg, DictConfig)
+
+
+def persist_options(cfg):
+    """
+    d2persist's options of a config, defaults filled in.
+
+    yacs configs keep them in ``cfg.PERSIST`` (:func:`add_persist_config`); LazyConfigs in an
+    optional ``train.persist`` dict with the same keys in lower case.
+    """
+    opts = dict(DEFAULT_OPTIONS)
+    if _is_lazy(cfg):
+        given = cfg.train.get("persist", None) or {}
+        opts.update({str(k).upper(): v for k, v in dict(given).items()})
+    elif PERSIST_KEY in cfg:
+        opts.update(dict(cfg[PERSIST_KEY]))
+    unknown = set(opts) - set(DEFAULT_OPTIONS)
+    if unknown:
+        raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
+    return opts
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = _as_lists(v)
+    return out
+
+
+def _as_lists(v):
+    """YAML has no tuples: compare sequences as nested lists."""
+    return [_as_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _without_persist(cfg):
+    c = cfg.clone()
+    c.defrost()
+    c.pop(PERSIST_KEY, None)
+    return c
+
+
+def _reference_cfg(extensions):
+    """``get_cfg()`` with d2persist's and the listed projects' keys added."""
+    from detectron2.config import get_cfg
+
+    ref = add_persist_config(get_cfg())
+    for name in extensions:
+        module, _, func = name.partition(":")
+        try:
+            getattr(importlib.import_module(module), func)(ref)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigRoundTripError(
+                f"PERSIST.CONFIG_EXTENSIONS entry {name!r} is not an importable "
+                f"'module:function' ({e})."
+            ) from None
+    return ref
+
+
+def load_config_dict(data, extensions=(), new_allowed=False):
+    """
+    Merge a config dict read from YAML into ``get_cfg()`` (plus d2persist's and extensions'
+    keys). Nothing is executed: ``data`` comes from a safe loader.
+
+    Args:
+        data (dict): the YAML content.
+        extensions (list[str]): "module:function" names of ``add_*_config`` to apply first.
+        new_allowed (bool): accept keys no ``add_*_config`` defined (for prediction, where only
+            the model-building keys matter).
+    """
+    from detectron2.config import CfgNode
+
+    cfg = _reference_cfg(extensions)
+    loaded = CfgNode(data)
+    if new_allowed:
+        cfg.set_new_allowed(True)
+    cfg.merge_from_other_cfg(loaded)
+    return cfg
+
+
+class RunConfig:
+    """The facts about a run that d2persist needs from its config."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.is_lazy = _is_lazy(cfg)
+        self.options = persist_options(cfg)
+
+    @property
+    def output_dir(self):
+        return self.cfg.train.output_dir if self.is_lazy else self.cfg.OUTPUT_DIR
+
+    @property
+    def checkpoint_period(self):
+        if self.is_lazy:
+            return int(self.cfg.train.checkpointer.period)
+        return int(self.cfg.SOLVER.CHECKPOINT_PERIOD)
+
+    @property
+    def max_iter(self):
+        return int(self.cfg.train.max_iter if self.is_lazy else self.cfg.SOLVER.MAX_ITER)
+
+    @property
+    def export_dir(self):
+        return os.path.join(self.output_dir, self.options["EXPORT_DIR"])
+
+    def dump(self):
+        """
+        The config as YAML text that a plain ``get_cfg().merge_from_file`` loads (yacs: without
+        the PERSIST node) or that ``LazyConfig.load`` loads (LazyConfig).
+
+        Raises:
+            ConfigRoundTripError: the YAML would not load back to the same values.
+        """
+        if self.is_lazy:
+            return self._dump_lazy()
+        cfg = _without_persist(self.cfg)
+        bad = _non_yaml_keys(cfg)
+        if bad:
+            raise ConfigRoundTripError(
+                "config.yaml cannot hold these keys, whose values are not YAML-serializable: "
+                f"{', '.join(bad)}."
+            )
+        text = cfg.dump()
+        self._check_round_trip(cfg, text)
+        return text
+
+    def persist_yaml(self):
+        """d2persist's own options, written next to config.yaml as persist.yaml."""
+        return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
+
+    def _check_round_trip(self, cfg, text):
+        extensions = list(self.options["CONFIG_EXTENSIONS"])
+        ref = _flatten(_reference_cfg(extensions))
+        data = yaml.safe_load(text)
+        unknown = sorted(k for k in _flatten(data) if k not in ref)
+        if unknown:
+            raise ConfigRoundTripError(
+                "config.yaml would not load back with get_cfg(): these keys are defined only by "
+                f"your project's add_*_config: {', '.join(unknown)}. List that function in "
+                "cfg.PERSIST.CONFIG_EXTENSIONS as 'module:function'."
+            )
+        loaded = _flatten(load_config_dict(data, extensions))
+        want = _flatten(cfg)
+        differ = sorted(k for k in want if loaded.get(k) != want[k])
+        if differ:
+            raise ConfigRoundTripError(
+                f"config.yaml would not load back to the same values for: {', '.join(differ)}."
+            )
+
+    def _dump_lazy(self):
+        from .lazy import dump_lazy_config
+
+        return dump_lazy_config(self.cfg)
+
+
+def _non_yaml_keys(cfg, prefix=""):
+    from detectron2.config import CfgNode
+
+    ok = (str, int, float, bool, type(None))
+    bad = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, CfgNode):
+            bad += _non_yaml_keys(v, key + ".")
+        elif isinstance(v, (list, tuple)):
+            if not all(isinstance(x, ok) or _nested_ok(x, ok) for x in v):
+                bad.append(key)
+        elif not isinstance(v, ok):
+            bad.append(key)
+    return bad
+
+
+def _nested_ok(x, ok):
+    return isinstance(x, (list, tuple)) and all(isinstance(y, ok) or _nested_ok(y, ok) for y in x)

@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""d2persist: persist detectron2 training runs for exact resume and faithful prediction."""
+
+import os
+import re
+
+from setuptools import find_packages, setup
+
+
+def get_version():
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "d2persist", "__init__.py")
+    with open(path, encoding="utf-8") as f:
+        return re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+
+setup(
+    name="d2persist",
+    version=get_version(),
+    description=__doc__.strip(),
+    packages=find_packages(exclude=("tests", "tests.*", "tools", "bench")),
+    python_requires=">=3.10",
+    # detectron2 is not on PyPI: the Makefile installs it from its repository (see README).
+    install_requires=[
+        "torch",
+        "torchvision",
+        "pyyaml",
+        "opencv-python-headless",
+        "safetensors",
+        "tqdm",
+        "numpy",
+        "Pillow",
+    ],
+    extras_require={"test": ["pytest", "pytest-mock", "flake8"]},
+)

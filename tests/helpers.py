@@ -1,0 +1,54 @@
+"""Tiny real-detectron2 configs for tests: a few iterations on 64 px images, batch 2, CPU."""
+
+import os
+
+from detectron2.config import get_cfg
+
+from d2persist import add_persist_config
+from d2persist.data.shapes import register_shapes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml")
+TRAIN_NET = os.path.join(REPO, "tools", "train_net.py")
+INFER_SINGLE = os.path.join(REPO, "tools", "infer_single.py")
+
+#: Overrides that make the built-in config tiny (as KEY VALUE pairs, also for the CLI).
+TINY_OPTS = [
+    "DATASETS.TRAIN", "('tiny_train',)",
+    "DATASETS.TEST", "('tiny_val',)",
+    "INPUT.MIN_SIZE_TRAIN", "(64,)",
+    "INPUT.MAX_SIZE_TRAIN", "96",
+    "INPUT.MIN_SIZE_TEST", "64",
+    "INPUT.MAX_SIZE_TEST", "96",
+    "MODEL.FPN.OUT_CHANNELS", "32",
+    "MODEL.RPN.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.RPN.POST_NMS_TOPK_TRAIN", "64",
+    "MODEL.RPN.POST_NMS_TOPK_TEST", "32",
+    "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "32",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "32",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.BASE_LR", "0.01",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.STEPS", "()",
+    "SOLVER.MAX_ITER", "6",
+    "SOLVER.CHECKPOINT_PERIOD", "2",
+    "DATALOADER.NUM_WORKERS", "0",
+    "TEST.EVAL_PERIOD", "0",
+    "SEED", "7",
+]
+
+
+def register_tiny():
+    """Register the tiny shapes splits: 16 train and 4 val images of 64 px."""
+    return register_shapes(prefix="tiny", num_train=16, num_val=4, size=64, seed=3)
+
+
+def tiny_cfg(output_dir, *opts):
+    """The built-in config, made tiny, writing into ``output_dir``; ``opts`` override it."""
+    register_tiny()
+    cfg = get_cfg()
+    add_persist_config(cfg)
+    cfg.merge_from_file(DEFAULT_CONFIG)
+    cfg.merge_from_list(TINY_OPTS + ["OUTPUT_DIR", str(output_dir)] + list(opts))
+    return cfg

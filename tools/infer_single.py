@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+"""
+Predict with a d2persist export, or with a training run's newest checkpoint.
+
+    python tools/infer_single.py --image img.jpg --artifacts output/shapes
+    python tools/infer_single.py --image folder/ --artifacts output/shapes/export \\
+        --output vis/ --json preds/
+
+Prediction reads and resizes each image exactly as training-time evaluation does. Exit code 2,
+with one line on stderr, for bad input or bad artifacts.
+"""
+
+import argparse
+import os
+
+PROG = "infer_single.py"
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--image", nargs="+", action="extend", required=True,
+                        help="image file(s) or folder(s) of images")
+    parser.add_argument("--artifacts", required=True,
+                        help="an export folder, or a training OUTPUT_DIR")
+    parser.add_argument("--output", help="visualization file (a folder for several images); "
+                        "default: predictions/<image>.png")
+    parser.add_argument("--json", help="JSON file (a folder for several images); "
+                        "default: predictions/<image>.json")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5,
+                        help="minimum score of the instances written (default: 0.5)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cuda if available, else cpu")
+    parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs")
+    return parser
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    from d2persist.cli import exit_on_known_errors
+
+    @exit_on_known_errors(PROG)
+    def run():
+        from d2persist.infer import collect_images, predict_files
+        from d2persist.predictor import load_predictor
+
+        images, many = collect_images(args.image)
+        output, json_out = args.output, args.json
+        if output is None and json_out is None:
+            default = "predictions"
+            output = default if many else os.path.join(default, _stem(images[0]) + ".png")
+            json_out = default if many else os.path.join(default, _stem(images[0]) + ".json")
+        predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts)
+        predict_files(predictor, images, output, json_out, args.confidence_threshold, many)
+        for what, path in (("visualization", output), ("JSON", json_out)):
+            if path:
+                print(f"{what}: {os.path.abspath(path)}")
+
+    run()
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+if __name__ == "__main__":
+    main()

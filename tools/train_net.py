@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""
+Train a detectron2 model with d2persist persisting the run.
+
+Like detectron2's tools/train_net.py, with PersistHook in place of the default checkpointer:
+the output folder gets config.yaml, verified checkpoints, model_final.pth and an inference
+export. With no --config-file, trains the built-in Mask R-CNN on the synthetic shapes data.
+
+    python tools/train_net.py                       # built-in shapes model, CPU
+    python tools/train_net.py --resume              # continue from the newest checkpoint
+    python tools/train_net.py --num-gpus 2          # two processes (gloo on a CPU machine)
+    python tools/train_net.py --config-file my.yaml OUTPUT_DIR out/ SOLVER.MAX_ITER 1000
+"""
+
+import os
+import sys
+
+import torch.multiprocessing as mp
+from detectron2.config import get_cfg
+from detectron2.engine import default_argument_parser, launch
+
+from d2persist import PersistCheckpointer, PersistTrainer, add_persist_config
+from d2persist.cli import exit_on_known_errors, setup_run
+from d2persist.data.shapes import register_shapes
+
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs", "shapes_mask_rcnn_R_18_FPN.yaml"
+)
+PROG = "train_net.py"
+
+
+def setup(args):
+    """Create the config and set up logging."""
+    cfg = get_cfg()
+    add_persist_config(cfg)
+    cfg.merge_from_file(args.config_file or DEFAULT_CONFIG)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    setup_run(cfg, args)
+    return cfg
+
+
+@exit_on_known_errors(PROG)
+def main(args):
+    cfg = setup(args)
+    register_shapes()
+    if args.eval_only:
+        model = PersistTrainer.build_model(cfg)
+        PersistCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return PersistTrainer.test(cfg, model)
+    trainer = PersistTrainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except mp.ProcessExitedException as e:  # a worker exited with a code: pass it on
+        sys.exit(e.exit_code or 1)
