@@ -1,0 +1,228 @@
+"""PersistHook on a real detectron2 DefaultTrainer / PersistTrainer, tiny config, CPU."""
+
+import os
+import signal
+
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine.hooks import PeriodicCheckpointer
+
+from d2persist import ConfigRoundTripError, PersistHook, PersistTrainer
+from d2persist.config import add_persist_config
+from d2persist.errors import OutputDirNotEmptyError
+from helpers import TRAIN_NET, run_tool, tiny_cfg
+
+
+def periodic_files(folder):
+    return sorted(n for n in os.listdir(folder) if n.startswith("model_") and n.endswith(".pth"))
+
+
+def train(cfg, resume=False, trainer_cls=PersistTrainer, extra_hooks=()):
+    trainer = trainer_cls(cfg)
+    if trainer_cls is DefaultTrainer:
+        trainer.register_hooks([PersistHook(cfg)])
+    trainer.register_hooks(list(extra_hooks))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize(
+    "period,max_iter,expected",
+    [
+        (2, 6, ["model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_final.pth"]),
+        (4, 6, ["model_0000003.pth", "model_final.pth"]),
+        (10, 6, ["model_final.pth"]),  # a period larger than MAX_ITER
+    ],
+)
+def test_checkpoint_names_follow_period(tmp_path, period, max_iter, expected):
+    cfg = tiny_cfg(tmp_path, "SOLVER.CHECKPOINT_PERIOD", period, "SOLVER.MAX_ITER", max_iter,
+                   "PERSIST.EXPORT", False)
+    train(cfg)
+    assert periodic_files(tmp_path) == expected
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert final["iteration"] == max_iter - 1
+    assert set(final) >= {"model", "trainer", "iteration"}
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".d2persist-tmp")]
+
+
+def test_stock_default_trainer_writes_each_checkpoint_once(tmp_path, mocker):
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "PERSIST.ASYNC", False)
+    saves = mocker.spy(torch, "save")
+    trainer = train(cfg, trainer_cls=DefaultTrainer)
+    assert not any(isinstance(h, PeriodicCheckpointer) for h in trainer._hooks)
+    assert sum(isinstance(h, PersistHook) for h in trainer._hooks) == 1
+    # model_0000005 is also model_final: the same bytes under two names, written once
+    assert saves.call_count == 3
+    assert periodic_files(tmp_path) == [
+        "model_0000001.pth", "model_0000003.pth", "model_0000005.pth", "model_final.pth"
+    ]
+    a, b = tmp_path / "model_0000005.pth", tmp_path / "model_final.pth"
+    assert os.stat(a).st_ino == os.stat(b).st_ino  # a hard link: no duplicate bytes
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_stock_resume_or_load_starts_after_checkpoint(tmp_path):
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 4)
+    train(cfg, trainer_cls=DefaultTrainer)
+    # detectron2 alone (no d2persist hook) resumes from what d2persist wrote
+    cfg2 = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 8)
+    stock = DefaultTrainer(cfg2)
+    stock.resume_or_load(resume=True)
+    assert stock.start_iter == 4
+    assert stock.iter == 3
+    # DetectionCheckpointer loads a periodic checkpoint into a freshly built model
+    model = DefaultTrainer.build_model(cfg2)
+    DetectionCheckpointer(model).load(str(tmp_path / "model_0000001.pth"))
+
+
+def test_config_yaml_round_trips_with_plain_get_cfg(tmp_path):
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 2,
+                   "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", [1.0, 2.0, 3.0])
+    train(cfg)
+    plain = get_cfg()  # no d2persist: its options are kept out of config.yaml
+    plain.merge_from_file(str(tmp_path / "config.yaml"))
+    assert plain.INPUT.FORMAT == "RGB"
+    assert list(plain.MODEL.PIXEL_MEAN) == [1.0, 2.0, 3.0]
+    assert plain.SOLVER.MAX_ITER == 2
+    with_persist = add_persist_config(get_cfg())
+    with_persist.merge_from_file(str(tmp_path / "persist.yaml"))
+    assert with_persist.PERSIST.EXPORT is False
+
+
+def test_config_that_cannot_load_back_fails_at_start_naming_keys(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    cfg.MODEL.POINT_HEAD = type(cfg)()  # as a project's add_pointrend_config would
+    cfg.MODEL.POINT_HEAD.NUM_POINTS = 14
+    cfg.MODEL.MY_KEY = 3
+    with pytest.raises(ConfigRoundTripError, match=r"MODEL\.MY_KEY, MODEL\.POINT_HEAD\.NUM_POINTS"):
+        train(cfg)
+    assert not (tmp_path / "config.yaml").exists()
+    assert not periodic_files(tmp_path)
+
+
+def test_non_yaml_value_fails_at_start(tmp_path):
+    import numpy as np
+
+    cfg = tiny_cfg(tmp_path)
+    cfg.MODEL.PIXEL_MEAN = [np.float32(x) for x in cfg.MODEL.PIXEL_MEAN]  # a classic slip
+    with pytest.raises(ConfigRoundTripError, match=r"MODEL\.PIXEL_MEAN"):
+        PersistHook(cfg).run.dump()
+
+
+def test_retention_is_remembered_across_resume(tmp_path):
+    opts = ["PERSIST.EXPORT", False, "PERSIST.MAX_TO_KEEP", 2, "SOLVER.CHECKPOINT_PERIOD", 1]
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 4))
+    assert periodic_files(tmp_path) == ["model_0000002.pth", "model_0000003.pth",
+                                        "model_final.pth"]
+    (tmp_path / "model_final.pth").unlink()  # pretend the run is to be extended
+    (tmp_path / "model_final.pth.sha256").unlink()
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 7), resume=True)
+    # the files of the first session were dropped as the second one went on
+    assert periodic_files(tmp_path) == ["model_0000005.pth", "model_0000006.pth",
+                                        "model_final.pth"]
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 2)
+    train(cfg)
+    before = (tmp_path / "model_final.pth").stat().st_mtime_ns
+    with pytest.raises(OutputDirNotEmptyError, match="--resume"):
+        train(cfg)
+    with pytest.raises(OutputDirNotEmptyError):  # the hook alone guards a stock trainer too
+        train(cfg, trainer_cls=DefaultTrainer)
+    assert (tmp_path / "model_final.pth").stat().st_mtime_ns == before
+
+
+class _SendSignalAt(HookBase):
+    def __init__(self, it, sig):
+        self.it, self.sig = it, sig
+
+    def before_step(self):
+        if self.trainer.iter == self.it:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("sig,exc", [(signal.SIGINT, KeyboardInterrupt),
+                                     (signal.SIGTERM, SystemExit)])
+def test_signal_saves_last_completed_iteration_and_no_final(tmp_path, sig, exc):
+    cfg = tiny_cfg(tmp_path, "SOLVER.CHECKPOINT_PERIOD", 100)
+    with pytest.raises(exc):
+        train(cfg, extra_hooks=[_SendSignalAt(2, sig)])
+    assert periodic_files(tmp_path) == ["model_0000002.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+    assert not (tmp_path / "export").exists()
+    assert not isinstance(getattr(signal.getsignal(sig), "__self__", None), PersistHook)
+    resumed = PersistTrainer(tiny_cfg(tmp_path, "SOLVER.CHECKPOINT_PERIOD", 100))
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 3
+
+
+class _PoisonWeightsAt(HookBase):
+    def __init__(self, it):
+        self.it = it
+
+    def after_step(self):
+        if self.trainer.iter == self.it:
+            with torch.no_grad():
+                next(self.trainer.model.parameters()).fill_(float("nan"))
+
+
+def test_diverged_run_keeps_last_checkpoint_on_good_weights(tmp_path):
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False)
+    poison = _PoisonWeightsAt(3)  # weights turn NaN in iteration 3, which is due for a save
+    trainer = PersistTrainer(cfg)
+    trainer.register_hooks([poison])
+    trainer._hooks.insert(0, trainer._hooks.pop())  # before PersistHook, like a bad step
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(FloatingPointError):
+        trainer.train()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (tmp_path / "model_final.pth").exists()
+    ckpt = torch.load(tmp_path / "model_0000001.pth", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_train_net_refuses_overwrite_and_resumes(tmp_path):
+    from helpers import TINY_OPTS
+
+    args = ["OUTPUT_DIR", tmp_path, "SOLVER.MAX_ITER", 2, "PERSIST.EXPORT", False]
+    first = run_tool(TRAIN_NET, *TINY_OPTS, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_tool(TRAIN_NET, *TINY_OPTS, *args)
+    assert again.returncode == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_net.py: error:") and "--resume" in last
+    assert "Traceback" not in again.stderr
+    more = run_tool(TRAIN_NET, "--resume", *TINY_OPTS, *args[:2], "SOLVER.MAX_ITER", 4,
+                    "PERSIST.EXPORT", False)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "Starting training from iteration 2" in more.stdout
+
+
+def test_two_processes_on_cpu_write_what_one_does(tmp_path):
+    from helpers import TINY_OPTS
+
+    args = [*TINY_OPTS, "SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", True]
+    single = run_tool(TRAIN_NET, *args, "OUTPUT_DIR", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_tool(TRAIN_NET, "--num-gpus", 2, "--dist-url", "auto", *args, "OUTPUT_DIR", tmp_path / "two")
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "World size: 2" in double.stdout
+
+    def listing(folder):
+        return sorted(
+            os.path.relpath(os.path.join(d, n), folder)
+            for d, _, names in os.walk(folder) for n in names
+            if not n.startswith(("events.out", "log.txt"))
+        )
+
+    assert listing(tmp_path / "two") == listing(tmp_path / "one")
+    ckpt = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)
+    states = ckpt["trainer"]["hooks"]["PersistHook"]["resume"]
+    assert len(states) == 2  # RNG state and data position of both processes
+    assert states[0]["data"]["position"] == states[1]["data"]["position"] == 4
