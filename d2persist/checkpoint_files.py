@@ -9,7 +9,7 @@ import logging
 import os
 import re
 
-from .errors import ArtifactError
+from .errors import ArtifactError, UnsafeArtifactError
 from .fileio import safe_torch_load, sha256_file
 
 __all__ = [
@@ -86,6 +86,8 @@ def verify_checkpoint(path):
         return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
     try:
         data = safe_torch_load(path)
+    except UnsafeArtifactError:
+        raise  # a hostile file is refused loudly, never skipped over
     except ArtifactError as e:
         return str(e)
     if not isinstance(data, dict) or "model" not in data:

@@ -1,0 +1,190 @@
+"""Exact resume, crash safety and checkpoint verification, on real detectron2 (CPU)."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from detectron2.engine import HookBase
+from detectron2.utils.env import seed_all_rng
+
+from d2persist import CheckpointWriteError, PersistTrainer
+from helpers import REPO, TINY_OPTS, TRAIN_NET, run_tool, tiny_cfg
+
+
+class _CrashAt(HookBase):
+    """Raise in after_step of iteration ``it`` (after PersistHook saved that iteration)."""
+
+    def __init__(self, it):
+        self.it = it
+
+    def after_step(self):
+        if self.trainer.iter == self.it:
+            raise RuntimeError("simulated crash")
+
+
+def _train(cfg, resume=False, hooks=()):
+    seed_all_rng(cfg.SEED)  # what tools/train_net.py's setup does
+    trainer = PersistTrainer(cfg)
+    trainer.register_hooks(list(hooks))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def _weights(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def _assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_is_bitwise_identical(tmp_path, workers):
+    opts = ["DATALOADER.NUM_WORKERS", workers, "SOLVER.MAX_ITER", 8, "PERSIST.EXPORT", False,
+            "SOLVER.CHECKPOINT_PERIOD", 3]
+    _train(tiny_cfg(tmp_path / "straight", *opts))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(tiny_cfg(tmp_path / "resumed", *opts), hooks=[_CrashAt(4)])
+    assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000002.pth"
+    _train(tiny_cfg(tmp_path / "resumed", *opts), resume=True)
+    _assert_bitwise_equal(
+        _weights(tmp_path / "straight" / "model_final.pth"),
+        _weights(tmp_path / "resumed" / "model_final.pth"),
+    )
+
+
+def test_resume_start_up_skips_indices_not_images(tmp_path, mocker):
+    """Resuming at a late position maps only the images of the batches it trains on."""
+    from detectron2.data import DatasetMapper
+
+    opts = ["SOLVER.MAX_ITER", 2, "PERSIST.EXPORT", False]
+    _train(tiny_cfg(tmp_path, *opts))
+    ckpt = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    state = ckpt["trainer"]["hooks"]["PersistHook"]["resume"][0]["data"]
+    assert state["position"] == 4  # 2 iterations x 2 images
+    trainer = PersistTrainer(tiny_cfg(tmp_path, *opts))
+    loader = trainer._trainer.data_loader
+    loader.load_state_dict(dict(state, position=10_000 * 2))  # as if at iteration 10,000
+    calls = mocker.spy(DatasetMapper, "__call__")
+    start = time.perf_counter()
+    next(iter(loader))
+    assert time.perf_counter() - start < 5
+    assert calls.call_count == 2
+
+
+def _newest_tmp(folder):
+    return [n for n in os.listdir(folder) if n.startswith(".d2persist-tmp-")]
+
+
+def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
+    """Kill harness: SIGKILL tools/train_net.py at random moments, including during a save."""
+    opts = [*TINY_OPTS, "SOLVER.MAX_ITER", 12, "SOLVER.CHECKPOINT_PERIOD", 2,
+            "PERSIST.EXPORT", False, "DATALOADER.NUM_WORKERS", 1]
+    ref = run_tool(TRAIN_NET, *opts, "OUTPUT_DIR", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    out = tmp_path / "killed"
+    rng = random.Random(1234)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    kills = 0
+    for attempt in range(5):
+        args = [sys.executable, TRAIN_NET, *(["--resume"] if attempt else []), *map(str, opts),
+                "OUTPUT_DIR", str(out)]
+        started = time.time()
+        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        killer_ready = None
+        while proc.poll() is None:
+            config = out / "config.yaml"
+            if killer_ready is None and config.is_file() and config.stat().st_mtime >= started:
+                # training has started: kill at a random moment from now on, or (every other
+                # run) the moment a checkpoint is being written
+                killer_ready = time.monotonic() + rng.uniform(0.0, 1.5)
+            if killer_ready is not None and attempt < 4:
+                if attempt % 2 == 1 and any(".pth." in n for n in _newest_tmp(out)):
+                    break
+                if attempt % 2 == 0 and time.monotonic() >= killer_ready:
+                    break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        _, err = proc.communicate()
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    else:
+        pytest.fail("training never finished")
+    assert kills >= 2
+    assert not _newest_tmp(out)
+    _assert_bitwise_equal(_weights(tmp_path / "ref" / "model_final.pth"),
+                          _weights(out / "model_final.pth"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
+def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
+    opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
+    with pytest.raises(RuntimeError):
+        _train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
+    newest = tmp_path / "model_0000003.pth"
+    if damage == "truncate":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    elif damage == "garble":
+        data = bytearray(newest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        newest.write_bytes(bytes(data))
+    else:
+        newest.unlink()
+    trainer = PersistTrainer(tiny_cfg(tmp_path, *opts))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 2  # from model_0000001.pth
+    assert any("model_0000003.pth" in r.getMessage() and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
+    from d2persist.checkpoint_files import find_newest_valid
+
+    opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
+    with pytest.raises(RuntimeError):
+        _train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
+    for name in ("model_0000001.pth", "model_0000003.pth"):
+        os.unlink(tmp_path / (name + ".sha256"))  # as stock detectron2 would have left them
+    newest = tmp_path / "model_0000003.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert find_newest_valid(str(tmp_path)) == str(tmp_path / "model_0000001.pth")
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err, asynchronous):
+    from d2persist.checkpoint_files import verify_checkpoint
+
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint: write part of it, then the disk is full
+            f.write(b"\0" * 4096)
+            raise OSError(err, os.strerror(err))
+        return real_save(obj, f, *args, **kwargs)
+
+    mocker.patch("torch.save", side_effect=failing_save)
+    cfg = tiny_cfg(tmp_path, "PERSIST.ASYNC", asynchronous, "PERSIST.EXPORT", False)
+    with pytest.raises(CheckpointWriteError, match=os.strerror(err)):
+        _train(cfg)
+    assert verify_checkpoint(str(tmp_path / "model_0000001.pth")) is None
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (tmp_path / "model_0000003.pth").exists()
+    assert not (tmp_path / "model_final.pth").exists()
+    assert not _newest_tmp(tmp_path)
+    assert len(calls) == 2  # training stopped at the failure
