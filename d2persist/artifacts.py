@@ -12,6 +12,7 @@ from .checkpoint_files import find_newest_valid, list_checkpoints
 from .errors import ArtifactError
 from .export import MANIFEST_NAME, read_manifest
 from .fileio import read_json, resolve_inside, safe_yaml_load
+from .runconfig import PERSIST_FILE
 
 __all__ = ["Artifacts", "resolve_artifacts", "METADATA_NAME", "metadata_from_json"]
 
@@ -84,7 +85,7 @@ def _from_export(folder):
 
 def _export_dir_of_run(folder):
     try:
-        persist = safe_yaml_load(os.path.join(folder, "persist.yaml")) or {}
+        persist = safe_yaml_load(os.path.join(folder, PERSIST_FILE)) or {}
         name = persist.get("PERSIST", {}).get("EXPORT_DIR", _DEFAULT_EXPORT_DIR)
     except ArtifactError:
         name = _DEFAULT_EXPORT_DIR

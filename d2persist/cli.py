@@ -48,7 +48,10 @@ def setup_run(cfg, args):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
-    output_dir = cfg.OUTPUT_DIR
+    from .runconfig import RunConfig
+
+    run = RunConfig(cfg)
+    output_dir = run.output_dir
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     rank = comm.get_rank()
@@ -58,7 +61,8 @@ def setup_run(cfg, args):
     logger.info("Rank of current process: %d. World size: %d", rank, comm.get_world_size())
     logger.info("Environment info:\n%s", collect_env_info())
     logger.info("Command line arguments: %s", args)
-    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED + rank)
+    seed = run.seed
+    seed_all_rng(None if seed < 0 else seed + rank)
     if not getattr(args, "eval_only", False):
-        torch.backends.cudnn.benchmark = cfg.CUDNN_BENCHMARK
+        torch.backends.cudnn.benchmark = run.cudnn_benchmark
     logging.getLogger("d2persist").setLevel(logging.INFO)

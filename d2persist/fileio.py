@@ -35,6 +35,8 @@ __all__ = [
     "safe_torch_load",
     "torch_save",
     "safe_yaml_load",
+    "safe_yaml_loads",
+    "SafeLoader",
     "read_json",
     "resolve_inside",
 ]
@@ -251,9 +253,40 @@ def safe_torch_load(path):
         raise ArtifactError(f"Checkpoint {path} is truncated or not a torch file ({msg}).") from None
 
 
+class SafeLoader(yaml.SafeLoader):
+    """
+    ``yaml.SafeLoader`` that also builds detectron2's ``ShapeSpec`` (a record of four ints),
+    which ``LazyConfig.save`` writes as a python tag in detectron2's own model configs. Every
+    other python tag is refused.
+    """
+
+
+def _construct_shape_spec(loader, node):
+    from detectron2.layers import ShapeSpec
+
+    fields = loader.construct_mapping(node)
+    if set(fields) - {"channels", "height", "width", "stride"} or not all(
+        v is None or isinstance(v, int) for v in fields.values()
+    ):
+        raise yaml.constructor.ConstructorError(None, None, "a ShapeSpec of other fields",
+                                                node.start_mark)
+    return ShapeSpec(**fields)
+
+
+SafeLoader.add_constructor(
+    "tag:yaml.org,2002:python/object:detectron2.layers.shape_spec.ShapeSpec",
+    _construct_shape_spec,
+)
+
+
+def safe_yaml_loads(text):
+    """Parse YAML text with :class:`SafeLoader`."""
+    return yaml.load(text, Loader=SafeLoader)
+
+
 def safe_yaml_load(path):
     """
-    Read a YAML file with ``yaml.safe_load``: python tags are refused, never constructed.
+    Read a YAML file with :class:`SafeLoader`: python tags are refused, never constructed.
 
     Raises:
         UnsafeArtifactError: the file carries a tag that would construct a Python object.
@@ -261,7 +294,7 @@ def safe_yaml_load(path):
     """
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return yaml.safe_load(f)
+            return safe_yaml_loads(f)
     except yaml.constructor.ConstructorError as e:
         tag = getattr(e, "problem", "") or str(e)
         raise UnsafeArtifactError(

@@ -15,18 +15,16 @@ from .checkpoint_files import FINAL_NAME, LAST_CHECKPOINT, checkpoint_name, list
 from .errors import OutputDirNotEmptyError
 from .artifacts import METADATA_NAME
 from .export import dataset_metadata, train_dataset_names
-from .fileio import remove_temp_files, write_json, write_text
+from .fileio import remove_temp_files, write_json
 from .resume import get_rng_state, set_rng_state
 from .runconfig import RunConfig
 
-__all__ = ["PersistHook", "CONFIG_NAME", "PERSIST_NAME", "check_output_dir"]
+__all__ = ["PersistHook", "CONFIG_NAME", "check_output_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: The run's config, loadable with a plain ``get_cfg().merge_from_file``.
 CONFIG_NAME = "config.yaml"
-#: d2persist's own options (cfg.PERSIST), kept out of config.yaml so stock code can load it.
-PERSIST_NAME = "persist.yaml"
 
 _SIGNAL_EXIT = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: SystemExit}
 
@@ -125,13 +123,11 @@ class PersistHook(HookBase):
         self._drop_duplicate_registration()
         out = self.run.output_dir
         check_output_dir(out, self.trainer.start_iter)
-        text = self.run.dump()  # raises ConfigRoundTripError, on every process alike
+        self.run.check()  # raises ConfigRoundTripError, on every process alike
         if comm.is_main_process():
             os.makedirs(out, exist_ok=True)
             remove_temp_files(out)
-            write_text(os.path.join(out, CONFIG_NAME), text)
-            if not self.run.is_lazy:
-                write_text(os.path.join(out, PERSIST_NAME), self.run.persist_yaml())
+            self.run.write(out, CONFIG_NAME)
             write_json(
                 os.path.join(out, METADATA_NAME), dataset_metadata(train_dataset_names(self.run))
             )

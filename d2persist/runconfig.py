@@ -14,9 +14,18 @@ import yaml
 from .config import PERSIST_KEY, add_persist_config
 from .errors import ConfigRoundTripError
 
-__all__ = ["RunConfig", "persist_options", "load_config_dict", "DEFAULT_OPTIONS"]
+__all__ = [
+    "RunConfig",
+    "persist_options",
+    "load_config_dict",
+    "DEFAULT_OPTIONS",
+    "PERSIST_FILE",
+]
 
 logger = logging.getLogger(__name__)
+
+#: d2persist's own options of a yacs run, kept out of config.yaml so stock code loads that.
+PERSIST_FILE = "persist.yaml"
 
 #: cfg.PERSIST's defaults, for a config that never called add_persist_config.
 DEFAULT_OPTIONS = {
@@ -119,8 +128,8 @@ class RunConfig:
     """The facts about a run that d2persist needs from its config."""
 
     def __init__(self, cfg):
-        self.cfg = cfg
         self.is_lazy = _is_lazy(cfg)
+        self.cfg = _lazy_snapshot(cfg) if self.is_lazy else cfg
         self.options = persist_options(cfg)
 
     @property
@@ -138,19 +147,43 @@ class RunConfig:
         return int(self.cfg.train.max_iter if self.is_lazy else self.cfg.SOLVER.MAX_ITER)
 
     @property
+    def seed(self):
+        """The run's seed (-1: random)."""
+        return int(self.cfg.train.get("seed", -1) if self.is_lazy else self.cfg.SEED)
+
+    @property
+    def cudnn_benchmark(self):
+        if self.is_lazy:
+            return bool(self.cfg.train.get("cudnn_benchmark", False))
+        return bool(self.cfg.CUDNN_BENCHMARK)
+
+    @property
     def export_dir(self):
         return os.path.join(self.output_dir, self.options["EXPORT_DIR"])
 
+    def check(self):
+        """
+        Check, before training starts, that the config can be saved and loaded back.
+
+        Raises:
+            ConfigRoundTripError: naming the keys at fault.
+        """
+        if self.is_lazy:
+            if self.options["EXPORT"]:  # the export must rebuild the model without unpickling
+                from .lazy import lazy_config_text
+
+                lazy_config_text(self.cfg)
+            return
+        self.dump()
+
     def dump(self):
         """
-        The config as YAML text that a plain ``get_cfg().merge_from_file`` loads (yacs: without
-        the PERSIST node) or that ``LazyConfig.load`` loads (LazyConfig).
+        The config as YAML text that a plain ``get_cfg().merge_from_file`` loads back to the
+        same values: the PERSIST node is left out (see :meth:`persist_yaml`).
 
         Raises:
             ConfigRoundTripError: the YAML would not load back to the same values.
         """
-        if self.is_lazy:
-            return self._dump_lazy()
         cfg = _without_persist(self.cfg)
         bad = _non_yaml_keys(cfg)
         if bad:
@@ -161,6 +194,18 @@ class RunConfig:
         text = cfg.dump()
         self._check_round_trip(cfg, text)
         return text
+
+    def write(self, folder, name):
+        """Write the config into ``folder`` (atomically): ``name``, plus persist.yaml (yacs)."""
+        from .fileio import write_text
+
+        if self.is_lazy:
+            from .lazy import save_lazy_config
+
+            save_lazy_config(self.cfg, os.path.join(folder, name))
+            return
+        write_text(os.path.join(folder, name), self.dump())
+        write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
     def persist_yaml(self):
         """d2persist's own options, written next to config.yaml as persist.yaml."""
@@ -185,10 +230,25 @@ class RunConfig:
                 f"config.yaml would not load back to the same values for: {', '.join(differ)}."
             )
 
-    def _dump_lazy(self):
-        from .lazy import dump_lazy_config
 
-        return dump_lazy_config(self.cfg)
+def _lazy_snapshot(cfg):
+    """
+    A copy of a LazyConfig as a config, without the runtime objects a training loop put in it
+    (detectron2's loop sets ``optimizer.params.model`` to the model itself).
+    """
+    import copy
+
+    import torch
+
+    params = cfg.get("optimizer", {}).get("params", None) if "optimizer" in cfg else None
+    model = params.get("model", None) if params is not None else None
+    if isinstance(model, torch.nn.Module):
+        params.model = None
+        try:
+            return copy.deepcopy(cfg)
+        finally:
+            params.model = model
+    return copy.deepcopy(cfg)
 
 
 def _non_yaml_keys(cfg, prefix=""):

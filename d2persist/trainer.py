@@ -74,7 +74,7 @@ class PersistTrainer(DefaultTrainer):
         ``MODEL.WEIGHTS``. Checks first, so a bad setup fails before any work: the config must
         load back from YAML, and a new run must not overwrite an earlier run's checkpoints.
         """
-        RunConfig(self.cfg).dump()
+        RunConfig(self.cfg).check()
         path = self.checkpointer.get_checkpoint_file() if resume else ""
         if comm.get_world_size() > 1:  # every process loads the file the main one chose
             path = comm.all_gather(path)[0]

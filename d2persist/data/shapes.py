@@ -31,7 +31,7 @@ SHAPE_CLASSES = ["circle", "square", "triangle"]
 SHAPE_COLORS = [(230, 25, 75), (60, 180, 75), (0, 130, 200)]
 
 _INDEX = "index.json"
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 class ShapesSpec:
@@ -86,15 +86,17 @@ def _contrasting_color(rng, background):
 
 
 def _shape_polygon(rng, cls, cx, cy, r):
-    """Polygon (N x 2 float array) of a shape of class ``cls`` centred at (cx, cy)."""
-    angle = rng.uniform(0, 2 * np.pi)
+    """
+    Polygon (N x 2 float array) of a shape of class ``cls`` centred at (cx, cy), as in the
+    classic "shapes" toy dataset: circles, axis-aligned squares, upright triangles.
+    """
     if cls == 0:  # circle
         t = np.linspace(0, 2 * np.pi, 32, endpoint=False)
     elif cls == 1:  # square
-        t = angle + np.arange(4) * np.pi / 2
-        r = r * np.sqrt(2) * 0.8
-    else:  # triangle
-        t = angle + np.arange(3) * 2 * np.pi / 3
+        t = np.pi / 4 + np.arange(4) * np.pi / 2
+        r = r * np.sqrt(2) * 0.85
+    else:  # triangle, pointing up
+        t = -np.pi / 2 + np.arange(3) * 2 * np.pi / 3
     return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], axis=1)
 
 

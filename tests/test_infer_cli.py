@@ -1,0 +1,175 @@
+"""tools/infer_single.py: outputs, and one clear line + exit code 2 for every bad input."""
+
+import json
+import os
+import pickle
+import shutil
+
+import cv2
+import pytest
+from detectron2.data import DatasetCatalog
+
+from d2persist.data.shapes import register_shapes
+from helpers import INFER_SINGLE, run_tool
+
+
+@pytest.fixture(scope="module")
+def val_images():
+    _, val = register_shapes()
+    return [d["file_name"] for d in DatasetCatalog.get(val)[:3]]
+
+
+def assert_refused(res, *words):
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    lines = [ln for ln in res.stderr.strip().splitlines() if ln.startswith("infer_single.py:")]
+    assert len(lines) == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    for w in words:
+        assert w in lines[0], lines[0]
+    return lines[0]
+
+
+def test_folder_of_images_writes_one_file_each(trained_run, val_images, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in val_images:
+        shutil.copy(p, folder)
+    (folder / "notes.txt").write_text("not an image, not picked up")
+    res = run_tool(INFER_SINGLE, "--image", folder, "--artifacts", trained_run,
+                   "--output", tmp_path / "vis", "--json", tmp_path / "json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = sorted(os.path.basename(p)[:-4] for p in val_images)
+    assert sorted(n[:-4] for n in os.listdir(tmp_path / "vis")) == names
+    assert sorted(n[:-5] for n in os.listdir(tmp_path / "json")) == names
+    data = json.loads((tmp_path / "json" / (names[0] + ".json")).read_text())
+    assert set(data) == {"image", "height", "width", "instances"}
+    assert "image/s" in res.stderr or "100%" in res.stderr  # the tqdm progress bar
+
+
+@pytest.fixture()
+def bad_images(tmp_path, val_images):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.png"
+    text.write_text("hello, I am not a PNG")
+    truncated = tmp_path / "truncated.png"
+    data = open(val_images[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    no_images = tmp_path / "no_images"
+    no_images.mkdir()
+    (no_images / "readme.txt").write_text("x")
+    return {"missing": (tmp_path / "missing.png", "does not exist"),
+            "empty": (empty, "empty"),
+            "not an image": (text, "not an image"),
+            "truncated": (truncated, "truncated"),
+            "folder without images": (no_images, "holds no image")}
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "not an image", "truncated",
+                                  "folder without images"])
+def test_bad_image_exits_2_with_one_line(trained_run, bad_images, tmp_path, case):
+    path, words = bad_images[case]
+    res = run_tool(INFER_SINGLE, "--image", path, "--artifacts", trained_run,
+                   "--json", tmp_path / "out.json")
+    assert_refused(res, words)
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_folder_with_neither_export_nor_checkpoints(tmp_path, val_images):
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", tmp_path)
+    assert_refused(res, "neither an export", "nor checkpoints")
+
+
+def test_tampered_bundle_is_refused(trained_run, tmp_path, val_images):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_run / "export", bundle)
+    with open(bundle / "model.safetensors", "r+b") as f:
+        f.seek(-100, os.SEEK_END)
+        f.write(b"\x01" * 10)
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", bundle)
+    assert_refused(res, "does not match its sha256")
+
+
+def test_manifest_cannot_point_outside_the_bundle(trained_run, tmp_path, val_images):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_run / "export", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "size": 1}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", bundle)
+    assert_refused(res, "outside")
+
+
+def _rewrite_manifest_entry(bundle, name):
+    from d2persist.fileio import sha256_file
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"][name] = {"sha256": sha256_file(str(bundle / name)),
+                               "size": (bundle / name).stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_weights_that_do_not_fit_the_config(trained_run, tmp_path, val_images):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_run / "export", bundle)
+    cfg = (bundle / "config.yaml").read_text().replace("NUM_CLASSES: 3", "NUM_CLASSES: 5")
+    (bundle / "config.yaml").write_text(cfg)
+    _rewrite_manifest_entry(bundle, "config.yaml")  # a consistent bundle, with wrong weights
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", bundle)
+    assert_refused(res, "do not fit")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_hostile_pickle_checkpoint_is_refused_and_nothing_runs(trained_run, tmp_path, val_images):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    marker = tmp_path / "pwned"
+    with open(run / "model_0000099.pth", "wb") as f:  # the newest checkpoint, and hostile
+        pickle.dump({"model": _Payload(marker)}, f)
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", run)
+    assert_refused(res, "Refusing to load", "model_0000099.pth")
+    assert not marker.exists()
+
+
+def test_hostile_yaml_is_refused_and_nothing_runs(trained_run, tmp_path, val_images):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
+    marker = tmp_path / "pwned"
+    cfg = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(
+        f"EVIL: !!python/object/apply:os.system ['touch {marker}']\n" + cfg
+    )
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", run)
+    assert_refused(res, "Refusing to load", "config.yaml")
+    assert not marker.exists()
+
+
+def test_resume_refuses_hostile_checkpoint(trained_run, tmp_path):
+    from d2persist import PersistTrainer, UnsafeArtifactError
+    from helpers import tiny_cfg
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    marker = tmp_path / "pwned"
+    os.unlink(run / "model_final.pth")
+    with open(run / "model_final.pth", "wb") as f:
+        pickle.dump({"model": _Payload(marker)}, f)
+    trainer = PersistTrainer(tiny_cfg(run))
+    with pytest.raises(UnsafeArtifactError, match="Refusing to load"):
+        trainer.resume_or_load(resume=True)
+    assert not marker.exists()
+
+
+def test_visualization_is_original_size(trained_run, val_images, tmp_path):
+    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", trained_run / "export",
+                   "--output", tmp_path / "v.png", "--json", tmp_path / "v.json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert cv2.imread(str(tmp_path / "v.png")).shape == cv2.imread(val_images[0]).shape
+    assert f"visualization: {tmp_path / 'v.png'}" in res.stdout

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""
+Train a LazyConfig model with d2persist persisting the run, like detectron2's
+tools/lazyconfig_train_net.py with PersistHook in place of the periodic checkpointer.
+
+    python tools/lazyconfig_train_net.py                      # built-in shapes LazyConfig
+    python tools/lazyconfig_train_net.py --config-file cfg.py train.max_iter=1000 --resume
+"""
+
+import os
+import sys
+
+import torch.multiprocessing as mp
+from detectron2.config import LazyConfig
+from detectron2.engine import default_argument_parser, launch
+
+from d2persist.cli import exit_on_known_errors, setup_run
+from d2persist.lazy import train_lazy
+
+DEFAULT_CONFIG = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+    "shapes_mask_rcnn_R_18_FPN_lazy.py",
+)
+PROG = "lazyconfig_train_net.py"
+
+
+@exit_on_known_errors(PROG)
+def main(args):
+    cfg = LazyConfig.load(args.config_file or DEFAULT_CONFIG)
+    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    setup_run(cfg, args)
+    train_lazy(cfg, resume=args.resume)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    try:
+        launch(main, args.num_gpus, num_machines=args.num_machines,
+               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    except mp.ProcessExitedException as e:
+        sys.exit(e.exit_code or 1)
