@@ -131,10 +131,11 @@ def test_hostile_pickle_checkpoint_is_refused_and_nothing_runs(trained_run, tmp_
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("export"))
     marker = tmp_path / "pwned"
-    with open(run / "model_0000099.pth", "wb") as f:  # the newest checkpoint, and hostile
+    os.unlink(run / "model_final.pth.sha256")  # as a downloaded stock checkpoint would come
+    with open(run / "model_final.pth", "wb") as f:  # the newest checkpoint, and hostile
         pickle.dump({"model": _Payload(marker)}, f)
     res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", run)
-    assert_refused(res, "Refusing to load", "model_0000099.pth")
+    assert_refused(res, "Refusing to load", "model_final.pth")
     assert not marker.exists()
 
 
@@ -159,6 +160,7 @@ def test_resume_refuses_hostile_checkpoint(trained_run, tmp_path):
     shutil.copytree(trained_run, run)
     marker = tmp_path / "pwned"
     os.unlink(run / "model_final.pth")
+    os.unlink(run / "model_final.pth.sha256")
     with open(run / "model_final.pth", "wb") as f:
         pickle.dump({"model": _Payload(marker)}, f)
     trainer = PersistTrainer(tiny_cfg(run))

@@ -1,0 +1,91 @@
+"""
+Drop-in: plain detectron2 code (no d2persist import in the recipe) works on a folder written
+by PersistHook, and PersistHook continues a run that stock detectron2 started.
+"""
+
+import cv2
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.engine import DefaultPredictor, DefaultTrainer
+from detectron2.modeling import build_model
+
+from d2persist import PersistTrainer, load_predictor
+from d2persist.data.shapes import register_shapes
+from helpers import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def image():
+    _, val = register_shapes()
+    return cv2.imread(DatasetCatalog.get(val)[1]["file_name"])
+
+
+def test_recipe_default_predictor_on_config_yaml(trained_run, image):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(trained_run / "config.yaml"))
+    cfg.MODEL.WEIGHTS = str(trained_run / "model_final.pth")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    outputs = DefaultPredictor(cfg)(image)
+    ours = load_predictor(str(trained_run), opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    theirs, mine = outputs["instances"].to("cpu"), ours(image, channel_order="BGR").instances
+    assert len(theirs) == len(mine) > 0
+    torch.testing.assert_close(theirs.pred_boxes.tensor, mine.pred_boxes.tensor)
+
+
+@pytest.mark.parametrize("name", ["model_0000001.pth", "model_0000003.pth", "model_final.pth"])
+def test_recipe_detection_checkpointer_loads_any_checkpoint(trained_run, name):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(trained_run / "config.yaml"))
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(trained_run / name))
+    saved = torch.load(trained_run / name, weights_only=True)["model"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_recipe_stock_trainer_continues_a_d2persist_run(tmp_path):
+    trainer = PersistTrainer(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    cfg = get_cfg()
+    cfg.merge_from_file(str(tmp_path / "config.yaml"))  # plain get_cfg, d2persist's config.yaml
+    cfg.SOLVER.MAX_ITER = 6
+    stock = DefaultTrainer(cfg)
+    stock.resume_or_load(resume=True)
+    assert stock.start_iter == 4
+    stock.train()
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 5
+
+
+def test_persist_continues_a_stock_detectron2_run(tmp_path):
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 4)
+    stock = DefaultTrainer(cfg)  # no d2persist hook: detectron2's own checkpoints
+    stock.resume_or_load(resume=False)
+    stock.train()
+    assert not list(tmp_path.glob("*.sha256"))
+    more = PersistTrainer(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 6))
+    more.resume_or_load(resume=True)
+    assert more.start_iter == 4
+    more.train()
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 5
+    assert (tmp_path / "export" / "manifest.json").is_file()
+
+
+def test_readme_recipe_safetensors_with_plain_detectron2(trained_run, image):
+    """The README's recipe: an export's weights in a model built from its config."""
+    from safetensors.torch import load_file
+
+    export = trained_run / "export"
+    cfg = get_cfg()
+    cfg.merge_from_file(str(export / "config.yaml"))
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.0
+    model = build_model(cfg)
+    model.load_state_dict(load_file(str(export / "model.safetensors")))
+    model.eval()
+    ours = load_predictor(str(export), opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ours.model.state_dict()[k]), k
