@@ -24,12 +24,11 @@ install-detectron2: install-torch
 	  || $(PIP) install --no-build-isolation '$(DETECTRON2_SRC)'
 
 install: install-detectron2
-	@$(PYTHON) -c "import d2persist, safetensors, cv2, tqdm" 2>/dev/null \
-	  || $(PIP) install -e .
+	$(PIP) install -q -e .
 
 install-test: install
 	@$(PYTHON) -c "import pytest, pytest_mock, flake8" 2>/dev/null \
-	  || $(PIP) install -e '.[test]'
+	  || $(PIP) install -q -e '.[test]'
 
 test: install-test
 	@$(PYTHON) -c "import detectron2, torchvision.ops; from detectron2 import _C" 2>/dev/null \

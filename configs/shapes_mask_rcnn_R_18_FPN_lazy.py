@@ -37,7 +37,7 @@ del bottom_up.stages.stride_in_1x1  # basic blocks have no 1x1 conv
 bottom_up.freeze_at = 0
 model.proposal_generator.anchor_generator.sizes = [[16], [32], [64], [128], [256]]
 model.roi_heads.num_classes = 3
-model.roi_heads.batch_size_per_image = 128
+model.roi_heads.batch_size_per_image = 64
 
 dataloader.train.dataset.names = "shapes_train"
 dataloader.train.mapper.augmentations[0].short_edge_length = (128,)
@@ -51,7 +51,7 @@ dataloader.test.num_workers = 1
 dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 
 optimizer.lr = 0.02
-train.max_iter = 300
+train.max_iter = 500
 train.device = "cpu"
 train.init_checkpoint = ""
 train.output_dir = "./output/shapes_lazy"
@@ -60,8 +60,8 @@ train.eval_period = 0
 train.log_period = 20
 lr_multiplier = L(WarmupParamScheduler)(
     scheduler=L(MultiStepParamScheduler)(
-        values=[1.0, 0.1, 0.01], milestones=[220, 280], num_updates="${train.max_iter}"
+        values=[1.0, 0.1, 0.01], milestones=[400, 470], num_updates="${train.max_iter}"
     ),
-    warmup_length=50 / 300,
+    warmup_length=50 / 500,
     warmup_factor=0.001,
 )

@@ -1,6 +1,8 @@
 """A background writer with at most one write in flight, whose errors are never lost."""
 
+import contextlib
 import logging
+import os
 import threading
 
 __all__ = ["BackgroundWriter"]
@@ -11,6 +13,7 @@ logger = logging.getLogger(__name__)
 class BackgroundWriter:
     """
     Runs one write job at a time on a background thread (or inline when ``enabled`` is False).
+    The thread runs at the lowest CPU priority, so training threads come first.
 
     :meth:`submit` first waits for the job in flight, so at most one snapshot waits in memory.
     An exception raised by a job is re-raised, on the caller's thread, by the next
@@ -24,6 +27,8 @@ class BackgroundWriter:
 
     def _run(self, fn, args):
         try:
+            with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
             fn(*args)
         except BaseException as e:  # noqa: B036 — handed to the training thread
             self._error = e

@@ -117,5 +117,7 @@ def find_newest_valid(folder):
         problem = verify_checkpoint(path)
         if problem is None:
             return path
-        logger.warning("Checkpoint %s is not usable (%s); falling back to an older one.", path, problem)
+        logger.warning(
+            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
+        )
     return None

@@ -236,11 +236,12 @@ def read_manifest(export_dir, verify=True):
                 f"Bundle file {file_path} has {size} bytes, the manifest says {entry.get('size')}."
             )
         if sha256_file(file_path) != entry.get("sha256"):
-            raise ArtifactError(f"Bundle file {file_path} does not match its sha256 in the manifest.")
+            raise ArtifactError(
+                f"Bundle file {file_path} does not match its sha256 in the manifest."
+            )
     return manifest
 
 
 def write_metadata(path, metadata):
     """Write dataset metadata as JSON (atomically)."""
     write_json(path, metadata)
-

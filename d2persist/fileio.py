@@ -250,7 +250,9 @@ def safe_torch_load(path):
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ArtifactError(f"Checkpoint {path} is truncated or not a torch file ({msg}).") from None
+        raise ArtifactError(
+            f"Checkpoint {path} is truncated or not a torch file ({msg})."
+        ) from None
 
 
 class SafeLoader(yaml.SafeLoader):

@@ -71,8 +71,9 @@ def predict_files(predictor, images, output=None, json_out=None, min_score=0.5, 
     """
     Predict on image files and write each one's visualization and JSON.
 
-    Every image is read before any model work, so a bad image fails the run before any output
-    is written.
+    Every file is checked (PIL's ``verify``: missing, empty, not an image, most truncations)
+    before any model work, so a bad file usually fails the run before any output is written;
+    damage only a full decode finds fails it at that image.
 
     Args:
         predictor (Predictor): from :func:`d2persist.load_predictor`.
@@ -88,6 +89,10 @@ def predict_files(predictor, images, output=None, json_out=None, min_score=0.5, 
     """
     from tqdm import tqdm
 
+    from .predictor import check_image_file
+
+    for image in images:
+        check_image_file(image)
     for target in (output, json_out):
         if target and many:
             os.makedirs(target, exist_ok=True)

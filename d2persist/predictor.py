@@ -17,11 +17,21 @@ import torch
 from .artifacts import resolve_artifacts
 from .errors import ArtifactError, InputImageError
 
-__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
+__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file", "check_image_file"]
 
 logger = logging.getLogger(__name__)
 
 _CHANNEL_ORDERS = ("BGR", "RGB", "L")
+
+
+def check_image_file(path):
+    """
+    Check, without decoding it, that ``path`` is a whole image file.
+
+    Raises:
+        InputImageError: the file is missing, empty, not an image, or truncated.
+    """
+    read_image_file(path, None)
 
 
 def read_image_file(path, fmt):
@@ -30,7 +40,7 @@ def read_image_file(path, fmt):
 
     Args:
         path (str): the image file.
-        fmt (str): ``INPUT.FORMAT`` ("BGR", "RGB", "L", ...).
+        fmt (str): ``INPUT.FORMAT`` ("BGR", "RGB", "L", ...); None only checks the file.
 
     Returns:
         np.ndarray: HxWxC uint8 in ``fmt``.
@@ -48,7 +58,7 @@ def read_image_file(path, fmt):
     try:
         with Image.open(path) as probe:
             probe.verify()
-        return read_image(path, format=fmt)
+        return None if fmt is None else read_image(path, format=fmt)
     except UnidentifiedImageError:
         raise InputImageError(f"{path} is not an image file PIL can read.") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

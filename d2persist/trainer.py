@@ -75,8 +75,9 @@ class PersistTrainer(DefaultTrainer):
         load back from YAML, and a new run must not overwrite an earlier run's checkpoints.
         """
         RunConfig(self.cfg).check()
-        path = self.checkpointer.get_checkpoint_file() if resume else ""
-        if comm.get_world_size() > 1:  # every process loads the file the main one chose
+        # the main process verifies; every process loads the file it chose
+        path = self.checkpointer.get_checkpoint_file() if resume and comm.is_main_process() else ""
+        if comm.get_world_size() > 1:
             path = comm.all_gather(path)[0]
         if resume and not path:
             if self.checkpointer.get_all_checkpoint_files() and comm.is_main_process():

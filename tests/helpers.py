@@ -56,7 +56,9 @@ def run_tool(script, *args, timeout=300, env=None):
     import subprocess
     import sys
 
-    full_env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
+    # the tools import this checkout's d2persist, whatever copy pip installed
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    full_env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **(env or {}))
     return subprocess.run(
         [sys.executable, script, *[str(a) for a in args]],
         capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,

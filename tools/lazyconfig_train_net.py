@@ -10,6 +10,7 @@ tools/lazyconfig_train_net.py with PersistHook in place of the periodic checkpoi
 import os
 import sys
 
+import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
 import torch.multiprocessing as mp
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, launch

@@ -15,6 +15,7 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 import os
 import sys
 
+import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
 import torch.multiprocessing as mp
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, launch

@@ -1,0 +1,85 @@
+"""
+One measured training process for the benchmarks (run by them, not by hand).
+
+Prints one JSON line: wall time of ``trainer.train()``, peak RSS, and the seconds from process
+start to the end of the first training iteration.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+START = time.time()  # as close to process start as Python gets; see also /proc/self/stat
+
+
+def _process_start():
+    """Wall-clock time this process started, from /proc (Linux)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return START
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--no-persist", action="store_true", help="no checkpointing at all")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--stop-after-first-step", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="the test suite's tiny config")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    from detectron2.config import get_cfg
+    from detectron2.engine import HookBase
+    from detectron2.utils.env import seed_all_rng
+
+    from d2persist import PersistHook, PersistTrainer, add_persist_config
+    from d2persist.data.shapes import register_shapes
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import REPO, TINY_OPTS
+
+    register_shapes()
+    cfg = add_persist_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
+    tiny = TINY_OPTS if args.tiny else []
+    cfg.merge_from_list(tiny + ["OUTPUT_DIR", args.output, "DATASETS.TEST", "()"] + args.opts)
+    seed_all_rng(cfg.SEED)
+    first = {}
+
+    class FirstStep(HookBase):
+        def after_step(self):
+            if "t" not in first:
+                first["t"] = time.time()
+                if args.stop_after_first_step:
+                    raise SystemExit(0)
+
+    trainer = PersistTrainer(cfg)
+    if args.no_persist:
+        trainer._hooks = [h for h in trainer._hooks if not isinstance(h, PersistHook)]
+    trainer.register_hooks([FirstStep()])
+    trainer.resume_or_load(resume=args.resume)
+    t0 = time.perf_counter()
+    try:
+        trainer.train()
+    except SystemExit:
+        pass
+    wall = time.perf_counter() - t0
+    print(json.dumps({
+        "train_wall": wall,
+        "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "start_to_first_step": first.get("t", float("nan")) - _process_start(),
+        "start_iter": trainer.start_iter,
+    }))
+
+
+if __name__ == "__main__":
+    main()

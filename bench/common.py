@@ -1,0 +1,70 @@
+"""Shared helpers of the benchmark scripts: side-by-side alternation, medians, a table."""
+
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+TOOLS = os.path.join(REPO, "tools")
+
+#: The tiny test config's overrides (KEY VALUE pairs), shared with the test suite.
+from helpers import TINY_OPTS  # noqa: E402, F401
+
+
+def machine():
+    """One line describing this machine."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {platform.platform()}"
+
+
+def alternate(sides, repeats):
+    """
+    Run each side's callable ``repeats`` times, alternating (A B A B ...), so drifting machine
+    load hits both alike. Each callable returns a number.
+
+    Returns:
+        dict: side name -> list of numbers.
+    """
+    out = {name: [] for name in sides}
+    for i in range(repeats):
+        order = list(sides.items()) if i % 2 == 0 else list(reversed(list(sides.items())))
+        for name, fn in order:
+            out[name].append(fn())
+    return out
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def run(args, **kwargs):
+    """Run a command (list) to completion; return wall seconds. Fails loudly."""
+    start = time.perf_counter()
+    res = subprocess.run(args, capture_output=True, text=True, **kwargs)
+    wall = time.perf_counter() - start
+    if res.returncode != 0:
+        sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
+        raise SystemExit(f"command failed ({res.returncode}): {' '.join(map(str, args))}")
+    return wall
+
+
+def table(title, rows, header=("measure", "value")):
+    """Print a small aligned table."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))

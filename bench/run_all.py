@@ -1,0 +1,22 @@
+#!/usr/bin/env python
+"""Run every benchmark and print their tables. ``--quick`` passes on to each."""
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = ["bench_default_schedule.py", "bench_training.py", "bench_predict.py"]
+
+
+def main():
+    extra = sys.argv[1:]
+    for script in SCRIPTS:
+        print(f"\n===== {script} {' '.join(extra)}", flush=True)
+        code = subprocess.call([sys.executable, os.path.join(HERE, script), *extra], cwd=HERE)
+        if code:
+            sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
