@@ -7,6 +7,8 @@ A run folder is predicted from through its export when that export is complete; 
 """
 
 import os
+from dataclasses import dataclass, field
+from typing import Optional
 
 from .checkpoint_files import find_newest_valid, list_checkpoints
 from .errors import ArtifactError
@@ -22,6 +24,7 @@ _RUN_CONFIG = "config.yaml"
 _DEFAULT_EXPORT_DIR = "export"
 
 
+@dataclass
 class Artifacts:
     """
     Where the pieces of a model are.
@@ -36,17 +39,13 @@ class Artifacts:
         iteration (int or None): the training iteration of the weights, if known.
     """
 
-    def __init__(self, kind, root, config, config_kind, weights_path, metadata, iteration=None):
-        self.kind = kind
-        self.root = root
-        self.config = config
-        self.config_kind = config_kind
-        self.weights_path = weights_path
-        self.metadata = metadata
-        self.iteration = iteration
-
-    def __repr__(self):
-        return f"Artifacts(kind={self.kind!r}, weights_path={self.weights_path!r})"
+    kind: str
+    root: str
+    config: dict = field(repr=False)
+    config_kind: str
+    weights_path: str
+    metadata: dict = field(repr=False)
+    iteration: Optional[int] = None
 
 
 def metadata_from_json(meta):
