@@ -58,9 +58,8 @@ def check_output_dir(output_dir, start_iter):
         )
 
 
-def _all_finite(model):
-    return all(bool(torch.isfinite(p).all()) for p in model.state_dict().values()
-               if p.is_floating_point())
+def _all_finite(state):
+    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
 
 
 class PersistHook(HookBase):
@@ -209,11 +208,6 @@ class PersistHook(HookBase):
 
     def _save(self, basename, iteration):
         """Snapshot the state of ``iteration`` on this thread; write it in the background."""
-        if not _all_finite(self._checkpointer.model):
-            raise FloatingPointError(
-                f"Weights after iteration {iteration} hold NaN or Inf; not saving them, and "
-                f"{LAST_CHECKPOINT} still names the last good checkpoint."
-            )
         local = {"rng": get_rng_state(), "data": None}
         loader = _train_loader(self.trainer)
         if hasattr(loader, "state_dict"):
@@ -228,9 +222,14 @@ class PersistHook(HookBase):
             self._kept.append(basename)
         data = snapshot_state(self._checkpointer, copy=self._writer.enabled, iteration=iteration)
         data["trainer"]["iteration"] = iteration
-        self._writer.submit(self._write, basename, data)
+        self._writer.submit(self._write, basename, data, iteration)
 
-    def _write(self, basename, data):
+    def _write(self, basename, data, iteration):
+        if not _all_finite(data["model"]):
+            raise FloatingPointError(
+                f"Weights after iteration {iteration} hold NaN or Inf; not saving them, and "
+                f"{LAST_CHECKPOINT} still names the last good checkpoint."
+            )
         self._checkpointer.write(basename, data)
         self._prune()
 
