@@ -240,8 +240,3 @@ def read_manifest(export_dir, verify=True):
                 f"Bundle file {file_path} does not match its sha256 in the manifest."
             )
     return manifest
-
-
-def write_metadata(path, metadata):
-    """Write dataset metadata as JSON (atomically)."""
-    write_json(path, metadata)
