@@ -25,6 +25,7 @@ from .errors import ArtifactError, CheckpointWriteError, UnsafeArtifactError
 
 __all__ = [
     "TEMP_PREFIX",
+    "atomic_path",
     "atomic_write",
     "write_bytes",
     "write_text",
@@ -88,12 +89,43 @@ def fsync_dir(path):
 
 
 @contextlib.contextmanager
+def atomic_path(path):
+    """
+    A temporary path next to ``path`` to write; on a clean exit it replaces ``path`` atomically.
+
+    The temporary file is fsync'ed before ``os.replace``, and the folder is fsync'ed after. If
+    the block raises, the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path (str): the final name.
+
+    Yields:
+        str: the temporary path (an empty file).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+@contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """
-    Open a temporary file next to ``path``; on a clean exit it replaces ``path`` atomically.
-
-    The temporary file is flushed and fsync'ed before ``os.replace``, and the folder is fsync'ed
-    after. If the block raises, the temporary file is removed and ``path`` is left as it was.
+    Open a temporary file next to ``path``; on a clean exit it replaces ``path`` atomically
+    (see :func:`atomic_path`).
 
     Args:
         path (str): the final name.
@@ -102,24 +134,10 @@ def atomic_write(path, mode="wb"):
     Yields:
         a file object that hashes what is written: ``f.sha256`` and ``f.size`` after the block.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
-    try:
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
-        with os.fdopen(fd, "wb") as raw:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw:
             writer = _HashingWriter(raw)
-            if mode == "w":
-                yield _TextWriter(writer)
-            else:
-                yield writer
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(folder)
+            yield _TextWriter(writer) if mode == "w" else writer
 
 
 class _TextWriter:
@@ -167,7 +185,10 @@ def write_json(path, obj):
 
 def torch_save(obj, path):
     """
-    ``torch.save`` ``obj`` to ``path`` atomically, hashing the bytes as they are written.
+    ``torch.save`` ``obj`` to ``path`` atomically, and hash the file.
+
+    torch writes the file from C++ and the hash reads it back from the page cache: both
+    release the GIL, so a background save takes little from a training thread.
 
     Raises:
         CheckpointWriteError: the write failed (disk full, permission denied, ...). The file that
@@ -179,8 +200,9 @@ def torch_save(obj, path):
     import torch
 
     try:
-        with atomic_write(path) as f:
-            torch.save(obj, f)
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+            digest, size = sha256_file(tmp), os.path.getsize(tmp)
     except OSError as e:
         reason = os.strerror(e.errno) if e.errno else str(e)
         raise CheckpointWriteError(
@@ -194,7 +216,7 @@ def torch_save(obj, path):
                 "earlier checkpoints are intact."
             ) from e
         raise
-    return f.sha256.hexdigest(), f.size
+    return digest, size
 
 
 def sha256_file(path):

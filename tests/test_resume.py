@@ -174,7 +174,8 @@ def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err
     def failing_save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the second checkpoint: write part of it, then the disk is full
-            f.write(b"\0" * 4096)
+            with open(f, "ab") as partial:
+                partial.write(b"\0" * 4096)
             raise OSError(err, os.strerror(err))
         return real_save(obj, f, *args, **kwargs)
 
