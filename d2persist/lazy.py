@@ -14,7 +14,7 @@ import os
 import tempfile
 
 from .errors import ArtifactError, ConfigRoundTripError, UnsafeArtifactError
-from .fileio import TEMP_PREFIX, fsync_dir
+from .fileio import atomic_path
 
 __all__ = [
     "DEFAULT_ALLOWED_TARGETS",
@@ -41,21 +41,15 @@ def save_lazy_config(cfg, path):
     """
     from detectron2.config import LazyConfig
 
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".yaml", dir=folder)
-    os.close(fd)
-    try:
-        LazyConfig.save(cfg, tmp)
-        for src, dst in ((tmp, path), (tmp + ".pkl", path + ".pkl")):
-            if os.path.exists(src):
-                with open(src, "rb") as f:
-                    os.fsync(f.fileno())
-                os.replace(src, dst)
-    finally:
-        for leftover in (tmp, tmp + ".pkl"):
+    with atomic_path(path) as tmp:
+        try:
+            LazyConfig.save(cfg, tmp)
+            if os.path.exists(tmp + ".pkl"):  # detectron2's fallback for what YAML cannot hold
+                with atomic_path(path + ".pkl") as tmp_pkl:
+                    os.replace(tmp + ".pkl", tmp_pkl)
+        finally:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-    fsync_dir(folder)
+                os.unlink(tmp + ".pkl")
 
 
 def lazy_config_text(cfg):
