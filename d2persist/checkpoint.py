@@ -16,7 +16,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .checkpoint_files import LAST_CHECKPOINT, SIDECAR_SUFFIX, find_newest_valid, read_sidecar
 from .errors import UnsafeArtifactError
-from .fileio import fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
+from .fileio import TEMP_PREFIX, fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
 
 __all__ = ["PersistCheckpointer", "snapshot_state"]
 
@@ -112,7 +112,7 @@ class PersistCheckpointer(DetectionCheckpointer):
         """
         src = os.path.join(self.save_dir, src_basename)
         dst = os.path.join(self.save_dir, dst_basename)
-        tmp = dst + ".link-tmp"
+        tmp = os.path.join(self.save_dir, TEMP_PREFIX + dst_basename + ".link")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         try:
@@ -143,6 +143,13 @@ class PersistCheckpointer(DetectionCheckpointer):
 
     def has_checkpoint(self):
         return bool(self.get_checkpoint_file())
+
+    def resume_or_load(self, path, *, resume=True):
+        """Like fvcore's, but verifies the newest checkpoint once, not twice."""
+        newest = self.get_checkpoint_file() if resume else ""
+        if newest:
+            return self.load(newest)
+        return self.load(path, checkpointables=[])
 
     def _load_file(self, filename):
         if filename.endswith(".pkl"):  # detectron2 model zoo: numpy arrays only, never code

@@ -116,20 +116,6 @@ def _versions():
             "torch": torch.__version__}
 
 
-def _export_config_text(run):
-    """config.yaml of the bundle: the run's config with paths relative to the bundle."""
-    if run.is_lazy:
-        from .lazy import export_lazy_config
-
-        return export_lazy_config(run.cfg, WEIGHTS_NAME)
-    from .runconfig import _without_persist
-
-    cfg = _without_persist(run.cfg)
-    cfg.MODEL.WEIGHTS = WEIGHTS_NAME
-    cfg.OUTPUT_DIR = "."
-    return cfg.dump()
-
-
 def _weights_bytes(model):
     from safetensors.torch import save
 
@@ -166,7 +152,7 @@ def write_export(run, model, export_dir, iteration, metadata=None):
     files = {}
     for name, data in (
         (WEIGHTS_NAME, _weights_bytes(model)),
-        (CONFIG_NAME, _export_config_text(run).encode("utf-8")),
+        (CONFIG_NAME, run.export_config_text(WEIGHTS_NAME).encode("utf-8")),
     ):
         digest = write_bytes(os.path.join(export_dir, name), data)
         files[name] = {"sha256": digest, "size": len(data)}

@@ -185,16 +185,17 @@ class ResumableTrainLoader:
         self._mapper = mapper
         self._batch_size = batch_size
         self._shuffle = shuffle
-        self._grouping = aspect_ratio_grouping
+        # the bucket of each dataset index, read once (a serialized dataset unpickles per read)
+        self._aspects = None
+        if aspect_ratio_grouping:
+            dicts = (dataset[i] for i in range(len(dataset)))
+            self._aspects = [int(d["width"] > d["height"]) for d in dicts]
         self._num_workers = num_workers
         self._rank, self._world = rank, world_size
         self._state = {"seed": int(seed), "position": 0, "buckets": [[], []]}
 
     def _aspect_of(self, idx):
-        if not self._grouping:
-            return 0
-        d = self._dataset[idx]
-        return int(d["width"] > d["height"])
+        return self._aspects[idx] if self._aspects is not None else 0
 
     def state_dict(self):
         """The loader state after the last batch handed out (plain ints and lists)."""

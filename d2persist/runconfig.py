@@ -114,13 +114,15 @@ def load_config_dict(data, extensions=(), new_allowed=False):
         new_allowed (bool): accept keys no ``add_*_config`` defined (for prediction, where only
             the model-building keys matter).
     """
+    return _merge(_reference_cfg(extensions), data, new_allowed)
+
+
+def _merge(cfg, data, new_allowed=False):
     from detectron2.config import CfgNode
 
-    cfg = _reference_cfg(extensions)
-    loaded = CfgNode(data)
     if new_allowed:
         cfg.set_new_allowed(True)
-    cfg.merge_from_other_cfg(loaded)
+    cfg.merge_from_other_cfg(CfgNode(data))
     return cfg
 
 
@@ -131,6 +133,7 @@ class RunConfig:
         self.is_lazy = _is_lazy(cfg)
         self.cfg = _lazy_snapshot(cfg) if self.is_lazy else cfg
         self.options = persist_options(cfg)
+        self._text = None
 
     @property
     def output_dir(self):
@@ -184,6 +187,11 @@ class RunConfig:
         Raises:
             ConfigRoundTripError: the YAML would not load back to the same values.
         """
+        if self._text is None:
+            self._text = self._dump_checked()
+        return self._text
+
+    def _dump_checked(self):
         cfg = _without_persist(self.cfg)
         bad = _non_yaml_keys(cfg)
         if bad:
@@ -207,22 +215,36 @@ class RunConfig:
         write_text(os.path.join(folder, name), self.dump())
         write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
+    def export_config_text(self, weights_name):
+        """
+        The config of an export bundle: the run's, with MODEL.WEIGHTS (LazyConfig:
+        train.init_checkpoint) set to ``weights_name`` and the output folder to the bundle.
+        """
+        if self.is_lazy:
+            from .lazy import export_lazy_config
+
+            return export_lazy_config(self.cfg, weights_name)
+        cfg = _without_persist(self.cfg)
+        cfg.MODEL.WEIGHTS = weights_name
+        cfg.OUTPUT_DIR = "."
+        return cfg.dump()
+
     def persist_yaml(self):
         """d2persist's own options, written next to config.yaml as persist.yaml."""
         return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
 
     def _check_round_trip(self, cfg, text):
-        extensions = list(self.options["CONFIG_EXTENSIONS"])
-        ref = _flatten(_reference_cfg(extensions))
+        ref = _reference_cfg(list(self.options["CONFIG_EXTENSIONS"]))
         data = yaml.safe_load(text)
-        unknown = sorted(k for k in _flatten(data) if k not in ref)
+        known = _flatten(ref)
+        unknown = sorted(k for k in _flatten(data) if k not in known)
         if unknown:
             raise ConfigRoundTripError(
                 "config.yaml would not load back with get_cfg(): these keys are defined only by "
                 f"your project's add_*_config: {', '.join(unknown)}. List that function in "
                 "cfg.PERSIST.CONFIG_EXTENSIONS as 'module:function'."
             )
-        loaded = _flatten(load_config_dict(data, extensions))
+        loaded = _flatten(_merge(ref, data))
         want = _flatten(cfg)
         differ = sorted(k for k in want if loaded.get(k) != want[k])
         if differ:

@@ -174,9 +174,12 @@ def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err
     def failing_save(obj, f, *args, **kwargs):
         calls.append(1)
         if len(calls) == 2:  # the second checkpoint: write part of it, then the disk is full
-            with open(f, "ab") as partial:
-                partial.write(b"\0" * 4096)
-            raise OSError(err, os.strerror(err))
+            f.write(b"\0" * 4096)
+            try:
+                raise OSError(err, os.strerror(err))
+            except OSError:  # what torch.save raises when its file's write() fails (seen on a
+                # full tmpfs): a RuntimeError, the OSError only as its context
+                raise RuntimeError("[enforce fail at inline_container.cc:671] . unexpected pos")
         return real_save(obj, f, *args, **kwargs)
 
     mocker.patch("torch.save", side_effect=failing_save)

@@ -89,3 +89,45 @@ def test_readme_recipe_safetensors_with_plain_detectron2(trained_run, image):
     ours = load_predictor(str(export), opts=["MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0"])
     for k, v in model.state_dict().items():
         assert torch.equal(v, ours.model.state_dict()[k]), k
+
+
+def test_checkpointer_reads_model_zoo_pkl_arrays_but_no_code(trained_run, tmp_path):
+    """MODEL.WEIGHTS may be a detectron2 model-zoo .pkl: numpy arrays are read, code is not."""
+    import os
+    import pickle
+
+    from d2persist import PersistCheckpointer, UnsafeArtifactError
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(trained_run / "config.yaml"))
+    source = torch.load(trained_run / "model_final.pth", weights_only=True)["model"]
+    zoo = tmp_path / "model_zoo.pkl"
+    with open(zoo, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in source.items()}, "__author__": "zoo"}, f)
+    model = build_model(cfg)
+    PersistCheckpointer(model).load(str(zoo))
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    hostile = tmp_path / "hostile.pkl"
+    with open(hostile, "wb") as f:
+        pickle.dump({"model": {"x": Payload()}, "__author__": "zoo"}, f)
+    with pytest.raises(UnsafeArtifactError, match="posix.system|os.system"):
+        PersistCheckpointer(build_model(cfg)).load(str(hostile))
+    assert not marker.exists()
+
+
+def test_checkpointer_reads_export_safetensors(trained_run):
+    from d2persist import PersistCheckpointer
+
+    cfg = get_cfg()
+    cfg.merge_from_file(str(trained_run / "config.yaml"))
+    model = build_model(cfg)
+    PersistCheckpointer(model).load(str(trained_run / "export" / "model.safetensors"))
+    source = torch.load(trained_run / "model_final.pth", weights_only=True)["model"]
+    assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from ..fileio import atomic_write, write_json
+from ..fileio import write_bytes, write_json
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -168,8 +168,7 @@ def generate_shapes(spec, cache_dir=None):
             name = f"{i:05d}.png"
             ok, buf = cv2.imencode(".png", img)
             assert ok, name
-            with atomic_write(os.path.join(folder, name)) as f:
-                f.write(buf.tobytes())
+            write_bytes(os.path.join(folder, name), buf.tobytes())
             records.append(
                 {"file_name": name, "height": spec.size, "width": spec.size, "annotations": annos}
             )
