@@ -53,6 +53,7 @@ dataloader.evaluator.output_dir = "${...train.output_dir}/inference"
 optimizer.lr = 0.02
 train.max_iter = 500
 train.device = "cpu"
+train.seed = 42  # deterministic, like the yacs config
 train.init_checkpoint = ""
 train.output_dir = "./output/shapes_lazy"
 train.checkpointer.period = 100

@@ -27,6 +27,10 @@ LAZY_TINY = [
     "dataloader.train.num_workers=0",
     "model.roi_heads.box_predictor.test_score_thresh=0.0",
     "lr_multiplier.scheduler.milestones=[3,4]",
+    # seeded, and a gentler rate than the full schedule's: unseeded runs at 0.02 sometimes ended
+    # with a model that proposes no box at all (CI saw one), and then there is nothing to compare
+    "train.seed=7",
+    "optimizer.lr=0.002",
 ]
 
 
