@@ -10,6 +10,16 @@ __all__ = ["BackgroundWriter"]
 logger = logging.getLogger(__name__)
 
 
+def _lowest_priority():
+    """Let the calling thread run only on CPU time that no other thread wants (Linux)."""
+    tid = threading.get_native_id()
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+        return
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, 19)
+
+
 class BackgroundWriter:
     """
     Runs one write job at a time on a background thread (or inline when ``enabled`` is False).
@@ -27,8 +37,7 @@ class BackgroundWriter:
 
     def _run(self, fn, args):
         try:
-            with contextlib.suppress(AttributeError, OSError):  # Linux: this thread only
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            _lowest_priority()
             fn(*args)
         except BaseException as e:  # noqa: B036 — handed to the training thread
             self._error = e

@@ -51,8 +51,12 @@ _CHUNK = 1 << 20
 
 def _file_mode():
     """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
 
 
@@ -71,7 +75,7 @@ def fsync_dir(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path):
+def atomic_path(path, drop_cache=False):
     """
     A temporary path next to ``path`` to write; on a clean exit it replaces ``path`` atomically.
 
@@ -80,6 +84,9 @@ def atomic_path(path):
 
     Args:
         path (str): the final name.
+        drop_cache (bool): once the file is on disk, drop its pages from the page cache. For
+            big files written often (checkpoints): the kernel then need not reclaim other pages
+            to make room for the next one, which measured here cost ~0.2 s of CPU per 100 MB.
 
     Yields:
         str: the temporary path (an empty file).
@@ -93,6 +100,8 @@ def atomic_path(path):
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+            if drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
         os.replace(tmp, path)
@@ -133,7 +142,8 @@ def torch_save(obj, path):
     torch writes through an unbuffered file (whose writes release the GIL) and the hash reads
     the file back from the page cache (also without the GIL), so a save on a background thread
     takes little from the training thread. (A Python wrapper hashing each write cost training
-    ~5% more here; ``torch.save`` to a path loses the errno of a failed write.)
+    ~5% more here; ``torch.save`` to a path loses the errno of a failed write.) Once on disk, the
+    file's pages leave the page cache (see :func:`atomic_path`).
 
     Raises:
         CheckpointWriteError: the write failed (disk full, permission denied, ...). The file that
@@ -145,7 +155,7 @@ def torch_save(obj, path):
     import torch
 
     try:
-        with atomic_path(path) as tmp:
+        with atomic_path(path, drop_cache=True) as tmp:
             with open(tmp, "wb", buffering=0) as f:
                 torch.save(obj, f)
             digest, size = sha256_file(tmp), os.path.getsize(tmp)

@@ -5,6 +5,7 @@ import os
 import signal
 import threading
 
+import numpy as np
 import torch
 from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
@@ -58,8 +59,22 @@ def check_output_dir(output_dir, start_iter):
         )
 
 
+def _finite(tensor):
+    """Whether no element of ``tensor`` is NaN or Inf (a sum first: it allocates nothing)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        # numpy, single-threaded: on the writer thread, torch would start a second thread pool
+        # that competes with training for the cores
+        array = tensor.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # a sum may overflow: then look closer
+            return bool(np.isfinite(array.sum()) or np.isfinite(array).all())
+    return bool(torch.isfinite(tensor.sum()) or torch.isfinite(tensor).all())
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def _all_finite(state):
-    return all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    return all(_finite(v) for v in state.values() if v.is_floating_point())
 
 
 class PersistHook(HookBase):
