@@ -1,8 +1,8 @@
 """
 One measured training process for the benchmarks (run by them, not by hand).
 
-Prints one JSON line: wall time of ``trainer.train()``, peak RSS, and the seconds from process
-start to the end of the first training iteration.
+Prints one JSON line: wall and CPU time of ``trainer.train()``, peak RSS, and the seconds from
+process start to the end of the first training iteration.
 """
 
 import argparse
@@ -27,6 +27,12 @@ def _process_start():
         return START
 
 
+def _cpu_seconds():
+    """CPU time (user + system) of all threads of this process so far."""
+    t = os.times()
+    return t.user + t.system
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output", required=True)
@@ -34,9 +40,11 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after-first-step", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny config")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
+    import torch
     from detectron2.config import get_cfg
     from detectron2.engine import HookBase
     from detectron2.utils.env import seed_all_rng
@@ -47,6 +55,8 @@ def main():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import REPO, TINY_OPTS
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     register_shapes()
     cfg = add_persist_config(get_cfg())
     cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
@@ -67,14 +77,15 @@ def main():
         trainer._hooks = [h for h in trainer._hooks if not isinstance(h, PersistHook)]
     trainer.register_hooks([FirstStep()])
     trainer.resume_or_load(resume=args.resume)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     try:
         trainer.train()
     except SystemExit:
         pass
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
     print(json.dumps({
         "train_wall": wall,
+        "train_cpu": cpu,
         "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "start_to_first_step": first.get("t", float("nan")) - _process_start(),
         "start_iter": trainer.start_iter,
