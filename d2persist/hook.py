@@ -59,6 +59,9 @@ def check_output_dir(output_dir, start_iter):
         )
 
 
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
 def _finite(tensor):
     """Whether no element of ``tensor`` is NaN or Inf (a sum first: it allocates nothing)."""
     if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
@@ -68,9 +71,6 @@ def _finite(tensor):
         with np.errstate(over="ignore", invalid="ignore"):  # a sum may overflow: then look closer
             return bool(np.isfinite(array.sum()) or np.isfinite(array).all())
     return bool(torch.isfinite(tensor.sum()) or torch.isfinite(tensor).all())
-
-
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
 
 
 def _all_finite(state):

@@ -200,10 +200,10 @@ def train_lazy(cfg, resume=False):
 
     from .checkpoint import PersistCheckpointer
     from .hook import PersistHook, check_output_dir
-    from .runconfig import RunConfig
     from .trainer import create_ddp_model
 
-    RunConfig(cfg).check()
+    persist = PersistHook(cfg)
+    persist.run.check()  # fails before any work; its before_train does not check again
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
@@ -226,7 +226,7 @@ def train_lazy(cfg, resume=False):
         [
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
-            PersistHook(cfg),
+            persist,
             hooks.EvalHook(cfg.train.eval_period, do_test),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),

@@ -134,6 +134,7 @@ class RunConfig:
         self.cfg = _lazy_snapshot(cfg) if self.is_lazy else cfg
         self.options = persist_options(cfg)
         self._text = None
+        self._lazy_checked = False
 
     @property
     def output_dir(self):
@@ -166,18 +167,21 @@ class RunConfig:
 
     def check(self):
         """
-        Check, before training starts, that the config can be saved and loaded back.
+        Check, before training starts, that the config can be saved and loaded back. Checks
+        once: later calls return at once.
 
         Raises:
             ConfigRoundTripError: naming the keys at fault.
         """
-        if self.is_lazy:
-            if self.options["EXPORT"]:  # the export must rebuild the model without unpickling
-                from .lazy import lazy_config_text
-
-                lazy_config_text(self.cfg)
+        if not self.is_lazy:
+            self.dump()  # cached
             return
-        self.dump()
+        if self.options["EXPORT"] and not self._lazy_checked:
+            # the export must rebuild the model without unpickling
+            from .lazy import lazy_config_text
+
+            lazy_config_text(self.cfg)
+        self._lazy_checked = True
 
     def dump(self):
         """
@@ -262,8 +266,8 @@ def _lazy_snapshot(cfg):
 
     import torch
 
-    params = cfg.get("optimizer", {}).get("params", None) if "optimizer" in cfg else None
-    model = params.get("model", None) if params is not None else None
+    params = cfg.get("optimizer", {}).get("params") or {}
+    model = params.get("model")
     if isinstance(model, torch.nn.Module):
         params.model = None
         try:

@@ -74,7 +74,8 @@ class PersistTrainer(DefaultTrainer):
         ``MODEL.WEIGHTS``. Checks first, so a bad setup fails before any work: the config must
         load back from YAML, and a new run must not overwrite an earlier run's checkpoints.
         """
-        RunConfig(self.cfg).check()
+        hook = next((h for h in self._hooks if isinstance(h, PersistHook)), None)
+        (hook.run if hook is not None else RunConfig(self.cfg)).check()  # before_train reuses it
         # the main process verifies; every process loads the file it chose
         path = self.checkpointer.get_checkpoint_file() if resume and comm.is_main_process() else ""
         if comm.get_world_size() > 1:

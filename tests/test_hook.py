@@ -5,7 +5,6 @@ import signal
 
 import pytest
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, HookBase
 from detectron2.engine.hooks import PeriodicCheckpointer
@@ -75,15 +74,17 @@ def test_stock_resume_or_load_starts_after_checkpoint(tmp_path):
     stock.resume_or_load(resume=True)
     assert stock.start_iter == 4
     assert stock.iter == 3
-    # DetectionCheckpointer loads a periodic checkpoint into a freshly built model
-    model = DefaultTrainer.build_model(cfg2)
-    DetectionCheckpointer(model).load(str(tmp_path / "model_0000001.pth"))
+    # (DetectionCheckpointer on each checkpoint: test_stock.py)
 
 
-def test_config_yaml_round_trips_with_plain_get_cfg(tmp_path):
+def test_config_yaml_round_trips_with_plain_get_cfg(tmp_path, mocker):
+    from d2persist.runconfig import RunConfig
+
     cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 2,
                    "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", [1.0, 2.0, 3.0])
+    checks = mocker.spy(RunConfig, "_check_round_trip")
     train(cfg)
+    assert checks.call_count == 1  # resume_or_load checks, before_train reuses the result
     plain = get_cfg()  # no d2persist: its options are kept out of config.yaml
     plain.merge_from_file(str(tmp_path / "config.yaml"))
     assert plain.INPUT.FORMAT == "RGB"

@@ -75,10 +75,8 @@ def test_resume_start_up_skips_indices_not_images(tmp_path, mocker):
     loader = trainer._trainer.data_loader
     loader.load_state_dict(dict(state, position=10_000 * 2))  # as if at iteration 10,000
     calls = mocker.spy(DatasetMapper, "__call__")
-    start = time.perf_counter()
     next(iter(loader))
-    assert time.perf_counter() - start < 5
-    assert calls.call_count == 2
+    assert calls.call_count == 2  # the batch's two images, none of the 20,000 skipped
 
 
 def _newest_tmp(folder):
