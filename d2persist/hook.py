@@ -107,6 +107,7 @@ class PersistHook(HookBase):
         self._pending_resume = None
         self._rng_to_restore = None
         self._last_saved = None
+        self._spare = None  # the last snapshot, once written: the next one's buffers
         self._signal = None
         self._old_handlers = {}
 
@@ -235,8 +236,11 @@ class PersistHook(HookBase):
         self._writer.wait()
         if basename != FINAL_NAME:
             self._kept.append(basename)
-        data = snapshot_state(self._checkpointer, copy=self._writer.enabled, iteration=iteration)
+        data = snapshot_state(
+            self._checkpointer, copy=self._writer.enabled, into=self._spare, iteration=iteration
+        )
         data["trainer"]["iteration"] = iteration
+        self._spare = data if self._writer.enabled else None
         self._writer.submit(self._write, basename, data, iteration)
 
     def _write(self, basename, data, iteration):
@@ -260,6 +264,12 @@ class PersistHook(HookBase):
     # -- after_train ---------------------------------------------------------------------------
 
     def after_train(self):
+        try:
+            self._after_train()
+        finally:
+            self._spare = None  # the snapshot buffers: training is over
+
+    def _after_train(self):
         self._restore_signal_handlers()
         trainer = self.trainer
         completed = trainer.iter >= trainer.max_iter

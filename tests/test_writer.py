@@ -8,9 +8,15 @@ import threading
 import pytest
 import torch
 
+import d2persist.hook
+from d2persist import PersistTrainer
 from d2persist.async_writer import BackgroundWriter
-from d2persist.fileio import sha256_file, torch_save
+from d2persist.checkpoint import snapshot_state
+from d2persist.fileio import safe_torch_load, sha256_file, torch_save
 from d2persist.hook import _all_finite
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.env import seed_all_rng
+from helpers import tiny_cfg
 
 
 def test_writer_keeps_one_job_in_flight_and_hands_back_its_error():
@@ -70,3 +76,63 @@ def test_finiteness_check_catches_nan_and_inf_but_not_large_sums():
     assert not _all_finite({"a": big, "b": torch.tensor([1.0, float("nan")])})
     assert not _all_finite({"b": torch.tensor([float("-inf"), 1.0], dtype=torch.float64)})
     assert not _all_finite({"b": torch.tensor([float("inf"), 1.0], dtype=torch.bfloat16)})
+
+
+def test_snapshot_reuses_an_earlier_snapshots_tensors_where_they_fit(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ck = DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer)
+    first = snapshot_state(ck, copy=True, iteration=0)  # no momentum yet
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    first["model"]["bias"] = torch.zeros(5)  # a buffer that no longer fits
+    second = snapshot_state(ck, copy=True, into=first, iteration=1)
+
+    weight = second["model"]["weight"]
+    assert weight is first["model"]["weight"]  # overwritten in place, nothing allocated
+    assert weight.data_ptr() != model.weight.data_ptr()  # a copy, not the live tensor
+    assert torch.equal(weight, model.weight) and torch.equal(second["model"]["bias"], model.bias)
+    assert second["model"]["bias"].shape == (2,)
+    momentum = second["optimizer"]["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, optimizer.state[model.weight]["momentum_buffer"])
+    assert second["iteration"] == 1
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    assert not torch.equal(weight, model.weight)  # training goes on without touching it
+
+
+def train_tiny(folder, *opts):
+    cfg = tiny_cfg(folder, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1,
+                   "PERSIST.EXPORT", False, *opts)
+    seed_all_rng(cfg.SEED)  # what tools/train_net.py's setup does
+    trainer = PersistTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    return trainer
+
+
+def test_background_saves_write_what_inline_saves_write(tmp_path, mocker):
+    train_tiny(tmp_path / "inline", "PERSIST.ASYNC", False)
+    spy = mocker.spy(d2persist.hook, "snapshot_state")
+    trainer = train_tiny(tmp_path / "background", "PERSIST.ASYNC", True)
+    hook = next(h for h in trainer._hooks if isinstance(h, d2persist.hook.PersistHook))
+    assert hook._spare is None  # the buffer is freed when training ends
+
+    # each save after the first wrote from the first one's buffers, overwritten in place
+    snaps = spy.spy_return_list
+    assert len(snaps) == 4
+    assert {s["model"]["backbone.bottom_up.stem.conv1.weight"].data_ptr() for s in snaps} == {
+        snaps[0]["model"]["backbone.bottom_up.stem.conv1.weight"].data_ptr()
+    }
+    for it in range(4):
+        name = f"model_{it:07d}.pth"
+        a = safe_torch_load(str(tmp_path / "inline" / name))
+        b = safe_torch_load(str(tmp_path / "background" / name))
+        assert a["iteration"] == b["iteration"] == it
+        assert a["model"].keys() == b["model"].keys()
+        for key in a["model"]:
+            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
+        opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
+        assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
+        for idx in opt_a:
+            assert torch.equal(opt_a[idx]["momentum_buffer"], opt_b[idx]["momentum_buffer"])
