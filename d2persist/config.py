@@ -26,7 +26,7 @@ def add_persist_config(cfg):
     _C.PERSIST.EXPORT = True
     # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
     _C.PERSIST.EXPORT_DIR = "export"
-    # Snapshot checkpoints on the training thread and write them from a background thread.
+    # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
     _C.PERSIST.ASYNC = True
     # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.
     _C.PERSIST.SAVE_ON_INTERRUPT = True
