@@ -54,6 +54,15 @@ def overhead(work, iters, repeats, extra):
     return runs
 
 
+def pair_ratios(runs):
+    """PersistHook / none wall time of each alternating pair (adjacent runs: drift cancels)."""
+    return [p["train_wall"] / n["train_wall"] for p, n in zip(runs["persist"], runs["none"])]
+
+
+def spread(ratios):
+    return f"{min(ratios):.3f} / {median(ratios):.3f} / {max(ratios):.3f}"
+
+
 def make_late_checkpoint(src, dst, iteration, per_iter_images):
     """A copy of checkpoint ``src`` claiming ``iteration`` (and the data position that goes with
     it), to measure resume start-up without training 10,000 iterations."""
@@ -115,6 +124,7 @@ def main():
         spare = max(1, (os.cpu_count() or 2) - 1)
         runs1 = overhead(work, iters, repeats, extra + ["--threads", spare])
         walls1 = {k: median([r["train_wall"] for r in v]) for k, v in runs1.items()}
+        pairs, pairs1 = pair_ratios(runs), pair_ratios(runs1)
         resume = resume_cost(work, repeats, extra, batch)
         r10, r10k = (median(v) for v in resume.values())
     finally:
@@ -123,6 +133,7 @@ def main():
         ("wall, PersistHook", f"{walls['persist']:.2f} s"),
         ("wall, no checkpointing", f"{walls['none']:.2f} s"),
         ("overhead ratio (target <= 1.05)", f"{walls['persist'] / walls['none']:.3f}x"),
+        ("  per alternating pair: min / median / max", spread(pairs)),
         ("CPU time, PersistHook / none", f"{cpu['persist']:.1f} / {cpu['none']:.1f} s"),
         (f"cores busy training, no checkpointing (of {os.cpu_count()})",
          f"{cpu['none'] / walls['none']:.2f}"),
@@ -130,6 +141,7 @@ def main():
          f"{walls1['persist']:.2f} / {walls1['none']:.2f} s"),
         ("overhead ratio, a core left to the writer (target <= 1.05)",
          f"{walls1['persist'] / walls1['none']:.3f}x"),
+        ("  per alternating pair: min / median / max", spread(pairs1)),
         ("peak RSS, PersistHook", f"{rss['persist']:.0f} MB"),
         ("peak RSS, no checkpointing", f"{rss['none']:.0f} MB"),
         ("peak RSS ratio", f"{rss['persist'] / rss['none']:.3f}x"),
