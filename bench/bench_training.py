@@ -66,7 +66,8 @@ def spread(ratios):
 def make_late_checkpoint(src, dst, iteration, per_iter_images):
     """A copy of checkpoint ``src`` claiming ``iteration`` (and the data position that goes with
     it), to measure resume start-up without training 10,000 iterations."""
-    from d2persist.fileio import torch_save, write_text
+    from d2persist import PersistCheckpointer
+    from d2persist.checkpoint_files import checkpoint_name
 
     ckpt = torch.load(src, weights_only=True)
     ckpt["iteration"] = ckpt["trainer"]["iteration"] = iteration
@@ -75,10 +76,8 @@ def make_late_checkpoint(src, dst, iteration, per_iter_images):
     sched = ckpt["trainer"]["hooks"].get("LRScheduler")
     if sched:
         sched["last_epoch"] = iteration + 1
-    name = f"model_{iteration:07d}.pth"
-    digest, _ = torch_save(ckpt, os.path.join(dst, name))
-    write_text(os.path.join(dst, name + ".sha256"), f"{digest}  {name}\n")
-    write_text(os.path.join(dst, "last_checkpoint"), name)
+    # the file, its sha256 sidecar and last_checkpoint, as a run writes them
+    PersistCheckpointer(torch.nn.Module(), dst).write(checkpoint_name(iteration), ckpt)
 
 
 def resume_cost(work, repeats, extra, batch):

@@ -241,13 +241,13 @@ class PersistHook(HookBase):
         )
         data["trainer"]["iteration"] = iteration
         self._spare = data if self._writer.enabled else None
-        self._writer.submit(self._write, basename, data, iteration)
+        self._writer.submit(self._write, basename, data)
 
-    def _write(self, basename, data, iteration):
+    def _write(self, basename, data):
         if not _all_finite(data["model"]):
             raise FloatingPointError(
-                f"Weights after iteration {iteration} hold NaN or Inf; not saving them, and "
-                f"{LAST_CHECKPOINT} still names the last good checkpoint."
+                f"Weights after iteration {data['iteration']} hold NaN or Inf; not saving them, "
+                f"and {LAST_CHECKPOINT} still names the last good checkpoint."
             )
         self._checkpointer.write(basename, data)
         self._prune()

@@ -4,7 +4,7 @@ import os
 import pytest
 
 
-_OWN_CACHE = []
+_OWN_CACHE = []  # the cache folder this session made, if any
 
 
 def pytest_configure(config):
@@ -21,20 +21,16 @@ def pytest_unconfigure(config):
     # every session made its own cache: without this, each left ~7 MB behind in the temp folder
     import shutil
 
-    for folder in _OWN_CACHE:
-        shutil.rmtree(folder, ignore_errors=True)
-        os.environ.pop("D2PERSIST_CACHE", None)
+    if _OWN_CACHE:
+        shutil.rmtree(_OWN_CACHE.pop(), ignore_errors=True)
+        del os.environ["D2PERSIST_CACHE"]
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """One tiny completed run (PersistTrainer), shared by the tests that only read it."""
-    from d2persist import PersistTrainer
-    from helpers import tiny_cfg
+    from helpers import tiny_cfg, train
 
     out = tmp_path_factory.mktemp("trained_run")
-    cfg = tiny_cfg(out)
-    trainer = PersistTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    train(tiny_cfg(out))
     return out

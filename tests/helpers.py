@@ -51,6 +51,38 @@ def tiny_cfg(output_dir, *opts):
     return cfg
 
 
+def train(cfg, resume=False, hooks=(), trainer_cls=None):
+    """
+    Train ``cfg`` on a real trainer, seeded as tools/train_net.py's setup seeds; returns it.
+
+    Args:
+        trainer_cls: PersistTrainer (None), or a stock DefaultTrainer, given a PersistHook here.
+        hooks: more hooks, registered after the trainer's own.
+    """
+    from detectron2.engine import DefaultTrainer
+    from detectron2.utils.env import seed_all_rng
+
+    from d2persist import PersistHook, PersistTrainer
+
+    seed_all_rng(cfg.SEED)
+    trainer = (trainer_cls or PersistTrainer)(cfg)
+    if trainer_cls is DefaultTrainer:
+        trainer.register_hooks([PersistHook(cfg)])
+    trainer.register_hooks(list(hooks))
+    trainer.resume_or_load(resume=resume)
+    trainer.train()
+    return trainer
+
+
+def assert_bitwise_equal(a, b):
+    """Two dicts of tensors hold the same keys and bitwise equal values."""
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
 def run_tool(script, *args, timeout=300, env=None):
     """Run a tool in a subprocess; returns the CompletedProcess (text output captured)."""
     import subprocess

@@ -12,21 +12,11 @@ from detectron2.engine.hooks import PeriodicCheckpointer
 from d2persist import ConfigRoundTripError, PersistHook, PersistTrainer
 from d2persist.config import add_persist_config
 from d2persist.errors import OutputDirNotEmptyError
-from helpers import TRAIN_NET, run_tool, tiny_cfg
+from helpers import TRAIN_NET, run_tool, tiny_cfg, train
 
 
 def periodic_files(folder):
     return sorted(n for n in os.listdir(folder) if n.startswith("model_") and n.endswith(".pth"))
-
-
-def train(cfg, resume=False, trainer_cls=PersistTrainer, extra_hooks=()):
-    trainer = trainer_cls(cfg)
-    if trainer_cls is DefaultTrainer:
-        trainer.register_hooks([PersistHook(cfg)])
-    trainer.register_hooks(list(extra_hooks))
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
-    return trainer
 
 
 @pytest.mark.parametrize(
@@ -153,7 +143,7 @@ class _SendSignalAt(HookBase):
 def test_signal_saves_last_completed_iteration_and_no_final(tmp_path, sig, exc):
     cfg = tiny_cfg(tmp_path, "SOLVER.CHECKPOINT_PERIOD", 100)
     with pytest.raises(exc):
-        train(cfg, extra_hooks=[_SendSignalAt(2, sig)])
+        train(cfg, hooks=[_SendSignalAt(2, sig)])
     assert periodic_files(tmp_path) == ["model_0000002.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
     assert not (tmp_path / "export").exists()

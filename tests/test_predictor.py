@@ -17,17 +17,15 @@ from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
 from PIL import Image
 
-from d2persist import InputImageError, PersistTrainer, load_predictor
-from helpers import INFER_SINGLE, run_tool, tiny_cfg
+from d2persist import InputImageError, load_predictor
+from helpers import INFER_SINGLE, run_tool, tiny_cfg, train
 
 # every box is kept, so that there is much to compare even after a few iterations
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
 
 
 def _train(out, *opts):
-    trainer = PersistTrainer(tiny_cfg(out, *ALL_BOXES, "SOLVER.MAX_ITER", 3, *opts))
-    trainer.resume_or_load(resume=False)
-    trainer.train()
+    train(tiny_cfg(out, *ALL_BOXES, "SOLVER.MAX_ITER", 3, *opts))
     return out
 
 

@@ -11,10 +11,9 @@ import time
 import pytest
 import torch
 from detectron2.engine import HookBase
-from detectron2.utils.env import seed_all_rng
 
 from d2persist import CheckpointWriteError, PersistTrainer
-from helpers import REPO, TINY_OPTS, TRAIN_NET, run_tool, tiny_cfg
+from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool, tiny_cfg, train
 
 
 class _CrashAt(HookBase):
@@ -28,35 +27,20 @@ class _CrashAt(HookBase):
             raise RuntimeError("simulated crash")
 
 
-def _train(cfg, resume=False, hooks=()):
-    seed_all_rng(cfg.SEED)  # what tools/train_net.py's setup does
-    trainer = PersistTrainer(cfg)
-    trainer.register_hooks(list(hooks))
-    trainer.resume_or_load(resume=resume)
-    trainer.train()
-    return trainer
-
-
 def _weights(path):
     return torch.load(path, weights_only=True)["model"]
-
-
-def _assert_bitwise_equal(a, b):
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_run_is_bitwise_identical(tmp_path, workers):
     opts = ["DATALOADER.NUM_WORKERS", workers, "SOLVER.MAX_ITER", 8, "PERSIST.EXPORT", False,
             "SOLVER.CHECKPOINT_PERIOD", 3]
-    _train(tiny_cfg(tmp_path / "straight", *opts))
+    train(tiny_cfg(tmp_path / "straight", *opts))
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _train(tiny_cfg(tmp_path / "resumed", *opts), hooks=[_CrashAt(4)])
+        train(tiny_cfg(tmp_path / "resumed", *opts), hooks=[_CrashAt(4)])
     assert (tmp_path / "resumed" / "last_checkpoint").read_text() == "model_0000002.pth"
-    _train(tiny_cfg(tmp_path / "resumed", *opts), resume=True)
-    _assert_bitwise_equal(
+    train(tiny_cfg(tmp_path / "resumed", *opts), resume=True)
+    assert_bitwise_equal(
         _weights(tmp_path / "straight" / "model_final.pth"),
         _weights(tmp_path / "resumed" / "model_final.pth"),
     )
@@ -67,7 +51,7 @@ def test_resume_start_up_skips_indices_not_images(tmp_path, mocker):
     from detectron2.data import DatasetMapper
 
     opts = ["SOLVER.MAX_ITER", 2, "PERSIST.EXPORT", False]
-    _train(tiny_cfg(tmp_path, *opts))
+    train(tiny_cfg(tmp_path, *opts))
     ckpt = torch.load(tmp_path / "model_final.pth", weights_only=True)
     state = ckpt["trainer"]["hooks"]["PersistHook"]["resume"][0]["data"]
     assert state["position"] == 4  # 2 iterations x 2 images
@@ -123,15 +107,15 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         pytest.fail("training never finished")
     assert kills >= 2
     assert not _newest_tmp(out)
-    _assert_bitwise_equal(_weights(tmp_path / "ref" / "model_final.pth"),
-                          _weights(out / "model_final.pth"))
+    assert_bitwise_equal(_weights(tmp_path / "ref" / "model_final.pth"),
+                         _weights(out / "model_final.pth"))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
 def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
     opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
     with pytest.raises(RuntimeError):
-        _train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
+        train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
     newest = tmp_path / "model_0000003.pth"
     if damage == "truncate":
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
@@ -153,7 +137,7 @@ def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
 
     opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
     with pytest.raises(RuntimeError):
-        _train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
+        train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
     for name in ("model_0000001.pth", "model_0000003.pth"):
         os.unlink(tmp_path / (name + ".sha256"))  # as stock detectron2 would have left them
     newest = tmp_path / "model_0000003.pth"
@@ -183,7 +167,7 @@ def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err
     mocker.patch("torch.save", side_effect=failing_save)
     cfg = tiny_cfg(tmp_path, "PERSIST.ASYNC", asynchronous, "PERSIST.EXPORT", False)
     with pytest.raises(CheckpointWriteError, match=os.strerror(err)):
-        _train(cfg)
+        train(cfg)
     assert verify_checkpoint(str(tmp_path / "model_0000001.pth")) is None
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (tmp_path / "model_0000003.pth").exists()

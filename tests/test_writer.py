@@ -9,14 +9,12 @@ import pytest
 import torch
 
 import d2persist.hook
-from d2persist import PersistTrainer
 from d2persist.async_writer import BackgroundWriter
 from d2persist.checkpoint import snapshot_state
 from d2persist.fileio import safe_torch_load, sha256_file, torch_save
 from d2persist.hook import _all_finite
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.utils.env import seed_all_rng
-from helpers import tiny_cfg
+from helpers import assert_bitwise_equal, tiny_cfg, train
 
 
 def test_writer_keeps_one_job_in_flight_and_hands_back_its_error():
@@ -102,13 +100,13 @@ def test_snapshot_reuses_an_earlier_snapshots_tensors_where_they_fit(tmp_path):
 
 
 def train_tiny(folder, *opts):
-    cfg = tiny_cfg(folder, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1,
-                   "PERSIST.EXPORT", False, *opts)
-    seed_all_rng(cfg.SEED)  # what tools/train_net.py's setup does
-    trainer = PersistTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    return trainer
+    return train(tiny_cfg(folder, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 1,
+                          "PERSIST.EXPORT", False, *opts))
+
+
+def _momentum(checkpoint):
+    state = checkpoint["trainer"]["_trainer"]["optimizer"]["state"]
+    return {i: s["momentum_buffer"] for i, s in state.items()}
 
 
 def test_background_saves_write_what_inline_saves_write(tmp_path, mocker):
@@ -129,10 +127,7 @@ def test_background_saves_write_what_inline_saves_write(tmp_path, mocker):
         a = safe_torch_load(str(tmp_path / "inline" / name))
         b = safe_torch_load(str(tmp_path / "background" / name))
         assert a["iteration"] == b["iteration"] == it
-        assert a["model"].keys() == b["model"].keys()
-        for key in a["model"]:
-            assert torch.equal(a["model"][key], b["model"][key]), (name, key)
-        opt_a, opt_b = (c["trainer"]["_trainer"]["optimizer"]["state"] for c in (a, b))
-        assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
-        for idx in opt_a:
-            assert torch.equal(opt_a[idx]["momentum_buffer"], opt_b[idx]["momentum_buffer"])
+        assert_bitwise_equal(a["model"], b["model"])
+        momentum_a, momentum_b = (_momentum(a), _momentum(b))
+        assert momentum_a
+        assert_bitwise_equal(momentum_a, momentum_b)
