@@ -52,7 +52,8 @@ def _copy(obj, into=None):
     if isinstance(obj, (list, tuple)):
         if not (isinstance(into, (list, tuple)) and len(into) == len(obj)):
             into = [None] * len(obj)
-        return type(obj)(_copy(v, b) for v, b in zip(obj, into))
+        items = [_copy(v, b) for v, b in zip(obj, into)]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)  # namedtuple
     return obj
 
 

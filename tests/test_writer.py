@@ -1,5 +1,6 @@
 """The background writer and the checkpoint write path, below the trainer."""
 
+import collections
 import os
 import stat
 import sys
@@ -97,6 +98,31 @@ def test_snapshot_reuses_an_earlier_snapshots_tensors_where_they_fit(tmp_path):
     with torch.no_grad():
         model.weight.add_(1.0)
     assert not torch.equal(weight, model.weight)  # training goes on without touching it
+
+
+def test_snapshot_copies_every_container_a_state_dict_may_hold(tmp_path):
+    Pair = collections.namedtuple("Pair", "scale shift")
+    state = {"pair": Pair(torch.ones(2), 3), "steps": (torch.zeros(1), [torch.ones(1), "x"])}
+    module = torch.nn.Linear(1, 1)
+    ck = DetectionCheckpointer(module, str(tmp_path), extra=_State(state))
+
+    copied = snapshot_state(ck, copy=True)["extra"]
+    again = snapshot_state(ck, copy=True, into={"extra": copied})["extra"]
+
+    for snap in (copied, again):
+        assert type(snap["pair"]) is Pair and snap["pair"].shift == 3
+        assert torch.equal(snap["pair"].scale, state["pair"].scale)
+        assert snap["pair"].scale.data_ptr() != state["pair"].scale.data_ptr()
+        assert isinstance(snap["steps"], tuple) and snap["steps"][1][1] == "x"
+    assert again["pair"].scale is copied["pair"].scale  # reused in place
+
+
+class _State:
+    def __init__(self, state):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
 
 
 def train_tiny(folder, *opts):
