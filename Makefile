@@ -12,7 +12,8 @@ DEMO_OUT ?= output/shapes
 
 help:
 	@echo "make demo   install, train the built-in model on CPU, evaluate, export, predict"
-	@echo "make test   install what the tests need and run the whole suite"
+	@echo "make test   install what the tests need, lint, and run the whole suite"
+	@echo "make lint   flake8 with detectron2's settings (line length 100)"
 
 install-torch:
 	@# torchvision's compiled ops load only with the standard PyPI torch build
@@ -30,12 +31,14 @@ install-test: install
 	@$(PYTHON) -c "import pytest, pytest_mock, flake8" 2>/dev/null \
 	  || $(PIP) install -q -e '.[test]'
 
-test: install-test
+lint: install-test
+	$(PYTHON) -m flake8 d2persist tools tests bench
+
+test: lint
 	@$(PYTHON) -c "import detectron2, torchvision.ops; from detectron2 import _C" 2>/dev/null \
 	  || { echo "make test: detectron2 (with its compiled ops) cannot be imported;" \
 	       "install it from its repository as its INSTALL.md says (make install-detectron2)." >&2; \
 	       exit 1; }
-	$(PYTHON) -m flake8 d2persist tools tests bench
 	$(PYTHON) -m pytest -q tests
 
 demo: install
