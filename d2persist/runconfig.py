@@ -133,8 +133,7 @@ class RunConfig:
         self.is_lazy = _is_lazy(cfg)
         self.cfg = _lazy_snapshot(cfg) if self.is_lazy else cfg
         self.options = persist_options(cfg)
-        self._text = None
-        self._lazy_checked = False
+        self._text = None  # config.yaml, once checked
 
     @property
     def output_dir(self):
@@ -167,32 +166,33 @@ class RunConfig:
 
     def check(self):
         """
-        Check, before training starts, that the config can be saved and loaded back. Checks
-        once: later calls return at once.
+        Check, before training starts, that the config can be saved and loaded back. A
+        LazyConfig is checked only with EXPORT on (the export must rebuild the model without
+        unpickling); without it, config.yaml may use detectron2's pickle fallback. The checked
+        text is kept: later calls and :meth:`write` reuse it.
 
         Raises:
             ConfigRoundTripError: naming the keys at fault.
         """
-        if not self.is_lazy:
-            self.dump()  # cached
-            return
-        if self.options["EXPORT"] and not self._lazy_checked:
-            # the export must rebuild the model without unpickling
-            from .lazy import lazy_config_text
-
-            lazy_config_text(self.cfg)
-        self._lazy_checked = True
+        if not self.is_lazy or self.options["EXPORT"]:
+            self.dump()
 
     def dump(self):
         """
-        The config as YAML text that a plain ``get_cfg().merge_from_file`` loads back to the
-        same values: the PERSIST node is left out (see :meth:`persist_yaml`).
+        The config as YAML text that loads back to the same values: with a plain
+        ``get_cfg().merge_from_file`` (the PERSIST node is left out, see :meth:`persist_yaml`),
+        or for a LazyConfig, with a safe YAML loader.
 
         Raises:
             ConfigRoundTripError: the YAML would not load back to the same values.
         """
         if self._text is None:
-            self._text = self._dump_checked()
+            if self.is_lazy:
+                from .lazy import lazy_config_text
+
+                self._text = lazy_config_text(self.cfg)
+            else:
+                self._text = self._dump_checked()
         return self._text
 
     def _dump_checked(self):
@@ -211,13 +211,15 @@ class RunConfig:
         """Write the config into ``folder`` (atomically): ``name``, plus persist.yaml (yacs)."""
         from .fileio import write_text
 
-        if self.is_lazy:
+        path = os.path.join(folder, name)
+        if self.is_lazy and self._text is None:  # unchecked: the pickle fallback is allowed
             from .lazy import save_lazy_config
 
-            save_lazy_config(self.cfg, os.path.join(folder, name))
+            save_lazy_config(self.cfg, path)
             return
-        write_text(os.path.join(folder, name), self.dump())
-        write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
+        write_text(path, self.dump())
+        if not self.is_lazy:
+            write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
     def export_config_text(self, weights_name):
         """

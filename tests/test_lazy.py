@@ -93,3 +93,22 @@ def test_lazy_bundle_cannot_instantiate_arbitrary_callables(lazy_run, tmp_path):
     with pytest.raises(UnsafeArtifactError, match="os.system"):
         load_predictor(str(bundle))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("export", [True, False])
+def test_lazy_config_is_serialized_once_for_check_and_config_yaml(tmp_path, mocker, export):
+    from d2persist.runconfig import RunConfig
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
+    cfg.train.persist = {"export": export}
+    save = mocker.spy(LazyConfig, "save")
+    run = RunConfig(cfg)
+    run.check()
+    run.check()
+    run.write(str(tmp_path), "config.yaml")
+
+    assert save.call_count == 1  # the checked text is what config.yaml gets
+    text = (tmp_path / "config.yaml").read_text()
+    assert safe_yaml_loads(text)["train"]["seed"] == cfg.train.seed
+    if export:
+        assert text == run.dump()
