@@ -67,7 +67,7 @@ def make_late_checkpoint(src, dst, iteration, per_iter_images):
     """A copy of checkpoint ``src`` claiming ``iteration`` (and the data position that goes with
     it), to measure resume start-up without training 10,000 iterations."""
     from d2persist import PersistCheckpointer
-    from d2persist.checkpoint_files import checkpoint_name
+    from d2persist.layout import checkpoint_name
 
     ckpt = torch.load(src, weights_only=True)
     ckpt["iteration"] = ckpt["trainer"]["iteration"] = iteration

@@ -8,20 +8,23 @@ A run folder is predicted from through its export when that export is complete; 
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
-from .checkpoint_files import find_newest_valid, list_checkpoints
-from .errors import ArtifactError
-from .export import MANIFEST_NAME, read_manifest
+from .checkpoint import find_newest_valid, list_checkpoints
+from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
+from .export import metadata_from_json, read_manifest
 from .fileio import read_json, resolve_inside, safe_yaml_load
-from .runconfig import PERSIST_FILE
+from .layout import (
+    CONFIG_NAME,
+    DEFAULT_EXPORT_DIR,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    PERSIST_FILE,
+    checkpoint_iteration,
+)
+from .runconfig import check_extension_names
 
-__all__ = ["Artifacts", "resolve_artifacts", "METADATA_NAME", "metadata_from_json"]
-
-#: Dataset metadata a run folder holds from its first iteration on.
-METADATA_NAME = "metadata.json"
-_RUN_CONFIG = "config.yaml"
-_DEFAULT_EXPORT_DIR = "export"
+__all__ = ["Artifacts", "resolve_artifacts"]
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Artifacts:
         weights_path (str): a ``.safetensors`` or ``.pth`` file.
         metadata (dict): dataset metadata (``thing_classes``, ...); may be empty.
         iteration (int or None): the training iteration of the weights, if known.
+        config_extensions (list[str]): the run's ``PERSIST.CONFIG_EXTENSIONS`` (yacs).
     """
 
     kind: str
@@ -46,15 +50,14 @@ class Artifacts:
     weights_path: str
     metadata: dict = field(repr=False)
     iteration: Optional[int] = None
+    config_extensions: List[str] = field(default_factory=list)
 
 
-def metadata_from_json(meta):
-    """Undo JSON's stringification of integer keys in ``*_id_to_contiguous_id`` maps."""
-    out = dict(meta)
-    for key, value in meta.items():
-        if key.endswith("_id_to_contiguous_id") and isinstance(value, dict):
-            out[key] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in value.items()}
-    return out
+def _extensions(names, where):
+    try:
+        return check_extension_names(names or [])
+    except D2PersistError as e:
+        raise UnsafeArtifactError(f"{where}: {e}") from None
 
 
 def _config_kind(config, path):
@@ -79,35 +82,47 @@ def _from_export(folder):
         resolve_inside(folder, manifest["weights"]),
         metadata_from_json(manifest.get("metadata") or {}),
         manifest.get("iteration"),
+        _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
     )
 
 
+def _persist_options(folder):
+    """A yacs run's persist.yaml options ({} if it has none)."""
+    path = os.path.join(folder, PERSIST_FILE)
+    if not os.path.isfile(path):
+        return {}
+    persist = safe_yaml_load(path)
+    options = persist.get("PERSIST") if isinstance(persist, dict) else None
+    if not isinstance(options, dict):
+        raise ArtifactError(f"{path} holds no PERSIST options.")
+    return options
+
+
 def _export_dir_of_run(folder):
-    try:
-        persist = safe_yaml_load(os.path.join(folder, PERSIST_FILE)) or {}
-        name = persist.get("PERSIST", {}).get("EXPORT_DIR", _DEFAULT_EXPORT_DIR)
-    except ArtifactError:
-        name = _DEFAULT_EXPORT_DIR
+    name = _persist_options(folder).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
     return resolve_inside(folder, name)
 
 
 def _from_checkpoint(folder):
-    config_path = os.path.join(folder, _RUN_CONFIG)
+    config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
-        raise ArtifactError(f"{folder} has checkpoints but no {_RUN_CONFIG} to rebuild the model.")
+        raise ArtifactError(f"{folder} has checkpoints but no {CONFIG_NAME} to rebuild the model.")
+    config = safe_yaml_load(config_path)
+    extensions = _extensions(_persist_options(folder).get("CONFIG_EXTENSIONS"),
+                             os.path.join(folder, PERSIST_FILE))
     weights = find_newest_valid(folder)
     if weights is None:
         raise ArtifactError(f"No checkpoint in {folder} verifies (all are truncated or corrupt).")
-    config = safe_yaml_load(config_path)
     meta_path = os.path.join(folder, METADATA_NAME)
     metadata = read_json(meta_path) if os.path.isfile(meta_path) else {}
+    checkpoint = os.path.basename(weights)
     return Artifacts(
         "checkpoint", folder, config, _config_kind(config, config_path), weights,
-        metadata_from_json(metadata),
+        metadata_from_json(metadata), checkpoint_iteration(checkpoint), extensions,
     )
 
 
-def resolve_artifacts(path):
+def resolve_artifacts(path: str) -> Artifacts:
     """
     Find the model to predict with at ``path``.
 

@@ -1,26 +1,244 @@
 """
-Checkpoints that stock detectron2 can read, written atomically, hashed, verified on resume.
+Checkpoints that stock detectron2 can read: written atomically and hashed, verified and safely
+loaded, and the one decision of what a run resumes from.
 
 File names and contents are detectron2's (``model_{iter:07d}.pth``, ``model_final.pth``,
 ``last_checkpoint``; keys ``model``, ``trainer``, ``iteration``), so ``DetectionCheckpointer``
-and ``DefaultTrainer.resume_or_load`` read them unchanged.
+and ``DefaultTrainer.resume_or_load`` read them unchanged. Next to each checkpoint d2persist
+writes lies a ``.sha256`` sidecar in ``sha256sum`` format, so ``sha256sum -c
+model_0000099.pth.sha256`` checks it by hand too.
 """
 
 import contextlib
 import logging
 import os
 import pickle
+from typing import List, Optional
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 
-from .checkpoint_files import LAST_CHECKPOINT, SIDECAR_SUFFIX, find_newest_valid, read_sidecar
-from .errors import UnsafeArtifactError
-from .fileio import TEMP_PREFIX, fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
+from .errors import ArtifactError, OutputDirNotEmptyError, UnsafeArtifactError
+from .fileio import fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
+from .layout import (
+    FINAL_NAME,
+    LAST_CHECKPOINT,
+    SIDECAR_SUFFIX,
+    TEMP_PREFIX,
+    checkpoint_iteration,
+)
 
-__all__ = ["PersistCheckpointer", "snapshot_state"]
+__all__ = [
+    "PersistCheckpointer",
+    "snapshot_state",
+    "all_finite",
+    "list_checkpoints",
+    "read_sidecar",
+    "verify_checkpoint",
+    "find_newest_valid",
+    "check_output_dir",
+    "choose_checkpoint",
+    "resume_or_load",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """
+    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
+
+    Returns:
+        list[str]: file names.
+    """
+    if not os.path.isdir(folder):
+        return []
+    periodic = []
+    for name in os.listdir(folder):
+        it = checkpoint_iteration(name)
+        if it is not None:
+            periodic.append((it, name))
+    names = [n for _, n in sorted(periodic, reverse=True)]
+    if os.path.isfile(os.path.join(folder, FINAL_NAME)):
+        names.insert(0, FINAL_NAME)
+    return names
+
+
+def read_sidecar(path: str) -> Optional[str]:
+    """The sha256 recorded next to checkpoint ``path``, or None."""
+    try:
+        with open(path + SIDECAR_SUFFIX, "r", encoding="utf-8") as f:
+            return f.read().split()[0]
+    except (FileNotFoundError, IndexError):
+        return None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """
+    Check that the checkpoint at ``path`` is whole.
+
+    With a ``.sha256`` sidecar (every checkpoint d2persist writes has one) the file's hash must
+    match it; without one (a checkpoint stock detectron2 wrote) it must load safely and hold a
+    ``model``.
+
+    Returns:
+        str or None: None if the checkpoint is good, else why it is not.
+    """
+    if not os.path.isfile(path):
+        return "it does not exist"
+    expected = read_sidecar(path)
+    if expected is not None:
+        actual = sha256_file(path)
+        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+    try:
+        data = safe_torch_load(path)
+    except UnsafeArtifactError:
+        raise  # a hostile file is refused loudly, never skipped over
+    except ArtifactError as e:
+        return str(e)
+    if not isinstance(data, dict) or "model" not in data:
+        return "it holds no 'model' state"
+    return None
+
+
+def find_newest_valid(folder: str) -> Optional[str]:
+    """
+    The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
+
+    ``last_checkpoint``'s target is tried first, then every other checkpoint newest first.
+
+    Returns:
+        str or None: the path, or None if no checkpoint verifies.
+    """
+    names = list_checkpoints(folder)
+    try:
+        with open(os.path.join(folder, LAST_CHECKPOINT), "r", encoding="utf-8") as f:
+            tagged = f.read().strip()
+    except FileNotFoundError:
+        tagged = None
+    if tagged and not os.path.isabs(tagged) and os.sep not in tagged:
+        names = [tagged] + [n for n in names if n != tagged]
+    for name in names:
+        path = os.path.join(folder, name)
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning(
+            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
+        )
+    return None
+
+
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _finite(tensor):
+    """Whether no element of ``tensor`` is NaN or Inf (a sum first: it allocates nothing)."""
+    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
+        # numpy, single-threaded: on the writer thread, torch would start a second thread pool
+        # that competes with training for the cores
+        array = tensor.numpy()
+        with np.errstate(over="ignore", invalid="ignore"):  # a sum may overflow: then look closer
+            return bool(np.isfinite(array.sum()) or np.isfinite(array).all())
+    return bool(torch.isfinite(tensor.sum()) or torch.isfinite(tensor).all())
+
+
+def all_finite(state: dict) -> bool:
+    """Whether no floating-point tensor of ``state`` (name -> tensor) holds NaN or Inf."""
+    return all(_finite(v) for v in state.values() if v.is_floating_point())
+
+
+def check_output_dir(output_dir: str, start_iter: int) -> None:
+    """
+    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints.
+
+    Raises:
+        OutputDirNotEmptyError: naming what is there and how to resume it.
+    """
+    if start_iter != 0:
+        return
+    existing = list_checkpoints(output_dir)
+    if existing or os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
+        raise OutputDirNotEmptyError(
+            f"{output_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "
+            "(resume_or_load(resume=True)) or choose another OUTPUT_DIR."
+        )
+
+
+def _decide(folder, resume, refuse_existing):
+    """The main process's choice: (path or "", error or None)."""
+    if not resume:
+        if refuse_existing:
+            try:
+                check_output_dir(folder, 0)
+            except OutputDirNotEmptyError as e:
+                return "", e
+        return "", None
+    path = find_newest_valid(folder)
+    if path:
+        return path, None
+    existing = list_checkpoints(folder)
+    if existing:
+        return "", ArtifactError(
+            f"Cannot resume: no checkpoint in {folder} verifies ({', '.join(existing[:3])} "
+            "are truncated or corrupt, see the warnings above); restore a good copy, or move "
+            "them away to start a new run."
+        )
+    logger.info("No checkpoint to resume from in %s: starting a new run.", folder)
+    return "", None
+
+
+def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -> str:
+    """
+    The one decision of what a run starts from. Collective when distributed: the main process
+    verifies and decides, every process gets its answer (and raises the same error).
+
+    Args:
+        folder (str): the run's output folder.
+        resume (bool): continue from the newest checkpoint that verifies.
+        refuse_existing (bool): without ``resume``, refuse a folder that holds checkpoints (a
+            new training run would overwrite them).
+
+    Returns:
+        str: the checkpoint to load, or "" to start from the initial weights.
+
+    Raises:
+        ArtifactError: ``resume`` and the folder holds checkpoints, none of which verifies.
+        OutputDirNotEmptyError: a new run in a folder that holds checkpoints.
+    """
+    decision = _decide(folder, resume, refuse_existing) if comm.is_main_process() else None
+    if comm.get_world_size() > 1:
+        decision = comm.all_gather(decision)[0]
+    path, error = decision
+    if error is not None:
+        raise error
+    return path
+
+
+def resume_or_load(checkpointer, weights: str, *, resume: bool) -> bool:
+    """
+    Load what a training run starts from, as :func:`choose_checkpoint` decides: the newest
+    checkpoint that verifies (with the trainer's and hooks' state), or ``weights`` (model
+    only). Every entry point that trains uses this.
+
+    Args:
+        checkpointer (Checkpointer): whose ``save_dir`` is the run's output folder.
+        weights (str): the initial weights (``MODEL.WEIGHTS`` / ``train.init_checkpoint``).
+        resume (bool): continue the run in ``save_dir``.
+
+    Returns:
+        bool: whether a checkpoint was resumed (the trainer's ``iter`` then holds its
+        iteration; start at ``iter + 1``).
+    """
+    path = choose_checkpoint(checkpointer.save_dir, resume)
+    if path:
+        checkpointer.load(path)
+        return True
+    checkpointer.load(weights, checkpointables=[])
+    return False
 
 
 def _fits(buffer, tensor):
@@ -173,8 +391,11 @@ class PersistCheckpointer(DetectionCheckpointer):
         return bool(self.get_checkpoint_file())
 
     def resume_or_load(self, path, *, resume=True):
-        """Like fvcore's, but verifies the newest checkpoint once, not twice."""
-        newest = self.get_checkpoint_file() if resume else ""
+        """
+        Like fvcore's, with the choice made by :func:`choose_checkpoint` (for evaluation: an
+        output folder holding checkpoints is not refused without ``resume``).
+        """
+        newest = choose_checkpoint(self.save_dir, resume, refuse_existing=False)
         if newest:
             return self.load(newest)
         return self.load(path, checkpointables=[])

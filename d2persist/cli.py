@@ -5,7 +5,13 @@ import logging
 import os
 import sys
 
-__all__ = ["EXIT_BAD_INPUT", "exit_on_known_errors", "setup_run"]
+__all__ = [
+    "EXIT_BAD_INPUT",
+    "exit_on_known_errors",
+    "setup_run",
+    "add_launch_arguments",
+    "launch_main",
+]
 
 #: Exit code for bad input or bad artifacts.
 EXIT_BAD_INPUT = 2
@@ -48,9 +54,9 @@ def setup_run(cfg, args):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
-    from .runconfig import RunConfig
+    from .runconfig import run_config
 
-    run = RunConfig(cfg)
+    run = run_config(cfg)
     output_dir = run.output_dir
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
@@ -66,3 +72,40 @@ def setup_run(cfg, args):
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = run.cudnn_benchmark
     logging.getLogger("d2persist").setLevel(logging.INFO)
+
+
+def add_launch_arguments(parser):
+    """
+    Add ``--dist-timeout`` to a ``default_argument_parser()``: seconds a process waits in a
+    collective (and at start-up for the others) before the run fails, as ``launch(timeout=)``.
+    """
+    parser.add_argument(
+        "--dist-timeout", type=float, default=30 * 60, metavar="SECONDS",
+        help="fail a multi-process run whose processes wait on each other this long "
+        "(detectron2's default: 1800)",
+    )
+    return parser
+
+
+def launch_main(main, args):
+    """
+    ``detectron2.engine.launch(main, ...)`` with the parsed arguments; a worker's exit code
+    (2 for a known error) becomes the tool's.
+    """
+    from datetime import timedelta
+
+    import torch.multiprocessing as mp
+    from detectron2.engine import launch
+
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+            timeout=timedelta(seconds=args.dist_timeout),
+        )
+    except mp.ProcessExitedException as e:  # a worker exited with a code: pass it on
+        sys.exit(e.exit_code or 1)

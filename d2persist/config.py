@@ -1,8 +1,8 @@
-"""``cfg.PERSIST``: the options of :class:`d2persist.PersistHook`."""
+"""``cfg.PERSIST``: the options of :class:`d2persist.PersistHook`, and their defaults."""
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_persist_config", "PERSIST_KEY"]
+__all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 
 #: The config node that holds d2persist's options.
 PERSIST_KEY = "PERSIST"
@@ -11,6 +11,8 @@ PERSIST_KEY = "PERSIST"
 def add_persist_config(cfg):
     """
     Add the ``cfg.PERSIST`` options of d2persist to a detectron2 config, with safe defaults.
+
+    A LazyConfig takes the same keys, in lower case, in an optional ``train.persist`` dict.
 
     Args:
         cfg (CfgNode): a config from ``detectron2.config.get_cfg()``; changed in place.
@@ -30,6 +32,11 @@ def add_persist_config(cfg):
     _C.PERSIST.ASYNC = True
     # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.
     _C.PERSIST.SAVE_ON_INTERRUPT = True
-    # "module:function" names of a project's add_*_config, applied when config.yaml is checked.
+    # "module:add_*_config" of a project's config function: applied when config.yaml is checked
+    # and when a predictor loads the run's config (the import also registers its models).
     _C.PERSIST.CONFIG_EXTENSIONS = []
     return cfg
+
+
+#: ``cfg.PERSIST``'s defaults, for a config that never called :func:`add_persist_config`.
+DEFAULT_OPTIONS = dict(add_persist_config(CN())[PERSIST_KEY])

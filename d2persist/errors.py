@@ -5,6 +5,7 @@ __all__ = [
     "ArtifactError",
     "UnsafeArtifactError",
     "InputImageError",
+    "ConfigError",
     "ConfigRoundTripError",
     "OutputDirNotEmptyError",
     "CheckpointWriteError",
@@ -30,7 +31,11 @@ class InputImageError(D2PersistError):
     """An input image is missing, empty, not an image or truncated."""
 
 
-class ConfigRoundTripError(D2PersistError):
+class ConfigError(D2PersistError):
+    """A config asks for something d2persist cannot do as asked."""
+
+
+class ConfigRoundTripError(ConfigError):
     """The config would not load back from the YAML written for it."""
 
 

@@ -9,6 +9,7 @@ incomplete bundle.
 
 import logging
 import os
+from typing import Optional, Sequence
 
 import torch
 
@@ -22,23 +23,12 @@ from .fileio import (
     write_bytes,
     write_json,
 )
+from .layout import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
-__all__ = [
-    "MANIFEST_NAME",
-    "WEIGHTS_NAME",
-    "CONFIG_NAME",
-    "FORMAT",
-    "write_export",
-    "read_manifest",
-    "dataset_metadata",
-    "input_contract",
-]
+__all__ = ["FORMAT", "write_export", "read_manifest", "dataset_metadata", "metadata_from_json"]
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.yaml"
 #: Identifies a d2persist manifest, with its version.
 FORMAT = {"name": "d2persist-export", "version": 1}
 
@@ -54,12 +44,21 @@ def _json_safe(value):
     raise TypeError(type(value).__name__)
 
 
-def dataset_metadata(dataset_names):
+def metadata_from_json(meta: dict) -> dict:
+    """Undo JSON's stringification of integer keys in ``*_id_to_contiguous_id`` maps."""
+    out = dict(meta)
+    for key, value in meta.items():
+        if key.endswith("_id_to_contiguous_id") and isinstance(value, dict):
+            out[key] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in value.items()}
+    return out
+
+
+def dataset_metadata(dataset_names: Sequence[str]) -> dict:
     """
     What ``MetadataCatalog`` holds for the first training dataset, as JSON data.
 
     Entries that are not JSON data (functions, objects) are left out with a warning. Dict keys
-    become strings; :func:`d2persist.artifacts.metadata_from_json` turns integer-like keys of
+    become strings; :func:`metadata_from_json` turns integer-like keys of
     ``*_id_to_contiguous_id`` maps back into ints.
     """
     from detectron2.data import MetadataCatalog
@@ -75,36 +74,6 @@ def dataset_metadata(dataset_names):
             logger.warning("Metadata %r of %s is not JSON data (%s): not exported.",
                            key, dataset_names[0], e)
     return out
-
-
-def input_contract(run):
-    """The input a model of this config expects, and the outputs it gives."""
-    if run.is_lazy:
-        from .lazy import lazy_input_contract
-
-        return lazy_input_contract(run.cfg)
-    cfg = run.cfg
-    arch = cfg.MODEL.META_ARCHITECTURE
-    outputs = []
-    if arch in ("GeneralizedRCNN", "RetinaNet", "PanopticFPN") or "RCNN" in arch:
-        outputs.append("boxes")
-        if cfg.MODEL.MASK_ON:
-            outputs.append("masks")
-        if cfg.MODEL.KEYPOINT_ON:
-            outputs.append("keypoints")
-    if arch in ("SemanticSegmentor", "PanopticFPN"):
-        outputs.append("sem_seg")
-    if arch == "PanopticFPN":
-        outputs.append("panoptic_seg")
-    return {
-        "format": cfg.INPUT.FORMAT,
-        "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
-        "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
-        "pixel_mean": [float(x) for x in cfg.MODEL.PIXEL_MEAN],
-        "pixel_std": [float(x) for x in cfg.MODEL.PIXEL_STD],
-        "meta_architecture": arch,
-        "outputs": outputs,
-    }
 
 
 def _versions():
@@ -129,12 +98,13 @@ def _weights_bytes(model):
     return save(state, metadata={"format": "pt"})
 
 
-def write_export(run, model, export_dir, iteration, metadata=None):
+def write_export(run, model, export_dir: str, iteration: int,
+                 metadata: Optional[dict] = None) -> dict:
     """
     Write the inference bundle of ``model`` to ``export_dir``, manifest last.
 
     Args:
-        run (RunConfig): the run's config.
+        run (RunConfig): the run's config (:func:`d2persist.runconfig.run_config`).
         model (nn.Module): the trained model (not DDP-wrapped).
         export_dir (str): the bundle folder; created if needed.
         iteration (int): the training iteration the weights are from.
@@ -157,15 +127,16 @@ def write_export(run, model, export_dir, iteration, metadata=None):
         digest = write_bytes(os.path.join(export_dir, name), data)
         files[name] = {"sha256": digest, "size": len(data)}
     if metadata is None:
-        metadata = dataset_metadata(train_dataset_names(run))
+        metadata = dataset_metadata(run.train_dataset_names())
     manifest = {
         "format": FORMAT,
         "config": CONFIG_NAME,
-        "config_kind": "lazy" if run.is_lazy else "yacs",
+        "config_kind": run.kind,
+        "config_extensions": list(run.options["CONFIG_EXTENSIONS"]),
         "weights": WEIGHTS_NAME,
         "iteration": int(iteration),
         "metadata": metadata,
-        "input": input_contract(run),
+        "input": run.input_contract(),
         "versions": _versions(),
         "files": files,
     }
@@ -174,16 +145,7 @@ def write_export(run, model, export_dir, iteration, metadata=None):
     return manifest
 
 
-def train_dataset_names(run):
-    """Names of the training datasets of a run's config."""
-    if run.is_lazy:
-        from .lazy import lazy_train_dataset_names
-
-        return lazy_train_dataset_names(run.cfg)
-    return list(run.cfg.DATASETS.TRAIN)
-
-
-def read_manifest(export_dir, verify=True):
+def read_manifest(export_dir: str, verify: bool = True) -> dict:
     """
     Read and check a bundle's manifest.
 

@@ -22,9 +22,9 @@ import zipfile
 import yaml
 
 from .errors import ArtifactError, CheckpointWriteError, UnsafeArtifactError
+from .layout import TEMP_PREFIX
 
 __all__ = [
-    "TEMP_PREFIX",
     "atomic_path",
     "write_bytes",
     "write_text",
@@ -42,9 +42,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Prefix of the temporary files written next to their final name.
-TEMP_PREFIX = ".d2persist-tmp-"
 
 _CHUNK = 1 << 20
 

@@ -5,76 +5,33 @@ import os
 import signal
 import threading
 
-import numpy as np
-import torch
 from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 
 from .async_writer import BackgroundWriter
-from .checkpoint import PersistCheckpointer, snapshot_state
-from .checkpoint_files import FINAL_NAME, LAST_CHECKPOINT, checkpoint_name, list_checkpoints
-from .errors import OutputDirNotEmptyError
-from .artifacts import METADATA_NAME
-from .export import dataset_metadata, train_dataset_names
+from .checkpoint import PersistCheckpointer, all_finite, check_output_dir, snapshot_state
+from .errors import D2PersistError
+from .export import dataset_metadata, write_export
 from .fileio import remove_temp_files, write_json
+from .layout import FINAL_NAME, LAST_CHECKPOINT, MANIFEST_NAME, METADATA_NAME, checkpoint_name
 from .resume import get_rng_state, set_rng_state
-from .runconfig import RunConfig
+from .runconfig import run_config
 
-__all__ = ["PersistHook", "CONFIG_NAME", "check_output_dir"]
+__all__ = ["PersistHook"]
 
 logger = logging.getLogger(__name__)
-
-#: The run's config, loadable with a plain ``get_cfg().merge_from_file``.
-CONFIG_NAME = "config.yaml"
 
 _SIGNAL_EXIT = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: SystemExit}
 
 
 def _train_loader(trainer):
     """The training data loader of a DefaultTrainer or SimpleTrainer."""
-    inner = getattr(trainer, "_trainer", trainer)
-    return getattr(inner, "data_loader", None)
+    return getattr(trainer, "data_loader", None)
 
 
 def _main_says(value):
     """The main process's ``value``, on every process."""
     return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
-
-
-def check_output_dir(output_dir, start_iter):
-    """
-    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints.
-
-    Raises:
-        OutputDirNotEmptyError: naming what is there and how to resume it.
-    """
-    if start_iter != 0:
-        return
-    existing = list_checkpoints(output_dir)
-    if existing or os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
-        raise OutputDirNotEmptyError(
-            f"{output_dir} already holds checkpoints of an earlier run "
-            f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "
-            "(resume_or_load(resume=True)) or choose another OUTPUT_DIR."
-        )
-
-
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def _finite(tensor):
-    """Whether no element of ``tensor`` is NaN or Inf (a sum first: it allocates nothing)."""
-    if tensor.device.type == "cpu" and tensor.dtype in _NUMPY_FLOATS:
-        # numpy, single-threaded: on the writer thread, torch would start a second thread pool
-        # that competes with training for the cores
-        array = tensor.numpy()
-        with np.errstate(over="ignore", invalid="ignore"):  # a sum may overflow: then look closer
-            return bool(np.isfinite(array.sum()) or np.isfinite(array).all())
-    return bool(torch.isfinite(tensor.sum()) or torch.isfinite(tensor).all())
-
-
-def _all_finite(state):
-    return all(_finite(v) for v in state.values() if v.is_floating_point())
 
 
 class PersistHook(HookBase):
@@ -84,21 +41,35 @@ class PersistHook(HookBase):
     - ``before_train``: checks that the config loads back and writes ``config.yaml`` (and
       ``persist.yaml``); refuses to start a new run over an earlier run's checkpoints.
     - ``after_step``: writes ``model_{iter:07d}.pth`` when ``(iter + 1) % CHECKPOINT_PERIOD == 0``,
-      and, after SIGINT/SIGTERM, a checkpoint of the finished iteration before stopping.
+      and, after SIGINT/SIGTERM on any process, a checkpoint of the finished iteration before
+      every process stops.
     - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
 
-    Registered on a stock ``DefaultTrainer``, it takes the place of the trainer's
-    ``PeriodicCheckpointer``, so each checkpoint is written once. Its state (the checkpoints it
-    keeps, RNG states and data position of every process) travels in the checkpoint.
+    **Where it runs.** Wherever it was registered, it moves itself to the *end* of the trainer's
+    hook list at ``before_train``, on every process, and removes any ``PeriodicCheckpointer``
+    (it writes each checkpoint once, in its place). So in every iteration it runs after
+    ``PreciseBN`` (the checkpoint holds the precise statistics), after ``LRScheduler`` (and the
+    stepped schedule), after ``EvalHook`` (the weights it saves are the ones just evaluated) and
+    after ``PeriodicWriter``. Stock detectron2 adds ``PeriodicCheckpointer`` and
+    ``PeriodicWriter`` on the main process only, so any slot defined by them differs between
+    processes; the end of the list is the same slot on every process. Its collectives (the
+    signal agreement every iteration, the gathering of RNG states and data positions at each
+    save, the final-file check in ``after_train``) therefore come after every other hook's, in
+    the same order on every process, and cannot pair with another hook's collective. The one
+    cost: an evaluation that raises at a checkpoint iteration stops training before that
+    iteration's checkpoint is written (the previous one is intact).
+
+    Its state (the checkpoints it keeps, RNG states and data position of every process)
+    travels in the checkpoint through ``state_dict``/``load_state_dict``.
     """
 
     def __init__(self, cfg):
         """
         Args:
             cfg: the run's config: a ``CfgNode`` (``cfg.PERSIST`` optional, see
-                :func:`add_persist_config`) or a LazyConfig.
+                :func:`add_persist_config`) or a LazyConfig (``train.persist`` optional).
         """
-        self.run = RunConfig(cfg)
+        self.run = run_config(cfg)
         self.options = self.run.options
         self._writer = BackgroundWriter(enabled=bool(self.options["ASYNC"]))
         self._checkpointer = None
@@ -111,40 +82,38 @@ class PersistHook(HookBase):
         self._signal = None
         self._old_handlers = {}
 
-    # -- registration ------------------------------------------------------------------------
+    # -- place in the hook list ----------------------------------------------------------------
 
-    @property
-    def trainer(self):
-        return self.__dict__.get("_trainer_ref")
-
-    @trainer.setter
-    def trainer(self, trainer):
-        """On registration, take the place of the trainer's stock PeriodicCheckpointer."""
-        self.__dict__["_trainer_ref"] = trainer
-        hooks = getattr(trainer, "_hooks", [])
-        for i, h in enumerate(hooks):
-            if isinstance(h, PeriodicCheckpointer):
-                hooks[i] = self  # the copy register_hooks appends is dropped in before_train
-
-    def _drop_duplicate_registration(self):
-        hooks = self.trainer._hooks
-        mine = [i for i, h in enumerate(hooks) if h is self]
-        for i in reversed(mine[1:]):  # later than the current one: safe while iterating
-            del hooks[i]
+    def _take_place(self):
+        """
+        Move to the end of the trainer's hook list and drop ``PeriodicCheckpointer``. The list
+        is replaced, not changed in place: the loop now calling ``before_train`` goes on over
+        the old one, so every other hook still gets its ``before_train`` exactly once.
+        """
+        others = [h for h in self.trainer._hooks if h is not self]
+        if any(isinstance(h, PersistHook) for h in others):
+            raise D2PersistError(
+                "Two PersistHooks are registered on this trainer (PersistTrainer and "
+                "d2persist's LazyConfig loop add one themselves); register only one."
+            )
+        kept = [h for h in others if not isinstance(h, PeriodicCheckpointer)]
+        if len(kept) < len(others):
+            logger.info("PersistHook writes the checkpoints: PeriodicCheckpointer removed.")
+        self.trainer._hooks = kept + [self]
 
     # -- before_train --------------------------------------------------------------------------
 
     def before_train(self):
-        self._drop_duplicate_registration()
+        self._take_place()
         out = self.run.output_dir
-        check_output_dir(out, self.trainer.start_iter)
         self.run.check()  # raises ConfigRoundTripError, on every process alike
-        if comm.is_main_process():
+        if comm.is_main_process():  # the folder the main process writes is the one that counts
+            check_output_dir(out, self.trainer.start_iter)
             os.makedirs(out, exist_ok=True)
             remove_temp_files(out)
-            self.run.write(out, CONFIG_NAME)
+            self.run.write(out)
             write_json(
-                os.path.join(out, METADATA_NAME), dataset_metadata(train_dataset_names(self.run))
+                os.path.join(out, METADATA_NAME), dataset_metadata(self.run.train_dataset_names())
             )
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
@@ -167,6 +136,7 @@ class PersistHook(HookBase):
         if mine.get("data") is not None and hasattr(loader, "load_state_dict"):
             loader.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
+        self._rng_to_restore = mine["rng"]  # as after a save: hooks' before_train may draw
 
     # -- signals -------------------------------------------------------------------------------
 
@@ -244,7 +214,7 @@ class PersistHook(HookBase):
         self._writer.submit(self._write, basename, data)
 
     def _write(self, basename, data):
-        if not _all_finite(data["model"]):
+        if not all_finite(data["model"]):
             raise FloatingPointError(
                 f"Weights after iteration {data['iteration']} hold NaN or Inf; not saving them, "
                 f"and {LAST_CHECKPOINT} still names the last good checkpoint."
@@ -292,16 +262,12 @@ class PersistHook(HookBase):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         if self.options["EXPORT"] and comm.is_main_process():
-            from .export import MANIFEST_NAME
-
             if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
                 self.export()
         comm.synchronize()
 
-    def export(self):
+    def export(self) -> dict:
         """Write the inference bundle of the model as it is now to ``PERSIST.EXPORT_DIR``."""
-        from .export import write_export
-
         return write_export(
             self.run, self._checkpointer.model, self.run.export_dir, self.trainer.max_iter - 1
         )

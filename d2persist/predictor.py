@@ -10,12 +10,14 @@ and fed to the model in eval mode with the original height and width, as
 
 import logging
 import os
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from .artifacts import resolve_artifacts
-from .errors import ArtifactError, InputImageError
+from .errors import InputImageError
+from .rebuild import build_model_from_config, load_weights
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file", "check_image_file"]
 
@@ -244,46 +246,20 @@ class Predictor:
         return Prediction(outputs, self.class_names, image, self.input_format)
 
 
-def _load_weights(model, path):
-    """Load a weights file into ``model`` strictly, explaining any mismatch in one sentence."""
-    from .fileio import safe_torch_load
-
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(path)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ArtifactError(f"Weights file {path} is corrupt ({e}).") from None
-    else:
-        state = safe_torch_load(path)
-        state = state.get("model", state) if isinstance(state, dict) else state
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(
-        getattr(state[k], "shape", ())))
-    if missing or unexpected or wrong:
-        parts = []
-        for what, keys in (("missing", missing), ("unexpected", unexpected),
-                           ("of another shape", wrong)):
-            if keys:
-                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
-        raise ArtifactError(
-            f"The weights in {path} do not fit the model its config builds: "
-            f"{', '.join(parts)} tensors."
-        )
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
-
-
-def load_predictor(path, device=None, opts=None, allowed_targets=None):
+def load_predictor(
+    path: str,
+    device: Optional[str] = None,
+    opts: Optional[Sequence[str]] = None,
+    allowed_targets: Optional[Sequence[str]] = None,
+) -> "Predictor":
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
 
     Args:
         path (str): an export bundle, or a run folder (its export if complete, else its newest
-            checkpoint that verifies and its config.yaml).
+            checkpoint that verifies and its config.yaml). A yacs run's
+            ``PERSIST.CONFIG_EXTENSIONS`` are applied (and their modules imported, which
+            registers a project's models) before the model is built.
         device (str): "cpu" or "cuda"; the GPU if one is available when None.
         opts (list[str]): ``KEY VALUE`` pairs that override the config (yacs configs), or
             ``key=value`` overrides (LazyConfigs).
@@ -296,31 +272,10 @@ def load_predictor(path, device=None, opts=None, allowed_targets=None):
     art = resolve_artifacts(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if art.config_kind == "lazy":
-        from .lazy import build_lazy_model
-
-        model, augmentation, input_format = build_lazy_model(art.config, opts, allowed_targets)
-    else:
-        model, augmentation, input_format = _build_yacs_model(art.config, opts, device)
-    _load_weights(model, art.weights_path)
+    model, augmentation, input_format = build_model_from_config(
+        art.config, art.config_kind, opts, allowed_targets, art.config_extensions
+    )
+    load_weights(model, art.weights_path)
     model.to(device).eval()
     logger.info("Loaded %s from %s", art.kind, art.weights_path)
     return Predictor(model, augmentation, input_format, art.metadata, device)
-
-
-def _build_yacs_model(config, opts, device):
-    from detectron2.data.detection_utils import build_augmentation
-    from detectron2.modeling import build_model
-
-    from .runconfig import load_config_dict
-
-    try:
-        cfg = load_config_dict(config, new_allowed=True)
-        if opts:
-            cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise ArtifactError(f"The config does not load: {e}.") from None
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = device
-    cfg.freeze()
-    return build_model(cfg), build_augmentation(cfg, is_train=False), cfg.INPUT.FORMAT

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.utils.data as torchdata
 
+from .errors import ConfigError
+
 __all__ = [
     "get_rng_state",
     "set_rng_state",
@@ -235,10 +237,21 @@ def build_resumable_train_loader(cfg, mapper=None):
     Args:
         cfg (CfgNode): DATASETS.TRAIN, DATALOADER.*, SOLVER.IMS_PER_BATCH, SEED are used.
         mapper (callable): defaults to ``DatasetMapper(cfg, is_train=True)``.
+
+    Raises:
+        ConfigError: a ``DATALOADER.SAMPLER_TRAIN`` other than ``TrainingSampler``.
     """
     from detectron2.data import DatasetFromList, DatasetMapper, get_detection_dataset_dicts
     from detectron2.utils import comm
 
+    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
+        raise ConfigError(
+            f"DATALOADER.SAMPLER_TRAIN={cfg.DATALOADER.SAMPLER_TRAIN} is not supported by "
+            "PersistTrainer's resumable loader, which samples like TrainingSampler: set "
+            "DATALOADER.SAMPLER_TRAIN=TrainingSampler, or override build_train_loader to return "
+            "detectron2's build_detection_train_loader(cfg) (a resumed run then gets its RNG "
+            "states back, not its data position)."
+        )
     dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN,
         filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -247,11 +260,6 @@ def build_resumable_train_loader(cfg, mapper=None):
         ),
         proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
     )
-    if cfg.DATALOADER.SAMPLER_TRAIN != "TrainingSampler":
-        logger.warning(
-            "DATALOADER.SAMPLER_TRAIN=%s is not supported for exact resume; sampling uniformly.",
-            cfg.DATALOADER.SAMPLER_TRAIN,
-        )
     world = comm.get_world_size()
     total = cfg.SOLVER.IMS_PER_BATCH
     if total % world:

@@ -1,41 +1,41 @@
 """
 One view of a run's config, whether a yacs ``CfgNode`` or a LazyConfig (``DictConfig``).
 
-The hook asks it *where* (output folder), *how often* (checkpoint period, max iteration) and
-*what* to write for the config; it also checks that what it writes loads back.
+:func:`run_config` gives a :class:`RunConfig` whose two kinds answer the same questions: *where*
+the run writes, *how often* it checkpoints, *what* text its ``config.yaml`` holds (checked to
+load back), which datasets it trains on and which input its model expects.
 """
 
+import contextlib
+import copy
 import importlib
 import logging
 import os
+import re
+import tempfile
+from typing import Any, Dict, List, Sequence
 
 import yaml
 
-from .config import PERSIST_KEY, add_persist_config
+from .config import DEFAULT_OPTIONS, PERSIST_KEY, add_persist_config
 from .errors import ConfigRoundTripError
+from .fileio import atomic_path, safe_yaml_loads, write_text
+from .layout import CONFIG_NAME, PERSIST_FILE
 
 __all__ = [
     "RunConfig",
+    "YacsRunConfig",
+    "LazyRunConfig",
+    "run_config",
     "persist_options",
     "load_config_dict",
-    "DEFAULT_OPTIONS",
-    "PERSIST_FILE",
+    "check_extension_names",
+    "save_lazy_config",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: d2persist's own options of a yacs run, kept out of config.yaml so stock code loads that.
-PERSIST_FILE = "persist.yaml"
-
-#: cfg.PERSIST's defaults, for a config that never called add_persist_config.
-DEFAULT_OPTIONS = {
-    "MAX_TO_KEEP": 0,
-    "EXPORT": True,
-    "EXPORT_DIR": "export",
-    "ASYNC": True,
-    "SAVE_ON_INTERRUPT": True,
-    "CONFIG_EXTENSIONS": [],
-}
+_EXTENSION = re.compile(r"^[A-Za-z_][\w.]*:add_\w*config$")
 
 
 def _is_lazy(cfg):
@@ -44,14 +44,17 @@ def _is_lazy(cfg):
     return isinstance(cfg, DictConfig)
 
 
-def persist_options(cfg):
+def persist_options(cfg) -> Dict[str, Any]:
     """
     d2persist's options of a config, defaults filled in.
 
     yacs configs keep them in ``cfg.PERSIST`` (:func:`add_persist_config`); LazyConfigs in an
     optional ``train.persist`` dict with the same keys in lower case.
+
+    Raises:
+        ConfigRoundTripError: naming an option d2persist does not have.
     """
-    opts = dict(DEFAULT_OPTIONS)
+    opts = copy.deepcopy(DEFAULT_OPTIONS)
     if _is_lazy(cfg):
         given = cfg.train.get("persist", None) or {}
         opts.update({str(k).upper(): v for k, v in dict(given).items()})
@@ -60,7 +63,71 @@ def persist_options(cfg):
     unknown = set(opts) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
+    opts["CONFIG_EXTENSIONS"] = check_extension_names(opts["CONFIG_EXTENSIONS"])
     return opts
+
+
+def check_extension_names(names: Sequence[str]) -> List[str]:
+    """
+    Check ``PERSIST.CONFIG_EXTENSIONS`` entries: each must be ``"module:add_*config"``.
+
+    The names are also read back from artifacts (a predictor imports the module and calls the
+    function), so only functions named like detectron2's ``add_*_config`` are accepted.
+
+    Raises:
+        ConfigRoundTripError: naming the entry that is not of that form.
+    """
+    names = list(names or [])
+    for name in names:
+        if not isinstance(name, str) or not _EXTENSION.match(name):
+            raise ConfigRoundTripError(
+                f"PERSIST.CONFIG_EXTENSIONS entry {name!r} is not of the form "
+                "'module:add_*config' (e.g. 'point_rend:add_pointrend_config')."
+            )
+    return names
+
+
+def _reference_cfg(extensions):
+    """``get_cfg()`` with d2persist's and the listed projects' keys added."""
+    from detectron2.config import get_cfg
+
+    ref = add_persist_config(get_cfg())
+    for name in check_extension_names(extensions):
+        module, _, func = name.partition(":")
+        try:
+            getattr(importlib.import_module(module), func)(ref)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigRoundTripError(
+                f"PERSIST.CONFIG_EXTENSIONS entry {name!r} is not an importable "
+                f"'module:function' ({e})."
+            ) from None
+    return ref
+
+
+def _merge(cfg, data, new_allowed=False):
+    from detectron2.config import CfgNode
+
+    if new_allowed:
+        cfg.set_new_allowed(True)
+    cfg.merge_from_other_cfg(CfgNode(data))
+    return cfg
+
+
+def load_config_dict(data: dict, extensions: Sequence[str] = (), new_allowed: bool = False):
+    """
+    Merge a config dict read from YAML into ``get_cfg()`` (plus d2persist's and extensions'
+    keys). Nothing in ``data`` is executed: it comes from a safe loader.
+
+    Args:
+        data (dict): the YAML content.
+        extensions (list[str]): ``"module:add_*config"`` names to apply first.
+        new_allowed (bool): accept keys no ``add_*_config`` defined (for prediction, where only
+            the model-building keys matter).
+
+    Returns:
+        CfgNode
+    """
+    return _merge(_reference_cfg(extensions), data, new_allowed)
 
 
 def _flatten(d, prefix=""):
@@ -77,206 +144,6 @@ def _flatten(d, prefix=""):
 def _as_lists(v):
     """YAML has no tuples: compare sequences as nested lists."""
     return [_as_lists(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def _without_persist(cfg):
-    c = cfg.clone()
-    c.defrost()
-    c.pop(PERSIST_KEY, None)
-    return c
-
-
-def _reference_cfg(extensions):
-    """``get_cfg()`` with d2persist's and the listed projects' keys added."""
-    from detectron2.config import get_cfg
-
-    ref = add_persist_config(get_cfg())
-    for name in extensions:
-        module, _, func = name.partition(":")
-        try:
-            getattr(importlib.import_module(module), func)(ref)
-        except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigRoundTripError(
-                f"PERSIST.CONFIG_EXTENSIONS entry {name!r} is not an importable "
-                f"'module:function' ({e})."
-            ) from None
-    return ref
-
-
-def load_config_dict(data, extensions=(), new_allowed=False):
-    """
-    Merge a config dict read from YAML into ``get_cfg()`` (plus d2persist's and extensions'
-    keys). Nothing is executed: ``data`` comes from a safe loader.
-
-    Args:
-        data (dict): the YAML content.
-        extensions (list[str]): "module:function" names of ``add_*_config`` to apply first.
-        new_allowed (bool): accept keys no ``add_*_config`` defined (for prediction, where only
-            the model-building keys matter).
-    """
-    return _merge(_reference_cfg(extensions), data, new_allowed)
-
-
-def _merge(cfg, data, new_allowed=False):
-    from detectron2.config import CfgNode
-
-    if new_allowed:
-        cfg.set_new_allowed(True)
-    cfg.merge_from_other_cfg(CfgNode(data))
-    return cfg
-
-
-class RunConfig:
-    """The facts about a run that d2persist needs from its config."""
-
-    def __init__(self, cfg):
-        self.is_lazy = _is_lazy(cfg)
-        self.cfg = _lazy_snapshot(cfg) if self.is_lazy else cfg
-        self.options = persist_options(cfg)
-        self._text = None  # config.yaml, once checked
-
-    @property
-    def output_dir(self):
-        return self.cfg.train.output_dir if self.is_lazy else self.cfg.OUTPUT_DIR
-
-    @property
-    def checkpoint_period(self):
-        if self.is_lazy:
-            return int(self.cfg.train.checkpointer.period)
-        return int(self.cfg.SOLVER.CHECKPOINT_PERIOD)
-
-    @property
-    def max_iter(self):
-        return int(self.cfg.train.max_iter if self.is_lazy else self.cfg.SOLVER.MAX_ITER)
-
-    @property
-    def seed(self):
-        """The run's seed (-1: random)."""
-        return int(self.cfg.train.get("seed", -1) if self.is_lazy else self.cfg.SEED)
-
-    @property
-    def cudnn_benchmark(self):
-        if self.is_lazy:
-            return bool(self.cfg.train.get("cudnn_benchmark", False))
-        return bool(self.cfg.CUDNN_BENCHMARK)
-
-    @property
-    def export_dir(self):
-        return os.path.join(self.output_dir, self.options["EXPORT_DIR"])
-
-    def check(self):
-        """
-        Check, before training starts, that the config can be saved and loaded back. A
-        LazyConfig is checked only with EXPORT on (the export must rebuild the model without
-        unpickling); without it, config.yaml may use detectron2's pickle fallback. The checked
-        text is kept: later calls and :meth:`write` reuse it.
-
-        Raises:
-            ConfigRoundTripError: naming the keys at fault.
-        """
-        if not self.is_lazy or self.options["EXPORT"]:
-            self.dump()
-
-    def dump(self):
-        """
-        The config as YAML text that loads back to the same values: with a plain
-        ``get_cfg().merge_from_file`` (the PERSIST node is left out, see :meth:`persist_yaml`),
-        or for a LazyConfig, with a safe YAML loader.
-
-        Raises:
-            ConfigRoundTripError: the YAML would not load back to the same values.
-        """
-        if self._text is None:
-            if self.is_lazy:
-                from .lazy import lazy_config_text
-
-                self._text = lazy_config_text(self.cfg)
-            else:
-                self._text = self._dump_checked()
-        return self._text
-
-    def _dump_checked(self):
-        cfg = _without_persist(self.cfg)
-        bad = _non_yaml_keys(cfg)
-        if bad:
-            raise ConfigRoundTripError(
-                "config.yaml cannot hold these keys, whose values are not YAML-serializable: "
-                f"{', '.join(bad)}."
-            )
-        text = cfg.dump()
-        self._check_round_trip(cfg, text)
-        return text
-
-    def write(self, folder, name):
-        """Write the config into ``folder`` (atomically): ``name``, plus persist.yaml (yacs)."""
-        from .fileio import write_text
-
-        path = os.path.join(folder, name)
-        if self.is_lazy and self._text is None:  # unchecked: the pickle fallback is allowed
-            from .lazy import save_lazy_config
-
-            save_lazy_config(self.cfg, path)
-            return
-        write_text(path, self.dump())
-        if not self.is_lazy:
-            write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
-
-    def export_config_text(self, weights_name):
-        """
-        The config of an export bundle: the run's, with MODEL.WEIGHTS (LazyConfig:
-        train.init_checkpoint) set to ``weights_name`` and the output folder to the bundle.
-        """
-        if self.is_lazy:
-            from .lazy import export_lazy_config
-
-            return export_lazy_config(self.cfg, weights_name)
-        cfg = _without_persist(self.cfg)
-        cfg.MODEL.WEIGHTS = weights_name
-        cfg.OUTPUT_DIR = "."
-        return cfg.dump()
-
-    def persist_yaml(self):
-        """d2persist's own options, written next to config.yaml as persist.yaml."""
-        return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
-
-    def _check_round_trip(self, cfg, text):
-        ref = _reference_cfg(list(self.options["CONFIG_EXTENSIONS"]))
-        data = yaml.safe_load(text)
-        known = _flatten(ref)
-        unknown = sorted(k for k in _flatten(data) if k not in known)
-        if unknown:
-            raise ConfigRoundTripError(
-                "config.yaml would not load back with get_cfg(): these keys are defined only by "
-                f"your project's add_*_config: {', '.join(unknown)}. List that function in "
-                "cfg.PERSIST.CONFIG_EXTENSIONS as 'module:function'."
-            )
-        loaded = _flatten(_merge(ref, data))
-        want = _flatten(cfg)
-        differ = sorted(k for k in want if loaded.get(k) != want[k])
-        if differ:
-            raise ConfigRoundTripError(
-                f"config.yaml would not load back to the same values for: {', '.join(differ)}."
-            )
-
-
-def _lazy_snapshot(cfg):
-    """
-    A copy of a LazyConfig as a config, without the runtime objects a training loop put in it
-    (detectron2's loop sets ``optimizer.params.model`` to the model itself).
-    """
-    import copy
-
-    import torch
-
-    params = cfg.get("optimizer", {}).get("params") or {}
-    model = params.get("model")
-    if isinstance(model, torch.nn.Module):
-        params.model = None
-        try:
-            return copy.deepcopy(cfg)
-        finally:
-            params.model = model
-    return copy.deepcopy(cfg)
 
 
 def _non_yaml_keys(cfg, prefix=""):
@@ -298,3 +165,367 @@ def _non_yaml_keys(cfg, prefix=""):
 
 def _nested_ok(x, ok):
     return isinstance(x, (list, tuple)) and all(isinstance(y, ok) or _nested_ok(y, ok) for y in x)
+
+
+class RunConfig:
+    """
+    The facts about a run that d2persist needs from its config (see :func:`run_config`).
+
+    Attributes:
+        cfg: the config (a LazyConfig is copied, without the objects a loop put in it).
+        options (dict): d2persist's options, defaults filled in (:func:`persist_options`).
+        kind (str): "yacs" or "lazy", as recorded in an export's manifest.
+    """
+
+    kind = ""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.options = persist_options(cfg)
+        self._text = None  # config.yaml, once checked
+
+    # -- where and how often -----------------------------------------------------------------
+    @property
+    def output_dir(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def checkpoint_period(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_iter(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def seed(self) -> int:
+        """The run's seed (-1: random)."""
+        raise NotImplementedError
+
+    @property
+    def cudnn_benchmark(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def export_dir(self) -> str:
+        return os.path.join(self.output_dir, self.options["EXPORT_DIR"])
+
+    # -- what the model is -------------------------------------------------------------------
+    def train_dataset_names(self) -> List[str]:
+        """Names of the training datasets."""
+        raise NotImplementedError
+
+    def input_contract(self) -> Dict[str, Any]:
+        """
+        The input the model expects and the outputs it gives: ``format``, ``pixel_mean``,
+        ``pixel_std``, ``min_size_test``, ``max_size_test``, ``meta_architecture``, ``outputs``.
+        """
+        raise NotImplementedError
+
+    # -- config.yaml -------------------------------------------------------------------------
+    def check(self) -> None:
+        """
+        Check, before training starts, that the config can be saved and loaded back; the
+        checked text is kept, and later calls and :meth:`write` reuse it.
+
+        Raises:
+            ConfigRoundTripError: naming the keys at fault.
+        """
+        self.dump()
+
+    def dump(self) -> str:
+        """
+        The config as YAML text that loads back to the same values.
+
+        Raises:
+            ConfigRoundTripError: the YAML would not load back to the same values.
+        """
+        if self._text is None:
+            self._text = self._dump_checked()
+        return self._text
+
+    def _dump_checked(self):
+        raise NotImplementedError
+
+    def write(self, folder: str) -> None:
+        """Write ``config.yaml`` (and what else the kind needs) into ``folder``, atomically."""
+        write_text(os.path.join(folder, CONFIG_NAME), self.dump())
+
+    def export_config_text(self, weights_name: str) -> str:
+        """
+        The config of an export bundle: the run's, with the weights set to ``weights_name`` and
+        the output folder to the bundle (both relative, so the bundle can move).
+        """
+        raise NotImplementedError
+
+
+class YacsRunConfig(RunConfig):
+    """A run configured by a yacs ``CfgNode`` (``get_cfg()`` plus projects' keys)."""
+
+    kind = "yacs"
+
+    @property
+    def output_dir(self):
+        return self.cfg.OUTPUT_DIR
+
+    @property
+    def checkpoint_period(self):
+        return int(self.cfg.SOLVER.CHECKPOINT_PERIOD)
+
+    @property
+    def max_iter(self):
+        return int(self.cfg.SOLVER.MAX_ITER)
+
+    @property
+    def seed(self):
+        return int(self.cfg.SEED)
+
+    @property
+    def cudnn_benchmark(self):
+        return bool(self.cfg.CUDNN_BENCHMARK)
+
+    def train_dataset_names(self):
+        return list(self.cfg.DATASETS.TRAIN)
+
+    def input_contract(self):
+        cfg = self.cfg
+        arch = cfg.MODEL.META_ARCHITECTURE
+        outputs = []
+        if arch in ("GeneralizedRCNN", "RetinaNet", "PanopticFPN") or "RCNN" in arch:
+            outputs.append("boxes")
+            if cfg.MODEL.MASK_ON:
+                outputs.append("masks")
+            if cfg.MODEL.KEYPOINT_ON:
+                outputs.append("keypoints")
+        if arch in ("SemanticSegmentor", "PanopticFPN"):
+            outputs.append("sem_seg")
+        if arch == "PanopticFPN":
+            outputs.append("panoptic_seg")
+        return {
+            "format": cfg.INPUT.FORMAT,
+            "min_size_test": int(cfg.INPUT.MIN_SIZE_TEST),
+            "max_size_test": int(cfg.INPUT.MAX_SIZE_TEST),
+            "pixel_mean": [float(x) for x in cfg.MODEL.PIXEL_MEAN],
+            "pixel_std": [float(x) for x in cfg.MODEL.PIXEL_STD],
+            "meta_architecture": arch,
+            "outputs": outputs,
+        }
+
+    def _without_persist(self):
+        c = self.cfg.clone()
+        c.defrost()
+        c.pop(PERSIST_KEY, None)
+        return c
+
+    def _dump_checked(self):
+        """The text loads with a plain ``get_cfg().merge_from_file`` (PERSIST left out)."""
+        cfg = self._without_persist()
+        bad = _non_yaml_keys(cfg)
+        if bad:
+            raise ConfigRoundTripError(
+                "config.yaml cannot hold these keys, whose values are not YAML-serializable: "
+                f"{', '.join(bad)}."
+            )
+        text = cfg.dump()
+        self._check_round_trip(cfg, text)
+        return text
+
+    def _check_round_trip(self, cfg, text):
+        ref = _reference_cfg(self.options["CONFIG_EXTENSIONS"])
+        data = yaml.safe_load(text)
+        known = _flatten(ref)
+        unknown = sorted(k for k in _flatten(data) if k not in known)
+        if unknown:
+            raise ConfigRoundTripError(
+                "config.yaml would not load back with get_cfg(): these keys are defined only by "
+                f"your project's add_*_config: {', '.join(unknown)}. List that function in "
+                "cfg.PERSIST.CONFIG_EXTENSIONS as 'module:function'."
+            )
+        loaded = _flatten(_merge(ref, data))
+        want = _flatten(cfg)
+        differ = sorted(k for k in want if loaded.get(k) != want[k])
+        if differ:
+            raise ConfigRoundTripError(
+                f"config.yaml would not load back to the same values for: {', '.join(differ)}."
+            )
+
+    def persist_yaml(self) -> str:
+        """d2persist's own options, written next to config.yaml as persist.yaml."""
+        return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
+
+    def write(self, folder):
+        super().write(folder)
+        write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
+
+    def export_config_text(self, weights_name):
+        cfg = self._without_persist()
+        cfg.MODEL.WEIGHTS = weights_name
+        cfg.OUTPUT_DIR = "."
+        return cfg.dump()
+
+
+def save_lazy_config(cfg, path: str) -> None:
+    """
+    ``LazyConfig.save(cfg, path)``, made atomic: saved under a temporary name in the same
+    folder, fsync'ed, then renamed (with the ``.pkl`` fallback file, if detectron2 wrote one).
+    """
+    from detectron2.config import LazyConfig
+
+    with atomic_path(path) as tmp:
+        try:
+            LazyConfig.save(cfg, tmp)
+            if os.path.exists(tmp + ".pkl"):  # detectron2's fallback for what YAML cannot hold
+                with atomic_path(path + ".pkl") as tmp_pkl:
+                    os.replace(tmp + ".pkl", tmp_pkl)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp + ".pkl")
+
+
+def _lazy_text(cfg):
+    """The YAML ``LazyConfig.save`` writes for ``cfg``, checked to load with a safe loader."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, CONFIG_NAME)
+        save_lazy_config(cfg, path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        pickled = os.path.exists(path + ".pkl")
+    try:
+        safe_yaml_loads(text)
+    except yaml.YAMLError:
+        pickled = True
+    if pickled:
+        raise ConfigRoundTripError(
+            "The LazyConfig holds objects YAML cannot represent (lambdas, instances); make them "
+            "LazyCall()s or plain values so the model can be rebuilt without unpickling."
+        )
+    return text
+
+
+def target_name(target):
+    if isinstance(target, str):
+        return target
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def lazy_test_augmentations(cfg):
+    """A LazyConfig's ``dataloader.test.mapper.augmentations`` ([] if it has none)."""
+    try:
+        return cfg.dataloader.test.mapper.augmentations
+    except Exception:  # omegaconf raises several kinds for a missing path
+        return []
+
+
+class LazyRunConfig(RunConfig):
+    """
+    A run configured by a LazyConfig. Its ``config.yaml`` is what ``LazyConfig.save`` writes;
+    with EXPORT on it must load with a safe loader (the export rebuilds the model from it
+    without unpickling), otherwise detectron2's pickle fallback is allowed.
+    """
+
+    kind = "lazy"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.cfg = _lazy_snapshot(cfg)
+
+    @property
+    def output_dir(self):
+        return self.cfg.train.output_dir
+
+    @property
+    def checkpoint_period(self):
+        return int(self.cfg.train.checkpointer.period)
+
+    @property
+    def max_iter(self):
+        return int(self.cfg.train.max_iter)
+
+    @property
+    def seed(self):
+        return int(self.cfg.train.get("seed", -1))
+
+    @property
+    def cudnn_benchmark(self):
+        return bool(self.cfg.train.get("cudnn_benchmark", False))
+
+    def train_dataset_names(self):
+        try:
+            names = self.cfg.dataloader.train.dataset.names
+        except Exception:  # omegaconf raises several kinds for a missing path
+            return []
+        return [names] if isinstance(names, str) else list(names)
+
+    def input_contract(self):
+        model = self.cfg.model
+        contract = {
+            "format": str(model.get("input_format", "BGR")),
+            "pixel_mean": [float(x) for x in model.get("pixel_mean", [])],
+            "pixel_std": [float(x) for x in model.get("pixel_std", [])],
+            "meta_architecture": target_name(model._target_).rsplit(".", 1)[-1],
+            "outputs": [],
+        }
+        for aug in lazy_test_augmentations(self.cfg):
+            if target_name(aug._target_).endswith("ResizeShortestEdge"):
+                size = aug.short_edge_length
+                contract["min_size_test"] = int(size if isinstance(size, int) else size[0])
+                contract["max_size_test"] = int(aug.get("max_size", 0))
+        roi = model.get("roi_heads") or {}
+        if "proposal_generator" in model or "head" in model:
+            contract["outputs"].append("boxes")
+        if roi.get("mask_head") is not None:
+            contract["outputs"].append("masks")
+        if roi.get("keypoint_head") is not None:
+            contract["outputs"].append("keypoints")
+        return contract
+
+    def check(self):
+        """Checked only with EXPORT on; without it, config.yaml may use the pickle fallback."""
+        if self.options["EXPORT"]:
+            self.dump()
+
+    def _dump_checked(self):
+        return _lazy_text(self.cfg)
+
+    def write(self, folder):
+        if self._text is None:  # unchecked: the pickle fallback is allowed
+            save_lazy_config(self.cfg, os.path.join(folder, CONFIG_NAME))
+        else:
+            super().write(folder)
+
+    def export_config_text(self, weights_name):
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.init_checkpoint = weights_name
+        cfg.train.output_dir = "."
+        return _lazy_text(cfg)
+
+
+def _lazy_snapshot(cfg):
+    """
+    A copy of a LazyConfig as a config, without the runtime objects a training loop put in it
+    (detectron2's loop sets ``optimizer.params.model`` to the model itself).
+    """
+    import torch
+
+    params = cfg.get("optimizer", {}).get("params") or {}
+    model = params.get("model")
+    if isinstance(model, torch.nn.Module):
+        params.model = None
+        try:
+            return copy.deepcopy(cfg)
+        finally:
+            params.model = model
+    return copy.deepcopy(cfg)
+
+
+def run_config(cfg) -> RunConfig:
+    """
+    The :class:`RunConfig` of a config.
+
+    Args:
+        cfg: a ``CfgNode`` (``cfg.PERSIST`` optional) or a LazyConfig.
+
+    Raises:
+        ConfigRoundTripError: an unknown d2persist option, or a malformed CONFIG_EXTENSIONS.
+    """
+    return LazyRunConfig(cfg) if _is_lazy(cfg) else YacsRunConfig(cfg)

@@ -1,37 +1,39 @@
 """PersistTrainer: a DefaultTrainer wired for d2persist (used by ``tools/train_net.py``)."""
 
 import logging
-import os
 import weakref
 
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import PersistCheckpointer
-from .errors import ArtifactError
-from .hook import PersistHook, check_output_dir
+from .checkpoint import PersistCheckpointer, resume_or_load
+from .hook import PersistHook
 from .resume import build_resumable_train_loader
-from .runconfig import RunConfig
+from .runconfig import run_config
 
 __all__ = ["PersistTrainer", "create_ddp_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_ddp_model(model, **kwargs):
+def create_ddp_model(model, *, fp16_compression: bool = False, **kwargs):
     """
-    Like :func:`detectron2.engine.create_ddp_model`, but also for a model on the CPU (gloo), for
-    which ``DistributedDataParallel`` rejects ``device_ids``.
+    Like :func:`detectron2.engine.create_ddp_model` (same arguments), but also for a model on
+    the CPU (gloo), for which ``DistributedDataParallel`` rejects ``device_ids``.
     """
     if comm.get_world_size() == 1:
         return model
     if "device_ids" not in kwargs and next(model.parameters()).device.type == "cuda":
         kwargs["device_ids"] = [comm.get_local_rank()]
-    return DistributedDataParallel(model, **kwargs)
+    ddp = DistributedDataParallel(model, **kwargs)
+    if fp16_compression:
+        from torch.distributed.algorithms.ddp_comm_hooks import default as comm_hooks
+
+        ddp.register_comm_hook(state=None, hook=comm_hooks.fp16_compress_hook)
+    return ddp
 
 
 class PersistTrainer(DefaultTrainer):
@@ -47,6 +49,9 @@ class PersistTrainer(DefaultTrainer):
     - ``resume_or_load`` verifies checkpoints and falls back to the newest good one, and refuses
       to start a new run over an earlier run's checkpoints;
     - several processes work on a CPU-only machine (DDP without ``device_ids``).
+
+    Like ``DefaultTrainer``, it has no evaluator: subclass it and define ``build_evaluator``
+    (``tools/train_net.py`` uses ``COCOEvaluator``).
     """
 
     def __init__(self, cfg):
@@ -68,43 +73,24 @@ class PersistTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
-    def resume_or_load(self, resume=True):
+    def resume_or_load(self, resume: bool = True) -> None:
         """
         Resume from the newest checkpoint that verifies, or start a new run from
-        ``MODEL.WEIGHTS``. Checks first, so a bad setup fails before any work: the config must
-        load back from YAML, and a new run must not overwrite an earlier run's checkpoints.
+        ``MODEL.WEIGHTS`` (see :func:`d2persist.checkpoint.resume_or_load`). Checks first, so a
+        bad setup fails before any work: the config must load back from YAML, and a new run
+        must not overwrite an earlier run's checkpoints.
         """
         hook = next((h for h in self._hooks if isinstance(h, PersistHook)), None)
-        (hook.run if hook is not None else RunConfig(self.cfg)).check()  # before_train reuses it
-        # the main process verifies; every process loads the file it chose
-        path = self.checkpointer.get_checkpoint_file() if resume and comm.is_main_process() else ""
-        if comm.get_world_size() > 1:
-            path = comm.all_gather(path)[0]
-        if resume and not path:
-            if self.checkpointer.get_all_checkpoint_files() and comm.is_main_process():
-                raise ArtifactError(f"No checkpoint in {self.cfg.OUTPUT_DIR} verifies.")
-            logger.info("No checkpoint to resume from in %s: starting a new run.",
-                        self.cfg.OUTPUT_DIR)
-        if path:
-            self.checkpointer.load(path)
-            self.start_iter = self.iter + 1
-        else:
-            check_output_dir(self.cfg.OUTPUT_DIR, 0)
-            self.checkpointer.load(self.cfg.MODEL.WEIGHTS, checkpointables=[])
-            self.start_iter = 0
+        (hook.run if hook is not None else run_config(self.cfg)).check()  # before_train reuses
+        resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume)
+        self.start_iter = self.iter + 1 if resumed else 0
 
     def build_hooks(self):
-        """DefaultTrainer's hooks, with :class:`PersistHook` where ``PeriodicCheckpointer`` was."""
+        """DefaultTrainer's hooks without ``PeriodicCheckpointer``, and :class:`PersistHook`."""
         ret = [h for h in super().build_hooks() if not isinstance(h, hooks.PeriodicCheckpointer)]
-        at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
-        ret.insert(at, PersistHook(self.cfg))
-        return ret
+        return ret + [PersistHook(self.cfg)]  # it runs last wherever it is put: see its docs
 
     @classmethod
     def build_train_loader(cls, cfg):
+        """A :class:`d2persist.resume.ResumableTrainLoader`, for exact resume."""
         return build_resumable_train_loader(cfg)
-
-    @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)

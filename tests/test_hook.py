@@ -7,7 +7,6 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, HookBase
-from detectron2.engine.hooks import PeriodicCheckpointer
 
 from d2persist import ConfigRoundTripError, PersistHook, PersistTrainer
 from d2persist.config import add_persist_config
@@ -42,9 +41,7 @@ def test_checkpoint_names_follow_period(tmp_path, period, max_iter, expected):
 def test_stock_default_trainer_writes_each_checkpoint_once(tmp_path, mocker):
     cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "PERSIST.ASYNC", False)
     saves = mocker.spy(torch, "save")
-    trainer = train(cfg, trainer_cls=DefaultTrainer)
-    assert not any(isinstance(h, PeriodicCheckpointer) for h in trainer._hooks)
-    assert sum(isinstance(h, PersistHook) for h in trainer._hooks) == 1
+    train(cfg, trainer_cls=DefaultTrainer)  # whose own PeriodicCheckpointer would save too
     # model_0000005 is also model_final: the same bytes under two names, written once
     assert saves.call_count == 3
     assert periodic_files(tmp_path) == [
@@ -53,6 +50,39 @@ def test_stock_default_trainer_writes_each_checkpoint_once(tmp_path, mocker):
     a, b = tmp_path / "model_0000005.pth", tmp_path / "model_final.pth"
     assert os.stat(a).st_ino == os.stat(b).st_ino  # a hard link: no duplicate bytes
     assert (tmp_path / "config.yaml").is_file()
+
+
+class _SeesPersistHookCalls(HookBase):
+    """Records how often PersistHook.after_step had run when this hook's after_step runs."""
+
+    def __init__(self, spy):
+        self.spy, self.seen = spy, []
+
+    def after_step(self):
+        self.seen.append(self.spy.call_count)
+
+
+def test_persist_hook_runs_after_every_other_hook_wherever_registered(tmp_path, mocker):
+    spy = mocker.spy(PersistHook, "after_step")
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 3)
+    trainer = DefaultTrainer(cfg)
+    first = _SeesPersistHookCalls(spy)
+    trainer.register_hooks([first, PersistHook(cfg)])
+    later = _SeesPersistHookCalls(spy)
+    trainer.register_hooks([later])  # registered after PersistHook: still runs before it
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    assert first.seen == later.seen == [0, 1, 2]
+    assert spy.call_count == 3
+
+
+def test_two_persist_hooks_are_refused(tmp_path):
+    from d2persist import D2PersistError
+
+    cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 2)
+    with pytest.raises(D2PersistError, match="register only one"):
+        train(cfg, hooks=[PersistHook(cfg)])  # PersistTrainer has one already
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_stock_resume_or_load_starts_after_checkpoint(tmp_path):
@@ -68,13 +98,13 @@ def test_stock_resume_or_load_starts_after_checkpoint(tmp_path):
 
 
 def test_config_yaml_round_trips_with_plain_get_cfg(tmp_path, mocker):
-    from d2persist.runconfig import RunConfig
+    from detectron2.config import CfgNode
 
     cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False, "SOLVER.MAX_ITER", 2,
                    "INPUT.FORMAT", "RGB", "MODEL.PIXEL_MEAN", [1.0, 2.0, 3.0])
-    checks = mocker.spy(RunConfig, "_check_round_trip")
+    dumps = mocker.spy(CfgNode, "dump")
     train(cfg)
-    assert checks.call_count == 1  # resume_or_load checks, before_train reuses the result
+    assert dumps.call_count == 1  # resume_or_load checks, before_train reuses the checked text
     plain = get_cfg()  # no d2persist: its options are kept out of config.yaml
     plain.merge_from_file(str(tmp_path / "config.yaml"))
     assert plain.INPUT.FORMAT == "RGB"
@@ -167,8 +197,7 @@ def test_diverged_run_keeps_last_checkpoint_on_good_weights(tmp_path):
     cfg = tiny_cfg(tmp_path, "PERSIST.EXPORT", False)
     poison = _PoisonWeightsAt(3)  # weights turn NaN in iteration 3, which is due for a save
     trainer = PersistTrainer(cfg)
-    trainer.register_hooks([poison])
-    trainer._hooks.insert(0, trainer._hooks.pop())  # before PersistHook, like a bad step
+    trainer.register_hooks([poison])  # runs before PersistHook, which always runs last
     trainer.resume_or_load(resume=False)
     with pytest.raises(FloatingPointError):
         trainer.train()

@@ -97,15 +97,15 @@ def test_lazy_bundle_cannot_instantiate_arbitrary_callables(lazy_run, tmp_path):
 
 @pytest.mark.parametrize("export", [True, False])
 def test_lazy_config_is_serialized_once_for_check_and_config_yaml(tmp_path, mocker, export):
-    from d2persist.runconfig import RunConfig
+    from d2persist import run_config
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
     cfg.train.persist = {"export": export}
     save = mocker.spy(LazyConfig, "save")
-    run = RunConfig(cfg)
+    run = run_config(cfg)
     run.check()
     run.check()
-    run.write(str(tmp_path), "config.yaml")
+    run.write(str(tmp_path))
 
     assert save.call_count == 1  # the checked text is what config.yaml gets
     text = (tmp_path / "config.yaml").read_text()

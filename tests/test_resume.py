@@ -17,13 +17,13 @@ from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool, 
 
 
 class _CrashAt(HookBase):
-    """Raise in after_step of iteration ``it`` (after PersistHook saved that iteration)."""
+    """Raise as iteration ``it`` + 1 begins: iteration ``it`` is done, and saved if it was due."""
 
     def __init__(self, it):
         self.it = it
 
-    def after_step(self):
-        if self.trainer.iter == self.it:
+    def before_step(self):
+        if self.trainer.iter == self.it + 1:
             raise RuntimeError("simulated crash")
 
 
@@ -56,7 +56,7 @@ def test_resume_start_up_skips_indices_not_images(tmp_path, mocker):
     state = ckpt["trainer"]["hooks"]["PersistHook"]["resume"][0]["data"]
     assert state["position"] == 4  # 2 iterations x 2 images
     trainer = PersistTrainer(tiny_cfg(tmp_path, *opts))
-    loader = trainer._trainer.data_loader
+    loader = trainer.data_loader
     loader.load_state_dict(dict(state, position=10_000 * 2))  # as if at iteration 10,000
     calls = mocker.spy(DatasetMapper, "__call__")
     next(iter(loader))
@@ -113,7 +113,7 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])
 def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
-    opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
+    opts = ["SOLVER.MAX_ITER", 5, "PERSIST.EXPORT", False]
     with pytest.raises(RuntimeError):
         train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
     newest = tmp_path / "model_0000003.pth"
@@ -133,9 +133,9 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
 
 
 def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
-    from d2persist.checkpoint_files import find_newest_valid
+    from d2persist.checkpoint import find_newest_valid
 
-    opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
+    opts = ["SOLVER.MAX_ITER", 5, "PERSIST.EXPORT", False]
     with pytest.raises(RuntimeError):
         train(tiny_cfg(tmp_path, *opts), hooks=[_CrashAt(3)])
     for name in ("model_0000001.pth", "model_0000003.pth"):
@@ -148,7 +148,7 @@ def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err, asynchronous):
-    from d2persist.checkpoint_files import verify_checkpoint
+    from d2persist.checkpoint import verify_checkpoint
 
     real_save = torch.save
     calls = []

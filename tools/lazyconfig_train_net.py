@@ -8,15 +8,13 @@ tools/lazyconfig_train_net.py with PersistHook in place of the periodic checkpoi
 """
 
 import os
-import sys
 
 import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
-import torch.multiprocessing as mp
 from detectron2.config import LazyConfig
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
 
-from d2persist.cli import exit_on_known_errors, setup_run
-from d2persist.lazy import train_lazy
+from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
+from d2persist.lazy_trainer import train_lazy
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs",
@@ -34,9 +32,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    try:
-        launch(main, args.num_gpus, num_machines=args.num_machines,
-               machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
-    except mp.ProcessExitedException as e:
-        sys.exit(e.exit_code or 1)
+    launch_main(main, add_launch_arguments(default_argument_parser()).parse_args())

@@ -13,21 +13,29 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 """
 
 import os
-import sys
 
 import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
-import torch.multiprocessing as mp
 from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, launch
+from detectron2.engine import default_argument_parser
+from detectron2.evaluation import COCOEvaluator
 
 from d2persist import PersistCheckpointer, PersistTrainer, add_persist_config
-from d2persist.cli import exit_on_known_errors, setup_run
+from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 from d2persist.data.shapes import register_shapes
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "shapes_mask_rcnn_R_18_FPN.yaml"
 )
 PROG = "train_net.py"
+
+
+class Trainer(PersistTrainer):
+    """PersistTrainer evaluating with COCOEvaluator (the choice detectron2's tool makes)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
+        return COCOEvaluator(dataset_name, output_dir=output_folder)
 
 
 def setup(args):
@@ -46,26 +54,15 @@ def main(args):
     cfg = setup(args)
     register_shapes()
     if args.eval_only:
-        model = PersistTrainer.build_model(cfg)
+        model = Trainer.build_model(cfg)
         PersistCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
-        return PersistTrainer.test(cfg, model)
-    trainer = PersistTrainer(cfg)
+        return Trainer.test(cfg, model)
+    trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
-    try:
-        launch(
-            main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
-    except mp.ProcessExitedException as e:  # a worker exited with a code: pass it on
-        sys.exit(e.exit_code or 1)
+    launch_main(main, add_launch_arguments(default_argument_parser()).parse_args())

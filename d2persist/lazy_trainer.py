@@ -1,0 +1,70 @@
+"""
+LazyConfig runs: detectron2's ``tools/lazyconfig_train_net.py`` loop (SimpleTrainer/AMPTrainer)
+with :class:`PersistHook` in place of ``PeriodicCheckpointer``.
+"""
+
+import logging
+
+from detectron2.config import instantiate
+from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+from .checkpoint import PersistCheckpointer, resume_or_load
+from .hook import PersistHook
+from .trainer import create_ddp_model
+
+__all__ = ["train_lazy"]
+
+logger = logging.getLogger(__name__)
+
+
+def train_lazy(cfg, resume: bool = False):
+    """
+    Train a LazyConfig like detectron2's ``tools/lazyconfig_train_net.py``, with PersistHook
+    in place of PeriodicCheckpointer, resuming through :func:`d2persist.checkpoint.resume_or_load`.
+
+    Args:
+        cfg: the LazyConfig (``train.persist`` holds d2persist's options, optional).
+        resume (bool): continue the run in ``train.output_dir``.
+
+    Returns:
+        the trainer, once training has finished.
+    """
+    persist = PersistHook(cfg)
+    persist.run.check()  # fails before any work; its before_train does not check again
+    model = instantiate(cfg.model)
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optim = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+    model = create_ddp_model(model, **cfg.train.get("ddp", {}))
+    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    checkpointer = PersistCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+
+    def do_test():
+        if "evaluator" not in cfg.dataloader:
+            return {}
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
+        print_csv_format(ret)
+        return ret
+
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.EvalHook(cfg.train.eval_period, do_test),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+            persist,  # last: see PersistHook
+        ]
+    )
+    resumed = resume_or_load(checkpointer, cfg.train.init_checkpoint, resume=resume)
+    trainer.train(trainer.iter + 1 if resumed else 0, cfg.train.max_iter)
+    return trainer

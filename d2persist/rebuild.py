@@ -1,0 +1,149 @@
+"""
+Rebuild a model from an artifact's safe-loaded config, and load its weights strictly.
+
+A yacs config is merged into ``get_cfg()`` (with the run's ``CONFIG_EXTENSIONS``, whose import
+also registers a project's models). A LazyConfig is instantiated with ``_target_`` limited to
+trusted modules: ``_target_`` names a callable to import and call, and from an untrusted file
+that is code execution. Nothing here imports training code.
+"""
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from .errors import ArtifactError, UnsafeArtifactError
+from .fileio import safe_torch_load
+from .runconfig import target_name, lazy_test_augmentations, load_config_dict
+
+__all__ = ["DEFAULT_ALLOWED_TARGETS", "build_model_from_config", "load_weights"]
+
+logger = logging.getLogger(__name__)
+
+#: Module prefixes whose callables an artifact's LazyConfig may instantiate.
+DEFAULT_ALLOWED_TARGETS = ("detectron2.modeling", "detectron2.layers", "detectron2.data.transforms",
+                           "torch.nn")
+
+
+def _check_targets(node, allowed, where="model"):
+    """Refuse any ``_target_`` outside ``allowed`` module prefixes, before anything is imported."""
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None:
+            name = target_name(target)
+            if not any(name == p or name.startswith(p + ".") for p in allowed):
+                raise UnsafeArtifactError(
+                    f"Refusing to instantiate {name!r} (at {where}): the config may only call "
+                    f"into {', '.join(allowed)}."
+                )
+        for k, v in node.items():
+            _check_targets(v, allowed, f"{where}.{k}")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_targets(v, allowed, f"{where}[{i}]")
+
+
+def _build_lazy(config, opts, allowed_targets):
+    from detectron2.config import LazyConfig, instantiate
+    from omegaconf import OmegaConf
+
+    allowed = tuple(DEFAULT_ALLOWED_TARGETS) + tuple(allowed_targets or ())
+    cfg = OmegaConf.create(config, flags={"allow_objects": True})
+    if opts:
+        LazyConfig.apply_overrides(cfg, list(opts))
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    augs_cfg = OmegaConf.to_container(
+        OmegaConf.create({"a": lazy_test_augmentations(cfg)}), resolve=True
+    )["a"]
+    _check_targets(model_cfg, allowed)
+    _check_targets(augs_cfg, allowed, "dataloader.test.mapper.augmentations")
+    try:
+        model = instantiate(OmegaConf.create(model_cfg))
+        augs = [instantiate(OmegaConf.create(a)) for a in augs_cfg]
+    except Exception as e:  # instantiate wraps whatever the callables raise
+        raise ArtifactError(f"The LazyConfig's model cannot be built: {e}") from None
+    return model, augs, str(cfg.model.get("input_format", "BGR"))
+
+
+def _build_yacs(config, opts, extensions):
+    from detectron2.data.detection_utils import build_augmentation
+    from detectron2.modeling import build_model
+
+    try:
+        cfg = load_config_dict(config, extensions, new_allowed=True)
+        if opts:
+            cfg.merge_from_list(list(opts))
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ArtifactError(f"The config does not load: {e}.") from None
+    cfg.MODEL.WEIGHTS = ""
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    return build_model(cfg), build_augmentation(cfg, is_train=False), cfg.INPUT.FORMAT
+
+
+def build_model_from_config(
+    config: dict,
+    kind: str,
+    opts: Optional[Sequence[str]] = None,
+    allowed_targets: Optional[Sequence[str]] = None,
+    extensions: Sequence[str] = (),
+) -> Tuple[torch.nn.Module, List, str]:
+    """
+    Build the model (on the CPU, weights not loaded) and test-time augmentations of a config.
+
+    Args:
+        config (dict): the config as read by a safe YAML loader.
+        kind (str): "yacs" or "lazy".
+        opts (list[str]): overrides: ``KEY VALUE`` pairs (yacs) or ``key=value`` (lazy).
+        allowed_targets (list[str]): lazy only: module prefixes ``_target_`` may name, in
+            addition to :data:`DEFAULT_ALLOWED_TARGETS`.
+        extensions (list[str]): yacs only: ``"module:add_*config"`` functions to apply.
+
+    Returns:
+        tuple: (model, list of augmentations, input format)
+
+    Raises:
+        UnsafeArtifactError: a ``_target_`` outside the allowed modules.
+        ArtifactError: the config does not build a model.
+    """
+    if kind == "lazy":
+        return _build_lazy(config, opts, allowed_targets)
+    return _build_yacs(config, opts, extensions)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """
+    Load a ``.safetensors`` or ``.pth`` weights file into ``model`` strictly and safely.
+
+    Raises:
+        ArtifactError: the file is corrupt, or its tensors do not fit the model (one sentence
+            naming how many are missing, unexpected or of another shape).
+        UnsafeArtifactError: a ``.pth`` holding more than tensors and plain data.
+    """
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(path)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ArtifactError(f"Weights file {path} is corrupt ({e}).") from None
+    else:
+        state = safe_torch_load(path)
+        state = state.get("model", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(
+        getattr(state[k], "shape", ())))
+    if missing or unexpected or wrong:
+        parts = []
+        for what, keys in (("missing", missing), ("unexpected", unexpected),
+                           ("of another shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {what} (e.g. {keys[0]})")
+        raise ArtifactError(
+            f"The weights in {path} do not fit the model its config builds: "
+            f"{', '.join(parts)} tensors."
+        )
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
