@@ -3,6 +3,7 @@ Tiny real-detectron2 configs for tests: the built-in config on the built-in shap
 images resized to 64 px, batch 2, a few iterations, on the CPU.
 """
 
+import contextlib
 import os
 
 from detectron2.config import get_cfg
@@ -84,14 +85,30 @@ def assert_bitwise_equal(a, b):
 
 
 def run_tool(script, *args, timeout=300, env=None):
-    """Run a tool in a subprocess; returns the CompletedProcess (text output captured)."""
+    """
+    Run a tool in a subprocess; returns the CompletedProcess (text output captured). The tool
+    runs in its own process group: on a timeout the group (with the workers ``launch()``
+    started) is killed and the test fails, so a hang never outlives its test.
+    """
+    import signal
     import subprocess
     import sys
 
     # the tools import this checkout's d2persist, whatever copy pip installed
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **(env or {}))
-    return subprocess.run(
-        [sys.executable, script, *[str(a) for a in args]],
-        capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO,
-    )
+    cmd = [sys.executable, script, *[str(a) for a in args]]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=full_env, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"{os.path.basename(script)} did not finish in {timeout} s (a hang?):\n{err[-3000:]}"
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failed run
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

@@ -175,3 +175,23 @@ def test_visualization_is_original_size(trained_run, val_images, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert cv2.imread(str(tmp_path / "v.png")).shape == cv2.imread(val_images[0]).shape
     assert f"visualization: {tmp_path / 'v.png'}" in res.stdout
+
+
+@pytest.mark.parametrize("export", [True, False])
+def test_config_extensions_apply_when_predicting_in_a_fresh_process(tmp_path, export):
+    """A project's add_*_config (which also registers its model) is applied by the predictor."""
+    from helpers import tiny_cfg, train
+    from tests.scripts.demo_ext import add_demo_config
+
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, "PERSIST.EXPORT", export,
+                   "PERSIST.CONFIG_EXTENSIONS", ["tests.scripts.demo_ext:add_demo_config"],
+                   "MODEL.META_ARCHITECTURE", "DemoRCNN")
+    add_demo_config(cfg)
+    cfg.MODEL.DEMO.NOTE = "changed"
+    train(cfg)
+    _, val = register_shapes()
+    image = DatasetCatalog.get(val)[0]["file_name"]
+    res = run_tool(INFER_SINGLE, "--image", image, "--artifacts", tmp_path,
+                   "--json", tmp_path / "p.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((tmp_path / "p.json").read_text())["height"] > 0

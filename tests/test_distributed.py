@@ -1,0 +1,109 @@
+"""
+Two processes under detectron2's real ``launch()`` (gloo on the CPU), evaluating mid-training
+with a real EvalHook and COCOEvaluator on the shapes val split, then resumed. Every run gets a
+short ``--dist-timeout``, so a hang fails the test in about a minute instead of stalling CI.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import REPO, TINY_OPTS, TRAIN_NET, run_tool
+
+STOCK_TRAINER = os.path.join(REPO, "tests", "scripts", "stock_trainer.py")
+LAZY_TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
+#: seconds a process may wait for the other in a collective before the run fails
+DIST = ["--num-gpus", 2, "--dist-url", "auto", "--dist-timeout", 60]
+EVAL = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 2]
+
+
+def _resume_states(path):
+    ckpt = torch.load(path, weights_only=True)
+    return ckpt["iteration"], ckpt["trainer"]["hooks"]["PersistHook"]["resume"]
+
+
+def _check_run(out, res, iterations, evaluations):
+    assert res.returncode == 0, res.stderr[-4000:]
+    log = res.stdout + res.stderr
+    assert log.count("Evaluation results for bbox") == evaluations, log[-4000:]
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    it, states = _resume_states(out / "model_final.pth")
+    assert it == iterations - 1
+    assert len(states) == 2  # both processes' RNG states and data positions
+    assert states[0]["rng"]["torch"].shape == states[1]["rng"]["torch"].shape
+    assert (out / "export" / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("tool", ["stock", "train_net"])
+def test_two_processes_evaluate_mid_training_then_resume(tmp_path, tool):
+    """The README's one-liner on a stock DefaultTrainer subclass, and tools/train_net.py."""
+    script = STOCK_TRAINER if tool == "stock" else TRAIN_NET
+    out = tmp_path / "run"
+    args = [*DIST, *TINY_OPTS, *EVAL, "OUTPUT_DIR", out]
+    first = run_tool(script, *args, "SOLVER.MAX_ITER", 4, timeout=240)
+    _check_run(out, first, 4, evaluations=2)  # after iteration 2, and the final one
+    assert (out / "inference" / "coco_instances_results.json").is_file()
+
+    more = run_tool(script, "--resume", *args, "SOLVER.MAX_ITER", 6, timeout=240)
+    _check_run(out, more, 6, evaluations=1)
+    assert "Starting training from iteration 4" in more.stdout + more.stderr
+
+
+def test_two_processes_lazyconfig_tool_evaluates_then_resumes(tmp_path):
+    from test_lazy import LAZY_TINY
+
+    out = tmp_path / "run"
+    args = [*DIST, *LAZY_TINY, f"train.output_dir={out}", "train.eval_period=2",
+            "train.checkpointer.period=2", "lr_multiplier.scheduler.milestones=[2,3]"]
+    first = run_tool(LAZY_TRAIN_NET, *args, "train.max_iter=4", timeout=240)
+    _check_run(out, first, 4, evaluations=2)
+    more = run_tool(LAZY_TRAIN_NET, "--resume", *args, "train.max_iter=6", timeout=240)
+    _check_run(out, more, 6, evaluations=1)
+    assert "Starting training from iteration 4" in more.stdout + more.stderr
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return sorted(int(p) for p in f.read().split())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_to_one_process_stops_both_after_the_same_iteration(tmp_path):
+    out = tmp_path / "run"
+    args = [*DIST, *TINY_OPTS, "SOLVER.MAX_ITER", 200, "SOLVER.CHECKPOINT_PERIOD", 100,
+            "PERSIST.EXPORT", False, "OUTPUT_DIR", out]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.Popen([sys.executable, TRAIN_NET, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline, log = time.monotonic() + 120, out / "log.txt"
+        while not (log.is_file() and " iter: 19 " in log.read_text()):  # both are training
+            assert proc.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        workers = [p for p in _children(proc.pid) if "multiprocessing" in
+                   open(f"/proc/{p}/cmdline").read() and "spawn_main" in
+                   open(f"/proc/{p}/cmdline").read()]
+        assert len(workers) == 2, workers
+        os.kill(workers[-1], signal.SIGTERM)  # the one started last: rank 1, not the writer
+        _, err = proc.communicate(timeout=120)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    assert proc.returncode != 0
+    names = sorted(n for n in os.listdir(out) if n.endswith(".pth"))
+    assert len(names) == 1 and names[0] != "model_final.pth", names
+    assert (out / "last_checkpoint").read_text() == names[0]
+    it, states = _resume_states(out / names[0])
+    assert 19 <= it < 199
+    # both processes stopped after iteration ``it``: each had taken it + 1 batches
+    assert [s["data"]["position"] for s in states] == [it + 1, it + 1]
+
+    more = run_tool(TRAIN_NET, "--resume", *args[:-4], "SOLVER.MAX_ITER", it + 3,
+                    "PERSIST.EXPORT", False, "OUTPUT_DIR", out, timeout=240)
+    assert more.returncode == 0, more.stderr[-4000:]
+    assert f"Starting training from iteration {it + 1}" in more.stdout + more.stderr
