@@ -8,12 +8,14 @@ PIP := $(PYTHON) -m pip
 DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
 DEMO_OUT ?= output/shapes
 
-.PHONY: install install-torch install-detectron2 install-test test demo lint bench help
+.PHONY: install install-torch install-detectron2 install-test check-detectron2 test test-fast \
+	demo lint bench help
 
 help:
-	@echo "make demo   install, train the built-in model on CPU, evaluate, export, predict"
-	@echo "make test   install what the tests need, lint, and run the whole suite"
-	@echo "make lint   flake8 with detectron2's settings (line length 100)"
+	@echo "make demo       install, train the built-in model on CPU, evaluate, export, predict"
+	@echo "make test       install what the tests need, lint, and run the whole suite"
+	@echo "make test-fast  lint and the unit tests that train nothing (under 30 s)"
+	@echo "make lint       flake8 with detectron2's settings (line length 100)"
 
 install-torch:
 	@# torchvision's compiled ops load only with the standard PyPI torch build
@@ -34,12 +36,17 @@ install-test: install
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench
 
-test: lint
+check-detectron2:
 	@$(PYTHON) -c "import detectron2, torchvision.ops; from detectron2 import _C" 2>/dev/null \
 	  || { echo "make test: detectron2 (with its compiled ops) cannot be imported;" \
 	       "install it from its repository as its INSTALL.md says (make install-detectron2)." >&2; \
 	       exit 1; }
+
+test: lint check-detectron2
 	$(PYTHON) -m pytest -q tests
+
+test-fast: lint check-detectron2
+	$(PYTHON) -m pytest -q tests/unit
 
 demo: install
 	$(PYTHON) tools/train_net.py --resume OUTPUT_DIR $(DEMO_OUT)

@@ -1,0 +1,94 @@
+"""Options, config views and the one resume decision, without training (fast)."""
+
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+from d2persist import (
+    ArtifactError,
+    ConfigError,
+    ConfigRoundTripError,
+    OutputDirNotEmptyError,
+    PersistCheckpointer,
+    add_persist_config,
+    run_config,
+)
+from d2persist.checkpoint import choose_checkpoint, resume_or_load
+from d2persist.config import DEFAULT_OPTIONS
+from d2persist.layout import LAST_CHECKPOINT, checkpoint_iteration, checkpoint_name
+from d2persist.resume import build_resumable_train_loader
+
+
+def test_defaults_are_the_ones_add_persist_config_defines():
+    cfg = add_persist_config(get_cfg())
+    assert dict(cfg.PERSIST) == DEFAULT_OPTIONS
+    assert run_config(get_cfg()).options == DEFAULT_OPTIONS  # without add_persist_config
+
+
+def test_unknown_option_and_malformed_extension_are_refused():
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.MAX_TO_KEP = 3
+    with pytest.raises(ConfigRoundTripError, match="MAX_TO_KEP"):
+        run_config(cfg)
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.CONFIG_EXTENSIONS = ["os:system"]
+    with pytest.raises(ConfigRoundTripError, match="'os:system'.*add_\\*config"):
+        run_config(cfg)
+
+
+def test_checkpoint_names_round_trip():
+    assert checkpoint_name(99) == "model_0000099.pth"
+    assert checkpoint_iteration(checkpoint_name(12_345_678)) == 12_345_678
+    assert checkpoint_iteration("model_final.pth") is None
+
+
+def test_repeat_factor_sampler_is_refused_with_what_to_do():
+    cfg = get_cfg()
+    cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+    with pytest.raises(ConfigError, match="TrainingSampler.*build_detection_train_loader"):
+        build_resumable_train_loader(cfg)
+
+
+def _checkpointer(folder):
+    return PersistCheckpointer(torch.nn.Linear(2, 2), str(folder))
+
+
+def _write(ck, iteration):
+    ck.write(checkpoint_name(iteration), {"model": ck.model.state_dict(), "iteration": iteration})
+
+
+def test_choice_for_a_new_run(tmp_path):
+    assert choose_checkpoint(str(tmp_path), resume=False) == ""
+    assert choose_checkpoint(str(tmp_path / "missing"), resume=True) == ""
+    _write(_checkpointer(tmp_path), 3)
+    with pytest.raises(OutputDirNotEmptyError, match="--resume"):
+        choose_checkpoint(str(tmp_path), resume=False)
+    assert choose_checkpoint(str(tmp_path), resume=False, refuse_existing=False) == ""
+
+
+def test_choice_when_resuming_falls_back_then_refuses_with_one_sentence(tmp_path):
+    ck = _checkpointer(tmp_path)
+    _write(ck, 1)
+    _write(ck, 3)
+    assert (tmp_path / LAST_CHECKPOINT).read_text() == "model_0000003.pth"
+    assert choose_checkpoint(str(tmp_path), resume=True) == str(tmp_path / "model_0000003.pth")
+    for it in (3, 1):
+        (tmp_path / checkpoint_name(it)).write_bytes(b"garbage")
+        if it == 3:  # the newest is broken: the older one is chosen
+            assert choose_checkpoint(str(tmp_path), True) == str(tmp_path / checkpoint_name(1))
+    with pytest.raises(ArtifactError, match="Cannot resume: no checkpoint .* verifies") as e:
+        choose_checkpoint(str(tmp_path), resume=True)
+    assert "already holds" not in str(e.value) and "\n" not in str(e.value)
+
+
+def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
+    ck = _checkpointer(tmp_path)
+    _write(ck, 5)
+    fresh = _checkpointer(tmp_path)
+    assert resume_or_load(fresh, "", resume=True)
+    assert torch.equal(fresh.model.weight, ck.model.weight)
+    other = _checkpointer(tmp_path / "new")
+    assert not resume_or_load(other, "", resume=True)
+    assert not os.path.exists(tmp_path / "new")  # nothing written by deciding

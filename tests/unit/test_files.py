@@ -1,0 +1,41 @@
+"""Atomic writes, safe loading and hostile artifacts, without training (fast)."""
+
+import os
+
+import pytest
+
+from d2persist import ArtifactError, UnsafeArtifactError, resolve_artifacts
+from d2persist.fileio import atomic_path, safe_yaml_load, write_text
+from d2persist.layout import TEMP_PREFIX
+
+
+def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "config.yaml"
+    write_text(str(path), "old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(str(path)) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert path.read_text() == "old\n"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+
+
+def test_yaml_python_tags_are_refused(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("MODEL: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UnsafeArtifactError, match="python"):
+        safe_yaml_load(str(path))
+
+
+def test_run_folder_naming_a_foreign_config_function_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n")
+    (tmp_path / "persist.yaml").write_text("PERSIST:\n  CONFIG_EXTENSIONS: ['os:system']\n")
+    (tmp_path / "model_0000001.pth").write_bytes(b"x")
+    with pytest.raises(UnsafeArtifactError, match="persist.yaml.*'os:system'"):
+        resolve_artifacts(str(tmp_path))
+
+
+def test_folder_without_artifacts_is_one_sentence(tmp_path):
+    with pytest.raises(ArtifactError, match="neither an export"):
+        resolve_artifacts(str(tmp_path))
