@@ -18,13 +18,15 @@ setup(
     version=get_version(),
     description=__doc__.strip(),
     packages=find_packages(exclude=("tests", "tests.*", "tools", "bench")),
+    package_data={"d2persist": ["py.typed"]},
+    license="Apache-2.0",
     python_requires=">=3.10",
     # detectron2 is not on PyPI: the Makefile installs it from its repository (see README).
     install_requires=[
         "torch",
         "torchvision",
         "pyyaml",
-        "opencv-python-headless",
+        "opencv-python",
         "safetensors",
         "tqdm",
         "numpy",
