@@ -8,7 +8,7 @@ __all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 PERSIST_KEY = "PERSIST"
 
 
-def add_persist_config(cfg):
+def add_persist_config(cfg: CN) -> CN:
     """
     Add the ``cfg.PERSIST`` options of d2persist to a detectron2 config, with safe defaults.
 

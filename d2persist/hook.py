@@ -4,9 +4,12 @@ import logging
 import os
 import signal
 import threading
+from typing import Union
 
+from detectron2.config import CfgNode
 from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
+from omegaconf import DictConfig
 
 from .async_writer import BackgroundWriter
 from .checkpoint import PersistCheckpointer, all_finite, check_output_dir, snapshot_state
@@ -63,7 +66,7 @@ class PersistHook(HookBase):
     travels in the checkpoint through ``state_dict``/``load_state_dict``.
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Union[CfgNode, DictConfig]) -> None:
         """
         Args:
             cfg: the run's config: a ``CfgNode`` (``cfg.PERSIST`` optional, see
@@ -274,9 +277,9 @@ class PersistHook(HookBase):
 
     # -- state ---------------------------------------------------------------------------------
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         return {"kept": list(self._kept), "resume": self._resume_states}
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict) -> None:
         self._kept = list(state_dict.get("kept", []))
         self._pending_resume = state_dict.get("resume")

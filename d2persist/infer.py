@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputImageError
 from .fileio import write_bytes, write_text
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
-def collect_images(paths):
+def collect_images(paths: Sequence[str]) -> Tuple[List[str], bool]:
     """
     Expand ``--image`` arguments: files as given, folders into their image files (sorted).
 
@@ -66,8 +67,15 @@ def _encode_png(rgb):
     return buf.tobytes()
 
 
-def predict_files(predictor, images, output=None, json_out=None, min_score=0.5, many=False,
-                  progress=True):
+def predict_files(
+    predictor,
+    images: List[str],
+    output: Optional[str] = None,
+    json_out: Optional[str] = None,
+    min_score: float = 0.5,
+    many: bool = False,
+    progress: bool = True,
+) -> List[dict]:
     """
     Predict on image files and write each one's visualization and JSON.
 

@@ -32,7 +32,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def get_rng_state():
+def get_rng_state() -> dict:
     """
     The Python, NumPy and torch RNG states of this process, as plain data and tensors only
     (loadable with ``torch.load(weights_only=True)``).
@@ -49,7 +49,7 @@ def get_rng_state():
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state: dict) -> None:
     """Restore states from :func:`get_rng_state`."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
@@ -229,7 +229,7 @@ class ResumableTrainLoader:
             yield batch
 
 
-def build_resumable_train_loader(cfg, mapper=None):
+def build_resumable_train_loader(cfg, mapper=None) -> "ResumableTrainLoader":
     """
     A :class:`ResumableTrainLoader` for a detectron2 config, in place of
     :func:`detectron2.data.build_detection_train_loader` (same datasets, filtering and mapper).

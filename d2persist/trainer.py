@@ -3,6 +3,7 @@
 import logging
 import weakref
 
+from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
 from detectron2.utils import comm
@@ -54,7 +55,7 @@ class PersistTrainer(DefaultTrainer):
     (``tools/train_net.py`` uses ``COCOEvaluator``).
     """
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: CfgNode) -> None:
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
