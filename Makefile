@@ -27,11 +27,11 @@ install-detectron2: install-torch
 	  || $(PIP) install --no-build-isolation '$(DETECTRON2_SRC)'
 
 install: install-detectron2
-	$(PIP) install -q -e .
+	$(PIP) install -q -e '.[onnx]'
 
 install-test: install
-	@$(PYTHON) -c "import pytest, pytest_mock, flake8" 2>/dev/null \
-	  || $(PIP) install -q -e '.[test]'
+	@$(PYTHON) -c "import pytest, pytest_mock, flake8, pycocotools, onnx, onnxruntime" \
+	  2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench

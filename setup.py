@@ -32,5 +32,9 @@ setup(
         "numpy",
         "Pillow",
     ],
-    extras_require={"test": ["pytest", "pytest-mock", "flake8"]},
+    extras_require={
+        "test": ["pytest", "pytest-mock", "flake8", "pycocotools"],
+        # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
+        "onnx": ["onnx", "onnxruntime"],
+    },
 )

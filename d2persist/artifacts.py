@@ -12,16 +12,9 @@ from typing import List, Optional
 
 from .checkpoint import find_newest_valid, list_checkpoints
 from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from .export import metadata_from_json, read_manifest
 from .fileio import read_json, resolve_inside, safe_yaml_load
-from .layout import (
-    CONFIG_NAME,
-    DEFAULT_EXPORT_DIR,
-    MANIFEST_NAME,
-    METADATA_NAME,
-    PERSIST_FILE,
-    checkpoint_iteration,
-)
+from .layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
+from .manifest import find_bundle, metadata_from_json, persist_options_of_run, read_manifest
 from .runconfig import check_extension_names
 
 __all__ = ["Artifacts", "resolve_artifacts"]
@@ -71,7 +64,8 @@ def _config_kind(config, path):
 
 
 def _from_export(folder):
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, verify=False)
+    read_manifest(folder, only=[manifest["config"], manifest["weights"]])  # what is loaded
     config_path = resolve_inside(folder, manifest["config"])
     config = safe_yaml_load(config_path)
     return Artifacts(
@@ -86,29 +80,12 @@ def _from_export(folder):
     )
 
 
-def _persist_options(folder):
-    """A yacs run's persist.yaml options ({} if it has none)."""
-    path = os.path.join(folder, PERSIST_FILE)
-    if not os.path.isfile(path):
-        return {}
-    persist = safe_yaml_load(path)
-    options = persist.get("PERSIST") if isinstance(persist, dict) else None
-    if not isinstance(options, dict):
-        raise ArtifactError(f"{path} holds no PERSIST options.")
-    return options
-
-
-def _export_dir_of_run(folder):
-    name = _persist_options(folder).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
-    return resolve_inside(folder, name)
-
-
 def _from_checkpoint(folder):
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise ArtifactError(f"{folder} has checkpoints but no {CONFIG_NAME} to rebuild the model.")
     config = safe_yaml_load(config_path)
-    extensions = _extensions(_persist_options(folder).get("CONFIG_EXTENSIONS"),
+    extensions = _extensions(persist_options_of_run(folder).get("CONFIG_EXTENSIONS"),
                              os.path.join(folder, PERSIST_FILE))
     weights = find_newest_valid(folder)
     if weights is None:
@@ -138,11 +115,9 @@ def resolve_artifacts(path: str) -> Artifacts:
     """
     if not os.path.isdir(path):
         raise ArtifactError(f"Artifacts folder {path} does not exist.")
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        return _from_export(path)
-    export_dir = _export_dir_of_run(path)
-    if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)):
-        return _from_export(export_dir)
+    bundle = find_bundle(path)
+    if bundle is not None:
+        return _from_export(bundle)
     if list_checkpoints(path):
         return _from_checkpoint(path)
     raise ArtifactError(

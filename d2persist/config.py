@@ -28,6 +28,9 @@ def add_persist_config(cfg: CN) -> CN:
     _C.PERSIST.EXPORT = True
     # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
     _C.PERSIST.EXPORT_DIR = "export"
+    # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
+    # runnable by ONNX Runtime without torch or detectron2).
+    _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
     # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
     _C.PERSIST.ASYNC = True
     # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.

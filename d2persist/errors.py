@@ -9,6 +9,7 @@ __all__ = [
     "ConfigRoundTripError",
     "OutputDirNotEmptyError",
     "CheckpointWriteError",
+    "ExportError",
 ]
 
 
@@ -45,3 +46,7 @@ class OutputDirNotEmptyError(D2PersistError):
 
 class CheckpointWriteError(D2PersistError):
     """A checkpoint could not be written (disk full, permission denied, ...)."""
+
+
+class ExportError(D2PersistError):
+    """A model could not be exported to a format (ONNX): the reason in one sentence."""

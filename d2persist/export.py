@@ -1,10 +1,12 @@
 """
-The inference bundle: everything a predicting process needs, and nothing it must not run.
+The inference bundle, write side: everything a predicting process needs, and nothing it must
+not run (the read side is :mod:`d2persist.manifest`).
 
 An export folder holds ``model.safetensors`` (weights only), ``config.yaml`` (paths relative to
-the bundle) and ``manifest.json``: dataset metadata, the input contract, versions, and the
-sha256 and size of every other file. The manifest is written last; a folder without it is an
-incomplete bundle.
+the bundle), with PERSIST.EXPORT_FORMATS "onnx" also ``model.onnx`` (see
+:mod:`d2persist.onnx_export`), and ``manifest.json``: dataset metadata, the input contract,
+versions, the ONNX contract, and the sha256 and size of every other file. The manifest is
+written last; a folder without it is an incomplete bundle.
 """
 
 import logging
@@ -13,24 +15,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import ArtifactError
-from .fileio import (
-    fsync_dir,
-    read_json,
-    remove_temp_files,
-    resolve_inside,
-    sha256_file,
-    write_bytes,
-    write_json,
-)
-from .layout import CONFIG_NAME, MANIFEST_NAME, WEIGHTS_NAME
+from .errors import ExportError
+from .fileio import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
+from .layout import CONFIG_NAME, MANIFEST_NAME, ONNX_NAME, WEIGHTS_NAME
+from .manifest import FORMAT, read_manifest
+from .onnx_export import export_onnx
 
-__all__ = ["FORMAT", "write_export", "read_manifest", "dataset_metadata", "metadata_from_json"]
+__all__ = ["write_export", "add_onnx", "dataset_metadata"]
 
 logger = logging.getLogger(__name__)
-
-#: Identifies a d2persist manifest, with its version.
-FORMAT = {"name": "d2persist-export", "version": 1}
 
 
 def _json_safe(value):
@@ -44,21 +37,12 @@ def _json_safe(value):
     raise TypeError(type(value).__name__)
 
 
-def metadata_from_json(meta: dict) -> dict:
-    """Undo JSON's stringification of integer keys in ``*_id_to_contiguous_id`` maps."""
-    out = dict(meta)
-    for key, value in meta.items():
-        if key.endswith("_id_to_contiguous_id") and isinstance(value, dict):
-            out[key] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in value.items()}
-    return out
-
-
 def dataset_metadata(dataset_names: Sequence[str]) -> dict:
     """
     What ``MetadataCatalog`` holds for the first training dataset, as JSON data.
 
     Entries that are not JSON data (functions, objects) are left out with a warning. Dict keys
-    become strings; :func:`metadata_from_json` turns integer-like keys of
+    become strings; :func:`d2persist.manifest.metadata_from_json` turns integer-like keys of
     ``*_id_to_contiguous_id`` maps back into ints.
     """
     from detectron2.data import MetadataCatalog
@@ -98,13 +82,29 @@ def _weights_bytes(model):
     return save(state, metadata={"format": "pt"})
 
 
+def _onnx_entry(model, export_dir, contract, files):
+    """Export ONNX into the bundle; the manifest's entry, or the reason it failed."""
+    path = os.path.join(export_dir, ONNX_NAME)
+    try:
+        entry = export_onnx(model, path, contract)
+    except ExportError as e:
+        logger.error("No ONNX export: %s The rest of the bundle is complete.", e)
+        return {"error": str(e)}
+    files[ONNX_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+    return dict(entry, file=ONNX_NAME)
+
+
 def write_export(run, model, export_dir: str, iteration: int,
                  metadata: Optional[dict] = None) -> dict:
     """
     Write the inference bundle of ``model`` to ``export_dir``, manifest last.
 
+    A model the ONNX exporter cannot handle gets a bundle without ``model.onnx``: the reason
+    is logged as an error and recorded in the manifest (``onnx.error``).
+
     Args:
-        run (RunConfig): the run's config (:func:`d2persist.runconfig.run_config`).
+        run (RunConfig): the run's config (:func:`d2persist.runconfig.run_config`);
+            ``options["EXPORT_FORMATS"]`` says whether to export ONNX.
         model (nn.Module): the trained model (not DDP-wrapped).
         export_dir (str): the bundle folder; created if needed.
         iteration (int): the training iteration the weights are from.
@@ -128,6 +128,7 @@ def write_export(run, model, export_dir: str, iteration: int,
         files[name] = {"sha256": digest, "size": len(data)}
     if metadata is None:
         metadata = dataset_metadata(run.train_dataset_names())
+    contract = run.input_contract()
     manifest = {
         "format": FORMAT,
         "config": CONFIG_NAME,
@@ -136,55 +137,38 @@ def write_export(run, model, export_dir: str, iteration: int,
         "weights": WEIGHTS_NAME,
         "iteration": int(iteration),
         "metadata": metadata,
-        "input": run.input_contract(),
+        "input": contract,
         "versions": _versions(),
         "files": files,
     }
+    if "onnx" in run.options["EXPORT_FORMATS"]:
+        manifest["onnx"] = _onnx_entry(model, export_dir, contract, files)
     write_json(manifest_path, manifest)
     logger.info("Exported an inference bundle to %s", export_dir)
     return manifest
 
 
-def read_manifest(export_dir: str, verify: bool = True) -> dict:
+def add_onnx(export_dir: str, model) -> dict:
     """
-    Read and check a bundle's manifest.
-
-    Args:
-        export_dir (str): the bundle folder.
-        verify (bool): check every listed file's size and sha256.
+    Add ``model.onnx`` to an existing, verified bundle (``model`` holds its weights); the
+    manifest is replaced atomically once the ONNX file is complete.
 
     Returns:
-        dict: the manifest.
+        dict: the new manifest.
 
     Raises:
-        ArtifactError: no manifest, an unknown format, or a file that does not match.
-        UnsafeArtifactError: a file name that points outside the bundle.
+        ArtifactError: the bundle is incomplete or does not verify.
+        ExportError: the model cannot be exported (the bundle is left as it was).
     """
-    path = os.path.join(export_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise ArtifactError(f"{export_dir} is not a complete export: it has no {MANIFEST_NAME}.")
-    manifest = read_json(path)
-    fmt = manifest.get("format", {}) if isinstance(manifest, dict) else {}
-    if fmt.get("name") != FORMAT["name"] or fmt.get("version", 0) > FORMAT["version"]:
-        raise ArtifactError(f"{path} is not a d2persist manifest this version can read.")
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {manifest.get("config"), manifest.get("weights")} <= set(
-        files
-    ):
-        raise ArtifactError(f"{path} does not list the bundle's config and weights files.")
-    for name, entry in files.items():
-        file_path = resolve_inside(export_dir, name)
-        if not verify:
-            continue
-        if not os.path.isfile(file_path):
-            raise ArtifactError(f"Bundle file {file_path} named in {MANIFEST_NAME} is missing.")
-        size = os.path.getsize(file_path)
-        if size != entry.get("size"):
-            raise ArtifactError(
-                f"Bundle file {file_path} has {size} bytes, the manifest says {entry.get('size')}."
-            )
-        if sha256_file(file_path) != entry.get("sha256"):
-            raise ArtifactError(
-                f"Bundle file {file_path} does not match its sha256 in the manifest."
-            )
+    manifest = read_manifest(export_dir, verify=False)
+    read_manifest(export_dir, only=[manifest["config"], manifest["weights"]])
+    files = dict(manifest["files"])
+    if files.pop(ONNX_NAME, None) is not None:  # never name a file while it is replaced
+        manifest.pop("onnx", None)
+        write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
+    entry = export_onnx(model, os.path.join(export_dir, ONNX_NAME), manifest["input"])
+    path = os.path.join(export_dir, ONNX_NAME)
+    files[ONNX_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+    manifest = dict(manifest, files=files, onnx=dict(entry, file=ONNX_NAME))
+    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
     return manifest

@@ -7,6 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from .errors import InputImageError
 from .fileio import write_bytes, write_text
+from .imageio import check_image_file, encode_png
 
 __all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files"]
 
@@ -58,15 +59,6 @@ def output_paths(image, target, many, suffix):
     return target
 
 
-def _encode_png(rgb):
-    import cv2
-
-    ok, buf = cv2.imencode(".png", rgb[:, :, ::-1])
-    if not ok:
-        raise InputImageError("Could not encode the visualization as PNG.")
-    return buf.tobytes()
-
-
 def predict_files(
     predictor,
     images: List[str],
@@ -84,7 +76,7 @@ def predict_files(
     damage only a full decode finds fails it at that image.
 
     Args:
-        predictor (Predictor): from :func:`d2persist.load_predictor`.
+        predictor: from :func:`d2persist.load_predictor` (either backend).
         images (list[str]): image files.
         output (str): visualization file, or folder (``many``), or None.
         json_out (str): JSON file, or folder (``many``), or None.
@@ -96,8 +88,6 @@ def predict_files(
         list[dict]: the JSON data of each image.
     """
     from tqdm import tqdm
-
-    from .predictor import check_image_file
 
     for image in images:
         check_image_file(image)
@@ -114,7 +104,7 @@ def predict_files(
         vis_path = output_paths(image, output, many, ".png")
         if vis_path:
             _makedirs_for(vis_path)
-            write_bytes(vis_path, _encode_png(pred.draw(meta, min_score=min_score)))
+            write_bytes(vis_path, encode_png(pred.draw(meta, min_score=min_score)))
         json_path = output_paths(image, json_out, many, ".json")
         if json_path:
             _makedirs_for(json_path)

@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_EXPORT_DIR",
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
+    "ONNX_NAME",
     "checkpoint_name",
     "checkpoint_iteration",
 ]
@@ -42,6 +43,8 @@ DEFAULT_EXPORT_DIR = "export"
 MANIFEST_NAME = "manifest.json"
 #: The bundle's weights.
 WEIGHTS_NAME = "model.safetensors"
+#: The bundle's portable model (PERSIST.EXPORT_FORMATS with "onnx").
+ONNX_NAME = "model.onnx"
 
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
 

@@ -17,32 +17,19 @@ import torch
 
 from .artifacts import resolve_artifacts
 from .errors import InputImageError
+from .imageio import check_image_file, convert_array
+from .outputs import instances_json
 from .rebuild import build_model_from_config, load_weights
 
-__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file", "check_image_file"]
+__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
 
 logger = logging.getLogger(__name__)
-
-_CHANNEL_ORDERS = ("BGR", "RGB", "L")
-
-
-def check_image_file(path):
-    """
-    Check, without decoding it, that ``path`` is a whole image file.
-
-    Raises:
-        InputImageError: the file is missing, empty, not an image, or truncated.
-    """
-    read_image_file(path, None)
 
 
 def read_image_file(path, fmt):
     """
-    Read an image file exactly as detectron2's evaluation loader does.
-
-    Args:
-        path (str): the image file.
-        fmt (str): ``INPUT.FORMAT`` ("BGR", "RGB", "L", ...); None only checks the file.
+    Read an image file exactly as detectron2's evaluation loader does
+    (``detection_utils.read_image``), after checking it is a whole image file.
 
     Returns:
         np.ndarray: HxWxC uint8 in ``fmt``.
@@ -51,50 +38,12 @@ def read_image_file(path, fmt):
         InputImageError: the file is missing, empty, not an image, or truncated.
     """
     from detectron2.data.detection_utils import read_image
-    from PIL import Image, UnidentifiedImageError
 
-    if not os.path.isfile(path):
-        raise InputImageError(f"Image {path} does not exist.")
-    if os.path.getsize(path) == 0:
-        raise InputImageError(f"Image {path} is empty.")
+    check_image_file(path)
     try:
-        with Image.open(path) as probe:
-            probe.verify()
-        return None if fmt is None else read_image(path, format=fmt)
-    except UnidentifiedImageError:
-        raise InputImageError(f"{path} is not an image file PIL can read.") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return read_image(path, format=fmt)
+    except (OSError, SyntaxError, ValueError) as e:
         raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
-
-
-def _to_format(image, channel_order, fmt):
-    """
-    Convert an array in ``channel_order`` to the model's input format, through the same PIL
-    conversion ``read_image`` applies to a file (grayscale expanded, alpha dropped).
-    """
-    from detectron2.data.detection_utils import convert_PIL_to_numpy
-    from PIL import Image
-
-    if channel_order not in _CHANNEL_ORDERS:
-        raise InputImageError(
-            f"channel_order must be one of {', '.join(_CHANNEL_ORDERS)}, not {channel_order!r}."
-        )
-    image = np.asarray(image)
-    if image.dtype != np.uint8:
-        raise InputImageError(f"An image array must be uint8, not {image.dtype}.")
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if image.ndim == 2:
-        pil = Image.fromarray(np.ascontiguousarray(image), "L")
-    elif image.ndim == 3 and image.shape[2] in (3, 4) and channel_order != "L":
-        if channel_order == "BGR":
-            image = image[:, :, [2, 1, 0, 3][: image.shape[2]]]
-        pil = Image.fromarray(np.ascontiguousarray(image), "RGB" if image.shape[2] == 3 else "RGBA")
-    else:
-        raise InputImageError(
-            f"An image array in {channel_order} order cannot have shape {image.shape}."
-        )
-    return convert_PIL_to_numpy(pil, fmt)
 
 
 class Prediction:
@@ -124,35 +73,18 @@ class Prediction:
         return str(class_id)
 
     def to_json(self, image_name=None, min_score=0.0):
-        """
-        JSON data: ``{"image", "height", "width", "instances": [{"category_id",
-        "category_name", "score", "bbox" (XYXY, original pixels), "segmentation" (COCO RLE,
-        with masks), "keypoints" ([[x, y, score], ...], with keypoints)}]}``.
-        """
-        out = {"image": image_name, "height": self.height, "width": self.width, "instances": []}
+        """JSON data, as :func:`d2persist.outputs.instances_json` describes it."""
         inst = self.instances
         if inst is None:
-            return out
-        keep = (inst.scores >= min_score).nonzero().flatten().tolist()
-        masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
-        if masks is not None:
-            import pycocotools.mask as mask_util
-        for i in keep:
-            cls = int(inst.pred_classes[i])
-            item = {
-                "category_id": cls,
-                "category_name": self.class_name(cls),
-                "score": float(inst.scores[i]),
-                "bbox": [float(x) for x in inst.pred_boxes.tensor[i].tolist()],
-            }
-            if masks is not None:
-                rle = mask_util.encode(np.asfortranarray(masks[i].astype(np.uint8)))
-                item["segmentation"] = {"size": list(rle["size"]),
-                                        "counts": rle["counts"].decode("ascii")}
-            if inst.has("pred_keypoints"):
-                item["keypoints"] = [[float(v) for v in kp] for kp in inst.pred_keypoints[i]]
-            out["instances"].append(item)
-        return out
+            return instances_json(self.height, self.width, [], [], [], self.class_names,
+                                  image_name=image_name)
+        return instances_json(
+            self.height, self.width, inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
+            inst.pred_classes.numpy(), self.class_names,
+            masks=inst.pred_masks.numpy() if inst.has("pred_masks") else None,
+            keypoints=inst.pred_keypoints.numpy() if inst.has("pred_keypoints") else None,
+            image_name=image_name, min_score=min_score,
+        )
 
     def draw(self, metadata, min_score=0.0):
         """
@@ -235,7 +167,7 @@ class Predictor:
                 raise InputImageError(
                     "Pass channel_order ('BGR', 'RGB' or 'L') with an image array."
                 )
-            image = _to_format(image, channel_order, self.input_format)
+            image = convert_array(image, channel_order, self.input_format)
         height, width = image.shape[:2]
         aug_input = T.AugInput(image)
         self.augmentation(aug_input)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Sequence
 import yaml
 
 from .config import DEFAULT_OPTIONS, PERSIST_KEY, add_persist_config
-from .errors import ConfigRoundTripError
+from .errors import ConfigError, ConfigRoundTripError
 from .fileio import atomic_path, safe_yaml_loads, write_text
 from .layout import CONFIG_NAME, PERSIST_FILE
 
@@ -35,6 +35,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The weights formats an export bundle can hold.
+EXPORT_FORMATS = ("safetensors", "onnx")
 _EXTENSION = re.compile(r"^[A-Za-z_][\w.]*:add_\w*config$")
 
 
@@ -64,6 +66,13 @@ def persist_options(cfg) -> Dict[str, Any]:
     if unknown:
         raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
     opts["CONFIG_EXTENSIONS"] = check_extension_names(opts["CONFIG_EXTENSIONS"])
+    formats = [str(f) for f in opts["EXPORT_FORMATS"]]
+    unknown = sorted(set(formats) - set(EXPORT_FORMATS))
+    if unknown:
+        raise ConfigError(
+            f"PERSIST.EXPORT_FORMATS {unknown} unknown: choose from {', '.join(EXPORT_FORMATS)}."
+        )
+    opts["EXPORT_FORMATS"] = formats
     return opts
 
 

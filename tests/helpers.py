@@ -39,6 +39,7 @@ TINY_OPTS = [
     "DATALOADER.NUM_WORKERS", "0",
     "TEST.EVAL_PERIOD", "0",
     "SEED", "7",
+    "PERSIST.EXPORT_FORMATS", "['safetensors']",  # the tests that need ONNX ask for it
 ]
 
 

@@ -12,12 +12,24 @@ def test_public_api_is_importable():
         assert getattr(d2persist, name) is not None, name
 
 
-def test_import_without_detectron2_says_how_to_install_it():
-    code = "import sys; sys.modules['detectron2'] = None; import d2persist"
+def test_without_detectron2_training_names_say_how_to_install_it():
+    code = ("import sys; sys.modules['detectron2'] = None; import d2persist; "
+            "d2persist.load_predictor; d2persist.OnnxPredictor; d2persist.PersistHook")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode != 0
     last = res.stderr.strip().splitlines()[-1]
     assert "d2persist needs detectron2" in last and "INSTALL.md" in last
+    assert "backend='onnxruntime'" in last
+
+
+def test_onnx_prediction_modules_import_no_torch():
+    code = ("import sys, d2persist, d2persist.load, d2persist.onnx_predictor, d2persist.infer; "
+            "d2persist.load_predictor; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
+            "'detectron2', 'cv2', 'pycocotools'}))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
 
 
 def test_prediction_does_not_import_the_training_engine():

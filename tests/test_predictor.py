@@ -22,10 +22,11 @@ from helpers import INFER_SINGLE, run_tool, tiny_cfg, train
 
 # every box is kept, so that there is much to compare even after a few iterations
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
+ONNX = ["PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"]
 
 
 def _train(out, *opts):
-    train(tiny_cfg(out, *ALL_BOXES, "SOLVER.MAX_ITER", 3, *opts))
+    train(tiny_cfg(out, *ALL_BOXES, "SOLVER.MAX_ITER", 3, *ONNX, *opts))
     return out
 
 
@@ -38,6 +39,12 @@ def bgr_run(tmp_path_factory):
 def rgb_run(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("rgb"), "INPUT.FORMAT", "RGB",
                   "MODEL.PIXEL_MEAN", [120.0, 110.0, 100.0], "MODEL.PIXEL_STD", [50.0, 60.0, 70.0])
+
+
+@pytest.fixture(scope="module")
+def faster_run(tmp_path_factory):
+    """Faster R-CNN: boxes only."""
+    return _train(tmp_path_factory.mktemp("faster"), "MODEL.MASK_ON", False)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +162,7 @@ def test_export_is_relocatable_and_small(bgr_run, tmp_path, val_image):
     manifest = json.loads((moved / "manifest.json").read_text())
     assert manifest["iteration"] == 2
     assert manifest["metadata"]["thing_classes"] == ["circle", "square", "triangle"]
-    assert set(manifest["files"]) == {"config.yaml", "model.safetensors"}
+    assert set(manifest["files"]) == {"config.yaml", "model.safetensors", "model.onnx"}
     assert set(manifest["versions"]) == {"d2persist", "detectron2", "torch"}
     ratio = (moved / "model.safetensors").stat().st_size / (bgr_run / "model_final.pth").stat(
     ).st_size
@@ -181,3 +188,91 @@ def test_infer_single_json_matches_evaluation_path(bgr_run, val_image, tmp_path)
     assert all(set(i["segmentation"]) == {"size", "counts"} for i in data["instances"])
     vis = cv2.imread(str(tmp_path / "p.png"))
     assert vis.shape[:2] == (320, 320)
+
+
+def assert_onnx_matches(pred, ref):
+    """ONNX Runtime's prediction against the evaluation path, within the export's tolerances."""
+    assert len(pred) == len(ref) > 0
+    np.testing.assert_array_equal(pred.classes, ref.pred_classes.numpy())
+    np.testing.assert_allclose(pred.scores, ref.scores.numpy(), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(pred.boxes, ref.pred_boxes.tensor.numpy(), rtol=0, atol=0.05)
+    if not ref.has("pred_masks"):
+        assert pred.masks is None
+        return
+    want = ref.pred_masks.numpy()
+    assert pred.masks.shape == want.shape
+    for got, ref_mask in zip(pred.masks, want):
+        union = (got | ref_mask).sum()
+        assert union == 0 or (got & ref_mask).sum() / union >= 0.99
+
+
+@pytest.mark.parametrize("run", ["bgr_run", "rgb_run", "faster_run"])
+@pytest.mark.parametrize("kind", ["gray", "rgba", "exif", "large"])
+def test_onnxruntime_matches_evaluation_path(request, run, kind, val_image, tmp_path):
+    folder = request.getfixturevalue(run)
+    image = _make(kind, val_image, tmp_path)
+    pred = load_predictor(str(folder), backend="onnxruntime")(image)
+    assert_onnx_matches(pred, evaluation_path(folder, image))
+    assert pred.class_names == ["circle", "square", "triangle"]
+
+
+def test_onnx_comparison_can_fail_without_the_resize(rgb_run, val_image, tmp_path):
+    from d2persist.manifest import read_manifest
+    from d2persist.onnx_predictor import OnnxPredictor
+
+    image = _make("large", val_image, tmp_path)
+    good = load_predictor(str(rgb_run), backend="onnxruntime")
+    manifest = read_manifest(str(rgb_run / "export"))
+    unresized = OnnxPredictor(good.session, dict(manifest["input"], min_size_test=0),
+                              good.metadata)
+    with pytest.raises(AssertionError):
+        assert_onnx_matches(unresized(image), evaluation_path(rgb_run, image))
+
+
+def test_onnx_array_input_honours_channel_order(bgr_run, val_image):
+    predictor = load_predictor(str(bgr_run), backend="onnxruntime")
+    from_file = predictor(val_image)
+    rgb = np.asarray(Image.open(val_image).convert("RGB"))
+    from_array = predictor(rgb, channel_order="RGB")
+    np.testing.assert_array_equal(from_array.boxes, from_file.boxes)
+    with pytest.raises(InputImageError, match="channel_order"):
+        predictor(rgb)
+
+
+#: Run a tool with torch, torchvision and detectron2 made unimportable.
+_WITHOUT_TORCH = (
+    "import runpy, sys\n"
+    "for name in ('torch', 'torchvision', 'detectron2'):\n"
+    "    sys.modules[name] = None  # any import of them raises ImportError\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "leaked = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', "
+    "'detectron2') and sys.modules[m] is not None]\n"
+    "assert not leaked, leaked\n"
+)
+
+
+def test_onnxruntime_backend_needs_neither_torch_nor_detectron2(bgr_run, val_image, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    image = _make("exif", val_image, tmp_path)
+    args = ["--image", image, "--artifacts", str(bgr_run), "--confidence-threshold", "0"]
+    res = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args, "--backend", "auto",
+         "--json", str(tmp_path / "ort.json"), "--output", str(tmp_path / "ort.png")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = run_tool(INFER_SINGLE, *args, "--json", tmp_path / "torch.json")
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    got, want = (json.loads((tmp_path / n).read_text()) for n in ("ort.json", "torch.json"))
+    assert (got["height"], got["width"]) == (want["height"], want["width"]) == (96, 128)
+    assert len(got["instances"]) == len(want["instances"]) > 0
+    for a, b in zip(got["instances"], want["instances"]):
+        assert a["category_name"] == b["category_name"]
+        assert abs(a["score"] - b["score"]) <= 1e-3
+        np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=0.05)
+    assert Image.open(tmp_path / "ort.png").size == (128, 96)

@@ -28,8 +28,13 @@ def get_parser():
                         "default: predictions/<image>.json")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the instances written (default: 0.5)")
+    parser.add_argument("--backend", choices=["pytorch", "onnxruntime", "auto"],
+                        default="pytorch",
+                        help="pytorch: evaluation-exact, needs detectron2 (default); "
+                        "onnxruntime: the export's model.onnx, needs neither torch nor "
+                        "detectron2; auto: onnxruntime where torch is not installed")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="default: cuda if available, else cpu")
+                        help="pytorch backend: default cuda if available, else cpu")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs")
     return parser
@@ -42,7 +47,7 @@ def main(argv=None):
     @exit_on_known_errors(PROG)
     def run():
         from d2persist.infer import collect_images, predict_files
-        from d2persist.predictor import load_predictor
+        from d2persist.load import load_predictor
 
         images, many = collect_images(args.image)
         output, json_out = args.output, args.json
@@ -50,7 +55,8 @@ def main(argv=None):
             default = "predictions"
             output = default if many else os.path.join(default, _stem(images[0]) + ".png")
             json_out = default if many else os.path.join(default, _stem(images[0]) + ".json")
-        predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts)
+        predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts,
+                                   backend=args.backend)
         predict_files(predictor, images, output, json_out, args.confidence_threshold, many)
         for what, path in (("visualization", output), ("JSON", json_out)):
             if path:

@@ -9,12 +9,12 @@ tools/lazyconfig_train_net.py with PersistHook in place of the periodic checkpoi
 
 import os
 
-import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
+from d2persist import train_lazy  # isort: skip
+# (first: without detectron2 it says how to install it)
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
-from d2persist.lazy_trainer import train_lazy
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs",

@@ -14,12 +14,12 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 
 import os
 
-import d2persist  # noqa: F401  (first: says how to install detectron2 if it is missing)
+from d2persist import PersistCheckpointer, PersistTrainer, add_persist_config  # isort: skip
+# (first: without detectron2 it says how to install it)
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import COCOEvaluator
 
-from d2persist import PersistCheckpointer, PersistTrainer, add_persist_config
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 from d2persist.data.shapes import register_shapes
 

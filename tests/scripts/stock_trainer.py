@@ -16,7 +16,7 @@ from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.env import seed_all_rng
 
-from d2persist import PersistHook
+from d2persist import PersistHook, add_persist_config
 from d2persist.cli import add_launch_arguments, launch_main
 from d2persist.data.shapes import register_shapes
 from d2persist.trainer import create_ddp_model
@@ -33,7 +33,7 @@ class Trainer(DefaultTrainer):
 
 def main(args):
     register_shapes()
-    cfg = get_cfg()
+    cfg = add_persist_config(get_cfg())  # the built-in config sets PERSIST options
     cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
     cfg.merge_from_list(args.opts)
     cfg.freeze()

@@ -1,0 +1,156 @@
+"""
+Image files in and out with numpy and Pillow only: what detectron2's evaluation path does to an
+image before the model (``read_image``, ``ResizeShortestEdge``), reproduced without torch or
+detectron2 for the ONNX Runtime predictor; and PNG encoding for visualizations.
+"""
+
+import io
+import os
+from typing import Tuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputImageError
+
+__all__ = ["CHANNEL_ORDERS", "check_image_file", "read_image", "convert_array", "resized_shape",
+           "resize_shortest_edge", "encode_png"]
+
+#: The channel orders an image array may come in.
+CHANNEL_ORDERS = ("BGR", "RGB", "L")
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSE = {
+    2: Image.FLIP_LEFT_RIGHT,
+    3: Image.ROTATE_180,
+    4: Image.FLIP_TOP_BOTTOM,
+    5: Image.TRANSPOSE,
+    6: Image.ROTATE_270,
+    7: Image.TRANSVERSE,
+    8: Image.ROTATE_90,
+}
+
+
+def check_image_file(path: str) -> None:
+    """
+    Check, without decoding it, that ``path`` is a whole image file.
+
+    Raises:
+        InputImageError: the file is missing, empty, not an image, or truncated.
+    """
+    if not os.path.isfile(path):
+        raise InputImageError(f"Image {path} does not exist.")
+    if os.path.getsize(path) == 0:
+        raise InputImageError(f"Image {path} is empty.")
+    try:
+        with Image.open(path) as probe:
+            probe.verify()
+    except UnidentifiedImageError:
+        raise InputImageError(f"{path} is not an image file PIL can read.") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+
+
+def _apply_exif_orientation(image):
+    try:
+        exif = image.getexif()
+    except Exception:  # as detectron2: a broken EXIF block is ignored
+        return image
+    method = _TRANSPOSE.get(exif.get(_EXIF_ORIENTATION)) if exif is not None else None
+    return image.transpose(method) if method is not None else image
+
+
+def read_image(path: str, fmt: str) -> np.ndarray:
+    """
+    Read an image file as ``detectron2.data.detection_utils.read_image(path, fmt)`` does: EXIF
+    orientation applied, converted by PIL to ``fmt`` ("BGR", "RGB" or "L").
+
+    Returns:
+        np.ndarray: HxWxC uint8 (C = 1 for "L").
+
+    Raises:
+        InputImageError: the file is missing, not an image, truncated, or ``fmt`` is unknown.
+    """
+    if fmt not in ("BGR", "RGB", "L"):
+        raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
+    check_image_file(path)
+    try:
+        with Image.open(path) as image:
+            return _to_numpy(_apply_exif_orientation(image), fmt)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+
+
+def _to_numpy(pil, fmt):
+    """``detection_utils.convert_PIL_to_numpy`` for BGR, RGB and L."""
+    array = np.asarray(pil.convert("RGB" if fmt == "BGR" else fmt))
+    if fmt == "L":
+        return np.expand_dims(array, -1)
+    return array[:, :, ::-1] if fmt == "BGR" else array
+
+
+def convert_array(image, channel_order: str, fmt: str) -> np.ndarray:
+    """
+    Convert a uint8 array in ``channel_order`` to the model's input format ``fmt``, through the
+    same PIL conversion ``read_image`` applies to a file (grayscale expanded, alpha dropped).
+
+    Raises:
+        InputImageError: an unknown channel order, a dtype other than uint8, or a shape that
+            the channel order cannot have.
+    """
+    if channel_order not in CHANNEL_ORDERS:
+        raise InputImageError(
+            f"channel_order must be one of {', '.join(CHANNEL_ORDERS)}, not {channel_order!r}."
+        )
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise InputImageError(f"An image array must be uint8, not {image.dtype}.")
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        pil = Image.fromarray(np.ascontiguousarray(image), "L")
+    elif image.ndim == 3 and image.shape[2] in (3, 4) and channel_order != "L":
+        if channel_order == "BGR":
+            image = image[:, :, [2, 1, 0, 3][: image.shape[2]]]
+        pil = Image.fromarray(np.ascontiguousarray(image), "RGB" if image.shape[2] == 3 else "RGBA")
+    else:
+        raise InputImageError(
+            f"An image array in {channel_order} order cannot have shape {image.shape}."
+        )
+    return _to_numpy(pil, fmt)
+
+
+def resized_shape(height: int, width: int, short: int, max_size: int) -> Tuple[int, int]:
+    """``ResizeShortestEdge.get_output_shape``: the (height, width) an image is resized to."""
+    size = short * 1.0
+    scale = size / min(height, width)
+    if height < width:
+        newh, neww = size, scale * width
+    else:
+        newh, neww = scale * height, size
+    if max(newh, neww) > max_size:
+        scale = max_size * 1.0 / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+def resize_shortest_edge(image: np.ndarray, short: int, max_size: int) -> np.ndarray:
+    """
+    Resize a uint8 HxWxC image as detectron2's test-time ``ResizeShortestEdge(short,
+    max_size)`` does (PIL bilinear); ``short`` 0 leaves it as it is.
+    """
+    if not short:
+        return image
+    h, w = image.shape[:2]
+    newh, neww = resized_shape(h, w, short, max_size)
+    gray = image.ndim > 2 and image.shape[2] == 1
+    pil = Image.fromarray(image[:, :, 0], mode="L") if gray else Image.fromarray(image)
+    out = np.asarray(pil.resize((neww, newh), Image.BILINEAR))
+    return np.expand_dims(out, -1) if gray else out
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """PNG bytes of an RGB (or gray) uint8 image."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,53 @@
+"""``load_predictor``: a predictor from artifacts, with PyTorch or with ONNX Runtime."""
+
+import importlib.util
+from typing import Optional, Sequence
+
+from .errors import D2PersistError
+
+__all__ = ["BACKENDS", "load_predictor"]
+
+#: Prediction backends: "pytorch" (evaluation-exact, needs detectron2), "onnxruntime" (the
+#: bundle's model.onnx; needs neither torch nor detectron2), "auto" (ONNX Runtime where torch
+#: is not installed).
+BACKENDS = ("pytorch", "onnxruntime", "auto")
+
+
+def load_predictor(
+    path: str,
+    device: Optional[str] = None,
+    opts: Optional[Sequence[str]] = None,
+    allowed_targets: Optional[Sequence[str]] = None,
+    backend: str = "pytorch",
+):
+    """
+    Load a predictor from an export folder or a training OUTPUT_DIR.
+
+    Args:
+        path (str): an export bundle, or a run folder (its export if complete; with PyTorch,
+            else its newest checkpoint that verifies and its config.yaml).
+        device (str): PyTorch: "cpu" or "cuda" (the GPU if available when None).
+        opts (list[str]): PyTorch: config overrides (``KEY VALUE`` pairs, or ``key=value`` for
+            LazyConfigs).
+        allowed_targets (list[str]): PyTorch, LazyConfig: more module prefixes ``_target_``
+            may name.
+        backend (str): one of :data:`BACKENDS`.
+
+    Returns:
+        :class:`d2persist.predictor.Predictor` or :class:`d2persist.onnx_predictor.OnnxPredictor`
+        (both are called with an image and give a prediction with ``to_json`` and ``draw``).
+    """
+    if backend not in BACKENDS:
+        raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    if backend == "auto":
+        backend = "pytorch" if importlib.util.find_spec("torch") else "onnxruntime"
+    if backend == "onnxruntime":
+        if opts:
+            raise D2PersistError("Config overrides (opts) need the pytorch backend: the ONNX "
+                                 "model was fixed when it was exported.")
+        from .onnx_predictor import load_onnx_predictor
+
+        return load_onnx_predictor(path)
+    from .predictor import load_predictor as load_torch_predictor
+
+    return load_torch_predictor(path, device, opts, allowed_targets)

@@ -1,0 +1,95 @@
+"""
+The export bundle's manifest, read side: what a predicting process checks before it trusts a
+bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
+"""
+
+import os
+
+from .errors import ArtifactError
+from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
+from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
+
+__all__ = ["FORMAT", "read_manifest", "metadata_from_json", "persist_options_of_run",
+           "find_bundle"]
+
+#: Identifies a d2persist manifest, with its version.
+FORMAT = {"name": "d2persist-export", "version": 1}
+
+
+def metadata_from_json(meta: dict) -> dict:
+    """Undo JSON's stringification of integer keys in ``*_id_to_contiguous_id`` maps."""
+    out = dict(meta)
+    for key, value in meta.items():
+        if key.endswith("_id_to_contiguous_id") and isinstance(value, dict):
+            out[key] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in value.items()}
+    return out
+
+
+def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
+    """
+    Read and check a bundle's manifest.
+
+    Args:
+        export_dir (str): the bundle folder.
+        verify (bool): check every listed file's size and sha256.
+        only (list[str]): check only these of the listed files (the ones a caller loads).
+
+    Returns:
+        dict: the manifest.
+
+    Raises:
+        ArtifactError: no manifest, an unknown format, or a file that does not match.
+        UnsafeArtifactError: a file name that points outside the bundle.
+    """
+    path = os.path.join(export_dir, MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{export_dir} is not a complete export: it has no {MANIFEST_NAME}.")
+    manifest = read_json(path)
+    fmt = manifest.get("format", {}) if isinstance(manifest, dict) else {}
+    if fmt.get("name") != FORMAT["name"] or fmt.get("version", 0) > FORMAT["version"]:
+        raise ArtifactError(f"{path} is not a d2persist manifest this version can read.")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {manifest.get("config"), manifest.get("weights")} <= set(
+        files
+    ):
+        raise ArtifactError(f"{path} does not list the bundle's config and weights files.")
+    for name, entry in files.items():
+        file_path = resolve_inside(export_dir, name)
+        if not verify or (only is not None and name not in only):
+            continue
+        if not os.path.isfile(file_path):
+            raise ArtifactError(f"Bundle file {file_path} named in {MANIFEST_NAME} is missing.")
+        size = os.path.getsize(file_path)
+        if size != entry.get("size"):
+            raise ArtifactError(
+                f"Bundle file {file_path} has {size} bytes, the manifest says {entry.get('size')}."
+            )
+        if sha256_file(file_path) != entry.get("sha256"):
+            raise ArtifactError(
+                f"Bundle file {file_path} does not match its sha256 in the manifest."
+            )
+    return manifest
+
+
+def persist_options_of_run(folder: str) -> dict:
+    """A yacs run's ``persist.yaml`` options ({} if it has none)."""
+    path = os.path.join(folder, PERSIST_FILE)
+    if not os.path.isfile(path):
+        return {}
+    persist = safe_yaml_load(path)
+    options = persist.get("PERSIST") if isinstance(persist, dict) else None
+    if not isinstance(options, dict):
+        raise ArtifactError(f"{path} holds no PERSIST options.")
+    return options
+
+
+def find_bundle(path: str):
+    """
+    The export bundle at ``path``: ``path`` itself if it holds a manifest, else the export
+    folder of the run folder ``path`` if that holds one, else None.
+    """
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return path
+    name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+    export_dir = resolve_inside(path, name)
+    return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None

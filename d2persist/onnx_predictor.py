@@ -1,0 +1,209 @@
+"""
+Prediction with ONNX Runtime from an export bundle's ``model.onnx``, without torch,
+torchvision or detectron2: numpy, Pillow and onnxruntime only.
+
+It reproduces detectron2's evaluation path around the graph: ``read_image`` (EXIF orientation,
+``INPUT.FORMAT``, gray and RGBA), the test-time ``ResizeShortestEdge`` on uint8, and
+``detector_postprocess`` (boxes rescaled to the original size and clipped, empty boxes
+dropped, masks pasted as ``paste_masks_in_image`` does and thresholded at 0.5).
+"""
+
+import logging
+import os
+from typing import Optional
+
+import numpy as np
+
+from .errors import ArtifactError, InputImageError
+from .imageio import convert_array, read_image, resize_shortest_edge
+from .layout import ONNX_NAME
+from .manifest import find_bundle, metadata_from_json, read_manifest
+from .outputs import draw_instances, instances_json
+
+__all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "paste_masks"]
+
+logger = logging.getLogger(__name__)
+
+
+def _interpolation_matrix(coords, size):
+    """Bilinear weights (len(coords) x size) of ``grid_sample``, zero outside [0, size)."""
+    lo = np.floor(coords)
+    frac = (coords - lo).astype(np.float32)
+    lo = lo.astype(np.int64)
+    out = np.zeros((len(coords), size), dtype=np.float32)
+    rows = np.arange(len(coords))
+    for idx, weight in ((lo, 1.0 - frac), (lo + 1, frac)):
+        ok = (idx >= 0) & (idx < size)
+        out[rows[ok], idx[ok]] += weight[ok]
+    return out
+
+
+def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
+                threshold: float = 0.5) -> np.ndarray:
+    """
+    Paste M x M mask probabilities into their boxes of an image, as detectron2's
+    ``paste_masks_in_image`` does on the CPU (bilinear ``grid_sample``, ``align_corners=False``,
+    each mask within its box widened by a pixel), then keep ``>= threshold``.
+
+    Args:
+        masks (ndarray): N x M x M float.
+        boxes (ndarray): N x 4 XYXY in image pixels.
+
+    Returns:
+        ndarray: N x height x width bool.
+    """
+    out = np.zeros((len(masks), height, width), dtype=bool)
+    for i, (mask, box) in enumerate(zip(masks.astype(np.float32), boxes.astype(np.float32))):
+        x0, y0, x1, y1 = box
+        xa, ya = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
+        xb, yb = min(int(np.ceil(x1)) + 1, width), min(int(np.ceil(y1)) + 1, height)
+        if xb <= xa or yb <= ya:
+            continue
+        mh, mw = mask.shape
+        gx = (np.arange(xa, xb, dtype=np.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        gy = (np.arange(ya, yb, dtype=np.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        wx = _interpolation_matrix(((gx + 1) * mw - 1) / 2, mw)
+        wy = _interpolation_matrix(((gy + 1) * mh - 1) / 2, mh)
+        out[i, ya:yb, xa:xb] = (wy @ mask @ wx.T) >= threshold
+    return out
+
+
+class OnnxPrediction:
+    """
+    The model's output for one image, in original-image pixels.
+
+    Attributes:
+        boxes (ndarray): N x 4 XYXY. scores (ndarray): N. classes (ndarray): N int.
+        masks (ndarray or None): N x H x W bool.
+        class_names (list[str]): name of each class id.
+        image (ndarray): the image as read, in the model's input format.
+        height, width (int): the original image size.
+    """
+
+    def __init__(self, boxes, scores, classes, masks, class_names, image, input_format):
+        self.boxes, self.scores, self.classes, self.masks = boxes, scores, classes, masks
+        self.class_names = class_names
+        self.image = image
+        self.input_format = input_format
+        self.height, self.width = image.shape[:2]
+
+    def __len__(self):
+        return len(self.scores)
+
+    def to_json(self, image_name=None, min_score=0.0) -> dict:
+        """JSON data, as :func:`d2persist.outputs.instances_json` describes it."""
+        return instances_json(self.height, self.width, self.boxes, self.scores, self.classes,
+                              self.class_names, masks=self.masks, image_name=image_name,
+                              min_score=min_score)
+
+    def draw(self, metadata, min_score=0.0) -> np.ndarray:
+        """The visualization (RGB uint8, original size)."""
+        keep = self.scores >= min_score
+        if self.input_format == "L":
+            rgb = np.repeat(self.image, 3, axis=2)
+        else:
+            rgb = self.image[:, :, ::-1] if self.input_format == "BGR" else self.image
+        return draw_instances(rgb, self.boxes[keep], self.scores[keep], self.classes[keep],
+                              self.class_names,
+                              self.masks[keep] if self.masks is not None else None,
+                              colors=(metadata or {}).get("thing_colors"))
+
+
+class OnnxPredictor:
+    """
+    Predicts with an export bundle's ``model.onnx`` in ONNX Runtime (see
+    :func:`load_onnx_predictor`). Call it with an image path, or an array and its
+    ``channel_order``.
+    """
+
+    def __init__(self, session, contract, metadata):
+        """
+        Args:
+            session (onnxruntime.InferenceSession): of the bundle's ``model.onnx``.
+            contract (dict): the manifest's ``input`` (format, test sizes).
+            metadata (dict): dataset metadata; ``thing_classes`` names the classes.
+        """
+        self.session = session
+        self.input_format = contract["format"]
+        self.min_size = int(contract.get("min_size_test") or 0)
+        self.max_size = int(contract.get("max_size_test") or 0)
+        self.metadata = metadata
+        self.class_names = list(
+            metadata.get("thing_classes") or metadata.get("stuff_classes") or []
+        )
+        self._outputs = [o.name for o in session.get_outputs()]
+
+    def visualizer_metadata(self) -> dict:
+        return self.metadata
+
+    def __call__(self, image, channel_order: Optional[str] = None) -> OnnxPrediction:
+        """
+        Args:
+            image (str or ndarray): an image file, or an HxW/HxWxC uint8 array.
+            channel_order (str): for an array: "BGR", "RGB" or "L" (required).
+        """
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(os.fspath(image), self.input_format)
+        else:
+            if channel_order is None:
+                raise InputImageError(
+                    "Pass channel_order ('BGR', 'RGB' or 'L') with an image array."
+                )
+            image = convert_array(image, channel_order, self.input_format)
+        height, width = image.shape[:2]
+        resized = resize_shortest_edge(image, self.min_size, self.max_size)
+        chw = np.ascontiguousarray(resized.transpose(2, 0, 1))
+        out = dict(zip(self._outputs, self.session.run(None, {"image": chw})))
+        rh, rw = (int(x) for x in out["image_size"])
+        boxes = out["boxes"].astype(np.float32)
+        boxes[:, 0::2] *= np.float32(width / rw)
+        boxes[:, 1::2] *= np.float32(height / rh)
+        np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+        np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep]
+        masks = None
+        if "masks" in out:
+            masks = paste_masks(out["masks"][keep][:, 0], boxes, height, width)
+        return OnnxPrediction(boxes, out["scores"][keep], out["classes"][keep].astype(np.int64),
+                              masks, self.class_names, image, self.input_format)
+
+
+def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None):
+    """
+    Load an :class:`OnnxPredictor` from an export bundle, or a run folder's export.
+
+    Args:
+        path (str): the bundle, or a training OUTPUT_DIR whose export is complete.
+        providers (list[str]): ONNX Runtime execution providers (default: the CPU).
+        threads (int): ONNX Runtime's intra-op threads (default: its own choice).
+
+    Raises:
+        ArtifactError: no complete bundle, no ONNX model in it (with the reason its export
+            failed, if it did), or a ``model.onnx`` that does not match its manifest entry.
+    """
+    import onnxruntime as ort
+
+    if not os.path.isdir(path):
+        raise ArtifactError(f"Artifacts folder {path} does not exist.")
+    bundle = find_bundle(path)
+    if bundle is None:
+        raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
+                            "with ONNX Runtime.")
+    manifest = read_manifest(bundle, only=[ONNX_NAME])
+    entry = manifest.get("onnx")
+    if not entry or ONNX_NAME not in manifest["files"]:
+        why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
+        raise ArtifactError(
+            f"The bundle {bundle} has no {ONNX_NAME}{why}; add one with tools/export_model.py "
+            f"--artifacts {path} --format onnx."
+        )
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    session = ort.InferenceSession(os.path.join(bundle, ONNX_NAME), options,
+                                   providers=providers or ["CPUExecutionProvider"])
+    logger.info("Loaded %s with ONNX Runtime %s", os.path.join(bundle, ONNX_NAME),
+                ort.__version__)
+    return OnnxPredictor(session, manifest["input"],
+                         metadata_from_json(manifest.get("metadata") or {}))

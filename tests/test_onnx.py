@@ -1,0 +1,75 @@
+"""ONNX export: refused models, a failing exporter, and adding ONNX to an existing bundle."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+from d2persist import ArtifactError, ExportError, load_predictor
+from d2persist.data.shapes import register_shapes
+from d2persist.onnx_export import export_onnx
+from helpers import INFER_SINGLE, REPO, run_tool, tiny_cfg, train
+
+EXPORT_MODEL = os.path.join(REPO, "tools", "export_model.py")
+ONNX = ["PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"]
+
+
+@pytest.mark.parametrize("opts,reason", [
+    (["MODEL.KEYPOINT_ON", True, "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 3], "keypoints"),
+    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", 3,
+      "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"], "RetinaNet"),
+])
+def test_unsupported_models_are_refused_in_one_sentence(tmp_path, opts, reason):
+    cfg = tiny_cfg(tmp_path, *opts)
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=reason) as e:
+        export_onnx(build_model(cfg), str(path), {"min_size_test": 64, "max_size_test": 96})
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+    assert not path.exists() and os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def val_image():
+    _, val = register_shapes()
+    return DatasetCatalog.get(val)[1]["file_name"]
+
+
+def test_failing_exporter_leaves_run_and_bundle_then_export_model_adds_onnx(
+    tmp_path, mocker, val_image
+):
+    mocker.patch("torch.onnx.export", side_effect=RuntimeError("Unsupported: aten::made_up"))
+    train(tiny_cfg(tmp_path, *ONNX, "SOLVER.MAX_ITER", 2,
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0))
+    mocker.stopall()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert "aten::made_up" in manifest["onnx"]["error"]
+    assert set(manifest["files"]) == {"config.yaml", "model.safetensors"}
+    assert not [n for n in os.listdir(tmp_path / "export") if n.startswith(".d2persist-tmp")]
+    torch_pred = load_predictor(str(tmp_path))(val_image)  # the safetensors bundle works
+    with pytest.raises(ArtifactError, match="export failed: .*aten::made_up.*export_model.py"):
+        load_predictor(str(tmp_path), backend="onnxruntime")
+    res = run_tool(INFER_SINGLE, "--image", val_image, "--artifacts", tmp_path,
+                   "--backend", "onnxruntime")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("infer_single.py: error:")
+
+    res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path, "--format", "onnx")
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert manifest["onnx"]["opset"] >= 16 and "error" not in manifest["onnx"]
+    assert manifest["files"]["model.onnx"]["size"] == (tmp_path / "export" / "model.onnx").stat(
+    ).st_size
+    ort_pred = load_predictor(str(tmp_path), backend="onnxruntime")(val_image)
+    assert len(ort_pred) == len(torch_pred.instances) > 0
+    np.testing.assert_allclose(ort_pred.boxes, torch_pred.instances.pred_boxes.tensor.numpy(),
+                               rtol=0, atol=0.05)
+
+
+def test_export_model_bad_input_is_one_line(tmp_path):
+    res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path / "missing")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "holds no complete export bundle" in res.stderr.strip().splitlines()[-1]
