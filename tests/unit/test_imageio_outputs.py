@@ -1,0 +1,69 @@
+"""The torch-free image and output code against the detectron2 / pycocotools code it mirrors."""
+
+import numpy as np
+import pytest
+import torch
+from detectron2.data.detection_utils import read_image as d2_read_image
+from detectron2.data.transforms import ResizeShortestEdge
+from detectron2.layers.mask_ops import paste_masks_in_image
+from PIL import Image
+
+from d2persist.imageio import read_image, resize_shortest_edge, resized_shape
+from d2persist.onnx_predictor import paste_masks
+from d2persist.outputs import rle_encode
+
+
+def test_rle_equals_pycocotools():
+    mask_util = pytest.importorskip("pycocotools.mask")
+    rng = np.random.default_rng(0)
+    blob = np.zeros((40, 50), bool)
+    blob[5:30, 10:45] = True
+    masks = [blob, ~blob, np.zeros((3, 3), bool), np.ones((3, 3), bool)]
+    masks += [rng.random((37, 23)) < p for p in (0.05, 0.5, 0.95)]
+    for m in masks:
+        want = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert rle_encode(m) == {"size": list(want["size"]), "counts": want["counts"].decode()}
+
+
+@pytest.mark.parametrize("h,w", [(128, 128), (96, 128), (300, 41), (10, 500), (333, 777)])
+def test_resize_equals_resize_shortest_edge(h, w):
+    rng = np.random.default_rng(h * w)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    aug = ResizeShortestEdge(64, 96, sample_style="choice")
+    want = aug.get_transform(image).apply_image(image)
+    assert resized_shape(h, w, 64, 96) == want.shape[:2]
+    np.testing.assert_array_equal(resize_shortest_edge(image, 64, 96), want)
+    gray = image[:, :, :1]
+    np.testing.assert_array_equal(resize_shortest_edge(gray, 64, 96),
+                                  aug.get_transform(gray).apply_image(gray))
+
+
+@pytest.mark.parametrize("fmt", ["BGR", "RGB", "L"])
+def test_read_image_equals_detectron2(tmp_path, fmt):
+    rng = np.random.default_rng(1)
+    rgb = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    files = {"rgba.png": Image.fromarray(np.dstack([rgb, rgb[:, :, 0]]), "RGBA"),
+             "gray.png": Image.fromarray(rgb[:, :, 1], "L"),
+             "palette.png": Image.fromarray(rgb).convert("P")}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(rgb).save(tmp_path / "exif.jpg", exif=exif)
+    for name in list(files) + ["exif.jpg"]:
+        path = str(tmp_path / name)
+        np.testing.assert_array_equal(read_image(path, fmt), d2_read_image(path, format=fmt))
+
+
+def test_paste_masks_equals_detectron2():
+    rng = np.random.default_rng(2)
+    masks = rng.random((12, 28, 28)).astype(np.float32)
+    xy = rng.uniform(0, 50, (12, 2))
+    wh = rng.uniform(0.5, 40, (12, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    boxes = np.clip(boxes, 0, [80, 60, 80, 60]).astype(np.float32)  # clipped, as in prediction
+    want = paste_masks_in_image(torch.from_numpy(masks), torch.from_numpy(boxes), (60, 80))
+    got = paste_masks(masks, boxes, 60, 80)
+    assert got.shape == tuple(want.shape)
+    differ = (got != want.numpy()).sum()
+    assert differ <= 2, differ  # float rounding at the 0.5 threshold, at most
