@@ -12,7 +12,8 @@ DEMO_OUT ?= output/shapes
 	demo lint bench help
 
 help:
-	@echo "make demo       install, train the built-in model on CPU, evaluate, export, predict"
+	@echo "make demo       install, train the built-in model on CPU, evaluate, export (also"
+	@echo "                ONNX), predict with PyTorch and with ONNX Runtime"
 	@echo "make test       install what the tests need, lint, and run the whole suite"
 	@echo "make test-fast  lint and the unit tests that train nothing (under 30 s)"
 	@echo "make lint       flake8 with detectron2's settings (line length 100)"
@@ -53,6 +54,9 @@ demo: install
 	$(PYTHON) tools/infer_single.py --artifacts $(DEMO_OUT) \
 	  --image "$$($(PYTHON) -m d2persist.data.shapes --held-out-image)" \
 	  --output $(DEMO_OUT)/demo/prediction.png --json $(DEMO_OUT)/demo/prediction.json
+	$(PYTHON) tools/infer_single.py --artifacts $(DEMO_OUT) --backend onnxruntime \
+	  --image "$$($(PYTHON) -m d2persist.data.shapes --held-out-image)" \
+	  --output $(DEMO_OUT)/demo/prediction_onnx.png --json $(DEMO_OUT)/demo/prediction_onnx.json
 
 bench: install
 	$(PYTHON) bench/run_all.py --quick

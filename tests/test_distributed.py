@@ -59,7 +59,9 @@ def test_two_processes_lazyconfig_tool_evaluates_then_resumes(tmp_path):
 
     out = tmp_path / "run"
     args = [*DIST, *LAZY_TINY, f"train.output_dir={out}", "train.eval_period=2",
-            "train.checkpointer.period=2", "lr_multiplier.scheduler.milestones=[2,3]"]
+            "train.checkpointer.period=2", "lr_multiplier.scheduler.milestones=[2,3]",
+            # evaluate as the tool would by default: every box scored below 0.05 is dropped
+            "model.roi_heads.box_predictor.test_score_thresh=0.05", "dataloader.test.num_workers=0"]
     first = run_tool(LAZY_TRAIN_NET, *args, "train.max_iter=4", timeout=240)
     _check_run(out, first, 4, evaluations=2)
     more = run_tool(LAZY_TRAIN_NET, "--resume", *args, "train.max_iter=6", timeout=240)
