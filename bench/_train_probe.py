@@ -61,7 +61,8 @@ def main():
     cfg = add_persist_config(get_cfg())
     cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
     tiny = TINY_OPTS if args.tiny else []
-    cfg.merge_from_list(tiny + ["OUTPUT_DIR", args.output, "DATASETS.TEST", "()"] + args.opts)
+    no_eval = ["DATASETS.TEST", "()", "PERSIST.BEST_METRIC", ""]
+    cfg.merge_from_list(tiny + ["OUTPUT_DIR", args.output] + no_eval + args.opts)
     seed_all_rng(cfg.SEED)
     first = {}
 

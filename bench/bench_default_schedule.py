@@ -37,8 +37,9 @@ def main():
         raise SystemExit("training failed")
     lines = [ln for ln in res.stdout.splitlines() if "copypaste:" in ln]
     values = [ln.split("copypaste:")[1].strip() for ln in lines]
-    bbox = values[values.index("Task: bbox") + 2].split(",")
-    segm = values[values.index("Task: segm") + 2].split(",")
+    last = len(values) - 1 - values[::-1].index("Task: bbox")  # the final evaluation's
+    bbox = values[last + 2].split(",")
+    segm = values[values.index("Task: segm", last) + 2].split(",")
     speed = re.search(r"Overall training speed: .*", res.stdout)
     table("Default schedule (python tools/train_net.py)" + (" --quick" if args.quick else ""), [
         ("wall, process start to exit (target <= 300 s)", f"{wall:.0f} s"),

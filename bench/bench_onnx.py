@@ -113,7 +113,7 @@ def main():
     try:
         out = os.path.join(work, "run")
         run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "OUTPUT_DIR", out,
-             "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()",
+             "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "PERSIST.BEST_METRIC", "",
              "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"], cwd=REPO)
         image, js = images[0], os.path.join(work, "p.json")
         sides = {

@@ -25,7 +25,7 @@ INFER = os.path.join(REPO, "tools", "infer_single.py")
 def train_run(out):
     """A short run of the built-in config: full-size model, so loading costs are real."""
     run([sys.executable, os.path.join(REPO, "tools", "train_net.py"), "OUTPUT_DIR", out,
-         "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()"], cwd=REPO)
+         "SOLVER.MAX_ITER", "2", "DATASETS.TEST", "()", "PERSIST.BEST_METRIC", ""], cwd=REPO)
 
 
 def per_image(out, images, repeats):

@@ -34,6 +34,7 @@ class Artifacts:
         metadata (dict): dataset metadata (``thing_classes``, ...); may be empty.
         iteration (int or None): the training iteration of the weights, if known.
         config_extensions (list[str]): the run's ``PERSIST.CONFIG_EXTENSIONS`` (yacs).
+        source (dict): which weights these are (see :func:`d2persist.manifest.describe_source`).
     """
 
     kind: str
@@ -44,6 +45,7 @@ class Artifacts:
     metadata: dict = field(repr=False)
     iteration: Optional[int] = None
     config_extensions: List[str] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
 
 
 def _extensions(names, where):
@@ -77,6 +79,7 @@ def _from_export(folder):
         metadata_from_json(manifest.get("metadata") or {}),
         manifest.get("iteration"),
         _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
+        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
     )
 
 
@@ -96,6 +99,7 @@ def _from_checkpoint(folder):
     return Artifacts(
         "checkpoint", folder, config, _config_kind(config, config_path), weights,
         metadata_from_json(metadata), checkpoint_iteration(checkpoint), extensions,
+        {"from": "checkpoint", "file": checkpoint, "iteration": checkpoint_iteration(checkpoint)},
     )
 
 

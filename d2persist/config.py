@@ -35,6 +35,12 @@ def add_persist_config(cfg: CN) -> CN:
     _C.PERSIST.ASYNC = True
     # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.
     _C.PERSIST.SAVE_ON_INTERRUPT = True
+    # Metric that picks the best weights, as EvalHook stores it ("bbox/AP", "segm/AP50"); "" off.
+    _C.PERSIST.BEST_METRIC = ""
+    # "max" or "min": whether a larger or a smaller BEST_METRIC is better.
+    _C.PERSIST.BEST_MODE = "max"
+    # Weights of the inference export: "final" (end of training) or "best" (model_best.pth).
+    _C.PERSIST.EXPORT_FROM = "final"
     # "module:add_*_config" of a project's config function: applied when config.yaml is checked
     # and when a predictor loads the run's config (the import also registers its models).
     _C.PERSIST.CONFIG_EXTENSIONS = []

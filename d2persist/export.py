@@ -95,7 +95,7 @@ def _onnx_entry(model, export_dir, contract, files):
 
 
 def write_export(run, model, export_dir: str, iteration: int,
-                 metadata: Optional[dict] = None) -> dict:
+                 metadata: Optional[dict] = None, source: Optional[dict] = None) -> dict:
     """
     Write the inference bundle of ``model`` to ``export_dir``, manifest last.
 
@@ -109,6 +109,8 @@ def write_export(run, model, export_dir: str, iteration: int,
         export_dir (str): the bundle folder; created if needed.
         iteration (int): the training iteration the weights are from.
         metadata (dict): dataset metadata; from ``MetadataCatalog`` if None.
+        source (dict): which weights these are: ``{"from": "final"}`` (default) or
+            ``{"from": "best", "metric", "mode", "value"}``; the iteration is added.
 
     Returns:
         dict: the manifest.
@@ -136,6 +138,7 @@ def write_export(run, model, export_dir: str, iteration: int,
         "config_extensions": list(run.options["CONFIG_EXTENSIONS"]),
         "weights": WEIGHTS_NAME,
         "iteration": int(iteration),
+        "source": dict(source or {"from": "final"}, iteration=int(iteration)),
         "metadata": metadata,
         "input": contract,
         "versions": _versions(),

@@ -1,5 +1,6 @@
 """PersistHook: decides *when* a training run writes its config, checkpoints and export."""
 
+import copy
 import logging
 import os
 import signal
@@ -12,11 +13,20 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from .async_writer import BackgroundWriter
+from .best import BestMetric, evaluation_value
 from .checkpoint import PersistCheckpointer, all_finite, check_output_dir, snapshot_state
 from .errors import D2PersistError
 from .export import dataset_metadata, write_export
-from .fileio import remove_temp_files, write_json
-from .layout import FINAL_NAME, LAST_CHECKPOINT, MANIFEST_NAME, METADATA_NAME, checkpoint_name
+from .fileio import remove_temp_files, safe_torch_load, write_json
+from .layout import (
+    BEST_NAME,
+    BEST_RECORD,
+    FINAL_NAME,
+    LAST_CHECKPOINT,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    checkpoint_name,
+)
 from .resume import get_rng_state, set_rng_state
 from .runconfig import run_config
 
@@ -47,6 +57,8 @@ class PersistHook(HookBase):
       and, after SIGINT/SIGTERM on any process, a checkpoint of the finished iteration before
       every process stops.
     - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
+    - with ``PERSIST.BEST_METRIC``: after each evaluation that improves the metric,
+      ``model_best.pth`` (the weights EvalHook just evaluated) and ``best.json``.
 
     **Where it runs.** Wherever it was registered, it moves itself to the *end* of the trainer's
     hook list at ``before_train``, on every process, and removes any ``PeriodicCheckpointer``
@@ -84,6 +96,9 @@ class PersistHook(HookBase):
         self._spare = None  # the last snapshot, once written: the next one's buffers
         self._signal = None
         self._old_handlers = {}
+        metric = self.options["BEST_METRIC"]
+        self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
+        self._training_keys = None  # what training itself puts into the event storage
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -120,6 +135,8 @@ class PersistHook(HookBase):
             )
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
+        if self._best is not None and self.trainer.start_iter > 0 and comm.is_main_process():
+            self._best.adopt(os.path.join(out, BEST_RECORD))
         if self.options["SAVE_ON_INTERRUPT"]:
             self._install_signal_handlers()
 
@@ -185,8 +202,13 @@ class PersistHook(HookBase):
         it = self.trainer.iter
         period = self.run.checkpoint_period
         sig = self._interrupted() if self.options["SAVE_ON_INTERRUPT"] else None
-        if (period > 0 and (it + 1) % period == 0) or sig:
+        # the best is decided first, so that a checkpoint of this iteration knows it
+        improved = self._best is not None and self._consider_best(it)
+        due = (period > 0 and (it + 1) % period == 0) or sig
+        if due:
             self._save(checkpoint_name(it), it)
+        if improved:
+            self._save_best(checkpoint_name(it) if due else None, it)
         if sig:
             self._writer.wait()
             logger.warning(
@@ -194,6 +216,65 @@ class PersistHook(HookBase):
                 signal.Signals(sig).name, it, checkpoint_name(it),
             )
             raise _SIGNAL_EXIT[sig](128 + sig)
+
+    # -- best ----------------------------------------------------------------------------------
+
+    def _evaluated_after(self, it):
+        """Whether EvalHook evaluated after iteration ``it`` (in its after_step)."""
+        period = self.run.eval_period
+        return period > 0 and (it + 1) % period == 0 and it + 1 != self.trainer.max_iter
+
+    def _consider_best(self, it, final=False):
+        """
+        On the main process (the one evaluation results reach), after an evaluation: whether
+        it improved the best so far, which is then updated.
+        """
+        if not comm.is_main_process():
+            return False
+        latest = self.trainer.storage.latest()
+        if not final and not self._evaluated_after(it):
+            if self._training_keys is None:
+                self._training_keys = {k for k, (_, i) in latest.items() if i == it}
+            return False
+        # after_train's evaluation is stored under the storage's iteration then (max_iter)
+        at = self.trainer.storage.iter if final else it
+        value = evaluation_value(latest, self._best.metric, at, self._training_keys or ())
+        if not self._best.improves(value):
+            return False
+        self._best.update(value, it)
+        logger.info("New best %s = %s after iteration %d: writing %s.",
+                    self._best.metric, value, it, BEST_NAME)
+        return True
+
+    def _save_best(self, saved, iteration):
+        """
+        Write ``model_best.pth`` and ``best.json`` in the background: a second name for the
+        checkpoint ``saved`` of this iteration (once it is written), or a snapshot of its own.
+        """
+        if not comm.is_main_process():
+            return
+        record = self._best.record()
+        if saved is not None:
+            self._writer.submit(self._link_best, saved, record)
+            return
+        self._writer.wait()
+        data = snapshot_state(
+            self._checkpointer, copy=self._writer.enabled, into=self._spare, iteration=iteration
+        )
+        data["trainer"]["iteration"] = iteration
+        self._spare = data if self._writer.enabled else None
+        self._writer.submit(self._write_best, data, record)
+
+    def _write_best(self, data, record):
+        self._check_finite(data)
+        self._checkpointer.write(BEST_NAME, data, tag=False)
+        write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
+
+    def _link_best(self, saved, record):
+        self._checkpointer.link(saved, BEST_NAME, tag=False)
+        write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
+
+    # -- checkpoints ---------------------------------------------------------------------------
 
     def _save(self, basename, iteration):
         """Snapshot the state of ``iteration`` on this thread; write it in the background."""
@@ -216,12 +297,16 @@ class PersistHook(HookBase):
         self._spare = data if self._writer.enabled else None
         self._writer.submit(self._write, basename, data)
 
-    def _write(self, basename, data):
+    @staticmethod
+    def _check_finite(data):
         if not all_finite(data["model"]):
             raise FloatingPointError(
                 f"Weights after iteration {data['iteration']} hold NaN or Inf; not saving them, "
                 f"and {LAST_CHECKPOINT} still names the last good checkpoint."
             )
+
+    def _write(self, basename, data):
+        self._check_finite(data)
         self._checkpointer.write(basename, data)
         self._prune()
 
@@ -264,22 +349,44 @@ class PersistHook(HookBase):
         elif trained or not _main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
             self._save(FINAL_NAME, last)
             self._writer.wait()
+        if self._best is not None and trained and self._consider_best(last, final=True):
+            self._save_best(FINAL_NAME, last)  # EvalHook's final evaluation ran before this
+            self._writer.wait()
         if self.options["EXPORT"] and comm.is_main_process():
             if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
                 self.export()
         comm.synchronize()
 
     def export(self) -> dict:
-        """Write the inference bundle of the model as it is now to ``PERSIST.EXPORT_DIR``."""
-        return write_export(
-            self.run, self._checkpointer.model, self.run.export_dir, self.trainer.max_iter - 1
-        )
+        """
+        Write the inference bundle to ``PERSIST.EXPORT_DIR``: of the model as it is now, or with
+        ``PERSIST.EXPORT_FROM`` "best", of the weights in ``model_best.pth``.
+        """
+        model, iteration = self._checkpointer.model, self.trainer.max_iter - 1
+        source = {"from": "final"}
+        if self.options["EXPORT_FROM"] == "best":
+            if self._best is None or self._best.iteration is None:
+                logger.warning("No evaluation gave %s: exporting the final weights.",
+                               self.options["BEST_METRIC"])
+            else:
+                state = safe_torch_load(os.path.join(self.run.output_dir, BEST_NAME))["model"]
+                model = copy.deepcopy(model)
+                model.load_state_dict(state)
+                iteration = self._best.iteration
+                source = {"from": "best", "metric": self._best.metric, "mode": self._best.mode,
+                          "value": self._best.value}
+        return write_export(self.run, model, self.run.export_dir, iteration, source=source)
 
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"kept": list(self._kept), "resume": self._resume_states}
+        state = {"kept": list(self._kept), "resume": self._resume_states}
+        if self._best is not None:
+            state["best"] = self._best.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._kept = list(state_dict.get("kept", []))
         self._pending_resume = state_dict.get("resume")
+        if self._best is not None:
+            self._best.load_state_dict(state_dict.get("best") or {})

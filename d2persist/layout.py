@@ -19,6 +19,8 @@ __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "ONNX_NAME",
+    "BEST_NAME",
+    "BEST_RECORD",
     "checkpoint_name",
     "checkpoint_iteration",
 ]
@@ -33,6 +35,10 @@ METADATA_NAME = "metadata.json"
 LAST_CHECKPOINT = "last_checkpoint"
 #: The checkpoint written when training completes.
 FINAL_NAME = "model_final.pth"
+#: The checkpoint of the best evaluation (PERSIST.BEST_METRIC); retention never removes it.
+BEST_NAME = "model_best.pth"
+#: Which evaluation that was: metric, mode, value, iteration, time.
+BEST_RECORD = "best.json"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.
 SIDECAR_SUFFIX = ".sha256"
 #: Prefix of the temporary files written next to their final name.

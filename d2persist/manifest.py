@@ -10,7 +10,7 @@ from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
 from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
 
 __all__ = ["FORMAT", "read_manifest", "metadata_from_json", "persist_options_of_run",
-           "find_bundle"]
+           "find_bundle", "describe_source"]
 
 #: Identifies a d2persist manifest, with its version.
 FORMAT = {"name": "d2persist-export", "version": 1}
@@ -93,3 +93,20 @@ def find_bundle(path: str):
     name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
     export_dir = resolve_inside(path, name)
     return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None
+
+
+def describe_source(source: dict) -> str:
+    """
+    One line saying which weights a predictor uses, from a manifest's ``source`` (or the
+    ``{"from": "checkpoint", "file", "iteration"}`` of a run folder's checkpoint).
+    """
+    source = source or {}
+    it = source.get("iteration")
+    at = f"iteration {it}" if it is not None else "iteration unknown"
+    kind = source.get("from")
+    if kind == "best":
+        return (f"the best weights by {source.get('metric')} ({source.get('mode')}): "
+                f"{source.get('value')} at {at}")
+    if kind == "checkpoint":
+        return f"checkpoint {source.get('file')}, {at}"
+    return f"the final weights, {at}"

@@ -17,7 +17,7 @@ import numpy as np
 from .errors import ArtifactError, InputImageError
 from .imageio import convert_array, read_image, resize_shortest_edge
 from .layout import ONNX_NAME
-from .manifest import find_bundle, metadata_from_json, read_manifest
+from .manifest import describe_source, find_bundle, metadata_from_json, read_manifest
 from .outputs import draw_instances, instances_json
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "paste_masks"]
@@ -132,6 +132,7 @@ class OnnxPredictor:
             metadata.get("thing_classes") or metadata.get("stuff_classes") or []
         )
         self._outputs = [o.name for o in session.get_outputs()]
+        self.weights = ""  # which weights, in words (set by load_onnx_predictor)
 
     def visualizer_metadata(self) -> dict:
         return self.metadata
@@ -203,7 +204,11 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
         options.intra_op_num_threads = int(threads)
     session = ort.InferenceSession(os.path.join(bundle, ONNX_NAME), options,
                                    providers=providers or ["CPUExecutionProvider"])
-    logger.info("Loaded %s with ONNX Runtime %s", os.path.join(bundle, ONNX_NAME),
-                ort.__version__)
-    return OnnxPredictor(session, manifest["input"],
-                         metadata_from_json(manifest.get("metadata") or {}))
+    predictor = OnnxPredictor(session, manifest["input"],
+                              metadata_from_json(manifest.get("metadata") or {}))
+    predictor.weights = describe_source(
+        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
+    )
+    logger.info("Loaded %s with ONNX Runtime %s: %s", os.path.join(bundle, ONNX_NAME),
+                ort.__version__, predictor.weights)
+    return predictor

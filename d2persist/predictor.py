@@ -18,6 +18,7 @@ import torch
 from .artifacts import resolve_artifacts
 from .errors import InputImageError
 from .imageio import check_image_file, convert_array
+from .manifest import describe_source
 from .outputs import instances_json
 from .rebuild import build_model_from_config, load_weights
 
@@ -126,6 +127,7 @@ class Predictor:
         from detectron2.data import transforms as T
 
         self.model = model
+        self.weights = ""  # which weights, in words (set by load_predictor)
         self.augmentation = T.AugmentationList(augmentation)
         self.input_format = input_format
         self.metadata = metadata
@@ -209,5 +211,7 @@ def load_predictor(
     )
     load_weights(model, art.weights_path)
     model.to(device).eval()
-    logger.info("Loaded %s from %s", art.kind, art.weights_path)
-    return Predictor(model, augmentation, input_format, art.metadata, device)
+    predictor = Predictor(model, augmentation, input_format, art.metadata, device)
+    predictor.weights = describe_source(art.source)
+    logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)
+    return predictor

@@ -73,6 +73,14 @@ def persist_options(cfg) -> Dict[str, Any]:
             f"PERSIST.EXPORT_FORMATS {unknown} unknown: choose from {', '.join(EXPORT_FORMATS)}."
         )
     opts["EXPORT_FORMATS"] = formats
+    if opts["BEST_MODE"] not in ("max", "min"):
+        raise ConfigError(f"PERSIST.BEST_MODE must be 'max' or 'min', not {opts['BEST_MODE']!r}.")
+    if opts["EXPORT_FROM"] not in ("final", "best"):
+        raise ConfigError(
+            f"PERSIST.EXPORT_FROM must be 'final' or 'best', not {opts['EXPORT_FROM']!r}."
+        )
+    if opts["EXPORT_FROM"] == "best" and not opts["BEST_METRIC"]:
+        raise ConfigError("PERSIST.EXPORT_FROM 'best' needs PERSIST.BEST_METRIC (e.g. 'bbox/AP').")
     return opts
 
 
@@ -216,6 +224,16 @@ class RunConfig:
         raise NotImplementedError
 
     @property
+    def evaluates(self) -> bool:
+        """Whether the run is configured to evaluate (test datasets / an evaluator)."""
+        raise NotImplementedError
+
+    @property
+    def eval_period(self) -> int:
+        """Evaluate after every this many iterations (0: only when training completes)."""
+        raise NotImplementedError
+
+    @property
     def export_dir(self) -> str:
         return os.path.join(self.output_dir, self.options["EXPORT_DIR"])
 
@@ -239,8 +257,19 @@ class RunConfig:
 
         Raises:
             ConfigRoundTripError: naming the keys at fault.
+            ConfigError: PERSIST.BEST_METRIC without any evaluation configured.
         """
+        self._check_best()
         self.dump()
+
+    def _check_best(self):
+        metric = self.options["BEST_METRIC"]
+        if metric and not self.evaluates:
+            raise ConfigError(
+                f"PERSIST.BEST_METRIC {metric!r} needs an evaluation, and this run has none: set "
+                "DATASETS.TEST (LazyConfig: dataloader.evaluator), and TEST.EVAL_PERIOD "
+                "(train.eval_period) to evaluate during training."
+            )
 
     def dump(self) -> str:
         """
@@ -292,6 +321,14 @@ class YacsRunConfig(RunConfig):
     @property
     def cudnn_benchmark(self):
         return bool(self.cfg.CUDNN_BENCHMARK)
+
+    @property
+    def evaluates(self):
+        return len(self.cfg.DATASETS.TEST) > 0
+
+    @property
+    def eval_period(self):
+        return int(self.cfg.TEST.EVAL_PERIOD)
 
     def train_dataset_names(self):
         return list(self.cfg.DATASETS.TRAIN)
@@ -458,6 +495,14 @@ class LazyRunConfig(RunConfig):
     def cudnn_benchmark(self):
         return bool(self.cfg.train.get("cudnn_benchmark", False))
 
+    @property
+    def evaluates(self):
+        return "evaluator" in self.cfg.get("dataloader", {})
+
+    @property
+    def eval_period(self):
+        return int(self.cfg.train.get("eval_period", 0))
+
     def train_dataset_names(self):
         try:
             names = self.cfg.dataloader.train.dataset.names
@@ -490,6 +535,7 @@ class LazyRunConfig(RunConfig):
 
     def check(self):
         """Checked only with EXPORT on; without it, config.yaml may use the pickle fallback."""
+        self._check_best()
         if self.options["EXPORT"]:
             self.dump()
 

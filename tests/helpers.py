@@ -40,6 +40,7 @@ TINY_OPTS = [
     "TEST.EVAL_PERIOD", "0",
     "SEED", "7",
     "PERSIST.EXPORT_FORMATS", "['safetensors']",  # the tests that need ONNX ask for it
+    "PERSIST.BEST_METRIC", "",  # no evaluation (DATASETS.TEST is empty): no best
 ]
 
 
@@ -113,3 +114,46 @@ def run_tool(script, *args, timeout=300, env=None):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failed run
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+#: Evaluate on the shapes val split every 2 iterations (and at the end).
+EVAL_OPTS = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2]
+
+
+def eval_trainer():
+    """PersistTrainer evaluating with COCOEvaluator, as tools/train_net.py's Trainer does."""
+    from detectron2.evaluation import COCOEvaluator
+
+    from d2persist import PersistTrainer
+
+    class EvalTrainer(PersistTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            # COCOEvaluator caches the dataset's COCO json in its output folder and remembers
+            # it in MetadataCatalog for the process: one folder for the test session
+            return COCOEvaluator(dataset_name,
+                                 output_dir=os.path.join(os.environ["D2PERSIST_CACHE"], "coco"))
+
+    return EvalTrainer
+
+
+def metric_recorder(metric):
+    """A hook recording ``{iteration: value}`` of each evaluation's ``metric`` (in ``.values``)."""
+    from detectron2.engine import HookBase
+
+    class Recorder(HookBase):
+        def __init__(self):
+            self.values = {}
+
+        def _look(self, at, it):
+            entry = self.trainer.storage.latest().get(metric)
+            if entry is not None and entry[1] == at:
+                self.values[it] = entry[0]
+
+        def after_step(self):
+            self._look(self.trainer.iter, self.trainer.iter)
+
+        def after_train(self):  # the final evaluation, of the last iteration's weights
+            self._look(self.trainer.storage.iter, self.trainer.max_iter - 1)
+
+    return Recorder()

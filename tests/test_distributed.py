@@ -4,6 +4,7 @@ with a real EvalHook and COCOEvaluator on the shapes val split, then resumed. Ev
 short ``--dist-timeout``, so a hang fails the test in about a minute instead of stalling CI.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,8 @@ STOCK_TRAINER = os.path.join(REPO, "tests", "scripts", "stock_trainer.py")
 LAZY_TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
 #: seconds a process may wait for the other in a collective before the run fails
 DIST = ["--num-gpus", 2, "--dist-url", "auto", "--dist-timeout", 60]
-EVAL = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 2]
+EVAL = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD", 2,
+        "PERSIST.BEST_METRIC", "bbox/AP"]
 
 
 def _resume_states(path):
@@ -37,6 +39,9 @@ def _check_run(out, res, iterations, evaluations):
     assert len(states) == 2  # both processes' RNG states and data positions
     assert states[0]["rng"]["torch"].shape == states[1]["rng"]["torch"].shape
     assert (out / "export" / "manifest.json").is_file()
+    best = json.loads((out / "best.json").read_text())  # written by the main process only
+    assert best["metric"] == "bbox/AP" and best["iteration"] <= iterations - 1
+    assert torch.load(out / "model_best.pth", weights_only=True)["iteration"] == best["iteration"]
 
 
 @pytest.mark.parametrize("tool", ["stock", "train_net"])
@@ -60,8 +65,9 @@ def test_two_processes_lazyconfig_tool_evaluates_then_resumes(tmp_path):
     out = tmp_path / "run"
     args = [*DIST, *LAZY_TINY, f"train.output_dir={out}", "train.eval_period=2",
             "train.checkpointer.period=2", "lr_multiplier.scheduler.milestones=[2,3]",
-            # evaluate as the tool would by default: every box scored below 0.05 is dropped
-            "model.roi_heads.box_predictor.test_score_thresh=0.05", "dataloader.test.num_workers=0"]
+            "train.persist.best_metric=bbox/AP",
+            # a few boxes per image: evaluating every box of 50 images took minutes
+            "model.roi_heads.box_predictor.test_topk_per_image=5", "dataloader.test.num_workers=0"]
     first = run_tool(LAZY_TRAIN_NET, *args, "train.max_iter=4", timeout=240)
     _check_run(out, first, 4, evaluations=2)
     more = run_tool(LAZY_TRAIN_NET, "--resume", *args, "train.max_iter=6", timeout=240)

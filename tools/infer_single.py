@@ -57,6 +57,7 @@ def main(argv=None):
             json_out = default if many else os.path.join(default, _stem(images[0]) + ".json")
         predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts,
                                    backend=args.backend)
+        print(f"weights: {predictor.weights}")
         predict_files(predictor, images, output, json_out, args.confidence_threshold, many)
         for what, path in (("visualization", output), ("JSON", json_out)):
             if path:

@@ -92,3 +92,25 @@ def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
     other = _checkpointer(tmp_path / "new")
     assert not resume_or_load(other, "", resume=True)
     assert not os.path.exists(tmp_path / "new")  # nothing written by deciding
+
+
+def test_best_metric_bookkeeping(tmp_path):
+    import json
+
+    from d2persist.best import BestMetric
+
+    best = BestMetric("segm/AP", "min")
+    assert best.improves(3.0) and not best.improves(float("nan"))
+    best.update(3.0, 9)
+    assert best.improves(2.5) and not best.improves(3.0) and not best.improves(4.0)
+    record = tmp_path / "best.json"
+    record.write_text(json.dumps(dict(best.record(), value=1.5, iteration=19)))
+    again = BestMetric("segm/AP", "min")
+    again.load_state_dict(best.state_dict())  # what the checkpoint held
+    again.adopt(str(record))  # the final evaluation came after the last checkpoint
+    assert (again.value, again.iteration) == (1.5, 19)
+    other = BestMetric("bbox/AP", "min")
+    other.adopt(str(record))  # another metric's record is ignored
+    assert other.value is None
+    with pytest.raises(ConfigError, match="BEST_MODE"):
+        BestMetric("segm/AP", "largest")

@@ -18,6 +18,7 @@ LAYERS = {
     "resume": 1,
     "imageio": 1,
     "outputs": 1,
+    "best": 2,
     "runconfig": 2,
     "manifest": 2,
     "data.shapes": 2,

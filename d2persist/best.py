@@ -1,0 +1,93 @@
+"""
+Best-metric bookkeeping: which evaluation scored best so far, by the metric the user names.
+
+The metric is a key under which ``EvalHook`` puts the flattened evaluation results into the
+event storage (``"bbox/AP"``, ``"segm/AP50"``, ...).
+"""
+
+import math
+import os
+import time
+from typing import Dict, Optional, Tuple
+
+from .errors import ConfigError
+from .fileio import read_json
+
+__all__ = ["BEST_MODES", "BestMetric", "evaluation_value"]
+
+#: Whether a larger ("max") or a smaller ("min") value is better.
+BEST_MODES = ("max", "min")
+
+
+def evaluation_value(latest: Dict[str, Tuple[float, int]], metric: str, iteration: int,
+                     training_keys=()) -> float:
+    """
+    The value of ``metric`` an evaluation just stored under ``iteration``.
+
+    Args:
+        latest (dict): ``EventStorage.latest()``: name -> (value, iteration).
+        training_keys (set[str]): names training itself stores (left out of the error).
+
+    Raises:
+        ConfigError: the evaluation produced no ``metric``; the sentence lists what it did
+            produce.
+    """
+    entry = latest.get(metric)
+    if entry is not None and int(entry[1]) == iteration:
+        return float(entry[0])
+    produced = sorted(k for k, (_, it) in latest.items() if it == iteration
+                      and k not in training_keys)
+    raise ConfigError(
+        f"PERSIST.BEST_METRIC {metric!r} is not a result of the evaluation after iteration "
+        f"{iteration}, which produced: {', '.join(produced) or 'nothing'}."
+    )
+
+
+class BestMetric:
+    """The best value of a metric so far, and the iteration that scored it."""
+
+    def __init__(self, metric: str, mode: str = "max"):
+        if mode not in BEST_MODES:
+            raise ConfigError(f"PERSIST.BEST_MODE must be 'max' or 'min', not {mode!r}.")
+        self.metric, self.mode = metric, mode
+        self.value: Optional[float] = None
+        self.iteration: Optional[int] = None
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` is strictly better than the best so far (NaN never is)."""
+        if math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+    def update(self, value: float, iteration: int) -> None:
+        self.value, self.iteration = float(value), int(iteration)
+
+    def record(self) -> dict:
+        """What ``best.json`` holds."""
+        return {"metric": self.metric, "mode": self.mode, "value": self.value,
+                "iteration": self.iteration, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "mode": self.mode, "value": self.value,
+                "iteration": self.iteration}
+
+    def adopt(self, record_path: str) -> None:
+        """
+        On resume, take the best from ``best.json`` if it is better than the checkpoint's: the
+        evaluation that ends training comes after the last checkpoint was written.
+        """
+        if not os.path.isfile(record_path):
+            return
+        record = read_json(record_path)
+        value = record.get("value") if isinstance(record, dict) else None
+        if (record.get("metric"), record.get("mode")) == (self.metric, self.mode) and isinstance(
+            value, (int, float)
+        ) and self.improves(float(value)):
+            self.update(float(value), int(record["iteration"]))
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the best so far, unless it was kept for another metric or mode."""
+        if state and state.get("metric") == self.metric and state.get("mode") == self.mode:
+            self.value, self.iteration = state.get("value"), state.get("iteration")
