@@ -218,11 +218,66 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -
     return path
 
 
+@contextlib.contextmanager
+def _local_copy(folder, path):
+    """
+    The main process's chosen checkpoint ``path`` as a file this process can read. Collective.
+
+    A process whose own ``folder`` holds the same file (same sha256) reads it there: the
+    common case, one machine or a shared file system. Otherwise (machines with their own
+    disks) the main process sends the file's bytes over the process group, and this process
+    reads them from a temporary file. A folder whose newest checkpoint is another one is not
+    trusted: the main process's choice wins, with a warning.
+    """
+    import tempfile
+
+    import torch.distributed as dist
+
+    name = os.path.basename(path)
+    digest = comm.all_gather(sha256_file(path) if comm.is_main_process() else None)[0]
+    local = os.path.join(folder, name)
+    have = comm.is_main_process() or (os.path.isfile(local) and sha256_file(local) == digest)
+    if not comm.is_main_process():
+        newest = list_checkpoints(folder)
+        if newest and newest[0] != name:
+            logger.warning(
+                "This machine's %s holds %s, the main process resumes from %s: using the main "
+                "process's checkpoint.", folder, newest[0], name,
+            )
+    if all(comm.all_gather(have)):
+        yield local
+        return
+    payload = [None]
+    if comm.is_main_process():
+        with open(path, "rb") as f:
+            payload = [f.read()]
+    dist.broadcast_object_list(payload, src=0)  # bytes only: unpickling them runs no code
+    if have:
+        yield local
+        return
+    logger.info("Received %s (%.1f MB) from the main process.", name, len(payload[0]) / 1e6)
+    with tempfile.TemporaryDirectory(prefix="d2persist-received-") as tmp:
+        received = os.path.join(tmp, name)
+        with open(received, "wb") as f:
+            f.write(payload[0])
+        del payload
+        yield received
+
+
+def _load_chosen(checkpointer, path):
+    """Load the chosen checkpoint on every process, wherever its bytes are (see _local_copy)."""
+    if comm.get_world_size() == 1:
+        return checkpointer.load(path)
+    with _local_copy(checkpointer.save_dir, path) as local:
+        return checkpointer.load(local)
+
+
 def resume_or_load(checkpointer, weights: str, *, resume: bool) -> bool:
     """
     Load what a training run starts from, as :func:`choose_checkpoint` decides: the newest
     checkpoint that verifies (with the trainer's and hooks' state), or ``weights`` (model
-    only). Every entry point that trains uses this.
+    only). Every entry point that trains uses this. No shared file system is needed: a process
+    whose folder lacks the main process's checkpoint receives its bytes over the process group.
 
     Args:
         checkpointer (Checkpointer): whose ``save_dir`` is the run's output folder.
@@ -235,7 +290,7 @@ def resume_or_load(checkpointer, weights: str, *, resume: bool) -> bool:
     """
     path = choose_checkpoint(checkpointer.save_dir, resume)
     if path:
-        checkpointer.load(path)
+        _load_chosen(checkpointer, path)
         return True
     checkpointer.load(weights, checkpointables=[])
     return False
@@ -397,7 +452,7 @@ class PersistCheckpointer(DetectionCheckpointer):
         """
         newest = choose_checkpoint(self.save_dir, resume, refuse_existing=False)
         if newest:
-            return self.load(newest)
+            return _load_chosen(self, newest)
         return self.load(path, checkpointables=[])
 
     def _load_file(self, filename):

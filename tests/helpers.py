@@ -86,7 +86,7 @@ def assert_bitwise_equal(a, b):
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def run_tool(script, *args, timeout=300, env=None):
+def run_tool(script, *args, timeout=300, env=None, cwd=REPO):
     """
     Run a tool in a subprocess; returns the CompletedProcess (text output captured). The tool
     runs in its own process group: on a timeout the group (with the workers ``launch()``
@@ -101,7 +101,7 @@ def run_tool(script, *args, timeout=300, env=None):
     full_env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **(env or {}))
     cmd = [sys.executable, script, *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=full_env, cwd=REPO, start_new_session=True)
+                            env=full_env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
