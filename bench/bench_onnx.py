@@ -12,7 +12,6 @@ time (/usr/bin/time):
 4. ONNX export time (tools/export_model.py, and the export step alone) and model.onnx size.
 """
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from common import REPO, alternate, machine, median, run, table
+from common import REPO, alternate, machine, median, parse_args, run, table, val_images
 
 BASELINE = os.path.join(REPO, "bench", "defaultpredictor_script.py")
 INFER = os.path.join(REPO, "tools", "infer_single.py")
@@ -96,17 +95,9 @@ def export_step(out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 5)
-    from detectron2.data import DatasetCatalog
-
-    from d2persist.data.shapes import register_shapes
-
-    _, val = register_shapes()
-    images = [d["file_name"] for d in DatasetCatalog.get(val)[: 10 if args.quick else 50]]
+    args = parse_args(__doc__, repeats=5)
+    repeats = args.repeats
+    images = val_images(args.quick)
     threads = os.cpu_count()
     print(f"machine: {machine()}; threads for both backends: {threads}")
     work = tempfile.mkdtemp(prefix="d2persist-bench-onnx-")

@@ -9,14 +9,13 @@ Prediction-side costs of d2persist, each a ratio measured side by side in one ru
 3. export size: model.safetensors vs model_final.pth (target <= 0.55x).
 """
 
-import argparse
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-from common import REPO, alternate, machine, median, run, table
+from common import REPO, alternate, machine, median, parse_args, run, table, val_images
 
 BASELINE = os.path.join(REPO, "bench", "defaultpredictor_script.py")
 INFER = os.path.join(REPO, "tools", "infer_single.py")
@@ -67,17 +66,9 @@ def per_image(out, images, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args()
-    repeats = args.repeats or (3 if args.quick else 7)
-    from detectron2.data import DatasetCatalog
-
-    from d2persist.data.shapes import register_shapes
-
-    _, val = register_shapes()
-    images = [d["file_name"] for d in DatasetCatalog.get(val)[: 10 if args.quick else 50]]
+    args = parse_args(__doc__, repeats=7)
+    repeats = args.repeats
+    images = val_images(args.quick)
     print(f"machine: {machine()}")
     work = tempfile.mkdtemp(prefix="d2persist-bench-")
     try:

@@ -68,3 +68,25 @@ def table(title, rows, header=("measure", "value")):
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+
+
+def parse_args(doc, repeats):
+    """The benchmarks' common arguments: ``--quick``, ``--repeats`` (default ``repeats``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    args.repeats = args.repeats or (3 if args.quick else repeats)
+    return args
+
+
+def val_images(quick):
+    """Files of the built-in val split: 10 with ``quick``, else 50."""
+    from detectron2.data import DatasetCatalog
+
+    from d2persist.data.shapes import register_shapes
+
+    _, val = register_shapes()
+    return [d["file_name"] for d in DatasetCatalog.get(val)[: 10 if quick else 50]]

@@ -6,15 +6,15 @@ detectron2 for the ONNX Runtime predictor; and PNG encoding for visualizations.
 
 import io
 import os
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .errors import InputImageError
 
-__all__ = ["CHANNEL_ORDERS", "check_image_file", "read_image", "convert_array", "resized_shape",
-           "resize_shortest_edge", "encode_png"]
+__all__ = ["CHANNEL_ORDERS", "check_image_file", "read_image", "convert_array", "image_input",
+           "resized_shape", "resize_shortest_edge", "encode_png"]
 
 #: The channel orders an image array may come in.
 CHANNEL_ORDERS = ("BGR", "RGB", "L")
@@ -118,6 +118,19 @@ def convert_array(image, channel_order: str, fmt: str) -> np.ndarray:
             f"An image array in {channel_order} order cannot have shape {image.shape}."
         )
     return _to_numpy(pil, fmt)
+
+
+def image_input(image, channel_order: Optional[str], fmt: str, read=read_image) -> np.ndarray:
+    """
+    What a predictor is called with, as an HxWxC uint8 array in ``fmt``: an image file read with
+    ``read(path, fmt)``, or an array converted from its ``channel_order`` (which must be given,
+    so that a BGR/RGB mix-up cannot pass silently).
+    """
+    if isinstance(image, (str, os.PathLike)):
+        return read(os.fspath(image), fmt)
+    if channel_order is None:
+        raise InputImageError("Pass channel_order ('BGR', 'RGB' or 'L') with an image array.")
+    return convert_array(image, channel_order, fmt)
 
 
 def resized_shape(height: int, width: int, short: int, max_size: int) -> Tuple[int, int]:

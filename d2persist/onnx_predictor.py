@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ArtifactError, InputImageError
-from .imageio import convert_array, read_image, resize_shortest_edge
+from .errors import ArtifactError
+from .imageio import image_input, resize_shortest_edge
 from .layout import ONNX_NAME
 from .manifest import describe_source, find_bundle, metadata_from_json, read_manifest
 from .outputs import draw_instances, instances_json
@@ -143,14 +143,7 @@ class OnnxPredictor:
             image (str or ndarray): an image file, or an HxW/HxWxC uint8 array.
             channel_order (str): for an array: "BGR", "RGB" or "L" (required).
         """
-        if isinstance(image, (str, os.PathLike)):
-            image = read_image(os.fspath(image), self.input_format)
-        else:
-            if channel_order is None:
-                raise InputImageError(
-                    "Pass channel_order ('BGR', 'RGB' or 'L') with an image array."
-                )
-            image = convert_array(image, channel_order, self.input_format)
+        image = image_input(image, channel_order, self.input_format)
         height, width = image.shape[:2]
         resized = resize_shortest_edge(image, self.min_size, self.max_size)
         chw = np.ascontiguousarray(resized.transpose(2, 0, 1))

@@ -9,7 +9,6 @@ and fed to the model in eval mode with the original height and width, as
 """
 
 import logging
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 
 from .artifacts import resolve_artifacts
 from .errors import InputImageError
-from .imageio import check_image_file, convert_array
+from .imageio import check_image_file, image_input
 from .manifest import describe_source
 from .outputs import instances_json
 from .rebuild import build_model_from_config, load_weights
@@ -162,14 +161,7 @@ class Predictor:
         """
         from detectron2.data import transforms as T
 
-        if isinstance(image, (str, os.PathLike)):
-            image = self.read(os.fspath(image))
-        else:
-            if channel_order is None:
-                raise InputImageError(
-                    "Pass channel_order ('BGR', 'RGB' or 'L') with an image array."
-                )
-            image = convert_array(image, channel_order, self.input_format)
+        image = image_input(image, channel_order, self.input_format, read=read_image_file)
         height, width = image.shape[:2]
         aug_input = T.AugInput(image)
         self.augmentation(aug_input)
