@@ -37,7 +37,7 @@ _EXPORTS = {
     "Artifacts": "artifacts",
     "resolve_artifacts": "artifacts",
     "write_export": "export",
-    "read_manifest": "export",
+    "read_manifest": "manifest",
     "register_shapes": "data.shapes",
     "D2PersistError": "errors",
     "ExportError": "errors",

@@ -5,15 +5,18 @@ The metric is a key under which ``EvalHook`` puts the flattened evaluation resul
 event storage (``"bbox/AP"``, ``"segm/AP50"``, ...).
 """
 
+import logging
 import math
 import os
 import time
 from typing import Dict, Optional, Tuple
 
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError
 from .fileio import read_json
 
 __all__ = ["BEST_MODES", "BestMetric", "evaluation_value"]
+
+logger = logging.getLogger(__name__)
 
 #: Whether a larger ("max") or a smaller ("min") value is better.
 BEST_MODES = ("max", "min")
@@ -80,12 +83,15 @@ class BestMetric:
         """
         if not os.path.isfile(record_path):
             return
-        record = read_json(record_path)
-        value = record.get("value") if isinstance(record, dict) else None
-        if (record.get("metric"), record.get("mode")) == (self.metric, self.mode) and isinstance(
-            value, (int, float)
-        ) and self.improves(float(value)):
-            self.update(float(value), int(record["iteration"]))
+        try:
+            record = read_json(record_path)
+            value, iteration = float(record["value"]), int(record["iteration"])
+            same = (record["metric"], record["mode"]) == (self.metric, self.mode)
+        except (ArtifactError, TypeError, ValueError, KeyError):
+            logger.warning("%s is not a best-metric record: ignored.", record_path)
+            return
+        if same and self.improves(value):
+            self.update(value, iteration)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the best so far, unless it was kept for another metric or mode."""

@@ -20,7 +20,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from .errors import ArtifactError, OutputDirNotEmptyError, UnsafeArtifactError
+from .errors import ArtifactError, D2PersistError, OutputDirNotEmptyError, UnsafeArtifactError
 from .fileio import fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
 from .layout import (
     FINAL_NAME,
@@ -209,7 +209,12 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -
         ArtifactError: ``resume`` and the folder holds checkpoints, none of which verifies.
         OutputDirNotEmptyError: a new run in a folder that holds checkpoints.
     """
-    decision = _decide(folder, resume, refuse_existing) if comm.is_main_process() else None
+    decision = None
+    if comm.is_main_process():
+        try:
+            decision = _decide(folder, resume, refuse_existing)
+        except D2PersistError as e:  # e.g. a hostile checkpoint: every process raises it
+            decision = ("", e)
     if comm.get_world_size() > 1:
         decision = comm.all_gather(decision)[0]
     path, error = decision

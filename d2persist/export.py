@@ -161,7 +161,7 @@ def add_onnx(export_dir: str, model) -> dict:
 
     Raises:
         ArtifactError: the bundle is incomplete or does not verify.
-        ExportError: the model cannot be exported (the bundle is left as it was).
+        ExportError: the model cannot be exported (the manifest records why).
     """
     manifest = read_manifest(export_dir, verify=False)
     read_manifest(export_dir, only=[manifest["config"], manifest["weights"]])
@@ -169,8 +169,13 @@ def add_onnx(export_dir: str, model) -> dict:
     if files.pop(ONNX_NAME, None) is not None:  # never name a file while it is replaced
         manifest.pop("onnx", None)
         write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
-    entry = export_onnx(model, os.path.join(export_dir, ONNX_NAME), manifest["input"])
     path = os.path.join(export_dir, ONNX_NAME)
+    try:
+        entry = export_onnx(model, path, manifest["input"])
+    except ExportError as e:  # the bundle says why it has no ONNX model
+        write_json(os.path.join(export_dir, MANIFEST_NAME),
+                   dict(manifest, files=files, onnx={"error": str(e)}))
+        raise
     files[ONNX_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
     manifest = dict(manifest, files=files, onnx=dict(entry, file=ONNX_NAME))
     write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)

@@ -205,10 +205,10 @@ class PersistHook(HookBase):
         # the best is decided first, so that a checkpoint of this iteration knows it
         improved = self._best is not None and self._consider_best(it)
         due = (period > 0 and (it + 1) % period == 0) or sig
-        if due:
-            self._save(checkpoint_name(it), it)
-        if improved:
-            self._save_best(checkpoint_name(it) if due else None, it)
+        if due:  # with a new best, model_best.pth is named before last_checkpoint is
+            self._save(checkpoint_name(it), it, best=improved)
+        elif improved:
+            self._save_best(it)
         if sig:
             self._writer.wait()
             logger.warning(
@@ -246,17 +246,11 @@ class PersistHook(HookBase):
                     self._best.metric, value, it, BEST_NAME)
         return True
 
-    def _save_best(self, saved, iteration):
-        """
-        Write ``model_best.pth`` and ``best.json`` in the background: a second name for the
-        checkpoint ``saved`` of this iteration (once it is written), or a snapshot of its own.
-        """
+    def _save_best(self, iteration):
+        """Write ``model_best.pth`` (a snapshot) and ``best.json`` in the background."""
         if not comm.is_main_process():
             return
         record = self._best.record()
-        if saved is not None:
-            self._writer.submit(self._link_best, saved, record)
-            return
         self._writer.wait()
         data = snapshot_state(
             self._checkpointer, copy=self._writer.enabled, into=self._spare, iteration=iteration
@@ -271,13 +265,19 @@ class PersistHook(HookBase):
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
 
     def _link_best(self, saved, record):
+        """``model_best.pth`` as a second name of the checkpoint ``saved``, then best.json."""
         self._checkpointer.link(saved, BEST_NAME, tag=False)
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def _save(self, basename, iteration):
-        """Snapshot the state of ``iteration`` on this thread; write it in the background."""
+    def _save(self, basename, iteration, best=False):
+        """
+        Snapshot the state of ``iteration`` on this thread; write it in the background. With
+        ``best``, the same job names it ``model_best.pth`` too before it tags it in
+        ``last_checkpoint``: a checkpoint recording a best is never resumed from before
+        ``model_best.pth`` and ``best.json`` are on disk.
+        """
         local = {"rng": get_rng_state(), "data": None}
         loader = _train_loader(self.trainer)
         if hasattr(loader, "state_dict"):
@@ -295,7 +295,7 @@ class PersistHook(HookBase):
         )
         data["trainer"]["iteration"] = iteration
         self._spare = data if self._writer.enabled else None
-        self._writer.submit(self._write, basename, data)
+        self._writer.submit(self._write, basename, data, self._best.record() if best else None)
 
     @staticmethod
     def _check_finite(data):
@@ -305,9 +305,12 @@ class PersistHook(HookBase):
                 f"and {LAST_CHECKPOINT} still names the last good checkpoint."
             )
 
-    def _write(self, basename, data):
+    def _write(self, basename, data, best_record=None):
         self._check_finite(data)
-        self._checkpointer.write(basename, data)
+        self._checkpointer.write(basename, data, tag=best_record is None)
+        if best_record is not None:
+            self._link_best(basename, best_record)
+            self._checkpointer.tag_last_checkpoint(basename)
         self._prune()
 
     def _prune(self):
@@ -349,9 +352,12 @@ class PersistHook(HookBase):
         elif trained or not _main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
             self._save(FINAL_NAME, last)
             self._writer.wait()
-        if self._best is not None and trained and self._consider_best(last, final=True):
-            self._save_best(FINAL_NAME, last)  # EvalHook's final evaluation ran before this
-            self._writer.wait()
+        # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
+        # run had nothing left to train: then it re-evaluates the last checkpoint's weights)
+        if self._best is not None and self._consider_best(last, final=True):
+            if comm.is_main_process():
+                self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
+                self._writer.wait()
         if self.options["EXPORT"] and comm.is_main_process():
             if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
                 self.export()

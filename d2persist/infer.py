@@ -53,7 +53,7 @@ def output_paths(image, target, many, suffix):
     """Where to write the output of ``image``: ``target`` itself, or a file in folder ``target``."""
     if target is None:
         return None
-    if many:
+    if many or os.path.isdir(target):
         stem = os.path.splitext(os.path.basename(image))[0]
         return os.path.join(target, stem + suffix)
     return target
@@ -91,6 +91,14 @@ def predict_files(
 
     for image in images:
         check_image_file(image)
+    if many:
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+        twins = sorted({s for s in stems if stems.count(s) > 1})
+        if twins and (output or json_out):
+            raise InputImageError(
+                f"Several images are named {twins[0]!r} (other folder or ending): their outputs "
+                "would overwrite each other; predict on them separately."
+            )
     for target in (output, json_out):
         if target and many:
             os.makedirs(target, exist_ok=True)

@@ -9,7 +9,7 @@ __all__ = ["BACKENDS", "load_predictor"]
 
 #: Prediction backends: "pytorch" (evaluation-exact, needs detectron2), "onnxruntime" (the
 #: bundle's model.onnx; needs neither torch nor detectron2), "auto" (ONNX Runtime where torch
-#: is not installed).
+#: or detectron2 is not installed).
 BACKENDS = ("pytorch", "onnxruntime", "auto")
 
 
@@ -40,7 +40,8 @@ def load_predictor(
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
     if backend == "auto":
-        backend = "pytorch" if importlib.util.find_spec("torch") else "onnxruntime"
+        stack = all(importlib.util.find_spec(m) for m in ("torch", "detectron2"))
+        backend = "pytorch" if stack else "onnxruntime"
     if backend == "onnxruntime":
         if opts:
             raise D2PersistError("Config overrides (opts) need the pytorch backend: the ONNX "

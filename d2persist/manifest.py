@@ -45,13 +45,16 @@ def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
     if not os.path.isfile(path):
         raise ArtifactError(f"{export_dir} is not a complete export: it has no {MANIFEST_NAME}.")
     manifest = read_json(path)
-    fmt = manifest.get("format", {}) if isinstance(manifest, dict) else {}
-    if fmt.get("name") != FORMAT["name"] or fmt.get("version", 0) > FORMAT["version"]:
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    version = fmt.get("version") if isinstance(fmt, dict) else None
+    if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
+            or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
         raise ArtifactError(f"{path} is not a d2persist manifest this version can read.")
     files = manifest.get("files")
-    if not isinstance(files, dict) or not {manifest.get("config"), manifest.get("weights")} <= set(
-        files
-    ):
+    named = [manifest.get("config"), manifest.get("weights")]
+    if not isinstance(files, dict) or not all(
+        isinstance(n, str) and isinstance(files.get(n), dict) for n in named
+    ) or not all(isinstance(e, dict) for e in files.values()):
         raise ArtifactError(f"{path} does not list the bundle's config and weights files.")
     for name, entry in files.items():
         file_path = resolve_inside(export_dir, name)

@@ -9,6 +9,7 @@ before detectron2's post-processing, whose steps the manifest names and
 :mod:`d2persist.onnx_predictor` performs.
 """
 
+import copy
 import logging
 import warnings
 from typing import Dict
@@ -91,7 +92,8 @@ def export_onnx(model: torch.nn.Module, path: str, contract: dict) -> Dict:
     Export ``model`` to ONNX at ``path`` (atomically).
 
     Args:
-        model (nn.Module): a detectron2 model (not DDP-wrapped); left in eval mode.
+        model (nn.Module): a detectron2 model (not DDP-wrapped); a copy is exported, the
+            model itself is left as it is.
         path (str): the ``.onnx`` file.
         contract (dict): the run's input contract (``RunConfig.input_contract()``).
 
@@ -106,7 +108,13 @@ def export_onnx(model: torch.nn.Module, path: str, contract: dict) -> Dict:
     from detectron2.export import TracingAdapter
 
     check_exportable(model)
-    model = model.to("cpu").eval()
+    others = contract.get("other_test_augmentations")
+    if others:
+        raise ExportError(
+            f"The ONNX predictor applies only ResizeShortestEdge at test time; this config also "
+            f"has {', '.join(others)}."
+        )
+    model = copy.deepcopy(model).to("cpu").eval()  # the trainer's model stays where it is
     image = _sample_image(contract)
     adapter = TracingAdapter(model, [{"image": image}], _inference).eval()
     try:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .artifacts import resolve_artifacts
-from .errors import InputImageError
+from .errors import D2PersistError, InputImageError
 from .imageio import check_image_file, image_input
 from .manifest import describe_source
 from .outputs import instances_json
@@ -198,6 +198,9 @@ def load_predictor(
     art = resolve_artifacts(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise D2PersistError("Device cuda was asked for, but PyTorch sees no CUDA device here; "
+                             "use cpu.")
     model, augmentation, input_format = build_model_from_config(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
     )

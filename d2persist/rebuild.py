@@ -25,17 +25,41 @@ DEFAULT_ALLOWED_TARGETS = ("detectron2.modeling", "detectron2.layers", "detectro
                            "torch.nn")
 
 
+def _inside(name, allowed):
+    return isinstance(name, str) and any(name == p or name.startswith(p + ".") for p in allowed)
+
+
+def _check_target(name, allowed, where):
+    """
+    ``name`` must lie under an allowed prefix, and so must the module that defines what it
+    resolves to: a dotted path can walk through a module's imports
+    (``torch.nn.parallel.distributed.os.system``), so the prefix alone proves nothing.
+    """
+    refusal = UnsafeArtifactError(
+        f"Refusing to instantiate {name!r} (at {where}): the config may only call classes and "
+        f"functions defined in {', '.join(allowed)}."
+    )
+    if not _inside(name, allowed):
+        raise refusal
+    from detectron2.utils.registry import locate
+
+    try:
+        obj = locate(name)  # imports only modules under the allowed prefix
+    except Exception:  # locate raises ImportError or a bare Exception for an unknown name
+        raise ArtifactError(f"The config names {name!r} (at {where}), which does not exist.") \
+            from None
+    if not (isinstance(obj, type) or callable(obj)) or not _inside(
+        getattr(obj, "__module__", None), allowed
+    ):
+        raise refusal
+
+
 def _check_targets(node, allowed, where="model"):
-    """Refuse any ``_target_`` outside ``allowed`` module prefixes, before anything is imported."""
+    """Refuse any ``_target_`` outside ``allowed`` modules, before anything is called."""
     if isinstance(node, dict):
         target = node.get("_target_")
         if target is not None:
-            name = target_name(target)
-            if not any(name == p or name.startswith(p + ".") for p in allowed):
-                raise UnsafeArtifactError(
-                    f"Refusing to instantiate {name!r} (at {where}): the config may only call "
-                    f"into {', '.join(allowed)}."
-                )
+            _check_target(target_name(target), allowed, where)
         for k, v in node.items():
             _check_targets(v, allowed, f"{where}.{k}")
     elif isinstance(node, list):
@@ -50,7 +74,10 @@ def _build_lazy(config, opts, allowed_targets):
     allowed = tuple(DEFAULT_ALLOWED_TARGETS) + tuple(allowed_targets or ())
     cfg = OmegaConf.create(config, flags={"allow_objects": True})
     if opts:
-        LazyConfig.apply_overrides(cfg, list(opts))
+        try:
+            LazyConfig.apply_overrides(cfg, list(opts))
+        except Exception as e:  # omegaconf and hydra raise several kinds for a bad override
+            raise ArtifactError(f"Config overrides {list(opts)} do not apply ({e}).") from None
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
     augs_cfg = OmegaConf.to_container(
         OmegaConf.create({"a": lazy_test_augmentations(cfg)}), resolve=True

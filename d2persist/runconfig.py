@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import re
+import sys
 import tempfile
 from typing import Any, Dict, List, Sequence
 
@@ -520,10 +521,13 @@ class LazyRunConfig(RunConfig):
             "outputs": [],
         }
         for aug in lazy_test_augmentations(self.cfg):
-            if target_name(aug._target_).endswith("ResizeShortestEdge"):
+            name = target_name(aug._target_)
+            if name.endswith("ResizeShortestEdge"):
                 size = aug.short_edge_length
                 contract["min_size_test"] = int(size if isinstance(size, int) else size[0])
-                contract["max_size_test"] = int(aug.get("max_size", 0))
+                contract["max_size_test"] = int(aug.get("max_size", sys.maxsize))
+            else:  # applied by the PyTorch predictor; the ONNX export refuses them
+                contract.setdefault("other_test_augmentations", []).append(name)
         roi = model.get("roi_heads") or {}
         if "proposal_generator" in model or "head" in model:
             contract["outputs"].append("boxes")

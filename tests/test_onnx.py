@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 
@@ -73,3 +74,20 @@ def test_export_model_bad_input_is_one_line(tmp_path):
     res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path / "missing")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "holds no complete export bundle" in res.stderr.strip().splitlines()[-1]
+
+
+def test_export_leaves_the_trainers_model_as_it_was(tmp_path):
+    model = build_model(tiny_cfg(tmp_path)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_onnx(model, str(tmp_path / "model.onnx"), {"min_size_test": 64, "max_size_test": 96})
+    assert model.training  # not switched to eval mode (nor moved) behind the trainer's back
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert (tmp_path / "model.onnx").stat().st_size > 0
+
+
+def test_tools_say_bad_input_in_one_line(tmp_path):
+    from helpers import TRAIN_NET
+
+    res = run_tool(TRAIN_NET, "--config-file", tmp_path / "missing.yaml")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].endswith("missing.yaml does not exist.")

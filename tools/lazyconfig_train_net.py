@@ -25,8 +25,15 @@ PROG = "lazyconfig_train_net.py"
 
 @exit_on_known_errors(PROG)
 def main(args):
-    cfg = LazyConfig.load(args.config_file or DEFAULT_CONFIG)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    from d2persist import ConfigError
+
+    path = args.config_file or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        cfg = LazyConfig.apply_overrides(LazyConfig.load(path), args.opts)
+    except Exception as e:  # omegaconf and hydra raise several kinds for a bad override
+        raise ConfigError(f"The config does not load ({type(e).__name__}: {e}).") from None
     setup_run(cfg, args)
     train_lazy(cfg, resume=args.resume)
 

@@ -14,7 +14,7 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 
 import os
 
-from d2persist import PersistCheckpointer, PersistTrainer, add_persist_config  # isort: skip
+from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_persist_config  # noqa
 # (first: without detectron2 it says how to install it)
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
@@ -42,8 +42,14 @@ def setup(args):
     """Create the config and set up logging."""
     cfg = get_cfg()
     add_persist_config(cfg)
-    cfg.merge_from_file(args.config_file or DEFAULT_CONFIG)
-    cfg.merge_from_list(args.opts)
+    path = args.config_file or DEFAULT_CONFIG
+    if not os.path.isfile(path):
+        raise ConfigError(f"Config file {path} does not exist.")
+    try:
+        cfg.merge_from_file(path)
+        cfg.merge_from_list(args.opts)
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ConfigError(f"The config does not load: {e}.") from None
     cfg.freeze()
     setup_run(cfg, args)
     return cfg

@@ -112,5 +112,8 @@ def test_best_metric_bookkeeping(tmp_path):
     other = BestMetric("bbox/AP", "min")
     other.adopt(str(record))  # another metric's record is ignored
     assert other.value is None
+    record.write_text("[1, 2]")  # not a record: ignored, with a warning
+    other.adopt(str(record))
+    assert other.value is None
     with pytest.raises(ConfigError, match="BEST_MODE"):
         BestMetric("segm/AP", "largest")

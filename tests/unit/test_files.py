@@ -39,3 +39,37 @@ def test_run_folder_naming_a_foreign_config_function_is_refused(tmp_path):
 def test_folder_without_artifacts_is_one_sentence(tmp_path):
     with pytest.raises(ArtifactError, match="neither an export"):
         resolve_artifacts(str(tmp_path))
+
+
+@pytest.mark.parametrize("change", [{"format": {"name": "d2persist-export", "version": "1"}},
+                                    {"config": ["config.yaml"]}, {"files": {"config.yaml": 3}},
+                                    {"input": None}])
+def test_malformed_manifest_is_one_sentence(tmp_path, change):
+    import json
+
+    from d2persist import read_manifest
+
+    manifest = {"format": {"name": "d2persist-export", "version": 1}, "config": "config.yaml",
+                "weights": "model.safetensors", "input": {"format": "BGR"},
+                "files": {"config.yaml": {"sha256": "0", "size": 0},
+                          "model.safetensors": {"sha256": "0", "size": 0}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(dict(manifest, **change)))
+    with pytest.raises(ArtifactError, match="manifest"):
+        read_manifest(str(tmp_path), verify=False)
+
+
+def test_outputs_that_would_overwrite_each_other_are_refused(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from d2persist import InputImageError
+    from d2persist.infer import predict_files
+
+    images = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / folder / "x.png")
+        images.append(str(tmp_path / folder / "x.png"))
+    with pytest.raises(InputImageError, match="'x'.*overwrite"):
+        predict_files(None, images, json_out=str(tmp_path / "out"), many=True)
+    assert not (tmp_path / "out").exists()
