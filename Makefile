@@ -57,6 +57,8 @@ demo: install
 	$(PYTHON) tools/infer_single.py --artifacts $(DEMO_OUT) --backend onnxruntime \
 	  --image "$$($(PYTHON) -m d2persist.data.shapes --held-out-image)" \
 	  --output $(DEMO_OUT)/demo/prediction_onnx.png --json $(DEMO_OUT)/demo/prediction_onnx.json
+	@$(PYTHON) -c "import json; b = json.load(open('$(DEMO_OUT)/best.json')); \
+	  print('model_best.pth: {metric} = {value:.1f} after iteration {iteration}'.format(**b))"
 
 bench: install
 	$(PYTHON) bench/run_all.py --quick
