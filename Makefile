@@ -31,8 +31,8 @@ install: install-detectron2
 	$(PIP) install -q -e '.[onnx]'
 
 install-test: install
-	@$(PYTHON) -c "import pytest, pytest_mock, flake8, pycocotools, onnx, onnxruntime" \
-	  2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
+	@$(PYTHON) -c "import pytest, pytest_mock, flake8, pycocotools, onnx, onnxruntime, s3fs, \
+	  moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench

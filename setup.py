@@ -31,10 +31,13 @@ setup(
         "tqdm",
         "numpy",
         "Pillow",
+        "fsspec",
     ],
     extras_require={
-        "test": ["pytest", "pytest-mock", "flake8", "pycocotools"],
+        "test": ["pytest", "pytest-mock", "flake8", "pycocotools", "s3fs", "moto[server]"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],
+        # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)
+        "s3": ["s3fs"],
     },
 )

@@ -168,8 +168,50 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
         )
 
 
-def _decide(folder, resume, refuse_existing):
+def _fetch_from_mirror(url, folder):
+    """
+    Into a folder without checkpoints: the mirror's newest checkpoint that verifies (its
+    ``last_checkpoint`` target first), with its sha256 sidecar. Returns its path or None.
+    """
+    from .storage import Mirror
+
+    try:
+        mirror = Mirror(url)
+        names = mirror.names()
+        tagged = (mirror.read_text(LAST_CHECKPOINT) or "").strip()
+    except Exception as e:  # fsspec backends raise many kinds
+        raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
+    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
+                      key=checkpoint_iteration, reverse=True)
+    candidates = [tagged] if tagged in names else []
+    candidates += [n for n in ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
+                   if n not in candidates]
+    os.makedirs(folder, exist_ok=True)
+    for name in candidates:
+        path = os.path.join(folder, name)
+        try:
+            for n in (name, name + SIDECAR_SUFFIX):
+                if n in names:
+                    mirror.get(n, os.path.join(folder, n))
+        except Exception as e:
+            raise ArtifactError(f"Cannot download {name} from the mirror {url} "
+                                f"({type(e).__name__}: {e}).") from None
+        problem = verify_checkpoint(path)
+        if problem is None:
+            write_text(os.path.join(folder, LAST_CHECKPOINT), name)
+            logger.info("Resuming from the mirror %s: downloaded %s.", url, name)
+            return path
+        logger.warning("Checkpoint %s of the mirror %s is not usable (%s).", name, url, problem)
+        for n in (name, name + SIDECAR_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, n))
+    return None
+
+
+def _decide(folder, resume, refuse_existing, mirror=""):
     """The main process's choice: (path or "", error or None)."""
+    if resume and mirror and not list_checkpoints(folder):
+        _fetch_from_mirror(mirror, folder)
     if not resume:
         if refuse_existing:
             try:
@@ -191,7 +233,8 @@ def _decide(folder, resume, refuse_existing):
     return "", None
 
 
-def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -> str:
+def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True,
+                      mirror: str = "") -> str:
     """
     The one decision of what a run starts from. Collective when distributed: the main process
     verifies and decides, every process gets its answer (and raises the same error).
@@ -201,6 +244,8 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -
         resume (bool): continue from the newest checkpoint that verifies.
         refuse_existing (bool): without ``resume``, refuse a folder that holds checkpoints (a
             new training run would overwrite them).
+        mirror (str): PERSIST.MIRROR: with ``resume`` and no checkpoint in ``folder`` (a lost
+            machine), the mirror's newest checkpoint that verifies is downloaded first.
 
     Returns:
         str: the checkpoint to load, or "" to start from the initial weights.
@@ -212,7 +257,7 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True) -
     decision = None
     if comm.is_main_process():
         try:
-            decision = _decide(folder, resume, refuse_existing)
+            decision = _decide(folder, resume, refuse_existing, mirror)
         except D2PersistError as e:  # e.g. a hostile checkpoint: every process raises it
             decision = ("", e)
     if comm.get_world_size() > 1:
@@ -277,7 +322,7 @@ def _load_chosen(checkpointer, path):
         return checkpointer.load(local)
 
 
-def resume_or_load(checkpointer, weights: str, *, resume: bool) -> bool:
+def resume_or_load(checkpointer, weights: str, *, resume: bool, mirror: str = "") -> bool:
     """
     Load what a training run starts from, as :func:`choose_checkpoint` decides: the newest
     checkpoint that verifies (with the trainer's and hooks' state), or ``weights`` (model
@@ -293,7 +338,7 @@ def resume_or_load(checkpointer, weights: str, *, resume: bool) -> bool:
         bool: whether a checkpoint was resumed (the trainer's ``iter`` then holds its
         iteration; start at ``iter + 1``).
     """
-    path = choose_checkpoint(checkpointer.save_dir, resume)
+    path = choose_checkpoint(checkpointer.save_dir, resume, mirror=mirror)
     if path:
         _load_chosen(checkpointer, path)
         return True

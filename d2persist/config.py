@@ -31,6 +31,9 @@ def add_persist_config(cfg: CN) -> CN:
     # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
     # runnable by ONNX Runtime without torch or detectron2).
     _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
+    # fsspec URL (s3://bucket/runs/exp1, gs://..., file://...) that receives a copy of every
+    # file the run writes, from a background thread; "" for none.
+    _C.PERSIST.MIRROR = ""
     # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
     _C.PERSIST.ASYNC = True
     # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.

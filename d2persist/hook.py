@@ -21,14 +21,18 @@ from .fileio import remove_temp_files, safe_torch_load, write_json
 from .layout import (
     BEST_NAME,
     BEST_RECORD,
+    CONFIG_NAME,
     FINAL_NAME,
     LAST_CHECKPOINT,
     MANIFEST_NAME,
     METADATA_NAME,
+    PERSIST_FILE,
+    SIDECAR_SUFFIX,
     checkpoint_name,
 )
 from .resume import get_rng_state, set_rng_state
 from .runconfig import run_config
+from .storage import Mirror, Uploader
 
 __all__ = ["PersistHook"]
 
@@ -99,6 +103,7 @@ class PersistHook(HookBase):
         metric = self.options["BEST_METRIC"]
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
         self._training_keys = None  # what training itself puts into the event storage
+        self._uploader = None  # the mirror's, on the main process (PERSIST.MIRROR)
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -133,6 +138,9 @@ class PersistHook(HookBase):
             write_json(
                 os.path.join(out, METADATA_NAME), dataset_metadata(self.run.train_dataset_names())
             )
+            if self.options["MIRROR"]:
+                self._uploader = Uploader(Mirror(self.options["MIRROR"]))
+                self._mirror(CONFIG_NAME, PERSIST_FILE, METADATA_NAME)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
         if self._best is not None and self.trainer.start_iter > 0 and comm.is_main_process():
@@ -263,11 +271,43 @@ class PersistHook(HookBase):
         self._check_finite(data)
         self._checkpointer.write(BEST_NAME, data, tag=False)
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
+        self._mirror(BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
 
-    def _link_best(self, saved, record):
+    def _link_best(self, saved, record, mirror=True):
         """``model_best.pth`` as a second name of the checkpoint ``saved``, then best.json."""
         self._checkpointer.link(saved, BEST_NAME, tag=False)
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
+        if mirror:
+            self._mirror(BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
+
+    # -- mirror --------------------------------------------------------------------------------
+
+    def _mirror(self, *names, folder=None, remove=(), tag=None):
+        """
+        Queue one upload job to the mirror: ``names`` (files of the output folder, or of its
+        ``folder``) in this order, then ``last_checkpoint`` naming ``tag`` (as it is now, not
+        as the local file may say when the upload runs), then the removals. Training never
+        waits for it.
+        """
+        if self._uploader is None:
+            return
+        base = os.path.join(self.run.output_dir, folder) if folder else self.run.output_dir
+        prefix = f"{folder}/" if folder else ""
+        steps = [(prefix + n, os.path.join(base, n)) for n in names]
+        if tag is not None:
+            steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
+        steps += [(prefix + n, None) for n in remove]
+        self._uploader.submit(steps)
+
+    def _finish_mirror(self):
+        if self._uploader is None:
+            return
+        waited = self._uploader.wait()
+        failures = self._uploader.failures
+        logger.info(
+            "Mirror %s: waited %.1f s for the last uploads%s.", self._uploader.mirror.url, waited,
+            f"; {failures} upload(s) failed, the local run is complete" if failures else "",
+        )
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -308,9 +348,13 @@ class PersistHook(HookBase):
     def _write(self, basename, data, best_record=None):
         self._check_finite(data)
         self._checkpointer.write(basename, data, tag=best_record is None)
+        best = ()
         if best_record is not None:
-            self._link_best(basename, best_record)
+            self._link_best(basename, best_record, mirror=False)
             self._checkpointer.tag_last_checkpoint(basename)
+            best = (BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
+        # the checkpoint and its sha256 before anything names it
+        self._mirror(basename, basename + SIDECAR_SUFFIX, *best, tag=basename)
         self._prune()
 
     def _prune(self):
@@ -321,6 +365,7 @@ class PersistHook(HookBase):
         for name in old:
             if name != FINAL_NAME:
                 self._checkpointer.remove(name)
+                self._mirror(remove=(name, name + SIDECAR_SUFFIX))
 
     # -- after_train ---------------------------------------------------------------------------
 
@@ -329,6 +374,7 @@ class PersistHook(HookBase):
             self._after_train()
         finally:
             self._spare = None  # the snapshot buffers: training is over
+            self._finish_mirror()  # also after a failure or a signal: what was written
 
     def _after_train(self):
         self._restore_signal_handlers()
@@ -349,6 +395,7 @@ class PersistHook(HookBase):
         if self._last_saved == last:
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
+                self._mirror(FINAL_NAME, FINAL_NAME + SIDECAR_SUFFIX, tag=FINAL_NAME)
         elif trained or not _main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
             self._save(FINAL_NAME, last)
             self._writer.wait()
@@ -360,7 +407,9 @@ class PersistHook(HookBase):
                 self._writer.wait()
         if self.options["EXPORT"] and comm.is_main_process():
             if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
-                self.export()
+                manifest = self.export()
+                folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
+                self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
         comm.synchronize()
 
     def export(self) -> dict:

@@ -65,6 +65,7 @@ def train_lazy(cfg, resume: bool = False):
             persist,  # last: see PersistHook
         ]
     )
-    resumed = resume_or_load(checkpointer, cfg.train.init_checkpoint, resume=resume)
+    resumed = resume_or_load(checkpointer, cfg.train.init_checkpoint, resume=resume,
+                             mirror=persist.options["MIRROR"])
     trainer.train(trainer.iter + 1 if resumed else 0, cfg.train.max_iter)
     return trainer

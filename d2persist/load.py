@@ -4,6 +4,7 @@ import importlib.util
 from typing import Optional, Sequence
 
 from .errors import D2PersistError
+from .manifest import local_bundle
 
 __all__ = ["BACKENDS", "load_predictor"]
 
@@ -25,7 +26,8 @@ def load_predictor(
 
     Args:
         path (str): an export bundle, or a run folder (its export if complete; with PyTorch,
-            else its newest checkpoint that verifies and its config.yaml).
+            else its newest checkpoint that verifies and its config.yaml), or the fsspec URL
+            of a bundle (``s3://bucket/runs/exp1/export``), downloaded into the cache first.
         device (str): PyTorch: "cpu" or "cuda" (the GPU if available when None).
         opts (list[str]): PyTorch: config overrides (``KEY VALUE`` pairs, or ``key=value`` for
             LazyConfigs).
@@ -39,6 +41,7 @@ def load_predictor(
     """
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    path = local_bundle(path)  # an fsspec URL: downloaded and verified
     if backend == "auto":
         stack = all(importlib.util.find_spec(m) for m in ("torch", "detectron2"))
         backend = "pytorch" if stack else "onnxruntime"

@@ -10,7 +10,7 @@ from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
 from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
 
 __all__ = ["FORMAT", "read_manifest", "metadata_from_json", "persist_options_of_run",
-           "find_bundle", "describe_source"]
+           "find_bundle", "describe_source", "local_bundle"]
 
 #: Identifies a d2persist manifest, with its version.
 FORMAT = {"name": "d2persist-export", "version": 1}
@@ -113,3 +113,59 @@ def describe_source(source: dict) -> str:
     if kind == "checkpoint":
         return f"checkpoint {source.get('file')}, {at}"
     return f"the final weights, {at}"
+
+
+def _cache_root():
+    return os.environ.get("D2PERSIST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "d2persist"
+    )
+
+
+def local_bundle(path: str) -> str:
+    """
+    A local folder to predict from: ``path`` itself, or for an fsspec URL (``s3://.../export``,
+    or a mirrored run whose ``export/`` is complete) the bundle downloaded into the cache
+    (``$D2PERSIST_CACHE/bundles``), manifest last, and verified against the manifest.
+
+    Raises:
+        ArtifactError: nothing at the URL holds a manifest, a download fails, or a file does
+            not match the manifest.
+    """
+    import hashlib
+    import json
+
+    from .fileio import write_text
+    from .storage import Mirror, is_url
+
+    if not is_url(path):
+        return path
+    url = path.rstrip("/")
+    try:
+        for candidate in (url, f"{url}/{DEFAULT_EXPORT_DIR}"):
+            mirror = Mirror(candidate)
+            text = mirror.read_text(MANIFEST_NAME)
+            if text is not None:
+                break
+        else:
+            raise ArtifactError(f"{url} holds no export bundle ({MANIFEST_NAME}).")
+        manifest = json.loads(text)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            raise ArtifactError(f"{candidate}/{MANIFEST_NAME} lists no files.")
+        cache = os.path.join(_cache_root(), "bundles",
+                             hashlib.sha256(candidate.encode()).hexdigest()[:16])
+        os.makedirs(cache, exist_ok=True)
+        stale = os.path.join(cache, MANIFEST_NAME)
+        if os.path.exists(stale):  # the cached bundle stops being complete first
+            os.unlink(stale)
+        for name, entry in files.items():
+            local = resolve_inside(cache, name)
+            if not (os.path.isfile(local) and isinstance(entry, dict)
+                    and sha256_file(local) == entry.get("sha256")):
+                mirror.get(name, local)
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
+            from None
+    write_text(os.path.join(cache, MANIFEST_NAME), text)
+    read_manifest(cache)  # every file against its sha256
+    return cache

@@ -82,8 +82,10 @@ class PersistTrainer(DefaultTrainer):
         must not overwrite an earlier run's checkpoints.
         """
         hook = next((h for h in self._hooks if isinstance(h, PersistHook)), None)
-        (hook.run if hook is not None else run_config(self.cfg)).check()  # before_train reuses
-        resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume)
+        run = hook.run if hook is not None else run_config(self.cfg)
+        run.check()  # before_train reuses it
+        resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume,
+                                 mirror=run.options["MIRROR"])
         self.start_iter = self.iter + 1 if resumed else 0
 
     def build_hooks(self):

@@ -1,0 +1,160 @@
+"""
+A mirror of a run folder in object storage or any fsspec location (``s3://``, ``gs://``,
+``az://``, ``file://``), filled from a background thread.
+
+fsspec's protocol packages (s3fs, gcsfs, adlfs) and their usual credentials and configuration
+(environment, config files, ``FSSPEC_*`` variables) are used as they are; nothing is hard-coded.
+An object store creates an object only once its upload is complete; on a file system a copy is
+written under a temporary name and renamed. Each upload job is a sequence (a checkpoint, its
+sha256, then ``last_checkpoint``): if one upload fails, the rest of its job is skipped, so the
+mirror never names an object that is not completely there.
+"""
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import List, Optional, Sequence, Tuple
+
+from .fileio import atomic_path
+
+__all__ = ["Mirror", "Uploader", "is_url"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_url(path: str) -> bool:
+    """Whether ``path`` is an fsspec URL (``proto://...``) rather than a local path."""
+    return isinstance(path, str) and "://" in path and not path.startswith("file://")
+
+
+class Mirror:
+    """A folder at an fsspec URL: put, get, remove and read files by name."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                 else (self.fs.protocol,))
+
+    def _path(self, name):
+        return f"{self.root}/{name}"
+
+    def put(self, local: str, name: str) -> None:
+        """Upload ``local`` as ``name``; complete before the name exists."""
+        if self._local:
+            tmp = self._path(f"{name}.d2persist-tmp")
+            self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+            self.fs.put_file(local, tmp)
+            self.fs.mv(tmp, self._path(name))
+        else:
+            self.fs.put_file(local, self._path(name))
+
+    def put_bytes(self, data: bytes, name: str) -> None:
+        """Upload ``data`` as ``name``; complete before the name exists."""
+        if self._local:
+            tmp = self._path(f"{name}.d2persist-tmp")
+            self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, self._path(name))
+        else:
+            self.fs.pipe_file(self._path(name), data)
+
+    def remove(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def read_text(self, name: str) -> Optional[str]:
+        """The text of ``name``, or None if there is no such file."""
+        try:
+            return self.fs.cat_file(self._path(name)).decode("utf-8")
+        except FileNotFoundError:
+            return None
+
+    def names(self, prefix: str = "") -> List[str]:
+        """File names directly in the mirror (or in its folder ``prefix``)."""
+        try:
+            entries = self.fs.ls(self._path(prefix) if prefix else self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(os.path.basename(e.rstrip("/")) for e in entries)
+
+    def get(self, name: str, local: str) -> None:
+        """Download ``name`` to ``local``, atomically."""
+        with atomic_path(local) as tmp:
+            self.fs.get_file(self._path(name), tmp)
+
+
+class Uploader:
+    """
+    Uploads to a :class:`Mirror` from one background thread, in order. A failing upload is
+    retried, then reported once (later failures are counted); it never reaches training.
+    """
+
+    def __init__(self, mirror: Mirror, tries: int = 3, backoff: float = 0.5):
+        self.mirror, self.tries, self.backoff = mirror, tries, backoff
+        self._jobs = queue.Queue()
+        self._thread = None
+        self.failures = 0
+
+    def submit(self, steps: Sequence[Tuple[str, Optional[str]]]) -> None:
+        """
+        Queue one job: ``(name, source)`` steps, done in order: ``source`` is a local file to
+        upload, ``bytes`` to upload (a pointer as it was when the job was queued), or None to
+        remove ``name`` from the mirror. A failed step skips the rest of its job.
+        """
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="d2persist-mirror", daemon=True
+            )
+            self._thread.start()
+        self._jobs.put(list(steps))
+
+    def _run(self):
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                for name, local in job:
+                    if not self._step(name, local):
+                        break
+            finally:
+                self._jobs.task_done()
+
+    def _step(self, name, source):
+        if isinstance(source, str) and not os.path.isfile(source):
+            return False  # removed locally (retention) before its turn: its job is moot
+        for attempt in range(self.tries):
+            try:
+                if source is None:
+                    self.mirror.remove(name)
+                elif isinstance(source, bytes):
+                    self.mirror.put_bytes(source, name)
+                else:
+                    self.mirror.put(source, name)
+                return True
+            except Exception as e:  # fsspec backends raise many kinds; training must go on
+                if attempt + 1 < self.tries:
+                    time.sleep(self.backoff * 2**attempt)
+                    continue
+                self.failures += 1
+                if self.failures == 1:
+                    reason = str(e).splitlines()[0][:200] if str(e) else ""
+                    logger.error(
+                        "Could not copy %s to the mirror %s after %d tries (%s: %s); the local "
+                        "run is intact, and later failures are only counted.",
+                        name, self.mirror.url, self.tries, type(e).__name__, reason,
+                    )
+                return False
+
+    def wait(self) -> float:
+        """Block until every queued upload is done; returns the seconds waited."""
+        start = time.perf_counter()
+        self._jobs.join()
+        return time.perf_counter() - start

@@ -1,0 +1,195 @@
+"""
+PERSIST.MIRROR against a real S3-compatible server (moto's server mode) on 127.0.0.1, through
+s3fs configured the standard fsspec way. Every server a test starts, it stops.
+"""
+
+import contextlib
+import logging
+import os
+import shutil
+
+import pytest
+import torch
+
+from d2persist.checkpoint import verify_checkpoint
+from helpers import INFER_SINGLE, assert_bitwise_equal, run_tool, tiny_cfg, train
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "d2persist-test"
+
+
+@contextlib.contextmanager
+def s3_server():
+    """A moto S3 server on 127.0.0.1, fsspec pointed at it (also for subprocesses)."""
+    import fsspec
+    import s3fs
+
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1",
+           "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}"}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_conf = fsspec.config.conf.get("s3")
+    os.environ.update(env)
+    fsspec.config.conf["s3"] = {"endpoint_url": env["FSSPEC_S3_ENDPOINT_URL"]}
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        fs = fsspec.filesystem("s3")
+        if not fs.exists(BUCKET):  # moto keeps its buckets per process, across servers
+            fs.mkdir(BUCKET)
+        yield server, env
+    finally:
+        server.stop()
+        for k, v in saved_env.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        fsspec.config.conf.pop("s3", None)
+        if saved_conf is not None:
+            fsspec.config.conf["s3"] = saved_conf
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    with s3_server() as (server, env):
+        yield env
+
+
+def _fs():
+    import fsspec
+
+    return fsspec.filesystem("s3")
+
+
+def _names(prefix):
+    fs = _fs()
+    fs.invalidate_cache()
+    return sorted(p[len(f"{BUCKET}/{prefix}/"):] for p in fs.find(f"{BUCKET}/{prefix}"))
+
+
+def test_mirror_holds_the_run_and_follows_retention(s3, tmp_path):
+    url = f"s3://{BUCKET}/run1"
+    train(tiny_cfg(tmp_path, "PERSIST.MIRROR", url, "PERSIST.MAX_TO_KEEP", 1,
+                   "SOLVER.CHECKPOINT_PERIOD", 1, "SOLVER.MAX_ITER", 4))
+    names = _names("run1")
+    assert {"config.yaml", "persist.yaml", "metadata.json", "last_checkpoint",
+            "model_0000003.pth", "model_0000003.pth.sha256", "model_final.pth",
+            "model_final.pth.sha256", "export/manifest.json", "export/model.safetensors",
+            "export/config.yaml"} == set(names)  # retention removed model_0000000..2 there too
+    fs = _fs()
+    assert fs.cat_file(f"{BUCKET}/run1/last_checkpoint") == b"model_final.pth"
+    for name in ("model_final.pth", "export/model.safetensors", "export/manifest.json"):
+        assert fs.cat_file(f"{BUCKET}/run1/{name}") == (tmp_path / name).read_bytes()
+
+    image = _val_image()
+    res = run_tool(INFER_SINGLE, "--image", image, "--artifacts", f"{url}/export",
+                   "--json", tmp_path / "p.json", env=s3)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "weights: the final weights, iteration 3" in res.stdout
+
+
+def _val_image():
+    from detectron2.data import DatasetCatalog
+
+    from d2persist.data.shapes import register_shapes
+
+    _, val = register_shapes()
+    return DatasetCatalog.get(val)[0]["file_name"]
+
+
+def test_resume_from_the_mirror_into_an_empty_folder(s3, tmp_path):
+    url = f"s3://{BUCKET}/run2"
+    opts = ["PERSIST.EXPORT", False, "SOLVER.CHECKPOINT_PERIOD", 2]
+    train(tiny_cfg(tmp_path / "straight", *opts, "SOLVER.MAX_ITER", 6))
+    train(tiny_cfg(tmp_path / "lost", *opts, "SOLVER.MAX_ITER", 4, "PERSIST.MIRROR", url))
+    shutil.rmtree(tmp_path / "lost")  # the machine is gone; a new one starts empty
+    trainer = train(tiny_cfg(tmp_path / "new", *opts, "SOLVER.MAX_ITER", 6,
+                             "PERSIST.MIRROR", url), resume=True)
+    assert trainer.start_iter == 4
+    assert_bitwise_equal(
+        torch.load(tmp_path / "straight" / "model_final.pth", weights_only=True)["model"],
+        torch.load(tmp_path / "new" / "model_final.pth", weights_only=True)["model"],
+    )
+
+
+def test_a_failed_upload_is_never_named_by_last_checkpoint(s3, tmp_path, mocker):
+    from d2persist.storage import Mirror
+
+    real_put = Mirror.put
+
+    def put(self, local, name):  # the upload of these dies, as with a killed process
+        if name in ("model_0000003.pth", "model_final.pth"):
+            raise ConnectionError("connection reset during upload")
+        return real_put(self, local, name)
+
+    mocker.patch.object(Mirror, "put", put)
+    train(tiny_cfg(tmp_path, "PERSIST.MIRROR", f"s3://{BUCKET}/run3", "PERSIST.EXPORT", False,
+                   "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2))
+    fs = _fs()
+    named = fs.cat_file(f"{BUCKET}/run3/last_checkpoint").decode()
+    assert named == "model_0000001.pth"
+    fs.get_file(f"{BUCKET}/run3/{named}", str(tmp_path / "fetched.pth"))
+    fs.get_file(f"{BUCKET}/run3/{named}.sha256", str(tmp_path / "fetched.pth.sha256"))
+    assert verify_checkpoint(str(tmp_path / "fetched.pth")) is None
+    assert (tmp_path / "model_final.pth").is_file()  # the local run is whole
+
+
+class _StopServerAt(__import__("detectron2.engine", fromlist=["HookBase"]).HookBase):
+    def __init__(self, it, server):
+        self.it, self.server = it, server
+
+    def after_step(self):
+        if self.trainer.iter == self.it:
+            self.server.stop()
+
+
+def test_server_stopped_mid_run_training_finishes_with_one_message(tmp_path, caplog):
+    with s3_server() as (server, _):
+        cfg = tiny_cfg(tmp_path, "PERSIST.MIRROR", f"s3://{BUCKET}/run4", "PERSIST.EXPORT",
+                       False, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 1)
+        with caplog.at_level(logging.INFO, logger="d2persist"):
+            train(cfg, hooks=[_StopServerAt(1, server)])
+    errors = [r for r in caplog.records if "Could not copy" in r.getMessage()]
+    assert len(errors) == 1 and errors[0].levelname == "ERROR"
+    assert any("upload(s) failed, the local run is complete" in r.getMessage()
+               for r in caplog.records)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert verify_checkpoint(str(tmp_path / "model_final.pth")) is None
+
+
+def test_sigkill_while_uploading_leaves_a_mirror_naming_a_complete_checkpoint(s3, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, TINY_OPTS, TRAIN_NET
+
+    url = f"s3://{BUCKET}/run5"
+    args = [*TINY_OPTS, "SOLVER.MAX_ITER", 100, "SOLVER.CHECKPOINT_PERIOD", 1,
+            "PERSIST.EXPORT", False, "PERSIST.MIRROR", url, "OUTPUT_DIR", tmp_path]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO, **s3)
+    proc = subprocess.Popen([sys.executable, TRAIN_NET, *map(str, args)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    fs = _fs()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # uploads are under way: a checkpoint is named in the mirror
+            fs.invalidate_cache()
+            if fs.exists(f"{BUCKET}/run5/last_checkpoint"):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, "nothing uploaded"
+            time.sleep(0.2)
+        time.sleep(1.0)  # one save per iteration: the next uploads are in flight
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    fs.invalidate_cache()
+    named = fs.cat_file(f"{BUCKET}/run5/last_checkpoint").decode()
+    fs.get_file(f"{BUCKET}/run5/{named}", str(tmp_path / "fetched.pth"))
+    fs.get_file(f"{BUCKET}/run5/{named}.sha256", str(tmp_path / "fetched.pth.sha256"))
+    assert verify_checkpoint(str(tmp_path / "fetched.pth")) is None
