@@ -43,25 +43,23 @@ class Mirror:
     def _path(self, name):
         return f"{self.root}/{name}"
 
+    def _upload(self, name, send):
+        """``send(remote_path)``, so that ``name`` exists only once it is complete."""
+        if not self._local:  # an object store creates the object when its upload completes
+            send(self._path(name))
+            return
+        tmp = self._path(f"{name}.d2persist-tmp")
+        self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
+        send(tmp)
+        self.fs.mv(tmp, self._path(name))
+
     def put(self, local: str, name: str) -> None:
-        """Upload ``local`` as ``name``; complete before the name exists."""
-        if self._local:
-            tmp = self._path(f"{name}.d2persist-tmp")
-            self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
-            self.fs.put_file(local, tmp)
-            self.fs.mv(tmp, self._path(name))
-        else:
-            self.fs.put_file(local, self._path(name))
+        """Upload the file ``local`` as ``name``; complete before the name exists."""
+        self._upload(name, lambda remote: self.fs.put_file(local, remote))
 
     def put_bytes(self, data: bytes, name: str) -> None:
         """Upload ``data`` as ``name``; complete before the name exists."""
-        if self._local:
-            tmp = self._path(f"{name}.d2persist-tmp")
-            self.fs.makedirs(os.path.dirname(tmp), exist_ok=True)
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, self._path(name))
-        else:
-            self.fs.pipe_file(self._path(name), data)
+        self._upload(name, lambda remote: self.fs.pipe_file(remote, data))
 
     def remove(self, name: str) -> None:
         try:

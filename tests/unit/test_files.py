@@ -73,3 +73,23 @@ def test_outputs_that_would_overwrite_each_other_are_refused(tmp_path):
     with pytest.raises(InputImageError, match="'x'.*overwrite"):
         predict_files(None, images, json_out=str(tmp_path / "out"), many=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_file_mirror_renames_complete_copies_into_place(tmp_path):
+    from d2persist.storage import Mirror, Uploader, is_url
+
+    assert is_url("s3://b/run") and not is_url(str(tmp_path)) and not is_url("file:///x")
+    src = tmp_path / "model.pth"
+    src.write_bytes(b"weights")
+    mirror = Mirror(f"file://{tmp_path}/mirror")
+    uploader = Uploader(mirror, backoff=0.0)
+    uploader.submit([("model.pth", str(src)), ("last_checkpoint", b"model.pth")])
+    uploader.submit([("gone.pth", str(tmp_path / "missing.pth")), ("never", b"x")])
+    uploader.wait()
+    assert mirror.names() == ["last_checkpoint", "model.pth"]  # no temp file, no "never"
+    assert mirror.read_text("last_checkpoint") == "model.pth"
+    mirror.get("model.pth", str(tmp_path / "back.pth"))
+    assert (tmp_path / "back.pth").read_bytes() == b"weights"
+    uploader.submit([("model.pth", None)])
+    uploader.wait()
+    assert mirror.names() == ["last_checkpoint"] and uploader.failures == 0
