@@ -14,7 +14,7 @@ from .checkpoint import find_newest_valid, list_checkpoints
 from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
 from .fileio import read_json, resolve_inside, safe_yaml_load
 from .layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
-from .manifest import find_bundle, metadata_from_json, persist_options_of_run, read_manifest
+from .manifest import LOADED, find_bundle, metadata_from_json, persist_options_of_run, read_manifest
 from .runconfig import check_extension_names
 
 __all__ = ["Artifacts", "resolve_artifacts"]
@@ -66,8 +66,7 @@ def _config_kind(config, path):
 
 
 def _from_export(folder):
-    manifest = read_manifest(folder, verify=False)
-    read_manifest(folder, only=[manifest["config"], manifest["weights"]])  # what is loaded
+    manifest = read_manifest(folder, only=LOADED)
     config_path = resolve_inside(folder, manifest["config"])
     config = safe_yaml_load(config_path)
     return Artifacts(

@@ -103,6 +103,19 @@ def verify_checkpoint(path: str) -> Optional[str]:
     return None
 
 
+def _candidates(names, tagged):
+    """
+    Checkpoint names to try, in order: ``tagged`` (``last_checkpoint``'s target) if it is one
+    a plain file name, then ``model_final.pth``, then periodic checkpoints newest first.
+    """
+    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
+                      key=checkpoint_iteration, reverse=True)
+    ordered = ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
+    if tagged and os.sep not in tagged:
+        ordered = [tagged] + [n for n in ordered if n != tagged]
+    return ordered
+
+
 def find_newest_valid(folder: str) -> Optional[str]:
     """
     The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
@@ -112,15 +125,13 @@ def find_newest_valid(folder: str) -> Optional[str]:
     Returns:
         str or None: the path, or None if no checkpoint verifies.
     """
-    names = list_checkpoints(folder)
     try:
         with open(os.path.join(folder, LAST_CHECKPOINT), "r", encoding="utf-8") as f:
             tagged = f.read().strip()
     except FileNotFoundError:
         tagged = None
-    if tagged and not os.path.isabs(tagged) and os.sep not in tagged:
-        names = [tagged] + [n for n in names if n != tagged]
-    for name in names:
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    for name in _candidates(names, tagged):
         path = os.path.join(folder, name)
         problem = verify_checkpoint(path)
         if problem is None:
@@ -179,15 +190,11 @@ def _fetch_from_mirror(url, folder):
         mirror = Mirror(url)
         names = mirror.names()
         tagged = (mirror.read_text(LAST_CHECKPOINT) or "").strip()
+        tagged = tagged if tagged in names else None  # never download what is not there
     except Exception as e:  # fsspec backends raise many kinds
         raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
-    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
-                      key=checkpoint_iteration, reverse=True)
-    candidates = [tagged] if tagged in names else []
-    candidates += [n for n in ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
-                   if n not in candidates]
     os.makedirs(folder, exist_ok=True)
-    for name in candidates:
+    for name in _candidates(names, tagged):
         path = os.path.join(folder, name)
         try:
             for n in (name, name + SIDECAR_SUFFIX):
@@ -284,7 +291,9 @@ def _local_copy(folder, path):
     import torch.distributed as dist
 
     name = os.path.basename(path)
-    digest = comm.all_gather(sha256_file(path) if comm.is_main_process() else None)[0]
+    # the main process verified its file against the sidecar a moment ago: no second hash
+    main_digest = (read_sidecar(path) or sha256_file(path)) if comm.is_main_process() else None
+    digest = comm.all_gather(main_digest)[0]
     local = os.path.join(folder, name)
     have = comm.is_main_process() or (os.path.isfile(local) and sha256_file(local) == digest)
     if not comm.is_main_process():

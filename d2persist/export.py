@@ -18,7 +18,7 @@ import torch
 from .errors import ExportError
 from .fileio import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
 from .layout import CONFIG_NAME, MANIFEST_NAME, ONNX_NAME, WEIGHTS_NAME
-from .manifest import FORMAT, read_manifest
+from .manifest import FORMAT, LOADED, read_manifest
 from .onnx_export import export_onnx
 
 __all__ = ["write_export", "add_onnx", "dataset_metadata"]
@@ -163,8 +163,7 @@ def add_onnx(export_dir: str, model) -> dict:
         ArtifactError: the bundle is incomplete or does not verify.
         ExportError: the model cannot be exported (the manifest records why).
     """
-    manifest = read_manifest(export_dir, verify=False)
-    read_manifest(export_dir, only=[manifest["config"], manifest["weights"]])
+    manifest = read_manifest(export_dir, only=LOADED)
     files = dict(manifest["files"])
     if files.pop(ONNX_NAME, None) is not None:  # never name a file while it is replaced
         manifest.pop("onnx", None)

@@ -258,14 +258,7 @@ class PersistHook(HookBase):
         """Write ``model_best.pth`` (a snapshot) and ``best.json`` in the background."""
         if not comm.is_main_process():
             return
-        record = self._best.record()
-        self._writer.wait()
-        data = snapshot_state(
-            self._checkpointer, copy=self._writer.enabled, into=self._spare, iteration=iteration
-        )
-        data["trainer"]["iteration"] = iteration
-        self._spare = data if self._writer.enabled else None
-        self._writer.submit(self._write_best, data, record)
+        self._writer.submit(self._write_best, self._snapshot(iteration), self._best.record())
 
     def _write_best(self, data, record):
         self._check_finite(data)
@@ -327,15 +320,23 @@ class PersistHook(HookBase):
         self._last_saved = iteration
         if not comm.is_main_process():
             return
-        self._writer.wait()
         if basename != FINAL_NAME:
             self._kept.append(basename)
+        data = self._snapshot(iteration)
+        self._writer.submit(self._write, basename, data, self._best.record() if best else None)
+
+    def _snapshot(self, iteration):
+        """
+        The state of ``iteration``, once the write in flight is done (with ASYNC, copied into
+        the buffers of the previous snapshot).
+        """
+        self._writer.wait()
         data = snapshot_state(
             self._checkpointer, copy=self._writer.enabled, into=self._spare, iteration=iteration
         )
         data["trainer"]["iteration"] = iteration
         self._spare = data if self._writer.enabled else None
-        self._writer.submit(self._write, basename, data, self._best.record() if best else None)
+        return data
 
     @staticmethod
     def _check_finite(data):

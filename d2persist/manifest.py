@@ -9,7 +9,7 @@ from .errors import ArtifactError
 from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
 from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
 
-__all__ = ["FORMAT", "read_manifest", "metadata_from_json", "persist_options_of_run",
+__all__ = ["FORMAT", "LOADED", "read_manifest", "metadata_from_json", "persist_options_of_run",
            "find_bundle", "describe_source", "local_bundle"]
 
 #: Identifies a d2persist manifest, with its version.
@@ -25,6 +25,10 @@ def metadata_from_json(meta: dict) -> dict:
     return out
 
 
+#: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
+LOADED = "config and weights"
+
+
 def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
     """
     Read and check a bundle's manifest.
@@ -32,7 +36,8 @@ def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
     Args:
         export_dir (str): the bundle folder.
         verify (bool): check every listed file's size and sha256.
-        only (list[str]): check only these of the listed files (the ones a caller loads).
+        only (list[str] or LOADED): check only these of the listed files (the ones a caller
+            loads); :data:`LOADED` names the manifest's config and weights files.
 
     Returns:
         dict: the manifest.
@@ -56,6 +61,8 @@ def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
         isinstance(n, str) and isinstance(files.get(n), dict) for n in named
     ) or not all(isinstance(e, dict) for e in files.values()):
         raise ArtifactError(f"{path} does not list the bundle's config and weights files.")
+    if only == LOADED:
+        only = named
     for name, entry in files.items():
         file_path = resolve_inside(export_dir, name)
         if not verify or (only is not None and name not in only):

@@ -18,7 +18,7 @@ from .errors import ArtifactError
 from .imageio import image_input, resize_shortest_edge
 from .layout import ONNX_NAME
 from .manifest import describe_source, find_bundle, metadata_from_json, read_manifest
-from .outputs import draw_instances, instances_json
+from .outputs import class_names_of, draw_instances, instances_json
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "paste_masks"]
 
@@ -128,9 +128,7 @@ class OnnxPredictor:
         self.min_size = int(contract.get("min_size_test") or 0)
         self.max_size = int(contract.get("max_size_test") or 0)
         self.metadata = metadata
-        self.class_names = list(
-            metadata.get("thing_classes") or metadata.get("stuff_classes") or []
-        )
+        self.class_names = class_names_of(metadata)
         self._outputs = [o.name for o in session.get_outputs()]
         self.weights = ""  # which weights, in words (set by load_onnx_predictor)
 

@@ -8,7 +8,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-__all__ = ["rle_encode", "instances_json", "draw_instances"]
+__all__ = ["class_names_of", "rle_encode", "instances_json", "draw_instances"]
+
+
+def class_names_of(metadata: dict) -> List[str]:
+    """The class names of dataset metadata: ``thing_classes``, else ``stuff_classes``."""
+    return list(metadata.get("thing_classes") or metadata.get("stuff_classes") or [])
 
 
 def rle_encode(mask: np.ndarray) -> dict:

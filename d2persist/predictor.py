@@ -18,7 +18,7 @@ from .artifacts import resolve_artifacts
 from .errors import D2PersistError, InputImageError
 from .imageio import check_image_file, image_input
 from .manifest import describe_source
-from .outputs import instances_json
+from .outputs import class_names_of, instances_json
 from .rebuild import build_model_from_config, load_weights
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
@@ -131,9 +131,7 @@ class Predictor:
         self.input_format = input_format
         self.metadata = metadata
         self.device = device
-        self.class_names = list(
-            metadata.get("thing_classes") or metadata.get("stuff_classes") or []
-        )
+        self.class_names = class_names_of(metadata)
 
     def visualizer_metadata(self):
         """A detectron2 ``Metadata`` holding the bundle's metadata, for the Visualizer."""

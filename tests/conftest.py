@@ -1,5 +1,6 @@
 import logging
 import os
+import sys
 
 import pytest
 
@@ -34,3 +35,9 @@ def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("trained_run")
     train(tiny_cfg(out))
     return out
+
+
+# tests.scripts.* (a project's config extension) must import however pytest is started
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
