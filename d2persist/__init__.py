@@ -48,6 +48,7 @@ _EXPORTS = {
     "ConfigRoundTripError": "errors",
     "OutputDirNotEmptyError": "errors",
     "CheckpointWriteError": "errors",
+    "RunFolderBusyError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

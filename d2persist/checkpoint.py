@@ -20,8 +20,14 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from .errors import ArtifactError, D2PersistError, OutputDirNotEmptyError, UnsafeArtifactError
-from .fileio import fsync_dir, safe_torch_load, sha256_file, torch_save, write_text
+from .errors import (
+    ArtifactError,
+    D2PersistError,
+    OutputDirNotEmptyError,
+    RunFolderBusyError,
+    UnsafeArtifactError,
+)
+from .fileio import fsync_dir, lock_run_folder, safe_torch_load, sha256_file, torch_save, write_text
 from .layout import (
     FINAL_NAME,
     LAST_CHECKPOINT,
@@ -39,6 +45,7 @@ __all__ = [
     "verify_checkpoint",
     "find_newest_valid",
     "check_output_dir",
+    "hold_run_lock",
     "choose_checkpoint",
     "resume_or_load",
 ]
@@ -177,6 +184,29 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
             f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "
             "(resume_or_load(resume=True)) or choose another OUTPUT_DIR."
         )
+
+
+def hold_run_lock(folder: str) -> None:
+    """
+    The main process takes the run lock of ``folder`` (see :func:`d2persist.fileio.
+    lock_run_folder`) before it writes anything there; collective when distributed, so every
+    process raises the same one-sentence error when another run holds it. Entry points that
+    train call it first (the tools' setup, ``resume_or_load``, PersistHook's ``before_train``);
+    readers (prediction, evaluation, export from a run) never do.
+
+    Raises:
+        RunFolderBusyError: another process writes ``folder``.
+    """
+    error = None
+    if folder and comm.is_main_process():
+        try:
+            lock_run_folder(folder)
+        except RunFolderBusyError as e:
+            error = e
+    if comm.get_world_size() > 1:
+        error = comm.all_gather(error)[0]
+    if error is not None:
+        raise error
 
 
 def _fetch_from_mirror(url, folder):
@@ -347,6 +377,7 @@ def resume_or_load(checkpointer, weights: str, *, resume: bool, mirror: str = ""
         bool: whether a checkpoint was resumed (the trainer's ``iter`` then holds its
         iteration; start at ``iter + 1``).
     """
+    hold_run_lock(checkpointer.save_dir)  # a mirror download writes into the folder
     path = choose_checkpoint(checkpointer.save_dir, resume, mirror=mirror)
     if path:
         _load_chosen(checkpointer, path)

@@ -1,4 +1,12 @@
-"""What the command-line tools share: run setup, and known errors as one line + exit code 2."""
+"""
+What the command-line tools share: the launcher (detectron2's ``launch()`` or torchrun's
+environment), run setup, and known errors as one line + exit code 2.
+
+Exit codes of the training tools: 0 training completed; 2 bad input, or the run folder is
+being written by another run (one sentence on stderr); 128 + N stopped by signal N (one of
+``PERSIST.STOP_SIGNALS``) after saving a resumable checkpoint, e.g. 143 for SIGTERM, 138 for
+SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
+"""
 
 import functools
 import logging
@@ -11,7 +19,13 @@ __all__ = [
     "setup_run",
     "add_launch_arguments",
     "launch_main",
+    "launched_by_torchrun",
 ]
+
+#: The environment a launcher such as torchrun sets for each worker (torch.distributed's
+#: ``env://`` contract, and the per-machine size detectron2's local process group needs).
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                "MASTER_PORT")
 
 #: Exit code for bad input or bad artifacts.
 EXIT_BAD_INPUT = 2
@@ -56,8 +70,12 @@ def setup_run(cfg, args):
 
     from .runconfig import run_config
 
+    from .checkpoint import hold_run_lock
+
     run = run_config(cfg)
     output_dir = run.output_dir
+    if not getattr(args, "eval_only", False):
+        hold_run_lock(output_dir)  # before the log file: a second writer writes nothing
     if comm.is_main_process() and output_dir:
         os.makedirs(output_dir, exist_ok=True)
     rank = comm.get_rank()
@@ -87,12 +105,75 @@ def add_launch_arguments(parser):
     return parser
 
 
-def launch_main(main, args):
+def launched_by_torchrun() -> bool:
     """
-    ``detectron2.engine.launch(main, ...)`` with the parsed arguments; a worker's exit code
-    (2 for a known error) becomes the tool's.
+    Whether torchrun (``torch.distributed.run``) or another launcher that sets torch's
+    environment contract (:data:`TORCHRUN_ENV`) started this process as one of its workers.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_torchelastic_launched():
+        return True
+    return all(k in os.environ for k in TORCHRUN_ENV)
+
+
+def _torchrun_worker(main, args):
+    """
+    Run ``main(args)`` as the worker torchrun started: join its process group (gloo on the
+    CPU, nccl on GPUs) and set up detectron2's per-machine group, as ``launch()``'s workers do.
+    After a restart (``TORCHELASTIC_RESTART_COUNT`` > 0) the run resumes by itself.
     """
     from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+    ignored = [f"--{k.replace('_', '-')} {getattr(args, k)}"
+               for k, default in (("num_gpus", 1), ("num_machines", 1), ("machine_rank", 0))
+               if getattr(args, k, default) != default]
+    if ignored and rank == 0:
+        print(f"torchrun started {world} worker(s): {', '.join(ignored)} ignored (torchrun's "
+              "--nnodes/--nproc-per-node decide).", file=sys.stderr)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0 and not getattr(args, "eval_only", False):
+        args.resume = True  # a restarted worker continues; it never starts over
+        if rank == 0:
+            print(f"torchrun restart {restarts}: resuming from the newest checkpoint that "
+                  "verifies.", file=sys.stderr)
+    has_gpu = torch.cuda.is_available()
+    if has_gpu:
+        torch.cuda.set_device(local_rank)
+    timeout = timedelta(seconds=args.dist_timeout)
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    # torchrun's agent keeps one store for all restarts (torch 2.14 assumes a new one per
+    # restart and adds no prefix): without one, a restarted worker can read the address its
+    # peer had before the restart and wait on it (seen here in 3 of 5 restarts of a bare gloo
+    # script). The restart count and world size name the attempt, as torch's own prefix once did.
+    store = dist.PrefixStore(f"d2persist/attempt_{restarts}/world_{world}", store)
+    dist.init_process_group(backend="nccl" if has_gpu else "gloo", store=store, rank=rank,
+                            world_size=world, timeout=timeout)
+    try:
+        comm.create_local_process_group(local_world)
+        comm.synchronize()
+        return main(args)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_main(main, args):
+    """
+    Run a tool's ``main(args)`` under the launcher that started it: as one of torchrun's
+    workers (see :func:`launched_by_torchrun`), else through ``detectron2.engine.launch`` with
+    ``--num-gpus/--num-machines/--machine-rank/--dist-url``. A worker's exit code (2 for a known
+    error) becomes the tool's.
+    """
+    from datetime import timedelta
+
+    if launched_by_torchrun():
+        return _torchrun_worker(main, args)
 
     import torch.multiprocessing as mp
     from detectron2.engine import launch

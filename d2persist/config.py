@@ -36,8 +36,14 @@ def add_persist_config(cfg: CN) -> CN:
     _C.PERSIST.MIRROR = ""
     # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
     _C.PERSIST.ASYNC = True
-    # On SIGINT/SIGTERM, finish the current iteration, save a resumable checkpoint, then stop.
+    # On a STOP_SIGNALS signal, finish the current iteration, save a resumable checkpoint, stop.
     _C.PERSIST.SAVE_ON_INTERRUPT = True
+    # Signals that stop a run that way, on whichever process gets them; add "SIGUSR1" for a
+    # scheduler's warning (SLURM --signal=B:USR1@120, submitit). Exit code: 128 + the signal's.
+    _C.PERSIST.STOP_SIGNALS = ["SIGINT", "SIGTERM"]
+    # Also save once this many minutes have passed since the last save (the main process's
+    # clock decides for all); 0 saves by SOLVER.CHECKPOINT_PERIOD only.
+    _C.PERSIST.CHECKPOINT_MINUTES = 0.0
     # Metric that picks the best weights, as EvalHook stores it ("bbox/AP", "segm/AP50"); "" off.
     _C.PERSIST.BEST_METRIC = ""
     # "max" or "min": whether a larger or a smaller BEST_METRIC is better.

@@ -8,6 +8,7 @@ __all__ = [
     "ConfigError",
     "ConfigRoundTripError",
     "OutputDirNotEmptyError",
+    "RunFolderBusyError",
     "CheckpointWriteError",
     "ExportError",
 ]
@@ -42,6 +43,10 @@ class ConfigRoundTripError(ConfigError):
 
 class OutputDirNotEmptyError(D2PersistError):
     """A new run would overwrite the checkpoints of an earlier run."""
+
+
+class RunFolderBusyError(D2PersistError):
+    """Another process is training into the same output folder (it holds the run lock)."""
 
 
 class CheckpointWriteError(D2PersistError):

@@ -21,8 +21,8 @@ import zipfile
 
 import yaml
 
-from .errors import ArtifactError, CheckpointWriteError, UnsafeArtifactError
-from .layout import TEMP_PREFIX
+from .errors import ArtifactError, CheckpointWriteError, RunFolderBusyError, UnsafeArtifactError
+from .layout import LOCK_NAME, TEMP_PREFIX
 
 __all__ = [
     "atomic_path",
@@ -39,6 +39,9 @@ __all__ = [
     "SafeLoader",
     "read_json",
     "resolve_inside",
+    "lock_run_folder",
+    "unlock_run_folder",
+    "read_lock_holder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -316,3 +319,76 @@ def resolve_inside(folder, name):
     if os.path.commonpath([root, path]) != root:
         raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {folder}.")
     return path
+
+
+# -- the run lock ---------------------------------------------------------------------------------
+
+_HELD = {}  # realpath of a run folder -> descriptor of its locked file, in this process
+
+
+def read_lock_holder(folder):
+    """
+    Who last took the run lock of ``folder`` (``{"host", "pid", "since"}``), or None. Takes no
+    lock: the record of a process that died stays in the file until the next run takes it.
+    """
+    try:
+        with open(os.path.join(folder, LOCK_NAME), "r", encoding="utf-8") as f:
+            holder = json.loads(f.read() or "null")
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def lock_run_folder(folder):
+    """
+    Take the run lock of ``folder`` for this process, or fail at once if another process holds
+    it. The lock is the kernel's (``flock`` on ``folder/.d2persist.lock``): it lasts while this
+    process lives and is released when it exits or dies, SIGKILL included, so a crashed run
+    never blocks its own resume. Taking it again in the process that holds it does nothing.
+
+    Args:
+        folder (str): the run folder; created if missing.
+
+    Raises:
+        RunFolderBusyError: another process holds it; the sentence names host, pid and since when.
+    """
+    import fcntl
+    import socket
+    import time
+
+    key = os.path.realpath(folder)
+    if key in _HELD:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _file_mode())
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        holder = read_lock_holder(folder) or {}
+        raise RunFolderBusyError(
+            f"{folder} is being written by another training run (host {holder.get('host', '?')}, "
+            f"pid {holder.get('pid', '?')}, since {holder.get('since', '?')}); one process writes "
+            "a run folder: wait for it to end, stop it, or choose another OUTPUT_DIR."
+        ) from None
+    except OSError as e:  # a file system without locks
+        os.close(fd)
+        raise RunFolderBusyError(
+            f"Cannot lock {path} ({os.strerror(e.errno) if e.errno else e}): the file system "
+            "does not support flock, so a second writer could not be kept out."
+        ) from None
+    record = {"host": socket.gethostname(), "pid": os.getpid(),
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    # written in place, never replaced: the lock belongs to this inode
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+    os.fsync(fd)
+    _HELD[key] = fd
+
+
+def unlock_run_folder(folder):
+    """Release this process's run lock of ``folder`` (nothing if it holds none)."""
+    fd = _HELD.pop(os.path.realpath(folder), None)
+    if fd is not None:
+        os.close(fd)  # closing the only descriptor releases the flock

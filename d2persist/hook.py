@@ -5,6 +5,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Union
 
 from detectron2.config import CfgNode
@@ -14,10 +15,16 @@ from omegaconf import DictConfig
 
 from .async_writer import BackgroundWriter
 from .best import BestMetric, evaluation_value
-from .checkpoint import PersistCheckpointer, all_finite, check_output_dir, snapshot_state
+from .checkpoint import (
+    PersistCheckpointer,
+    all_finite,
+    check_output_dir,
+    hold_run_lock,
+    snapshot_state,
+)
 from .errors import D2PersistError
 from .export import dataset_metadata, write_export
-from .fileio import remove_temp_files, safe_torch_load, write_json
+from .fileio import remove_temp_files, safe_torch_load, unlock_run_folder, write_json
 from .layout import (
     BEST_NAME,
     BEST_RECORD,
@@ -30,7 +37,7 @@ from .layout import (
     SIDECAR_SUFFIX,
     checkpoint_name,
 )
-from .resume import get_rng_state, set_rng_state
+from .resume import data_state_to_resume, get_rng_state, set_rng_state
 from .runconfig import run_config
 from .storage import Mirror, Uploader
 
@@ -38,7 +45,10 @@ __all__ = ["PersistHook"]
 
 logger = logging.getLogger(__name__)
 
-_SIGNAL_EXIT = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: SystemExit}
+
+def _stop_exception(signum):
+    """What a stop on ``signum`` raises: KeyboardInterrupt for SIGINT, else SystemExit(128+N)."""
+    return KeyboardInterrupt(128 + signum) if signum == signal.SIGINT else SystemExit(128 + signum)
 
 
 def _train_loader(trainer):
@@ -58,8 +68,9 @@ class PersistHook(HookBase):
     - ``before_train``: checks that the config loads back and writes ``config.yaml`` (and
       ``persist.yaml``); refuses to start a new run over an earlier run's checkpoints.
     - ``after_step``: writes ``model_{iter:07d}.pth`` when ``(iter + 1) % CHECKPOINT_PERIOD == 0``,
-      and, after SIGINT/SIGTERM on any process, a checkpoint of the finished iteration before
-      every process stops.
+      or once ``PERSIST.CHECKPOINT_MINUTES`` have passed on the main process's clock since the
+      last save; and, after a ``PERSIST.STOP_SIGNALS`` signal (SIGINT, SIGTERM) on any process,
+      a checkpoint of the finished iteration before every process stops.
     - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
     - with ``PERSIST.BEST_METRIC``: after each evaluation that improves the metric,
       ``model_best.pth`` (the weights EvalHook just evaluated) and ``best.json``.
@@ -79,7 +90,13 @@ class PersistHook(HookBase):
     iteration's checkpoint is written (the previous one is intact).
 
     Its state (the checkpoints it keeps, RNG states and data position of every process)
-    travels in the checkpoint through ``state_dict``/``load_state_dict``.
+    travels in the checkpoint through ``state_dict``/``load_state_dict``. A run resumed with
+    another number of processes gets the data position (the global batches do not depend on
+    it, see :mod:`d2persist.resume`), best model and retention back, not the per-process RNGs.
+
+    **One writer.** From ``before_train`` (PersistTrainer and the tools: from start-up) to the
+    end of ``after_train`` the main process holds the run lock of the output folder; another
+    training into that folder stops before it writes anything.
     """
 
     def __init__(self, cfg: Union[CfgNode, DictConfig]) -> None:
@@ -100,6 +117,11 @@ class PersistHook(HookBase):
         self._spare = None  # the last snapshot, once written: the next one's buffers
         self._signal = None
         self._old_handlers = {}
+        stops = self.options["STOP_SIGNALS"] if self.options["SAVE_ON_INTERRUPT"] else []
+        self._stop_signals = [getattr(signal, name) for name in stops]
+        minutes = self.options["CHECKPOINT_MINUTES"]
+        self._save_every = minutes * 60 if minutes > 0 else None  # seconds
+        self._last_save_time = None  # monotonic time of the last save (or of the start)
         metric = self.options["BEST_METRIC"]
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
         self._training_keys = None  # what training itself puts into the event storage
@@ -130,6 +152,7 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
+        hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
         if comm.is_main_process():  # the folder the main process writes is the one that counts
             check_output_dir(out, self.trainer.start_iter)
             os.makedirs(out, exist_ok=True)
@@ -145,24 +168,28 @@ class PersistHook(HookBase):
         self._apply_pending_resume()
         if self._best is not None and self.trainer.start_iter > 0 and comm.is_main_process():
             self._best.adopt(os.path.join(out, BEST_RECORD))
-        if self.options["SAVE_ON_INTERRUPT"]:
-            self._install_signal_handlers()
+        self._install_signal_handlers()
+        self._last_save_time = time.monotonic()
 
     def _apply_pending_resume(self):
         states, self._pending_resume = self._pending_resume, None
         if not states:
             return
+        loader = _train_loader(self.trainer)
+        data = data_state_to_resume(states)
+        if data is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(data)
         if len(states) != comm.get_world_size():
             logger.warning(
-                "The checkpoint was written by %d processes, this run has %d: RNG states and data "
-                "position are not restored, so the run will not continue bit-exactly.",
-                len(states), comm.get_world_size(),
+                "The checkpoint was written by %d processes, this run has %d: the data stream, "
+                "LR schedule, optimizer, best model and retention continue where they stopped, "
+                "and each iteration's global batch holds the same images; still different from "
+                "an unchanged run: each process's RNG (e.g. the model's proposal and ROI "
+                "sampling), BatchNorm statistics computed per process, and the order of "
+                "gradient reductions.", len(states), comm.get_world_size(),
             )
             return
         mine = states[comm.get_rank()]
-        loader = _train_loader(self.trainer)
-        if mine.get("data") is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(mine["data"])
         set_rng_state(mine["rng"])
         self._rng_to_restore = mine["rng"]  # as after a save: hooks' before_train may draw
 
@@ -171,7 +198,7 @@ class PersistHook(HookBase):
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in _SIGNAL_EXIT:
+        for sig in self._stop_signals:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def _restore_signal_handlers(self):
@@ -182,19 +209,29 @@ class PersistHook(HookBase):
     def _on_signal(self, signum, frame):
         if self._signal is not None:  # a second signal: stop now, without the checkpoint
             self._restore_signal_handlers()
-            raise _SIGNAL_EXIT[signum](128 + signum)
+            raise _stop_exception(signum)
         self._signal = signum
         logger.warning(
             "Received %s: finishing iteration %d, saving a checkpoint, then stopping "
             "(send it again to stop at once).", signal.Signals(signum).name, self.trainer.iter,
         )
 
-    def _interrupted(self):
-        """The signal received by any process, or None. Collective when distributed."""
+    def _agree(self):
+        """
+        ``(signal, time_due)``: the stop signal received by any process (or None), and whether
+        ``CHECKPOINT_MINUTES`` have passed on the main process's clock. One collective per
+        iteration when distributed (and either is on), the same on every process.
+        """
         sig = self._signal or 0
-        if comm.get_world_size() > 1:
-            sig = max(comm.all_gather(sig))
-        return sig or None
+        due = (
+            self._save_every is not None
+            and comm.is_main_process()
+            and time.monotonic() - self._last_save_time >= self._save_every
+        )
+        if comm.get_world_size() > 1 and (self._stop_signals or self._save_every is not None):
+            said = comm.all_gather((sig, due))
+            sig, due = max(s for s, _ in said), said[0][1]
+        return sig or None, due
 
     # -- after_step ----------------------------------------------------------------------------
 
@@ -209,11 +246,14 @@ class PersistHook(HookBase):
         self._writer.check()
         it = self.trainer.iter
         period = self.run.checkpoint_period
-        sig = self._interrupted() if self.options["SAVE_ON_INTERRUPT"] else None
+        sig, timed = self._agree()
         # the best is decided first, so that a checkpoint of this iteration knows it
         improved = self._best is not None and self._consider_best(it)
-        due = (period > 0 and (it + 1) % period == 0) or sig
-        if due:  # with a new best, model_best.pth is named before last_checkpoint is
+        periodic = period > 0 and (it + 1) % period == 0
+        if timed and not periodic and not sig:
+            logger.info("%s minutes since the last save: checkpoint after iteration %d "
+                        "(PERSIST.CHECKPOINT_MINUTES).", self.options["CHECKPOINT_MINUTES"], it)
+        if periodic or timed or sig:  # with a new best, model_best.pth is named first
             self._save(checkpoint_name(it), it, best=improved)
         elif improved:
             self._save_best(it)
@@ -223,7 +263,7 @@ class PersistHook(HookBase):
                 "Stopped by %s after iteration %d; checkpoint %s saved. Resume with --resume.",
                 signal.Signals(sig).name, it, checkpoint_name(it),
             )
-            raise _SIGNAL_EXIT[sig](128 + sig)
+            raise _stop_exception(sig)
 
     # -- best ----------------------------------------------------------------------------------
 
@@ -318,6 +358,7 @@ class PersistHook(HookBase):
         self._resume_states = comm.all_gather(local) if comm.get_world_size() > 1 else [local]
         self._rng_to_restore = local["rng"]
         self._last_saved = iteration
+        self._last_save_time = time.monotonic()
         if not comm.is_main_process():
             return
         if basename != FINAL_NAME:
@@ -375,7 +416,11 @@ class PersistHook(HookBase):
             self._after_train()
         finally:
             self._spare = None  # the snapshot buffers: training is over
-            self._finish_mirror()  # also after a failure or a signal: what was written
+            try:
+                self._finish_mirror()  # also after a failure or a signal: what was written
+            finally:
+                if comm.is_main_process():
+                    unlock_run_folder(self.run.output_dir)
 
     def _after_train(self):
         self._restore_signal_handlers()

@@ -15,6 +15,7 @@ __all__ = [
     "FINAL_NAME",
     "SIDECAR_SUFFIX",
     "TEMP_PREFIX",
+    "LOCK_NAME",
     "DEFAULT_EXPORT_DIR",
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
@@ -43,6 +44,8 @@ BEST_RECORD = "best.json"
 SIDECAR_SUFFIX = ".sha256"
 #: Prefix of the temporary files written next to their final name.
 TEMP_PREFIX = ".d2persist-tmp-"
+#: The run lock: the training process writing a run folder holds an OS lock on this file.
+LOCK_NAME = ".d2persist.lock"
 #: The export bundle's folder inside a run folder, unless PERSIST.EXPORT_DIR says otherwise.
 DEFAULT_EXPORT_DIR = "export"
 #: The bundle's manifest, written last: a bundle without it is incomplete.

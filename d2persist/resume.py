@@ -6,7 +6,8 @@ What exact resume needs besides weights and optimizer: RNG states and the data p
 permutation, and each sample is mapped (augmented) under RNGs seeded by its position. Its
 state is a few integers, so a resumed run skips straight to where it stopped (no image is
 loaded and discarded) and sees exactly the batches the uninterrupted run saw, with any
-number of workers.
+number of data workers; and each iteration's global batch is the same with any number of
+processes that divides it, so a run resumed with another number continues the same stream.
 """
 
 import contextlib
@@ -27,7 +28,13 @@ __all__ = [
     "set_rng_state",
     "ResumableTrainLoader",
     "build_resumable_train_loader",
+    "data_state_to_resume",
+    "STREAM_VERSION",
 ]
+
+#: Version of the loader state: 2 counts positions in the one global sample stream (1, before,
+#: counted each process's own share, so its meaning depended on the number of processes).
+STREAM_VERSION = 2
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +103,15 @@ class _SampleOrder:
 
 class _BatchPlans:
     """
-    Infinite iterable of ``(samples, state_after)``: ``samples`` is a list of (stream position,
-    dataset index) forming one batch, ``state_after`` the loader state once it is consumed.
+    Infinite iterable of ``(samples, state_after)``: ``samples`` is this process's share (a list
+    of (stream position, dataset index)) of one global batch, ``state_after`` the loader state
+    once it is consumed.
+
+    The global batches do not depend on the number of processes: every process walks the same
+    global sample stream, groups it by aspect ratio into batches of ``batch_size x world_size``
+    samples, and takes its slice ``rank`` of each. So the images of an iteration, and the state
+    after it, are the same with 1, 2 or 4 processes (for world sizes that divide the batch),
+    and a run resumed with another number of processes continues the same stream.
     """
 
     def __init__(self, order, aspect_of, batch_size, rank, world_size, state):
@@ -108,13 +122,14 @@ class _BatchPlans:
     def __iter__(self):
         p = self._state["position"]
         buckets = [list(b) for b in self._state["buckets"]]
+        total = self._batch_size * self._world
+        mine = slice(self._rank * self._batch_size, (self._rank + 1) * self._batch_size)
         while True:
-            g = p * self._world + self._rank
+            bucket = buckets[self._aspect_of(self._order(p))]
+            bucket.append(p)
             p += 1
-            bucket = buckets[self._aspect_of(self._order(g))]
-            bucket.append(g)
-            if len(bucket) == self._batch_size:
-                batch = [(x, self._order(x)) for x in bucket]
+            if len(bucket) == total:
+                batch = [(x, self._order(x)) for x in bucket[mine]]
                 bucket.clear()
                 yield batch, {"position": p, "buckets": [list(b) for b in buckets]}
 
@@ -181,7 +196,8 @@ class ResumableTrainLoader:
             aspect_ratio_grouping (bool): batch landscape and portrait images separately,
                 decided from each dict's ``width``/``height``.
             num_workers (int): torch DataLoader workers.
-            rank, world_size (int): this process's share of the stream.
+            rank, world_size (int): this process takes slice ``rank`` of each global batch of
+                ``batch_size * world_size`` samples (see :class:`_BatchPlans`).
         """
         self._dataset = dataset
         self._mapper = mapper
@@ -194,7 +210,8 @@ class ResumableTrainLoader:
             self._aspects = [int(d["width"] > d["height"]) for d in dicts]
         self._num_workers = num_workers
         self._rank, self._world = rank, world_size
-        self._state = {"seed": int(seed), "position": 0, "buckets": [[], []]}
+        self._state = {"seed": int(seed), "position": 0, "buckets": [[], []],
+                       "version": STREAM_VERSION}
 
     def _aspect_of(self, idx):
         return self._aspects[idx] if self._aspects is not None else 0
@@ -225,8 +242,32 @@ class ResumableTrainLoader:
             generator=torch.Generator().manual_seed(seed),
         )
         for state_after, batch in loader:
-            self._state = dict(state_after, seed=seed)
+            self._state = dict(state_after, seed=seed, version=STREAM_VERSION)
             yield batch
+
+
+def data_state_to_resume(states):
+    """
+    The data loader state to resume from, given every saving process's ``{"rng", "data"}``.
+
+    Since :data:`STREAM_VERSION` 2 every process saves the same global stream position, valid
+    for any number of processes. A state of an earlier d2persist counted per-process positions:
+    from one process it means the same; from several it is converted approximately (the
+    samples drawn but not yet batched are skipped), with a warning.
+
+    Returns:
+        dict or None: for ``ResumableTrainLoader.load_state_dict``, or None if none was saved.
+    """
+    data = states[0].get("data") if states else None
+    if data is None or data.get("version", 1) >= STREAM_VERSION or len(states) == 1:
+        return data
+    logger.warning(
+        "The checkpoint's data position was saved by an earlier d2persist with %d processes: "
+        "continuing approximately (a few samples are skipped).", len(states),
+    )
+    drawn = sum(s["data"]["position"] for s in states)
+    return {"seed": data["seed"], "position": drawn, "buckets": [[], []],
+            "version": STREAM_VERSION}
 
 
 def build_resumable_train_loader(cfg, mapper=None) -> "ResumableTrainLoader":

@@ -82,7 +82,40 @@ def persist_options(cfg) -> Dict[str, Any]:
         )
     if opts["EXPORT_FROM"] == "best" and not opts["BEST_METRIC"]:
         raise ConfigError("PERSIST.EXPORT_FROM 'best' needs PERSIST.BEST_METRIC (e.g. 'bbox/AP').")
+    opts["STOP_SIGNALS"] = _signal_names(opts["STOP_SIGNALS"])
+    minutes = opts["CHECKPOINT_MINUTES"]
+    try:
+        opts["CHECKPOINT_MINUTES"] = float(minutes)
+    except (TypeError, ValueError):
+        opts["CHECKPOINT_MINUTES"] = -1.0
+    if not opts["CHECKPOINT_MINUTES"] >= 0:  # also NaN
+        raise ConfigError(
+            "PERSIST.CHECKPOINT_MINUTES must be a number of minutes >= 0 (0: off), not "
+            f"{minutes!r}."
+        )
     return opts
+
+
+def _signal_names(names) -> List[str]:
+    """``PERSIST.STOP_SIGNALS`` checked: names of signals this system has, e.g. "SIGUSR1"."""
+    import signal
+
+    if isinstance(names, str):
+        names = [names]
+    out = []
+    for name in names:
+        name = str(name).strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or name.startswith("SIG_") or sig in (
+            signal.SIGKILL, getattr(signal, "SIGSTOP", signal.SIGKILL)
+        ):
+            raise ConfigError(
+                f"PERSIST.STOP_SIGNALS holds {name!r}, which is not a signal a process can "
+                "handle here: use names such as 'SIGTERM', 'SIGINT', 'SIGUSR1'."
+            )
+        out.append(name)
+    return out
 
 
 def check_extension_names(names: Sequence[str]) -> List[str]:

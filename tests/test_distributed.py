@@ -108,8 +108,8 @@ def test_sigterm_to_one_process_stops_both_after_the_same_iteration(tmp_path):
     assert (out / "last_checkpoint").read_text() == names[0]
     it, states = _resume_states(out / names[0])
     assert 19 <= it < 199
-    # both processes stopped after iteration ``it``: each had taken it + 1 batches
-    assert [s["data"]["position"] for s in states] == [it + 1, it + 1]
+    # both processes stopped after iteration ``it``: it + 1 global batches of 2 images taken
+    assert [s["data"]["position"] for s in states] == [2 * (it + 1)] * 2
 
     more = run_tool(TRAIN_NET, "--resume", *args[:-4], "SOLVER.MAX_ITER", it + 3,
                     "PERSIST.EXPORT", False, "OUTPUT_DIR", out, timeout=240)

@@ -246,4 +246,5 @@ def test_two_processes_on_cpu_write_what_one_does(tmp_path):
     ckpt = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)
     states = ckpt["trainer"]["hooks"]["PersistHook"]["resume"]
     assert len(states) == 2  # RNG state and data position of both processes
-    assert states[0]["data"]["position"] == states[1]["data"]["position"] == 4
+    # one global stream: 4 iterations x 2 images, the same position on both processes
+    assert states[0]["data"]["position"] == states[1]["data"]["position"] == 8

@@ -91,7 +91,8 @@ def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
     assert torch.equal(fresh.model.weight, ck.model.weight)
     other = _checkpointer(tmp_path / "new")
     assert not resume_or_load(other, "", resume=True)
-    assert not os.path.exists(tmp_path / "new")  # nothing written by deciding
+    # nothing written by deciding; the run lock is taken (the folder is this process's now)
+    assert os.listdir(tmp_path / "new") == [".d2persist.lock"]
 
 
 def test_best_metric_bookkeeping(tmp_path):

@@ -1,0 +1,128 @@
+"""
+The pieces of cluster runs that need no training: the run lock (a real OS lock held by another
+real process), the global batch plan for 1, 2 and 4 processes, and the new options' checks.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from d2persist import ConfigError, RunFolderBusyError
+from d2persist.fileio import lock_run_folder, read_lock_holder, unlock_run_folder
+from d2persist.layout import LOCK_NAME
+from d2persist.resume import ResumableTrainLoader, data_state_to_resume
+
+_HOLDER = """
+import sys, time
+from d2persist.fileio import lock_run_folder
+lock_run_folder(sys.argv[1])
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
+    folder = str(tmp_path / "run")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+            __file__)))), os.environ.get("PYTHONPATH")) if p))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, folder], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunFolderBusyError, match=rf"pid {holder.pid}, since \d{{4}}-") as e:
+            lock_run_folder(folder)
+        assert "\n" not in str(e.value) and "another training run" in str(e.value)
+        assert read_lock_holder(folder)["pid"] == holder.pid
+    finally:
+        holder.send_signal(signal.SIGKILL)  # as a crash: no clean-up of its own
+        holder.wait(timeout=30)
+    lock_run_folder(folder)  # the kernel released it: a killed run never blocks its resume
+    try:
+        assert read_lock_holder(folder)["pid"] == os.getpid()
+        lock_run_folder(folder)  # the holder taking it again: nothing happens
+    finally:
+        unlock_run_folder(folder)
+    assert os.listdir(folder) == [LOCK_NAME]
+
+
+class _Sizes:
+    """A dataset of dicts with a ``width``/``height`` (portrait, landscape) per index."""
+
+    def __init__(self, n):
+        self._dicts = [{"id": i, "width": 40 + 30 * (i % 3 == 0), "height": 50} for i in range(n)]
+
+    def __len__(self):
+        return len(self._dicts)
+
+    def __getitem__(self, i):
+        return self._dicts[i]
+
+
+def _global_batches(world, iterations, state=None, total=4):
+    """[[ids of the global batch] per iteration], and the state after, taking ``world`` slices."""
+    loaders = [ResumableTrainLoader(_Sizes(23), lambda d: d["id"], total // world, seed=5,
+                                    rank=r, world_size=world) for r in range(world)]
+    if state is not None:
+        for loader in loaders:
+            loader.load_state_dict(state)
+    streams = [iter(loader) for loader in loaders]
+    batches = [[i for s in streams for i in next(s)] for _ in range(iterations)]
+    states = [loader.state_dict() for loader in loaders]
+    assert all(s == states[0] for s in states)  # every process keeps the same position
+    return batches, states[0]
+
+
+def test_global_batches_are_the_same_for_any_world_size_and_across_a_change():
+    one, state_one = _global_batches(1, 12)
+    for world in (2, 4):
+        assert _global_batches(world, 12) == (one, state_one)
+    # one global batch is of one aspect ratio (both kinds occur)
+    kinds = [{i % 3 == 0 for i in batch} for batch in one]
+    assert all(len(k) == 1 for k in kinds) and {True} in kinds and {False} in kinds
+    first, mid = _global_batches(2, 5)
+    rest, _ = _global_batches(1, 7, state=mid)  # 2 -> 1
+    assert first + rest == one
+    rest, _ = _global_batches(4, 7, state=_global_batches(1, 5)[1])  # 1 -> 4
+    assert first + rest == one
+
+
+def test_data_state_of_an_earlier_version_is_converted():
+    one = {"seed": 3, "position": 10, "buckets": [[8], []]}
+    assert data_state_to_resume([{"data": one}]) is one  # one process: the same meaning
+    old = [{"data": dict(one, position=p)} for p in (10, 11)]
+    assert data_state_to_resume(old)["position"] == 21
+    assert data_state_to_resume([]) is None
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("STOP_SIGNALS", ["SIGTERM", "SIGNOPE"], "SIGNOPE"),
+    ("STOP_SIGNALS", ["SIGKILL"], "SIGKILL"),
+    ("CHECKPOINT_MINUTES", -1.0, "-1.0"),
+    ("CHECKPOINT_MINUTES", "soon", "soon"),
+])
+def test_bad_cluster_options_are_one_sentence(key, value, match):
+    from detectron2.config import get_cfg
+
+    from d2persist import add_persist_config
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST[key] = value
+    with pytest.raises(ConfigError, match=match) as e:
+        persist_options(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_stop_signal_names_are_normalized():
+    from detectron2.config import get_cfg
+
+    from d2persist import add_persist_config
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.STOP_SIGNALS = ["usr1", "SIGTERM"]
+    assert persist_options(cfg)["STOP_SIGNALS"] == ["SIGUSR1", "SIGTERM"]
