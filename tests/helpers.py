@@ -5,6 +5,7 @@ images resized to 64 px, batch 2, a few iterations, on the CPU.
 
 import contextlib
 import os
+import sys
 
 from detectron2.config import get_cfg
 
@@ -86,34 +87,61 @@ def assert_bitwise_equal(a, b):
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def run_tool(script, *args, timeout=300, env=None, cwd=REPO):
+def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=()):
     """
     Run a tool in a subprocess; returns the CompletedProcess (text output captured). The tool
-    runs in its own process group: on a timeout the group (with the workers ``launch()``
-    started) is killed and the test fails, so a hang never outlives its test.
-    """
-    import signal
-    import subprocess
-    import sys
+    runs in its own process group: on a timeout the group (with the workers ``launch()`` or
+    torchrun started) is killed and the test fails, so a hang never outlives its test.
 
-    # the tools import this checkout's d2persist, whatever copy pip installed
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    full_env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **(env or {}))
-    cmd = [sys.executable, script, *[str(a) for a in args]]
+    Args:
+        launcher: arguments of ``python`` before the script, e.g. :func:`torchrun` 's.
+    """
+    import subprocess
+
+    full_env = tool_env(**(env or {}))
+    cmd = [sys.executable, *map(str, launcher), script, *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=cwd, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(
             f"{os.path.basename(script)} did not finish in {timeout} s (a hang?):\n{err[-3000:]}"
         ) from None
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a failed run
+        kill_tree(proc.pid)  # workers left behind by a failed run
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _descendants(pid):
+    """Every living descendant of ``pid`` (Linux /proc), children first."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            with open(f"/proc/{parent}/task/{parent}/children") as f:
+                kids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def kill_tree(pid):
+    """
+    SIGKILL the process group of ``pid`` and every descendant: torchrun starts each worker in
+    a session of its own, which killing torchrun's group does not reach.
+    """
+    import signal
+
+    for p in _descendants(pid) if sys.platform.startswith("linux") else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 #: Evaluate on the shapes val split every 2 iterations (and at the end).
@@ -157,3 +185,26 @@ def metric_recorder(metric):
             self._look(self.trainer.storage.iter, self.trainer.max_iter - 1)
 
     return Recorder()
+
+
+def torchrun(*args):
+    """``launcher`` for :func:`run_tool`: torch's own elastic launcher, ``torchrun ARGS``."""
+    return ("-m", "torch.distributed.run", *args)
+
+
+def free_port():
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tool_env(**extra):
+    """
+    The environment :func:`run_tool` gives a tool, for tests that start it with Popen: the
+    tools import this checkout's d2persist, whatever copy pip installed.
+    """
+    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **extra)

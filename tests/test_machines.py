@@ -7,29 +7,27 @@ OUTPUT_DIR, killed mid-run and resumed; the result is bitwise the single-folder 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import torch
 
-from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool
+from helpers import (
+    TINY_OPTS,
+    TRAIN_NET,
+    assert_bitwise_equal,
+    free_port,
+    run_tool,
+    tool_env,
+)
 
 OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False,
         "OUTPUT_DIR", "out"]  # relative: each machine's own folder
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_machines(tmp_path, *extra):
-    port = _free_port()
-    env = dict(os.environ, PYTHONWARNINGS="ignore",
-               PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p))
+    port, env = free_port(), tool_env()
     procs = []
     for rank in (0, 1):
         cwd = tmp_path / f"machine{rank}"
