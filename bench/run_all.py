@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SCRIPTS = ["bench_default_schedule.py", "bench_training.py", "bench_predict.py", "bench_onnx.py"]
+SCRIPTS = ["bench_default_schedule.py", "bench_training.py", "bench_predict.py", "bench_onnx.py",
+           "bench_clusters.py"]
 
 
 def main():

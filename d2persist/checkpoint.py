@@ -188,9 +188,10 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
 
 def hold_run_lock(folder: str) -> None:
     """
-    The main process takes the run lock of ``folder`` (see :func:`d2persist.fileio.
-    lock_run_folder`) before it writes anything there; collective when distributed, so every
-    process raises the same one-sentence error when another run holds it. Entry points that
+    The main process takes the run lock of ``folder``
+    (:func:`~d2persist.fileio.lock_run_folder`) before it writes anything there; collective
+    when distributed, so every process raises the same one-sentence error when another run
+    holds it. Entry points that
     train call it first (the tools' setup, ``resume_or_load``, PersistHook's ``before_train``);
     readers (prediction, evaluation, export from a run) never do.
 

@@ -14,6 +14,7 @@ from d2persist import ConfigError, RunFolderBusyError
 from d2persist.fileio import lock_run_folder, read_lock_holder, unlock_run_folder
 from d2persist.layout import LOCK_NAME
 from d2persist.resume import ResumableTrainLoader, data_state_to_resume
+from helpers import tool_env
 
 _HOLDER = """
 import sys, time
@@ -26,11 +27,8 @@ time.sleep(120)
 
 def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
     folder = str(tmp_path / "run")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-            __file__)))), os.environ.get("PYTHONPATH")) if p))
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, folder], stdout=subprocess.PIPE,
-                              text=True, env=env)
+                              text=True, env=tool_env())
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunFolderBusyError, match=rf"pid {holder.pid}, since \d{{4}}-") as e:
