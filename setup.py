@@ -32,6 +32,9 @@ setup(
         "numpy",
         "Pillow",
         "fsspec",
+        # detectron2's model_zoo (get_config_file, the usual first line of a detectron2 script)
+        # imports pkg_resources, which setuptools removed in version 81
+        "setuptools<81",
     ],
     extras_require={
         "test": ["pytest", "pytest-mock", "flake8", "pycocotools", "s3fs", "moto[server]"],

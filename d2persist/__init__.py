@@ -49,6 +49,7 @@ _EXPORTS = {
     "OutputDirNotEmptyError": "errors",
     "CheckpointWriteError": "errors",
     "RunFolderBusyError": "errors",
+    "TrainingDivergedError": "errors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

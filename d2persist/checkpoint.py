@@ -20,14 +20,16 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.utils import comm
 
-from .errors import (
-    ArtifactError,
-    D2PersistError,
-    OutputDirNotEmptyError,
-    RunFolderBusyError,
-    UnsafeArtifactError,
+from .errors import ArtifactError, D2PersistError, OutputDirNotEmptyError, UnsafeArtifactError
+from .fileio import (
+    fsync_dir,
+    lock_run_folder,
+    safe_torch_load,
+    sha256_file,
+    torch_save,
+    unlock_run_folder,
+    write_text,
 )
-from .fileio import fsync_dir, lock_run_folder, safe_torch_load, sha256_file, torch_save, write_text
 from .layout import (
     FINAL_NAME,
     LAST_CHECKPOINT,
@@ -186,28 +188,32 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
         )
 
 
-def hold_run_lock(folder: str) -> None:
+def hold_run_lock(folder: str) -> bool:
     """
     The main process takes the run lock of ``folder``
     (:func:`~d2persist.fileio.lock_run_folder`) before it writes anything there; collective
     when distributed, so every process raises the same one-sentence error when another run
-    holds it. Entry points that
-    train call it first (the tools' setup, ``resume_or_load``, PersistHook's ``before_train``);
-    readers (prediction, evaluation, export from a run) never do.
+    holds it. Entry points that train call it first (the tools' setup, ``resume_or_load``,
+    PersistHook's ``before_train``); readers (prediction, evaluation, export from a run) never do.
+
+    Returns:
+        bool: whether this call took the lock (on the main process; False elsewhere).
 
     Raises:
         RunFolderBusyError: another process writes ``folder``.
+        ArtifactError: the lock file cannot be created.
     """
-    error = None
+    error, took = None, False
     if folder and comm.is_main_process():
         try:
-            lock_run_folder(folder)
-        except RunFolderBusyError as e:
+            took = lock_run_folder(folder)
+        except D2PersistError as e:
             error = e
     if comm.get_world_size() > 1:
         error = comm.all_gather(error)[0]
     if error is not None:
         raise error
+    return took
 
 
 def _fetch_from_mirror(url, folder):
@@ -378,13 +384,18 @@ def resume_or_load(checkpointer, weights: str, *, resume: bool, mirror: str = ""
         bool: whether a checkpoint was resumed (the trainer's ``iter`` then holds its
         iteration; start at ``iter + 1``).
     """
-    hold_run_lock(checkpointer.save_dir)  # a mirror download writes into the folder
-    path = choose_checkpoint(checkpointer.save_dir, resume, mirror=mirror)
-    if path:
-        _load_chosen(checkpointer, path)
-        return True
-    checkpointer.load(weights, checkpointables=[])
-    return False
+    took = hold_run_lock(checkpointer.save_dir)  # a mirror download writes into the folder
+    try:
+        path = choose_checkpoint(checkpointer.save_dir, resume, mirror=mirror)
+        if path:
+            _load_chosen(checkpointer, path)
+            return True
+        checkpointer.load(weights, checkpointables=[])
+        return False
+    except BaseException:
+        if took:  # refused or failed: the folder is not this process's after all
+            unlock_run_folder(checkpointer.save_dir)
+        raise
 
 
 def _fits(buffer, tensor):

@@ -3,7 +3,8 @@ What the command-line tools share: the launcher (detectron2's ``launch()`` or to
 environment), run setup, and known errors as one line + exit code 2.
 
 Exit codes of the training tools: 0 training completed; 2 bad input, or the run folder is
-being written by another run (one sentence on stderr); 128 + N stopped by signal N (one of
+being written by another run (one sentence on stderr); 3 training diverged (NaN/Inf: one
+sentence naming the iteration and the last good checkpoint); 128 + N stopped by signal N (one of
 ``PERSIST.STOP_SIGNALS``) after saving a resumable checkpoint, e.g. 143 for SIGTERM, 138 for
 SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
 """
@@ -15,6 +16,7 @@ import sys
 
 __all__ = [
     "EXIT_BAD_INPUT",
+    "EXIT_DIVERGED",
     "exit_on_known_errors",
     "setup_run",
     "add_launch_arguments",
@@ -29,24 +31,26 @@ TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 
 #: Exit code for bad input or bad artifacts.
 EXIT_BAD_INPUT = 2
+#: Exit code for a training run that diverged (NaN or Inf).
+EXIT_DIVERGED = 3
 
 
 def exit_on_known_errors(prog):
     """
     Decorate a tool's ``main``: a :class:`D2PersistError` is printed as one line on stderr and
-    exits with code 2; Ctrl-C exits with 130 without a traceback.
+    exits with code 2 (3 for a diverged run); Ctrl-C exits with 130 without a traceback.
     """
 
     def decorator(fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            from .errors import D2PersistError
+            from .errors import D2PersistError, TrainingDivergedError
 
             try:
                 return fn(*args, **kwargs)
             except D2PersistError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
-                sys.exit(EXIT_BAD_INPUT)
+                sys.exit(EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else EXIT_BAD_INPUT)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 sys.exit(130)
@@ -68,12 +72,21 @@ def setup_run(cfg, args):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
-    from .runconfig import run_config
-
     from .checkpoint import hold_run_lock
+    from .fileio import restarted_run_started
+    from .runconfig import run_config
 
     run = run_config(cfg)
     output_dir = run.output_dir
+    restarted = getattr(args, "restarted", 0) and not getattr(args, "eval_only", False)
+    if restarted and not args.resume:
+        # a worker torchrun restarted continues the run its job started (never starts it
+        # over); not one that an earlier attempt was refused (that error repeats)
+        started = comm.is_main_process() and restarted_run_started(output_dir)
+        args.resume = comm.all_gather(started)[0] if comm.get_world_size() > 1 else started
+        if args.resume and comm.is_main_process():
+            print(f"torchrun restart {args.restarted}: resuming from the newest checkpoint "
+                  "that verifies.", file=sys.stderr)
     if not getattr(args, "eval_only", False):
         hold_run_lock(output_dir)  # before the log file: a second writer writes nothing
     if comm.is_main_process() and output_dir:
@@ -138,11 +151,7 @@ def _torchrun_worker(main, args):
         print(f"torchrun started {world} worker(s): {', '.join(ignored)} ignored (torchrun's "
               "--nnodes/--nproc-per-node decide).", file=sys.stderr)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-    if restarts > 0 and not getattr(args, "eval_only", False):
-        args.resume = True  # a restarted worker continues; it never starts over
-        if rank == 0:
-            print(f"torchrun restart {restarts}: resuming from the newest checkpoint that "
-                  "verifies.", file=sys.stderr)
+    args.restarted = restarts  # setup_run decides whether the run resumes by itself
     has_gpu = torch.cuda.is_available()
     if has_gpu:
         torch.cuda.set_device(local_rank)

@@ -11,6 +11,7 @@ __all__ = [
     "RunFolderBusyError",
     "CheckpointWriteError",
     "ExportError",
+    "TrainingDivergedError",
 ]
 
 
@@ -55,3 +56,10 @@ class CheckpointWriteError(D2PersistError):
 
 class ExportError(D2PersistError):
     """A model could not be exported to a format (ONNX): the reason in one sentence."""
+
+
+class TrainingDivergedError(D2PersistError, FloatingPointError):
+    """Training produced NaN or Inf: where, the checkpoint of the last good weights, what helps.
+
+    A ``FloatingPointError`` too, so code that catches detectron2's still catches it.
+    """

@@ -4,6 +4,7 @@ import copy
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Union
@@ -22,9 +23,15 @@ from .checkpoint import (
     hold_run_lock,
     snapshot_state,
 )
-from .errors import D2PersistError
+from .errors import D2PersistError, TrainingDivergedError
 from .export import dataset_metadata, write_export
-from .fileio import remove_temp_files, safe_torch_load, unlock_run_folder, write_json
+from .fileio import (
+    note_run_started,
+    remove_temp_files,
+    safe_torch_load,
+    unlock_run_folder,
+    write_json,
+)
 from .layout import (
     BEST_NAME,
     BEST_RECORD,
@@ -155,6 +162,7 @@ class PersistHook(HookBase):
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
         if comm.is_main_process():  # the folder the main process writes is the one that counts
             check_output_dir(out, self.trainer.start_iter)
+            note_run_started(out)  # a worker its launcher restarts may resume it now
             os.makedirs(out, exist_ok=True)
             remove_temp_files(out)
             self.run.write(out)
@@ -412,6 +420,9 @@ class PersistHook(HookBase):
     # -- after_train ---------------------------------------------------------------------------
 
     def after_train(self):
+        # the trainer calls after_train in the ``finally`` of its loop: an exception ending
+        # training is still in flight here
+        failure = sys.exc_info()[1]
         try:
             self._after_train()
         finally:
@@ -421,6 +432,33 @@ class PersistHook(HookBase):
             finally:
                 if comm.is_main_process():
                     unlock_run_folder(self.run.output_dir)
+        if isinstance(failure, FloatingPointError) and not isinstance(
+            failure, TrainingDivergedError
+        ):
+            raise self._diverged(failure) from failure
+
+    _HINTS = {
+        "yacs": "a longer warm-up (SOLVER.WARMUP_ITERS), a lower SOLVER.BASE_LR, or gradient "
+                "clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)",
+        "lazy": "a longer warm-up (lr_multiplier.warmup_length), a lower optimizer.lr, or "
+                "gradient clipping (train.clip_grad)",
+    }
+
+    def _diverged(self, error):
+        """The sentence for a run that produced NaN/Inf (detectron2's or the NaN guard's)."""
+        try:
+            with open(os.path.join(self.run.output_dir, LAST_CHECKPOINT), encoding="utf-8") as f:
+                last = f.read().strip()
+        except OSError:
+            last = ""
+        where = (f"{LAST_CHECKPOINT} names {last}, the newest weights saved before it (all "
+                 "finite), and --resume continues from it" if last
+                 else "no checkpoint was saved before it")
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".!")
+        return TrainingDivergedError(
+            f"Training diverged (NaN or Inf) at iteration {self.trainer.iter} ({reason}); "
+            f"{where}. What usually helps: {self._HINTS.get(self.run.kind, self._HINTS['yacs'])}."
+        )
 
     def _after_train(self):
         self._restore_signal_handlers()

@@ -263,9 +263,11 @@ def data_state_to_resume(states):
         return data
     logger.warning(
         "The checkpoint's data position was saved by an earlier d2persist with %d processes: "
-        "continuing approximately (a few samples are skipped).", len(states),
+        "continuing approximately (a few samples are skipped, none is seen twice).", len(states),
     )
-    drawn = sum(s["data"]["position"] for s in states)
+    # process r had drawn the stream positions p * W + r for p below its position: continue
+    # after the furthest of them
+    drawn = len(states) * max(s["data"]["position"] for s in states)
     return {"seed": data["seed"], "position": drawn, "buckets": [[], []],
             "version": STREAM_VERSION}
 

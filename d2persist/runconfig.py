@@ -102,7 +102,7 @@ def _signal_names(names) -> List[str]:
 
     if isinstance(names, str):
         names = [names]
-    out = []
+    out, seen = [], set()
     for name in names:
         name = str(name).strip().upper()
         name = name if name.startswith("SIG") else "SIG" + name
@@ -114,7 +114,9 @@ def _signal_names(names) -> List[str]:
                 f"PERSIST.STOP_SIGNALS holds {name!r}, which is not a signal a process can "
                 "handle here: use names such as 'SIGTERM', 'SIGINT', 'SIGUSR1'."
             )
-        out.append(name)
+        if sig not in seen:  # an alias (SIGIOT for SIGABRT) or a repeat counts once
+            seen.add(sig)
+            out.append(name)
     return out
 
 

@@ -92,8 +92,12 @@ def _wait_for(predicate, proc, what, timeout=180):
 
 
 def _tagged(out):
+    """The iteration of the periodic checkpoint ``last_checkpoint`` names, or -1."""
+    from d2persist.layout import checkpoint_iteration
+
     path = out / "last_checkpoint"
-    return path.read_text() if path.is_file() else ""
+    it = checkpoint_iteration(path.read_text()) if path.is_file() else None
+    return -1 if it is None else it
 
 
 def _finish(proc, timeout=240):
@@ -124,7 +128,7 @@ def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run
     proc = _popen(torchrun(*STANDALONE2, "--max-restarts", 1), TRAIN_NET, *TIMEOUT, *OPTS,
                   "OUTPUT_DIR", out)
     try:
-        _wait_for(lambda: _tagged(out) >= "model_0000005.pth", proc, "checkpoint 5")
+        _wait_for(lambda: _tagged(out) >= 5, proc, "checkpoint 5")
         os.kill(_workers(proc.pid)[0], signal.SIGKILL)
         err = _finish(proc)
     finally:
@@ -136,6 +140,21 @@ def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run
     assert "Starting training from iteration " in log.split("Starting training from iteration 0")[1]
     assert_bitwise_equal(_weights(launch_run / "model_final.pth"),
                          _weights(out / "model_final.pth"))
+
+
+def test_a_restart_does_not_resume_a_run_its_job_was_refused(tmp_path, launch_run):
+    """A new run (no --resume) into an earlier run's folder is refused on every attempt."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(launch_run, out)
+    before = (out / "model_final.pth").read_bytes()
+    res = run_tool(TRAIN_NET, *TIMEOUT, *OPTS, "OUTPUT_DIR", out, env=ENV, timeout=240,
+                   launcher=torchrun(*STANDALONE2, "--max-restarts", 1))
+    assert res.returncode != 0
+    assert res.stderr.count("already holds checkpoints of an earlier run") >= 2  # both attempts
+    assert "resuming" not in res.stderr
+    assert (out / "model_final.pth").read_bytes() == before
 
 
 def test_two_torchrun_nodes_with_their_own_folders(tmp_path, launch_run):
@@ -279,7 +298,8 @@ def test_a_second_writer_is_refused_and_the_first_is_undisturbed(tmp_path):
     first = _popen((), INSTRUMENTED, *opts, "OUTPUT_DIR", out,
                    env={"HOLD_AT": "4", "HOLD_UNTIL": str(gate)})
     try:
-        _wait_for(lambda: _tagged(out) == "model_0000003.pth", first, "checkpoint 3")
+        _wait_for(lambda: _tagged(out) == 3, first, "checkpoint 3")
+        log_before = (out / "log.txt").read_bytes()
         for extra in (["--resume"], [], ["--num-gpus", 2, "--dist-url", "auto", *TIMEOUT]):
             second = run_tool(TRAIN_NET, *extra, *opts, "OUTPUT_DIR", out, env=ENV)
             assert second.returncode == 2, second.stderr[-3000:]
@@ -289,6 +309,7 @@ def test_a_second_writer_is_refused_and_the_first_is_undisturbed(tmp_path):
                         if ln.startswith("train_net.py: error:"))
             assert "is being written by another training run" in line
             assert f"pid {first.pid}," in line and "since 20" in line
+        assert (out / "log.txt").read_bytes() == log_before  # the refused wrote not a line
         # readers never take the lock
         evaluated = run_tool(TRAIN_NET, "--eval-only", "--resume", *opts, "OUTPUT_DIR", out,
                              env=ENV)

@@ -248,3 +248,21 @@ def test_two_processes_on_cpu_write_what_one_does(tmp_path):
     assert len(states) == 2  # RNG state and data position of both processes
     # one global stream: 4 iterations x 2 images, the same position on both processes
     assert states[0]["data"]["position"] == states[1]["data"]["position"] == 8
+
+
+def test_a_diverging_run_ends_in_one_sentence_with_exit_code_3(tmp_path):
+    from helpers import TINY_OPTS
+
+    res = run_tool(TRAIN_NET, *TINY_OPTS, "SOLVER.BASE_LR", 100.0, "SOLVER.WARMUP_ITERS", 0,
+                   "SOLVER.CLIP_GRADIENTS.ENABLED", False,
+                   "SOLVER.MAX_ITER", 20, "SOLVER.CHECKPOINT_PERIOD", 1, "PERSIST.EXPORT", False,
+                   "OUTPUT_DIR", tmp_path)
+    assert res.returncode == 3, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    line = res.stderr.strip().splitlines()[-1]
+    last = (tmp_path / "last_checkpoint").read_text()
+    it = int(line.split("at iteration ")[1].split()[0])
+    assert line.startswith("train_net.py: error: Training diverged (NaN or Inf) at iteration")
+    assert f"last_checkpoint names {last}" in line and "--resume continues" in line
+    assert "SOLVER.BASE_LR" in line and "SOLVER.CLIP_GRADIENTS" in line
+    assert int(last[6:13]) < it  # saved before the iteration that diverged

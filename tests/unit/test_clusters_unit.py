@@ -17,10 +17,14 @@ from d2persist.resume import ResumableTrainLoader, data_state_to_resume
 from helpers import tool_env
 
 _HOLDER = """
-import sys, time
+import os, sys, time
 from d2persist.fileio import lock_run_folder
 lock_run_folder(sys.argv[1])
-print("locked", flush=True)
+child = os.fork()  # as a DataLoader worker: it must not keep the lock once its parent died
+if child == 0:
+    time.sleep(120)
+    os._exit(0)
+print("locked", child, flush=True)
 time.sleep(120)
 """
 
@@ -29,8 +33,10 @@ def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
     folder = str(tmp_path / "run")
     holder = subprocess.Popen([sys.executable, "-c", _HOLDER, folder], stdout=subprocess.PIPE,
                               text=True, env=tool_env())
+    child = None
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        said, child = holder.stdout.readline().split()
+        assert said == "locked"
         with pytest.raises(RunFolderBusyError, match=rf"pid {holder.pid}, since \d{{4}}-") as e:
             lock_run_folder(folder)
         assert "\n" not in str(e.value) and "another training run" in str(e.value)
@@ -38,10 +44,18 @@ def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)  # as a crash: no clean-up of its own
         holder.wait(timeout=30)
-    lock_run_folder(folder)  # the kernel released it: a killed run never blocks its resume
+        holder.stdout.close()
+    try:
+        # the kernel released it, though the forked child lives: a killed run never blocks
+        # its own resume
+        assert os.kill(int(child), 0) is None
+        assert lock_run_folder(folder)
+    finally:
+        if child:
+            os.kill(int(child), signal.SIGKILL)
     try:
         assert read_lock_holder(folder)["pid"] == os.getpid()
-        lock_run_folder(folder)  # the holder taking it again: nothing happens
+        assert not lock_run_folder(folder)  # the holder taking it again: nothing happens
     finally:
         unlock_run_folder(folder)
     assert os.listdir(folder) == [LOCK_NAME]
@@ -92,7 +106,7 @@ def test_data_state_of_an_earlier_version_is_converted():
     one = {"seed": 3, "position": 10, "buckets": [[8], []]}
     assert data_state_to_resume([{"data": one}]) is one  # one process: the same meaning
     old = [{"data": dict(one, position=p)} for p in (10, 11)]
-    assert data_state_to_resume(old)["position"] == 21
+    assert data_state_to_resume(old)["position"] == 22  # past every position drawn
     assert data_state_to_resume([]) is None
 
 
@@ -124,3 +138,5 @@ def test_stop_signal_names_are_normalized():
     cfg = add_persist_config(get_cfg())
     cfg.PERSIST.STOP_SIGNALS = ["usr1", "SIGTERM"]
     assert persist_options(cfg)["STOP_SIGNALS"] == ["SIGUSR1", "SIGTERM"]
+    cfg.PERSIST.STOP_SIGNALS = ["SIGINT", "INT", "SIGABRT", "SIGIOT"]  # repeats, an alias
+    assert persist_options(cfg)["STOP_SIGNALS"] == ["SIGINT", "SIGABRT"]
