@@ -18,7 +18,7 @@ from .artifacts import resolve_artifacts
 from .errors import D2PersistError, InputImageError
 from .imageio import check_image_file, image_input
 from .manifest import describe_source
-from .outputs import class_names_of, instances_json
+from .outputs import class_names_of, draw_instances, instances_json
 from .rebuild import build_model_from_config, load_weights
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
@@ -88,23 +88,27 @@ class Prediction:
 
     def draw(self, metadata, min_score=0.0):
         """
-        The visualization (RGB uint8, original size), drawn by detectron2's Visualizer with the
-        bundle's class names and colours.
+        The picture of this prediction (RGB uint8; upscaled to
+        :data:`~d2persist.outputs.MIN_DRAW_SIZE` px when smaller), drawn by the same code as the
+        ONNX Runtime predictor's (:func:`~d2persist.outputs.draw_instances`); a semantic
+        segmentation by detectron2's Visualizer.
         """
         from detectron2.data.detection_utils import convert_image_to_rgb
-        from detectron2.utils.visualizer import ColorMode, Visualizer
 
         rgb = convert_image_to_rgb(self.image, self.input_format)
-        mode = ColorMode.SEGMENTATION if metadata.get("thing_colors") else ColorMode.IMAGE
-        vis = Visualizer(rgb, metadata, instance_mode=mode)
+        colors = metadata.get("thing_colors") if metadata is not None else None
         if self.instances is not None:
             inst = self.instances[self.instances.scores >= min_score]
-            out = vis.draw_instance_predictions(inst)
-        elif "sem_seg" in self.outputs:
-            out = vis.draw_sem_seg(self.outputs["sem_seg"].argmax(dim=0).to("cpu"))
-        else:
-            out = vis.output
-        return out.get_image()
+            masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
+            return draw_instances(rgb, inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
+                                  inst.pred_classes.numpy(), self.class_names, masks,
+                                  colors=colors)
+        from detectron2.utils.visualizer import Visualizer
+
+        vis = Visualizer(rgb, metadata)
+        if "sem_seg" in self.outputs:
+            return vis.draw_sem_seg(self.outputs["sem_seg"].argmax(dim=0).to("cpu")).get_image()
+        return vis.output.get_image()
 
 
 class Predictor:
