@@ -7,6 +7,8 @@ PIP := $(PYTHON) -m pip
 # detectron2 is not on PyPI: it is installed from its repository, as its INSTALL.md says.
 DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
 DEMO_OUT ?= output/shapes
+# when make started (for the demo's total time)
+DEMO_START := $(shell date +%s)
 
 .PHONY: install install-torch install-detectron2 install-test check-detectron2 test test-fast \
 	demo lint bench help
@@ -57,8 +59,7 @@ demo: install
 	$(PYTHON) tools/infer_single.py --artifacts $(DEMO_OUT) --backend onnxruntime \
 	  --image "$$($(PYTHON) -m d2persist.data.shapes --held-out-image)" \
 	  --output $(DEMO_OUT)/demo/prediction_onnx.png --json $(DEMO_OUT)/demo/prediction_onnx.json
-	@$(PYTHON) -c "import json; b = json.load(open('$(DEMO_OUT)/best.json')); \
-	  print('model_best.pth: {metric} = {value:.1f} after iteration {iteration}'.format(**b))"
+	@$(PYTHON) tools/demo_summary.py $(DEMO_OUT) --started $(DEMO_START)
 
 bench: install
 	$(PYTHON) bench/run_all.py --quick

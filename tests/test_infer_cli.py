@@ -195,3 +195,28 @@ def test_config_extensions_apply_when_predicting_in_a_fresh_process(tmp_path, ex
                    "--json", tmp_path / "p.json")
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "p.json").read_text())["height"] > 0
+
+
+def test_demo_summary_names_the_files_metrics_and_commands(tmp_path):
+    import json
+
+    from helpers import REPO
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    rows = [{"iteration": 99, "total_loss": 1.0},
+            {"iteration": 99, "bbox/AP": 50.0, "bbox/AP50": 80.0, "segm/AP": 51.0},
+            {"iteration": 199, "bbox/AP": 61.25, "bbox/AP50": 90.5, "segm/AP": 62.0}]
+    (run / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "best.json").write_text(json.dumps(
+        {"metric": "segm/AP", "mode": "max", "value": 62.0, "iteration": 199}))
+    (run / "log.txt").write_text("... Total training time: 0:01:52 (0:00:03 on hooks)\n")
+    res = run_tool(f"{REPO}/tools/demo_summary.py", run, "--started", 0)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "bbox/AP 61.2, bbox/AP50 90.5, segm/AP 62.0" in out  # the last evaluation
+    assert "segm/AP 62.0 after iteration 199" in out and "0:01:52" in out
+    assert f"{run / 'demo' / 'prediction.png'} (missing)" in out
+    assert f"--artifacts {run / 'export'} --backend onnxruntime" in out
+    bad = run_tool(f"{REPO}/tools/demo_summary.py", tmp_path / "nowhere")
+    assert bad.returncode == 2 and "is not a folder" in bad.stderr
