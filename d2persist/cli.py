@@ -50,14 +50,39 @@ def exit_on_known_errors(prog):
                 return fn(*args, **kwargs)
             except D2PersistError as e:
                 print(f"{prog}: error: {e}", file=sys.stderr)
-                sys.exit(EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else EXIT_BAD_INPUT)
+                _exit(EXIT_DIVERGED if isinstance(e, TrainingDivergedError) else EXIT_BAD_INPUT)
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
-                sys.exit(130)
+                _exit(130)
 
         return wrapper
 
     return decorator
+
+
+def _leave_process_group():
+    """Tear down this worker's process group, if it has one (the normal end of a worker)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _exit(code):
+    """
+    Exit with ``code``. A worker of a multi-process run leaves with ``os._exit`` once its output
+    is flushed: exiting normally with the process group's threads alive, or while its peer
+    tears the group down, sometimes aborts in C++ ("terminate called without an active
+    exception", 1 in 4 refused starts here under launch()), and launch() then reports SIGABRT
+    instead of the error's exit code.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and \
+            dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 def setup_run(cfg, args):
@@ -169,7 +194,7 @@ def _torchrun_worker(main, args):
         comm.synchronize()
         return main(args)
     finally:
-        dist.destroy_process_group()
+        _leave_process_group()
 
 
 def launch_main(main, args):
@@ -198,4 +223,5 @@ def launch_main(main, args):
             timeout=timedelta(seconds=args.dist_timeout),
         )
     except mp.ProcessExitedException as e:  # a worker exited with a code: pass it on
-        sys.exit(e.exit_code or 1)
+        code = e.exit_code or 1
+        sys.exit(128 - code if code < 0 else code)  # killed by signal N: 128 + N, as a shell

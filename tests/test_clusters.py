@@ -300,7 +300,7 @@ def test_a_second_writer_is_refused_and_the_first_is_undisturbed(tmp_path):
     try:
         _wait_for(lambda: _tagged(out) == 3, first, "checkpoint 3")
         log_before = (out / "log.txt").read_bytes()
-        for extra in (["--resume"], [], ["--num-gpus", 2, "--dist-url", "auto", *TIMEOUT]):
+        for extra in (["--resume"], ["--num-gpus", 2, "--dist-url", "auto", *TIMEOUT]):
             second = run_tool(TRAIN_NET, *extra, *opts, "OUTPUT_DIR", out, env=ENV)
             assert second.returncode == 2, second.stderr[-3000:]
             assert "Traceback" not in second.stderr
