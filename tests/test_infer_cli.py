@@ -169,12 +169,18 @@ def test_resume_refuses_hostile_checkpoint(trained_run, tmp_path):
     assert not marker.exists()
 
 
-def test_visualization_is_original_size(trained_run, val_images, tmp_path):
-    res = run_tool(INFER_SINGLE, "--image", val_images[0], "--artifacts", trained_run / "export",
-                   "--output", tmp_path / "v.png", "--json", tmp_path / "v.json")
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert cv2.imread(str(tmp_path / "v.png")).shape == cv2.imread(val_images[0]).shape
-    assert f"visualization: {tmp_path / 'v.png'}" in res.stdout
+def test_visualization_is_upscaled_when_small_and_original_size_when_large(
+    trained_run, val_images, tmp_path
+):
+    small = cv2.imread(val_images[0])  # 128 px: drawn at 512 px, so labels are legible
+    large = tmp_path / "large.png"
+    cv2.imwrite(str(large), cv2.resize(small, (800, 600)))
+    for image, shape in ((val_images[0], (512, 512, 3)), (large, (600, 800, 3))):
+        res = run_tool(INFER_SINGLE, "--image", image, "--artifacts", trained_run / "export",
+                       "--output", tmp_path / "v.png", "--json", tmp_path / "v.json")
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert cv2.imread(str(tmp_path / "v.png")).shape == shape
+        assert f"visualization: {tmp_path / 'v.png'}" in res.stdout
 
 
 @pytest.mark.parametrize("export", [True, False])

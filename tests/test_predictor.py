@@ -187,7 +187,7 @@ def test_infer_single_json_matches_evaluation_path(bgr_run, val_image, tmp_path)
     ]
     assert all(set(i["segmentation"]) == {"size", "counts"} for i in data["instances"])
     vis = cv2.imread(str(tmp_path / "p.png"))
-    assert vis.shape[:2] == (320, 320)
+    assert vis.shape[:2] == (512, 512)  # a 320 px image is drawn upscaled to 512 px
 
 
 def assert_onnx_matches(pred, ref):
