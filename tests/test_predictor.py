@@ -275,4 +275,4 @@ def test_onnxruntime_backend_needs_neither_torch_nor_detectron2(bgr_run, val_ima
         assert a["category_name"] == b["category_name"]
         assert abs(a["score"] - b["score"]) <= 1e-3
         np.testing.assert_allclose(a["bbox"], b["bbox"], rtol=0, atol=0.05)
-    assert Image.open(tmp_path / "ort.png").size == (128, 96)
+    assert Image.open(tmp_path / "ort.png").size == (512, 384)  # drawn upscaled to 512 px
