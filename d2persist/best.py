@@ -23,7 +23,7 @@ BEST_MODES = ("max", "min")
 
 
 def evaluation_value(latest: Dict[str, Tuple[float, int]], metric: str, iteration: int,
-                     training_keys=()) -> float:
+                     training_keys=()) -> Optional[float]:
     """
     The value of ``metric`` an evaluation just stored under ``iteration``.
 
@@ -31,15 +31,28 @@ def evaluation_value(latest: Dict[str, Tuple[float, int]], metric: str, iteratio
         latest (dict): ``EventStorage.latest()``: name -> (value, iteration).
         training_keys (set[str]): names training itself stores (left out of the error).
 
+    Returns:
+        float or None: None when the evaluation produced results but none of the metric's task
+        (``"segm"`` of ``"segm/AP"``): COCOEvaluator reports no ``segm`` while the model detects
+        nothing yet. The caller skips this evaluation (a warning says so).
+
     Raises:
-        ConfigError: the evaluation produced no ``metric``; the sentence lists what it did
-            produce.
+        ConfigError: the evaluation produced the metric's task but not ``metric``; the sentence
+            lists what it did produce.
     """
     entry = latest.get(metric)
     if entry is not None and int(entry[1]) == iteration:
         return float(entry[0])
     produced = sorted(k for k, (_, it) in latest.items() if it == iteration
                       and k not in training_keys)
+    task = metric.split("/", 1)[0] + "/" if "/" in metric else None
+    results = [k for k in produced if "/" in k]
+    if task and results and not any(k.startswith(task) for k in results):
+        logger.warning(
+            "The evaluation after iteration %d produced no %s results (a model that detects "
+            "nothing yet gives none), so PERSIST.BEST_METRIC %r is not compared this time; it "
+            "produced: %s.", iteration, task[:-1], metric, ", ".join(results))
+        return None
     raise ConfigError(
         f"PERSIST.BEST_METRIC {metric!r} is not a result of the evaluation after iteration "
         f"{iteration}, which produced: {', '.join(produced) or 'nothing'}."

@@ -295,7 +295,7 @@ class PersistHook(HookBase):
         # after_train's evaluation is stored under the storage's iteration then (max_iter)
         at = self.trainer.storage.iter if final else it
         value = evaluation_value(latest, self._best.metric, at, self._training_keys or ())
-        if not self._best.improves(value):
+        if value is None or not self._best.improves(value):
             return False
         self._best.update(value, it)
         logger.info("New best %s = %s after iteration %d: writing %s.",

@@ -118,3 +118,18 @@ def test_best_metric_bookkeeping(tmp_path):
     assert other.value is None
     with pytest.raises(ConfigError, match="BEST_MODE"):
         BestMetric("segm/AP", "largest")
+
+
+def test_best_metric_of_a_task_the_evaluation_did_not_report_is_skipped(caplog):
+    # COCOEvaluator reports no segm while the model detects nothing yet: not a config error
+    from d2persist.best import evaluation_value
+
+    latest = {"bbox/AP": (0.5, 99), "bbox/AP50": (2.0, 99), "total_loss": (1.2, 99)}
+    with caplog.at_level("WARNING", logger="d2persist.best"):
+        assert evaluation_value(latest, "segm/AP", 99, {"total_loss"}) is None
+    assert "produced no segm results" in caplog.text and "bbox/AP50" in caplog.text
+    assert evaluation_value(latest, "bbox/AP50", 99) == 2.0
+    with pytest.raises(ConfigError, match="'bbox/APX' is not a result .* bbox/AP, bbox/AP50"):
+        evaluation_value(latest, "bbox/APX", 99, {"total_loss"})  # a typo in the task's metric
+    with pytest.raises(ConfigError, match="produced: nothing"):
+        evaluation_value({"total_loss": (1.2, 99)}, "segm/AP", 99, {"total_loss"})
