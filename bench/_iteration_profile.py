@@ -1,0 +1,85 @@
+"""
+Where one training iteration of a config spends its time (run by bench_default_schedule.py).
+
+Builds the trainer of ``tools/train_net.py`` for the config and the overrides given, then times
+``--iters`` iterations after ``--warmup`` ones, phase by phase: the next batch from the data
+loader, the forward pass of the backbone (with FPN), of the RPN and of the ROI heads, the backward
+pass, and the optimizer step (gradient clipping included). Prints one JSON line: milliseconds per
+iteration for each phase (medians) and their sum.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+
+    import torch
+    from detectron2.config import get_cfg
+    from detectron2.utils.events import EventStorage
+
+    from d2persist import PersistTrainer, add_persist_config
+    from d2persist.data.shapes import register_shapes
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import REPO
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    register_shapes()
+    cfg = add_persist_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
+    cfg.merge_from_list(["OUTPUT_DIR", os.path.join("/tmp", f"d2persist-profile-{os.getpid()}")]
+                        + args.opts)
+    trainer = PersistTrainer(cfg)
+    model, optimizer = trainer.model, trainer.optimizer
+    model.train()
+    data = iter(trainer.data_loader)
+    times = {k: [] for k in ("data", "backbone", "rpn", "roi_heads", "backward", "optimizer")}
+    current = {}
+
+    def timed(name, module):
+        module.register_forward_pre_hook(lambda *_: current.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(
+            lambda *_: times[name].append(time.perf_counter() - current[name]))
+
+    timed("backbone", model.backbone)
+    timed("rpn", model.proposal_generator)
+    timed("roi_heads", model.roi_heads)
+    storage = EventStorage(0).__enter__()
+    for i in range(args.warmup + args.iters):
+        storage.iter = i
+        if i == args.warmup:
+            for v in times.values():
+                v.clear()
+        t0 = time.perf_counter()
+        batch = next(data)
+        t1 = time.perf_counter()
+        losses = sum(model(batch).values())
+        t2 = time.perf_counter()
+        optimizer.zero_grad()
+        losses.backward()
+        t3 = time.perf_counter()
+        optimizer.step()
+        t4 = time.perf_counter()
+        times["data"].append(t1 - t0)
+        times["backward"].append(t3 - t2)
+        times["optimizer"].append(t4 - t3)
+    ms = {k: round(1000 * statistics.median(v), 1) for k, v in times.items()}
+    ms["total"] = round(sum(ms.values()), 1)
+    ms["threads"] = torch.get_num_threads()
+    print(json.dumps(ms))
+
+
+if __name__ == "__main__":
+    main()
