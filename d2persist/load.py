@@ -6,12 +6,26 @@ from typing import Optional, Sequence
 from .errors import D2PersistError
 from .manifest import local_bundle
 
-__all__ = ["BACKENDS", "load_predictor"]
+__all__ = ["BACKENDS", "load_predictor", "missing_torch_stack"]
 
 #: Prediction backends: "pytorch" (evaluation-exact, needs detectron2), "onnxruntime" (the
-#: bundle's model.onnx; needs neither torch nor detectron2), "auto" (ONNX Runtime where torch
-#: or detectron2 is not installed).
+#: bundle's model.onnx; needs neither torch nor detectron2), "auto" (the default: pytorch where
+#: torch and detectron2 are installed, else ONNX Runtime).
 BACKENDS = ("pytorch", "onnxruntime", "auto")
+_TORCH_STACK = ("torch", "torchvision", "detectron2")
+
+
+def missing_torch_stack():
+    """The modules of the pytorch backend (torch, torchvision, detectron2) not installed here."""
+    missing = []
+    for name in _TORCH_STACK:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # sys.modules[name] is None, or no __spec__
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
 
 
 def load_predictor(
@@ -19,7 +33,7 @@ def load_predictor(
     device: Optional[str] = None,
     opts: Optional[Sequence[str]] = None,
     allowed_targets: Optional[Sequence[str]] = None,
-    backend: str = "pytorch",
+    backend: str = "auto",
 ):
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -33,7 +47,8 @@ def load_predictor(
             LazyConfigs).
         allowed_targets (list[str]): PyTorch, LazyConfig: more module prefixes ``_target_``
             may name.
-        backend (str): one of :data:`BACKENDS`.
+        backend (str): one of :data:`BACKENDS`; "auto" is PyTorch where torch, torchvision and
+            detectron2 are installed, else ONNX Runtime.
 
     Returns:
         :class:`d2persist.predictor.Predictor` or :class:`d2persist.onnx_predictor.OnnxPredictor`
@@ -42,9 +57,13 @@ def load_predictor(
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
     path = local_bundle(path)  # an fsspec URL: downloaded and verified
+    missing = missing_torch_stack() if backend != "onnxruntime" else []
     if backend == "auto":
-        stack = all(importlib.util.find_spec(m) for m in ("torch", "detectron2"))
-        backend = "pytorch" if stack else "onnxruntime"
+        backend = "onnxruntime" if missing else "pytorch"
+    elif missing:
+        raise D2PersistError(
+            f"The pytorch backend needs {', '.join(missing)}, which cannot be imported here; "
+            "use the onnxruntime backend (an export with model.onnx) or install them.")
     if backend == "onnxruntime":
         if opts:
             raise D2PersistError("Config overrides (opts) need the pytorch backend: the ONNX "

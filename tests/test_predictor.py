@@ -260,12 +260,21 @@ def test_onnxruntime_backend_needs_neither_torch_nor_detectron2(bgr_run, val_ima
 
     image = _make("exif", val_image, tmp_path)
     args = ["--image", image, "--artifacts", str(bgr_run), "--confidence-threshold", "0"]
-    res = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args, "--backend", "auto",
+    res = subprocess.run(  # no --backend: auto is the default, ONNX Runtime here
+        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args,
          "--json", str(tmp_path / "ort.json"), "--output", str(tmp_path / "ort.png")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    refused = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args, "--backend", "pytorch",
+         "--json", str(tmp_path / "refused.json")],
+        capture_output=True, text=True, timeout=120, cwd=REPO,
+    )
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr  # one sentence
+    assert "pytorch backend needs torch, torchvision, detectron2" in refused.stderr
+    assert "Traceback" not in refused.stderr and not (tmp_path / "refused.json").exists()
     ref = run_tool(INFER_SINGLE, *args, "--json", tmp_path / "torch.json")
     assert ref.returncode == 0, ref.stderr[-2000:]
     got, want = (json.loads((tmp_path / n).read_text()) for n in ("ort.json", "torch.json"))

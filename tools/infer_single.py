@@ -29,10 +29,10 @@ def get_parser():
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the instances written (default: 0.5)")
     parser.add_argument("--backend", choices=["pytorch", "onnxruntime", "auto"],
-                        default="pytorch",
-                        help="pytorch: evaluation-exact, needs detectron2 (default); "
-                        "onnxruntime: the export's model.onnx, needs neither torch nor "
-                        "detectron2; auto: onnxruntime where torch is not installed")
+                        default="auto",
+                        help="pytorch: evaluation-exact, needs torch and detectron2; "
+                        "onnxruntime: the export's model.onnx, needs neither; auto (default): "
+                        "pytorch where torch and detectron2 are installed, else onnxruntime")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="pytorch backend: default cuda if available, else cpu")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
