@@ -25,22 +25,15 @@ def main():
     args = parser.parse_args()
 
     import torch
-    from detectron2.config import get_cfg
     from detectron2.utils.events import EventStorage
 
-    from d2persist import PersistTrainer, add_persist_config
-    from d2persist.data.shapes import register_shapes
+    from d2persist import PersistTrainer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import REPO
+    from common import builtin_cfg
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    register_shapes()
-    cfg = add_persist_config(get_cfg())
-    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
-    cfg.merge_from_list(["OUTPUT_DIR", os.path.join("/tmp", f"d2persist-profile-{os.getpid()}")]
-                        + args.opts)
+    out = os.path.join("/tmp", f"d2persist-profile-{os.getpid()}")
+    cfg = builtin_cfg(args.threads, ["OUTPUT_DIR", out] + args.opts)
     trainer = PersistTrainer(cfg)
     model, optimizer = trainer.model, trainer.optimizer
     model.train()

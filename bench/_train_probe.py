@@ -44,25 +44,17 @@ def main():
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
-    import torch
-    from detectron2.config import get_cfg
     from detectron2.engine import HookBase
     from detectron2.utils.env import seed_all_rng
 
-    from d2persist import PersistHook, PersistTrainer, add_persist_config
-    from d2persist.data.shapes import register_shapes
+    from d2persist import PersistHook, PersistTrainer
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import REPO, TINY_OPTS
+    from common import TINY_OPTS, builtin_cfg
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    register_shapes()
-    cfg = add_persist_config(get_cfg())
-    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
     tiny = TINY_OPTS if args.tiny else []
     no_eval = ["DATASETS.TEST", "()", "PERSIST.BEST_METRIC", ""]
-    cfg.merge_from_list(tiny + ["OUTPUT_DIR", args.output] + no_eval + args.opts)
+    cfg = builtin_cfg(args.threads, tiny + ["OUTPUT_DIR", args.output] + no_eval + args.opts)
     seed_all_rng(cfg.SEED)
     first = {}
 

@@ -15,6 +15,26 @@ TOOLS = os.path.join(REPO, "tools")
 from helpers import TINY_OPTS  # noqa: E402, F401
 
 
+def builtin_cfg(threads, opts):
+    """
+    The built-in config (configs/shapes_mask_rcnn_R_18_FPN.yaml) with ``opts`` (KEY VALUE list)
+    merged, the shapes datasets registered, and torch set to ``threads`` (0: its default).
+    """
+    import torch
+    from detectron2.config import get_cfg
+
+    from d2persist import add_persist_config
+    from d2persist.data.shapes import register_shapes
+
+    if threads:
+        torch.set_num_threads(threads)
+    register_shapes()
+    cfg = add_persist_config(get_cfg())
+    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
 def machine():
     """One line describing this machine."""
     import torch
