@@ -65,11 +65,11 @@ def train(seed, threads, opts):
     }
 
 
-def profile(threads, opts):
-    """``_iteration_profile.py``'s medians (ms per iteration, by phase)."""
+def profile(threads):
+    """``_iteration_profile.py``'s medians for the default config (ms per iteration, by phase)."""
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_iteration_profile.py"), "--threads", str(threads),
-         *opts], capture_output=True, text=True, cwd=REPO,
+        [sys.executable, os.path.join(HERE, "_iteration_profile.py"), "--threads", str(threads)],
+        capture_output=True, text=True, cwd=REPO,
     )
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
@@ -114,7 +114,7 @@ def main():
               for r in runs)
     print(f"targets {'met' if met else 'NOT met'} by every variant")
     phases = ("data", "backbone", "rpn", "roi_heads", "backward", "optimizer", "total")
-    profiles = {t: profile(t, opts[:0]) for t in args.threads}
+    profiles = {t: profile(t) for t in args.threads}
     table("One training iteration, by phase (ms, median of 20 after 5 warm-up)",
           [(p, *(f"{profiles[t][p]:.1f}" for t in args.threads)) for p in phases],
           header=("phase", *(f"{t} thread(s)" for t in args.threads)))
