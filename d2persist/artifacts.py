@@ -14,7 +14,14 @@ from .checkpoint import find_newest_valid, list_checkpoints
 from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
 from .fileio import read_json, resolve_inside, safe_yaml_load
 from .layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
-from .manifest import LOADED, find_bundle, metadata_from_json, persist_options_of_run, read_manifest
+from .manifest import (
+    LOADED,
+    evaluation_problem,
+    find_bundle,
+    metadata_from_json,
+    persist_options_of_run,
+    read_manifest,
+)
 from .runconfig import check_extension_names
 
 __all__ = ["Artifacts", "resolve_artifacts"]
@@ -35,6 +42,8 @@ class Artifacts:
         iteration (int or None): the training iteration of the weights, if known.
         config_extensions (list[str]): the run's ``PERSIST.CONFIG_EXTENSIONS`` (yacs).
         source (dict): which weights these are (see :func:`d2persist.manifest.describe_source`).
+        problem (str): an export whose evaluation recorded the PyTorch backend as failed: the
+            sentence saying so (see :func:`d2persist.manifest.evaluation_problem`); else "".
     """
 
     kind: str
@@ -46,6 +55,7 @@ class Artifacts:
     iteration: Optional[int] = None
     config_extensions: List[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    problem: str = ""
 
 
 def _extensions(names, where):
@@ -79,6 +89,7 @@ def _from_export(folder):
         manifest.get("iteration"),
         _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
+        evaluation_problem(manifest, "pytorch") or "",
     )
 
 

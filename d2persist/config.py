@@ -31,6 +31,10 @@ def add_persist_config(cfg: CN) -> CN:
     # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
     # runnable by ONNX Runtime without torch or detectron2).
     _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
+    # When training completes, evaluate the bundle (loaded from its folder) through each backend
+    # it holds on the first test dataset with the run's evaluator, compare with the final
+    # evaluation and record it in the manifest's "evaluation" entry.
+    _C.PERSIST.EXPORT_EVAL = True
     # fsspec URL (s3://bucket/runs/exp1, gs://..., file://...) that receives a copy of every
     # file the run writes, from a background thread; "" for none.
     _C.PERSIST.MIRROR = ""

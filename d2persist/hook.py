@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from .async_writer import BackgroundWriter
 from .best import BestMetric, evaluation_value
+from .bundle_eval import evaluate_bundle, metrics_at, metrics_json_history
 from .checkpoint import (
     PersistCheckpointer,
     all_finite,
@@ -25,6 +26,7 @@ from .checkpoint import (
 )
 from .errors import D2PersistError, TrainingDivergedError
 from .export import dataset_metadata, write_export
+from .manifest import export_backends
 from .fileio import (
     note_run_started,
     remove_temp_files,
@@ -40,6 +42,7 @@ from .layout import (
     LAST_CHECKPOINT,
     MANIFEST_NAME,
     METADATA_NAME,
+    METRICS_NAME,
     PERSIST_FILE,
     SIDECAR_SUFFIX,
     checkpoint_name,
@@ -489,12 +492,54 @@ class PersistHook(HookBase):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
                 self._writer.wait()
-        if self.options["EXPORT"] and comm.is_main_process():
-            if trained or not os.path.isfile(os.path.join(self.run.export_dir, MANIFEST_NAME)):
+        if self.options["EXPORT"]:
+            manifest = None
+            if comm.is_main_process() and (trained or not os.path.isfile(
+                    os.path.join(self.run.export_dir, MANIFEST_NAME))):
                 manifest = self.export()
+            if self.options["EXPORT_EVAL"] and _main_says(manifest is not None):
+                manifest = self.evaluate_export(manifest)  # collective
+            if manifest is not None:
                 folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
                 self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
         comm.synchronize()
+
+    def evaluate_export(self, manifest):
+        """
+        Evaluate the bundle just written, through each backend it holds, on the first test
+        dataset with the trainer's evaluator (:func:`d2persist.bundle_eval.evaluate_bundle`),
+        and add the ``evaluation`` entry to its manifest. Collective; the manifest (the main
+        process's; None on the others) is returned.
+        """
+        run, trainer = self.run, self.trainer
+        name = run.test_dataset_name()
+        evaluator = run.build_evaluator(trainer, name) if name else None
+        if not _main_says(evaluator is not None):
+            if comm.is_main_process() and name:
+                logger.info("No evaluator for %s: the export is not evaluated.", name)
+            return manifest
+        backends = _main_says(export_backends(manifest) if manifest else None)
+        source = (manifest or {}).get("source") or {}
+        at = source.get("iteration")
+        if source.get("from") != "best" or at == trainer.max_iter - 1:
+            at = trainer.storage.iter  # where after_train's evaluation is stored
+        entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
+                                lambda keys: self._evaluation_at(at, keys), device=run.device)
+        if manifest is None:
+            return None
+        manifest = dict(manifest, evaluation=entry)
+        write_json(os.path.join(run.export_dir, MANIFEST_NAME), manifest)
+        return manifest
+
+    def _evaluation_at(self, iteration, keys):
+        """The metrics ``keys`` stored under ``iteration``: in this process, else metrics.json."""
+        histories = self.trainer.storage.histories()
+        found = metrics_at(lambda k: histories[k].values() if k in histories else None, keys,
+                           iteration)
+        if not found:  # evaluated before a resume
+            found = metrics_at(metrics_json_history(os.path.join(self.run.output_dir,
+                                                                 METRICS_NAME)), keys, iteration)
+        return found
 
     def export(self) -> dict:
         """

@@ -20,8 +20,10 @@ __all__ = [
     "MANIFEST_NAME",
     "WEIGHTS_NAME",
     "ONNX_NAME",
+    "ONNX_INT8_NAME",
     "BEST_NAME",
     "BEST_RECORD",
+    "METRICS_NAME",
     "checkpoint_name",
     "checkpoint_iteration",
 ]
@@ -40,6 +42,8 @@ FINAL_NAME = "model_final.pth"
 BEST_NAME = "model_best.pth"
 #: Which evaluation that was: metric, mode, value, iteration, time.
 BEST_RECORD = "best.json"
+#: detectron2's JSONWriter's log of every scalar (losses, evaluation metrics) by iteration.
+METRICS_NAME = "metrics.json"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.
 SIDECAR_SUFFIX = ".sha256"
 #: Prefix of the temporary files written next to their final name.
@@ -54,6 +58,8 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "model.safetensors"
 #: The bundle's portable model (PERSIST.EXPORT_FORMATS with "onnx").
 ONNX_NAME = "model.onnx"
+#: Its INT8 version (PERSIST.EXPORT_FORMATS with "onnx-int8"): ONNX Runtime static quantization.
+ONNX_INT8_NAME = "model.int8.onnx"
 
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
 

@@ -34,6 +34,7 @@ def load_predictor(
     opts: Optional[Sequence[str]] = None,
     allowed_targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
+    precision: str = "float",
 ):
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -49,6 +50,8 @@ def load_predictor(
             may name.
         backend (str): one of :data:`BACKENDS`; "auto" is PyTorch where torch, torchvision and
             detectron2 are installed, else ONNX Runtime.
+        precision (str): "float", or "int8" for the bundle's INT8 ONNX model (ONNX Runtime;
+            "auto" then means onnxruntime).
 
     Returns:
         :class:`d2persist.predictor.Predictor` or :class:`d2persist.onnx_predictor.OnnxPredictor`
@@ -56,6 +59,13 @@ def load_predictor(
     """
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    if precision not in ("float", "int8"):
+        raise D2PersistError(f"precision must be float or int8, not {precision!r}.")
+    if precision == "int8":
+        if backend == "pytorch":
+            raise D2PersistError("precision int8 is the bundle's INT8 ONNX model: use the "
+                                 "onnxruntime backend.")
+        backend = "onnxruntime"
     path = local_bundle(path)  # an fsspec URL: downloaded and verified
     missing = missing_torch_stack() if backend != "onnxruntime" else []
     if backend == "auto":
@@ -70,7 +80,7 @@ def load_predictor(
                                  "model was fixed when it was exported.")
         from .onnx_predictor import load_onnx_predictor
 
-        return load_onnx_predictor(path)
+        return load_onnx_predictor(path, precision=precision)
     from .predictor import load_predictor as load_torch_predictor
 
     return load_torch_predictor(path, device, opts, allowed_targets)

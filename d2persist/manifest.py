@@ -7,13 +7,21 @@ import os
 
 from .errors import ArtifactError
 from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
-from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
+from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, PERSIST_FILE
 
-__all__ = ["FORMAT", "LOADED", "read_manifest", "metadata_from_json", "persist_options_of_run",
-           "find_bundle", "describe_source", "local_bundle"]
+__all__ = ["FORMAT", "LOADED", "EVAL_BACKENDS", "EVAL_TOLERANCE", "read_manifest",
+           "metadata_from_json", "persist_options_of_run", "find_bundle", "describe_source",
+           "evaluation_problem", "export_backends", "local_bundle", "cache_root"]
 
 #: Identifies a d2persist manifest, with its version.
 FORMAT = {"name": "d2persist-export", "version": 1}
+
+#: The backends a bundle's ``evaluation`` entry measures, as they are named there.
+EVAL_BACKENDS = ("pytorch", "onnxruntime", "onnxruntime-int8")
+#: How far (in AP points, on every metric) each backend may be from the in-training evaluation:
+#: the PyTorch bundle *is* the evaluation path; ONNX Runtime computes the same graph in another
+#: order; INT8 is allowed what quantization is asked to cost at most.
+EVAL_TOLERANCE = {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
 
 
 def metadata_from_json(meta: dict) -> dict:
@@ -122,7 +130,33 @@ def describe_source(source: dict) -> str:
     return f"the final weights, {at}"
 
 
-def _cache_root():
+def export_backends(manifest: dict):
+    """The :data:`EVAL_BACKENDS` a bundle holds a model for, by its manifest."""
+    files = manifest.get("files") or {}
+    found = ["pytorch"]
+    if ONNX_NAME in files:
+        found.append("onnxruntime")
+    if ONNX_INT8_NAME in files:
+        found.append("onnxruntime-int8")
+    return found
+
+
+def evaluation_problem(manifest: dict, backend: str):
+    """
+    The sentence to log when a predictor loads ``backend`` of a bundle whose evaluation
+    recorded it as failed (see :func:`d2persist.bundle_eval.evaluate_bundle`), else None.
+    """
+    entry = manifest.get("evaluation") if isinstance(manifest, dict) else None
+    if not isinstance(entry, dict) or backend not in (entry.get("failed") or []):
+        return None
+    why = (entry.get("errors") or {}).get(backend, "no reason recorded")
+    return (f"This bundle's {backend} backend failed its evaluation on {entry.get('dataset')} "
+            f"when it was exported ({why}): its predictions may differ from what training "
+            "evaluated.")
+
+
+def cache_root() -> str:
+    """d2persist's cache folder: ``$D2PERSIST_CACHE``, else ``~/.cache/d2persist``."""
     return os.environ.get("D2PERSIST_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "d2persist"
     )
@@ -159,7 +193,7 @@ def local_bundle(path: str) -> str:
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict):
             raise ArtifactError(f"{candidate}/{MANIFEST_NAME} lists no files.")
-        cache = os.path.join(_cache_root(), "bundles",
+        cache = os.path.join(cache_root(), "bundles",
                              hashlib.sha256(candidate.encode()).hexdigest()[:16])
         os.makedirs(cache, exist_ok=True)
         stale = os.path.join(cache, MANIFEST_NAME)

@@ -14,13 +14,25 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ArtifactError
+from .errors import ArtifactError, D2PersistError
+from .fileio import atomic_path
 from .imageio import image_input, resize_shortest_edge
-from .layout import ONNX_NAME
-from .manifest import describe_source, find_bundle, metadata_from_json, read_manifest
+from .layout import ONNX_INT8_NAME, ONNX_NAME
+from .manifest import (
+    cache_root,
+    describe_source,
+    evaluation_problem,
+    find_bundle,
+    metadata_from_json,
+    read_manifest,
+)
 from .outputs import class_names_of, draw_instances, instances_json
 
-__all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "paste_masks"]
+__all__ = ["OnnxPredictor", "OnnxPrediction", "PRECISIONS", "load_onnx_predictor",
+           "create_session", "paste_masks"]
+
+#: ``load_onnx_predictor(precision=...)``: the bundle's float ``model.onnx`` or its INT8 model.
+PRECISIONS = ("float", "int8")
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +143,7 @@ class OnnxPredictor:
         self.class_names = class_names_of(metadata)
         self._outputs = [o.name for o in session.get_outputs()]
         self.weights = ""  # which weights, in words (set by load_onnx_predictor)
+        self.cached = False  # whether the session's optimized graph came from the cache
 
     def visualizer_metadata(self) -> dict:
         return self.metadata
@@ -161,7 +174,65 @@ class OnnxPredictor:
                               masks, self.class_names, image, self.input_format)
 
 
-def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None):
+def _cache_key(sha256, providers, options):
+    import hashlib
+    import platform
+
+    import onnxruntime as ort
+
+    parts = [sha256, ort.__version__, platform.machine(), ",".join(providers),
+             str(int(options.graph_optimization_level))]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+def create_session(model_path: str, sha256: Optional[str] = None, providers=None,
+                   threads: Optional[int] = None, cache: bool = True):
+    """
+    An ONNX Runtime session of ``model_path``. With ``sha256`` (the file's, as its manifest
+    states and the caller verified) and ``cache``, the graph ONNX Runtime optimizes is cached
+    under ``$D2PERSIST_CACHE/onnxruntime``, keyed by that sha256, the ONNX Runtime version, the
+    machine and the providers, and written atomically; a later process loads the optimized
+    graph instead of optimizing again. A cached graph that does not load is optimized anew.
+
+    Returns:
+        tuple: ``(session, cached)``, whether the session came from the cache.
+    """
+    import onnxruntime as ort
+
+    providers = list(providers or ["CPUExecutionProvider"])
+
+    def options():
+        o = ort.SessionOptions()
+        if threads:
+            o.intra_op_num_threads = int(threads)
+        return o
+
+    if not (cache and sha256):
+        return ort.InferenceSession(model_path, options(), providers=providers), False
+    folder = os.path.join(cache_root(), "onnxruntime")
+    opts = options()
+    cached = os.path.join(folder, _cache_key(sha256, providers, opts) + ".onnx")
+    if os.path.isfile(cached):
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            return ort.InferenceSession(cached, opts, providers=providers), True
+        except Exception as e:  # damaged or foreign: optimize again, replacing it
+            logger.warning("Cached ONNX Runtime graph %s does not load (%s); optimizing %s "
+                           "again.", cached, e, model_path)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with atomic_path(cached) as tmp:
+            opts = options()
+            opts.optimized_model_filepath = tmp
+            session = ort.InferenceSession(model_path, opts, providers=providers)
+    except OSError as e:  # a read-only cache: predict without one
+        logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder, e)
+        return ort.InferenceSession(model_path, options(), providers=providers), False
+    return session, False
+
+
+def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None,
+                        precision: str = "float", cache: bool = True):
     """
     Load an :class:`OnnxPredictor` from an export bundle, or a run folder's export.
 
@@ -169,37 +240,48 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
         path (str): the bundle, or a training OUTPUT_DIR whose export is complete.
         providers (list[str]): ONNX Runtime execution providers (default: the CPU).
         threads (int): ONNX Runtime's intra-op threads (default: its own choice).
+        precision (str): "float" (``model.onnx``) or "int8" (``model.int8.onnx``, PERSIST.
+            EXPORT_FORMATS "onnx-int8").
+        cache (bool): cache the optimized graph (see :func:`create_session`).
 
     Raises:
         ArtifactError: no complete bundle, no ONNX model in it (with the reason its export
-            failed, if it did), or a ``model.onnx`` that does not match its manifest entry.
+            failed, if it did), or a model file that does not match its manifest entry.
     """
     import onnxruntime as ort
 
+    if precision not in PRECISIONS:
+        raise D2PersistError(
+            f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
     if not os.path.isdir(path):
         raise ArtifactError(f"Artifacts folder {path} does not exist.")
     bundle = find_bundle(path)
     if bundle is None:
         raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
                             "with ONNX Runtime.")
-    manifest = read_manifest(bundle, only=[ONNX_NAME])
-    entry = manifest.get("onnx")
-    if not entry or ONNX_NAME not in manifest["files"]:
+    name, key = (ONNX_NAME, "onnx") if precision == "float" else (ONNX_INT8_NAME, "onnx_int8")
+    manifest = read_manifest(bundle, only=[name])
+    entry = manifest.get(key)
+    if not entry or name not in manifest["files"]:
         why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
+        fmt = "onnx" if precision == "float" else "onnx-int8"
         raise ArtifactError(
-            f"The bundle {bundle} has no {ONNX_NAME}{why}; add one with tools/export_model.py "
-            f"--artifacts {path} --format onnx."
+            f"The bundle {bundle} has no {name}{why}; add one with tools/export_model.py "
+            f"--artifacts {path} --format {fmt}."
         )
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(os.path.join(bundle, ONNX_NAME), options,
-                                   providers=providers or ["CPUExecutionProvider"])
+    model_path = os.path.join(bundle, name)
+    session, cached = create_session(model_path, manifest["files"][name].get("sha256"),
+                                     providers, threads, cache)
     predictor = OnnxPredictor(session, manifest["input"],
                               metadata_from_json(manifest.get("metadata") or {}))
     predictor.weights = describe_source(
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
     )
-    logger.info("Loaded %s with ONNX Runtime %s: %s", os.path.join(bundle, ONNX_NAME),
-                ort.__version__, predictor.weights)
+    predictor.cached = cached
+    logger.info("Loaded %s with ONNX Runtime %s%s: %s", model_path, ort.__version__,
+                " (optimized graph from the cache)" if cached else "", predictor.weights)
+    problem = evaluation_problem(
+        manifest, "onnxruntime" if precision == "float" else "onnxruntime-int8")
+    if problem:
+        logger.warning(problem)
     return predictor

@@ -211,4 +211,6 @@ def load_predictor(
     predictor = Predictor(model, augmentation, input_format, art.metadata, device)
     predictor.weights = describe_source(art.source)
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)
+    if art.problem:
+        logger.warning(art.problem)
     return predictor

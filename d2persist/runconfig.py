@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -278,6 +278,19 @@ class RunConfig:
         """Names of the training datasets."""
         raise NotImplementedError
 
+    def test_dataset_name(self) -> Optional[str]:
+        """The first test dataset (the one the export is evaluated on), or None."""
+        raise NotImplementedError
+
+    def build_evaluator(self, trainer, dataset_name: str):
+        """The evaluator the run's evaluation uses for ``dataset_name``, or None if it has none."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> str:
+        """Where the model trains (and the PyTorch bundle is evaluated)."""
+        raise NotImplementedError
+
     def input_contract(self) -> Dict[str, Any]:
         """
         The input the model expects and the outputs it gives: ``format``, ``pixel_mean``,
@@ -368,6 +381,22 @@ class YacsRunConfig(RunConfig):
 
     def train_dataset_names(self):
         return list(self.cfg.DATASETS.TRAIN)
+
+    def test_dataset_name(self):
+        return self.cfg.DATASETS.TEST[0] if len(self.cfg.DATASETS.TEST) else None
+
+    def build_evaluator(self, trainer, dataset_name):
+        build = getattr(trainer, "build_evaluator", None)  # a classmethod (trainer: a proxy)
+        if build is None:
+            return None
+        try:  # as DefaultTrainer.test builds it
+            return build(self.cfg, dataset_name)
+        except NotImplementedError:
+            return None
+
+    @property
+    def device(self):
+        return str(self.cfg.MODEL.DEVICE)
 
     def input_contract(self):
         cfg = self.cfg
@@ -545,6 +574,25 @@ class LazyRunConfig(RunConfig):
         except Exception:  # omegaconf raises several kinds for a missing path
             return []
         return [names] if isinstance(names, str) else list(names)
+
+    def test_dataset_name(self):
+        try:
+            names = self.cfg.dataloader.test.dataset.names
+        except Exception:  # omegaconf raises several kinds for a missing path
+            return None
+        names = [names] if isinstance(names, str) else list(names)
+        return names[0] if names else None
+
+    def build_evaluator(self, trainer, dataset_name):
+        from detectron2.config import instantiate
+
+        if not self.evaluates:
+            return None
+        return instantiate(self.cfg.dataloader.evaluator)
+
+    @property
+    def device(self):
+        return str(self.cfg.train.get("device", "cpu"))
 
     def input_contract(self):
         model = self.cfg.model

@@ -208,3 +208,16 @@ def tool_env(**extra):
     """
     path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
     return dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=path, **extra)
+
+
+#: Run a tool with torch, torchvision and detectron2 made unimportable.
+WITHOUT_TORCH = (
+    "import runpy, sys\n"
+    "for name in ('torch', 'torchvision', 'detectron2'):\n"
+    "    sys.modules[name] = None  # any import of them raises ImportError\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    "leaked = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', "
+    "'detectron2') and sys.modules[m] is not None]\n"
+    "assert not leaked, leaked\n"
+)

@@ -1,26 +1,51 @@
 """
-The built-in default (`python tools/train_net.py`, no config file) as the demo runs it, shortened.
+The built-in default (`python tools/train_net.py`, no config file) as the demo runs it, shortened,
+and the proof its export carries: the bundle evaluated through each backend, recorded in the
+manifest, and reproduced on a COCO json by tools/evaluate.py (also where torch cannot be imported).
 
 The full schedule and its targets (<= 120 s, AP50 >= 90 for several seeds and thread counts) are
-bench/bench_default_schedule.py's job; this smoke test runs the same config and data for 40
-iterations, with its periodic evaluation, and checks that it learns and ends as the demo expects.
+bench/bench_default_schedule.py's job; this runs the same config and data for 40 iterations,
+with its periodic evaluation, and checks that it learns and ends as the demo expects.
 """
 
 import json
+import logging
+import math
 import re
+import shutil
+import subprocess
+import sys
 
-from helpers import REPO, TRAIN_NET, run_tool
+import pytest
+
+from helpers import REPO, TRAIN_NET, WITHOUT_TORCH, run_tool
+
+EVALUATE = f"{REPO}/tools/evaluate.py"
 
 
-def test_default_config_trains_evaluates_and_summarizes(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("default") / "run"
     res = run_tool(
         TRAIN_NET, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 40, "SOLVER.STEPS", "(30,)",
         "SOLVER.WARMUP_ITERS", 10, "TEST.EVAL_PERIOD", 20, "SOLVER.CHECKPOINT_PERIOD", 20,
-        "PERSIST.EXPORT_FORMATS", "['safetensors']", timeout=600,
+        "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']", timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (out / "metrics.json").read_text().splitlines()]
+    return out, res
+
+
+def _rows(out):
+    return [json.loads(ln) for ln in (out / "metrics.json").read_text().splitlines()]
+
+
+def _flat(results):
+    return {f"{task}/{k}": v for task, m in results.items() for k, v in m.items()}
+
+
+def test_default_config_trains_evaluates_and_summarizes(default_run):
+    out, _ = default_run
+    rows = _rows(out)
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
     assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0], losses  # it learns
     evaluated = [r["iteration"] for r in rows if "bbox/AP50" in r]
@@ -36,3 +61,126 @@ def test_default_config_trains_evaluates_and_summarizes(tmp_path):
     final = [r for r in rows if "bbox/AP50" in r][-1]
     assert f"bbox/AP50 {final['bbox/AP50']:.1f}" in summary.stdout, summary.stdout
     assert f"training time   {trained[0]}" in summary.stdout, summary.stdout
+
+
+def test_the_export_records_its_own_evaluation_per_backend(default_run):
+    out, _ = default_run
+    entry = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]
+    assert (entry["dataset"], entry["evaluator"], entry["images"]) == (
+        "shapes_val", "COCOEvaluator", 50)
+    assert entry["failed"] == [] and sorted(entry["backends"]) == ["onnxruntime", "pytorch"]
+    final = [r for r in _rows(out) if "bbox/AP50" in r][-1]  # the final in-training evaluation
+    ref = entry["reference"]
+    assert {"bbox/AP", "bbox/AP50", "segm/AP", "segm/AP-circle"} <= set(ref)
+    for key, value in ref.items():  # NaN (no large objects) is recorded as null
+        assert value == final[key] or (value is None and math.isnan(final[key])), key
+    assert ref["bbox/AP50"] > 0.5 and ref["segm/AP50"] > 0.5  # learnt something to compare
+    assert entry["backends"]["pytorch"] == ref  # the evaluation path: equal
+    onnx = entry["backends"]["onnxruntime"]
+    assert set(onnx) == set(ref)
+    assert all(abs(onnx[k] - v) <= 0.1 for k, v in ref.items() if v is not None)
+    # the bundle's evaluation wrote none of the evaluator's prediction files over training's
+    preds = out / "inference" / "coco_instances_results.json"
+    assert preds.stat().st_mtime <= (out / "export" / "model.safetensors").stat().st_mtime
+
+
+def test_a_broken_backend_is_recorded_as_failed_and_named_when_loaded(
+        default_run, tmp_path, mocker, caplog):
+    from detectron2.evaluation import COCOEvaluator
+
+    from d2persist import load_predictor
+    from d2persist.bundle_eval import evaluate_bundle
+    from d2persist.data.shapes import register_shapes
+
+    out, _ = default_run
+    bundle = tmp_path / "export"
+    shutil.copytree(out / "export", bundle)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    ref = manifest["evaluation"]["reference"]
+    register_shapes()
+    # fault injection: the ONNX Runtime predictor skips the test-time resize
+    mocker.patch("d2persist.onnx_predictor.resize_shortest_edge", lambda image, *_: image)
+    evaluator = COCOEvaluator("shapes_val", output_dir=str(tmp_path / "coco"))
+    with caplog.at_level(logging.ERROR, logger="d2persist"):
+        entry = evaluate_bundle(str(bundle), ["pytorch", "onnxruntime"], "shapes_val",
+                                evaluator, lambda keys: {k: ref[k] for k in keys if k in ref})
+    assert entry["failed"] == ["onnxruntime"], entry["errors"]
+    assert "outside the tolerance of 0.1" in entry["errors"]["onnxruntime"]
+    assert entry["backends"]["pytorch"] == ref
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
+        f"The exported bundle's onnxruntime backend failed its evaluation on shapes_val: "
+        f"{entry['errors']['onnxruntime']}."]
+    mocker.stopall()
+    (bundle / "manifest.json").write_text(json.dumps(dict(manifest, evaluation=entry)))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="d2persist"):
+        load_predictor(str(bundle), backend="pytorch")
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        load_predictor(str(bundle), backend="onnxruntime")
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "onnxruntime backend failed its evaluation" in warned[0]
+
+
+def test_evaluate_tool_reproduces_training_on_a_coco_json(default_run, tmp_path):
+    out, _ = default_run
+    coco_json = out / "inference" / "shapes_val_coco_format.json"  # COCOEvaluator's conversion
+    ref = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]["reference"]
+    res = run_tool(EVALUATE, "--artifacts", out / "export", "--coco-json", coco_json,
+                   "--backend", "pytorch", "--json", tmp_path / "pytorch.json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Evaluation results for segm" in res.stdout and "Per-category bbox AP" in res.stdout
+    assert _flat(json.loads((tmp_path / "pytorch.json").read_text())) == ref  # equal
+    no_torch = subprocess.run(  # no --backend: ONNX Runtime, torch and detectron2 unimportable
+        [sys.executable, "-c", WITHOUT_TORCH, EVALUATE, "--artifacts", str(out),
+         "--coco-json", str(coco_json), "--json", str(tmp_path / "ort.json")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert no_torch.returncode == 0, no_torch.stderr[-3000:]
+    got = _flat(json.loads((tmp_path / "ort.json").read_text()))
+    assert set(got) == set(ref)
+    assert all(abs(got[k] - v) <= 0.1 for k, v in ref.items() if v is not None)
+
+    data = json.loads(coco_json.read_text())
+    data["categories"][1]["name"] = "hexagon"
+    (tmp_path / "other.json").write_text(json.dumps(data))
+    refused = run_tool(EVALUATE, "--artifacts", out, "--coco-json", tmp_path / "other.json",
+                       "--backend", "onnxruntime")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert ("categories (circle, hexagon, triangle) do not match the bundle's classes "
+            "(circle, square, triangle)") in refused.stderr
+
+
+def test_onnxruntime_caches_its_optimized_graph_per_model_file(default_run, tmp_path,
+                                                               monkeypatch, val_image=None):
+    import onnx
+
+    from d2persist.fileio import sha256_file
+    from d2persist.onnx_predictor import load_onnx_predictor
+
+    out, _ = default_run
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    image = json.loads((out / "inference" / "shapes_val_coco_format.json").read_text())[
+        "images"][0]["file_name"]
+    cold = load_onnx_predictor(str(out))
+    cached = list((tmp_path / "cache" / "onnxruntime").iterdir())
+    assert not cold.cached and len(cached) == 1 and cached[0].suffix == ".onnx"
+    warm = load_onnx_predictor(str(out))
+    assert warm.cached
+    assert warm(image).to_json() == cold(image).to_json()
+
+    bundle = tmp_path / "changed"  # another model file (and its manifest): not the cached graph
+    shutil.copytree(out / "export", bundle)
+    model = onnx.load(str(bundle / "model.onnx"))
+    model.doc_string = "changed"
+    onnx.save(model, str(bundle / "model.onnx"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"]["model.onnx"] = {"sha256": sha256_file(str(bundle / "model.onnx")),
+                                       "size": (bundle / "model.onnx").stat().st_size}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    assert not load_onnx_predictor(str(bundle)).cached
+    assert len(list((tmp_path / "cache" / "onnxruntime").iterdir())) == 2
+    # a damaged cache entry is optimized anew, not trusted
+    cached[0].write_bytes(b"not a model")
+    again = load_onnx_predictor(str(out))
+    assert not again.cached and again(image).to_json() == cold(image).to_json()
+    assert load_onnx_predictor(str(out)).cached

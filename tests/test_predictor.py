@@ -18,7 +18,7 @@ from detectron2.modeling import build_model
 from PIL import Image
 
 from d2persist import InputImageError, load_predictor
-from helpers import INFER_SINGLE, run_tool, tiny_cfg, train
+from helpers import INFER_SINGLE, WITHOUT_TORCH, run_tool, tiny_cfg, train
 
 # every box is kept, so that there is much to compare even after a few iterations
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
@@ -239,19 +239,6 @@ def test_onnx_array_input_honours_channel_order(bgr_run, val_image):
         predictor(rgb)
 
 
-#: Run a tool with torch, torchvision and detectron2 made unimportable.
-_WITHOUT_TORCH = (
-    "import runpy, sys\n"
-    "for name in ('torch', 'torchvision', 'detectron2'):\n"
-    "    sys.modules[name] = None  # any import of them raises ImportError\n"
-    "sys.argv = sys.argv[1:]\n"
-    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
-    "leaked = [m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', "
-    "'detectron2') and sys.modules[m] is not None]\n"
-    "assert not leaked, leaked\n"
-)
-
-
 def test_onnxruntime_backend_needs_neither_torch_nor_detectron2(bgr_run, val_image, tmp_path):
     import subprocess
     import sys
@@ -261,13 +248,13 @@ def test_onnxruntime_backend_needs_neither_torch_nor_detectron2(bgr_run, val_ima
     image = _make("exif", val_image, tmp_path)
     args = ["--image", image, "--artifacts", str(bgr_run), "--confidence-threshold", "0"]
     res = subprocess.run(  # no --backend: auto is the default, ONNX Runtime here
-        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args,
+        [sys.executable, "-c", WITHOUT_TORCH, INFER_SINGLE, *args,
          "--json", str(tmp_path / "ort.json"), "--output", str(tmp_path / "ort.png")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     refused = subprocess.run(
-        [sys.executable, "-c", _WITHOUT_TORCH, INFER_SINGLE, *args, "--backend", "pytorch",
+        [sys.executable, "-c", WITHOUT_TORCH, INFER_SINGLE, *args, "--backend", "pytorch",
          "--json", str(tmp_path / "refused.json")],
         capture_output=True, text=True, timeout=120, cwd=REPO,
     )

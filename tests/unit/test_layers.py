@@ -29,13 +29,15 @@ LAYERS = {
     "onnx_predictor": 4,
     "export": 4,
     "artifacts": 4,
-    "hook": 5,
     "predictor": 5,
-    "trainer": 6,
+    "bundle_eval": 6,
     "load": 6,
     "infer": 6,
-    "lazy_trainer": 7,
-    "cli": 8,
+    "evaluate": 6,
+    "hook": 7,
+    "trainer": 8,
+    "lazy_trainer": 9,
+    "cli": 10,
 }
 
 

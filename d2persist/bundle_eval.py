@@ -1,0 +1,253 @@
+"""
+The export measures itself: the bundle, loaded from its folder, evaluated through every backend
+it holds with the run's own evaluator on the run's test set, and compared with the final
+in-training evaluation (see :func:`evaluate_bundle`).
+"""
+
+import contextlib
+import io
+import logging
+import math
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+
+from .manifest import EVAL_TOLERANCE
+
+__all__ = ["evaluate_bundle", "compare_metrics", "metrics_at", "metrics_json_history",
+           "evaluator_name"]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluator_name(evaluator) -> str:
+    """``COCOEvaluator``, or ``DatasetEvaluators(COCOEvaluator, ...)``."""
+    inner = getattr(evaluator, "_evaluators", None)
+    name = type(evaluator).__name__
+    return f"{name}({', '.join(evaluator_name(e) for e in inner)})" if inner else name
+
+
+def _silence_output_files(evaluator):
+    """
+    Keep the evaluator from writing its prediction files (``coco_instances_results.json``,
+    ...) over the ones of the in-training evaluation: detectron2's evaluators write them when
+    their ``_output_dir`` is set.
+    """
+    for e in getattr(evaluator, "_evaluators", None) or [evaluator]:
+        if getattr(e, "_output_dir", None):
+            e._output_dir = None
+
+
+def _json_number(v):
+    v = float(v)
+    return None if math.isnan(v) else v
+
+
+def metrics_at(history: Callable[[str], Optional[list]], keys: Sequence[str],
+               iteration: int) -> Dict[str, Optional[float]]:
+    """
+    The metrics an evaluation stored under ``iteration``.
+
+    Args:
+        history: metric name -> its ``[(value, iteration), ...]``, or None if never stored
+            (e.g. from ``EventStorage.histories()`` or from ``metrics.json``).
+        keys: the metric names wanted.
+
+    Returns:
+        dict: name -> value (None for NaN) of those stored under ``iteration``.
+    """
+    out = {}
+    for key in keys:
+        for value, it in reversed(history(key) or []):
+            if int(it) == int(iteration):
+                out[key] = _json_number(value)
+                break
+    return out
+
+
+def metrics_json_history(path: str):
+    """
+    A ``history`` for :func:`metrics_at` from detectron2's ``metrics.json`` (one JSON object
+    per line, each with its ``iteration``); empty if the file is missing.
+    """
+    import json
+
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut by a crash
+                    continue
+                if isinstance(row, dict) and "iteration" in row:
+                    rows.append(row)
+    except OSError:
+        pass
+    return lambda key: [(r[key], r["iteration"]) for r in rows
+                        if isinstance(r.get(key), (int, float))]
+
+
+def compare_metrics(reference: dict, results: dict, tolerance: float):
+    """
+    ``(max_difference, outside)``: the largest absolute difference over the metrics both hold,
+    and the names of those differing by more than ``tolerance`` (a value against NaN, or a
+    reference metric the results lack, is outside).
+    """
+    worst, outside = 0.0, []
+    for key, ref in sorted(reference.items()):
+        got = results.get(key, "missing")
+        if ref is None and got is None:
+            continue
+        if ref is None or got is None or got == "missing":
+            outside.append(key)
+            continue
+        diff = abs(float(got) - float(ref))
+        worst = max(worst, diff)
+        if diff > tolerance:
+            outside.append(key)
+    return worst, outside
+
+
+def _instances(pred):
+    """The detectron2 output dict of a prediction of either backend."""
+    if hasattr(pred, "outputs"):  # the PyTorch predictor's
+        return pred.outputs
+    import torch
+    from detectron2.structures import Boxes, Instances
+
+    inst = Instances((pred.height, pred.width))
+    inst.pred_boxes = Boxes(torch.as_tensor(pred.boxes, dtype=torch.float32).reshape(-1, 4))
+    inst.scores = torch.as_tensor(pred.scores, dtype=torch.float32)
+    inst.pred_classes = torch.as_tensor(pred.classes, dtype=torch.int64)
+    if pred.masks is not None:
+        inst.pred_masks = torch.as_tensor(pred.masks)
+    return {"instances": inst}
+
+
+def _load(export_dir, backend, device):
+    if backend == "pytorch":
+        from .predictor import load_predictor
+
+        return load_predictor(export_dir, device=device)
+    from .onnx_predictor import load_onnx_predictor
+
+    return load_onnx_predictor(export_dir, precision="int8" if backend.endswith("int8")
+                               else "float")
+
+
+@contextlib.contextmanager
+def _quiet():
+    """
+    detectron2's evaluation tables and pycocotools' printout stay out of the log: the bundle's
+    evaluation logs one line per backend (and the manifest holds every number).
+    """
+    log = logging.getLogger("detectron2.evaluation")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        log.setLevel(level)
+
+
+def _run(predictor, dataset: List[dict], evaluator):
+    """Evaluate ``predictor`` on ``dataset`` (this process's part); collective."""
+    evaluator.reset()
+    error = None
+    for d in dataset:
+        if error is not None:
+            break
+        try:
+            evaluator.process([d], [_instances(predictor(d["file_name"]))])
+        except Exception as e:  # the others still wait in evaluate(): no early return
+            error = f"{type(e).__name__}: {e}"
+    with _quiet():
+        results = evaluator.evaluate()  # gathers to the main process when distributed
+    return results, error
+
+
+def evaluate_bundle(
+    export_dir: str,
+    backends: Sequence[str],
+    dataset_name: str,
+    evaluator,
+    reference: Callable[[Sequence[str]], Dict[str, Optional[float]]],
+    device: str = "cpu",
+) -> Optional[dict]:
+    """
+    Evaluate the bundle in ``export_dir`` through each of ``backends``, on every image of
+    ``dataset_name``, with ``evaluator``; compare with ``reference``.
+
+    Collective: every process calls it with the same ``backends``; the main process predicts
+    every image (the bundle is on its disk), the others take part in the evaluator's gathering.
+    Each image is read from its file by the bundle's own predictor (reading, resizing and
+    post-processing included), as a deployed bundle would see it.
+
+    Args:
+        backends: names of :data:`d2persist.manifest.EVAL_BACKENDS`.
+        evaluator (DatasetEvaluator): built for ``dataset_name``; it writes no files here.
+        reference: metric names -> the in-training evaluation of these weights, flattened as
+            EvalHook stores it (``"bbox/AP"``); called on the main process with the names the
+            first backend evaluated produced; {} if there was no such evaluation.
+        device (str): where the PyTorch backend runs.
+
+    Returns:
+        dict or None: on the main process, the manifest's ``evaluation`` entry
+        (``dataset``, ``evaluator``, ``images``, ``reference``, ``backends``, ``tolerance``,
+        ``max_difference``, ``seconds``, ``failed``, ``errors``); None on the others.
+    """
+    from detectron2.data import DatasetCatalog
+
+    main = comm.is_main_process()
+    dataset = DatasetCatalog.get(dataset_name) if main else []
+    _silence_output_files(evaluator)
+    entry = {"dataset": dataset_name, "evaluator": evaluator_name(evaluator),
+             "images": len(dataset), "reference": None, "backends": {},
+             "tolerance": {}, "max_difference": {}, "seconds": {}, "failed": [], "errors": {}}
+    for backend in backends:
+        start = time.perf_counter()
+        predictor, error = None, None
+        if main:
+            try:
+                predictor = _load(export_dir, backend, device)
+            except Exception as e:
+                error = f"cannot load it: {type(e).__name__}: {e}"
+        results, run_error = _run(predictor, dataset if predictor is not None else [],
+                                  evaluator)
+        if not main:
+            continue
+        error = error or run_error
+        metrics = {k: _json_number(v) for k, v in flatten_results_dict(results or {}).items()}
+        tolerance = EVAL_TOLERANCE[backend]
+        entry["tolerance"][backend] = tolerance
+        entry["seconds"][backend] = round(time.perf_counter() - start, 2)
+        if error is None:
+            entry["backends"][backend] = metrics
+            if entry["reference"] is None:
+                entry["reference"] = dict(reference(list(metrics)))
+            worst, outside = compare_metrics(entry["reference"], metrics, tolerance)
+            entry["max_difference"][backend] = worst
+            if outside:
+                error = (f"outside the tolerance of {tolerance} on {len(outside)} metric(s), "
+                         f"e.g. {outside[0]} {metrics.get(outside[0])} vs "
+                         f"{entry['reference'].get(outside[0])} in training")
+        if error is not None:
+            entry["failed"].append(backend)
+            entry["errors"][backend] = error
+            logger.error("The exported bundle's %s backend failed its evaluation on %s: %s.",
+                         backend, dataset_name, error)
+        else:
+            logger.info("The exported bundle's %s backend on %s: %s (max difference to the "
+                        "training evaluation %.4g, tolerance %s).", backend, dataset_name,
+                        ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
+                                  if k.endswith(("/AP", "/AP50")) and v is not None),
+                        entry["max_difference"][backend], tolerance)
+    if not main:
+        return None
+    if not entry["reference"]:
+        entry["note"] = "no in-training evaluation of these weights to compare with"
+    return entry
