@@ -90,13 +90,18 @@ def table(title, rows, header=("measure", "value")):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def parse_args(doc, repeats):
-    """The benchmarks' common arguments: ``--quick``, ``--repeats`` (default ``repeats``)."""
+def parse_args(doc, repeats, run=False):
+    """
+    The benchmarks' common arguments: ``--quick``, ``--repeats`` (default ``repeats``), and
+    with ``run`` a ``--run DIR`` (a finished run to measure instead of training one).
+    """
     import argparse
 
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images")
     parser.add_argument("--repeats", type=int, default=None)
+    if run:
+        parser.add_argument("--run", help="a finished run of the built-in model to measure")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else repeats)
     return args

@@ -14,10 +14,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 
-from .manifest import EVAL_TOLERANCE
+from .fileio import write_json
+from .layout import MANIFEST_NAME, METRICS_NAME
+from .manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends, read_manifest
 
-__all__ = ["evaluate_bundle", "compare_metrics", "metrics_at", "metrics_json_history",
-           "evaluator_name"]
+__all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
+           "metrics_json_history", "evaluator_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +45,10 @@ def _silence_output_files(evaluator):
 def _json_number(v):
     v = float(v)
     return None if math.isnan(v) else v
+
+
+def _fmt(v):
+    return "NaN" if v is None else f"{v:.3f}"
 
 
 def metrics_at(history: Callable[[str], Optional[list]], keys: Sequence[str],
@@ -90,14 +96,19 @@ def metrics_json_history(path: str):
                         if isinstance(r.get(key), (int, float))]
 
 
-def compare_metrics(reference: dict, results: dict, tolerance: float):
+def compare_metrics(reference: dict, results: dict, tolerance: float, checked=None):
     """
     ``(max_difference, outside)``: the largest absolute difference over the metrics both hold,
     and the names of those differing by more than ``tolerance`` (a value against NaN, or a
     reference metric the results lack, is outside).
+
+    Args:
+        checked (tuple[str]): compare only the metrics whose names end so (None: all).
     """
     worst, outside = 0.0, []
     for key, ref in sorted(reference.items()):
+        if checked and not key.endswith(tuple(checked)):
+            continue
         got = results.get(key, "missing")
         if ref is None and got is None:
             continue
@@ -229,12 +240,15 @@ def evaluate_bundle(
             entry["backends"][backend] = metrics
             if entry["reference"] is None:
                 entry["reference"] = dict(reference(list(metrics)))
-            worst, outside = compare_metrics(entry["reference"], metrics, tolerance)
+            checked = EVAL_CHECKED.get(backend)
+            worst, outside = compare_metrics(entry["reference"], metrics, tolerance, checked)
             entry["max_difference"][backend] = worst
+            if checked:
+                entry.setdefault("checked", {})[backend] = list(checked)
             if outside:
+                got, ref = metrics.get(outside[0]), entry["reference"].get(outside[0])
                 error = (f"outside the tolerance of {tolerance} on {len(outside)} metric(s), "
-                         f"e.g. {outside[0]} {metrics.get(outside[0])} vs "
-                         f"{entry['reference'].get(outside[0])} in training")
+                         f"e.g. {outside[0]} {_fmt(got)} vs {_fmt(ref)} in training")
         if error is not None:
             entry["failed"].append(backend)
             entry["errors"][backend] = error
@@ -251,3 +265,36 @@ def evaluate_bundle(
     if not entry["reference"]:
         entry["note"] = "no in-training evaluation of these weights to compare with"
     return entry
+
+
+def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device: str = "cpu",
+                          run_dir: Optional[str] = None) -> dict:
+    """
+    :func:`evaluate_bundle` for a bundle written earlier (``tools/export_model.py``): every
+    backend it holds, compared with the reference its manifest recorded, else with the
+    evaluation of its weights' iteration in ``run_dir``'s ``metrics.json`` (after_train's
+    evaluation is stored under MAX_ITER, the iteration after the last); the manifest's
+    ``evaluation`` entry is replaced atomically. Single process.
+
+    Returns:
+        dict: the new manifest.
+    """
+    import os
+
+    manifest = read_manifest(export_dir)
+    old = (manifest.get("evaluation") or {}).get("reference") or {}
+    iteration = int((manifest.get("source") or {}).get("iteration", manifest.get("iteration")))
+    history = metrics_json_history(os.path.join(run_dir, METRICS_NAME)) if run_dir else None
+
+    def reference(keys):
+        if old:
+            return {k: old[k] for k in keys if k in old}
+        if history is None:
+            return {}
+        return metrics_at(history, keys, iteration) or metrics_at(history, keys, iteration + 1)
+
+    entry = evaluate_bundle(export_dir, export_backends(manifest), dataset_name, evaluator,
+                            reference, device=device)
+    manifest = dict(manifest, evaluation=entry)
+    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    return manifest

@@ -29,8 +29,11 @@ def add_persist_config(cfg: CN) -> CN:
     # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
     _C.PERSIST.EXPORT_DIR = "export"
     # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
-    # runnable by ONNX Runtime without torch or detectron2).
+    # runnable by ONNX Runtime without torch or detectron2), "onnx-int8" (also
+    # export/model.int8.onnx: model.onnx quantized to INT8 by ONNX Runtime, for CPUs).
     _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
+    # Training images (spread over the first training dataset) that calibrate the INT8 model.
+    _C.PERSIST.CALIBRATION_IMAGES = 64
     # When training completes, evaluate the bundle (loaded from its folder) through each backend
     # it holds on the first test dataset with the run's evaluator, compare with the final
     # evaluation and record it in the manifest's "evaluation" entry.

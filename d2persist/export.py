@@ -17,11 +17,12 @@ import torch
 
 from .errors import ExportError
 from .fileio import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
-from .layout import CONFIG_NAME, MANIFEST_NAME, ONNX_NAME, WEIGHTS_NAME
+from .layout import CONFIG_NAME, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
 from .manifest import FORMAT, LOADED, read_manifest
 from .onnx_export import export_onnx
+from .quantize import quantize_onnx
 
-__all__ = ["write_export", "add_onnx", "dataset_metadata"]
+__all__ = ["write_export", "add_onnx", "add_int8", "dataset_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,21 @@ def _onnx_entry(model, export_dir, contract, files):
     return dict(entry, file=ONNX_NAME)
 
 
+def _int8_entry(export_dir, contract, images, files):
+    """Quantize the bundle's model.onnx; the manifest's entry, or the reason it failed."""
+    path = os.path.join(export_dir, ONNX_INT8_NAME)
+    try:
+        entry = quantize_onnx(os.path.join(export_dir, ONNX_NAME), path, images, contract)
+    except ExportError as e:
+        logger.error("No INT8 model: %s The rest of the bundle is complete.", e)
+        return {"error": str(e)}
+    files[ONNX_INT8_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
+    return dict(entry, file=ONNX_INT8_NAME)
+
+
 def write_export(run, model, export_dir: str, iteration: int,
-                 metadata: Optional[dict] = None, source: Optional[dict] = None) -> dict:
+                 metadata: Optional[dict] = None, source: Optional[dict] = None,
+                 calibration_images: Sequence[str] = ()) -> dict:
     """
     Write the inference bundle of ``model`` to ``export_dir``, manifest last.
 
@@ -111,6 +125,8 @@ def write_export(run, model, export_dir: str, iteration: int,
         metadata (dict): dataset metadata; from ``MetadataCatalog`` if None.
         source (dict): which weights these are: ``{"from": "final"}`` (default) or
             ``{"from": "best", "metric", "mode", "value"}``; the iteration is added.
+        calibration_images (list[str]): with EXPORT_FORMATS "onnx-int8", the training images
+            that calibrate the INT8 model.
 
     Returns:
         dict: the manifest.
@@ -144,8 +160,11 @@ def write_export(run, model, export_dir: str, iteration: int,
         "versions": _versions(),
         "files": files,
     }
-    if "onnx" in run.options["EXPORT_FORMATS"]:
+    formats = run.options["EXPORT_FORMATS"]
+    if "onnx" in formats or "onnx-int8" in formats:
         manifest["onnx"] = _onnx_entry(model, export_dir, contract, files)
+        if "onnx-int8" in formats and ONNX_NAME in files:
+            manifest["onnx_int8"] = _int8_entry(export_dir, contract, calibration_images, files)
     write_json(manifest_path, manifest)
     logger.info("Exported an inference bundle to %s", export_dir)
     return manifest
@@ -176,6 +195,50 @@ def add_onnx(export_dir: str, model) -> dict:
                    dict(manifest, files=files, onnx={"error": str(e)}))
         raise
     files[ONNX_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
-    manifest = dict(manifest, files=files, onnx=dict(entry, file=ONNX_NAME))
+    manifest = dict(_without_results(manifest, "onnxruntime"), files=files,
+                    onnx=dict(entry, file=ONNX_NAME))
     write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _without_results(manifest, backend):
+    """The manifest without its evaluation's results of ``backend`` (a model file replaced)."""
+    entry = manifest.get("evaluation")
+    if not isinstance(entry, dict):
+        return manifest
+    entry = {k: ({b: v for b, v in entry[k].items() if b != backend}
+                 if isinstance(entry.get(k), dict) and k != "reference" else entry[k])
+             for k in entry}
+    entry["failed"] = [b for b in entry.get("failed") or [] if b != backend]
+    return dict(manifest, evaluation=entry)
+
+
+def add_int8(export_dir: str, images: Sequence[str]) -> dict:
+    """
+    Add ``model.int8.onnx`` (``model.onnx`` quantized, calibrated on ``images``) to an existing
+    bundle whose ``model.onnx`` verifies; the manifest is replaced atomically once it is complete.
+
+    Returns:
+        dict: the new manifest.
+
+    Raises:
+        ArtifactError: the bundle is incomplete, has no model.onnx, or does not verify.
+        ExportError: ONNX Runtime cannot quantize the model (the manifest records why).
+    """
+    from .errors import ArtifactError
+
+    manifest = read_manifest(export_dir, only=[ONNX_NAME])
+    files = dict(manifest["files"])
+    if ONNX_NAME not in files:
+        raise ArtifactError(f"The bundle {export_dir} has no {ONNX_NAME} to quantize; add one "
+                            "with --format onnx first.")
+    if files.pop(ONNX_INT8_NAME, None) is not None:  # never name a file while it is replaced
+        manifest.pop("onnx_int8", None)
+        write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
+    entry = _int8_entry(export_dir, manifest["input"], images, files)
+    manifest = dict(manifest, files=files, onnx_int8=entry)
+    manifest = _without_results(manifest, "onnxruntime-int8")
+    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    if "error" in entry:
+        raise ExportError(entry["error"])
     return manifest

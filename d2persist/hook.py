@@ -27,6 +27,7 @@ from .checkpoint import (
 from .errors import D2PersistError, TrainingDivergedError
 from .export import dataset_metadata, write_export
 from .manifest import export_backends
+from .quantize import calibration_subset
 from .fileio import (
     note_run_started,
     remove_temp_files,
@@ -559,7 +560,18 @@ class PersistHook(HookBase):
                 iteration = self._best.iteration
                 source = {"from": "best", "metric": self._best.metric, "mode": self._best.mode,
                           "value": self._best.value}
-        return write_export(self.run, model, self.run.export_dir, iteration, source=source)
+        return write_export(self.run, model, self.run.export_dir, iteration, source=source,
+                            calibration_images=self._calibration_images())
+
+    def _calibration_images(self):
+        """With EXPORT_FORMATS "onnx-int8": CALIBRATION_IMAGES files of the training dataset."""
+        names = self.run.train_dataset_names()
+        if "onnx-int8" not in self.options["EXPORT_FORMATS"] or not names:
+            return []
+        from detectron2.data import DatasetCatalog
+
+        files = [d["file_name"] for d in DatasetCatalog.get(names[0]) if "file_name" in d]
+        return calibration_subset(files, self.options["CALIBRATION_IMAGES"])
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -224,6 +224,7 @@ def create_session(model_path: str, sha256: Optional[str] = None, providers=None
         with atomic_path(cached) as tmp:
             opts = options()
             opts.optimized_model_filepath = tmp
+            opts.log_severity_level = 3  # not the warning that the graph suits this CPU only
             session = ort.InferenceSession(model_path, opts, providers=providers)
     except OSError as e:  # a read-only cache: predict without one
         logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder, e)
@@ -276,7 +277,7 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
                               metadata_from_json(manifest.get("metadata") or {}))
     predictor.weights = describe_source(
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
-    )
+    ) + f" ({name})"
     predictor.cached = cached
     logger.info("Loaded %s with ONNX Runtime %s%s: %s", model_path, ort.__version__,
                 " (optimized graph from the cache)" if cached else "", predictor.weights)

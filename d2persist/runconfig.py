@@ -36,8 +36,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The weights formats an export bundle can hold.
-EXPORT_FORMATS = ("safetensors", "onnx")
+#: The weights formats an export bundle can hold ("onnx-int8" implies "onnx", its source).
+EXPORT_FORMATS = ("safetensors", "onnx", "onnx-int8")
 _EXTENSION = re.compile(r"^[A-Za-z_][\w.]*:add_\w*config$")
 
 
@@ -74,6 +74,13 @@ def persist_options(cfg) -> Dict[str, Any]:
             f"PERSIST.EXPORT_FORMATS {unknown} unknown: choose from {', '.join(EXPORT_FORMATS)}."
         )
     opts["EXPORT_FORMATS"] = formats
+    try:
+        opts["CALIBRATION_IMAGES"] = int(opts["CALIBRATION_IMAGES"])
+    except (TypeError, ValueError):
+        opts["CALIBRATION_IMAGES"] = 0
+    if opts["CALIBRATION_IMAGES"] < 1:
+        raise ConfigError("PERSIST.CALIBRATION_IMAGES must be a number of images >= 1, not "
+                          f"{opts['CALIBRATION_IMAGES']!r}.")
     if opts["BEST_MODE"] not in ("max", "min"):
         raise ConfigError(f"PERSIST.BEST_MODE must be 'max' or 'min', not {opts['BEST_MODE']!r}.")
     if opts["EXPORT_FROM"] not in ("final", "best"):

@@ -21,6 +21,8 @@ import pytest
 from helpers import REPO, TRAIN_NET, WITHOUT_TORCH, run_tool
 
 EVALUATE = f"{REPO}/tools/evaluate.py"
+EXPORT_MODEL = f"{REPO}/tools/export_model.py"
+INFER_SINGLE = f"{REPO}/tools/infer_single.py"
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def default_run(tmp_path_factory):
     res = run_tool(
         TRAIN_NET, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 40, "SOLVER.STEPS", "(30,)",
         "SOLVER.WARMUP_ITERS", 10, "TEST.EVAL_PERIOD", 20, "SOLVER.CHECKPOINT_PERIOD", 20,
-        "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']", timeout=600,
+        "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx', 'onnx-int8']", timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return out, res
@@ -68,7 +70,8 @@ def test_the_export_records_its_own_evaluation_per_backend(default_run):
     entry = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]
     assert (entry["dataset"], entry["evaluator"], entry["images"]) == (
         "shapes_val", "COCOEvaluator", 50)
-    assert entry["failed"] == [] and sorted(entry["backends"]) == ["onnxruntime", "pytorch"]
+    assert entry["failed"] == [], entry["errors"]
+    assert sorted(entry["backends"]) == ["onnxruntime", "onnxruntime-int8", "pytorch"]
     final = [r for r in _rows(out) if "bbox/AP50" in r][-1]  # the final in-training evaluation
     ref = entry["reference"]
     assert {"bbox/AP", "bbox/AP50", "segm/AP", "segm/AP-circle"} <= set(ref)
@@ -79,6 +82,11 @@ def test_the_export_records_its_own_evaluation_per_backend(default_run):
     onnx = entry["backends"]["onnxruntime"]
     assert set(onnx) == set(ref)
     assert all(abs(onnx[k] - v) <= 0.1 for k, v in ref.items() if v is not None)
+    assert entry["tolerance"] == {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
+    int8 = entry["backends"]["onnxruntime-int8"]  # what INT8 costs, stated
+    assert entry["checked"] == {"onnxruntime-int8": ["/AP"]}  # its box and mask AP
+    assert entry["max_difference"]["onnxruntime-int8"] == max(
+        abs(int8[k] - ref[k]) for k in ("bbox/AP", "segm/AP"))
     # the bundle's evaluation wrote none of the evaluator's prediction files over training's
     preds = out / "inference" / "coco_instances_results.json"
     assert preds.stat().st_mtime <= (out / "export" / "model.safetensors").stat().st_mtime
@@ -184,3 +192,42 @@ def test_onnxruntime_caches_its_optimized_graph_per_model_file(default_run, tmp_
     again = load_onnx_predictor(str(out))
     assert not again.cached and again(image).to_json() == cold(image).to_json()
     assert load_onnx_predictor(str(out)).cached
+
+
+def test_int8_model_is_smaller_predicts_without_torch_and_is_re_exported(default_run, tmp_path):
+    out, _ = default_run
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    entry = manifest["onnx_int8"]
+    assert entry["file"] == "model.int8.onnx" and entry["calibration_images"] == 64
+    assert entry["float_nodes"] == [] and entry["quantized_nodes"] >= 40  # every Conv and Gemm
+    sizes = {n: (out / "export" / n).stat().st_size for n in ("model.onnx", "model.int8.onnx")}
+    assert sizes["model.int8.onnx"] <= 0.35 * sizes["model.onnx"], sizes
+    assert manifest["files"]["model.int8.onnx"]["size"] == sizes["model.int8.onnx"]
+    image = json.loads((out / "inference" / "shapes_val_coco_format.json").read_text())[
+        "images"][0]["file_name"]
+    res = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, INFER_SINGLE, "--image", image, "--artifacts",
+         str(out), "--precision", "int8", "--confidence-threshold", "0",
+         "--json", str(tmp_path / "int8.json"), "--output", str(tmp_path / "int8.png")],
+        capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "weights: the final weights, iteration 39 (model.int8.onnx)" in res.stdout
+    assert json.loads(
+        (tmp_path / "int8.json").read_text())["instances"]
+    refused = run_tool(INFER_SINGLE, "--image", image, "--artifacts", out, "--precision", "int8",
+                       "--backend", "pytorch")
+    assert refused.returncode == 2 and "use the onnxruntime backend" in refused.stderr
+
+    run = tmp_path / "run"  # an existing run: quantized again, then the bundle evaluated again
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.pth", "*.lock"))
+    again = run_tool(EXPORT_MODEL, "--artifacts", run, "--format", "onnx-int8",
+                     "--calibration-images", 16)
+    assert again.returncode == 0, again.stderr[-3000:]
+    new = json.loads((run / "export" / "manifest.json").read_text())
+    assert new["onnx_int8"]["calibration_images"] == 16
+    assert new["files"]["model.int8.onnx"] != manifest["files"]["model.int8.onnx"]
+    assert new["files"]["model.onnx"] == manifest["files"]["model.onnx"]  # not re-exported
+    evaluation = new["evaluation"]
+    assert evaluation["reference"] == manifest["evaluation"]["reference"]
+    assert evaluation["backends"]["pytorch"] == evaluation["reference"]
+    assert evaluation["failed"] == [] and "onnxruntime-int8: bbox/AP" in again.stdout

@@ -15,6 +15,7 @@ import time
 
 PROG = "demo_summary.py"
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
+ORDER = ("pytorch", "onnxruntime", "onnxruntime-int8")  # as the manifest's evaluation has them
 
 
 def _final_metrics(run):
@@ -39,6 +40,25 @@ def _training_time(run):
     except OSError:
         return None
     return times[-1] if times else None
+
+
+def _export_evaluation(run):
+    """Lines on what the export scored per backend (its manifest's evaluation entry)."""
+    try:
+        with open(os.path.join(run, "export", "manifest.json"), encoding="utf-8") as f:
+            entry = json.load(f)["evaluation"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return ["  export scores   (the export was not evaluated)"]
+    lines = []
+    backends = entry.get("backends", {})
+    for backend in sorted(backends, key=lambda b: (ORDER + (b,)).index(b)):
+        metrics = backends[backend]
+        shown = ", ".join(f"{k} {metrics[k]:.1f}" for k in METRICS if metrics.get(k) is not None)
+        diff = entry.get("max_difference", {}).get(backend) or 0.0
+        lines.append(f"    {backend:17s} {shown} (max difference to training {diff:.2f})")
+    for backend in entry.get("failed", []):
+        lines.append(f"    {backend:17s} FAILED: {entry.get('errors', {}).get(backend)}")
+    return [f"  export scores   on {entry.get('dataset')}, in export/manifest.json:"] + lines
 
 
 def summary(run, started=None):
@@ -68,6 +88,7 @@ def summary(run, started=None):
                      f"{best['iteration']} (model_best.pth)")
     except (OSError, ValueError, KeyError, TypeError):
         lines.append("  best            (no best model recorded)")
+    lines += _export_evaluation(run)
     lines.append(f"  training time   {_training_time(run) or '(not in log.txt)'}")
     if started is not None:
         lines.append(f"  total time      {time.time() - started:.0f} s (make demo, start to end)")
@@ -76,6 +97,10 @@ def summary(run, started=None):
         f"    python tools/infer_single.py --artifacts {run} --image IMG.jpg --output out.png",
         f"    python tools/infer_single.py --artifacts {os.path.join(run, 'export')} "
         "--backend onnxruntime --image IMG.jpg --output out.png",
+        f"    (add --precision int8 for {os.path.join(run, 'export', 'model.int8.onnx')})",
+        "  score it on your own COCO dataset:",
+        f"    python tools/evaluate.py --artifacts {os.path.join(run, 'export')} "
+        "--coco-json ANN.json --image-root IMAGES/",
         "=" * 72,
     ]
     return lines

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
 """
-Add a portable model to the export bundle of an existing run (detectron2's tool name).
+Add a portable model to the export bundle of an existing run (detectron2's tool name), then
+evaluate the bundle as training's export does.
 
     python tools/export_model.py --artifacts output/shapes --format onnx
+    python tools/export_model.py --artifacts output/shapes --format onnx-int8
 
---artifacts is a run folder (its export is used) or an export bundle. model.onnx is written
-atomically next to the bundle's weights and the manifest is updated once it is complete. Exit
-code 2, with one line on stderr, for bad input, bad artifacts or a model the exporter cannot
-handle.
+--artifacts is a run folder (its export is used) or an export bundle. onnx writes model.onnx;
+onnx-int8 writes model.int8.onnx (model.onnx quantized by ONNX Runtime, calibrated on training
+images; model.onnx is exported first if missing). Each file is written atomically and the
+manifest is updated once it is complete. Then, unless --no-eval, every backend of the bundle is
+evaluated on the config's first test dataset with COCOEvaluator and the manifest's evaluation
+entry is replaced. Exit code 2, with one line on stderr, for bad input, bad artifacts or a model
+the exporter cannot handle.
 """
 
 import argparse
@@ -18,8 +23,28 @@ PROG = "export_model.py"
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--artifacts", required=True, help="a training OUTPUT_DIR or its export")
-    parser.add_argument("--format", choices=["onnx"], default="onnx", help="(default: onnx)")
+    parser.add_argument("--format", choices=["onnx", "onnx-int8"], default="onnx",
+                        help="(default: onnx)")
+    parser.add_argument("--calibration-images", type=int, default=None,
+                        help="onnx-int8: how many training images calibrate it (default: the "
+                        "run's PERSIST.CALIBRATION_IMAGES)")
+    parser.add_argument("--calibration-dir",
+                        help="onnx-int8: calibrate on the images of this folder instead of the "
+                        "config's training dataset")
+    parser.add_argument("--no-eval", action="store_true",
+                        help="do not evaluate the bundle afterwards")
     return parser
+
+
+def _dataset(config, kind, split):
+    """The config's first ``split`` ("train"/"test") dataset name, or None."""
+    if kind == "lazy":
+        names = (((config.get("dataloader") or {}).get(split) or {}).get("dataset") or {}).get(
+            "names")
+    else:
+        names = (config.get("DATASETS") or {}).get(split.upper())
+    names = [names] if isinstance(names, str) else list(names or [])
+    return names[0] if names else None
 
 
 def main(argv=None):
@@ -29,13 +54,20 @@ def main(argv=None):
     @exit_on_known_errors(PROG)
     def run():
         import os
+        import tempfile
         import time
 
-        from d2persist.errors import ArtifactError
-        from d2persist.export import add_onnx
-        from d2persist.layout import ONNX_NAME
-        from d2persist.manifest import find_bundle
+        from detectron2.data import DatasetCatalog
+
+        from d2persist.artifacts import resolve_artifacts
+        from d2persist.data.shapes import register_shapes
+        from d2persist.errors import ArtifactError, ConfigError
+        from d2persist.export import add_int8, add_onnx
+        from d2persist.infer import collect_images
+        from d2persist.layout import ONNX_INT8_NAME, ONNX_NAME
+        from d2persist.manifest import find_bundle, persist_options_of_run, read_manifest
         from d2persist.predictor import load_predictor
+        from d2persist.quantize import calibration_subset
 
         bundle = find_bundle(args.artifacts) if os.path.isdir(args.artifacts) else None
         if bundle is None:
@@ -43,12 +75,53 @@ def main(argv=None):
                 f"{args.artifacts} holds no complete export bundle (manifest.json); train with "
                 "PERSIST.EXPORT True, or point --artifacts at an export folder."
             )
+        register_shapes()  # the built-in datasets, as tools/train_net.py registers them
+        art = resolve_artifacts(bundle)
         start = time.perf_counter()
-        model = load_predictor(bundle, device="cpu").model
-        add_onnx(bundle, model)
-        path = os.path.join(bundle, ONNX_NAME)
-        print(f"{ONNX_NAME}: {os.path.abspath(path)} ({os.path.getsize(path) / 1e6:.1f} MB, "
-              f"{time.perf_counter() - start:.1f} s)")
+        written = []
+        if args.format == "onnx" or ONNX_NAME not in read_manifest(bundle, False)["files"]:
+            add_onnx(bundle, load_predictor(bundle, device="cpu").model)
+            written.append(ONNX_NAME)
+        if args.format == "onnx-int8":
+            if args.calibration_dir:
+                images, _ = collect_images([args.calibration_dir])
+            else:
+                name = _dataset(art.config, art.config_kind, "train")
+                if name not in DatasetCatalog.list():
+                    raise ConfigError(
+                        f"The training dataset {name!r} of {bundle} is not registered in this "
+                        "process; pass --calibration-dir with a folder of training images.")
+                images = [d["file_name"] for d in DatasetCatalog.get(name)]
+            run_dir = os.path.dirname(os.path.abspath(bundle))
+            count = args.calibration_images or int(
+                persist_options_of_run(run_dir).get("CALIBRATION_IMAGES", 64))
+            add_int8(bundle, calibration_subset(images, count))
+            written.append(ONNX_INT8_NAME)
+        for name in written:
+            path = os.path.join(bundle, name)
+            print(f"{name}: {os.path.abspath(path)} ({os.path.getsize(path) / 1e6:.1f} MB)")
+        print(f"export: {time.perf_counter() - start:.1f} s")
+        if args.no_eval:
+            return
+        test = _dataset(art.config, art.config_kind, "test")
+        if test not in DatasetCatalog.list():
+            print(f"not evaluated: the config's test dataset {test!r} is not registered here")
+            return
+        from detectron2.evaluation import COCOEvaluator
+
+        from d2persist.bundle_eval import evaluate_saved_bundle
+
+        with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:
+            entry = evaluate_saved_bundle(
+                bundle, test, COCOEvaluator(test, output_dir=tmp), device="cpu",
+                run_dir=os.path.dirname(os.path.abspath(bundle)))["evaluation"]
+        for backend, metrics in entry["backends"].items():
+            shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP")
+                              if metrics.get(k) is not None)
+            print(f"{backend}: {shown} (max difference to training "
+                  f"{entry['max_difference'].get(backend):.3f})")
+        for backend in entry["failed"]:
+            print(f"{backend}: FAILED: {entry['errors'][backend]}")
 
     run()
 

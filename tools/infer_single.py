@@ -33,6 +33,8 @@ def get_parser():
                         help="pytorch: evaluation-exact, needs torch and detectron2; "
                         "onnxruntime: the export's model.onnx, needs neither; auto (default): "
                         "pytorch where torch and detectron2 are installed, else onnxruntime")
+    parser.add_argument("--precision", choices=["float", "int8"], default="float",
+                        help="int8: the export's model.int8.onnx (onnxruntime backend)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="pytorch backend: default cuda if available, else cpu")
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
@@ -56,7 +58,7 @@ def main(argv=None):
             output = default if many else os.path.join(default, _stem(images[0]) + ".png")
             json_out = default if many else os.path.join(default, _stem(images[0]) + ".json")
         predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts,
-                                   backend=args.backend)
+                                   backend=args.backend, precision=args.precision)
         print(f"weights: {predictor.weights}")
         predict_files(predictor, images, output, json_out, args.confidence_threshold, many)
         for what, path in (("visualization", output), ("JSON", json_out)):

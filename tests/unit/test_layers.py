@@ -26,6 +26,7 @@ LAYERS = {
     "checkpoint": 3,
     "rebuild": 3,
     "onnx_export": 3,
+    "quantize": 3,
     "onnx_predictor": 4,
     "export": 4,
     "artifacts": 4,
