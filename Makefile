@@ -15,7 +15,8 @@ DEMO_START := $(shell date +%s)
 
 help:
 	@echo "make demo       install, train the built-in model on CPU, evaluate, export (also"
-	@echo "                ONNX), predict with PyTorch and with ONNX Runtime"
+	@echo "                ONNX and INT8), evaluate the export per backend, predict with"
+	@echo "                PyTorch and with ONNX Runtime"
 	@echo "make test       install what the tests need, lint, and run the whole suite"
 	@echo "make test-fast  lint and the unit tests that train nothing (under 30 s)"
 	@echo "make lint       flake8 with detectron2's settings (line length 100)"

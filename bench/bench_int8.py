@@ -10,11 +10,14 @@ schedule (or on --run DIR, a finished run of it), each a ratio measured side by 
 3. box and mask AP on the val split, COCOEvaluator's numbers (the manifest's evaluation entry
    and d2persist.evaluate agree exactly): INT8 minus float (target within 1.0);
 4. what was tried: which Conv/Gemm layers stay in float, each variant quantized with the same
-   calibration images and measured the same way.
+   calibration images and measured the same way;
+5. what the export's self-evaluation (PERSIST.EXPORT_EVAL) costs after training, per backend,
+   next to detectron2's "Total training time" of the same run.
 """
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -144,6 +147,17 @@ def report(out, work, repeats):
         (k, f"{ref[k]:.2f}", f"{fl[k]:.2f}", f"{q[k]:.2f}", f"{q[k] - fl[k]:+.2f}")
         for k in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")],
         ("metric", "training", "ONNX float", "INT8", "INT8 - float (target within 1.0)"))
+
+    log = open(os.path.join(out, "log.txt")).read() if os.path.isfile(
+        os.path.join(out, "log.txt")) else ""
+    trained = re.findall(r"Total training time: (\d+):(\d+):(\d+)", log)
+    train_s = sum(int(x) * m for x, m in zip(trained[-1], (3600, 60, 1))) if trained else None
+    secs = ev.get("seconds", {})
+    table("The export's self-evaluation after training (the manifest's seconds)", [
+        (b, f"{secs[b]:.1f} s", f"{secs[b] / train_s:.3f}x" if train_s else "?")
+        for b in secs] + [("all backends", f"{sum(secs.values()):.1f} s",
+                           f"{sum(secs.values()) / train_s:.3f}x" if train_s else "?")],
+        ("backend", "seconds", f"/ training time ({train_s} s)"))
 
     pre = os.path.join(work, "pre.onnx")
     quant_pre_process(float_path, pre, skip_symbolic_shape=True)

@@ -87,8 +87,6 @@ def predict_files(
     Returns:
         list[dict]: the JSON data of each image.
     """
-    from tqdm import tqdm
-
     for image in images:
         check_image_file(image)
     if many:
@@ -104,7 +102,11 @@ def predict_files(
             os.makedirs(target, exist_ok=True)
     meta = predictor.visualizer_metadata() if output else None
     results = []
-    bar = tqdm(images, unit="image", disable=not progress or len(images) < 2)
+    bar = images
+    if progress and len(images) > 1:  # tqdm's import is a twentieth of a cold start
+        from tqdm import tqdm
+
+        bar = tqdm(images, unit="image")
     for image in bar:
         pred = predictor(image)
         data = pred.to_json(image_name=image, min_score=min_score)

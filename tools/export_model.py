@@ -104,6 +104,9 @@ def main(argv=None):
         if args.no_eval:
             return
         test = _dataset(art.config, art.config_kind, "test")
+        if test is None:
+            print("not evaluated: the config names no test dataset")
+            return
         if test not in DatasetCatalog.list():
             print(f"not evaluated: the config's test dataset {test!r} is not registered here")
             return
