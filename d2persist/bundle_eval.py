@@ -188,6 +188,7 @@ def evaluate_bundle(
     evaluator,
     reference: Callable[[Sequence[str]], Dict[str, Optional[float]]],
     device: str = "cpu",
+    training_is_reference: bool = True,
 ) -> Optional[dict]:
     """
     Evaluate the bundle in ``export_dir`` through each of ``backends``, on every image of
@@ -205,6 +206,10 @@ def evaluate_bundle(
             EvalHook stores it (``"bbox/AP"``); called on the main process with the names the
             first backend evaluated produced; {} if there was no such evaluation.
         device (str): where the PyTorch backend runs.
+        training_is_reference (bool): False when the in-training evaluation did not evaluate
+            these weights alone (processes whose BatchNorm statistics differ each evaluated
+            their share of the images with their own): the backends are then compared with the
+            first one (the PyTorch bundle), and the training numbers are recorded beside.
 
     Returns:
         dict or None: on the main process, the manifest's ``evaluation`` entry
@@ -217,7 +222,8 @@ def evaluate_bundle(
     dataset = DatasetCatalog.get(dataset_name) if main else []
     _silence_output_files(evaluator)
     entry = {"dataset": dataset_name, "evaluator": evaluator_name(evaluator),
-             "images": len(dataset), "reference": None, "backends": {},
+             "images": len(dataset), "reference": None, "reference_from": "training",
+             "training": None, "backends": {},
              "tolerance": {}, "max_difference": {}, "seconds": {}, "failed": [], "errors": {}}
     for backend in backends:
         start = time.perf_counter()
@@ -239,7 +245,10 @@ def evaluate_bundle(
         if error is None:
             entry["backends"][backend] = metrics
             if entry["reference"] is None:
-                entry["reference"] = dict(reference(list(metrics)))
+                entry["training"] = dict(reference(list(metrics)))
+                entry["reference"] = entry["training"]
+                if not training_is_reference:
+                    entry["reference"], entry["reference_from"] = dict(metrics), backend
             checked = EVAL_CHECKED.get(backend)
             worst, outside = compare_metrics(entry["reference"], metrics, tolerance, checked)
             entry["max_difference"][backend] = worst
@@ -262,8 +271,13 @@ def evaluate_bundle(
                         entry["max_difference"][backend], tolerance)
     if not main:
         return None
-    if not entry["reference"]:
+    if not entry["training"]:
         entry["note"] = "no in-training evaluation of these weights to compare with"
+    elif not training_is_reference:
+        entry["note"] = ("the processes' BatchNorm statistics (buffers) differed, so the "
+                         "in-training evaluation ran each share of the images on other weights: "
+                         "it is recorded as 'training', and the backends are compared with the "
+                         f"{entry['reference_from']} bundle")
     return entry
 
 

@@ -524,13 +524,32 @@ class PersistHook(HookBase):
         at = source.get("iteration")
         if source.get("from") != "best" or at == trainer.max_iter - 1:
             at = trainer.storage.iter  # where after_train's evaluation is stored
+        agree = self._states_agree()
+        if not agree and comm.is_main_process():
+            logger.warning("The processes' BatchNorm statistics differ (each computes its own, "
+                           "as DefaultTrainer's DDP does not broadcast buffers), so the "
+                           "in-training evaluation was not of the exported weights alone; the "
+                           "export's backends are compared with its PyTorch bundle instead.")
         entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
-                                lambda keys: self._evaluation_at(at, keys), device=run.device)
+                                lambda keys: self._evaluation_at(at, keys), device=run.device,
+                                training_is_reference=agree)
         if manifest is None:
             return None
         manifest = dict(manifest, evaluation=entry)
         write_json(os.path.join(run.export_dir, MANIFEST_NAME), manifest)
         return manifest
+
+    def _states_agree(self):
+        """Whether every process holds the same buffers (BatchNorm statistics); collective."""
+        if comm.get_world_size() == 1:
+            return True
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, buf in self._checkpointer.model.named_buffers():
+            h.update(name.encode())
+            h.update(buf.detach().to("cpu").contiguous().numpy().tobytes())
+        return len(set(comm.all_gather(h.hexdigest()))) == 1
 
     def _evaluation_at(self, iteration, keys):
         """The metrics ``keys`` stored under ``iteration``: in this process, else metrics.json."""

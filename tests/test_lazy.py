@@ -57,6 +57,12 @@ def test_lazy_run_writes_periodic_final_and_export(lazy_run):
     assert manifest["config_kind"] == "lazy"
     assert manifest["metadata"]["thing_classes"] == ["circle", "square", "triangle"]
     assert manifest["input"]["min_size_test"] == 64
+    # the export measured itself with the config's dataloader.evaluator, after its final
+    # evaluation (do_test at the end of training)
+    entry = manifest["evaluation"]
+    assert (entry["dataset"], entry["evaluator"], entry["failed"]) == (
+        "shapes_val", "COCOEvaluator", [])
+    assert entry["reference"] and entry["backends"]["pytorch"] == entry["reference"]
 
 
 def test_lazy_export_predicts_like_evaluation(lazy_run):

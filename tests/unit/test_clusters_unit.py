@@ -21,7 +21,8 @@ import os, sys, time
 from d2persist.fileio import lock_run_folder
 lock_run_folder(sys.argv[1])
 child = os.fork()  # as a DataLoader worker: it must not keep the lock once its parent died
-if child == 0:
+if child == 0:  # the fork handler closed the lock's fd before fork() returned here
+    print("child", flush=True)
     time.sleep(120)
     os._exit(0)
 print("locked", child, flush=True)
@@ -35,8 +36,11 @@ def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
                               text=True, env=tool_env())
     child = None
     try:
-        said, child = holder.stdout.readline().split()
-        assert said == "locked"
+        # both lines, in either order: the test must not kill the holder before its child
+        # ran (under load it may not have been scheduled yet)
+        lines = sorted(holder.stdout.readline().split() for _ in range(2))
+        assert lines[0] == ["child"] and lines[1][0] == "locked", lines
+        child = lines[1][1]
         with pytest.raises(RunFolderBusyError, match=rf"pid {holder.pid}, since \d{{4}}-") as e:
             lock_run_folder(folder)
         assert "\n" not in str(e.value) and "another training run" in str(e.value)
