@@ -43,4 +43,6 @@ setup(
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)
         "s3": ["s3fs"],
     },
+    # d2persist ls / verify RUN (also python -m d2persist)
+    entry_points={"console_scripts": ["d2persist=d2persist.__main__:main"]},
 )

@@ -17,9 +17,10 @@ from detectron2.utils import comm
 from .fileio import write_json
 from .layout import MANIFEST_NAME, METRICS_NAME
 from .manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends, read_manifest
+from .runview import metrics_json_history
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
-           "metrics_json_history", "evaluator_name"]
+           "evaluator_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,29 +72,6 @@ def metrics_at(history: Callable[[str], Optional[list]], keys: Sequence[str],
                 out[key] = _json_number(value)
                 break
     return out
-
-
-def metrics_json_history(path: str):
-    """
-    A ``history`` for :func:`metrics_at` from detectron2's ``metrics.json`` (one JSON object
-    per line, each with its ``iteration``); empty if the file is missing.
-    """
-    import json
-
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line cut by a crash
-                    continue
-                if isinstance(row, dict) and "iteration" in row:
-                    rows.append(row)
-    except OSError:
-        pass
-    return lambda key: [(r[key], r["iteration"]) for r in rows
-                        if isinstance(r.get(key), (int, float))]
 
 
 def compare_metrics(reference: dict, results: dict, tolerance: float, checked=None):

@@ -16,7 +16,8 @@ from omegaconf import DictConfig
 
 from .async_writer import BackgroundWriter
 from .best import BestMetric, evaluation_value
-from .bundle_eval import evaluate_bundle, metrics_at, metrics_json_history
+from .bundle_eval import evaluate_bundle, metrics_at
+from .runview import metrics_json_history
 from .checkpoint import (
     PersistCheckpointer,
     all_finite,

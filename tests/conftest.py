@@ -37,6 +37,24 @@ def trained_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory):
+    """
+    The built-in default config through tools/train_net.py, shortened to 40 iterations with an
+    evaluation at 19 and at the end, exporting ONNX and INT8: ``(run folder, CompletedProcess)``.
+    """
+    from helpers import TRAIN_NET, run_tool
+
+    out = tmp_path_factory.mktemp("default") / "run"
+    res = run_tool(
+        TRAIN_NET, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 40, "SOLVER.STEPS", "(30,)",
+        "SOLVER.WARMUP_ITERS", 10, "TEST.EVAL_PERIOD", 20, "SOLVER.CHECKPOINT_PERIOD", 20,
+        "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx', 'onnx-int8']", timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
+
+
 # tests.scripts.* (a project's config extension) must import however pytest is started
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _REPO not in sys.path:

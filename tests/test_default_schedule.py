@@ -16,25 +16,11 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
-from helpers import REPO, TRAIN_NET, WITHOUT_TORCH, run_tool
+from helpers import REPO, WITHOUT_TORCH, run_tool
 
 EVALUATE = f"{REPO}/tools/evaluate.py"
 EXPORT_MODEL = f"{REPO}/tools/export_model.py"
 INFER_SINGLE = f"{REPO}/tools/infer_single.py"
-
-
-@pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("default") / "run"
-    res = run_tool(
-        TRAIN_NET, "OUTPUT_DIR", out, "SOLVER.MAX_ITER", 40, "SOLVER.STEPS", "(30,)",
-        "SOLVER.WARMUP_ITERS", 10, "TEST.EVAL_PERIOD", 20, "SOLVER.CHECKPOINT_PERIOD", 20,
-        "PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx', 'onnx-int8']", timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    return out, res
 
 
 def _rows(out):

@@ -30,6 +30,7 @@ LAYERS = {
     "onnx_predictor": 4,
     "export": 4,
     "artifacts": 4,
+    "runview": 4,
     "predictor": 5,
     "bundle_eval": 6,
     "load": 6,
@@ -39,6 +40,7 @@ LAYERS = {
     "trainer": 8,
     "lazy_trainer": 9,
     "cli": 10,
+    "__main__": 11,
 }
 
 

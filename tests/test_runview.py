@@ -1,0 +1,132 @@
+"""``d2persist ls`` and ``d2persist verify`` on real runs: d2persist's, a stock detectron2 one,
+and a bundle alone; each kind of damage named by the file."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from helpers import run_tool, tiny_cfg
+
+
+def _cli(*args):
+    """``python -m d2persist ARGS`` (what the ``d2persist`` console script runs)."""
+    return run_tool("-m", "d2persist", *args)
+
+
+def _copy_run(default_run, tmp_path):
+    """The run, its files hard-linked (cheap): :func:`_own` a file before changing it."""
+    out, _ = default_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.lock"), copy_function=os.link)
+    return run
+
+
+def _own(path):
+    """Give ``path`` bytes of its own (no longer shared with the original run)."""
+    data = path.read_bytes()
+    path.unlink()
+    path.write_bytes(data)
+    return path
+
+
+def _flip(path, offset=None):
+    data = bytearray(_own(path).read_bytes())
+    i = len(data) // 2 if offset is None else offset
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_ls_rows_match_the_runs_files_and_metrics(default_run):
+    out, _ = default_run
+    res = _cli("ls", out, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    data = json.loads(res.stdout)
+    rows = {r["name"]: r for r in data["checkpoints"]}
+    assert list(rows) == ["model_final.pth", "model_0000039.pth", "model_0000019.pth",
+                          "model_best.pth"]  # newest first, the best last
+    assert {n: r["iteration"] for n, r in rows.items()} == {
+        "model_final.pth": 39, "model_0000039.pth": 39, "model_0000019.pth": 19,
+        "model_best.pth": json.loads((out / "best.json").read_text())["iteration"]}
+    assert rows["model_final.pth"]["markers"][0] == "last" and "final" in rows[
+        "model_final.pth"]["markers"]
+    assert all(r["size"] == (out / n).stat().st_size for n, r in rows.items())
+    metrics = [json.loads(ln) for ln in (out / "metrics.json").read_text().splitlines()]
+    at = {m["iteration"]: m for m in metrics if "bbox/AP" in m}
+    assert rows["model_0000019.pth"]["metrics"]["bbox/AP"] == at[19]["bbox/AP"]
+    assert rows["model_final.pth"]["metrics"]["segm/AP50"] == at[40]["segm/AP50"]  # after_train
+    ex = data["export"]
+    assert ex["complete"] and ex["formats"] == ["safetensors", "onnx", "onnx-int8"]
+    assert ex["iteration"] == 39 and ex["evaluation"]["failed"] == []
+    text = _cli("ls", out, "--verify")
+    assert text.returncode == 0 and text.stdout.count("  ok") == 4, text.stdout
+    assert "model_0000019.pth" in text.stdout and "onnxruntime-int8" in text.stdout
+
+
+def test_verify_passes_a_fresh_run_and_its_bundle(default_run):
+    out, _ = default_run
+    for path in (out, out / "export"):
+        res = _cli("verify", path)
+        assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+        assert "everything verifies" in res.stdout and "PROBLEM" not in res.stdout
+
+
+@pytest.mark.parametrize("damage", ["checkpoint", "safetensors", "onnx", "last_checkpoint",
+                                    "best_json"])
+def test_verify_names_the_damaged_file(default_run, tmp_path, damage):
+    run = _copy_run(default_run, tmp_path)
+    if damage == "checkpoint":
+        target = run / "model_0000019.pth"
+        _flip(target)
+    elif damage == "safetensors":
+        target = run / "export" / "model.safetensors"
+        _flip(target)
+    elif damage == "onnx":
+        target = run / "export" / "model.onnx"
+        _flip(target)
+    elif damage == "last_checkpoint":
+        target = run / "last_checkpoint"
+        name = target.read_text().strip()
+        data = _own(run / name).read_bytes()
+        (run / name).write_bytes(data[:1000])  # truncated target
+    else:
+        target = _own(run / "best.json")
+        record = json.loads(target.read_text())
+        target.write_text(json.dumps(dict(record, iteration=record["iteration"] - 20)))
+    res = _cli("verify", run)
+    assert res.returncode == 1, res.stdout + res.stderr[-2000:]
+    problems = [ln for ln in res.stdout.splitlines() if ln.startswith("PROBLEM: ")]
+    assert problems and all(str(run) in p for p in problems), res.stdout
+    assert any(os.path.basename(str(target)) in p for p in problems), res.stdout
+    assert "Traceback" not in res.stderr
+
+
+def test_a_stock_detectron2_run_verifies_with_notes(tmp_path):
+    from detectron2.engine import DefaultTrainer
+
+    cfg = tiny_cfg(tmp_path / "stock", "SOLVER.MAX_ITER", 3)
+    trainer = DefaultTrainer(cfg)  # no PersistHook: detectron2's own checkpoints, no sidecars
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    run = tmp_path / "stock"
+    assert not list(run.glob("*.sha256")) and not (run / "config.yaml").exists()
+    res = _cli("verify", run)
+    assert res.returncode == 0, res.stdout + res.stderr[-2000:]
+    assert "without a .sha256 sidecar" in res.stdout and "No config.yaml" in res.stdout
+    listed = json.loads(_cli("ls", run, "--json").stdout)
+    assert [r["name"] for r in listed["checkpoints"]] == [
+        "model_final.pth", "model_0000001.pth"]
+    _flip(run / "model_0000001.pth", offset=200)
+    res = _cli("verify", run)
+    assert res.returncode == 1 and "model_0000001.pth" in res.stdout, res.stdout
+
+
+def test_neither_a_run_nor_a_bundle_is_one_sentence(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    for args in (("ls", tmp_path), ("verify", tmp_path / "missing")):
+        res = _cli(*args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip().count("\n") == 0, res.stderr
+    res = _cli("ls", tmp_path)
+    assert "neither a run folder" in res.stderr and "nor an export bundle" in res.stderr
