@@ -4,8 +4,11 @@ touching them.
 
     d2persist ls RUN|BUNDLE [--verify] [--json]
     d2persist verify RUN|BUNDLE
+    d2persist diff A B [--json]          (runs, bundles or config files)
+    d2persist plot RUN [-o FILE]
 
 Exit codes: 0 all is well; 1 ``verify`` found a problem; 2 bad input (one sentence on stderr).
+None of them takes the run lock or writes into a run (``plot -o`` writes only its file).
 """
 
 import argparse
@@ -88,6 +91,50 @@ def verify(args):
     return 1 if problems else 0
 
 
+def _value(v):
+    return "(absent)" if v is None else json.dumps(v)
+
+
+def diff(args):
+    from d2persist.runview import diff as diff_runs
+
+    d = diff_runs(args.a, args.b)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    print(f"A: {args.a} ({d['kinds'][0]})")
+    print(f"B: {args.b} ({d['kinds'][1]})")
+    for section in ("config", "persist"):
+        print(f"{section}: {len(d[section])} key(s) differ" + (":" if d[section] else ""))
+        for key, (x, y) in d[section].items():
+            print(f"  {key}: {_value(x)} -> {_value(y)}")
+    ca, cb = d["classes"]
+    print("classes: " + ("the same" if ca == cb else f"{ca} -> {cb}"))
+    for side, it, final in zip("AB", d["last_iteration"], d["final"]):
+        shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(final.items())
+                          if k.endswith(("/AP", "/AP50")) and v is not None)
+        print(f"{side}: last iteration {it if it is not None else '-'}; final {shown or '-'}")
+    return 0
+
+
+def plot(args):
+    import os
+
+    from d2persist.plot import plot_run
+    from d2persist.runview import open_view
+
+    view = open_view(args.path)
+    if view.kind != "run":
+        from d2persist.errors import D2PersistError
+
+        raise D2PersistError(f"{args.path} is a bundle: plot needs the run folder (its "
+                             "metrics.json).")
+    out = args.output or os.path.join(args.path, "training.png")
+    plot_run(view, out)
+    print(f"picture: {os.path.abspath(out)}")
+    return 0
+
+
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +146,16 @@ def get_parser():
     p = sub.add_parser("verify", help="check every file against its sha256 or by safe loading")
     p.add_argument("path", help="a run folder (OUTPUT_DIR) or an export bundle")
     p.set_defaults(fn=verify)
+    p = sub.add_parser("diff", help="config keys, options, classes and results of two runs, "
+                       "bundles or config files")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--json", action="store_true", help="print JSON, for scripts")
+    p.set_defaults(fn=diff)
+    p = sub.add_parser("plot", help="losses, learning rate and evaluations of a run, as a PNG")
+    p.add_argument("path", help="a run folder (OUTPUT_DIR)")
+    p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png)")
+    p.set_defaults(fn=plot)
     return parser
 
 

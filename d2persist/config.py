@@ -38,6 +38,9 @@ def add_persist_config(cfg: CN) -> CN:
     # it holds on the first test dataset with the run's evaluator, compare with the final
     # evaluation and record it in the manifest's "evaluation" entry.
     _C.PERSIST.EXPORT_EVAL = True
+    # Keep OUTPUT_DIR/training.png: losses, learning rate, evaluations, checkpoints and the best,
+    # redrawn after each evaluation and when training ends (main process, background thread).
+    _C.PERSIST.PLOT = True
     # fsspec URL (s3://bucket/runs/exp1, gs://..., file://...) that receives a copy of every
     # file the run writes, from a background thread; "" for none.
     _C.PERSIST.MIRROR = ""

@@ -47,6 +47,7 @@ from .layout import (
     METRICS_NAME,
     PERSIST_FILE,
     SIDECAR_SUFFIX,
+    TRAINING_PLOT,
     checkpoint_name,
 )
 from .resume import data_state_to_resume, get_rng_state, set_rng_state
@@ -138,6 +139,8 @@ class PersistHook(HookBase):
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
         self._training_keys = None  # what training itself puts into the event storage
         self._uploader = None  # the mirror's, on the main process (PERSIST.MIRROR)
+        self._plotter = None  # the thread drawing training.png (PERSIST.PLOT)
+        self._plot_again = False  # an evaluation came while it drew
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -270,6 +273,8 @@ class PersistHook(HookBase):
             self._save(checkpoint_name(it), it, best=improved)
         elif improved:
             self._save_best(it)
+        if self._evaluated_after(it):
+            self._plot()
         if sig:
             self._writer.wait()
             logger.warning(
@@ -325,6 +330,47 @@ class PersistHook(HookBase):
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
         if mirror:
             self._mirror(BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
+
+    # -- training.png --------------------------------------------------------------------------
+
+    def _plot(self):
+        """
+        On the main process, redraw ``training.png`` from a background thread (matplotlib's
+        object API, no pyplot): one drawing at a time; an evaluation that comes while one runs
+        gets the next. The file a finished drawing wrote is mirrored from here.
+        """
+        if not self.options["PLOT"] or not comm.is_main_process():
+            return
+        if self._plotter is not None and self._plotter.is_alive():
+            self._plot_again = True
+            return
+        if self._plotter is not None:
+            self._mirror(TRAINING_PLOT)
+        self._plot_again = False
+        self._plotter = threading.Thread(target=self._draw, name="d2persist-plot", daemon=True)
+        self._plotter.start()
+
+    def _draw(self):
+        from .plot import plot_run
+        from .runview import RunView
+
+        try:
+            plot_run(RunView(self.run.output_dir, "run"),
+                     os.path.join(self.run.output_dir, TRAINING_PLOT))
+        except Exception as e:  # a picture never stops training
+            logger.warning("Could not draw %s: %s: %s", TRAINING_PLOT, type(e).__name__, e)
+
+    def _final_plot(self):
+        """The picture of the whole run, once training ended (waits for it)."""
+        if not self.options["PLOT"] or not comm.is_main_process():
+            return
+        if self._plotter is not None:
+            self._plotter.join()
+        self._plotter = None
+        self._plot()
+        if self._plotter is not None:
+            self._plotter.join()
+            self._mirror(TRAINING_PLOT)
 
     # -- mirror --------------------------------------------------------------------------------
 
@@ -432,6 +478,10 @@ class PersistHook(HookBase):
             self._after_train()
         finally:
             self._spare = None  # the snapshot buffers: training is over
+            try:
+                self._final_plot()
+            except Exception:  # a picture never hides why training ended
+                logger.exception("Could not draw %s:", TRAINING_PLOT)
             try:
                 self._finish_mirror()  # also after a failure or a signal: what was written
             finally:

@@ -24,6 +24,7 @@ __all__ = [
     "BEST_NAME",
     "BEST_RECORD",
     "METRICS_NAME",
+    "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
 ]
@@ -44,6 +45,8 @@ BEST_NAME = "model_best.pth"
 BEST_RECORD = "best.json"
 #: detectron2's JSONWriter's log of every scalar (losses, evaluation metrics) by iteration.
 METRICS_NAME = "metrics.json"
+#: The run's picture (PERSIST.PLOT): losses, learning rate, evaluations, checkpoints, best.
+TRAINING_PLOT = "training.png"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.
 SIDECAR_SUFFIX = ".sha256"
 #: Prefix of the temporary files written next to their final name.

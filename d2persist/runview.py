@@ -28,7 +28,8 @@ from .layout import (
 )
 from .manifest import persist_options_of_run, read_manifest
 
-__all__ = ["RunView", "CheckpointEntry", "open_view", "metrics_json_history", "EVAL_TASKS"]
+__all__ = ["RunView", "CheckpointEntry", "open_view", "metrics_json_history", "describe", "diff",
+           "EVAL_TASKS"]
 
 #: The prefixes of the metrics evaluators store (``bbox/AP``): the rest of metrics.json is
 #: training's own scalars (losses, learning rate, ``fast_rcnn/...``).
@@ -323,3 +324,94 @@ def open_view(path: str) -> RunView:
     raise D2PersistError(f"{path} is neither a run folder (no checkpoints, {LAST_CHECKPOINT}, "
                          f"{CONFIG_NAME} or {METRICS_NAME}) nor an export bundle (no "
                          f"{MANIFEST_NAME}).")
+
+
+def _plain(v):
+    """Tuples (a merged CfgNode's) as lists (YAML's), so that equal values compare equal."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = _plain(v)
+    return out
+
+
+def describe(path: str) -> dict:
+    """
+    What ``d2persist diff`` compares of a run folder, a bundle or a config file: ``config``
+    (flattened dotted keys), ``persist`` (d2persist's options), ``classes``, ``last_iteration``
+    and ``final`` (the last evaluation's metrics).
+
+    Raises:
+        D2PersistError: ``path`` is none of these, in one sentence.
+    """
+    if os.path.isfile(path):
+        if not path.endswith((".yaml", ".yml")):
+            raise D2PersistError(f"{path} is not a config file (.yaml), a run folder or a bundle.")
+        config = safe_yaml_load(path)
+        if not isinstance(config, dict):
+            raise D2PersistError(f"{path} does not hold a config mapping.")
+        persist = config.pop("PERSIST", None)
+        if "MODEL" in config and "_BASE_" not in config:  # a yacs file: onto get_cfg()
+            from .runconfig import load_config_dict
+
+            try:
+                config = load_config_dict(config, new_allowed=True)
+            except (KeyError, ValueError, AssertionError) as e:
+                raise D2PersistError(f"{path} does not load as a detectron2 config ({e}).") \
+                    from None
+            config.pop("PERSIST", None)
+        return {"kind": "config", "config": _flatten(config), "persist": persist or {},
+                "classes": None, "last_iteration": None, "final": {}}
+    view = open_view(path)
+    if view.kind == "bundle":
+        manifest = read_manifest(path, verify=False)
+        config = safe_yaml_load(os.path.join(path, manifest.get("config", CONFIG_NAME)))
+        evaluation = manifest.get("evaluation") or {}
+        return {"kind": "bundle", "config": _flatten(config), "persist": {},
+                "classes": (manifest.get("metadata") or {}).get("thing_classes"),
+                "last_iteration": manifest.get("iteration"),
+                "final": (evaluation.get("backends") or {}).get("pytorch") or {}}
+    config_path = view._file(CONFIG_NAME)
+    config = safe_yaml_load(config_path) if os.path.isfile(config_path) else {}
+    persist = (persist_options_of_run(path) if os.path.isfile(view._file("persist.yaml"))
+               else {})
+    try:
+        with open(view._file("metadata.json"), encoding="utf-8") as f:
+            classes = json.load(f).get("thing_classes")
+    except (OSError, ValueError, AttributeError):
+        classes = None
+    rows = view.metrics_rows()
+    evaluations = view.evaluations()
+    return {"kind": "run", "config": _flatten(config), "persist": persist, "classes": classes,
+            "last_iteration": max((int(r["iteration"]) for r in rows if "total_loss" in r),
+                                  default=None),
+            "final": evaluations[max(evaluations)] if evaluations else {}}
+
+
+def diff(a: str, b: str) -> dict:
+    """
+    ``d2persist diff A B``: ``config`` and ``persist`` as ``{key: [a, b]}`` for the keys whose
+    values differ (a side lacking the key holds None: added or removed), ``classes``,
+    ``last_iteration`` and ``final`` of each side as ``[a, b]``.
+    """
+    sa, sb = describe(a), describe(b)
+
+    def changed(x, y):
+        return {k: [x.get(k), y.get(k)] for k in sorted(set(x) | set(y))
+                if x.get(k, _MISSING) != y.get(k, _MISSING)}
+
+    return {"kinds": [sa["kind"], sb["kind"]], "config": changed(sa["config"], sb["config"]),
+            "persist": changed(_flatten(sa["persist"]), _flatten(sb["persist"])),
+            "classes": [sa["classes"], sb["classes"]],
+            "last_iteration": [sa["last_iteration"], sb["last_iteration"]],
+            "final": [sa["final"], sb["final"]]}
+
+
+_MISSING = object()

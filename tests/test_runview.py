@@ -130,3 +130,81 @@ def test_neither_a_run_nor_a_bundle_is_one_sentence(tmp_path):
         assert res.stderr.strip().count("\n") == 0, res.stderr
     res = _cli("ls", tmp_path)
     assert "neither a run folder" in res.stderr and "nor an export bundle" in res.stderr
+
+
+def test_diff_of_two_runs_shows_exactly_the_overridden_keys(trained_run, tmp_path):
+    from helpers import train
+
+    other = tmp_path / "other"
+    train(tiny_cfg(other, "SOLVER.BASE_LR", 0.005, "PERSIST.MAX_TO_KEEP", 2))
+    res = _cli("diff", trained_run, other, "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    d = json.loads(res.stdout)
+    assert d["config"] == {"OUTPUT_DIR": [str(trained_run), str(other)],
+                           "SOLVER.BASE_LR": [0.01, 0.005]}
+    assert d["persist"] == {"MAX_TO_KEEP": [0, 2]}
+    assert d["classes"] == [["circle", "square", "triangle"]] * 2
+    assert d["last_iteration"] == [5, 5]
+    text = _cli("diff", trained_run / "export", other / "config.yaml")
+    assert text.returncode == 0 and "SOLVER.BASE_LR: 0.01 -> 0.005" in text.stdout, text.stdout
+
+
+def test_plot_holds_the_runs_series(default_run, tmp_path):
+    from d2persist.plot import plot_run
+    from d2persist.runview import open_view
+
+    out, _ = default_run
+    rows = [json.loads(ln) for ln in (out / "metrics.json").read_text().splitlines()]
+    fig = plot_run(open_view(str(out)))
+    loss_ax, lr_ax, eval_ax = fig.axes
+
+    def line(ax, label):
+        return next(ln for ln in ax.get_lines() if ln.get_label() == label)
+
+    total = line(loss_ax, "total_loss")
+    assert list(total.get_ydata()) == [r["total_loss"] for r in rows if "total_loss" in r]
+    assert {ln.get_label() for ln in loss_ax.get_lines()} >= {"loss_cls", "loss_mask"}
+    assert list(line(lr_ax, "lr").get_xdata()) == [r["iteration"] for r in rows if "lr" in r]
+    ap = line(eval_ax, "segm/AP")
+    assert list(ap.get_xdata()) == [19, 40]  # the evaluations, the final one under MAX_ITER
+    assert list(ap.get_ydata()) == [r["segm/AP"] for r in rows if "segm/AP" in r]
+    best = json.loads((out / "best.json").read_text())
+    star = line(eval_ax, "best segm/AP")
+    assert (list(star.get_xdata()), list(star.get_ydata())) == (
+        [best["iteration"]], [best["value"]])
+    marks = sorted({ln.get_xdata()[0] for ln in eval_ax.get_lines()
+                    if ln.get_gid() == "checkpoint"})
+    assert marks == [19, 39]
+    res = _cli("plot", out, "-o", tmp_path / "p.png")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the hook drew it into the run folder as well
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_png_appears_after_an_evaluation(tmp_path):
+    import time
+
+    from detectron2.engine import HookBase
+
+    from helpers import EVAL_OPTS, eval_trainer, train
+
+    class Watch(HookBase):
+        """Runs before PersistHook's after_train (which draws the final picture)."""
+
+        seen = None
+
+        def after_train(self):
+            deadline = time.monotonic() + 30
+            path = tmp_path / "run" / "training.png"
+            while not path.is_file() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            Watch.seen = path.is_file()
+
+    cfg = tiny_cfg(tmp_path / "run", *EVAL_OPTS, "SOLVER.MAX_ITER", 4,
+                   "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.5)
+    train(cfg, hooks=[Watch()], trainer_cls=eval_trainer())
+    assert Watch.seen, "no training.png after the evaluation at iteration 1"
+    off = tmp_path / "off"
+    train(tiny_cfg(off, "PERSIST.PLOT", False, "SOLVER.MAX_ITER", 2))
+    assert not (off / "training.png").exists()

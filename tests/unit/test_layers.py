@@ -32,6 +32,7 @@ LAYERS = {
     "artifacts": 4,
     "runview": 4,
     "predictor": 5,
+    "plot": 5,
     "bundle_eval": 6,
     "load": 6,
     "infer": 6,

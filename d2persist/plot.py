@@ -1,0 +1,75 @@
+"""
+The picture of a run (``d2persist plot``, and the ``training.png`` PersistHook keeps in every run
+folder): losses, learning rate and every evaluation metric over iterations, checkpoints and the
+best evaluation marked. Matplotlib's object API with the Agg canvas: no pyplot state, so it is
+safe off the main thread.
+"""
+
+import os
+from typing import Optional
+
+from .fileio import atomic_path
+from .layout import checkpoint_iteration
+from .runview import EVAL_TASKS, RunView
+
+__all__ = ["plot_run"]
+
+
+def _series(rows, key):
+    pts = [(int(r["iteration"]), float(r[key])) for r in rows
+           if isinstance(r.get(key), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(view: RunView, path: Optional[str] = None):
+    """
+    Draw the run of ``view`` and, with ``path``, write it as a PNG (atomically).
+
+    The losses are plotted as detectron2's ``metrics.json`` holds them: ``EventStorage``'s
+    median over the last 20 iterations at each logged iteration (the smoothing its writers use).
+
+    Returns:
+        matplotlib.figure.Figure: three axes: losses (``total_loss`` and each ``loss_*``),
+        learning rate, evaluation metrics; dashed lines at the checkpoints' iterations, a star on
+        the best evaluation (``best.json``).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = view.metrics_rows()
+    keys = sorted({k for r in rows for k in r})
+    losses = [k for k in keys if k == "total_loss" or k.startswith("loss_")]
+    metrics = [k for k in keys if "/" in k and k.split("/", 1)[0] in EVAL_TASKS]
+    fig = Figure(figsize=(9, 9), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_lr, ax_eval = fig.subplots(3, 1, sharex=True)
+    for k in losses:
+        ax_loss.plot(*_series(rows, k), label=k, linewidth=2 if k == "total_loss" else 1)
+    ax_loss.set_ylabel("loss (median of 20 iterations)")
+    ax_lr.plot(*_series(rows, "lr"), label="lr", color="tab:gray")
+    ax_lr.set_ylabel("learning rate")
+    for k in metrics:
+        ax_eval.plot(*_series(rows, k), marker="o", markersize=3, label=k)
+    ax_eval.set_ylabel("evaluation")
+    ax_eval.set_xlabel("iteration")
+    best = view.best_record() or {}
+    if isinstance(best.get("iteration"), int) and isinstance(best.get("value"), (int, float)):
+        ax_eval.plot([best["iteration"]], [best["value"]], marker="*", markersize=14,
+                     color="gold", markeredgecolor="black", linestyle="none",
+                     label=f"best {best.get('metric')}")
+    for e in view.checkpoints() if view.kind == "run" else []:
+        if checkpoint_iteration(e.name) is not None:
+            for ax in (ax_loss, ax_lr, ax_eval):
+                ax.axvline(e.iteration, color="black", alpha=0.25, linestyle="--",
+                           linewidth=0.8, gid="checkpoint")
+    for ax in (ax_loss, ax_lr, ax_eval):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best", ncol=2)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{os.path.basename(os.path.abspath(view.path))}: training "
+                 "(dashed: checkpoints)")
+    fig.tight_layout()
+    if path is not None:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+    return fig
