@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 
-from common import REPO, alternate, machine, median, parse_args, run, table
+from common import REPO, alternate, machine, median, parse_args, per_image_timer, run, table
 
 #: Name parts of the layers that produce the predictions (RPN objectness and deltas, box
 #: classifier and regressor, mask predictor).
@@ -80,13 +80,7 @@ def _per_image(sessions, images, threads, repeats):
         return OnnxPredictor(s, manifest["input"], metadata_from_json(manifest["metadata"]))
 
     def timed(p):
-        def go():
-            import time
-
-            start = time.perf_counter()
-            for f in images:
-                p(f).to_json(f)
-            return (time.perf_counter() - start) / len(images)
+        go = per_image_timer(p, images)
         go()  # warm-up
         return go
 

@@ -20,7 +20,17 @@ import sys
 import tempfile
 import time
 
-from common import REPO, alternate, machine, median, parse_args, run, table, val_images
+from common import (
+    REPO,
+    alternate,
+    machine,
+    median,
+    parse_args,
+    per_image_timer,
+    run,
+    table,
+    val_images,
+)
 
 BASELINE = os.path.join(REPO, "bench", "defaultpredictor_script.py")
 INFER = os.path.join(REPO, "tools", "infer_single.py")
@@ -61,16 +71,10 @@ def per_image(out, images, threads, repeats):
     pt = load_predictor(os.path.join(out, "export"), device="cpu")
     ort = load_onnx_predictor(os.path.join(out, "export"), threads=threads)
 
-    def timed(predictor):
-        def go():
-            start = time.perf_counter()
-            for p in images:
-                predictor(p).to_json(p)
-            return (time.perf_counter() - start) / len(images)
-        return go
-
-    timed(pt)(), timed(ort)()  # warm-up
-    res = alternate({"onnxruntime": timed(ort), "pytorch": timed(pt)}, repeats)
+    timed = {"onnxruntime": per_image_timer(ort, images), "pytorch": per_image_timer(pt, images)}
+    for go in timed.values():  # warm-up
+        go()
+    res = alternate(timed, repeats)
     return median(res["onnxruntime"]), median(res["pytorch"])
 
 
