@@ -78,7 +78,8 @@ def test_mirror_holds_the_run_and_follows_retention(s3, tmp_path):
     assert {"config.yaml", "persist.yaml", "metadata.json", "last_checkpoint",
             "model_0000003.pth", "model_0000003.pth.sha256", "model_final.pth",
             "model_final.pth.sha256", "export/manifest.json", "export/model.safetensors",
-            "export/config.yaml"} == set(names)  # retention removed model_0000000..2 there too
+            "export/config.yaml", "training.png"} == set(names)  # retention removed
+    # model_0000000..2 there too; training.png (PERSIST.PLOT) is mirrored like the rest
     fs = _fs()
     assert fs.cat_file(f"{BUCKET}/run1/last_checkpoint") == b"model_final.pth"
     for name in ("model_final.pth", "export/model.safetensors", "export/manifest.json"):

@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 
-import pytest
-
 from helpers import run_tool, tiny_cfg
 
 
@@ -72,34 +70,30 @@ def test_verify_passes_a_fresh_run_and_its_bundle(default_run):
         assert "everything verifies" in res.stdout and "PROBLEM" not in res.stdout
 
 
-@pytest.mark.parametrize("damage", ["checkpoint", "safetensors", "onnx", "last_checkpoint",
-                                    "best_json"])
-def test_verify_names_the_damaged_file(default_run, tmp_path, damage):
+def test_verify_names_each_damaged_file(default_run, tmp_path):
     run = _copy_run(default_run, tmp_path)
-    if damage == "checkpoint":
-        target = run / "model_0000019.pth"
-        _flip(target)
-    elif damage == "safetensors":
-        target = run / "export" / "model.safetensors"
-        _flip(target)
-    elif damage == "onnx":
-        target = run / "export" / "model.onnx"
-        _flip(target)
-    elif damage == "last_checkpoint":
-        target = run / "last_checkpoint"
-        name = target.read_text().strip()
-        data = _own(run / name).read_bytes()
-        (run / name).write_bytes(data[:1000])  # truncated target
-    else:
-        target = _own(run / "best.json")
-        record = json.loads(target.read_text())
-        target.write_text(json.dumps(dict(record, iteration=record["iteration"] - 20)))
+    damaged = [run / "model_0000019.pth", run / "export" / "model.safetensors",
+               run / "export" / "model.onnx"]
+    for path in damaged:  # one flipped byte each
+        _flip(path)
+    last = run / (run / "last_checkpoint").read_text().strip()
+    data = _own(last).read_bytes()
+    last.write_bytes(data[:1000])  # last_checkpoint's target, truncated
+    record_path = _own(run / "best.json")
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps(dict(record, iteration=record["iteration"] - 20)))
     res = _cli("verify", run)
     assert res.returncode == 1, res.stdout + res.stderr[-2000:]
     problems = [ln for ln in res.stdout.splitlines() if ln.startswith("PROBLEM: ")]
-    assert problems and all(str(run) in p for p in problems), res.stdout
-    assert any(os.path.basename(str(target)) in p for p in problems), res.stdout
-    assert "Traceback" not in res.stderr
+    assert all(str(run) in p for p in problems), res.stdout
+    for path in damaged + [last]:
+        assert any(str(path) in p for p in problems), (path, res.stdout)
+    assert any("last_checkpoint names model_final.pth, which does not verify" in p
+               for p in problems), res.stdout
+    assert any("best.json says iteration" in p for p in problems), res.stdout
+    assert len(problems) == 6 and "Traceback" not in res.stderr, res.stdout
+    clean = _cli("verify", default_run[0])  # the original, untouched through the links
+    assert clean.returncode == 0, clean.stdout
 
 
 def test_a_stock_detectron2_run_verifies_with_notes(tmp_path):
