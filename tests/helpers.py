@@ -144,8 +144,10 @@ def kill_tree(pid):
         os.killpg(pid, signal.SIGKILL)
 
 
-#: Evaluate on the shapes val split every 2 iterations (and at the end).
-EVAL_OPTS = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2]
+#: Evaluate on the shapes val split every 2 iterations (and at the end); the export's own
+#: evaluation is off (tests/test_default_schedule.py and test_distributed.py test it).
+EVAL_OPTS = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2,
+             "PERSIST.EXPORT_EVAL", False]
 
 
 def eval_trainer():
