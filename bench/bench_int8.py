@@ -39,7 +39,7 @@ VARIANTS = {
 }
 
 
-def _profile(path, images):
+def _profile(path, images, contract):
     """Milliseconds per image of ONNX Runtime's kernels, by operator type (1 thread)."""
     import collections
 
@@ -54,7 +54,8 @@ def _profile(path, images):
     o.profile_file_prefix = os.path.join(tempfile.gettempdir(), "d2persist-bench-ort")
     s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
     for f in images:
-        image = resize_shortest_edge(image_input(f, None, "BGR"), 64, 128)
+        image = resize_shortest_edge(image_input(f, None, contract["format"]),
+                                     contract["min_size_test"], contract["max_size_test"])
         s.run(None, {"image": np.ascontiguousarray(image.transpose(2, 0, 1))})
     trace = s.end_profiling()
     with open(trace) as f:
@@ -188,7 +189,7 @@ def report(out, work, repeats):
          f"{aps[name]['bbox']['AP'] - float_ap['bbox']['AP']:+.2f}",
          f"{aps[name]['segm']['AP'] - float_ap['segm']['AP']:+.2f}") for name in VARIANTS],
         ("variant", "time / float", "size / float", "box AP - float", "mask AP - float"))
-    ops = _profile(float_path, images)
+    ops = _profile(float_path, images, manifest["input"])
     total = sum(ops.values())
     convs = sum(v for k, v in ops.items() if k in ("Conv", "FusedConv", "Gemm", "FusedGemm"))
     table("Where the float model's time goes (ONNX Runtime kernels, 1 thread, per image)", [

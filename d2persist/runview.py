@@ -23,6 +23,7 @@ from .layout import (
     LAST_CHECKPOINT,
     MANIFEST_NAME,
     METRICS_NAME,
+    ONNX_INT8_NAME,
     ONNX_NAME,
     checkpoint_iteration,
 )
@@ -185,7 +186,7 @@ class RunView:
             return {"folder": folder, "complete": False}
         files = manifest.get("files") or {}
         formats = [f for f, n in (("safetensors", manifest.get("weights")), ("onnx", ONNX_NAME),
-                                  ("onnx-int8", "model.int8.onnx")) if n in files]
+                                  ("onnx-int8", ONNX_INT8_NAME)) if n in files]
         entry = manifest.get("evaluation") or None
         evaluation = None
         if isinstance(entry, dict):
@@ -296,7 +297,7 @@ class RunView:
             except ArtifactError as e:
                 problems.append(str(e))
                 damaged.add(name)
-        for name in (ONNX_NAME, "model.int8.onnx"):
+        for name in (ONNX_NAME, ONNX_INT8_NAME):
             if name not in manifest.get("files", {}) or name in damaged:
                 continue
             try:
