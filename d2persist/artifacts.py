@@ -10,19 +10,19 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .checkpoint import find_newest_valid, list_checkpoints
 from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
 from .fileio import read_json, resolve_inside, safe_yaml_load
 from .layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
-from .manifest import (
+from .manifest import evaluation_problem, metadata_from_json
+from .runconfig import check_extension_names
+from .runview import (
     LOADED,
-    evaluation_problem,
     find_bundle,
-    metadata_from_json,
+    find_newest_valid,
+    list_checkpoints,
     persist_options_of_run,
     read_manifest,
 )
-from .runconfig import check_extension_names
 
 __all__ = ["Artifacts", "resolve_artifacts"]
 

@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import pickle
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -30,12 +29,13 @@ from .fileio import (
     unlock_run_folder,
     write_text,
 )
-from .layout import (
-    FINAL_NAME,
-    LAST_CHECKPOINT,
-    SIDECAR_SUFFIX,
-    TEMP_PREFIX,
-    checkpoint_iteration,
+from .layout import LAST_CHECKPOINT, SIDECAR_SUFFIX, TEMP_PREFIX
+from .runview import (
+    find_newest_valid,
+    list_checkpoints,
+    open_view,
+    read_sidecar,
+    verify_checkpoint,
 )
 
 __all__ = [
@@ -53,102 +53,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def list_checkpoints(folder: str) -> List[str]:
-    """
-    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
-
-    Returns:
-        list[str]: file names.
-    """
-    if not os.path.isdir(folder):
-        return []
-    periodic = []
-    for name in os.listdir(folder):
-        it = checkpoint_iteration(name)
-        if it is not None:
-            periodic.append((it, name))
-    names = [n for _, n in sorted(periodic, reverse=True)]
-    if os.path.isfile(os.path.join(folder, FINAL_NAME)):
-        names.insert(0, FINAL_NAME)
-    return names
-
-
-def read_sidecar(path: str) -> Optional[str]:
-    """The sha256 recorded next to checkpoint ``path``, or None."""
-    try:
-        with open(path + SIDECAR_SUFFIX, "r", encoding="utf-8") as f:
-            return f.read().split()[0]
-    except (FileNotFoundError, IndexError):
-        return None
-
-
-def verify_checkpoint(path: str) -> Optional[str]:
-    """
-    Check that the checkpoint at ``path`` is whole.
-
-    With a ``.sha256`` sidecar (every checkpoint d2persist writes has one) the file's hash must
-    match it; without one (a checkpoint stock detectron2 wrote) it must load safely and hold a
-    ``model``.
-
-    Returns:
-        str or None: None if the checkpoint is good, else why it is not.
-    """
-    if not os.path.isfile(path):
-        return "it does not exist"
-    expected = read_sidecar(path)
-    if expected is not None:
-        actual = sha256_file(path)
-        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
-    try:
-        data = safe_torch_load(path)
-    except UnsafeArtifactError:
-        raise  # a hostile file is refused loudly, never skipped over
-    except ArtifactError as e:
-        return str(e)
-    if not isinstance(data, dict) or "model" not in data:
-        return "it holds no 'model' state"
-    return None
-
-
-def _candidates(names, tagged):
-    """
-    Checkpoint names to try, in order: ``tagged`` (``last_checkpoint``'s target) if it is one
-    a plain file name, then ``model_final.pth``, then periodic checkpoints newest first.
-    """
-    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
-                      key=checkpoint_iteration, reverse=True)
-    ordered = ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
-    if tagged and os.sep not in tagged:
-        ordered = [tagged] + [n for n in ordered if n != tagged]
-    return ordered
-
-
-def find_newest_valid(folder: str) -> Optional[str]:
-    """
-    The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
-
-    ``last_checkpoint``'s target is tried first, then every other checkpoint newest first.
-
-    Returns:
-        str or None: the path, or None if no checkpoint verifies.
-    """
-    try:
-        with open(os.path.join(folder, LAST_CHECKPOINT), "r", encoding="utf-8") as f:
-            tagged = f.read().strip()
-    except FileNotFoundError:
-        tagged = None
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    for name in _candidates(names, tagged):
-        path = os.path.join(folder, name)
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        logger.warning(
-            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
-        )
-    return None
 
 
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
@@ -219,24 +123,24 @@ def hold_run_lock(folder: str) -> bool:
 def _fetch_from_mirror(url, folder):
     """
     Into a folder without checkpoints: the mirror's newest checkpoint that verifies (its
-    ``last_checkpoint`` target first), with its sha256 sidecar. Returns its path or None.
+    ``last_checkpoint`` target first, as the run view orders them), with its sha256 sidecar.
+    Returns its path or None.
     """
-    from .storage import Mirror
-
     try:
-        mirror = Mirror(url)
-        names = mirror.names()
-        tagged = (mirror.read_text(LAST_CHECKPOINT) or "").strip()
-        tagged = tagged if tagged in names else None  # never download what is not there
-    except Exception as e:  # fsspec backends raise many kinds
-        raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
+        view = open_view(url)
+        names = set(view.names())
+        candidates = view.resume_candidates()
+    except ArtifactError as e:  # the store does not answer: never start afresh over a run
+        raise ArtifactError(f"Cannot read the mirror: {e}") from None
+    except D2PersistError:
+        return None  # nothing there yet (a mirror no run has written to)
     os.makedirs(folder, exist_ok=True)
-    for name in _candidates(names, tagged):
+    for name in candidates:
         path = os.path.join(folder, name)
         try:
             for n in (name, name + SIDECAR_SUFFIX):
                 if n in names:
-                    mirror.get(n, os.path.join(folder, n))
+                    view.download(n, os.path.join(folder, n))
         except Exception as e:
             raise ArtifactError(f"Cannot download {name} from the mirror {url} "
                                 f"({type(e).__name__}: {e}).") from None

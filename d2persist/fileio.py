@@ -39,6 +39,7 @@ __all__ = [
     "SafeLoader",
     "read_json",
     "resolve_inside",
+    "sha256_stream",
     "lock_run_folder",
     "unlock_run_folder",
     "read_lock_holder",
@@ -177,13 +178,27 @@ def torch_save(obj, path):
     return digest, size
 
 
-def sha256_file(path):
-    """Returns the sha256 hex digest of the file at ``path``."""
+def sha256_stream(f, on_chunk=None):
+    """
+    The sha256 hex digest of what the binary file object ``f`` holds from where it is.
+
+    Args:
+        on_chunk (callable or None): called with the byte count of each chunk read (a
+            progress bar); hashlib releases the GIL while it hashes, so threads hash in
+            parallel.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
     return h.hexdigest()
+
+
+def sha256_file(path, on_chunk=None):
+    """Returns the sha256 hex digest of the file at ``path`` (see :func:`sha256_stream`)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, on_chunk)
 
 
 def remove_temp_files(folder):
@@ -261,9 +276,27 @@ SafeLoader.add_constructor(
 )
 
 
-def safe_yaml_loads(text):
-    """Parse YAML text with :class:`SafeLoader`."""
-    return yaml.load(text, Loader=SafeLoader)
+def safe_yaml_loads(text, where=None):
+    """
+    Parse YAML text with :class:`SafeLoader`.
+
+    Args:
+        where (str or None): where the text comes from: then errors are raised as
+            :func:`safe_yaml_load` raises them, naming it; else YAML's own errors propagate.
+    """
+    if where is None:
+        return yaml.load(text, Loader=SafeLoader)
+    try:
+        return yaml.load(text, Loader=SafeLoader)
+    except yaml.constructor.ConstructorError as e:
+        tag = getattr(e, "problem", "") or str(e)
+        raise UnsafeArtifactError(
+            f"Refusing to load {where}: it carries a YAML tag that would construct a Python "
+            f"object ({tag.strip()})."
+        ) from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"Config file {where} is not valid YAML ({type(e).__name__}).") \
+            from None
 
 
 def safe_yaml_load(path):
@@ -276,17 +309,12 @@ def safe_yaml_load(path):
     """
     try:
         with open(path, "r", encoding="utf-8") as f:
-            return safe_yaml_loads(f)
-    except yaml.constructor.ConstructorError as e:
-        tag = getattr(e, "problem", "") or str(e)
-        raise UnsafeArtifactError(
-            f"Refusing to load {path}: it carries a YAML tag that would construct a Python "
-            f"object ({tag.strip()})."
-        ) from None
+            return safe_yaml_loads(f, where=path)
     except FileNotFoundError:
         raise ArtifactError(f"Config file {path} does not exist.") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"Config file {path} is not valid YAML ({type(e).__name__}).") from None
+    except UnicodeDecodeError as e:
+        raise ArtifactError(f"Config file {path} is not valid YAML ({type(e).__name__}).") \
+            from None
 
 
 def read_json(path):

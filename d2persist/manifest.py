@@ -5,16 +5,17 @@ bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 
 import os
 
-from .errors import ArtifactError
-from .fileio import read_json, resolve_inside, safe_yaml_load, sha256_file
-from .layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, PERSIST_FILE
+from .errors import ArtifactError, D2PersistError
+from .fileio import resolve_inside, sha256_file
+from .layout import MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME
+
+# How a bundle's manifest is read and checked is the run view's (the one reader of run folders
+# and bundles); re-exported here, where the manifest's meaning is.
+from .runview import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
 
 __all__ = ["FORMAT", "LOADED", "EVAL_BACKENDS", "EVAL_TOLERANCE", "EVAL_CHECKED", "read_manifest",
            "metadata_from_json", "persist_options_of_run", "find_bundle", "describe_source",
            "evaluation_problem", "export_backends", "local_bundle", "cache_root"]
-
-#: Identifies a d2persist manifest, with its version.
-FORMAT = {"name": "d2persist-export", "version": 1}
 
 #: The backends a bundle's ``evaluation`` entry measures, as they are named there.
 EVAL_BACKENDS = ("pytorch", "onnxruntime", "onnxruntime-int8")
@@ -34,86 +35,6 @@ def metadata_from_json(meta: dict) -> dict:
         if key.endswith("_id_to_contiguous_id") and isinstance(value, dict):
             out[key] = {int(k) if str(k).lstrip("-").isdigit() else k: v for k, v in value.items()}
     return out
-
-
-#: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
-LOADED = "config and weights"
-
-
-def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
-    """
-    Read and check a bundle's manifest.
-
-    Args:
-        export_dir (str): the bundle folder.
-        verify (bool): check every listed file's size and sha256.
-        only (list[str] or LOADED): check only these of the listed files (the ones a caller
-            loads); :data:`LOADED` names the manifest's config and weights files.
-
-    Returns:
-        dict: the manifest.
-
-    Raises:
-        ArtifactError: no manifest, an unknown format, or a file that does not match.
-        UnsafeArtifactError: a file name that points outside the bundle.
-    """
-    path = os.path.join(export_dir, MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise ArtifactError(f"{export_dir} is not a complete export: it has no {MANIFEST_NAME}.")
-    manifest = read_json(path)
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    version = fmt.get("version") if isinstance(fmt, dict) else None
-    if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
-            or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
-        raise ArtifactError(f"{path} is not a d2persist manifest this version can read.")
-    files = manifest.get("files")
-    named = [manifest.get("config"), manifest.get("weights")]
-    if not isinstance(files, dict) or not all(
-        isinstance(n, str) and isinstance(files.get(n), dict) for n in named
-    ) or not all(isinstance(e, dict) for e in files.values()):
-        raise ArtifactError(f"{path} does not list the bundle's config and weights files.")
-    if only == LOADED:
-        only = named
-    for name, entry in files.items():
-        file_path = resolve_inside(export_dir, name)
-        if not verify or (only is not None and name not in only):
-            continue
-        if not os.path.isfile(file_path):
-            raise ArtifactError(f"Bundle file {file_path} named in {MANIFEST_NAME} is missing.")
-        size = os.path.getsize(file_path)
-        if size != entry.get("size"):
-            raise ArtifactError(
-                f"Bundle file {file_path} has {size} bytes, the manifest says {entry.get('size')}."
-            )
-        if sha256_file(file_path) != entry.get("sha256"):
-            raise ArtifactError(
-                f"Bundle file {file_path} does not match its sha256 in the manifest."
-            )
-    return manifest
-
-
-def persist_options_of_run(folder: str) -> dict:
-    """A yacs run's ``persist.yaml`` options ({} if it has none)."""
-    path = os.path.join(folder, PERSIST_FILE)
-    if not os.path.isfile(path):
-        return {}
-    persist = safe_yaml_load(path)
-    options = persist.get("PERSIST") if isinstance(persist, dict) else None
-    if not isinstance(options, dict):
-        raise ArtifactError(f"{path} holds no PERSIST options.")
-    return options
-
-
-def find_bundle(path: str):
-    """
-    The export bundle at ``path``: ``path`` itself if it holds a manifest, else the export
-    folder of the run folder ``path`` if that holds one, else None.
-    """
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        return path
-    name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
-    export_dir = resolve_inside(path, name)
-    return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None
 
 
 def describe_source(source: dict) -> str:
@@ -168,7 +89,7 @@ def cache_root() -> str:
 def local_bundle(path: str) -> str:
     """
     A local folder to predict from: ``path`` itself, or for an fsspec URL (``s3://.../export``,
-    or a mirrored run whose ``export/`` is complete) the bundle downloaded into the cache
+    or a mirrored run whose export is complete) the bundle downloaded into the cache
     (``$D2PERSIST_CACHE/bundles``), manifest last, and verified against the manifest.
 
     Raises:
@@ -176,40 +97,39 @@ def local_bundle(path: str) -> str:
             not match the manifest.
     """
     import hashlib
-    import json
 
     from .fileio import write_text
-    from .storage import Mirror, is_url
+    from .runview import open_view
+    from .storage import is_url
 
     if not is_url(path):
         return path
     url = path.rstrip("/")
     try:
-        for candidate in (url, f"{url}/{DEFAULT_EXPORT_DIR}"):
-            mirror = Mirror(candidate)
-            text = mirror.read_text(MANIFEST_NAME)
-            if text is not None:
-                break
-        else:
-            raise ArtifactError(f"{url} holds no export bundle ({MANIFEST_NAME}).")
-        manifest = json.loads(text)
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict):
-            raise ArtifactError(f"{candidate}/{MANIFEST_NAME} lists no files.")
+        view = open_view(url)
+        bundle_url = view.export_dir()
+        if bundle_url is None or (view.export() or {}).get("complete") is not True:
+            raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}).")
+        bundle = open_view(bundle_url)
+        text = bundle.read(MANIFEST_NAME)
+        manifest = bundle.manifest()
         cache = os.path.join(cache_root(), "bundles",
-                             hashlib.sha256(candidate.encode()).hexdigest()[:16])
+                             hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
         os.makedirs(cache, exist_ok=True)
         stale = os.path.join(cache, MANIFEST_NAME)
         if os.path.exists(stale):  # the cached bundle stops being complete first
             os.unlink(stale)
-        for name, entry in files.items():
+        for name, entry in manifest["files"].items():
             local = resolve_inside(cache, name)
-            if not (os.path.isfile(local) and isinstance(entry, dict)
-                    and sha256_file(local) == entry.get("sha256")):
-                mirror.get(name, local)
+            if not (os.path.isfile(local) and sha256_file(local) == entry.get("sha256")):
+                bundle.download(name, local)
+    except ArtifactError:
+        raise
+    except D2PersistError as e:
+        raise ArtifactError(str(e)) from None
     except (ValueError, OSError) as e:
         raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
             from None
-    write_text(os.path.join(cache, MANIFEST_NAME), text)
+    write_text(os.path.join(cache, MANIFEST_NAME), text.decode("utf-8"))
     read_manifest(cache)  # every file against its sha256
     return cache

@@ -66,7 +66,7 @@ def plot_run(view: RunView, path: Optional[str] = None):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", ncol=2)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{os.path.basename(os.path.abspath(view.path))}: training "
+    fig.suptitle(f"{os.path.basename(view.path.rstrip('/')) or view.path}: training "
                  "(dashed: checkpoints)")
     fig.tight_layout()
     if path is not None:

@@ -1,55 +1,437 @@
 """
-A read-only view of a run folder or of an export bundle: which files are there, what each one is,
-and whether it verifies (``d2persist ls`` and ``d2persist verify``).
+The one reader of a run folder and of an export bundle: which files are there, what each one is,
+and whether it verifies. The resume decision (which checkpoint, in which order), artifact
+resolution, the mirror download and ``d2persist ls/verify/diff/plot`` all ask this module instead
+of listing files themselves.
 
 It never takes the run lock and writes nothing, so it works on a run that is still training, on a
 stock detectron2 run folder (no sidecars, no ``config.yaml``: what a run never had is a note, not
-damage) and on a bundle alone.
+damage), on a bundle alone, and on a mirror URL (``s3://...``, any fsspec location). Nothing here
+imports torch unless a checkpoint without a sidecar has to be loaded to be checked.
 """
 
+import contextlib
 import json
+import logging
 import os
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .checkpoint import list_checkpoints, read_sidecar, verify_checkpoint
-from .errors import ArtifactError, D2PersistError
-from .fileio import safe_torch_load, safe_yaml_load
+from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
+from .fileio import (
+    resolve_inside,
+    safe_torch_load,
+    safe_yaml_load,
+    safe_yaml_loads,
+    sha256_file,
+    sha256_stream,
+)
 from .layout import (
     BEST_NAME,
     BEST_RECORD,
     CONFIG_NAME,
+    DEFAULT_EXPORT_DIR,
     FINAL_NAME,
     LAST_CHECKPOINT,
     MANIFEST_NAME,
+    METADATA_NAME,
     METRICS_NAME,
     ONNX_INT8_NAME,
     ONNX_NAME,
+    PERSIST_FILE,
+    SIDECAR_SUFFIX,
     checkpoint_iteration,
+    checkpoint_name,
 )
-from .manifest import persist_options_of_run, read_manifest
+from .storage import Mirror, is_url
 
-__all__ = ["RunView", "CheckpointEntry", "open_view", "metrics_json_history", "describe", "diff",
-           "EVAL_TASKS"]
+__all__ = [
+    "FORMAT",
+    "LOADED",
+    "EVAL_TASKS",
+    "list_checkpoints",
+    "read_sidecar",
+    "verify_checkpoint",
+    "resume_candidates",
+    "find_newest_valid",
+    "read_manifest",
+    "persist_options_of_run",
+    "find_bundle",
+    "RunView",
+    "CheckpointEntry",
+    "open_view",
+    "metrics_json_history",
+    "describe",
+    "diff",
+]
 
+logger = logging.getLogger(__name__)
+
+#: Identifies a d2persist manifest, with its version.
+FORMAT = {"name": "d2persist-export", "version": 1}
+#: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
+LOADED = "config and weights"
 #: The prefixes of the metrics evaluators store (``bbox/AP``): the rest of metrics.json is
 #: training's own scalars (losses, learning rate, ``fast_rcnn/...``).
 EVAL_TASKS = ("bbox", "segm", "keypoints", "sem_seg", "panoptic_seg", "box_proposals")
+#: Below this many bytes to hash, ``verify`` shows no progress bar.
+_PROGRESS_BYTES = 32 << 20
 
 
-def _rows(path: str) -> List[dict]:
-    rows = []
+# -- where the bytes are: a local folder or a mirror ------------------------------------------
+
+class _LocalFolder:
+    """A folder on this machine."""
+
+    remote = False
+
+    def __init__(self, path):
+        self.path = path
+
+    def where(self, name):
+        return os.path.join(self.path, name)
+
+    def names(self):
+        return os.listdir(self.path) if os.path.isdir(self.path) else []
+
+    def isdir(self):
+        return os.path.isdir(self.path)
+
+    def stat(self, name):
+        """(size, mtime, identity) of file ``name``, or None; equal identities: hard links."""
+        try:
+            st = os.stat(self.where(name))
+        except OSError:
+            return None
+        if not os.path.isfile(self.where(name)):
+            return None
+        return st.st_size, st.st_mtime, (st.st_dev, st.st_ino)
+
+    def read(self, name) -> Optional[bytes]:
+        try:
+            with open(self.where(name), "rb") as f:
+                return f.read()
+        except (OSError, ValueError):
+            return None
+
+    def sha256(self, name, on_chunk=None):
+        return sha256_file(self.where(name), on_chunk)
+
+    def child(self, name):
+        return _LocalFolder(resolve_inside(self.path, name))
+
+    @contextlib.contextmanager
+    def local(self, name):
+        yield self.where(name)
+
+
+class _MirrorFolder:
+    """A folder at an fsspec URL (a run's mirror, or a bundle uploaded there)."""
+
+    remote = True
+
+    def __init__(self, url, mirror=None):
+        self.path = url.rstrip("/")
+        self.mirror = mirror or Mirror(self.path)
+        self._listing = None
+
+    def where(self, name):
+        return f"{self.path}/{name}"
+
+    def _info(self):
+        if self._listing is None:
+            fs = self.mirror.fs
+            try:
+                entries = fs.ls(self.mirror.root, detail=True)
+            except FileNotFoundError:
+                entries = []
+            self._listing = {os.path.basename(e["name"].rstrip("/")): e for e in entries}
+        return self._listing
+
+    def names(self):
+        return sorted(n for n, e in self._info().items() if e.get("type") != "directory")
+
+    def isdir(self):
+        return bool(self._info())
+
+    def stat(self, name):
+        e = self._info().get(name)
+        if e is None or e.get("type") == "directory":
+            return None
+        mtime = e.get("mtime") or e.get("LastModified") or e.get("updated") or e.get("created")
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        elif isinstance(mtime, str):
+            from datetime import datetime
+
+            try:
+                mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                mtime = 0.0
+        return int(e.get("size") or 0), float(mtime or 0.0), None  # objects have no hard links
+
+    def read(self, name) -> Optional[bytes]:
+        if name not in self._info():
+            return None
+        try:
+            return self.mirror.fs.cat_file(self.mirror._path(name))
+        except FileNotFoundError:
+            return None
+
+    def sha256(self, name, on_chunk=None):
+        with self.mirror.fs.open(self.mirror._path(name), "rb", block_size=8 << 20) as f:
+            return sha256_stream(f, on_chunk)
+
+    def child(self, name):
+        if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
+            raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside "
+                                      f"{self.path}.")
+        return _MirrorFolder(self.where(name))
+
+    @contextlib.contextmanager
+    def local(self, name):
+        """The object ``name`` downloaded into a temporary folder, for the time of the block."""
+        tmp = tempfile.mkdtemp(prefix="d2persist-view-")
+        try:
+            path = os.path.join(tmp, os.path.basename(name))
+            self.mirror.fs.get_file(self.mirror._path(name), path)
+            yield path
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _folder(path):
+    if is_url(path) or (isinstance(path, str) and path.startswith("file://")):
+        try:
+            return _MirrorFolder(path)
+        except Exception as e:  # fsspec raises many kinds (unknown protocol, missing package)
+            raise ArtifactError(f"Cannot read {path} ({type(e).__name__}: {e}).") from None
+    return _LocalFolder(path)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def _checkpoint_names(names: Iterable[str]) -> List[str]:
+    """The checkpoints among ``names``, newest first: ``model_final.pth``, then periodic ones."""
+    names = list(names)
+    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
+                      key=checkpoint_iteration, reverse=True)
+    return ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """
+    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
+
+    Returns:
+        list[str]: file names.
+    """
+    f = _LocalFolder(folder)
+    return [n for n in _checkpoint_names(f.names()) if f.stat(n) is not None]
+
+
+def resume_candidates(names: Iterable[str], tagged: Optional[str]) -> List[str]:
+    """
+    The checkpoints among ``names`` to try resuming from, in order: ``tagged``
+    (``last_checkpoint``'s target) if it is a plain file name, then ``model_final.pth``, then
+    periodic checkpoints newest first.
+    """
+    ordered = _checkpoint_names(names)
+    if tagged and os.sep not in tagged and "/" not in tagged:
+        ordered = [tagged] + [n for n in ordered if n != tagged]
+    return ordered
+
+
+def read_sidecar(path: str) -> Optional[str]:
+    """The sha256 recorded next to checkpoint ``path``, or None."""
+    return _sidecar(_LocalFolder(os.path.dirname(path)), os.path.basename(path))
+
+
+def _sidecar(folder, name):
+    data = folder.read(name + SIDECAR_SUFFIX)
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except ValueError:  # a line cut by a crash, or one still being written
-                    continue
-                if isinstance(row, dict) and "iteration" in row:
-                    rows.append(row)
-    except OSError:
-        pass
+        return data.decode("utf-8").split()[0] if data else None
+    except (UnicodeDecodeError, IndexError):
+        return None
+
+
+def _safely_loadable(path) -> Optional[str]:
+    """Why the stock checkpoint at ``path`` is not usable (None if it is): safe loading."""
+    try:
+        data = safe_torch_load(path)
+    except UnsafeArtifactError:
+        raise  # a hostile file is refused loudly, never skipped over
+    except ArtifactError as e:
+        return str(e)
+    if not isinstance(data, dict) or "model" not in data:
+        return "it holds no 'model' state"
+    return None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """
+    Check that the checkpoint at ``path`` is whole.
+
+    With a ``.sha256`` sidecar (every checkpoint d2persist writes has one) the file's hash must
+    match it; without one (a checkpoint stock detectron2 wrote) it must load safely and hold a
+    ``model``.
+
+    Returns:
+        str or None: None if the checkpoint is good, else why it is not.
+    """
+    if not os.path.isfile(path):
+        return "it does not exist"
+    expected = read_sidecar(path)
+    if expected is not None:
+        actual = sha256_file(path)
+        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+    return _safely_loadable(path)
+
+
+def find_newest_valid(folder: str) -> Optional[str]:
+    """
+    The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
+
+    ``last_checkpoint``'s target is tried first, then every other checkpoint newest first.
+
+    Returns:
+        str or None: the path, or None if no checkpoint verifies.
+    """
+    for name in RunView(folder, "run").resume_candidates():
+        path = os.path.join(folder, name)
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning(
+            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
+        )
+    return None
+
+
+# -- the bundle's manifest and the run's options ----------------------------------------------
+
+def _parse_manifest(folder, text: Optional[bytes]) -> dict:
+    where = folder.where(MANIFEST_NAME)
+    if text is None:
+        raise ArtifactError(f"{folder.path} is not a complete export: it has no {MANIFEST_NAME}.")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{where} is not valid JSON ({e}).") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    version = fmt.get("version") if isinstance(fmt, dict) else None
+    if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
+            or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
+        raise ArtifactError(f"{where} is not a d2persist manifest this version can read.")
+    files = manifest.get("files")
+    named = [manifest.get("config"), manifest.get("weights")]
+    if not isinstance(files, dict) or not all(
+        isinstance(n, str) and isinstance(files.get(n), dict) for n in named
+    ) or not all(isinstance(e, dict) for e in files.values()):
+        raise ArtifactError(f"{where} does not list the bundle's config and weights files.")
+    for name in files:  # a name that leaves the bundle is refused before anything opens it
+        _bundle_file(folder, name)
+    return manifest
+
+
+def _bundle_file(folder, name):
+    """(folder holding it, its base name, where it is for messages), refusing escaping names."""
+    if isinstance(folder, _LocalFolder):
+        path = resolve_inside(folder.path, name)
+        return _LocalFolder(os.path.dirname(path)), os.path.basename(path), path
+    head, _, base = name.rpartition("/")
+    sub = folder.child(head) if head else folder
+    return sub, base, sub.where(base)
+
+
+def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[str]:
+    """Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does)."""
+    sub, base, where = _bundle_file(folder, name)
+    st = sub.stat(base)
+    if st is None:
+        return f"Bundle file {where} named in {MANIFEST_NAME} is missing."
+    if st[0] != entry.get("size"):
+        return f"Bundle file {where} has {st[0]} bytes, the manifest says {entry.get('size')}."
+    if (digest or sub.sha256(base)) != entry.get("sha256"):
+        return f"Bundle file {where} does not match its sha256 in the manifest."
+    return None
+
+
+def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
+    """
+    Read and check a bundle's manifest.
+
+    Args:
+        export_dir (str): the bundle folder.
+        verify (bool): check every listed file's size and sha256.
+        only (list[str] or LOADED): check only these of the listed files (the ones a caller
+            loads); :data:`LOADED` names the manifest's config and weights files.
+
+    Returns:
+        dict: the manifest.
+
+    Raises:
+        ArtifactError: no manifest, an unknown format, or a file that does not match.
+        UnsafeArtifactError: a file name that points outside the bundle.
+    """
+    folder = _LocalFolder(export_dir)
+    manifest = _parse_manifest(folder, folder.read(MANIFEST_NAME))
+    if only == LOADED:
+        only = [manifest["config"], manifest["weights"]]
+    for name, entry in manifest["files"].items():
+        if verify and (only is None or name in only):
+            problem = _bundle_file_problem(folder, name, entry)
+            if problem:
+                raise ArtifactError(problem)
+    return manifest
+
+
+def _persist_options(folder) -> dict:
+    data = folder.read(PERSIST_FILE)
+    if data is None:
+        return {}
+    try:
+        persist = safe_yaml_loads(data.decode("utf-8"))
+    except Exception:  # noqa: BLE001 (yaml and decoding errors alike: not PERSIST options)
+        persist = None
+    options = persist.get("PERSIST") if isinstance(persist, dict) else None
+    if not isinstance(options, dict):
+        raise ArtifactError(f"{folder.where(PERSIST_FILE)} holds no PERSIST options.")
+    return options
+
+
+def persist_options_of_run(folder: str) -> dict:
+    """A yacs run's ``persist.yaml`` options ({} if it has none)."""
+    return _persist_options(_LocalFolder(folder))
+
+
+def find_bundle(path: str):
+    """
+    The export bundle at ``path``: ``path`` itself if it holds a manifest, else the export
+    folder of the run folder ``path`` if that holds one, else None.
+    """
+    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
+        return path
+    name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+    export_dir = resolve_inside(path, name)
+    return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None
+
+
+# -- the view ---------------------------------------------------------------------------------
+
+def _rows(data: Optional[bytes]) -> List[dict]:
+    rows = []
+    for line in (data or b"").decode("utf-8", "replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut by a crash, or one still being written
+            continue
+        if isinstance(row, dict) and "iteration" in row:
+            rows.append(row)
     return rows
 
 
@@ -58,7 +440,7 @@ def metrics_json_history(path: str) -> Callable[[str], List[Tuple[float, int]]]:
     Metric name -> its ``[(value, iteration), ...]`` from detectron2's ``metrics.json`` (one
     JSON object per line, each with its ``iteration``); empty if the file is missing.
     """
-    rows = _rows(path)
+    rows = _rows(_LocalFolder(os.path.dirname(path)).read(os.path.basename(path)))
     return lambda key: [(r[key], r["iteration"]) for r in rows
                         if isinstance(r.get(key), (int, float))]
 
@@ -85,33 +467,74 @@ class CheckpointEntry:
 
 class RunView:
     """
-    What a run folder or a bundle holds. Build it with :func:`open_view`.
+    What a run folder or a bundle holds, here or at a mirror URL. Build it with
+    :func:`open_view` (which tells which one ``path`` is).
 
     Attributes:
-        path (str): the folder. kind (str): "run" or "bundle".
+        path (str): the folder or URL. kind (str): "run" or "bundle". remote (bool): a URL.
     """
 
-    def __init__(self, path: str, kind: str):
-        self.path = path
+    def __init__(self, path: str, kind: str, source=None):
+        self._folder = source or _folder(path)
+        self.path = self._folder.path
         self.kind = kind
+        self.remote = self._folder.remote
         self._metrics = None
 
+    def where(self, name: str) -> str:
+        """Where the file ``name`` of this folder is (a path or a URL)."""
+        return self._folder.where(name)
+
+    def names(self) -> List[str]:
+        """The names of the files directly in the folder."""
+        return self._folder.names()
+
+    def read(self, name: str) -> Optional[bytes]:
+        """The bytes of the file ``name``, or None if there is none."""
+        return self._folder.read(name)
+
+    def download(self, name: str, local: str) -> None:
+        """Copy the file ``name`` to the local path ``local``, atomically (a mirror's file)."""
+        if self.remote:
+            os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+            self._folder.mirror.get(name, local)
+        else:
+            from .fileio import write_bytes
+
+            write_bytes(local, self._folder.read(name))
+
     # -- run folder --------------------------------------------------------------------------
-    def _file(self, name):
-        return os.path.join(self.path, name)
+    def _text(self, name):
+        data = self._folder.read(name)
+        try:
+            return data.decode("utf-8") if data is not None else None
+        except UnicodeDecodeError:
+            return None
 
     def last_checkpoint(self) -> Optional[str]:
         """The name ``last_checkpoint`` holds, or None."""
-        try:
-            with open(self._file(LAST_CHECKPOINT), encoding="utf-8") as f:
-                return f.read().strip() or None
-        except OSError:
-            return None
+        return (self._text(LAST_CHECKPOINT) or "").strip() or None
+
+    def checkpoint_names(self) -> List[str]:
+        """The checkpoints' file names, newest first (without ``model_best.pth``)."""
+        return [n for n in _checkpoint_names(self._folder.names())
+                if self._folder.stat(n) is not None]
+
+    def resume_candidates(self) -> List[str]:
+        """
+        The checkpoints to try resuming from, in order (see :func:`resume_candidates`); at a
+        mirror, only names that are there.
+        """
+        names = self._folder.names()
+        tagged = self.last_checkpoint()
+        if self.remote and tagged not in names:
+            tagged = None  # never download what is not there
+        return resume_candidates(names, tagged)
 
     def metrics_rows(self) -> List[dict]:
         """The rows of ``metrics.json`` (read once)."""
         if self._metrics is None:
-            self._metrics = _rows(self._file(METRICS_NAME))
+            self._metrics = _rows(self._folder.read(METRICS_NAME))
         return self._metrics
 
     def evaluations(self) -> Dict[int, Dict[str, float]]:
@@ -124,35 +547,67 @@ class RunView:
                 out.setdefault(int(row["iteration"]), {}).update(found)
         return out
 
+    def last_iteration(self) -> Optional[int]:
+        """The last training iteration ``metrics.json`` logged, or None."""
+        return max((int(r["iteration"]) for r in self.metrics_rows() if "total_loss" in r),
+                   default=None)
+
     def best_record(self) -> Optional[dict]:
+        """``best.json`` (which evaluation ``model_best.pth`` is), or None."""
         try:
-            with open(self._file(BEST_RECORD), encoding="utf-8") as f:
-                record = json.load(f)
-        except (OSError, ValueError):
+            record = json.loads(self._text(BEST_RECORD) or "null")
+        except ValueError:
             return None
         return record if isinstance(record, dict) else None
 
+    def persist_options(self) -> dict:
+        """The run's d2persist options (``persist.yaml``; {} if it has none)."""
+        return _persist_options(self._folder)
+
+    def config(self) -> Optional[dict]:
+        """The run's or the bundle's config, loaded safely; None if it has none."""
+        name = CONFIG_NAME
+        if self.kind == "bundle":
+            name = self.manifest().get("config", CONFIG_NAME)
+        text = self._text(name)
+        if text is None:
+            return None
+        return safe_yaml_loads(text, where=self.where(name))
+
+    def classes(self) -> Optional[list]:
+        """The training dataset's class names (``thing_classes``), if recorded."""
+        if self.kind == "bundle":
+            return (self.manifest().get("metadata") or {}).get("thing_classes")
+        try:
+            meta = json.loads(self._text(METADATA_NAME) or "null")
+        except ValueError:
+            return None
+        return meta.get("thing_classes") if isinstance(meta, dict) else None
+
     def checkpoints(self) -> List[CheckpointEntry]:
         """Every checkpoint, newest first (``model_final.pth``, periodic ones, then the best)."""
-        names = list_checkpoints(self.path)
-        if os.path.isfile(self._file(BEST_NAME)):
-            names.append(BEST_NAME)
-        stats = {n: os.stat(self._file(n)) for n in names if os.path.isfile(self._file(n))}
-        inode = {n: (s.st_dev, s.st_ino) for n, s in stats.items()}
+        names = _checkpoint_names(self._folder.names()) + [BEST_NAME]
+        stats = {n: s for n in names for s in [self._folder.stat(n)] if s is not None}
         last, best = self.last_checkpoint(), self.best_record() or {}
-        training = [int(r["iteration"]) for r in self.metrics_rows() if "total_loss" in r]
+        final_it = self.last_iteration()
         evaluations = self.evaluations()
+        if self.remote:  # objects have no hard links: the same sha256 is the same checkpoint
+            stats = self._identities_by_sidecar(stats, best)
+        by_identity = {}
+        for n, s in stats.items():
+            if s[2] is not None:
+                by_identity.setdefault(s[2], []).append(n)
         entries = []
-        for name, st in stats.items():
+        for name, (size, mtime, identity) in stats.items():
             it = checkpoint_iteration(name)
-            twins = [n for n in stats if n != name and inode[n] == inode[name]]
+            twins = [n for n in by_identity.get(identity, []) if n != name] if identity else []
             if it is None:  # a hard link to a periodic checkpoint tells its iteration
                 it = next((checkpoint_iteration(n) for n in twins
                            if checkpoint_iteration(n) is not None), None)
             if it is None and name == BEST_NAME and isinstance(best.get("iteration"), int):
                 it = best["iteration"]
-            if it is None and name == FINAL_NAME and training:
-                it = max(training)
+            if it is None and name == FINAL_NAME:
+                it = final_it
             markers = [m for m, hit in (
                 ("last", last in [name] + twins), ("best", BEST_NAME in [name] + twins),
                 ("final", FINAL_NAME in [name] + twins)) if hit]
@@ -160,30 +615,60 @@ class RunView:
             if it is not None:  # after_train's evaluation is stored under MAX_ITER (it + 1)
                 metrics = evaluations.get(it) or (
                     evaluations.get(it + 1, {}) if "final" in markers else {})
-            entries.append(CheckpointEntry(name, it, st.st_size, st.st_mtime, markers, metrics))
+            entries.append(CheckpointEntry(name, it, size, mtime, markers, metrics))
         return entries
+
+    def _identities_by_sidecar(self, stats, best):
+        """
+        ``stats`` with the sidecar's sha256 as the identity of the names that can be second
+        names (``model_final.pth``, ``model_best.pth``) and of the checkpoints they can be:
+        the newest periodic one and the one of best.json's iteration (a few small reads).
+        """
+        periodic = [n for n in stats if checkpoint_iteration(n) is not None]
+        it = best.get("iteration")
+        names = {FINAL_NAME, BEST_NAME, *periodic[:1],
+                 checkpoint_name(it) if isinstance(it, int) and it >= 0 else FINAL_NAME}
+        out = dict(stats)
+        for n in names & set(stats):
+            digest = _sidecar(self._folder, n)
+            if digest is not None:
+                out[n] = stats[n][:2] + (("sha256", digest),)
+        return out
+
+    def _export_folder(self):
+        if self.kind == "bundle":
+            return self._folder
+        name = self.persist_options().get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+        try:
+            folder = self._folder.child(name)
+        except UnsafeArtifactError:
+            return None
+        return folder if folder.isdir() else None
 
     def export_dir(self) -> Optional[str]:
         """The bundle folder: the view itself, or the run's export folder if it exists."""
-        if self.kind == "bundle":
-            return self.path
-        name = persist_options_of_run(self.path).get("EXPORT_DIR", "export") if os.path.isfile(
-            self._file("persist.yaml")) else "export"
-        folder = os.path.join(self.path, name)
-        return folder if os.path.isdir(folder) else None
+        folder = self._export_folder()
+        return folder.path if folder is not None else None
+
+    def manifest(self) -> dict:
+        """The bundle's manifest, format checked, files not hashed (see :meth:`verify`)."""
+        folder = self._export_folder()
+        if folder is None:
+            raise ArtifactError(f"{self.path} has no export bundle.")
+        return _parse_manifest(folder, folder.read(MANIFEST_NAME))
 
     def export(self) -> Optional[dict]:
         """
         The bundle's summary: ``folder``, ``complete``, ``formats``, ``source``, ``iteration``,
         ``evaluation`` (the manifest's ``failed`` and per-backend box / mask AP); None without one.
         """
-        folder = self.export_dir()
+        folder = self._export_folder()
         if folder is None:
             return None
         try:
-            manifest = read_manifest(folder, verify=False)
+            manifest = self.manifest()
         except ArtifactError:
-            return {"folder": folder, "complete": False}
+            return {"folder": folder.path, "complete": False}
         files = manifest.get("files") or {}
         formats = [f for f, n in (("safetensors", manifest.get("weights")), ("onnx", ONNX_NAME),
                                   ("onnx-int8", ONNX_INT8_NAME)) if n in files]
@@ -194,54 +679,163 @@ class RunView:
                           "backends": {b: {k: v for k, v in m.items() if k in (
                               "bbox/AP", "segm/AP")} for b, m in entry.get(
                               "backends", {}).items()}}
-        return {"folder": folder, "complete": True, "formats": formats,
+        return {"folder": folder.path, "complete": True, "formats": formats,
                 "source": manifest.get("source"), "iteration": manifest.get("iteration"),
                 "evaluation": evaluation}
 
     def mirror(self) -> Optional[str]:
         """The run's configured mirror URL (PERSIST.MIRROR), or None."""
-        if self.kind != "run" or not os.path.isfile(self._file("persist.yaml")):
+        if self.kind != "run":
             return None
-        return persist_options_of_run(self.path).get("MIRROR") or None
+        return self.persist_options().get("MIRROR") or None
+
+    def mirror_state(self) -> Optional[dict]:
+        """
+        How the run's mirror compares with this folder (listings only, nothing hashed):
+        ``url``, ``in_step`` (it holds every checkpoint here, and its ``last_checkpoint`` names
+        the same one), ``missing`` (checkpoints it lacks), ``last_checkpoint`` (its pointer),
+        ``error`` (why it could not be read). None without a mirror, or for a remote view.
+        """
+        url = self.mirror()
+        if url is None or self.remote:
+            return None
+        state = {"url": url, "in_step": False, "missing": [], "last_checkpoint": None,
+                 "error": None}
+        try:
+            there = RunView(url, "run")
+            names = set(there.names())
+            state["last_checkpoint"] = there.last_checkpoint()
+        except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+            state["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+            return state
+        state["missing"] = [n for n in self.checkpoint_names() + [BEST_NAME]
+                            if n not in names and self._folder.stat(n) is not None]
+        state["in_step"] = (not state["missing"]
+                            and state["last_checkpoint"] == self.last_checkpoint())
+        return state
 
     # -- verification ------------------------------------------------------------------------
-    def verify(self, progress: bool = False) -> Tuple[List[str], List[str]]:
+    def verify(self, progress: bool = False, workers: Optional[int] = None
+               ) -> Tuple[List[str], List[str]]:
         """
-        Check everything the folder holds.
+        Check everything the folder holds. Files are hashed in parallel (hashlib releases the
+        GIL), the bigger ones first.
+
+        Args:
+            progress (bool): show a progress bar (bytes hashed) when there is much to hash.
+            workers (int or None): hashing threads (default: the CPU count, at most 8).
 
         Returns:
             tuple: ``(problems, notes)``: one line per damaged or inconsistent file, and one per
             thing that could not be checked because the run never had it.
         """
-        problems, notes = [], []
+        problems, notes, jobs = [], [], []
+        checks = []  # (kind, ...), in the order their lines are reported
         if self.kind == "run":
-            self._verify_run(problems, notes, progress)
-        folder = self.export_dir()
-        if folder is not None:
-            self._verify_bundle(folder, problems, notes)
+            entries = self.checkpoints()
+            for e in entries:
+                expected = _sidecar(self._folder, e.name)
+                if expected is not None:
+                    jobs.append((self._folder, e.name, e.size))
+                checks.append(("checkpoint", e.name, expected))
+        bundle = self._export_folder()
+        manifest = None
+        if bundle is not None:
+            try:
+                manifest = _parse_manifest(bundle, bundle.read(MANIFEST_NAME))
+            except ArtifactError as e:
+                if bundle.read(MANIFEST_NAME) is None:
+                    e = f"{bundle.path} has no {MANIFEST_NAME}: an incomplete export."
+                problems.append(str(e))
+            else:
+                for name, entry in manifest["files"].items():
+                    sub, base, _ = _bundle_file(bundle, name)
+                    if sub.stat(base) is not None and sub.stat(base)[0] == entry.get("size"):
+                        jobs.append((sub, base, entry.get("size") or 0))
+        digests = self._hash(jobs, progress, workers)
+        good = set()
+        unsidecarred, unchecked = [], []
+        for _, name, expected in checks:
+            try:
+                why = self._checkpoint_problem(name, expected, digests)
+            except ImportError:  # a stock checkpoint, and no torch to load it with
+                unchecked.append(name)
+                good.add(name)  # not known to be damaged
+                continue
+            if expected is None:
+                unsidecarred.append(name)
+            if why is None:
+                good.add(name)
+            else:
+                problems.append(f"{self.where(name)}: {why}.")
+        if unchecked:
+            notes.append(f"torch is not installed: {len(unchecked)} checkpoint(s) without a "
+                         f".sha256 sidecar could not be checked ({', '.join(unchecked[:3])}).")
+        if self.kind == "run":
+            self._verify_run(entries, good, unsidecarred, problems, notes)
+        if manifest is not None:
+            self._verify_bundle(bundle, manifest, digests, problems, notes)
         return problems, notes
 
-    def _verify_run(self, problems, notes, progress):
-        entries = self.checkpoints()
-        items = entries
-        if progress and len(entries) > 1:
+    @staticmethod
+    def _hash(jobs, progress, workers):
+        """Where each job's file is -> its sha256 (None: unreadable); largest files first."""
+        if not jobs:
+            return {}
+        bar, lock = None, threading.Lock()
+
+        def on_chunk(n):
+            with lock:
+                bar.update(n)
+
+        def one(job):
+            folder, name, _ = job
+            try:
+                return folder.sha256(name, on_chunk if bar is not None else None)
+            except OSError:
+                return None
+
+        # second names of one file (hard links: model_final.pth, model_best.pth) hashed once
+        unique, same_as = {}, {}
+        for job in sorted(jobs, key=lambda j: -j[2]):
+            st = job[0].stat(job[1])
+            key = st[2] if st is not None and st[2] is not None else job[0].where(job[1])
+            if key in unique:
+                same_as[job[0].where(job[1])] = unique[key][0].where(unique[key][1])
+            else:
+                unique[key] = job
+        order = list(unique.values())
+        total = sum(size for _, _, size in order)
+        if progress and total >= _PROGRESS_BYTES:
             from tqdm import tqdm
 
-            items = tqdm(entries, unit="checkpoint", desc="verify")
-        good = set()
-        unsidecarred = []
-        for e in items:
-            path = self._file(e.name)
-            if read_sidecar(path) is None:
-                unsidecarred.append(e.name)
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="verify")
+        workers = workers or min(8, os.cpu_count() or 1)
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(workers, len(order)))) as pool:
+                results = list(pool.map(one, order))
+        finally:
+            if bar is not None:
+                bar.close()
+        digests = {f.where(n): d for (f, n, _), d in zip(order, results)}
+        digests.update({link: digests[first] for link, first in same_as.items()})
+        return digests
+
+    def _checkpoint_problem(self, name, expected, digests):
+        if self._folder.stat(name) is None:
+            return "it does not exist"
+        if expected is not None:
+            actual = digests.get(self.where(name))
+            if actual is None:
+                return "it cannot be read"
+            return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+        with self._folder.local(name) as path:  # a stock checkpoint: load it safely
             try:
-                why = verify_checkpoint(path)
-            except ArtifactError as err:  # a hostile pickle is damage too
-                why = str(err)
-            if why is None:
-                good.add(e.name)
-            else:
-                problems.append(f"{path}: {why}.")
+                return _safely_loadable(path)
+            except UnsafeArtifactError as e:  # a hostile pickle is damage too
+                return str(e)
+
+    def _verify_run(self, entries, good, unsidecarred, problems, notes):
         if unsidecarred:
             notes.append(f"{len(unsidecarred)} checkpoint(s) without a .sha256 sidecar (written "
                          "by stock detectron2): verified by loading them safely.")
@@ -250,55 +844,62 @@ class RunView:
             if entries:
                 notes.append(f"No {LAST_CHECKPOINT}: nothing names the checkpoint to resume from.")
         elif last not in good:
-            state = "does not verify" if os.path.exists(self._file(last)) else "is missing"
-            problems.append(f"{self._file(LAST_CHECKPOINT)} names {last}, which {state}.")
+            state = "does not verify" if self._folder.stat(last) is not None else "is missing"
+            problems.append(f"{self.where(LAST_CHECKPOINT)} names {last}, which {state}.")
         record = self.best_record()
         if record is not None or BEST_NAME in good:
-            self._verify_best(record, problems)
-        config = self._file(CONFIG_NAME)
-        if os.path.isfile(config):
+            self._verify_best(record, good, problems, notes)
+        text = self._text(CONFIG_NAME)
+        if text is not None:
             try:
-                safe_yaml_load(config)
+                safe_yaml_loads(text, where=self.where(CONFIG_NAME))
             except ArtifactError as e:
-                problems.append(f"{config}: {e}")
+                problems.append(f"{self.where(CONFIG_NAME)}: {e}")
         else:
             notes.append(f"No {CONFIG_NAME}: the run's config could not be checked.")
 
-    def _verify_best(self, record, problems):
-        path = self._file(BEST_NAME)
+    def _verify_best(self, record, good, problems, notes):
+        where = self.where(BEST_NAME)
         if record is None:
-            problems.append(f"{path} has no {BEST_RECORD} saying which evaluation it is.")
+            problems.append(f"{where} has no {BEST_RECORD} saying which evaluation it is.")
             return
-        if not os.path.isfile(path):
-            problems.append(f"{self._file(BEST_RECORD)} records a best model, but {BEST_NAME} "
+        if self._folder.stat(BEST_NAME) is None:
+            problems.append(f"{self.where(BEST_RECORD)} records a best model, but {BEST_NAME} "
                             "is missing.")
             return
-        try:
-            held = safe_torch_load(path).get("iteration")
-        except (ArtifactError, AttributeError):
+        if BEST_NAME not in good:
             return  # reported as a damaged checkpoint already
-        if held != record.get("iteration"):
-            problems.append(f"{self._file(BEST_RECORD)} says iteration {record.get('iteration')}"
-                            f", but {BEST_NAME} holds iteration {held}.")
-
-    def _verify_bundle(self, folder, problems, notes):
-        if not os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
-            problems.append(f"{folder} has no {MANIFEST_NAME}: an incomplete export.")
-            return
+        it = record.get("iteration")
+        twin = checkpoint_name(it) if isinstance(it, int) and it >= 0 else None
+        best_sha = _sidecar(self._folder, BEST_NAME)
+        if twin in good and best_sha is not None and best_sha == _sidecar(self._folder, twin):
+            return  # the same bytes as the periodic checkpoint of that iteration
         try:
-            manifest = read_manifest(folder, verify=False)
-        except ArtifactError as e:
-            problems.append(str(e))
+            with self._folder.local(BEST_NAME) as path:
+                held = safe_torch_load(path).get("iteration")
+        except ImportError:
+            notes.append(f"torch is not installed: whether {BEST_NAME} holds the iteration "
+                         f"{BEST_RECORD} records was not checked.")
             return
+        except (ArtifactError, AttributeError):
+            return
+        if held != it:
+            problems.append(f"{self.where(BEST_RECORD)} says iteration {it}, but {BEST_NAME} "
+                            f"holds iteration {held}.")
+
+    def _verify_bundle(self, folder, manifest, digests, problems, notes):
         damaged = set()
-        for name in manifest["files"]:  # each file on its own: one line per damaged file
-            try:
-                read_manifest(folder, only=[name])
-            except ArtifactError as e:
-                problems.append(str(e))
+        for name, entry in manifest["files"].items():  # one line per damaged file
+            sub, base, where = _bundle_file(folder, name)
+            if where in digests and digests[where] is None:
+                problem = f"Bundle file {where} cannot be read."
+            else:  # hashed above unless it is missing or has the wrong size
+                problem = _bundle_file_problem(folder, name, entry, digests.get(where))
+            if problem:
+                problems.append(problem)
                 damaged.add(name)
         for name in (ONNX_NAME, ONNX_INT8_NAME):
-            if name not in manifest.get("files", {}) or name in damaged:
+            if name not in manifest["files"] or name in damaged:
                 continue
             try:
                 import onnxruntime as ort
@@ -307,32 +908,44 @@ class RunView:
                              "sha256 only.")
                 continue
             try:
-                ort.InferenceSession(os.path.join(folder, name),
-                                     providers=["CPUExecutionProvider"])
+                with folder.local(name) as path:
+                    ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own kinds)
-                problems.append(f"{os.path.join(folder, name)} does not open in ONNX Runtime "
+                problems.append(f"{folder.where(name)} does not open in ONNX Runtime "
                                 f"({type(e).__name__}).")
 
 
 def open_view(path: str) -> RunView:
     """
-    The view of ``path``: a bundle (it holds ``manifest.json``) or a run folder (checkpoints,
-    ``last_checkpoint``, ``config.yaml`` or ``metrics.json``).
+    The view of ``path`` (a folder, or an fsspec URL such as a run's ``PERSIST.MIRROR``): a
+    bundle (it holds ``manifest.json``) or a run folder (checkpoints, ``last_checkpoint``,
+    ``config.yaml`` or ``metrics.json``).
 
     Raises:
+        ArtifactError: ``path`` cannot be read (a URL whose store does not answer).
         D2PersistError: ``path`` is neither, in one sentence.
     """
-    if not os.path.isdir(path):
-        raise D2PersistError(f"{path} is not a folder (a run's OUTPUT_DIR or an export bundle).")
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        return RunView(path, "bundle")
+    folder = _folder(path)
+    try:
+        names = folder.names()
+        exists = folder.isdir()
+    except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+        raise ArtifactError(f"Cannot read {path} ({type(e).__name__}: {e}).") from None
+    if not exists:
+        what = "holds nothing" if folder.remote else "is not a folder"
+        raise D2PersistError(f"{path} {what} (a run's OUTPUT_DIR, its mirror, or an export "
+                             "bundle).")
+    if MANIFEST_NAME in names:
+        return RunView(path, "bundle", source=folder)
     markers = (LAST_CHECKPOINT, CONFIG_NAME, METRICS_NAME, BEST_RECORD)
-    if list_checkpoints(path) or any(os.path.isfile(os.path.join(path, m)) for m in markers):
-        return RunView(path, "run")
+    if _checkpoint_names(names) or any(m in names for m in markers):
+        return RunView(path, "run", source=folder)
     raise D2PersistError(f"{path} is neither a run folder (no checkpoints, {LAST_CHECKPOINT}, "
                          f"{CONFIG_NAME} or {METRICS_NAME}) nor an export bundle (no "
                          f"{MANIFEST_NAME}).")
 
+
+# -- diff -------------------------------------------------------------------------------------
 
 def _plain(v):
     """Tuples (a merged CfgNode's) as lists (YAML's), so that equal values compare equal."""
@@ -352,14 +965,14 @@ def _flatten(d, prefix=""):
 
 def describe(path: str) -> dict:
     """
-    What ``d2persist diff`` compares of a run folder, a bundle or a config file: ``config``
-    (flattened dotted keys), ``persist`` (d2persist's options), ``classes``, ``last_iteration``
-    and ``final`` (the last evaluation's metrics).
+    What ``d2persist diff`` compares of a run folder, a bundle (here or at a URL) or a config
+    file: ``config`` (flattened dotted keys), ``persist`` (d2persist's options), ``classes``,
+    ``last_iteration`` and ``final`` (the last evaluation's metrics).
 
     Raises:
         D2PersistError: ``path`` is none of these, in one sentence.
     """
-    if os.path.isfile(path):
+    if not is_url(path) and os.path.isfile(path):
         if not path.endswith((".yaml", ".yml")):
             raise D2PersistError(f"{path} is not a config file (.yaml), a run folder or a bundle.")
         config = safe_yaml_load(path)
@@ -379,27 +992,15 @@ def describe(path: str) -> dict:
                 "classes": None, "last_iteration": None, "final": {}}
     view = open_view(path)
     if view.kind == "bundle":
-        manifest = read_manifest(path, verify=False)
-        config = safe_yaml_load(os.path.join(path, manifest.get("config", CONFIG_NAME)))
+        manifest = view.manifest()
         evaluation = manifest.get("evaluation") or {}
-        return {"kind": "bundle", "config": _flatten(config), "persist": {},
-                "classes": (manifest.get("metadata") or {}).get("thing_classes"),
-                "last_iteration": manifest.get("iteration"),
+        return {"kind": "bundle", "config": _flatten(view.config()), "persist": {},
+                "classes": view.classes(), "last_iteration": manifest.get("iteration"),
                 "final": (evaluation.get("backends") or {}).get("pytorch") or {}}
-    config_path = view._file(CONFIG_NAME)
-    config = safe_yaml_load(config_path) if os.path.isfile(config_path) else {}
-    persist = (persist_options_of_run(path) if os.path.isfile(view._file("persist.yaml"))
-               else {})
-    try:
-        with open(view._file("metadata.json"), encoding="utf-8") as f:
-            classes = json.load(f).get("thing_classes")
-    except (OSError, ValueError, AttributeError):
-        classes = None
-    rows = view.metrics_rows()
     evaluations = view.evaluations()
-    return {"kind": "run", "config": _flatten(config), "persist": persist, "classes": classes,
-            "last_iteration": max((int(r["iteration"]) for r in rows if "total_loss" in r),
-                                  default=None),
+    return {"kind": "run", "config": _flatten(view.config() or {}),
+            "persist": view.persist_options(), "classes": view.classes(),
+            "last_iteration": view.last_iteration(),
             "final": evaluations[max(evaluations)] if evaluations else {}}
 
 
