@@ -2,10 +2,13 @@
 ``d2persist`` (also ``python -m d2persist``): look at and check runs and bundles without
 touching them.
 
-    d2persist ls RUN|BUNDLE [--verify] [--json]
-    d2persist verify RUN|BUNDLE
-    d2persist diff A B [--json]          (runs, bundles or config files)
-    d2persist plot RUN [-o FILE]
+    d2persist ls RUN|BUNDLE|URL [--verify] [--json]
+    d2persist verify RUN|BUNDLE|URL
+    d2persist diff A B [--json]          (runs, bundles, their URLs, or config files)
+    d2persist plot RUN|URL [-o FILE]
+
+A URL is a run's mirror or a bundle at any fsspec location (``s3://bucket/runs/a``), read with
+fsspec's usual credentials and settings.
 
 Exit codes: 0 all is well; 1 ``verify`` found a problem; 2 bad input (one sentence on stderr).
 None of them takes the run lock or writes into a run (``plot -o`` writes only its file).
@@ -30,19 +33,19 @@ def ls(args):
     from d2persist.runview import open_view
 
     view = open_view(args.path)
-    problems = set()
+    problems = []
     if args.verify:
-        problems = {p.split(":", 1)[0] for p in view.verify()[0]}
+        problems = view.verify(progress=sys.stderr.isatty())[0]
     rows = []
     for e in view.checkpoints() if view.kind == "run" else []:
         row = {"name": e.name, "iteration": e.iteration, "size": e.size,
                "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime)),
                "markers": e.markers, "metrics": e.metrics}
         if args.verify:
-            row["verified"] = not any(p.endswith("/" + e.name) for p in problems)
+            row["verified"] = not any(p.startswith(view.where(e.name) + ": ") for p in problems)
         rows.append(row)
     data = {"path": view.path, "kind": view.kind, "checkpoints": rows, "export": view.export(),
-            "mirror": view.mirror()}
+            "mirror": view.mirror_state()}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -72,8 +75,16 @@ def ls(args):
                 scores = ", ".join(f"{k} {v:.1f}" for k, v in ev["backends"][b].items()
                                    if v is not None)
                 print(f"    {b:17s} {scores}" + ("  FAILED" if b in ev["failed"] else ""))
-    if data["mirror"]:
-        print(f"  mirror: {data['mirror']}")
+    m = data["mirror"]
+    if m is not None:
+        if m["error"]:
+            state = f"cannot be read ({m['error']})"
+        elif m["in_step"]:
+            state = f"in step (last_checkpoint {m['last_checkpoint']})"
+        else:
+            lacks = f"lacks {', '.join(m['missing'])}; " if m["missing"] else ""
+            state = f"behind: {lacks}its last_checkpoint is {m['last_checkpoint'] or 'missing'}"
+        print(f"  mirror: {m['url']} {state}")
     return 0
 
 
@@ -129,7 +140,7 @@ def plot(args):
 
         raise D2PersistError(f"{args.path} is a bundle: plot needs the run folder (its "
                              "metrics.json).")
-    out = args.output or os.path.join(args.path, "training.png")
+    out = args.output or ("training.png" if view.remote else view.where("training.png"))
     plot_run(view, out)
     print(f"picture: {os.path.abspath(out)}")
     return 0
@@ -139,12 +150,12 @@ def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("ls", help="checkpoints, export and mirror of a run (newest first)")
-    p.add_argument("path", help="a run folder (OUTPUT_DIR) or an export bundle")
+    p.add_argument("path", help="a run folder (OUTPUT_DIR), an export bundle, or a URL of one")
     p.add_argument("--verify", action="store_true", help="also hash every checkpoint")
     p.add_argument("--json", action="store_true", help="print JSON, for scripts")
     p.set_defaults(fn=ls)
     p = sub.add_parser("verify", help="check every file against its sha256 or by safe loading")
-    p.add_argument("path", help="a run folder (OUTPUT_DIR) or an export bundle")
+    p.add_argument("path", help="a run folder (OUTPUT_DIR), an export bundle, or a URL of one")
     p.set_defaults(fn=verify)
     p = sub.add_parser("diff", help="config keys, options, classes and results of two runs, "
                        "bundles or config files")
@@ -153,8 +164,9 @@ def get_parser():
     p.add_argument("--json", action="store_true", help="print JSON, for scripts")
     p.set_defaults(fn=diff)
     p = sub.add_parser("plot", help="losses, learning rate and evaluations of a run, as a PNG")
-    p.add_argument("path", help="a run folder (OUTPUT_DIR)")
-    p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png)")
+    p.add_argument("path", help="a run folder (OUTPUT_DIR) or its mirror's URL")
+    p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png; for a URL, "
+                   "training.png here)")
     p.set_defaults(fn=plot)
     return parser
 

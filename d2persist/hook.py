@@ -391,9 +391,15 @@ class PersistHook(HookBase):
         steps += [(prefix + n, None) for n in remove]
         self._uploader.submit(steps)
 
+    def _mirror_metrics(self):
+        """``metrics.json`` as it is now (a line still being appended is skipped by readers)."""
+        if os.path.isfile(os.path.join(self.run.output_dir, METRICS_NAME)):
+            self._mirror(METRICS_NAME)
+
     def _finish_mirror(self):
         if self._uploader is None:
             return
+        self._mirror_metrics()
         waited = self._uploader.wait()
         failures = self._uploader.failures
         logger.info(
@@ -456,6 +462,7 @@ class PersistHook(HookBase):
             best = (BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
         # the checkpoint and its sha256 before anything names it
         self._mirror(basename, basename + SIDECAR_SUFFIX, *best, tag=basename)
+        self._mirror_metrics()  # a job of its own: the mirror's ls and plot read it
         self._prune()
 
     def _prune(self):

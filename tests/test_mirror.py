@@ -78,7 +78,8 @@ def test_mirror_holds_the_run_and_follows_retention(s3, tmp_path):
     assert {"config.yaml", "persist.yaml", "metadata.json", "last_checkpoint",
             "model_0000003.pth", "model_0000003.pth.sha256", "model_final.pth",
             "model_final.pth.sha256", "export/manifest.json", "export/model.safetensors",
-            "export/config.yaml", "training.png"} == set(names)  # retention removed
+            "export/config.yaml", "training.png", "metrics.json"} == set(names)  # retention
+    # removed
     # model_0000000..2 there too; training.png (PERSIST.PLOT) is mirrored like the rest
     fs = _fs()
     assert fs.cat_file(f"{BUCKET}/run1/last_checkpoint") == b"model_final.pth"
@@ -90,6 +91,52 @@ def test_mirror_holds_the_run_and_follows_retention(s3, tmp_path):
                    "--json", tmp_path / "p.json", env=s3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "weights: the final weights, iteration 3" in res.stdout
+    _look_at_the_mirror(url, tmp_path, s3)
+
+
+def _d2persist(*args, env):
+    return run_tool("-m", "d2persist", *args, env=env, timeout=120)
+
+
+def _look_at_the_mirror(url, run, env):
+    """``d2persist ls/verify/diff/plot`` read the mirror URL as they read the run folder."""
+    import json
+
+    local = json.loads(_d2persist("ls", run, "--json", env=env).stdout)
+    assert local["mirror"] == {"url": url, "in_step": True, "missing": [],
+                               "last_checkpoint": "model_final.pth", "error": None}
+    res = _d2persist("ls", url, "--json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    remote = json.loads(res.stdout)
+    assert remote["kind"] == "run" and remote["export"]["complete"]
+    assert [(r["name"], r["iteration"], r["size"], r["markers"], r["metrics"])
+            for r in remote["checkpoints"]] == [
+        (r["name"], r["iteration"], r["size"], r["markers"], r["metrics"])
+        for r in local["checkpoints"]]
+    res = _d2persist("verify", url, env=env)
+    assert res.returncode == 0 and "everything verifies" in res.stdout, res.stdout + res.stderr
+    res = _d2persist("diff", run, url, "--json", env=env)
+    assert res.returncode == 0 and json.loads(res.stdout)["config"] == {}, res.stdout
+    res = _d2persist("plot", url, "-o", run / "remote.png", env=env)
+    assert res.returncode == 0 and (run / "remote.png").read_bytes()[:4] == b"\x89PNG"
+
+    fs = _fs()  # damage at the mirror is named there; the local run is not touched
+    data = bytearray(fs.cat_file(f"{BUCKET}/run1/model_final.pth"))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe_file(f"{BUCKET}/run1/model_final.pth", bytes(data))
+    fs.rm_file(f"{BUCKET}/run1/export/model.safetensors")
+    res = _d2persist("verify", url, env=env)
+    assert res.returncode == 1, res.stdout + res.stderr
+    problems = [ln for ln in res.stdout.splitlines() if ln.startswith("PROBLEM")]
+    assert len(problems) == 3, res.stdout  # the checkpoint, last_checkpoint's target, the bundle
+    assert f"{url}/model_final.pth: its sha256" in problems[0]
+    assert f"{url}/export/model.safetensors named in manifest.json is missing" in res.stdout
+    assert verify_checkpoint(str(run / "model_final.pth")) is None
+    fs.rm_file(f"{BUCKET}/run1/model_final.pth")
+    behind = json.loads(_d2persist("ls", run, "--json", env=env).stdout)["mirror"]
+    assert not behind["in_step"] and behind["missing"] == ["model_final.pth"]
+    res = _d2persist("ls", f"s3://{BUCKET}/nothing-here", env=env)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
 
 
 def _val_image():

@@ -62,12 +62,31 @@ def test_ls_rows_match_the_runs_files_and_metrics(default_run):
     assert "model_0000019.pth" in text.stdout and "onnxruntime-int8" in text.stdout
 
 
-def test_verify_passes_a_fresh_run_and_its_bundle(default_run):
+def test_verify_passes_a_fresh_run_and_its_bundle(default_run, capsys):
+    import subprocess
+    import sys
+
+    from helpers import REPO, WITHOUT_TORCH
+
+    from d2persist.runview import open_view
+
     out, _ = default_run
     for path in (out, out / "export"):
         res = _cli("verify", path)
         assert res.returncode == 0, res.stdout + res.stderr[-2000:]
         assert "everything verifies" in res.stdout and "PROBLEM" not in res.stdout
+    main = os.path.join(REPO, "d2persist", "__main__.py")
+    for args in (("verify", out / "export"), ("ls", out)):  # a deploy machine: no torch
+        res = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, main, *map(str, args)],
+                             capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "everything verifies" in subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, main, "verify", str(out)], capture_output=True,
+        text=True, timeout=120, cwd=REPO).stdout  # best.json checked by the sidecars
+    capsys.readouterr()
+    assert open_view(str(out)).verify(progress=True, workers=2) == ([], [])
+    bar = capsys.readouterr().err  # tqdm: bytes hashed, over every checkpoint and bundle file
+    assert "verify" in bar and "100%" in bar and "B/s" in bar, bar[-500:]
 
 
 def test_verify_names_each_damaged_file(default_run, tmp_path):
