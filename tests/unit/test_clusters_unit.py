@@ -22,10 +22,10 @@ from d2persist.fileio import lock_run_folder
 lock_run_folder(sys.argv[1])
 child = os.fork()  # as a DataLoader worker: it must not keep the lock once its parent died
 if child == 0:  # the fork handler closed the lock's fd before fork() returned here
-    print("child", flush=True)
+    os.write(1, b"child\\n")  # one write each, under PIPE_BUF: lines never interleave
     time.sleep(120)
     os._exit(0)
-print("locked", child, flush=True)
+os.write(1, f"locked {child}\\n".encode())
 time.sleep(120)
 """
 
