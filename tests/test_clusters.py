@@ -111,19 +111,11 @@ def _finish(proc, timeout=240):
     return err or ""
 
 
-def test_torchrun_is_one_run_bitwise_equal_to_launch(tmp_path, launch_run):
-    out = tmp_path / "run"
-    log = _ok(run_tool(TRAIN_NET, *TIMEOUT, *OPTS, "OUTPUT_DIR", out, env=ENV, timeout=240,
-                       launcher=torchrun(*STANDALONE2)))
-    assert "Rank of current process: 0. World size: 2" in log  # one run, not two of size 1
-    assert (out / "log.txt.rank1").is_file()
-    assert len([n for n in os.listdir(out) if n.startswith("events.out")]) == 1
-    assert_bitwise_equal(_weights(launch_run / "model_final.pth"),
-                         _weights(out / "model_final.pth"))
-
-
 def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run):
-    """rank 0 (the writer, holding the run lock) SIGKILLed mid-run; torchrun restarts both."""
+    """
+    torchrun's two workers are one run, bitwise equal to launch()'s; rank 0 (the writer,
+    holding the run lock) SIGKILLed mid-run, torchrun restarts both, and they resume.
+    """
     out = tmp_path / "run"
     proc = _popen(torchrun(*STANDALONE2, "--max-restarts", 1), TRAIN_NET, *TIMEOUT, *OPTS,
                   "OUTPUT_DIR", out)
@@ -136,6 +128,9 @@ def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run
     assert proc.returncode == 0, err[-4000:]
     assert "torchrun restart 1: resuming" in err
     log = (out / "log.txt").read_text()
+    # torchrun's workers are one run, not two of size 1: one main process and its rank 1
+    assert "Rank of current process: 0. World size: 2" in log
+    assert "World size: 2" in (out / "log.txt.rank1").read_text()
     assert log.count("Starting training from iteration 0") == 1
     assert "Starting training from iteration " in log.split("Starting training from iteration 0")[1]
     assert_bitwise_equal(_weights(launch_run / "model_final.pth"),
@@ -222,20 +217,23 @@ def test_global_batches_do_not_depend_on_the_world_size(straight_runs):
     assert len({i for ids in _global(one).values() for i in ids}) == 16  # 8 x 2 images
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_with_another_world_size_sees_the_same_images(tmp_path, straight_runs, first,
-                                                             then):
-    """The images of each iteration's global batch across a 2 -> 1 and a 1 -> 2 resume."""
+def test_resume_with_another_world_size_sees_the_same_images(tmp_path, straight_runs):
+    """The images of each iteration's global batch across a 2 -> 1 and then a 1 -> 2 resume."""
     two = straight_runs[2]
     straight = _global(_batches(two))
 
     out = tmp_path / "changed"
-    stopped = _record(out, first, stop_at=3)  # SIGUSR1 to the last process, after iteration 3
+    stopped = _record(out, 2, stop_at=3)  # SIGUSR1 to the last process, after iteration 3
     assert stopped.returncode == 128 + signal.SIGUSR1, stopped.stderr[-3000:]
     assert (out / "last_checkpoint").read_text() == "model_0000003.pth"
-    log = _ok(_record(out, then, "--resume"))
-    assert "Starting training from iteration 4" in log
-    assert f"The checkpoint was written by {first} processes, this run has {then}" in log
+    for first, then, stop_at, start in ((2, 1, 5, 4), (1, 2, None, 6)):
+        res = _record(out, then, "--resume", stop_at=stop_at)
+        if stop_at is not None:
+            assert res.returncode == 128 + signal.SIGUSR1, res.stderr[-3000:]
+            assert (out / "last_checkpoint").read_text() == "model_0000005.pth"
+        log = _ok(res) if stop_at is None else res.stdout + res.stderr
+        assert f"Starting training from iteration {start}" in log
+        assert f"The checkpoint was written by {first} processes, this run has {then}" in log
     assert _global(_batches(out)) == straight  # no image skipped or seen twice
     ckpt, ref = (torch.load(o / "model_final.pth", weights_only=True) for o in (out, two))
     assert ckpt["iteration"] == 7

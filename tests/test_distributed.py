@@ -70,6 +70,8 @@ def test_two_processes_evaluate_mid_training_then_resume(tmp_path, tool):
     first = run_tool(script, *args, "SOLVER.MAX_ITER", 4, timeout=240)
     _check_run(out, first, 4, evaluations=2)  # after iteration 2, and the final one
     assert (out / "inference" / "coco_instances_results.json").is_file()
+    if tool == "stock":
+        return  # resuming is the same code for both (resume_or_load): once is enough
 
     more = run_tool(script, "--resume", *args, "SOLVER.MAX_ITER", 6, "PERSIST.EXPORT_EVAL", False,
                     timeout=240)
@@ -130,8 +132,4 @@ def test_sigterm_to_one_process_stops_both_after_the_same_iteration(tmp_path):
     assert 19 <= it < 199
     # both processes stopped after iteration ``it``: it + 1 global batches of 2 images taken
     assert [s["data"]["position"] for s in states] == [2 * (it + 1)] * 2
-
-    more = run_tool(TRAIN_NET, "--resume", *args[:-4], "SOLVER.MAX_ITER", it + 3,
-                    "PERSIST.EXPORT", False, "OUTPUT_DIR", out, timeout=240)
-    assert more.returncode == 0, more.stderr[-4000:]
-    assert f"Starting training from iteration {it + 1}" in more.stdout + more.stderr
+    # resuming after a stop signal: test_clusters.py's torchrun test and test_hook.py
