@@ -130,10 +130,12 @@ def _fetch_from_mirror(url, folder):
         view = open_view(url)
         names = set(view.names())
         candidates = view.resume_candidates()
-    except ArtifactError as e:  # the store does not answer: never start afresh over a run
-        raise ArtifactError(f"Cannot read the mirror: {e}") from None
+    except ArtifactError:  # the store does not answer: never start afresh over a run
+        raise
     except D2PersistError:
         return None  # nothing there yet (a mirror no run has written to)
+    except Exception as e:  # fsspec backends raise many kinds
+        raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
     os.makedirs(folder, exist_ok=True)
     for name in candidates:
         path = os.path.join(folder, name)

@@ -98,7 +98,7 @@ def local_bundle(path: str) -> str:
     """
     import hashlib
 
-    from .fileio import write_text
+    from .fileio import write_bytes
     from .runview import open_view
     from .storage import is_url
 
@@ -111,7 +111,7 @@ def local_bundle(path: str) -> str:
         if bundle_url is None or (view.export() or {}).get("complete") is not True:
             raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}).")
         bundle = open_view(bundle_url)
-        text = bundle.read(MANIFEST_NAME)
+        text = bundle.read(MANIFEST_NAME)  # checked below, and written as these bytes
         manifest = bundle.manifest()
         cache = os.path.join(cache_root(), "bundles",
                              hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
@@ -130,6 +130,6 @@ def local_bundle(path: str) -> str:
     except (ValueError, OSError) as e:
         raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
             from None
-    write_text(os.path.join(cache, MANIFEST_NAME), text.decode("utf-8"))
+    write_bytes(os.path.join(cache, MANIFEST_NAME), text)
     read_manifest(cache)  # every file against its sha256
     return cache

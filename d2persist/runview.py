@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import posixpath
 import shutil
 import tempfile
 import threading
@@ -122,7 +123,11 @@ class _LocalFolder:
         return sha256_file(self.where(name), on_chunk)
 
     def child(self, name):
-        return _LocalFolder(resolve_inside(self.path, name))
+        """The subfolder ``name`` (an absolute ``name`` is taken as it is, as os.path.join does)."""
+        if isinstance(name, str) and os.path.isabs(name):
+            return _LocalFolder(name)
+        resolve_inside(self.path, name)  # refuses a name that leaves the folder
+        return _LocalFolder(os.path.join(self.path, name))
 
     @contextlib.contextmanager
     def local(self, name):
@@ -174,6 +179,9 @@ class _MirrorFolder:
                 mtime = 0.0
         return int(e.get("size") or 0), float(mtime or 0.0), None  # objects have no hard links
 
+    def _failed(self, name, e):
+        return ArtifactError(f"Cannot read {self.where(name)} ({type(e).__name__}: {e}).")
+
     def read(self, name) -> Optional[bytes]:
         if name not in self._info():
             return None
@@ -181,16 +189,18 @@ class _MirrorFolder:
             return self.mirror.fs.cat_file(self.mirror._path(name))
         except FileNotFoundError:
             return None
+        except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+            raise self._failed(name, e) from None
 
     def sha256(self, name, on_chunk=None):
-        with self.mirror.fs.open(self.mirror._path(name), "rb", block_size=8 << 20) as f:
-            return sha256_stream(f, on_chunk)
+        try:
+            with self.mirror.fs.open(self.mirror._path(name), "rb", block_size=8 << 20) as f:
+                return sha256_stream(f, on_chunk)
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(name, e) from None
 
     def child(self, name):
-        if not isinstance(name, str) or not name or name.startswith("/") or ".." in name.split("/"):
-            raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside "
-                                      f"{self.path}.")
-        return _MirrorFolder(self.where(name))
+        return _MirrorFolder(self.where(_remote_name(name, self.path)))
 
     @contextlib.contextmanager
     def local(self, name):
@@ -198,10 +208,23 @@ class _MirrorFolder:
         tmp = tempfile.mkdtemp(prefix="d2persist-view-")
         try:
             path = os.path.join(tmp, os.path.basename(name))
-            self.mirror.fs.get_file(self.mirror._path(name), path)
+            try:
+                self.mirror.fs.get_file(self.mirror._path(name), path)
+            except Exception as e:  # noqa: BLE001
+                raise self._failed(name, e) from None
             yield path
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remote_name(name, where):
+    """``name`` of a file under the URL ``where``, normalized; refused if it leaves it."""
+    if not isinstance(name, str) or not name or name.startswith("/"):
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it must be relative to {where}.")
+    norm = posixpath.normpath(name)
+    if norm == "." or norm == ".." or norm.startswith("../"):
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {where}.")
+    return norm
 
 
 def _folder(path):
@@ -252,11 +275,14 @@ def read_sidecar(path: str) -> Optional[str]:
 
 
 def _sidecar(folder, name):
+    """The sidecar's sha256; None without one (or an empty one), "" for one that is garbled."""
     data = folder.read(name + SIDECAR_SUFFIX)
     try:
         return data.decode("utf-8").split()[0] if data else None
-    except (UnicodeDecodeError, IndexError):
+    except IndexError:
         return None
+    except UnicodeDecodeError:
+        return ""  # matches no file: the checkpoint cannot be verified
 
 
 def _safely_loadable(path) -> Optional[str]:
@@ -343,7 +369,7 @@ def _bundle_file(folder, name):
     if isinstance(folder, _LocalFolder):
         path = resolve_inside(folder.path, name)
         return _LocalFolder(os.path.dirname(path)), os.path.basename(path), path
-    head, _, base = name.rpartition("/")
+    head, _, base = _remote_name(name, folder.path).rpartition("/")
     sub = folder.child(head) if head else folder
     return sub, base, sub.where(base)
 
@@ -394,10 +420,7 @@ def _persist_options(folder) -> dict:
     data = folder.read(PERSIST_FILE)
     if data is None:
         return {}
-    try:
-        persist = safe_yaml_loads(data.decode("utf-8"))
-    except Exception:  # noqa: BLE001 (yaml and decoding errors alike: not PERSIST options)
-        persist = None
+    persist = safe_yaml_loads(data, where=folder.where(PERSIST_FILE))
     options = persist.get("PERSIST") if isinstance(persist, dict) else None
     if not isinstance(options, dict):
         raise ArtifactError(f"{folder.where(PERSIST_FILE)} holds no PERSIST options.")
@@ -417,7 +440,7 @@ def find_bundle(path: str):
     if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
         return path
     name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
-    export_dir = resolve_inside(path, name)
+    export_dir = _LocalFolder(path).child(name).path
     return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None
 
 
@@ -569,10 +592,10 @@ class RunView:
         name = CONFIG_NAME
         if self.kind == "bundle":
             name = self.manifest().get("config", CONFIG_NAME)
-        text = self._text(name)
-        if text is None:
+        data = self._folder.read(name)
+        if data is None:
             return None
-        return safe_yaml_loads(text, where=self.where(name))
+        return safe_yaml_loads(data, where=self.where(name))
 
     def classes(self) -> Optional[list]:
         """The training dataset's class names (``thing_classes``), if recorded."""
@@ -739,14 +762,14 @@ class RunView:
                     jobs.append((self._folder, e.name, e.size))
                 checks.append(("checkpoint", e.name, expected))
         bundle = self._export_folder()
-        manifest = None
+        manifest, bundle_problem = None, None
         if bundle is not None:
             try:
                 manifest = _parse_manifest(bundle, bundle.read(MANIFEST_NAME))
             except ArtifactError as e:
                 if bundle.read(MANIFEST_NAME) is None:
                     e = f"{bundle.path} has no {MANIFEST_NAME}: an incomplete export."
-                problems.append(str(e))
+                bundle_problem = str(e)
             else:
                 for name, entry in manifest["files"].items():
                     sub, base, _ = _bundle_file(bundle, name)
@@ -773,6 +796,8 @@ class RunView:
                          f".sha256 sidecar could not be checked ({', '.join(unchecked[:3])}).")
         if self.kind == "run":
             self._verify_run(entries, good, unsidecarred, problems, notes)
+        if bundle_problem is not None:
+            problems.append(bundle_problem)
         if manifest is not None:
             self._verify_bundle(bundle, manifest, digests, problems, notes)
         return problems, notes
@@ -792,7 +817,7 @@ class RunView:
             folder, name, _ = job
             try:
                 return folder.sha256(name, on_chunk if bar is not None else None)
-            except OSError:
+            except (OSError, ArtifactError):  # reported as a file that cannot be read
                 return None
 
         # second names of one file (hard links: model_final.pth, model_best.pth) hashed once
@@ -828,12 +853,16 @@ class RunView:
             actual = digests.get(self.where(name))
             if actual is None:
                 return "it cannot be read"
+            if actual != expected and _sidecar(self._folder, name) != expected:
+                # replaced while we hashed (a run still training rewrites model_best.pth):
+                # compare the file as it is now with its sidecar as it is now
+                expected, actual = _sidecar(self._folder, name), self._folder.sha256(name)
             return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
-        with self._folder.local(name) as path:  # a stock checkpoint: load it safely
-            try:
+        try:
+            with self._folder.local(name) as path:  # a stock checkpoint: load it safely
                 return _safely_loadable(path)
-            except UnsafeArtifactError as e:  # a hostile pickle is damage too
-                return str(e)
+        except ArtifactError as e:  # a hostile pickle, or a download that failed
+            return str(e)
 
     def _verify_run(self, entries, good, unsidecarred, problems, notes):
         if unsidecarred:
@@ -849,10 +878,10 @@ class RunView:
         record = self.best_record()
         if record is not None or BEST_NAME in good:
             self._verify_best(record, good, problems, notes)
-        text = self._text(CONFIG_NAME)
-        if text is not None:
+        data = self._folder.read(CONFIG_NAME)
+        if data is not None:
             try:
-                safe_yaml_loads(text, where=self.where(CONFIG_NAME))
+                safe_yaml_loads(data, where=self.where(CONFIG_NAME))
             except ArtifactError as e:
                 problems.append(f"{self.where(CONFIG_NAME)}: {e}")
         else:
@@ -932,9 +961,9 @@ def open_view(path: str) -> RunView:
     except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
         raise ArtifactError(f"Cannot read {path} ({type(e).__name__}: {e}).") from None
     if not exists:
-        what = "holds nothing" if folder.remote else "is not a folder"
-        raise D2PersistError(f"{path} {what} (a run's OUTPUT_DIR, its mirror, or an export "
-                             "bundle).")
+        if folder.remote:
+            raise D2PersistError(f"{path} holds nothing (a run's mirror or an export bundle).")
+        raise D2PersistError(f"{path} is not a folder (a run's OUTPUT_DIR or an export bundle).")
     if MANIFEST_NAME in names:
         return RunView(path, "bundle", source=folder)
     markers = (LAST_CHECKPOINT, CONFIG_NAME, METRICS_NAME, BEST_RECORD)

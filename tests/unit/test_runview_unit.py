@@ -1,0 +1,87 @@
+"""
+The run view on small hand-made folders (no training): what each kind of damage reads as, and
+that names taken from artifacts never leave their folder. Real runs: tests/test_runview.py.
+"""
+
+import hashlib
+import os
+
+import pytest
+
+from d2persist import D2PersistError, UnsafeArtifactError
+from d2persist.runview import _remote_name, find_newest_valid, open_view
+
+
+def _checkpoint(folder, name, data=b"weights"):
+    (folder / name).write_bytes(data)
+    (folder / (name + ".sha256")).write_text(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+
+
+@pytest.fixture
+def run(tmp_path):
+    for it in (1, 3):
+        _checkpoint(tmp_path, f"model_{it:07d}.pth", b"weights %d" % it)
+    (tmp_path / "last_checkpoint").write_text("model_0000003.pth")
+    (tmp_path / "config.yaml").write_text("MODEL:\n  DEVICE: cpu\n")
+    return tmp_path
+
+
+def test_a_whole_run_verifies_and_lists_newest_first(run):
+    view = open_view(str(run))
+    assert view.verify(workers=2) == ([], [])
+    assert [e.name for e in view.checkpoints()] == ["model_0000003.pth", "model_0000001.pth"]
+    assert view.checkpoints()[0].markers == ["last"]
+
+
+def test_each_damage_is_one_problem_naming_the_file(run):
+    (run / "config.yaml").write_bytes(b"MODEL: \xff\xfe\x00 broken")  # not UTF-8
+    (run / "model_0000001.pth.sha256").write_bytes(b"\xff\xfe garbled")
+    problems, notes = open_view(str(run)).verify()
+    assert len(problems) == 2, problems
+    assert problems[0].startswith(f"{run / 'model_0000001.pth'}: its sha256")
+    assert str(run / "config.yaml") in problems[1] and "not valid YAML" in problems[1]
+    assert not notes
+
+
+def test_a_python_tag_in_persist_yaml_is_refused_in_one_sentence(run):
+    (run / "persist.yaml").write_text("PERSIST: !!python/object/apply:os.system ['true']\n")
+    with pytest.raises(UnsafeArtifactError, match="Refusing to load .*persist.yaml") as e:
+        open_view(str(run)).export()
+    assert "\n" not in str(e.value)
+
+
+def test_resume_order_puts_last_checkpoint_first_and_skips_damage(run, caplog):
+    (run / "last_checkpoint").write_text("model_0000001.pth")
+    assert find_newest_valid(str(run)) == str(run / "model_0000001.pth")
+    (run / "model_0000001.pth").write_bytes(b"weights 9")
+    assert find_newest_valid(str(run)) == str(run / "model_0000003.pth")
+    assert "model_0000001.pth is not usable" in caplog.text
+
+
+def test_hard_links_are_hashed_once_and_share_markers(run, mocker):
+    os.link(run / "model_0000003.pth", run / "model_final.pth")  # as PersistHook links it
+    sidecar = (run / "model_0000003.pth.sha256").read_text()
+    (run / "model_final.pth.sha256").write_text(sidecar.replace("model_0000003", "model_final"))
+    (run / "last_checkpoint").write_text("model_final.pth")
+    view = open_view(str(run))
+    hashed = mocker.spy(type(view._folder), "sha256")
+    assert view.verify() == ([], [])
+    assert hashed.call_count == 2  # model_0000003 (= model_final) and model_0000001
+    rows = {e.name: e for e in view.checkpoints()}
+    assert rows["model_final.pth"].iteration == 3
+    assert rows["model_0000003.pth"].markers == ["last", "final"]
+
+
+@pytest.mark.parametrize("name", ["../other/model.onnx", "/etc/passwd", "a/../../b", "", ".."])
+def test_names_from_a_remote_manifest_never_leave_the_bundle(name):
+    with pytest.raises(UnsafeArtifactError):
+        _remote_name(name, "s3://bucket/run/export")
+    assert _remote_name("./sub/model.onnx", "s3://b/x") == "sub/model.onnx"
+
+
+def test_neither_kind_of_folder_is_one_sentence(tmp_path):
+    with pytest.raises(D2PersistError, match="is not a folder"):
+        open_view(str(tmp_path / "missing"))
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(D2PersistError, match="neither a run folder"):
+        open_view(str(tmp_path))
