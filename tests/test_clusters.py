@@ -312,6 +312,10 @@ def test_a_second_writer_is_refused_and_the_first_is_undisturbed(tmp_path):
         evaluated = run_tool(TRAIN_NET, "--eval-only", "--resume", *opts, "OUTPUT_DIR", out,
                              env=ENV)
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        listed = run_tool("-m", "d2persist", "ls", out, "--verify", env=ENV)  # a run in training
+        assert listed.returncode == 0 and "model_0000003.pth" in listed.stdout, listed.stderr
+        verified = run_tool("-m", "d2persist", "verify", out, env=ENV)
+        assert verified.returncode == 0, verified.stdout + verified.stderr[-2000:]
         assert first.poll() is None
         gate.touch()
         err = _finish(first)
