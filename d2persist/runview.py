@@ -517,14 +517,11 @@ class RunView:
         return self._folder.read(name)
 
     def download(self, name: str, local: str) -> None:
-        """Copy the file ``name`` to the local path ``local``, atomically (a mirror's file)."""
-        if self.remote:
-            os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-            self._folder.mirror.get(name, local)
-        else:
-            from .fileio import write_bytes
-
-            write_bytes(local, self._folder.read(name))
+        """Copy the mirror's file ``name`` to the local path ``local``, atomically."""
+        if not self.remote:
+            raise ValueError(f"{self.path} is a local folder: nothing to download.")
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        self._folder.mirror.get(name, local)
 
     # -- run folder --------------------------------------------------------------------------
     def _text(self, name):
@@ -753,14 +750,14 @@ class RunView:
             thing that could not be checked because the run never had it.
         """
         problems, notes, jobs = [], [], []
-        checks = []  # (kind, ...), in the order their lines are reported
+        checks = []  # (checkpoint, its sidecar's sha256), in the order their lines are reported
         if self.kind == "run":
             entries = self.checkpoints()
             for e in entries:
                 expected = _sidecar(self._folder, e.name)
                 if expected is not None:
                     jobs.append((self._folder, e.name, e.size))
-                checks.append(("checkpoint", e.name, expected))
+                checks.append((e.name, expected))
         bundle = self._export_folder()
         manifest, bundle_problem = None, None
         if bundle is not None:
@@ -773,12 +770,13 @@ class RunView:
             else:
                 for name, entry in manifest["files"].items():
                     sub, base, _ = _bundle_file(bundle, name)
-                    if sub.stat(base) is not None and sub.stat(base)[0] == entry.get("size"):
+                    st = sub.stat(base)
+                    if st is not None and st[0] == entry.get("size"):
                         jobs.append((sub, base, entry.get("size") or 0))
         digests = self._hash(jobs, progress, workers)
         good = set()
         unsidecarred, unchecked = [], []
-        for _, name, expected in checks:
+        for name, expected in checks:
             try:
                 why = self._checkpoint_problem(name, expected, digests)
             except ImportError:  # a stock checkpoint, and no torch to load it with
