@@ -66,9 +66,13 @@ def train(seed, threads, opts):
 
 
 def profile(threads):
-    """``_iteration_profile.py``'s medians for the default config (ms per iteration, by phase)."""
+    """
+    ``_iteration_profile.py``'s medians for the default config (ms per iteration, by phase), and
+    the previous default's total, alternated with it in the same process.
+    """
     res = subprocess.run(
-        [sys.executable, os.path.join(HERE, "_iteration_profile.py"), "--threads", str(threads)],
+        [sys.executable, os.path.join(HERE, "_iteration_profile.py"), "--threads", str(threads),
+         "--previous"],
         capture_output=True, text=True, cwd=REPO,
     )
     if res.returncode != 0:
@@ -116,7 +120,10 @@ def main():
     phases = ("data", "backbone", "rpn", "roi_heads", "backward", "optimizer", "total")
     profiles = {t: profile(t) for t in args.threads}
     table("One training iteration, by phase (ms, median of 20 after 5 warm-up)",
-          [(p, *(f"{profiles[t][p]:.1f}" for t in args.threads)) for p in phases],
+          [(p, *(f"{profiles[t][p]:.1f}" for t in args.threads)) for p in phases]
+          + [("the previous default, alternated", *(f"{profiles[t]['previous_total']:.1f}"
+                                                    for t in args.threads)),
+             ("ratio, this / previous", *(f"{profiles[t]['ratio']:.3f}x" for t in args.threads))],
           header=("phase", *(f"{t} thread(s)" for t in args.threads)))
 
 

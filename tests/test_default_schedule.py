@@ -8,6 +8,7 @@ bench/bench_default_schedule.py's job; this runs the same config and data for 40
 with its periodic evaluation, and checks that it learns and ends as the demo expects.
 """
 
+import copy
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 
-from helpers import REPO, WITHOUT_TORCH, run_tool
+from helpers import REPO, WITHOUT_TORCH, run_tool, tiny_cfg
 
 EVALUATE = f"{REPO}/tools/evaluate.py"
 EXPORT_MODEL = f"{REPO}/tools/export_model.py"
@@ -35,9 +36,12 @@ def test_default_config_trains_evaluates_and_summarizes(default_run):
     out, _ = default_run
     rows = _rows(out)
     losses = [r["total_loss"] for r in rows if "total_loss" in r]
-    assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0], losses  # it learns
-    evaluated = [r["iteration"] for r in rows if "bbox/AP50" in r]
-    assert evaluated == [19, 40], evaluated  # EVAL_PERIOD; after training (stored as MAX_ITER)
+    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    evaluated = [(r["iteration"], r["bbox/AP50"]) for r in rows if "bbox/AP50" in r]
+    # EVAL_PERIOD; after training (stored as MAX_ITER). It learns: at 40 iterations the box loss
+    # still rises as the RPN finds objects, so the AP says it (0.3 -> 2.9 when written)
+    assert [i for i, _ in evaluated] == [19, 40], evaluated
+    assert evaluated[1][1] > 2 * evaluated[0][1], evaluated
     log = (out / "log.txt").read_text()
     trained = re.findall(r"Total training time: (\S+)", log)
     assert len(trained) == 1, trained
@@ -49,6 +53,37 @@ def test_default_config_trains_evaluates_and_summarizes(default_run):
     final = [r for r in rows if "bbox/AP50" in r][-1]
     assert f"bbox/AP50 {final['bbox/AP50']:.1f}" in summary.stdout, summary.stdout
     assert f"training time   {trained[0]}" in summary.stdout, summary.stdout
+
+
+def test_train_net_steps_as_detectron2s_optimizer_does_fused_on_a_cpu(tmp_path, monkeypatch):
+    """tools/train_net.py's fused SGD: detectron2's groups, clipping, decay and momentum."""
+    import torch
+    from detectron2.engine import DefaultTrainer
+
+    monkeypatch.syspath_prepend(f"{REPO}/tools")
+    from train_net import Trainer
+
+    cfg = tiny_cfg(tmp_path, "SOLVER.WEIGHT_DECAY", 1e-4)  # on, so both must apply it
+    model = DefaultTrainer.build_model(cfg)
+    twin = copy.deepcopy(model)
+    stock, ours = DefaultTrainer.build_optimizer(cfg, model), Trainer.build_optimizer(cfg, twin)
+    assert type(ours).__name__ == type(stock).__name__ == "SGDWithGradientClip"
+    assert all(g["fused"] for g in ours.param_groups)
+
+    def settings(opt):
+        return [({k: v for k, v in g.items() if k not in ("params", "foreach", "fused")},
+                 len(g["params"])) for g in opt.param_groups]
+
+    assert settings(ours) == settings(stock)
+    torch.manual_seed(0)
+    grads = [100 * torch.randn_like(p) for p in model.parameters()]  # large: clipping acts
+    for _ in range(2):  # the second step uses the momentum of the first
+        for net, opt in ((model, stock), (twin, ours)):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
 def test_the_export_records_its_own_evaluation_per_backend(default_run):
