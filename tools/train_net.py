@@ -14,10 +14,9 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 
 import os
 
-import torch
-
 from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_persist_config  # noqa
 # (first: without detectron2 it says how to install it)
+import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.evaluation import COCOEvaluator
