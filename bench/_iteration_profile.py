@@ -11,6 +11,11 @@ iteration for each phase (medians) and their sum.
 With ``--previous``, it also builds the default as it was before 2026-12-01's changes (detectron2's
 own optimizer, weight decay 1e-4, 7 x 7 box features) and alternates one iteration of each, so
 the two totals (``previous_total``, ``ratio``) see the same machine moment by moment.
+
+With ``--weights PATH`` (a trained run's checkpoint), both models start from those weights (the
+parts whose shapes differ stay as built) at 1% of the base learning rate, so that they barely
+move: iterations late in training, when the RPN proposes the objects and up to a quarter of the
+sampled ROIs are positive (the mask head runs on each), where a fresh model has few.
 """
 
 import argparse
@@ -21,7 +26,8 @@ import sys
 import time
 
 #: The default before 2026-12-01 (with detectron2's optimizer): what --previous compares with.
-PREVIOUS_OPTS = ["SOLVER.WEIGHT_DECAY", "0.0001", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7"]
+PREVIOUS_OPTS = ["SOLVER.WEIGHT_DECAY", "0.0001", "MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION", "7",
+                 "MODEL.ROI_MASK_HEAD.CONV_DIM", "64"]
 
 
 def main():
@@ -31,10 +37,13 @@ def main():
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--previous", action="store_true",
                         help="alternate with the previous default; report both totals")
+    parser.add_argument("--weights", default="",
+                        help="start from this trained checkpoint (late-stage iterations)")
     parser.add_argument("opts", nargs=argparse.REMAINDER)
     args = parser.parse_args()
 
     import torch
+    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.utils.events import EventStorage
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -47,7 +56,12 @@ def main():
 
     def build(trainer_cls, opts):
         out = os.path.join("/tmp", f"d2persist-profile-{os.getpid()}")
-        trainer = trainer_cls(builtin_cfg(args.threads, ["OUTPUT_DIR", out] + opts))
+        cfg = builtin_cfg(args.threads, ["OUTPUT_DIR", out] + opts)
+        trainer = trainer_cls(cfg)
+        if args.weights:
+            DetectionCheckpointer(trainer.model).load(args.weights)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = 0.01 * cfg.SOLVER.BASE_LR
         trainer.model.train()
         return trainer.model, trainer.optimizer, iter(trainer.data_loader)
 
@@ -99,6 +113,7 @@ def main():
         ms["previous_total"] = round(1000 * statistics.median(previous_times[args.warmup:]), 1)
         ms["ratio"] = round(ms["total"] / ms["previous_total"], 3)
     ms["threads"] = torch.get_num_threads()
+    ms["weights"] = args.weights or "fresh"
     print(json.dumps(ms))
 
 

@@ -7,7 +7,8 @@ torch thread count (not one lucky run).
 
 Trains each variant once, one after the other, into a fresh folder; reads detectron2's
 "Total training time" line and COCOEvaluator's copypaste lines of the final evaluation. Then says
-where one iteration's time goes (``_iteration_profile.py``, for each thread count).
+where one iteration's time goes (``_iteration_profile.py``, for each thread count), for a fresh
+model and for the first run's trained weights (late in training more ROIs are positive).
 """
 
 import argparse
@@ -33,8 +34,8 @@ def _seconds(hms):
     return 3600 * h + 60 * m + s
 
 
-def train(seed, threads, opts):
-    """One training run; returns its measures (dict)."""
+def train(seed, threads, opts, keep=None):
+    """One training run; returns its measures (dict). ``keep``: where to copy its final weights."""
     out = tempfile.mkdtemp(prefix="d2persist-default-")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     start = time.perf_counter()
@@ -44,6 +45,8 @@ def train(seed, threads, opts):
         capture_output=True, text=True, cwd=REPO, env=env,
     )
     wall = time.perf_counter() - start
+    if keep and res.returncode == 0:
+        shutil.copyfile(os.path.join(out, "model_final.pth"), keep)
     shutil.rmtree(out, ignore_errors=True)
     if res.returncode != 0:
         sys.stderr.write(res.stdout[-3000:] + res.stderr[-3000:])
@@ -65,14 +68,15 @@ def train(seed, threads, opts):
     }
 
 
-def profile(threads):
+def profile(threads, weights=""):
     """
     ``_iteration_profile.py``'s medians for the default config (ms per iteration, by phase), and
-    the previous default's total, alternated with it in the same process.
+    the previous default's total, alternated with it in the same process; from ``weights`` if
+    given.
     """
     res = subprocess.run(
         [sys.executable, os.path.join(HERE, "_iteration_profile.py"), "--threads", str(threads),
-         "--previous"],
+         "--previous", *(["--weights", weights] if weights else [])],
         capture_output=True, text=True, cwd=REPO,
     )
     if res.returncode != 0:
@@ -98,9 +102,10 @@ def main():
         args.seeds, args.threads = args.seeds[:1], args.threads[:1]
     print(f"machine: {machine()}")
     runs = []
+    trained = os.path.join(tempfile.mkdtemp(prefix="d2persist-default-weights-"), "final.pth")
     for threads in args.threads:
         for seed in args.seeds:
-            runs.append(train(seed, threads, opts))
+            runs.append(train(seed, threads, opts, keep=None if runs else trained))
             r = runs[-1]
             print(f"SEED {seed}, {threads} thread(s): training {r['train']} s "
                   f"({r['hooks']} s hooks), {r['s_per_it']:.3f} s/it, box AP50 "
@@ -118,13 +123,16 @@ def main():
               for r in runs)
     print(f"targets {'met' if met else 'NOT met'} by every variant")
     phases = ("data", "backbone", "rpn", "roi_heads", "backward", "optimizer", "total")
-    profiles = {t: profile(t) for t in args.threads}
-    table("One training iteration, by phase (ms, median of 20 after 5 warm-up)",
-          [(p, *(f"{profiles[t][p]:.1f}" for t in args.threads)) for p in phases]
-          + [("the previous default, alternated", *(f"{profiles[t]['previous_total']:.1f}"
-                                                    for t in args.threads)),
-             ("ratio, this / previous", *(f"{profiles[t]['ratio']:.3f}x" for t in args.threads))],
-          header=("phase", *(f"{t} thread(s)" for t in args.threads)))
+    for title, weights in (("a fresh model", ""), ("the first run's trained weights", trained)):
+        profiles = {t: profile(t, weights) for t in args.threads}
+        table(f"One training iteration of {title}, by phase (ms, median of 20 after 5 warm-up)",
+              [(p, *(f"{profiles[t][p]:.1f}" for t in args.threads)) for p in phases]
+              + [("the previous default, alternated",
+                  *(f"{profiles[t]['previous_total']:.1f}" for t in args.threads)),
+                 ("ratio, this / previous",
+                  *(f"{profiles[t]['ratio']:.3f}x" for t in args.threads))],
+              header=("phase", *(f"{t} thread(s)" for t in args.threads)))
+    shutil.rmtree(os.path.dirname(trained), ignore_errors=True)
 
 
 if __name__ == "__main__":
