@@ -35,13 +35,18 @@ def _flat(results):
 def test_default_config_trains_evaluates_and_summarizes(default_run):
     out, _ = default_run
     rows = _rows(out)
-    losses = [r["total_loss"] for r in rows if "total_loss" in r]
-    assert len(losses) >= 2 and losses[-1] < losses[0], losses
+    # It learns: the losses of iterations 0-19 and 20-39 (medians, as metrics.json holds them).
+    # In 40 iterations the RPN learns objectness (its loss fell to 0.33-0.44x for SEED 1, 2, 3
+    # and 1, 2 threads when written) and the total loss falls (0.75-0.86x); the AP is still a few
+    # points (AP50 0.2-3.9) and too noisy to compare: bench_default_schedule.py checks the AP.
+    losses = [(r["total_loss"], r["loss_rpn_cls"]) for r in rows if "total_loss" in r]
+    assert len(losses) == 2, losses
+    (total0, rpn0), (total1, rpn1) = losses
+    assert total1 < 0.9 * total0 and rpn1 < 0.6 * rpn0, losses
     evaluated = [(r["iteration"], r["bbox/AP50"]) for r in rows if "bbox/AP50" in r]
-    # EVAL_PERIOD; after training (stored as MAX_ITER). It learns: at 40 iterations the box loss
-    # still rises as the RPN finds objects, so the AP says it (0.3 -> 2.9 when written)
+    # EVAL_PERIOD; after training (stored as MAX_ITER); the final one finds some objects
     assert [i for i, _ in evaluated] == [19, 40], evaluated
-    assert evaluated[1][1] > 2 * evaluated[0][1], evaluated
+    assert evaluated[1][1] > 0, evaluated
     log = (out / "log.txt").read_text()
     trained = re.findall(r"Total training time: (\S+)", log)
     assert len(trained) == 1, trained
