@@ -9,8 +9,9 @@ pass, and the optimizer step (gradient clipping included). Prints one JSON line:
 iteration for each phase (medians) and their sum.
 
 With ``--previous``, it also builds the default as it was before 2026-12-01's changes (detectron2's
-own optimizer, weight decay 1e-4, 7 x 7 box features) and alternates one iteration of each, so
-the two totals (``previous_total``, ``ratio``) see the same machine moment by moment.
+own optimizer, weight decay 1e-4, 7 x 7 box features, a 64-channel mask head) and alternates one
+iteration of each, so the two totals (``previous_total``, ``ratio``) see the same machine moment
+by moment.
 
 With ``--weights PATH`` (a trained run's checkpoint), both models start from those weights (the
 parts whose shapes differ stay as built) at 1% of the base learning rate, so that they barely

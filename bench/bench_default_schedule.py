@@ -102,7 +102,9 @@ def main():
         args.seeds, args.threads = args.seeds[:1], args.threads[:1]
     print(f"machine: {machine()}")
     runs = []
-    trained = os.path.join(tempfile.mkdtemp(prefix="d2persist-default-weights-"), "final.pth")
+    # removed at exit, also when a run fails (TemporaryDirectory's finalizer)
+    keep = tempfile.TemporaryDirectory(prefix="d2persist-default-weights-")
+    trained = os.path.join(keep.name, "final.pth")
     for threads in args.threads:
         for seed in args.seeds:
             runs.append(train(seed, threads, opts, keep=None if runs else trained))
@@ -132,7 +134,7 @@ def main():
                  ("ratio, this / previous",
                   *(f"{profiles[t]['ratio']:.3f}x" for t in args.threads))],
               header=("phase", *(f"{t} thread(s)" for t in args.threads)))
-    shutil.rmtree(os.path.dirname(trained), ignore_errors=True)
+    keep.cleanup()
 
 
 if __name__ == "__main__":
