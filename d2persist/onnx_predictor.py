@@ -3,9 +3,12 @@ Prediction with ONNX Runtime from an export bundle's ``model.onnx``, without tor
 torchvision or detectron2: numpy, Pillow and onnxruntime only.
 
 It reproduces detectron2's evaluation path around the graph: ``read_image`` (EXIF orientation,
-``INPUT.FORMAT``, gray and RGBA), the test-time ``ResizeShortestEdge`` on uint8, and
+``INPUT.FORMAT``, gray and RGBA), the test-time ``ResizeShortestEdge`` on uint8, and after it
+what each task's (:data:`d2persist.onnx_export.TASKS`) post-processing does:
 ``detector_postprocess`` (boxes rescaled to the original size and clipped, empty boxes
-dropped, masks pasted as ``paste_masks_in_image`` does and thresholded at 0.5).
+dropped, masks pasted as ``paste_masks_in_image`` does and thresholded at 0.5, keypoints
+rescaled), ``heatmaps_to_keypoints``, ``sem_seg_postprocess`` (logits resized bilinearly, then
+arg-maxed), and PanopticFPN's ``combine_semantic_and_instance_outputs``.
 """
 
 import logging
@@ -26,10 +29,11 @@ from .manifest import (
     metadata_from_json,
     read_manifest,
 )
-from .outputs import class_names_of, draw_instances, instances_json
+from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "PRECISIONS", "load_onnx_predictor",
-           "create_session", "paste_masks"]
+           "create_session", "paste_masks", "resize_bilinear", "heatmaps_to_keypoints",
+           "combine_panoptic"]
 
 #: ``load_onnx_predictor(precision=...)``: the bundle's float ``model.onnx`` or its INT8 model.
 PRECISIONS = ("float", "int8")
@@ -80,6 +84,126 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
     return out
 
 
+def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """torch's bilinear weights (size_out x size_in), ``align_corners=False``, no antialias."""
+    src = (np.arange(size_out, dtype=np.float32) + 0.5) * np.float32(size_in / size_out) - 0.5
+    src = np.maximum(src, 0)
+    lo = np.floor(src).astype(np.int64)
+    frac = (src - lo).astype(np.float32)
+    lo = np.minimum(lo, size_in - 1)
+    hi = np.minimum(lo + 1, size_in - 1)
+    out = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    np.add.at(out, (rows, lo), 1 - frac)
+    np.add.at(out, (rows, hi), frac)
+    return out
+
+
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """torch's bicubic weights (size_out x size_in), ``align_corners=False``, A = -0.75."""
+    a = -0.75
+    src = (np.arange(size_out, dtype=np.float32) + 0.5) * np.float32(size_in / size_out) - 0.5
+    base = np.floor(src).astype(np.int64)
+    t = (src - base).astype(np.float32)
+
+    def near(x):  # |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
+    out = np.zeros((size_out, size_in), dtype=np.float32)
+    rows = np.arange(size_out)
+    for k, w in enumerate(weights):
+        np.add.at(out, (rows, np.clip(base - 1 + k, 0, size_in - 1)), w)
+    return out
+
+
+def resize_bilinear(maps: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``F.interpolate(maps[None], (height, width), mode="bilinear", align_corners=False)[0]``
+    of C x h x w maps, as detectron2's ``sem_seg_postprocess`` resizes logits."""
+    wy = _bilinear_matrix(maps.shape[1], height)
+    wx = _bilinear_matrix(maps.shape[2], width)
+    return np.einsum("yh,chw,xw->cyx", wy, maps.astype(np.float32), wx, optimize=True)
+
+
+def heatmaps_to_keypoints(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """
+    detectron2's ``heatmaps_to_keypoints`` (as ``keypoint_rcnn_inference`` uses it): each
+    detection's K x S x S heatmap logits resized (bicubic) to its box, and each keypoint at its
+    arg-max pixel.
+
+    Args:
+        maps (ndarray): N x K x S x S logits. boxes (ndarray): N x 4 XYXY (resized image).
+
+    Returns:
+        ndarray: N x K x 3: x, y (image pixels) and score (the full-size map's softmax at the
+        keypoint, normalized over the S x S map, as detectron2 scores it).
+    """
+    maps = maps.astype(np.float32)
+    out = np.zeros((len(maps), maps.shape[1] if maps.ndim == 4 else 0, 3), dtype=np.float32)
+    for i, (heat, box) in enumerate(zip(maps, boxes.astype(np.float32))):
+        w = max(box[2] - box[0], np.float32(1))
+        h = max(box[3] - box[1], np.float32(1))
+        wc, hc = np.ceil(w), np.ceil(h)
+        full = np.einsum("yh,khw,xw->kyx", _bicubic_matrix(heat.shape[1], int(hc)), heat,
+                         _bicubic_matrix(heat.shape[2], int(wc)), optimize=True)
+        flat = full.reshape(len(full), -1)
+        pos = flat.argmax(axis=1)
+        top = flat[np.arange(len(flat)), pos]
+        x_int, y_int = pos % int(wc), pos // int(wc)
+        out[i, :, 0] = (x_int.astype(np.float32) + 0.5) * (w / wc) + box[0]
+        out[i, :, 1] = (y_int.astype(np.float32) + 0.5) * (h / hc) + box[1]
+        out[i, :, 2] = 1.0 / np.exp(heat - top[:, None, None]).sum(axis=(1, 2))
+    return out
+
+
+def combine_panoptic(masks: np.ndarray, scores: np.ndarray, classes: np.ndarray,
+                     semantic: np.ndarray, overlap_thresh: float, stuff_area_thresh: float,
+                     instances_score_thresh: float):
+    """
+    PanopticFPN's ``combine_semantic_and_instance_outputs`` in numpy.
+
+    Args:
+        masks (ndarray): N x H x W bool. scores, classes: N. semantic (ndarray): H x W class ids
+            (0: things).
+
+    Returns:
+        tuple: (H x W int segment ids, 0 where none; segments_info as detectron2 gives it).
+    """
+    panoptic = np.zeros(semantic.shape, dtype=np.int64)
+    info, current = [], 0
+    for i in np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable"):
+        score = float(scores[i])
+        if score < instances_score_thresh:
+            break
+        mask = masks[i]
+        area = int(mask.sum())
+        if area == 0:
+            continue
+        claimed = int((mask & (panoptic > 0)).sum())
+        if claimed / area > overlap_thresh:
+            continue
+        if claimed:
+            mask = mask & (panoptic == 0)
+        current += 1
+        panoptic[mask] = current
+        info.append({"id": current, "isthing": True, "score": score,
+                     "category_id": int(classes[i]), "instance_id": int(i)})
+    for label in np.unique(semantic).tolist():
+        if label == 0:  # things
+            continue
+        mask = (semantic == label) & (panoptic == 0)
+        area = int(mask.sum())
+        if area < stuff_area_thresh:
+            continue
+        current += 1
+        panoptic[mask] = current
+        info.append({"id": current, "isthing": False, "category_id": int(label), "area": area})
+    return panoptic, info
+
+
 class OnnxPrediction:
     """
     The model's output for one image, in original-image pixels.
@@ -87,38 +211,44 @@ class OnnxPrediction:
     Attributes:
         boxes (ndarray): N x 4 XYXY. scores (ndarray): N. classes (ndarray): N int.
         masks (ndarray or None): N x H x W bool.
+        arrays (PredictionArrays): every output (also keypoints, semantic and panoptic maps),
+            what JSON and picture show.
         class_names (list[str]): name of each class id.
         image (ndarray): the image as read, in the model's input format.
         height, width (int): the original image size.
     """
 
-    def __init__(self, boxes, scores, classes, masks, class_names, image, input_format):
+    def __init__(self, boxes, scores, classes, masks, class_names, image, input_format,
+                 metadata=None, **more):
+        """
+        Args:
+            more: the other fields of :class:`~d2persist.outputs.PredictionArrays`
+                (``keypoints``, ``sem_seg``, ``panoptic``, ``segments_info``, ...).
+        """
         self.boxes, self.scores, self.classes, self.masks = boxes, scores, classes, masks
         self.class_names = class_names
         self.image = image
         self.input_format = input_format
         self.height, self.width = image.shape[:2]
+        self.metadata = dict(metadata or {"thing_classes": list(class_names)})
+        self.arrays = PredictionArrays(self.height, self.width, boxes=boxes, scores=scores,
+                                       classes=classes, masks=masks, **more)
 
     def __len__(self):
-        return len(self.scores)
+        return 0 if self.scores is None else len(self.scores)
 
     def to_json(self, image_name=None, min_score=0.0) -> dict:
-        """JSON data, as :func:`d2persist.outputs.instances_json` describes it."""
-        return instances_json(self.height, self.width, self.boxes, self.scores, self.classes,
-                              self.class_names, masks=self.masks, image_name=image_name,
-                              min_score=min_score)
+        """JSON data, as :func:`d2persist.outputs.prediction_json` describes it."""
+        return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
     def draw(self, metadata, min_score=0.0) -> np.ndarray:
-        """The visualization (RGB uint8, original size)."""
-        keep = self.scores >= min_score
+        """The visualization (RGB uint8), as :func:`d2persist.outputs.draw_prediction` draws."""
         if self.input_format == "L":
             rgb = np.repeat(self.image, 3, axis=2)
         else:
             rgb = self.image[:, :, ::-1] if self.input_format == "BGR" else self.image
-        return draw_instances(rgb, self.boxes[keep], self.scores[keep], self.classes[keep],
-                              self.class_names,
-                              self.masks[keep] if self.masks is not None else None,
-                              colors=(metadata or {}).get("thing_colors"))
+        return draw_prediction(rgb, self.arrays, self.metadata if metadata is None else metadata,
+                               min_score=min_score)
 
 
 class OnnxPredictor:
@@ -128,12 +258,14 @@ class OnnxPredictor:
     ``channel_order``.
     """
 
-    def __init__(self, session, contract, metadata):
+    def __init__(self, session, contract, metadata, onnx_entry=None):
         """
         Args:
             session (onnxruntime.InferenceSession): of the bundle's ``model.onnx``.
             contract (dict): the manifest's ``input`` (format, test sizes).
             metadata (dict): dataset metadata; ``thing_classes`` names the classes.
+            onnx_entry (dict): the manifest's ``onnx`` entry: its ``task`` (``rcnn`` for a
+                bundle written before tasks) and, for ``panoptic``, its ``combine`` thresholds.
         """
         self.session = session
         self.input_format = contract["format"]
@@ -141,6 +273,8 @@ class OnnxPredictor:
         self.max_size = int(contract.get("max_size_test") or 0)
         self.metadata = metadata
         self.class_names = class_names_of(metadata)
+        self.onnx_entry = dict(onnx_entry or {})
+        self.task = self.onnx_entry.get("task", "rcnn")
         self._outputs = [o.name for o in session.get_outputs()]
         self.weights = ""  # which weights, in words (set by load_onnx_predictor)
         self.cached = False  # whether the session's optimized graph came from the cache
@@ -160,18 +294,41 @@ class OnnxPredictor:
         chw = np.ascontiguousarray(resized.transpose(2, 0, 1))
         out = dict(zip(self._outputs, self.session.run(None, {"image": chw})))
         rh, rw = (int(x) for x in out["image_size"])
-        boxes = out["boxes"].astype(np.float32)
-        boxes[:, 0::2] *= np.float32(width / rw)
-        boxes[:, 1::2] *= np.float32(height / rh)
-        np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
-        np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
-        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-        boxes = boxes[keep]
-        masks = None
-        if "masks" in out:
-            masks = paste_masks(out["masks"][keep][:, 0], boxes, height, width)
-        return OnnxPrediction(boxes, out["scores"][keep], out["classes"][keep].astype(np.int64),
-                              masks, self.class_names, image, self.input_format)
+        more = {}
+        boxes = scores = classes = masks = None
+        if "sem_seg" in out:
+            more["sem_seg"] = resize_bilinear(out["sem_seg"], height, width).argmax(axis=0)
+        if "proposals" in out:
+            keep, more["proposals"] = _to_original(out["proposals"], rh, rw, height, width)
+            more["objectness"] = out["objectness_logits"][keep]
+        if "boxes" in out:
+            keep, boxes = _to_original(out["boxes"], rh, rw, height, width)
+            scores = out["scores"][keep]
+            classes = out["classes"][keep].astype(np.int64)
+            if "masks" in out:
+                masks = paste_masks(out["masks"][keep][:, 0], boxes, height, width)
+            if "keypoint_heatmaps" in out:
+                kps = heatmaps_to_keypoints(out["keypoint_heatmaps"][keep],
+                                            out["boxes"][keep].astype(np.float32))
+                kps[:, :, 0] *= np.float32(width / rw)
+                kps[:, :, 1] *= np.float32(height / rh)
+                more["keypoints"] = kps
+        if self.task == "panoptic":
+            more["panoptic"], more["segments_info"] = combine_panoptic(
+                masks, scores, classes, more["sem_seg"], **self.onnx_entry["combine"])
+        return OnnxPrediction(boxes, scores, classes, masks, self.class_names, image,
+                              self.input_format, self.metadata, **more)
+
+
+def _to_original(boxes, rh, rw, height, width):
+    """``detector_postprocess`` of boxes: (indices kept, N x 4 boxes in the original image)."""
+    boxes = boxes.astype(np.float32)
+    boxes[:, 0::2] *= np.float32(width / rw)
+    boxes[:, 1::2] *= np.float32(height / rh)
+    np.clip(boxes[:, 0::2], 0, width, out=boxes[:, 0::2])
+    np.clip(boxes[:, 1::2], 0, height, out=boxes[:, 1::2])
+    keep = np.flatnonzero((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+    return keep, boxes[keep]
 
 
 def _cache_key(sha256, providers, options):
@@ -274,7 +431,8 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
     session, cached = create_session(model_path, manifest["files"][name].get("sha256"),
                                      providers, threads, cache)
     predictor = OnnxPredictor(session, manifest["input"],
-                              metadata_from_json(manifest.get("metadata") or {}))
+                              metadata_from_json(manifest.get("metadata") or {}),
+                              manifest.get("onnx"))
     predictor.weights = describe_source(
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
     ) + f" ({name})"

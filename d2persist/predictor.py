@@ -18,7 +18,7 @@ from .artifacts import resolve_artifacts
 from .errors import D2PersistError, InputImageError
 from .imageio import check_image_file, image_input
 from .manifest import describe_source
-from .outputs import class_names_of, draw_instances, instances_json
+from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
 __all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
@@ -46,6 +46,36 @@ def read_image_file(path, fmt):
         raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
 
 
+def arrays_of(outputs, height, width) -> PredictionArrays:
+    """
+    The :class:`~d2persist.outputs.PredictionArrays` of a detectron2 model's output dict (on any
+    device): ``instances`` (boxes, scores, classes, masks, keypoints), ``sem_seg`` (arg-maxed
+    as SemSegEvaluator does), ``panoptic_seg``, and an RPN's ``proposals``.
+    """
+    a = PredictionArrays(int(height), int(width))
+    inst = outputs.get("instances")
+    if inst is not None:
+        inst = inst.to("cpu")
+        a.boxes = inst.pred_boxes.tensor.numpy()
+        a.scores = inst.scores.numpy()
+        a.classes = inst.pred_classes.numpy().astype(np.int64)
+        if inst.has("pred_masks"):
+            a.masks = inst.pred_masks.numpy().astype(bool)
+        if inst.has("pred_keypoints"):
+            a.keypoints = inst.pred_keypoints.numpy()
+    if "sem_seg" in outputs:
+        a.sem_seg = outputs["sem_seg"].argmax(dim=0).to("cpu").numpy().astype(np.int64)
+    if "panoptic_seg" in outputs:
+        seg, info = outputs["panoptic_seg"]
+        a.panoptic = seg.to("cpu").numpy().astype(np.int64)
+        a.segments_info = [dict(s) for s in info or []]
+    if "proposals" in outputs:
+        props = outputs["proposals"].to("cpu")
+        a.proposals = props.proposal_boxes.tensor.numpy()
+        a.objectness = props.objectness_logits.numpy()
+    return a
+
+
 class Prediction:
     """
     The model's output for one image.
@@ -53,19 +83,22 @@ class Prediction:
     Attributes:
         instances (Instances): on the CPU, in original-image pixels (may be None for models
             that predict no instances).
+        arrays (PredictionArrays): every output as numpy arrays, what JSON and picture show.
         class_names (list[str]): name of each class id.
         height, width (int): the original image size.
         image (np.ndarray): the image as read, in the model's ``INPUT.FORMAT``.
         outputs (dict): the model's raw output dict.
     """
 
-    def __init__(self, outputs, class_names, image, input_format):
+    def __init__(self, outputs, class_names, image, input_format, metadata=None):
         self.outputs = outputs
         self.instances = outputs["instances"].to("cpu") if "instances" in outputs else None
         self.class_names = class_names
         self.image = image
         self.input_format = input_format
         self.height, self.width = image.shape[:2]
+        self.metadata = dict(metadata or {"thing_classes": list(class_names)})
+        self.arrays = arrays_of(outputs, self.height, self.width)
 
     def class_name(self, class_id):
         if 0 <= class_id < len(self.class_names):
@@ -73,42 +106,25 @@ class Prediction:
         return str(class_id)
 
     def to_json(self, image_name=None, min_score=0.0):
-        """JSON data, as :func:`d2persist.outputs.instances_json` describes it."""
-        inst = self.instances
-        if inst is None:
-            return instances_json(self.height, self.width, [], [], [], self.class_names,
-                                  image_name=image_name)
-        return instances_json(
-            self.height, self.width, inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
-            inst.pred_classes.numpy(), self.class_names,
-            masks=inst.pred_masks.numpy() if inst.has("pred_masks") else None,
-            keypoints=inst.pred_keypoints.numpy() if inst.has("pred_keypoints") else None,
-            image_name=image_name, min_score=min_score,
-        )
+        """JSON data, as :func:`d2persist.outputs.prediction_json` describes it."""
+        return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
     def draw(self, metadata, min_score=0.0):
         """
         The picture of this prediction (RGB uint8; upscaled to
         :data:`~d2persist.outputs.MIN_DRAW_SIZE` px when smaller), drawn by the same code as the
-        ONNX Runtime predictor's (:func:`~d2persist.outputs.draw_instances`); a semantic
-        segmentation by detectron2's Visualizer.
+        ONNX Runtime predictor's (:func:`~d2persist.outputs.draw_prediction`).
         """
         from detectron2.data.detection_utils import convert_image_to_rgb
 
         rgb = convert_image_to_rgb(self.image, self.input_format)
-        colors = metadata.get("thing_colors") if metadata is not None else None
-        if self.instances is not None:
-            inst = self.instances[self.instances.scores >= min_score]
-            masks = inst.pred_masks.numpy() if inst.has("pred_masks") else None
-            return draw_instances(rgb, inst.pred_boxes.tensor.numpy(), inst.scores.numpy(),
-                                  inst.pred_classes.numpy(), self.class_names, masks,
-                                  colors=colors)
-        from detectron2.utils.visualizer import Visualizer
+        meta = self.metadata if metadata is None else _as_dict(metadata)
+        return draw_prediction(rgb, self.arrays, meta, min_score=min_score)
 
-        vis = Visualizer(rgb, metadata)
-        if "sem_seg" in self.outputs:
-            return vis.draw_sem_seg(self.outputs["sem_seg"].argmax(dim=0).to("cpu")).get_image()
-        return vis.output.get_image()
+
+def _as_dict(metadata):
+    """A detectron2 ``Metadata`` or a dict, as a dict."""
+    return metadata.as_dict() if hasattr(metadata, "as_dict") else dict(metadata)
 
 
 class Predictor:
@@ -171,7 +187,7 @@ class Predictor:
         with torch.inference_mode():
             outputs = self.model([{"image": tensor.to(self.device), "height": height,
                                    "width": width}])[0]
-        return Prediction(outputs, self.class_names, image, self.input_format)
+        return Prediction(outputs, self.class_names, image, self.input_format, self.metadata)
 
 
 def load_predictor(

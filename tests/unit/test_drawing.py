@@ -59,3 +59,80 @@ def test_both_backends_draw_equal_predictions_alike():
     assert np.array_equal(pytorch, onnx)
     assert not np.array_equal(pytorch, Prediction({"instances": inst}, names, image, "BGR")
                               .draw(meta, min_score=0.0))  # the threshold is honoured
+
+
+def _dense_prediction(seed=0, size=48):
+    """Arrays of a prediction with every output: instances with keypoints, maps, proposals."""
+    from d2persist.outputs import PredictionArrays
+
+    boxes, scores, classes, masks = _crowd(3, size=size, seed=seed)
+    rng = np.random.default_rng(seed)
+    keypoints = np.concatenate([boxes[:, None, :2] + rng.uniform(0, 8, (3, 4, 2)),
+                                rng.uniform(0, 1, (3, 4, 1))], axis=2).astype(np.float32)
+    sem = np.zeros((size, size), np.int64)
+    sem[:, size // 2:] = 1
+    sem[size // 3:size // 2, :10] = 3
+    pan = np.where(masks[0], 1, 2)
+    info = [{"id": 1, "isthing": True, "category_id": int(classes[0]), "score": 0.9},
+            {"id": 2, "isthing": False, "category_id": 1, "area": int((pan == 2).sum())}]
+    return PredictionArrays(size, size, boxes, scores, classes, masks, keypoints, sem, pan, info)
+
+
+META = {"thing_classes": ["circle", "square", "triangle"],
+        "stuff_classes": ["background", "circle", "square", "triangle"],
+        "keypoint_names": ["top", "right", "bottom", "left"],
+        "keypoint_connection_rules": [["top", "right", [255, 255, 0]],
+                                      ["bottom", "left", [255, 0, 255]]]}
+
+
+def test_every_output_is_drawn_and_both_backends_draw_it_alike():
+    import dataclasses
+
+    from d2persist.onnx_predictor import OnnxPrediction
+    from d2persist.outputs import draw_prediction
+
+    a = _dense_prediction()
+    image = np.random.default_rng(2).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)
+              if f.name not in ("height", "width", "boxes", "scores", "classes", "masks")}
+    onnx = OnnxPrediction(a.boxes, a.scores, a.classes, a.masks, META["thing_classes"], image,
+                          "RGB", META, **fields).draw(None)
+    assert np.array_equal(onnx, draw_prediction(image, a, META))
+    # each output changes the picture: none is silently left out
+    for field in ("keypoints", "sem_seg"):
+        without = draw_prediction(image, dataclasses.replace(a, panoptic=None, **{field: None}),
+                                  META)
+        assert not np.array_equal(without, draw_prediction(image, dataclasses.replace(
+            a, panoptic=None), META)), field
+    panoptic_only = draw_prediction(image, a, META)  # a panoptic model draws its segments
+    assert not np.array_equal(panoptic_only, draw_prediction(
+        image, dataclasses.replace(a, panoptic=None), META))
+    # the skeleton in the metadata's colours
+    kp = draw_prediction(image, dataclasses.replace(a, panoptic=None, sem_seg=None), META)
+    assert (kp == [255, 255, 0]).all(axis=2).any()
+
+
+def test_json_of_every_output_decodes_back_to_its_maps():
+    import json
+
+    from pycocotools import mask as coco_mask
+
+    from d2persist.outputs import prediction_json, rle_decode
+
+    a = _dense_prediction()
+    data = json.loads(json.dumps(prediction_json(a, META, "x.png", min_score=0.5)))
+    assert all(i["score"] >= 0.5 for i in data["instances"])
+    assert data["keypoint_names"] == META["keypoint_names"]
+    dense = np.full(a.sem_seg.shape, -1)
+    for item in data["sem_seg"]:
+        m = rle_decode(item["segmentation"])
+        np.testing.assert_array_equal(m, coco_mask.decode(dict(
+            item["segmentation"], counts=item["segmentation"]["counts"].encode())).astype(bool))
+        dense[m] = item["category_id"]
+        assert item["category_name"] == META["stuff_classes"][item["category_id"]]
+    np.testing.assert_array_equal(dense, a.sem_seg)
+    segments = data["panoptic_seg"]["segments_info"]
+    assert [(s["id"], s["isthing"], s["category_name"]) for s in segments] == [
+        (1, True, META["thing_classes"][int(a.classes[0])]), (2, False, "circle")]
+    for s in segments:
+        assert np.array_equal(rle_decode(s["segmentation"]), a.panoptic == s["id"])
