@@ -18,16 +18,39 @@ EXPORT_MODEL = os.path.join(REPO, "tools", "export_model.py")
 ONNX = ["PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"]
 
 
+def _own_model(cfg):
+    """A project's meta-architecture that is none of detectron2's."""
+    from detectron2.modeling import META_ARCH_REGISTRY
+
+    if "OwnDetector" not in META_ARCH_REGISTRY:
+        @META_ARCH_REGISTRY.register()
+        class OwnDetector(torch.nn.Module):
+            def __init__(self, cfg):
+                super().__init__()
+                self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    cfg.defrost()
+    cfg.MODEL.META_ARCHITECTURE = "OwnDetector"
+    return build_model(cfg)
+
+
 @pytest.mark.parametrize("opts,reason", [
-    (["MODEL.KEYPOINT_ON", True, "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", 3], "keypoints"),
-    (["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", 3,
-      "MODEL.BACKBONE.NAME", "build_retinanet_resnet_fpn_backbone"], "RetinaNet"),
+    (["MODEL.RESNETS.DEPTH", 50, "MODEL.RESNETS.RES2_OUT_CHANNELS", 256,
+      "MODEL.RESNETS.DEFORM_ON_PER_STAGE", [False, False, False, True]],
+     r"cannot express DeformConv \(backbone.bottom_up.res5.0.conv2"),
+    (["MODEL.PROPOSAL_GENERATOR.NAME", "RRPN", "MODEL.ANCHOR_GENERATOR.NAME",
+      "RotatedAnchorGenerator", "MODEL.ANCHOR_GENERATOR.ANGLES", [[0]],
+      "MODEL.RPN.BBOX_REG_WEIGHTS", (1, 1, 1, 1, 1), "MODEL.ROI_HEADS.NAME", "RROIHeads",
+      "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignRotated", "MODEL.MASK_ON", False,
+      "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", (10, 10, 5, 5, 1)], "rotated boxes"),
+    ([], "not OwnDetector"),
 ])
 def test_unsupported_models_are_refused_in_one_sentence(tmp_path, opts, reason):
     cfg = tiny_cfg(tmp_path, *opts)
+    model = _own_model(cfg) if reason.startswith("not Own") else build_model(cfg)
     path = tmp_path / "model.onnx"
     with pytest.raises(ExportError, match=reason) as e:
-        export_onnx(build_model(cfg), str(path), {"min_size_test": 64, "max_size_test": 96})
+        export_onnx(model, str(path), {"min_size_test": 64, "max_size_test": 96})
     assert "\n" not in str(e.value) and str(e.value).endswith(".")
     assert not path.exists() and os.listdir(tmp_path) == []
 
