@@ -20,9 +20,13 @@ from .manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends, read_manife
 from .runview import metrics_json_history
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
-           "evaluator_name"]
+           "evaluator_name", "family_evaluator"]
 
 logger = logging.getLogger(__name__)
+
+#: The metrics a log line shows, by the end of their name: COCO AP (boxes, masks, keypoints),
+#: mIoU (semantic), PQ (panoptic).
+HEADLINE_METRICS = ("/AP", "/AP50", "/mIoU", "/PQ")
 
 
 def evaluator_name(evaluator) -> str:
@@ -30,6 +34,38 @@ def evaluator_name(evaluator) -> str:
     inner = getattr(evaluator, "_evaluators", None)
     name = type(evaluator).__name__
     return f"{name}({', '.join(evaluator_name(e) for e in inner)})" if inner else name
+
+
+def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
+                     kpt_oks_sigmas: Sequence[float] = ()):
+    """
+    detectron2's evaluator for a dataset's task, chosen by its metadata's ``evaluator_type`` as
+    detectron2's ``tools/train_net.py`` chooses: ``coco`` COCOEvaluator (boxes, masks,
+    keypoints with ``kpt_oks_sigmas``, i.e. ``TEST.KEYPOINT_OKS_SIGMAS``), ``sem_seg``
+    SemSegEvaluator, ``coco_panoptic_seg`` all three with COCOPanopticEvaluator; COCOEvaluator
+    for a dataset that names none.
+    """
+    from detectron2.data import MetadataCatalog
+    from detectron2.evaluation import (
+        COCOEvaluator,
+        COCOPanopticEvaluator,
+        DatasetEvaluators,
+        SemSegEvaluator,
+    )
+
+    kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    evaluators = []
+    if kind in ("sem_seg", "coco_panoptic_seg"):
+        evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_dir))
+    if kind in ("coco", "coco_panoptic_seg"):
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_dir,
+                                        kpt_oks_sigmas=tuple(kpt_oks_sigmas)))
+    if kind == "coco_panoptic_seg":
+        evaluators.append(COCOPanopticEvaluator(dataset_name, output_dir))
+    if not evaluators:
+        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_dir,
+                                        kpt_oks_sigmas=tuple(kpt_oks_sigmas)))
+    return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
 def _silence_output_files(evaluator):
@@ -100,20 +136,42 @@ def compare_metrics(reference: dict, results: dict, tolerance: float, checked=No
     return worst, outside
 
 
-def _instances(pred):
-    """The detectron2 output dict of a prediction of either backend."""
-    if hasattr(pred, "outputs"):  # the PyTorch predictor's
-        return pred.outputs
+def _outputs(pred):
+    """
+    The detectron2 output dict of a prediction of either backend, for the run's evaluator, made
+    from its arrays (so that both backends reach the evaluator alike, and no inference-mode
+    tensor does: COCOEvaluator shifts keypoints in place):
+    ``instances`` (with masks and keypoints), ``sem_seg`` (the arg-maxed map as one-hot scores:
+    its arg-max, all SemSegEvaluator reads, is the map), ``panoptic_seg`` and ``proposals``.
+    """
     import torch
     from detectron2.structures import Boxes, Instances
 
-    inst = Instances((pred.height, pred.width))
-    inst.pred_boxes = Boxes(torch.as_tensor(pred.boxes, dtype=torch.float32).reshape(-1, 4))
-    inst.scores = torch.as_tensor(pred.scores, dtype=torch.float32)
-    inst.pred_classes = torch.as_tensor(pred.classes, dtype=torch.int64)
-    if pred.masks is not None:
-        inst.pred_masks = torch.as_tensor(pred.masks)
-    return {"instances": inst}
+    a = pred.arrays
+    out = {}
+    if a.boxes is not None:
+        inst = Instances((a.height, a.width))
+        inst.pred_boxes = Boxes(torch.as_tensor(a.boxes, dtype=torch.float32).reshape(-1, 4))
+        inst.scores = torch.as_tensor(a.scores, dtype=torch.float32)
+        inst.pred_classes = torch.as_tensor(a.classes, dtype=torch.int64)
+        if a.masks is not None:
+            inst.pred_masks = torch.as_tensor(a.masks)
+        if a.keypoints is not None:
+            inst.pred_keypoints = torch.as_tensor(a.keypoints, dtype=torch.float32)
+        out["instances"] = inst
+    if a.sem_seg is not None:
+        classes = max(len(pred.metadata.get("stuff_classes") or []), int(a.sem_seg.max()) + 1)
+        labels = torch.as_tensor(a.sem_seg, dtype=torch.int64)
+        out["sem_seg"] = torch.nn.functional.one_hot(labels, classes).permute(2, 0, 1).float()
+    if a.panoptic is not None:
+        out["panoptic_seg"] = (torch.as_tensor(a.panoptic, dtype=torch.int32),
+                               [dict(s) for s in a.segments_info])
+    if a.proposals is not None:
+        props = Instances((a.height, a.width))
+        props.proposal_boxes = Boxes(torch.as_tensor(a.proposals, dtype=torch.float32))
+        props.objectness_logits = torch.as_tensor(a.objectness, dtype=torch.float32)
+        out["proposals"] = props
+    return out
 
 
 def _load(export_dir, backend, device):
@@ -151,7 +209,7 @@ def _run(predictor, dataset: List[dict], evaluator):
         if error is not None:
             break
         try:
-            evaluator.process([d], [_instances(predictor(d["file_name"]))])
+            evaluator.process([d], [_outputs(predictor(d["file_name"]))])
         except Exception as e:  # the others still wait in evaluate(): no early return
             error = f"{type(e).__name__}: {e}"
     with _quiet():
@@ -245,7 +303,7 @@ def evaluate_bundle(
             logger.info("The exported bundle's %s backend on %s: %s (max difference to the "
                         "training evaluation %.4g, tolerance %s).", backend, dataset_name,
                         ", ".join(f"{k} {v:.2f}" for k, v in metrics.items()
-                                  if k.endswith(("/AP", "/AP50")) and v is not None),
+                                  if k.endswith(HEADLINE_METRICS) and v is not None),
                         entry["max_difference"][backend], tolerance)
     if not main:
         return None

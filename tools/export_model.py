@@ -47,6 +47,13 @@ def _dataset(config, kind, split):
     return names[0] if names else None
 
 
+def _keypoint_sigmas(config, kind):
+    """The yacs config's ``TEST.KEYPOINT_OKS_SIGMAS`` (COCOEvaluator's), else ()."""
+    if kind == "lazy":
+        return ()
+    return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     from d2persist.cli import exit_on_known_errors
@@ -110,17 +117,17 @@ def main(argv=None):
         if test not in DatasetCatalog.list():
             print(f"not evaluated: the config's test dataset {test!r} is not registered here")
             return
-        from detectron2.evaluation import COCOEvaluator
+        from d2persist.bundle_eval import evaluate_saved_bundle, family_evaluator
 
-        from d2persist.bundle_eval import evaluate_saved_bundle
-
+        sigmas = _keypoint_sigmas(art.config, art.config_kind)
         with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:
             entry = evaluate_saved_bundle(
-                bundle, test, COCOEvaluator(test, output_dir=tmp), device="cpu",
+                bundle, test, family_evaluator(test, tmp, sigmas), device="cpu",
                 run_dir=os.path.dirname(os.path.abspath(bundle)))["evaluation"]
         for backend, metrics in entry["backends"].items():
-            shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bbox/AP", "segm/AP")
-                              if metrics.get(k) is not None)
+            shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in (
+                "bbox/AP", "segm/AP", "keypoints/AP", "sem_seg/mIoU", "panoptic_seg/PQ")
+                if metrics.get(k) is not None)
             print(f"{backend}: {shown} (max difference to training "
                   f"{entry['max_difference'].get(backend):.3f})")
         for backend in entry["failed"]:

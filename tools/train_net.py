@@ -19,9 +19,9 @@ from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_pers
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
-from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
+from d2persist.bundle_eval import family_evaluator
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 from d2persist.data.shapes import register_shapes
 
@@ -33,14 +33,15 @@ PROG = "train_net.py"
 
 class Trainer(PersistTrainer):
     """
-    PersistTrainer evaluating with COCOEvaluator (the choice detectron2's tool makes), and on a
-    CPU with torch's fused SGD kernel.
+    PersistTrainer evaluating with the dataset's evaluator (by its ``evaluator_type``, as
+    detectron2's tool chooses: COCO boxes, masks and keypoints, semantic mIoU, panoptic PQ), and
+    on a CPU with torch's fused SGD kernel.
     """
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return family_evaluator(dataset_name, output_folder, cfg.TEST.KEYPOINT_OKS_SIGMAS)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
