@@ -1,0 +1,286 @@
+"""
+Every model family of detectron2's model zoo, not only Mask R-CNN: keypoint R-CNN, RetinaNet,
+Cascade and C4 R-CNN, semantic FPN, Panoptic FPN and RPN each train a few iterations from their
+zoo config (made tiny) through PersistHook on the built-in shapes data for their task, export
+ONNX, and predict with both backends exactly as the family's evaluation path does, on the
+awkward images; their JSON carries every output, their pictures draw it, and the export's
+self-evaluation scores each with the family's own metric.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2 import model_zoo  # imports pkg_resources: setup.py keeps setuptools < 81
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog, DatasetMapper
+from detectron2.data.detection_utils import read_image
+from detectron2.modeling import build_model
+
+from d2persist import add_persist_config, load_predictor
+from d2persist.data.shapes import KEYPOINT_OKS_SIGMAS, SHAPE_KEYPOINTS, register_shapes
+from d2persist.outputs import MIN_DRAW_SIZE, rle_decode
+from d2persist.predictor import arrays_of
+from helpers import INFER_SINGLE, REPO, run_tool, train
+from test_predictor import _make
+
+#: Shapes data with a 10-image val split: the families' evaluations stay short.
+PREFIX = "shapes10"
+
+#: Overrides that make a model-zoo config tiny and trainable from scratch on a CPU: ResNet-18
+#: with BatchNorm (FrozenBN and frozen stages only suit pretrained weights), clipped gradients.
+TINY = [
+    "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18,
+    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
+    "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.FPN.OUT_CHANNELS", 32,
+    "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96, "INPUT.MIN_SIZE_TEST", 64,
+    "INPUT.MAX_SIZE_TEST", 96, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.BASE_LR", 0.01,
+    "SOLVER.WARMUP_ITERS", 2, "SOLVER.STEPS", (), "SOLVER.MAX_ITER", 4,
+    "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
+    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 5.0,
+    "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "SEED", 7,
+    "PERSIST.BEST_METRIC", "", "PERSIST.EXPORT_FORMATS", ["safetensors", "onnx"],
+    "PERSIST.EXPORT_EVAL", False,
+]
+_RCNN = ["MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
+         "MODEL.ROI_BOX_HEAD.FC_DIM", 64]
+#: Evaluated at the end, and the export evaluates itself (the families with a metric of their
+#: own: keypoint AP, mIoU, PQ).
+_EVAL = ["TEST.EVAL_PERIOD", 0, "PERSIST.EXPORT_EVAL", True]
+
+#: family -> (zoo config, overrides, task of the ONNX graph, dataset task suffix, evaluated)
+FAMILIES = {
+    "keypoint": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml", _RCNN + [
+        "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", len(SHAPE_KEYPOINTS),
+        "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", (32, 32),
+        "TEST.KEYPOINT_OKS_SIGMAS", KEYPOINT_OKS_SIGMAS], "rcnn", "_kp", True),
+    "semantic": ("Misc/semantic_R_50_FPN_1x.yaml", [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 4, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32],
+        "semantic", "_sem", True),
+    "panoptic": ("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml", _RCNN + [
+        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 2, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
+        "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", 0.05,
+        "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", 16], "panoptic", "_panoptic", True),
+    "retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", [
+        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
+        "TEST.DETECTIONS_PER_IMAGE", 20], "retinanet", "", False),
+    "rpn": ("COCO-Detection/rpn_R_50_FPN_1x.yaml", ["MODEL.RPN.POST_NMS_TOPK_TEST", 20],
+            "rpn", "", False),
+    "cascade": ("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", _RCNN, "rcnn", "", False),
+    "c4": ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml",
+           _RCNN + ["SOLVER.MAX_ITER", 2], "rcnn", "", False),
+}
+KINDS = ["plain", "gray", "rgba", "exif", "large"]
+
+
+def family_trainer():
+    """tools/train_net.py's Trainer: the family's evaluator, chosen by the tool."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "d2persist_train_net", os.path.join(REPO, "tools", "train_net.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Trainer
+
+
+def family_cfg(name, out):
+    path, opts, _, suffix, evaluated = FAMILIES[name]
+    register_shapes(PREFIX, num_val=10)
+    cfg = get_cfg()
+    add_persist_config(cfg)
+    cfg.merge_from_file(model_zoo.get_config_file(path))
+    cfg.merge_from_list(TINY + opts + ["DATASETS.TRAIN", (f"{PREFIX}{suffix}_train",),
+                                       "OUTPUT_DIR", str(out)])
+    if evaluated:
+        cfg.merge_from_list(_EVAL + ["DATASETS.TEST", (f"{PREFIX}{suffix}_val",)])
+    return cfg
+
+
+_RUNS = {}
+
+
+def trained(name, tmp_path_factory):
+    """The run folder of one tiny trained run of family ``name``, trained once a session."""
+    if name not in _RUNS:
+        out = tmp_path_factory.mktemp(name)
+        train(family_cfg(name, out), trainer_cls=family_trainer())
+        _RUNS[name] = out
+    return _RUNS[name]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """``(name, run folder)`` of each family."""
+    return request.param, trained(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def val_image():
+    register_shapes(PREFIX, num_val=10)
+    return DatasetCatalog.get(f"{PREFIX}_val")[3]["file_name"]
+
+
+def evaluation_path(run, image_path):
+    """What the family's evaluation computes for this file: stock detectron2 only."""
+    cfg = get_cfg()
+    add_persist_config(cfg)
+    cfg.merge_from_file(str(run / "config.yaml"))
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(run / "model_final.pth"))
+    model.eval()
+    h, w = read_image(image_path, format=cfg.INPUT.FORMAT).shape[:2]
+    data = DatasetMapper(cfg, is_train=False)(
+        {"file_name": image_path, "height": h, "width": w, "image_id": 0})
+    with torch.no_grad():
+        return arrays_of(model([data])[0], h, w)
+
+
+def _match(ref, got, score_tol, box_tol):
+    """Pairs (i in ref, j in got) of the same detection: class, score and box within bounds."""
+    pairs, used = [], set()
+    for i in range(len(ref.scores)):
+        for j in np.flatnonzero((np.abs(got.scores - ref.scores[i]) <= score_tol)
+                                & (got.classes == ref.classes[i])):
+            if j not in used and np.abs(got.boxes[j] - ref.boxes[i]).max() <= box_tol:
+                pairs.append((i, j))
+                used.add(j)
+                break
+    return pairs
+
+
+def assert_same(ref, got, exact):
+    """
+    ``got`` predicts what ``ref`` does: exactly (the PyTorch path), or within the ONNX bar:
+    the same detections and classes, scores within 1e-3, boxes within 0.05 px, mask IoU
+    >= 0.99, keypoints within 0.05 px, semantic and panoptic maps equal on >= 99.9% of pixels.
+    """
+    score_tol, box_tol = (1e-5, 1e-3) if exact else (1e-3, 0.05)
+    if ref.boxes is not None:
+        assert len(got.boxes) == len(ref.boxes) > 0
+        pairs = _match(ref, got, score_tol, box_tol)
+        # at the per-image limit, detections whose scores tie within float error may trade
+        # places (a model of a few iterations scores many anchors alike): those only
+        cut = ref.scores.min() + score_tol
+        alone = [ref.scores[i] for i in set(range(len(ref.boxes))) - {i for i, _ in pairs}]
+        assert len(alone) == 0 or (not exact and max(alone) <= cut and len(alone) <= 2), \
+            f"{len(pairs)} of {len(ref.boxes)} matched"
+        for i, j in pairs:
+            if ref.masks is not None:
+                union = (ref.masks[i] | got.masks[j]).sum()
+                assert union == 0 or (ref.masks[i] & got.masks[j]).sum() / union >= 0.99
+            if ref.keypoints is not None:
+                np.testing.assert_allclose(got.keypoints[j][:, :2], ref.keypoints[i][:, :2],
+                                           atol=box_tol, rtol=0)
+                np.testing.assert_allclose(got.keypoints[j][:, 2], ref.keypoints[i][:, 2],
+                                           atol=score_tol, rtol=1e-4)
+    for key in ("sem_seg", "panoptic"):
+        if getattr(ref, key) is not None:
+            agree = (getattr(ref, key) == getattr(got, key)).mean()
+            assert agree >= (1.0 if exact else 0.999), f"{key}: {agree:.5f} of the pixels"
+    if ref.panoptic is not None:
+        assert [(s["id"], s["isthing"], s["category_id"]) for s in ref.segments_info] == \
+            [(s["id"], s["isthing"], s["category_id"]) for s in got.segments_info]
+    if ref.proposals is not None:
+        assert len(got.proposals) == len(ref.proposals) > 0
+        np.testing.assert_allclose(got.proposals, ref.proposals, atol=box_tol, rtol=0)
+        np.testing.assert_allclose(got.objectness, ref.objectness, atol=score_tol, rtol=1e-4)
+
+
+def test_every_family_exports_its_onnx_graph(family):
+    name, run = family
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert "error" not in manifest["onnx"], manifest["onnx"]
+    assert manifest["onnx"]["task"] == FAMILIES[name][2]
+    assert "model.onnx" in manifest["files"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_both_backends_predict_as_the_family_evaluates(family, val_image, tmp_path, kind):
+    name, run = family
+    image = _make(kind, val_image, tmp_path)
+    ref = evaluation_path(run, image)
+    assert_same(ref, load_predictor(str(run))(image).arrays, exact=True)
+    assert_same(ref, load_predictor(str(run), backend="onnxruntime")(image).arrays, exact=False)
+
+
+def test_the_comparison_can_fail(family, val_image, tmp_path):
+    """A prediction on another image is told apart by the same comparison."""
+    name, run = family
+    other = DatasetCatalog.get(f"{PREFIX}_val")[5]["file_name"]
+    with pytest.raises(AssertionError):
+        assert_same(evaluation_path(run, val_image),
+                    load_predictor(str(run), backend="onnxruntime")(other).arrays, exact=False)
+
+
+def _dense(items, shape):
+    """The class map that COCO RLE items (``sem_seg``) tile."""
+    out = np.full(shape, -1, dtype=np.int64)
+    for item in items:
+        mask = rle_decode(item["segmentation"])
+        assert mask.sum() == item["area"] and (out[mask] == -1).all()
+        out[mask] = item.get("id", item["category_id"])
+    return out
+
+
+def test_json_carries_every_output_and_pictures_draw_it(family, val_image):
+    name, run = family
+    preds = {b: load_predictor(str(run), backend=b)(val_image)
+             for b in ("pytorch", "onnxruntime")}
+    data = {b: p.to_json(image_name=val_image) for b, p in preds.items()}
+    expected = {"keypoint": {"keypoint_names"}, "semantic": {"sem_seg"},
+                "panoptic": {"sem_seg", "panoptic_seg"}, "rpn": {"proposals"}}.get(name, set())
+    for got in data.values():
+        assert set(got) == {"image", "height", "width", "instances"} | expected
+        json.dumps(got)  # JSON data only
+    pt = data["pytorch"]
+    arrays = preds["pytorch"].arrays
+    shape = (pt["height"], pt["width"])
+    if name == "keypoint":
+        assert pt["keypoint_names"] == SHAPE_KEYPOINTS
+        assert all(len(i["keypoints"]) == len(SHAPE_KEYPOINTS) for i in pt["instances"])
+    if name == "semantic":
+        np.testing.assert_array_equal(_dense(pt["sem_seg"], shape), arrays.sem_seg)
+        assert {i["category_name"] for i in pt["sem_seg"]} <= {
+            "background", "circle", "square", "triangle"}
+    if name == "panoptic":
+        segments = pt["panoptic_seg"]["segments_info"]
+        assert segments, "no panoptic segment"
+        np.testing.assert_array_equal(_dense(segments, shape),
+                                      np.where(arrays.panoptic == 0, -1, arrays.panoptic))
+        assert {s["category_name"] for s in segments if not s["isthing"]} <= {"background"}
+    if name == "rpn":
+        assert len(pt["proposals"]) == 20 and pt["instances"] == []
+    pictures = {b: p.draw(None) for b, p in preds.items()}
+    assert min(pictures["pytorch"].shape[:2]) >= MIN_DRAW_SIZE
+    if name in ("semantic", "panoptic"):  # equal maps: equal pictures
+        np.testing.assert_array_equal(pictures["pytorch"], pictures["onnxruntime"])
+
+
+#: The family's own metric in the self-evaluation, by family.
+METRIC = {"keypoint": "keypoints/AP", "semantic": "sem_seg/mIoU", "panoptic": "panoptic_seg/PQ"}
+
+
+@pytest.mark.parametrize("name", list(METRIC))
+def test_export_scores_itself_with_the_family_metric(name, tmp_path_factory):
+    run = trained(name, tmp_path_factory)
+    entry = json.loads((run / "export" / "manifest.json").read_text())["evaluation"]
+    assert entry["failed"] == [], entry["errors"]
+    for backend in ("pytorch", "onnxruntime"):
+        assert entry["backends"][backend].get(METRIC[name]) is not None, entry["backends"]
+    assert entry["reference"][METRIC[name]] == entry["backends"]["pytorch"][METRIC[name]]
+    assert entry["max_difference"]["onnxruntime"] <= 0.1
+
+
+def test_infer_single_writes_panoptic_json_and_picture(tmp_path, tmp_path_factory, val_image):
+    run = trained("panoptic", tmp_path_factory)
+    res = run_tool(INFER_SINGLE, "--image", val_image, "--artifacts", run, "--backend",
+                   "onnxruntime", "--confidence-threshold", 0, "--output", tmp_path / "p.png",
+                   "--json", tmp_path / "p.json", timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "p.json").read_text())
+    assert data["panoptic_seg"]["segments_info"] and data["sem_seg"]
+    assert (tmp_path / "p.png").stat().st_size > 0
