@@ -6,11 +6,14 @@ PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 # detectron2 is not on PyPI: it is installed from its repository, as its INSTALL.md says.
 DETECTRON2_SRC ?= git+https://github.com/facebookresearch/detectron2.git
+# panopticapi (detectron2's COCOPanopticEvaluator, tools/evaluate.py --panoptic-json) is not on
+# PyPI either: installed from its repository, as its README says.
+PANOPTICAPI_SRC ?= git+https://github.com/cocodataset/panopticapi.git
 DEMO_OUT ?= output/shapes
 # when make started (for the demo's total time)
 DEMO_START := $(shell date +%s)
 
-.PHONY: install install-torch install-detectron2 install-test check-detectron2 test test-fast \
+.PHONY: install install-torch install-detectron2 install-panopticapi install-test check-detectron2 test test-fast \
 	demo lint bench help
 
 help:
@@ -33,7 +36,11 @@ install-detectron2: install-torch
 install: install-detectron2
 	$(PIP) install -q -e '.[onnx]'
 
-install-test: install
+install-panopticapi:
+	@$(PYTHON) -c "import panopticapi.evaluation" 2>/dev/null \
+	  || $(PIP) install --no-build-isolation '$(PANOPTICAPI_SRC)'
+
+install-test: install install-panopticapi
 	@$(PYTHON) -c "import pytest, pytest_mock, flake8, pycocotools, onnx, onnxruntime, s3fs, \
 	  moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
 
