@@ -15,11 +15,13 @@ task           models                               graph outputs (besides ``ima
 =============  ===================================  ==========================================
 ``rcnn``       GeneralizedRCNN (FPN, C4, Cascade,   ``boxes scores classes`` [``masks``]
                masks, keypoints)                    [``keypoint_heatmaps``]
-``retinanet``  RetinaNet                            ``boxes scores classes``
+``dense``      DenseDetector (RetinaNet, FCOS)      ``boxes scores classes``
 ``semantic``   SemanticSegmentor (semantic FPN)     ``sem_seg`` (C x h x w logits, unpadded)
 ``panoptic``   PanopticFPN                          ``rcnn``'s and ``sem_seg``
 ``rpn``        ProposalNetwork                      ``proposals objectness_logits``
 =============  ===================================  ==========================================
+
+A model of a project's own class is exported as the first of these classes it derives from.
 """
 
 import copy
@@ -41,8 +43,8 @@ logger = logging.getLogger(__name__)
 ONNX_OPSET = 17
 
 #: The tasks, by detectron2 meta-architecture class name.
-TASKS = {"GeneralizedRCNN": "rcnn", "RetinaNet": "retinanet", "SemanticSegmentor": "semantic",
-         "PanopticFPN": "panoptic", "ProposalNetwork": "rpn"}
+TASKS = {"PanopticFPN": "panoptic", "GeneralizedRCNN": "rcnn", "DenseDetector": "dense",
+         "SemanticSegmentor": "semantic", "ProposalNetwork": "rpn"}
 
 #: What the caller does before the graph (documented in the manifest).
 PREPROCESS = [
@@ -70,7 +72,7 @@ _THRESHOLDS = "the graph already applied the score threshold and per-image detec
 #: What the caller does after the graph, per task (documented in the manifest).
 POSTPROCESS = {
     "rcnn": [_BOXES, _MASKS, _KEYPOINTS, _THRESHOLDS],
-    "retinanet": [_BOXES, _THRESHOLDS],
+    "dense": [_BOXES, _THRESHOLDS],
     "semantic": [_SEM_SEG],
     "panoptic": [_BOXES, _MASKS, _SEM_SEG, _THRESHOLDS,
                  "combine as detectron2's combine_semantic_and_instance_outputs, with the "
@@ -201,7 +203,7 @@ class _Graph(torch.nn.Module):
         features = m.backbone(images.tensor)
         if task == "rcnn":
             out = _instances_outputs(m, images, features)
-        elif task == "retinanet":
+        elif task == "dense":
             feats = [features[f] for f in m.head_in_features]
             r = m.forward_inference(images, feats, m.head(feats))[0]
             out = {"boxes": r.pred_boxes.tensor, "scores": r.scores, "classes": r.pred_classes}

@@ -7,6 +7,7 @@ awkward images; their JSON carries every output, their pictures draw it, and the
 self-evaluation scores each with the family's own metric.
 """
 
+import functools
 import json
 import os
 
@@ -66,7 +67,7 @@ FAMILIES = {
         "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", 16], "panoptic", "_panoptic", True),
     "retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", [
         "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-        "TEST.DETECTIONS_PER_IMAGE", 20], "retinanet", "", False),
+        "TEST.DETECTIONS_PER_IMAGE", 20], "dense", "", False),
     "rpn": ("COCO-Detection/rpn_R_50_FPN_1x.yaml", ["MODEL.RPN.POST_NMS_TOPK_TEST", 20],
             "rpn", "", False),
     "cascade": ("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", _RCNN, "rcnn", "", False),
@@ -124,17 +125,27 @@ def val_image():
     return DatasetCatalog.get(f"{PREFIX}_val")[3]["file_name"]
 
 
-def evaluation_path(run, image_path):
-    """What the family's evaluation computes for this file: stock detectron2 only."""
+@functools.lru_cache(maxsize=None)
+def predictor(run, backend="pytorch"):
+    """The run's predictor, loaded once per backend (both are stateless between images)."""
+    return load_predictor(str(run), backend=backend)
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluation_model(run):
     cfg = get_cfg()
     add_persist_config(cfg)
     cfg.merge_from_file(str(run / "config.yaml"))
     model = build_model(cfg)
     DetectionCheckpointer(model).load(str(run / "model_final.pth"))
-    model.eval()
+    return cfg, model.eval(), DatasetMapper(cfg, is_train=False)
+
+
+def evaluation_path(run, image_path):
+    """What the family's evaluation computes for this file: stock detectron2 only."""
+    cfg, model, mapper = _evaluation_model(run)
     h, w = read_image(image_path, format=cfg.INPUT.FORMAT).shape[:2]
-    data = DatasetMapper(cfg, is_train=False)(
-        {"file_name": image_path, "height": h, "width": w, "image_id": 0})
+    data = mapper({"file_name": image_path, "height": h, "width": w, "image_id": 0})
     with torch.no_grad():
         return arrays_of(model([data])[0], h, w)
 
@@ -203,8 +214,8 @@ def test_both_backends_predict_as_the_family_evaluates(family, val_image, tmp_pa
     name, run = family
     image = _make(kind, val_image, tmp_path)
     ref = evaluation_path(run, image)
-    assert_same(ref, load_predictor(str(run))(image).arrays, exact=True)
-    assert_same(ref, load_predictor(str(run), backend="onnxruntime")(image).arrays, exact=False)
+    assert_same(ref, predictor(run)(image).arrays, exact=True)
+    assert_same(ref, predictor(run, "onnxruntime")(image).arrays, exact=False)
 
 
 def test_the_comparison_can_fail(family, val_image, tmp_path):
@@ -213,7 +224,7 @@ def test_the_comparison_can_fail(family, val_image, tmp_path):
     other = DatasetCatalog.get(f"{PREFIX}_val")[5]["file_name"]
     with pytest.raises(AssertionError):
         assert_same(evaluation_path(run, val_image),
-                    load_predictor(str(run), backend="onnxruntime")(other).arrays, exact=False)
+                    predictor(run, "onnxruntime")(other).arrays, exact=False)
 
 
 def _dense(items, shape):
@@ -228,8 +239,7 @@ def _dense(items, shape):
 
 def test_json_carries_every_output_and_pictures_draw_it(family, val_image):
     name, run = family
-    preds = {b: load_predictor(str(run), backend=b)(val_image)
-             for b in ("pytorch", "onnxruntime")}
+    preds = {b: predictor(run, b)(val_image) for b in ("pytorch", "onnxruntime")}
     data = {b: p.to_json(image_name=val_image) for b, p in preds.items()}
     expected = {"keypoint": {"keypoint_names"}, "semantic": {"sem_seg"},
                 "panoptic": {"sem_seg", "panoptic_seg"}, "rpn": {"proposals"}}.get(name, set())
