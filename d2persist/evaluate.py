@@ -1,12 +1,19 @@
 """
-Score a predictor on any COCO-format dataset, as detectron2's ``COCOEvaluator`` scores it,
-with numpy and pycocotools only (no torch, no detectron2): the ONNX Runtime backend of a bundle
-can be evaluated where only it is installed.
+Score a predictor with the metric of its model's family, as detectron2's evaluators score it,
+with numpy, pycocotools and (panoptic) panopticapi only (no torch, no detectron2): the ONNX
+Runtime backend of a bundle can be evaluated where only it is installed.
 
-The predictions are turned into COCO results as ``instances_to_coco_json`` does (XYWH boxes in
-float32, masks as RLE), a segm evaluation drops the boxes (so that small/medium/large are by
-mask area), and the metrics are derived as ``COCOEvaluator._derive_coco_results`` derives them:
-percent, NaN where COCO gives -1, and ``AP-<class>`` per category.
+- :func:`evaluate_coco`, as ``COCOEvaluator``: the predictions are turned into COCO results as
+  ``instances_to_coco_json`` does (XYWH boxes in float32, masks as RLE, keypoints shifted by
+  -0.5 px), a segm evaluation drops the boxes (so that small/medium/large are by mask area), a
+  keypoint one uses the config's ``TEST.KEYPOINT_OKS_SIGMAS``, and the metrics are derived as
+  ``COCOEvaluator._derive_coco_results`` derives them: percent, NaN where COCO gives -1, and
+  ``AP-<class>`` per category.
+- :func:`evaluate_sem_seg`, as ``SemSegEvaluator``: one confusion matrix over a folder of label
+  PNGs; mIoU, fwIoU, mACC, pACC, per-class IoU and ACC (and boundary IoU where OpenCV is
+  installed, as detectron2 does).
+- :func:`evaluate_panoptic`, as ``COCOPanopticEvaluator``: PQ, SQ, RQ (all, things, stuff) by
+  panopticapi's ``pq_compute`` on a COCO panoptic json and its PNGs.
 """
 
 import contextlib
@@ -21,11 +28,14 @@ import numpy as np
 from .errors import ArtifactError, D2PersistError, InputImageError
 
 __all__ = ["DatasetMismatchError", "evaluate_coco", "coco_metrics", "match_categories",
-           "format_results"]
+           "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
+           "config_keypoint_sigmas"]
 
 logger = logging.getLogger(__name__)
 
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+#: COCOEvaluator's keypoint metrics (COCO's keypoint summary has no APs).
+_KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl")
 
 
 class DatasetMismatchError(D2PersistError):
@@ -81,39 +91,73 @@ def _results(pred_json: dict, image_id, class_to_cat: Dict[int, int]) -> List[di
                 "score": float(np.float32(inst["score"]))}
         if "segmentation" in inst:
             item["segmentation"] = inst["segmentation"]
+        if "keypoints" in inst:  # COCO's are pixel indices: detectron2 shifts by -0.5
+            item["keypoints"] = [float(np.float32(v) - np.float32(0.5)) if k < 2 else float(v)
+                                 for kp in inst["keypoints"] for k, v in enumerate(kp)]
         out.append(item)
     return out
 
 
-def coco_metrics(coco_gt, results: List[dict], iou_type: str) -> Dict[str, float]:
+def coco_metrics(coco_gt, results: List[dict], iou_type: str,
+                 kpt_oks_sigmas: Sequence[float] = ()) -> Dict[str, float]:
     """
     COCOEvaluator's metrics of ``results`` (COCO result dicts) on ``coco_gt`` for ``iou_type``
-    ("bbox" or "segm"): AP, AP50, AP75, APs, APm, APl and AP-<category>, in percent.
+    ("bbox", "segm" or "keypoints"): AP, AP50, AP75, APs (not for keypoints), APm, APl and
+    AP-<category>, in percent.
+
+    Args:
+        kpt_oks_sigmas: keypoints: one OKS sigma per keypoint (COCO's 17 when empty).
     """
     from pycocotools.cocoeval import COCOeval
 
+    names_of = _KEYPOINT_METRICS if iou_type == "keypoints" else _METRICS
     cats = sorted(coco_gt.getCatIds())
     names = [coco_gt.cats[c]["name"] for c in cats]
     if not results:  # pycocotools does not handle empty results
-        return {m: float("nan") for m in _METRICS}
+        return {m: float("nan") for m in names_of}
     if iou_type == "segm":  # mask area, not box area, decides small/medium/large
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
-        ev.params.maxDets = [1, 10, 100]
+        if iou_type == "keypoints":  # COCO's keypoint maxDets (20) stay, as detectron2 keeps them
+            if kpt_oks_sigmas:
+                ev.params.kpt_oks_sigmas = np.array(kpt_oks_sigmas)
+        else:
+            ev.params.maxDets = [1, 10, 100]
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
     logger.info("COCO %s evaluation:\n%s", iou_type, printed.getvalue().rstrip())
     out = {m: float(ev.stats[i] * 100 if ev.stats[i] >= 0 else "nan")
-           for i, m in enumerate(_METRICS)}
+           for i, m in enumerate(names_of)}
     precisions = ev.eval["precision"]  # iou, recall, cls, area range, max dets
     for idx, name in enumerate(names):
         p = precisions[:, :, idx, 0, -1]
         p = p[p > -1]
         out["AP-" + name] = float(np.mean(p) * 100) if p.size else float("nan")
     return out
+
+
+def config_keypoint_sigmas(path: str) -> List[float]:
+    """
+    The OKS sigmas of the artifacts at ``path`` (a bundle or a run folder): the yacs config's
+    ``TEST.KEYPOINT_OKS_SIGMAS``, a LazyConfig's ``dataloader.evaluator.kpt_oks_sigmas``; []
+    if it names none. Read with a safe YAML loader, without torch.
+    """
+    from .fileio import safe_yaml_load
+    from .layout import CONFIG_NAME
+    from .manifest import find_bundle
+
+    bundle = find_bundle(path) if os.path.isdir(path) else None
+    for folder in (bundle, path):
+        config = os.path.join(folder or "", CONFIG_NAME)
+        if folder and os.path.isfile(config):
+            cfg = safe_yaml_load(config) or {}
+            sigmas = (cfg.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or (
+                ((cfg.get("dataloader") or {}).get("evaluator") or {}).get("kpt_oks_sigmas"))
+            return [float(v) for v in sigmas or []]
+    return []
 
 
 def _progress(items, enabled):
@@ -127,7 +171,8 @@ def _progress(items, enabled):
 
 
 def evaluate_coco(predictor, coco_json: str, image_root: str = "",
-                  progress: bool = False) -> Dict[str, Dict[str, float]]:
+                  progress: bool = False,
+                  kpt_oks_sigmas: Sequence[float] = ()) -> Dict[str, Dict[str, float]]:
     """
     Predict every image of a COCO-format dataset and score it as COCOEvaluator does.
 
@@ -136,27 +181,228 @@ def evaluate_coco(predictor, coco_json: str, image_root: str = "",
         coco_json (str): the dataset's annotations.
         image_root (str): folder the images' ``file_name`` are relative to.
         progress (bool): a progress bar on stderr (tqdm).
+        kpt_oks_sigmas: keypoint models: one OKS sigma per keypoint
+            (:func:`config_keypoint_sigmas`).
 
     Returns:
-        dict: ``{"bbox": {"AP": ..., "AP-<class>": ...}, "segm": {...}}`` (segm when the model
-        predicts masks), detectron2's results layout.
+        dict: ``{"bbox": {"AP": ..., "AP-<class>": ...}, "segm": {...}, "keypoints": {...}}``
+        (segm when the model predicts masks, keypoints when it predicts keypoints and the
+        dataset has them), detectron2's results layout.
 
     Raises:
         DatasetMismatchError: the dataset's category names are not the bundle's class names.
         InputImageError: an image is missing or unreadable.
+        D2PersistError: keypoints to score without a sigma for each.
     """
     coco = _coco(coco_json)
     class_to_cat = match_categories(list(coco.cats.values()), list(predictor.class_names))
     results = []
     for image_id in _progress(sorted(coco.imgs), progress):
-        info = coco.imgs[image_id]
-        path = os.path.join(image_root, info["file_name"])
-        if not os.path.isfile(path):
-            raise InputImageError(f"Image {path} of {coco_json} does not exist (is --image-root "
-                                  "the folder its file_name values are relative to?).")
+        path = _image_path(image_root, coco.imgs[image_id]["file_name"], coco_json)
         results += _results(predictor(path).to_json(), image_id, class_to_cat)
     tasks = ["bbox"] + (["segm"] if any("segmentation" in r for r in results) else [])
-    return {task: coco_metrics(coco, results, task) for task in tasks}
+    has_keypoints = any("keypoints" in a for a in coco.anns.values())
+    if has_keypoints and any("keypoints" in r for r in results):
+        count = len(next(r for r in results if "keypoints" in r)["keypoints"]) // 3
+        if len(kpt_oks_sigmas or ()) != count and count != 17:
+            raise D2PersistError(
+                f"Keypoint AP needs one OKS sigma for each of the model's {count} keypoints "
+                f"(TEST.KEYPOINT_OKS_SIGMAS, or --keypoint-oks-sigmas); got "
+                f"{len(kpt_oks_sigmas or ())}.")
+        tasks.append("keypoints")
+    return {task: coco_metrics(coco, results, task, kpt_oks_sigmas) for task in tasks}
+
+
+def _image_path(image_root, file_name, where):
+    path = os.path.join(image_root, file_name)
+    if not os.path.isfile(path):
+        raise InputImageError(f"Image {path} of {where} does not exist (is --image-root "
+                              "the folder its file_name values are relative to?).")
+    return path
+
+
+def _label_files(label_dir, image_root):
+    """(image, label PNG) pairs: each PNG of ``label_dir`` with the image of its stem."""
+    if not os.path.isdir(label_dir):
+        raise ArtifactError(f"Label folder {label_dir} does not exist.")
+    images = {}
+    root = image_root or "."
+    for name in sorted(os.listdir(root)) if os.path.isdir(root) else ():
+        images.setdefault(os.path.splitext(name)[0], os.path.join(image_root, name))
+    pairs = []
+    for name in sorted(os.listdir(label_dir)):
+        stem, ext = os.path.splitext(name)
+        if ext.lower() != ".png":
+            continue
+        if stem not in images:
+            raise InputImageError(f"Label {name} of {label_dir} has no image named {stem}.* in "
+                                  f"{image_root or 'the current folder'}.")
+        pairs.append((images[stem], os.path.join(label_dir, name)))
+    if not pairs:
+        raise ArtifactError(f"Label folder {label_dir} holds no PNG.")
+    return pairs
+
+
+def _boundary(mask, dilation_ratio=0.02):
+    """detectron2's ``SemSegEvaluator._mask_to_boundary`` (needs OpenCV)."""
+    import cv2
+
+    h, w = mask.shape
+    dilation = max(1, int(round(dilation_ratio * np.sqrt(h ** 2 + w ** 2))))
+    padded = cv2.copyMakeBorder(mask, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    eroded = cv2.erode(padded, np.ones((3, 3), dtype=np.uint8), iterations=dilation)
+    return mask - eroded[1: h + 1, 1: w + 1]
+
+
+def sem_seg_metrics(conf: np.ndarray, class_names: Sequence[str],
+                    boundary: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """
+    SemSegEvaluator's metrics of a (C+1) x (C+1) confusion matrix (rows: prediction, columns:
+    ground truth, the last one ignored pixels), in percent.
+    """
+    n = len(class_names)
+    acc = np.full(n, np.nan)
+    iou = np.full(n, np.nan)
+    tp = conf.diagonal()[:-1].astype(float)
+    pos_gt = conf[:-1, :-1].sum(axis=0).astype(float)
+    pos_pred = conf[:-1, :-1].sum(axis=1).astype(float)
+    weights = pos_gt / pos_gt.sum()
+    acc_valid = pos_gt > 0
+    acc[acc_valid] = tp[acc_valid] / pos_gt[acc_valid]
+    union = pos_gt + pos_pred - tp
+    iou_valid = acc_valid & (union > 0)
+    iou[iou_valid] = tp[iou_valid] / union[iou_valid]
+    b_iou = None
+    if boundary is not None:
+        b_iou = np.full(n, np.nan)
+        b_tp = boundary.diagonal()[:-1].astype(float)
+        b_union = boundary[:-1, :-1].sum(axis=0) + boundary[:-1, :-1].sum(axis=1) - b_tp
+        b_iou[b_union > 0] = b_tp[b_union > 0] / b_union[b_union > 0]
+    res = {"mIoU": 100 * np.sum(iou[iou_valid]) / np.sum(iou_valid),
+           "fwIoU": 100 * np.sum(iou[iou_valid] * weights[iou_valid])}
+    for i, name in enumerate(class_names):
+        res[f"IoU-{name}"] = 100 * iou[i]
+        if b_iou is not None:
+            res[f"BoundaryIoU-{name}"] = 100 * b_iou[i]
+            res[f"min(IoU, B-Iou)-{name}"] = 100 * min(iou[i], b_iou[i])
+    res["mACC"] = 100 * np.sum(acc[acc_valid]) / np.sum(acc_valid)
+    res["pACC"] = 100 * np.sum(tp) / np.sum(pos_gt)
+    for i, name in enumerate(class_names):
+        res[f"ACC-{name}"] = 100 * acc[i]
+    return {k: float(v) for k, v in res.items()}
+
+
+def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "", ignore_label: int = 255,
+                     progress: bool = False) -> Dict[str, Dict[str, float]]:
+    """
+    Predict the image of each label PNG in ``label_dir`` (the image of the same stem in
+    ``image_root``) and score it as SemSegEvaluator does. The labels are class ids in the
+    bundle's ``stuff_classes`` order, ``ignore_label`` not scored.
+
+    Returns:
+        dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", ...}}``.
+    """
+    from PIL import Image
+
+    names = list(predictor.metadata.get("stuff_classes") or [])
+    if not names:
+        raise DatasetMismatchError("The bundle's metadata names no stuff_classes: it has no "
+                                   "semantic segmentation to score.")
+    try:
+        import cv2  # noqa: F401  (boundary IoU, as detectron2 computes it where it can)
+        with_boundary = len(names) < 255
+    except ImportError:
+        with_boundary = False
+    n = len(names)
+    conf = np.zeros((n + 1, n + 1), dtype=np.int64)
+    b_conf = np.zeros_like(conf)
+    for image, label in _progress(_label_files(label_dir, image_root), progress):
+        pred = predictor(image).arrays.sem_seg
+        if pred is None:
+            raise DatasetMismatchError("The model predicts no semantic segmentation.")
+        gt = np.array(Image.open(label), dtype=int)
+        if gt.shape != pred.shape:
+            raise DatasetMismatchError(f"Label {label} is {gt.shape[1]}x{gt.shape[0]} pixels, "
+                                       f"its image {pred.shape[1]}x{pred.shape[0]}.")
+        gt[gt == ignore_label] = n
+        if gt.max() > n:
+            raise DatasetMismatchError(f"Label {label} holds class id {int(gt.max())}; the "
+                                       f"bundle has {n} classes ({', '.join(names)}).")
+        pred = pred.astype(int)
+        conf += np.bincount((n + 1) * pred.ravel() + gt.ravel(),
+                            minlength=conf.size).reshape(conf.shape)
+        if with_boundary:
+            b_gt, b_pred = _boundary(gt.astype(np.uint8)), _boundary(pred.astype(np.uint8))
+            b_conf += np.bincount((n + 1) * b_pred.ravel() + b_gt.ravel(),
+                                  minlength=conf.size).reshape(conf.shape)
+    return {"sem_seg": sem_seg_metrics(conf, names, b_conf if with_boundary else None)}
+
+
+def evaluate_panoptic(predictor, panoptic_json: str, panoptic_root: str, image_root: str = "",
+                      progress: bool = False) -> Dict[str, Dict[str, float]]:
+    """
+    Predict every image of a COCO panoptic dataset and score it as COCOPanopticEvaluator does
+    (panopticapi's ``pq_compute``). The dataset's categories are matched by name: things to
+    the bundle's ``thing_classes``, stuff to its ``stuff_classes``.
+
+    Returns:
+        dict: ``{"panoptic_seg": {"PQ", "SQ", "RQ", "PQ_th", ..., "RQ_st"}}`` in percent.
+    """
+    import json
+    import tempfile
+
+    from PIL import Image
+
+    try:
+        from panopticapi.evaluation import pq_compute
+    except ImportError:
+        raise D2PersistError("Panoptic quality needs panopticapi (not on PyPI: install it from "
+                             "its repository, github.com/cocodataset/panopticapi).") from None
+    if not os.path.isfile(panoptic_json):
+        raise ArtifactError(f"COCO panoptic file {panoptic_json} does not exist.")
+    try:
+        with open(panoptic_json, "r", encoding="utf-8") as f:
+            gt = json.load(f)
+        cats, images = gt["categories"], gt["images"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{panoptic_json} is not a COCO panoptic file ({e}).") from None
+    meta = predictor.metadata
+    ids = {}
+    for isthing, key in ((True, "thing_classes"), (False, "stuff_classes")):
+        by_name = {c["name"]: c["id"] for c in cats if bool(c.get("isthing")) == isthing}
+        ids[isthing] = {i: by_name[n] for i, n in enumerate(meta.get(key) or []) if n in by_name}
+    predictions = []
+    with tempfile.TemporaryDirectory(prefix="d2persist-pq-") as pred_dir:
+        for info in _progress(images, progress):
+            path = _image_path(image_root, info["file_name"], panoptic_json)
+            a = predictor(path).arrays
+            if a.panoptic is None:
+                raise DatasetMismatchError("The model predicts no panoptic segmentation.")
+            segments = []
+            for s in a.segments_info:
+                cat = ids[bool(s["isthing"])].get(int(s["category_id"]))
+                if cat is None:
+                    raise DatasetMismatchError(
+                        f"The dataset has no {'thing' if s['isthing'] else 'stuff'} category "
+                        f"for the bundle's class {s['category_id']}.")
+                segments.append({"id": int(s["id"]), "category_id": cat})
+            png = os.path.splitext(info["file_name"])[0] + ".png"
+            seg = a.panoptic.astype(np.uint32)
+            rgb = np.stack([seg % 256, seg // 256 % 256, seg // 65536], axis=-1).astype(np.uint8)
+            Image.fromarray(rgb).save(os.path.join(pred_dir, os.path.basename(png)))
+            predictions.append({"image_id": info["id"], "file_name": os.path.basename(png),
+                                "segments_info": segments})
+        pred_json = os.path.join(pred_dir, "predictions.json")
+        with open(pred_json, "w", encoding="utf-8") as f:
+            json.dump(dict(gt, annotations=predictions), f)
+        with contextlib.redirect_stdout(io.StringIO()):
+            pq = pq_compute(panoptic_json, pred_json, gt_folder=panoptic_root,
+                            pred_folder=pred_dir)
+    out = {}
+    for key, part in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
+        for m in ("pq", "sq", "rq"):
+            out[m.upper() + key] = 100 * float(pq[part][m])
+    return {"panoptic_seg": out}
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -171,11 +417,20 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def format_results(results: Dict[str, Dict[str, float]], name: Optional[str] = None) -> str:
-    """The tables detectron2's COCOEvaluator logs: the summary and the per-category AP."""
+    """The tables detectron2's evaluators log: the summary and the per-category AP or IoU."""
     out = []
     for task, metrics in results.items():
         out.append(f"Evaluation results for {task}" + (f" on {name}" if name else "") + ":")
-        out.append(_table(_METRICS, [[metrics.get(m, float("nan")) for m in _METRICS]]))
+        if task in ("sem_seg", "panoptic_seg"):
+            heads = [k for k in metrics if "-" not in k]
+            out.append(_table(heads, [[metrics[k] for k in heads]]))
+            per_class = [(k[4:], v) for k, v in metrics.items() if k.startswith("IoU-")]
+            if per_class:
+                out.append("Per-class IoU:")
+                out.append(_table([n for n, _ in per_class], [[v for _, v in per_class]]))
+            continue
+        heads = _KEYPOINT_METRICS if task == "keypoints" else _METRICS
+        out.append(_table(heads, [[metrics.get(m, float("nan")) for m in heads]]))
         per_cat = [(k[3:], v) for k, v in metrics.items() if k.startswith("AP-")]
         if per_cat:
             out.append(f"Per-category {task} AP:")

@@ -294,3 +294,81 @@ def test_infer_single_writes_panoptic_json_and_picture(tmp_path, tmp_path_factor
     data = json.loads((tmp_path / "p.json").read_text())
     assert data["panoptic_seg"]["segments_info"] and data["sem_seg"]
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def _dataset_files(name, folder):
+    """The family's test set as files evaluate.py reads: (kwargs of its evaluate_* function)."""
+    from detectron2.data.datasets.coco import convert_to_coco_json
+
+    from d2persist.data.shapes import ShapesSpec, label_folder
+
+    suffix = FAMILIES[name][3]
+    records = DatasetCatalog.get(f"{PREFIX}{suffix}_val")
+    images = os.path.dirname(records[0]["file_name"])
+    labels = label_folder(ShapesSpec(10, 128, 1_000_003))
+    assert os.path.dirname(records[0].get("sem_seg_file_name", labels + "/x")).startswith(labels)
+    if name == "keypoint":
+        path = str(folder / "coco.json")
+        convert_to_coco_json(f"{PREFIX}{suffix}_val", path, allow_cached=False)
+        return "coco", {"coco_json": path, "image_root": ""}
+    if name == "semantic":
+        return "sem_seg", {"label_dir": os.path.join(labels, "sem"), "image_root": images}
+    return "panoptic", {"panoptic_json": os.path.join(labels, "panoptic.json"),
+                        "panoptic_root": os.path.join(labels, "panoptic"), "image_root": images}
+
+
+@pytest.mark.parametrize("name", list(METRIC))
+def test_evaluate_scores_as_detectron2s_evaluator(name, tmp_path, tmp_path_factory):
+    """tools/evaluate.py's metrics = the in-training evaluation's (PyTorch), within 0.1 (ORT)."""
+    from d2persist import evaluate as ev
+
+    run = trained(name, tmp_path_factory)
+    training = json.loads((run / "export" / "manifest.json").read_text())["evaluation"]
+    training = training["reference"]
+    kind, files = _dataset_files(name, tmp_path)
+    sigmas = ev.config_keypoint_sigmas(str(run))
+    assert sigmas == (KEYPOINT_OKS_SIGMAS if name == "keypoint" else [])
+    for backend, tolerance in (("pytorch", 1e-6), ("onnxruntime", 0.1)):
+        p = predictor(run, backend)
+        if kind == "coco":
+            got = ev.evaluate_coco(p, kpt_oks_sigmas=sigmas, **files)
+        elif kind == "sem_seg":
+            got = ev.evaluate_sem_seg(p, **files)
+        else:
+            got = ev.evaluate_panoptic(p, **files)
+        flat = {f"{task}/{k}": v for task, m in got.items() for k, v in m.items()}
+        compared = [k for k in training if k in flat and not k.split("/")[1].startswith("AP-")]
+        assert METRIC[name] in compared, sorted(flat)
+        for key in compared:
+            want, have = training[key], flat[key]
+            if want is None:  # NaN in training: NaN here
+                assert have != have, (backend, key, have)
+            else:
+                assert abs(have - want) <= tolerance, (backend, key, have, want)
+
+
+def test_evaluate_tool_scores_panoptic_without_torch(tmp_path, tmp_path_factory):
+    import subprocess
+    import sys
+
+    from helpers import WITHOUT_TORCH
+
+    run = trained("panoptic", tmp_path_factory)
+    _, files = _dataset_files("panoptic", tmp_path)
+    res = subprocess.run(
+        [sys.executable, "-c", WITHOUT_TORCH, os.path.join(REPO, "tools", "evaluate.py"),
+         "--artifacts", str(run), "--panoptic-json", files["panoptic_json"],
+         "--panoptic-root", files["panoptic_root"], "--image-root", files["image_root"],
+         "--json", str(tmp_path / "m.json")],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "PQ" in res.stdout and "weights:" in res.stdout
+    training = json.loads((run / "export" / "manifest.json").read_text())["evaluation"]
+    got = json.loads((tmp_path / "m.json").read_text())["panoptic_seg"]["PQ"]
+    assert abs(got - training["reference"]["panoptic_seg/PQ"]) <= 0.1
+    missing = subprocess.run(
+        [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--artifacts", str(run),
+         "--panoptic-json", files["panoptic_json"]], capture_output=True, text=True,
+        timeout=120, cwd=REPO)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "--panoptic-root" in missing.stderr.strip().splitlines()[-1]
