@@ -14,7 +14,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2 import model_zoo  # imports pkg_resources: setup.py keeps setuptools < 81
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
@@ -25,82 +24,19 @@ from d2persist import add_persist_config, load_predictor
 from d2persist.data.shapes import KEYPOINT_OKS_SIGMAS, SHAPE_KEYPOINTS, register_shapes
 from d2persist.outputs import MIN_DRAW_SIZE, rle_decode
 from d2persist.predictor import arrays_of
-from helpers import INFER_SINGLE, REPO, run_tool, train
+from helpers import (
+    FAMILIES,
+    INFER_SINGLE,
+    PREFIX,
+    REPO,
+    family_cfg,
+    family_trainer,
+    run_tool,
+    train,
+)
 from test_predictor import _make
 
-#: Shapes data with a 10-image val split: the families' evaluations stay short.
-PREFIX = "shapes10"
-
-#: Overrides that make a model-zoo config tiny and trainable from scratch on a CPU: ResNet-18
-#: with BatchNorm (FrozenBN and frozen stages only suit pretrained weights), clipped gradients.
-TINY = [
-    "MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu", "MODEL.RESNETS.DEPTH", 18,
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.RESNETS.NORM", "BN",
-    "MODEL.BACKBONE.FREEZE_AT", 0, "MODEL.FPN.OUT_CHANNELS", 32,
-    "INPUT.MIN_SIZE_TRAIN", (64,), "INPUT.MAX_SIZE_TRAIN", 96, "INPUT.MIN_SIZE_TEST", 64,
-    "INPUT.MAX_SIZE_TEST", 96, "SOLVER.IMS_PER_BATCH", 2, "SOLVER.BASE_LR", 0.01,
-    "SOLVER.WARMUP_ITERS", 2, "SOLVER.STEPS", (), "SOLVER.MAX_ITER", 4,
-    "SOLVER.CHECKPOINT_PERIOD", 2, "SOLVER.CLIP_GRADIENTS.ENABLED", True,
-    "SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "norm", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE", 5.0,
-    "DATALOADER.NUM_WORKERS", 0, "TEST.EVAL_PERIOD", 0, "DATASETS.TEST", (), "SEED", 7,
-    "PERSIST.BEST_METRIC", "", "PERSIST.EXPORT_FORMATS", ["safetensors", "onnx"],
-    "PERSIST.EXPORT_EVAL", False,
-]
-_RCNN = ["MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-         "MODEL.ROI_BOX_HEAD.FC_DIM", 64]
-#: Evaluated at the end, and the export evaluates itself (the families with a metric of their
-#: own: keypoint AP, mIoU, PQ).
-_EVAL = ["TEST.EVAL_PERIOD", 0, "PERSIST.EXPORT_EVAL", True]
-
-#: family -> (zoo config, overrides, task of the ONNX graph, dataset task suffix, evaluated)
-FAMILIES = {
-    "keypoint": ("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml", _RCNN + [
-        "MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", len(SHAPE_KEYPOINTS),
-        "MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS", (32, 32),
-        "TEST.KEYPOINT_OKS_SIGMAS", KEYPOINT_OKS_SIGMAS], "rcnn", "_kp", True),
-    "semantic": ("Misc/semantic_R_50_FPN_1x.yaml", [
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 4, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32],
-        "semantic", "_sem", True),
-    "panoptic": ("COCO-PanopticSegmentation/panoptic_fpn_R_50_1x.yaml", _RCNN + [
-        "MODEL.SEM_SEG_HEAD.NUM_CLASSES", 2, "MODEL.SEM_SEG_HEAD.CONVS_DIM", 32,
-        "MODEL.PANOPTIC_FPN.COMBINE.INSTANCES_CONFIDENCE_THRESH", 0.05,
-        "MODEL.PANOPTIC_FPN.COMBINE.STUFF_AREA_LIMIT", 16], "panoptic", "_panoptic", True),
-    "retinanet": ("COCO-Detection/retinanet_R_50_FPN_1x.yaml", [
-        "MODEL.RETINANET.NUM_CLASSES", 3, "MODEL.RETINANET.SCORE_THRESH_TEST", 0.0,
-        "TEST.DETECTIONS_PER_IMAGE", 20], "dense", "", False),
-    "rpn": ("COCO-Detection/rpn_R_50_FPN_1x.yaml", ["MODEL.RPN.POST_NMS_TOPK_TEST", 20],
-            "rpn", "", False),
-    "cascade": ("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", _RCNN, "rcnn", "", False),
-    "c4": ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml",
-           _RCNN + ["SOLVER.MAX_ITER", 2], "rcnn", "", False),
-}
 KINDS = ["plain", "gray", "rgba", "exif", "large"]
-
-
-def family_trainer():
-    """tools/train_net.py's Trainer: the family's evaluator, chosen by the tool."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "d2persist_train_net", os.path.join(REPO, "tools", "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.Trainer
-
-
-def family_cfg(name, out):
-    path, opts, _, suffix, evaluated = FAMILIES[name]
-    register_shapes(PREFIX, num_val=10)
-    cfg = get_cfg()
-    add_persist_config(cfg)
-    cfg.merge_from_file(model_zoo.get_config_file(path))
-    cfg.merge_from_list(TINY + opts + ["DATASETS.TRAIN", (f"{PREFIX}{suffix}_train",),
-                                       "OUTPUT_DIR", str(out)])
-    if evaluated:
-        cfg.merge_from_list(_EVAL + ["DATASETS.TEST", (f"{PREFIX}{suffix}_val",)])
-    return cfg
-
-
 _RUNS = {}
 
 
