@@ -24,8 +24,9 @@ EVAL_BACKENDS = ("pytorch", "onnxruntime", "onnxruntime-int8")
 #: metric); INT8 is allowed what quantization is asked to cost at most (see EVAL_CHECKED).
 EVAL_TOLERANCE = {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
 #: The metrics the tolerance applies to, by the end of their name (every one if not listed):
-#: INT8's box and mask AP; its per-category APs on a small test set move more, and are recorded.
-EVAL_CHECKED = {"onnxruntime-int8": ("/AP",)}
+#: INT8's headline metric of each family (box, mask and keypoint AP, PQ, mIoU); its per-category
+#: APs on a small test set move more, and are recorded.
+EVAL_CHECKED = {"onnxruntime-int8": ("/AP", "/PQ", "/mIoU")}
 
 
 def metadata_from_json(meta: dict) -> dict:

@@ -110,7 +110,7 @@ def test_the_export_records_its_own_evaluation_per_backend(default_run):
     assert all(abs(onnx[k] - v) <= 0.1 for k, v in ref.items() if v is not None)
     assert entry["tolerance"] == {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
     int8 = entry["backends"]["onnxruntime-int8"]  # what INT8 costs, stated
-    assert entry["checked"] == {"onnxruntime-int8": ["/AP"]}  # its box and mask AP
+    assert entry["checked"] == {"onnxruntime-int8": ["/AP", "/PQ", "/mIoU"]}  # box and mask AP
     assert entry["max_difference"]["onnxruntime-int8"] == max(
         abs(int8[k] - ref[k]) for k in ("bbox/AP", "segm/AP"))
     # the bundle's evaluation wrote none of the evaluator's prediction files over training's
