@@ -21,7 +21,7 @@ from .manifest import describe_source
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
-__all__ = ["Predictor", "Prediction", "load_predictor", "read_image_file"]
+__all__ = ["Predictor", "Prediction", "arrays_of", "load_predictor", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
