@@ -13,7 +13,8 @@ DEMO_OUT ?= output/shapes
 # when make started (for the demo's total time)
 DEMO_START := $(shell date +%s)
 
-.PHONY: install install-torch install-detectron2 install-panopticapi install-test check-detectron2 test test-fast \
+.PHONY: install install-torch install-detectron2 install-panopticapi install-test \
+	check-detectron2 test test-fast \
 	demo lint bench help
 
 help:

@@ -61,6 +61,8 @@ def _diffs(ref, got):
 
 
 def measure(name, folder, images, repeats):
+    """Train family ``name`` into ``folder``, export it, and measure its predictors on
+    ``images``: a dict of the figures the tables print."""
     from helpers import FAMILIES, family_cfg, family_trainer, train
 
     from d2persist import load_predictor

@@ -14,13 +14,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 
+from .errors import ConfigError
 from .fileio import write_json
 from .layout import MANIFEST_NAME, METRICS_NAME
 from .manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends, read_manifest
 from .runview import metrics_json_history
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
-           "evaluator_name", "family_evaluator"]
+           "evaluator_name", "family_evaluator", "HEADLINE_METRICS"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +43,11 @@ def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
     detectron2's evaluator for a dataset's task, chosen by its metadata's ``evaluator_type`` as
     detectron2's ``tools/train_net.py`` chooses: ``coco`` COCOEvaluator (boxes, masks,
     keypoints with ``kpt_oks_sigmas``, i.e. ``TEST.KEYPOINT_OKS_SIGMAS``), ``sem_seg``
-    SemSegEvaluator, ``coco_panoptic_seg`` all three with COCOPanopticEvaluator; COCOEvaluator
-    for a dataset that names none.
+    SemSegEvaluator, ``coco_panoptic_seg`` all three with COCOPanopticEvaluator, and LVIS,
+    Pascal VOC and Cityscapes' own; COCOEvaluator for a dataset that names none.
+
+    Raises:
+        ConfigError: an ``evaluator_type`` that detectron2 has no evaluator for.
     """
     from detectron2.data import MetadataCatalog
     from detectron2.evaluation import (
@@ -54,6 +58,17 @@ def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
     )
 
     kind = MetadataCatalog.get(dataset_name).get("evaluator_type", "coco")
+    others = {"lvis": "LVISEvaluator", "pascal_voc": "PascalVOCDetectionEvaluator",
+              "cityscapes_instance": "CityscapesInstanceEvaluator",
+              "cityscapes_sem_seg": "CityscapesSemSegEvaluator"}
+    if kind in others:
+        import detectron2.evaluation as evaluation
+
+        cls = getattr(evaluation, others[kind])
+        return cls(dataset_name, output_dir=output_dir) if kind == "lvis" else cls(dataset_name)
+    if kind not in ("coco", "sem_seg", "coco_panoptic_seg"):
+        raise ConfigError(f"No evaluator for dataset {dataset_name}'s evaluator_type {kind!r}: "
+                          "define the trainer's build_evaluator.")
     evaluators = []
     if kind in ("sem_seg", "coco_panoptic_seg"):
         evaluators.append(SemSegEvaluator(dataset_name, output_dir=output_dir))
@@ -62,9 +77,6 @@ def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
                                         kpt_oks_sigmas=tuple(kpt_oks_sigmas)))
     if kind == "coco_panoptic_seg":
         evaluators.append(COCOPanopticEvaluator(dataset_name, output_dir))
-    if not evaluators:
-        evaluators.append(COCOEvaluator(dataset_name, output_dir=output_dir,
-                                        kpt_oks_sigmas=tuple(kpt_oks_sigmas)))
     return evaluators[0] if len(evaluators) == 1 else DatasetEvaluators(evaluators)
 
 
@@ -161,8 +173,9 @@ def _outputs(pred):
         out["instances"] = inst
     if a.sem_seg is not None:
         classes = max(len(pred.metadata.get("stuff_classes") or []), int(a.sem_seg.max()) + 1)
-        labels = torch.as_tensor(a.sem_seg, dtype=torch.int64)
-        out["sem_seg"] = torch.nn.functional.one_hot(labels, classes).permute(2, 0, 1).float()
+        labels = torch.as_tensor(a.sem_seg, dtype=torch.int64)[None]
+        out["sem_seg"] = torch.zeros((classes, a.height, a.width), dtype=torch.uint8).scatter_(
+            0, labels, 1)  # a byte a pixel and class: a float one-hot of COCO-stuff is ~1.5 GB
     if a.panoptic is not None:
         out["panoptic_seg"] = (torch.as_tensor(a.panoptic, dtype=torch.int32),
                                [dict(s) for s in a.segments_info])
@@ -213,7 +226,10 @@ def _run(predictor, dataset: List[dict], evaluator):
         except Exception as e:  # the others still wait in evaluate(): no early return
             error = f"{type(e).__name__}: {e}"
     with _quiet():
-        results = evaluator.evaluate()  # gathers to the main process when distributed
+        try:
+            results = evaluator.evaluate()  # gathers to the main process when distributed
+        except Exception as e:  # after the gathering: the evaluator's own computation failed
+            results, error = None, error or f"{type(e).__name__}: {e}"
     return results, error
 
 

@@ -201,14 +201,17 @@ def evaluate_coco(predictor, coco_json: str, image_root: str = "",
         path = _image_path(image_root, coco.imgs[image_id]["file_name"], coco_json)
         results += _results(predictor(path).to_json(), image_id, class_to_cat)
     tasks = ["bbox"] + (["segm"] if any("segmentation" in r for r in results) else [])
-    has_keypoints = any("keypoints" in a for a in coco.anns.values())
-    if has_keypoints and any("keypoints" in r for r in results):
-        count = len(next(r for r in results if "keypoints" in r)["keypoints"]) // 3
-        if len(kpt_oks_sigmas or ()) != count and count != 17:
+    truth = next((a["keypoints"] for a in coco.anns.values() if a.get("keypoints")), None)
+    predicted = next((r["keypoints"] for r in results if "keypoints" in r), None)
+    if truth is not None and predicted is not None:
+        expected = len(kpt_oks_sigmas or ()) or 17  # COCOeval's own sigmas are COCO's 17
+        counts = {"the model's": len(predicted) // 3, "the dataset's": len(truth) // 3}
+        wrong = [f"{who} {n}" for who, n in counts.items() if n != expected]
+        if wrong:
             raise D2PersistError(
-                f"Keypoint AP needs one OKS sigma for each of the model's {count} keypoints "
-                f"(TEST.KEYPOINT_OKS_SIGMAS, or --keypoint-oks-sigmas); got "
-                f"{len(kpt_oks_sigmas or ())}.")
+                f"Keypoint AP needs one OKS sigma per keypoint: {expected} sigmas "
+                f"(TEST.KEYPOINT_OKS_SIGMAS, or --keypoint-oks-sigmas) for "
+                f"{' and '.join(wrong)} keypoints.")
         tasks.append("keypoints")
     return {task: coco_metrics(coco, results, task, kpt_oks_sigmas) for task in tasks}
 
@@ -292,12 +295,14 @@ def sem_seg_metrics(conf: np.ndarray, class_names: Sequence[str],
     return {k: float(v) for k, v in res.items()}
 
 
-def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "", ignore_label: int = 255,
+def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "",
+                     ignore_label: Optional[int] = None,
                      progress: bool = False) -> Dict[str, Dict[str, float]]:
     """
     Predict the image of each label PNG in ``label_dir`` (the image of the same stem in
     ``image_root``) and score it as SemSegEvaluator does. The labels are class ids in the
-    bundle's ``stuff_classes`` order, ``ignore_label`` not scored.
+    bundle's ``stuff_classes`` order, ``ignore_label`` (default: the metadata's, else 255) not
+    scored.
 
     Returns:
         dict: ``{"sem_seg": {"mIoU", "fwIoU", "IoU-<class>", "mACC", "pACC", ...}}``.
@@ -313,6 +318,8 @@ def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "", ignore_lab
         with_boundary = len(names) < 255
     except ImportError:
         with_boundary = False
+    if ignore_label is None:
+        ignore_label = int(predictor.metadata.get("ignore_label", 255))
     n = len(names)
     conf = np.zeros((n + 1, n + 1), dtype=np.int64)
     b_conf = np.zeros_like(conf)
@@ -321,6 +328,12 @@ def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "", ignore_lab
         if pred is None:
             raise DatasetMismatchError("The model predicts no semantic segmentation.")
         gt = np.array(Image.open(label), dtype=int)
+        if gt.ndim != 2:
+            raise DatasetMismatchError(f"Label {label} has {gt.shape[2]} channels; a semantic "
+                                       "label PNG holds one class id a pixel.")
+        if int(pred.max()) >= n:
+            raise DatasetMismatchError(f"The model predicts class id {int(pred.max())}; the "
+                                       f"bundle's metadata names {n} stuff_classes.")
         if gt.shape != pred.shape:
             raise DatasetMismatchError(f"Label {label} is {gt.shape[1]}x{gt.shape[0]} pixels, "
                                        f"its image {pred.shape[1]}x{pred.shape[0]}.")
@@ -360,6 +373,8 @@ def evaluate_panoptic(predictor, panoptic_json: str, panoptic_root: str, image_r
                              "its repository, github.com/cocodataset/panopticapi).") from None
     if not os.path.isfile(panoptic_json):
         raise ArtifactError(f"COCO panoptic file {panoptic_json} does not exist.")
+    if not os.path.isdir(panoptic_root):
+        raise ArtifactError(f"Panoptic PNG folder {panoptic_root} does not exist.")
     try:
         with open(panoptic_json, "r", encoding="utf-8") as f:
             gt = json.load(f)
@@ -395,9 +410,14 @@ def evaluate_panoptic(predictor, panoptic_json: str, panoptic_root: str, image_r
         pred_json = os.path.join(pred_dir, "predictions.json")
         with open(pred_json, "w", encoding="utf-8") as f:
             json.dump(dict(gt, annotations=predictions), f)
-        with contextlib.redirect_stdout(io.StringIO()):
-            pq = pq_compute(panoptic_json, pred_json, gt_folder=panoptic_root,
-                            pred_folder=pred_dir)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                pq = pq_compute(panoptic_json, pred_json, gt_folder=panoptic_root,
+                                pred_folder=pred_dir)
+        except Exception as e:  # panopticapi raises plain Exceptions and KeyErrors for bad data
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ArtifactError(f"panopticapi could not score {panoptic_json} against "
+                                f"{panoptic_root} ({type(e).__name__}: {first}).") from None
     out = {}
     for key, part in (("", "All"), ("_th", "Things"), ("_st", "Stuff")):
         for m in ("pq", "sq", "rq"):

@@ -21,7 +21,8 @@ task           models                               graph outputs (besides ``ima
 ``rpn``        ProposalNetwork                      ``proposals objectness_logits``
 =============  ===================================  ==========================================
 
-A model of a project's own class is exported as the first of these classes it derives from.
+A model of a project's own class is exported as the first of these classes it derives from,
+unless it overrides how that class predicts (refused: the graph is detectron2's own inference).
 """
 
 import copy
@@ -86,14 +87,31 @@ POSTPROCESS = {
 
 
 def onnx_task(model: torch.nn.Module) -> str:
-    """The task (:data:`TASKS`) of a detectron2 model; ExportError for any other model."""
+    """
+    The task (:data:`TASKS`) of a detectron2 model.
+
+    Raises:
+        ExportError: a model that derives from none of :data:`TASKS`' classes, or a project's
+            subclass that overrides how the class predicts (``forward``, ``inference``): the
+            graph is detectron2's own inference, which would silently differ from it.
+    """
     for cls in type(model).__mro__:
         if cls.__module__.startswith("detectron2.") and cls.__name__ in TASKS:
-            return TASKS[cls.__name__]
-    raise ExportError(
-        f"ONNX export supports detectron2's {', '.join(TASKS)} models, not "
-        f"{type(model).__name__}."
-    )
+            break
+        own = sorted({"forward", "inference", "forward_inference"} & set(vars(cls)))
+        if own and not cls.__module__.startswith("detectron2."):
+            base = next((c.__name__ for c in type(model).__mro__
+                         if c.__module__.startswith("detectron2.") and c.__name__ in TASKS), None)
+            if base is not None:
+                raise ExportError(
+                    f"ONNX export traces {base}'s own inference; {cls.__name__} overrides "
+                    f"{' and '.join(own)}, which the graph would leave out.")
+    else:
+        raise ExportError(
+            f"ONNX export supports detectron2's {', '.join(TASKS)} models, not "
+            f"{type(model).__name__}."
+        )
+    return TASKS[cls.__name__]
 
 
 def check_exportable(model: torch.nn.Module) -> str:
@@ -109,6 +127,8 @@ def check_exportable(model: torch.nn.Module) -> str:
             rotated boxes, proposals read from files.
     """
     from detectron2.layers import DeformConv, ModulatedDeformConv
+    from detectron2.modeling.proposal_generator.rrpn import RRPN
+    from detectron2.modeling.roi_heads.rotated_fast_rcnn import RROIHeads
 
     task = onnx_task(model)
     name = type(model).__name__
@@ -122,12 +142,10 @@ def check_exportable(model: torch.nn.Module) -> str:
         if model.proposal_generator is None:
             raise ExportError(f"ONNX export needs a proposal generator; this {name} reads "
                               "proposals from files.")
-        rotated = type(model.proposal_generator).__name__ == "RRPN" or "Rotated" in type(
-            model.roi_heads).__name__
-        if rotated:
+        if isinstance(model.proposal_generator, RRPN) or isinstance(model.roi_heads, RROIHeads):
             raise ExportError(f"ONNX export supports axis-aligned boxes; this {name} predicts "
                               "rotated boxes.")
-    if task == "rpn" and type(model.proposal_generator).__name__ == "RRPN":
+    if task == "rpn" and isinstance(model.proposal_generator, RRPN):
         raise ExportError(f"ONNX export supports axis-aligned boxes; this {name} proposes "
                           "rotated boxes.")
     return task

@@ -25,6 +25,7 @@ __all__ = [
     "draw_instances",
     "layout_labels",
     "MIN_DRAW_SIZE",
+    "KEYPOINT_THRESHOLD",
 ]
 
 

@@ -150,6 +150,8 @@ def test_both_backends_predict_as_the_family_evaluates(family, val_image, tmp_pa
     name, run = family
     image = _make(kind, val_image, tmp_path)
     ref = evaluation_path(run, image)
+    if ref.sem_seg is not None:  # a map of one class would compare nothing
+        assert len(np.unique(ref.sem_seg)) > 1
     assert_same(ref, predictor(run)(image).arrays, exact=True)
     assert_same(ref, predictor(run, "onnxruntime")(image).arrays, exact=False)
 
@@ -202,7 +204,13 @@ def test_json_carries_every_output_and_pictures_draw_it(family, val_image):
         assert len(pt["proposals"]) == 20 and pt["instances"] == []
     pictures = {b: p.draw(None) for b, p in preds.items()}
     assert min(pictures["pytorch"].shape[:2]) >= MIN_DRAW_SIZE
-    if name in ("semantic", "panoptic"):  # equal maps: equal pictures
+    onnx = preds["onnxruntime"].arrays
+    same = name in ("semantic", "panoptic") and np.array_equal(arrays.sem_seg, onnx.sem_seg) and (
+        name == "semantic" or (np.array_equal(arrays.panoptic, onnx.panoptic) and [
+            (s["id"], s["category_id"], round(s.get("score", 1), 2)) for s in arrays.segments_info
+        ] == [(s["id"], s["category_id"], round(s.get("score", 1), 2))
+              for s in onnx.segments_info]))
+    if same:  # equal maps and labels (as here on this machine): equal pictures
         np.testing.assert_array_equal(pictures["pytorch"], pictures["onnxruntime"])
 
 

@@ -18,9 +18,9 @@ EXPORT_MODEL = os.path.join(REPO, "tools", "export_model.py")
 ONNX = ["PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"]
 
 
-def _own_model(cfg):
-    """A project's meta-architecture that is none of detectron2's."""
-    from detectron2.modeling import META_ARCH_REGISTRY
+def _own_model(cfg, name):
+    """A project's meta-architecture: none of detectron2's, or one predicting its own way."""
+    from detectron2.modeling import META_ARCH_REGISTRY, GeneralizedRCNN
 
     if "OwnDetector" not in META_ARCH_REGISTRY:
         @META_ARCH_REGISTRY.register()
@@ -29,8 +29,13 @@ def _own_model(cfg):
                 super().__init__()
                 self.conv = torch.nn.Conv2d(3, 3, 1)
 
+        @META_ARCH_REGISTRY.register()
+        class OwnRCNN(GeneralizedRCNN):
+            def inference(self, *args, **kwargs):  # e.g. a project's test-time trick
+                return super().inference(*args, **kwargs)
+
     cfg.defrost()
-    cfg.MODEL.META_ARCHITECTURE = "OwnDetector"
+    cfg.MODEL.META_ARCHITECTURE = name
     return build_model(cfg)
 
 
@@ -44,10 +49,12 @@ def _own_model(cfg):
       "MODEL.ROI_BOX_HEAD.POOLER_TYPE", "ROIAlignRotated", "MODEL.MASK_ON", False,
       "MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS", (10, 10, 5, 5, 1)], "rotated boxes"),
     ([], "not OwnDetector"),
+    ([], "OwnRCNN overrides inference"),
 ])
 def test_unsupported_models_are_refused_in_one_sentence(tmp_path, opts, reason):
     cfg = tiny_cfg(tmp_path, *opts)
-    model = _own_model(cfg) if reason.startswith("not Own") else build_model(cfg)
+    own = reason.split()[0] if "Own" in reason else None
+    model = _own_model(cfg, "OwnDetector" if own == "not" else own) if own else build_model(cfg)
     path = tmp_path / "model.onnx"
     with pytest.raises(ExportError, match=reason) as e:
         export_onnx(model, str(path), {"min_size_test": 64, "max_size_test": 96})

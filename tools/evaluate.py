@@ -35,8 +35,9 @@ def get_parser():
     parser.add_argument("--panoptic-root", help="the folder of --panoptic-json's PNGs")
     parser.add_argument("--image-root", default="",
                         help="the folder the images (file_name values) are in")
-    parser.add_argument("--ignore-label", type=int, default=255,
-                        help="--sem-seg-dir: the label value not scored (default 255)")
+    parser.add_argument("--ignore-label", type=int, default=None,
+                        help="--sem-seg-dir: the label value not scored (default: the bundle's "
+                             "metadata ignore_label, else 255)")
     parser.add_argument("--keypoint-oks-sigmas", type=float, nargs="+",
                         help="OKS sigma of each keypoint (default: the config's "
                              "TEST.KEYPOINT_OKS_SIGMAS)")

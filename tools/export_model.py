@@ -48,9 +48,11 @@ def _dataset(config, kind, split):
 
 
 def _keypoint_sigmas(config, kind):
-    """The yacs config's ``TEST.KEYPOINT_OKS_SIGMAS`` (COCOEvaluator's), else ()."""
+    """COCOEvaluator's OKS sigmas: ``TEST.KEYPOINT_OKS_SIGMAS``, or a LazyConfig's
+    ``dataloader.evaluator.kpt_oks_sigmas``; () if the config names none."""
     if kind == "lazy":
-        return ()
+        evaluator = (config.get("dataloader") or {}).get("evaluator") or {}
+        return tuple(evaluator.get("kpt_oks_sigmas") or ())
     return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
 
 

@@ -37,12 +37,17 @@ __all__ = [
     "SHAPE_CLASSES",
     "SHAPE_COLORS",
     "SHAPE_KEYPOINTS",
-    "SEMANTIC_CLASSES",
+    "KEYPOINT_FLIP_MAP",
+    "KEYPOINT_CONNECTION_RULES",
     "KEYPOINT_OKS_SIGMAS",
+    "SEMANTIC_CLASSES",
+    "BACKGROUND_COLOR",
+    "DATASET_TASKS",
     "ShapesSpec",
     "default_cache_dir",
     "generate_shapes",
     "generate_labels",
+    "label_folder",
     "shape_keypoints",
     "register_shapes",
 ]
@@ -353,7 +358,7 @@ def _stem(d):
 
 
 #: The tasks :func:`register_shapes` registers: name suffix of the datasets, and their loader.
-TASKS = {"instances": "", "keypoints": "_kp", "semantic": "_sem", "panoptic": "_panoptic"}
+DATASET_TASKS = {"instances": "", "keypoints": "_kp", "semantic": "_sem", "panoptic": "_panoptic"}
 
 
 def _metadata(task, spec, cache_dir):
@@ -405,7 +410,7 @@ def register_shapes(
 
     specs = {"train": ShapesSpec(num_train, size, seed),
              "val": ShapesSpec(num_val, size, seed + 1_000_003)}
-    for task, suffix in TASKS.items():
+    for task, suffix in DATASET_TASKS.items():
         for split, spec in specs.items():
             name = f"{prefix}{suffix}_{split}"
             if name in DatasetCatalog.list():
