@@ -233,6 +233,90 @@ def _run(predictor, dataset: List[dict], evaluator):
     return results, error
 
 
+def _flat(results):
+    return {k: _json_number(v) for k, v in flatten_results_dict(results or {}).items()}
+
+
+def _int8_tolerance(budget):
+    return EVAL_TOLERANCE["onnxruntime-int8"] if budget is None else float(budget)
+
+
+def _from_main(value):
+    """The main process's ``value``, on every process (collective when distributed)."""
+    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
+
+
+def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, device, first):
+    """
+    Make the bundle's INT8 model again with its 1, 2, 4, ... most sensitive Conv/Gemm nodes in
+    float (fewer than all: one in float for every layer is no INT8 model) until it scores within
+    ``tolerance`` of ``reference``; if none does, the all-layers model is restored. The
+    manifest's ``onnx_int8`` entry records the measured ranking, every try and what the kept
+    layers cost per image. Collective: every process evaluates each try.
+
+    Returns:
+        tuple: on the main process, (metrics, max difference, metrics outside, error sentence
+        or None) of the model left in the bundle; None on the others.
+    """
+    import os
+
+    from .export import add_int8
+    from .layout import ONNX_INT8_NAME, ONNX_NAME
+    from .quantize import sensitivity_ranking
+
+    main = comm.is_main_process()
+    checked = EVAL_CHECKED.get("onnxruntime-int8")
+    ranking = []
+    if main:
+        ranking = sensitivity_ranking(os.path.join(export_dir, ONNX_NAME),
+                                      os.path.join(export_dir, ONNX_INT8_NAME), images[:8],
+                                      read_manifest(export_dir, False)["input"])
+        logger.info("INT8 is outside its budget of %s: keeping its most sensitive layers in "
+                    "float (of %d ranked).", tolerance, len(ranking))
+    count = _from_main(len(ranking))
+    # 1, 2, 4, ... layers in float, at least one left quantized (with none, it is no INT8 model)
+    steps = [2 ** i for i in range(count.bit_length()) if 2 ** i < count] or [0]
+    all_worst, all_outside = compare_metrics(reference, first, tolerance, checked) if main \
+        else (None, None)
+    tries, best = [], None
+    for k in steps:
+        start = time.perf_counter()
+        predictor = None
+        if main:
+            add_int8(export_dir, images, [name for name, _ in ranking[:k]])
+            predictor = _load(export_dir, "onnxruntime-int8", device)
+        results, error = _run(predictor, dataset if main else [], evaluator)
+        if main:
+            metrics = _flat(results)
+            worst, outside = compare_metrics(reference, metrics, tolerance, checked)
+            tries.append({"float_layers": k, "max_difference": worst,
+                          "seconds_per_image": round((time.perf_counter() - start)
+                                                     / max(1, len(dataset)), 4)})
+            if not outside and error is None:
+                best = (metrics, worst, outside, None)
+        if _from_main(best is not None):
+            break
+    if not main:
+        return None
+    record = {"budget": tolerance, "all_layers_max_difference": all_worst,
+              "ranking": [{"node": n, "sqnr_db": round(v, 2)} for n, v in ranking[:max(
+                  steps[-1], 1)]], "tries": tries}
+    if best is None:
+        add_int8(export_dir, images)  # the all-layers model, as before
+        error = (f"no INT8 model within the budget of {tolerance} exists for this model: "
+                 f"with up to {steps[-1]} of its {count} layers in float (the most sensitive "
+                 f"first) the closest was {min(t['max_difference'] for t in tries):.3f} away")
+        best = (first, all_worst, all_outside, error)
+        logger.error("INT8: %s.", error)
+    else:
+        logger.info("INT8 within its budget with its %d most sensitive layers in float (max "
+                    "difference %.3f).", tries[-1]["float_layers"], best[1])
+    manifest = read_manifest(export_dir, False)
+    manifest["onnx_int8"] = dict(manifest.get("onnx_int8") or {}, adapted=record)
+    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    return best
+
+
 def evaluate_bundle(
     export_dir: str,
     backends: Sequence[str],
@@ -241,6 +325,8 @@ def evaluate_bundle(
     reference: Callable[[Sequence[str]], Dict[str, Optional[float]]],
     device: str = "cpu",
     training_is_reference: bool = True,
+    calibration_images: Sequence[str] = (),
+    int8_budget: Optional[float] = None,
 ) -> Optional[dict]:
     """
     Evaluate the bundle in ``export_dir`` through each of ``backends``, on every image of
@@ -262,6 +348,12 @@ def evaluate_bundle(
             these weights alone (processes whose BatchNorm statistics differ each evaluated
             their share of the images with their own): the backends are then compared with the
             first one (the PyTorch bundle), and the training numbers are recorded beside.
+        calibration_images: the INT8 model's calibration images (main process). With them, an
+            INT8 model outside its budget is made again with its most sensitive layers in float
+            (:func:`d2persist.quantize.sensitivity_ranking`; 1, 2, 4, ... of them) until one is
+            within, or none is; the manifest's ``onnx_int8`` and ``files`` are replaced then.
+        int8_budget (float): INT8's tolerance (``PERSIST.INT8_BUDGET``; default
+            :data:`~d2persist.manifest.EVAL_TOLERANCE`'s).
 
     Returns:
         dict or None: on the main process, the manifest's ``evaluation`` entry
@@ -287,11 +379,23 @@ def evaluate_bundle(
                 error = f"cannot load it: {type(e).__name__}: {e}"
         results, run_error = _run(predictor, dataset if predictor is not None else [],
                                   evaluator)
+        adapted = None
+        if backend == "onnxruntime-int8":  # outside its budget: made again, some layers float
+            need = main and bool(calibration_images) and not (error or run_error) and bool(
+                entry["reference"]) and bool(compare_metrics(
+                    entry["reference"], _flat(results), _int8_tolerance(int8_budget),
+                    EVAL_CHECKED.get(backend))[1])
+            if _from_main(need):
+                adapted = _adapt_int8(export_dir, dataset, evaluator, entry["reference"],
+                                      calibration_images, _int8_tolerance(int8_budget), device,
+                                      first=_flat(results))
         if not main:
             continue
         error = error or run_error
-        metrics = {k: _json_number(v) for k, v in flatten_results_dict(results or {}).items()}
+        metrics = _flat(results)
         tolerance = EVAL_TOLERANCE[backend]
+        if backend == "onnxruntime-int8":
+            tolerance = _int8_tolerance(int8_budget)
         entry["tolerance"][backend] = tolerance
         entry["seconds"][backend] = round(time.perf_counter() - start, 2)
         if error is None:
@@ -303,13 +407,18 @@ def evaluate_bundle(
                     entry["reference"], entry["reference_from"] = dict(metrics), backend
             checked = EVAL_CHECKED.get(backend)
             worst, outside = compare_metrics(entry["reference"], metrics, tolerance, checked)
+            adapt_error = None
+            if adapted is not None:
+                metrics, worst, outside, adapt_error = adapted
+                entry["backends"][backend] = metrics
             entry["max_difference"][backend] = worst
             if checked:
                 entry.setdefault("checked", {})[backend] = list(checked)
             if outside:
                 got, ref = metrics.get(outside[0]), entry["reference"].get(outside[0])
-                error = (f"outside the tolerance of {tolerance} on {len(outside)} metric(s), "
-                         f"e.g. {outside[0]} {_fmt(got)} vs {_fmt(ref)} in training")
+                error = adapt_error or (
+                    f"outside the tolerance of {tolerance} on {len(outside)} metric(s), "
+                    f"e.g. {outside[0]} {_fmt(got)} vs {_fmt(ref)} in training")
         if error is not None:
             entry["failed"].append(backend)
             entry["errors"][backend] = error
@@ -334,13 +443,15 @@ def evaluate_bundle(
 
 
 def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device: str = "cpu",
-                          run_dir: Optional[str] = None) -> dict:
+                          run_dir: Optional[str] = None, calibration_images: Sequence[str] = (),
+                          int8_budget: Optional[float] = None) -> dict:
     """
     :func:`evaluate_bundle` for a bundle written earlier (``tools/export_model.py``): every
     backend it holds, compared with the reference its manifest recorded, else with the
     evaluation of its weights' iteration in ``run_dir``'s ``metrics.json`` (after_train's
     evaluation is stored under MAX_ITER, the iteration after the last); the manifest's
-    ``evaluation`` entry is replaced atomically. Single process.
+    ``evaluation`` entry is replaced atomically. Single process. ``calibration_images`` and
+    ``int8_budget`` as :func:`evaluate_bundle`'s.
 
     Returns:
         dict: the new manifest.
@@ -360,7 +471,8 @@ def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device:
         return metrics_at(history, keys, iteration) or metrics_at(history, keys, iteration + 1)
 
     entry = evaluate_bundle(export_dir, export_backends(manifest), dataset_name, evaluator,
-                            reference, device=device)
-    manifest = dict(manifest, evaluation=entry)
+                            reference, device=device, calibration_images=calibration_images,
+                            int8_budget=int8_budget)
+    manifest = dict(read_manifest(export_dir, False), evaluation=entry)  # INT8 may be new
     write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
     return manifest

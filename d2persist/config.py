@@ -34,6 +34,10 @@ def add_persist_config(cfg: CN) -> CN:
     _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
     # Training images (spread over the first training dataset) that calibrate the INT8 model.
     _C.PERSIST.CALIBRATION_IMAGES = 64
+    # How far the INT8 model may score from the in-training evaluation, on each family's headline
+    # metric (box, mask, keypoint AP, PQ, mIoU): the export's self-evaluation keeps the most
+    # sensitive layers in float (measured, most sensitive first) until it is within.
+    _C.PERSIST.INT8_BUDGET = 1.0
     # When training completes, evaluate the bundle (loaded from its folder) through each backend
     # it holds on the first test dataset with the run's evaluator, compare with the final
     # evaluation and record it in the manifest's "evaluation" entry.

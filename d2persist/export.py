@@ -95,11 +95,12 @@ def _onnx_entry(model, export_dir, contract, files):
     return dict(entry, file=ONNX_NAME)
 
 
-def _int8_entry(export_dir, contract, images, files):
+def _int8_entry(export_dir, contract, images, files, float_nodes=()):
     """Quantize the bundle's model.onnx; the manifest's entry, or the reason it failed."""
     path = os.path.join(export_dir, ONNX_INT8_NAME)
     try:
-        entry = quantize_onnx(os.path.join(export_dir, ONNX_NAME), path, images, contract)
+        entry = quantize_onnx(os.path.join(export_dir, ONNX_NAME), path, images, contract,
+                              float_nodes)
     except ExportError as e:
         logger.error("No INT8 model: %s The rest of the bundle is complete.", e)
         return {"error": str(e)}
@@ -213,10 +214,11 @@ def _without_results(manifest, backend):
     return dict(manifest, evaluation=entry)
 
 
-def add_int8(export_dir: str, images: Sequence[str]) -> dict:
+def add_int8(export_dir: str, images: Sequence[str], float_nodes: Sequence[str] = ()) -> dict:
     """
-    Add ``model.int8.onnx`` (``model.onnx`` quantized, calibrated on ``images``) to an existing
-    bundle whose ``model.onnx`` verifies; the manifest is replaced atomically once it is complete.
+    Add ``model.int8.onnx`` (``model.onnx`` quantized, calibrated on ``images``, the
+    ``float_nodes`` left in float) to an existing bundle whose ``model.onnx`` verifies, or
+    replace it; the manifest is replaced atomically once it is complete.
 
     Returns:
         dict: the new manifest.
@@ -235,7 +237,7 @@ def add_int8(export_dir: str, images: Sequence[str]) -> dict:
     if files.pop(ONNX_INT8_NAME, None) is not None:  # never name a file while it is replaced
         manifest.pop("onnx_int8", None)
         write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
-    entry = _int8_entry(export_dir, manifest["input"], images, files)
+    entry = _int8_entry(export_dir, manifest["input"], images, files, float_nodes)
     manifest = dict(manifest, files=files, onnx_int8=entry)
     manifest = _without_results(manifest, "onnxruntime-int8")
     write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)

@@ -27,7 +27,7 @@ from .checkpoint import (
 )
 from .errors import D2PersistError, TrainingDivergedError
 from .export import dataset_metadata, write_export
-from .manifest import export_backends
+from .manifest import export_backends, read_manifest
 from .quantize import calibration_subset
 from .fileio import (
     note_run_started,
@@ -590,10 +590,14 @@ class PersistHook(HookBase):
                            "export's backends are compared with its PyTorch bundle instead.")
         entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
                                 lambda keys: self._evaluation_at(at, keys), device=run.device,
-                                training_is_reference=agree)
+                                training_is_reference=agree,
+                                calibration_images=self._calibration_images()
+                                if comm.is_main_process() else (),
+                                int8_budget=self.options["INT8_BUDGET"])
         if manifest is None:
             return None
-        manifest = dict(manifest, evaluation=entry)
+        # read again: an INT8 model outside its budget was made again (files, onnx_int8)
+        manifest = dict(read_manifest(run.export_dir, False), evaluation=entry)
         write_json(os.path.join(run.export_dir, MANIFEST_NAME), manifest)
         return manifest
 

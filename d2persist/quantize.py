@@ -8,13 +8,18 @@ arithmetic and the graph's shape computations). Chosen by measurement on the bui
 (``bench/bench_int8.py``, bench/README.rst): keeping the stem or the prediction layers (RPN
 objectness and deltas, box classifier and regressor, mask predictor) in float cost as much AP
 or more, and time. :data:`FLOAT_LAYERS` is the override point for a model that needs some.
+
+That recipe was chosen on one model; another may lose more than its budget. The export's
+self-evaluation then keeps the layers :func:`sensitivity_ranking` measures as the most sensitive
+in float (``quantize_onnx(float_nodes=...)``) until INT8 is within it (see
+:func:`d2persist.bundle_eval.evaluate_bundle`).
 """
 
 import logging
 import os
 import tempfile
 import time
-from typing import Sequence
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -22,7 +27,7 @@ from .errors import ExportError
 from .fileio import atomic_path
 from .imageio import image_input, resize_shortest_edge
 
-__all__ = ["quantize_onnx", "FLOAT_LAYERS", "calibration_subset"]
+__all__ = ["quantize_onnx", "FLOAT_LAYERS", "calibration_subset", "sensitivity_ranking"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +64,15 @@ class _Reader:
         return {"image": np.ascontiguousarray(image.transpose(2, 0, 1))}
 
 
-def quantize_onnx(float_path: str, int8_path: str, images: Sequence[str], contract: dict) -> dict:
+def quantize_onnx(float_path: str, int8_path: str, images: Sequence[str], contract: dict,
+                  float_nodes: Sequence[str] = ()) -> dict:
     """
     Quantize the ONNX model ``float_path`` into ``int8_path`` (written atomically).
 
     Args:
         images: calibration image files (training images).
         contract (dict): the manifest's ``input``: format and test-time sizes.
+        float_nodes: names of Conv/Gemm nodes to leave in float (besides :data:`FLOAT_LAYERS`).
 
     Returns:
         dict: the manifest's ``onnx_int8`` entry (without ``file``).
@@ -86,8 +93,8 @@ def quantize_onnx(float_path: str, int8_path: str, images: Sequence[str], contra
                           "gave none.")
     start = time.perf_counter()
     model = onnx.load(float_path, load_external_data=False)
-    kept = sorted(n.name for n in model.graph.node
-                  if n.op_type in QUANTIZED_OPS and any(k in n.name for k in FLOAT_LAYERS))
+    kept = sorted(n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS and (
+        any(k in n.name for k in FLOAT_LAYERS) or n.name in set(float_nodes)))
     quantized = sum(n.op_type in QUANTIZED_OPS for n in model.graph.node) - len(kept)
     folder = os.path.dirname(os.path.abspath(int8_path))
     try:
@@ -116,3 +123,45 @@ def quantize_onnx(float_path: str, int8_path: str, images: Sequence[str], contra
         "quantized_nodes": quantized,
         "float_nodes": kept,
     }
+
+
+class _Images(_Reader):
+    """The calibration reader as the iterable ONNX Runtime's quantization debugger reads."""
+
+    def __iter__(self):
+        return iter(self.get_next, None)
+
+
+def sensitivity_ranking(float_path: str, int8_path: str, images: Sequence[str],
+                        contract: dict) -> List[Tuple[str, float]]:
+    """
+    The quantized Conv/Gemm nodes of ``int8_path``, the most sensitive first, as measured on
+    ``images``: each node's signal-to-quantization-noise ratio (dB), the lower of its input
+    activation's (before vs after its QuantizeLinear/DequantizeLinear pair, in the INT8 model's
+    own run, ONNX Runtime's ``qdq_loss_debug``) and its weights' (float vs dequantized).
+
+    Returns:
+        list[tuple[str, float]]: (node name in ``float_path``, SQNR in dB), ascending SQNR.
+    """
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    folder = os.path.dirname(os.path.abspath(int8_path))
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".d2persist-tmp-sens-") as tmp:
+        augmented = os.path.join(tmp, "augmented.onnx")
+        debug.modify_model_output_intermediate_tensors(int8_path, augmented)
+        activations = debug.create_activation_matching(
+            debug.collect_activations(augmented, _Images(images, contract)))
+    sqnr = debug.compute_signal_to_quantization_noice_ratio
+    act = {name: sqnr(m["pre_qdq"], m["post_qdq"]) for name, m in activations.items()}
+    weights = {name: sqnr(m["float"], m["dequantized"])
+               for name, m in debug.create_weight_matching(float_path, int8_path).items()}
+    ranked = []
+    for node in onnx.load(float_path, load_external_data=False).graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        scores = [act.get(node.input[0])] + [weights.get(n) for n in node.input[1:2]]
+        scores = [float(v) for v in scores if v is not None]
+        if scores:  # a node left in float has neither
+            ranked.append((node.name, min(scores)))
+    return sorted(ranked, key=lambda r: r[1])

@@ -81,6 +81,13 @@ def persist_options(cfg) -> Dict[str, Any]:
     if opts["CALIBRATION_IMAGES"] < 1:
         raise ConfigError("PERSIST.CALIBRATION_IMAGES must be a number of images >= 1, not "
                           f"{opts['CALIBRATION_IMAGES']!r}.")
+    try:
+        opts["INT8_BUDGET"] = float(opts["INT8_BUDGET"])
+    except (TypeError, ValueError):
+        opts["INT8_BUDGET"] = -1.0
+    if not opts["INT8_BUDGET"] >= 0:
+        raise ConfigError("PERSIST.INT8_BUDGET must be a number of metric points >= 0, not "
+                          f"{opts['INT8_BUDGET']!r}.")
     if opts["BEST_MODE"] not in ("max", "min"):
         raise ConfigError(f"PERSIST.BEST_MODE must be 'max' or 'min', not {opts['BEST_MODE']!r}.")
     if opts["EXPORT_FROM"] not in ("final", "best"):

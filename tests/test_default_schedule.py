@@ -257,3 +257,60 @@ def test_int8_model_is_smaller_predicts_without_torch_and_is_re_exported(default
     assert evaluation["reference"] == manifest["evaluation"]["reference"]
     assert evaluation["backends"]["pytorch"] == evaluation["reference"]
     assert evaluation["failed"] == [] and "onnxruntime-int8: bbox/AP" in again.stdout
+
+
+def _requantized(out, folder, budget):
+    """A copy of run ``out`` whose INT8 model export_model makes again within ``budget``."""
+    run = folder / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.pth", "*.lock"))
+    res = run_tool(EXPORT_MODEL, "--artifacts", run, "--format", "onnx-int8",
+                   "--int8-budget", budget, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    from d2persist.fileio import sha256_file
+
+    assert manifest["files"]["model.int8.onnx"]["sha256"] == sha256_file(
+        str(run / "export" / "model.int8.onnx"))  # the manifest names the file that is there
+    assert manifest["evaluation"]["tolerance"]["onnxruntime-int8"] == budget
+    return manifest
+
+
+def test_int8_outside_its_budget_keeps_its_most_sensitive_layers_in_float(default_run, tmp_path):
+    """
+    A budget the all-layers INT8 model misses: the export keeps the layers it measures as most
+    sensitive in float, 1, 2, 4, ... of them (never all), and records the ranking, each try and
+    its cost. Half the all-layers model's distance is met by none of them on this model: one
+    sentence, the all-layers model kept. A budget one of the tries meets: that one is kept.
+    """
+    out, _ = default_run
+    missed = json.loads((out / "export" / "manifest.json").read_text())[
+        "evaluation"]["max_difference"]["onnxruntime-int8"]
+    assert missed > 0, "the all-layers INT8 model scores as float: nothing to adapt"
+    budget = round(missed / 2, 4)
+    manifest = _requantized(out, tmp_path / "half", budget)
+    adapted = manifest["onnx_int8"]["adapted"]
+    tries = adapted["tries"]
+    assert adapted["budget"] == budget and adapted["all_layers_max_difference"] == missed
+    layers = manifest["onnx_int8"]["quantized_nodes"] + len(manifest["onnx_int8"]["float_nodes"])
+    assert [t["float_layers"] for t in tries] == [2 ** i for i in range(len(tries))]
+    assert tries[-1]["float_layers"] < layers
+    sqnr = [r["sqnr_db"] for r in adapted["ranking"]]
+    assert sqnr == sorted(sqnr)  # most sensitive (lowest SQNR) first
+    evaluation = manifest["evaluation"]
+    if "onnxruntime-int8" in evaluation["failed"]:  # every try missed: said, all-layers kept
+        assert all(t["max_difference"] > budget for t in tries)
+        assert evaluation["errors"]["onnxruntime-int8"].startswith(
+            f"no INT8 model within the budget of {budget} exists for this model")
+        assert manifest["onnx_int8"]["float_nodes"] == []
+        best = min(tries, key=lambda t: t["max_difference"])
+        if best["max_difference"] >= missed:
+            return  # no try came closer than all layers: no budget to meet in between
+        budget = round(best["max_difference"] + 1e-4, 4)
+        manifest = _requantized(out, tmp_path / "met", budget)
+        adapted = manifest["onnx_int8"]["adapted"]
+        evaluation = manifest["evaluation"]
+    assert "onnxruntime-int8" not in evaluation["failed"], evaluation["errors"]
+    kept = adapted["tries"][-1]["float_layers"]
+    assert evaluation["max_difference"]["onnxruntime-int8"] <= budget < missed
+    assert sorted(manifest["onnx_int8"]["float_nodes"]) == sorted(
+        r["node"] for r in adapted["ranking"][:kept])

@@ -31,6 +31,10 @@ def get_parser():
     parser.add_argument("--calibration-dir",
                         help="onnx-int8: calibrate on the images of this folder instead of the "
                         "config's training dataset")
+    parser.add_argument("--int8-budget", type=float, default=None,
+                        help="onnx-int8: how far INT8 may score from training on the headline "
+                        "metric; outside it, its most sensitive layers stay float (default: "
+                        "the run's PERSIST.INT8_BUDGET, else 1.0)")
     parser.add_argument("--no-eval", action="store_true",
                         help="do not evaluate the bundle afterwards")
     return parser
@@ -87,7 +91,7 @@ def main(argv=None):
         register_shapes()  # the built-in datasets, as tools/train_net.py registers them
         art = resolve_artifacts(bundle)
         start = time.perf_counter()
-        written = []
+        written, calibration = [], []
         if args.format == "onnx" or ONNX_NAME not in read_manifest(bundle, False)["files"]:
             add_onnx(bundle, load_predictor(bundle, device="cpu").model)
             written.append(ONNX_NAME)
@@ -104,7 +108,8 @@ def main(argv=None):
             run_dir = os.path.dirname(os.path.abspath(bundle))
             count = args.calibration_images or int(
                 persist_options_of_run(run_dir).get("CALIBRATION_IMAGES", 64))
-            add_int8(bundle, calibration_subset(images, count))
+            calibration = calibration_subset(images, count)
+            add_int8(bundle, calibration)
             written.append(ONNX_INT8_NAME)
         for name in written:
             path = os.path.join(bundle, name)
@@ -123,9 +128,14 @@ def main(argv=None):
 
         sigmas = _keypoint_sigmas(art.config, art.config_kind)
         with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:
+            run_dir = os.path.dirname(os.path.abspath(bundle))
+            budget = args.int8_budget
+            if budget is None:
+                budget = float(persist_options_of_run(run_dir).get("INT8_BUDGET", 1.0))
             entry = evaluate_saved_bundle(
                 bundle, test, family_evaluator(test, tmp, sigmas), device="cpu",
-                run_dir=os.path.dirname(os.path.abspath(bundle)))["evaluation"]
+                run_dir=run_dir, calibration_images=calibration,
+                int8_budget=budget)["evaluation"]
         for backend, metrics in entry["backends"].items():
             shown = ", ".join(f"{k} {metrics[k]:.2f}" for k in (
                 "bbox/AP", "segm/AP", "keypoints/AP", "sem_seg/mIoU", "panoptic_seg/PQ")

@@ -133,3 +133,15 @@ def test_best_metric_of_a_task_the_evaluation_did_not_report_is_skipped(caplog):
         evaluation_value(latest, "bbox/APX", 99, {"total_loss"})  # a typo in the task's metric
     with pytest.raises(ConfigError, match="produced: nothing"):
         evaluation_value({"total_loss": (1.2, 99)}, "segm/AP", 99, {"total_loss"})
+
+
+@pytest.mark.parametrize("value", [-0.5, "a lot", None])
+def test_int8_budget_must_be_a_number_of_points(value):
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.INT8_BUDGET = value
+    with pytest.raises(ConfigError, match="PERSIST.INT8_BUDGET must be a number"):
+        persist_options(cfg)
+    cfg.PERSIST.INT8_BUDGET = 0
+    assert persist_options(cfg)["INT8_BUDGET"] == 0.0
