@@ -247,12 +247,14 @@ def _from_main(value):
 
 
 def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, device, first):
+    # first: (metrics, evaluation seconds per image) of the all-layers model
     """
     Make the bundle's INT8 model again with its 1, 2, 4, ... most sensitive Conv/Gemm nodes in
     float (fewer than all: one in float for every layer is no INT8 model) until it scores within
     ``tolerance`` of ``reference``; if none does, the all-layers model is restored. The
     manifest's ``onnx_int8`` entry records the measured ranking, every try and what the kept
-    layers cost per image. Collective: every process evaluates each try.
+    layers cost (evaluation seconds per image, beside the all-layers model's). Collective:
+    every process evaluates each try.
 
     Returns:
         tuple: on the main process, (metrics, max difference, metrics outside, error sentence
@@ -276,6 +278,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
     count = _from_main(len(ranking))
     # 1, 2, 4, ... layers in float, at least one left quantized (with none, it is no INT8 model)
     steps = [2 ** i for i in range(count.bit_length()) if 2 ** i < count] or [0]
+    first, first_seconds = first
     all_worst, all_outside = compare_metrics(reference, first, tolerance, checked) if main \
         else (None, None)
     tries, best = [], None
@@ -299,6 +302,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
     if not main:
         return None
     record = {"budget": tolerance, "all_layers_max_difference": all_worst,
+              "all_layers_seconds_per_image": round(first_seconds, 4),
               "ranking": [{"node": n, "sqnr_db": round(v, 2)} for n, v in ranking[:max(
                   steps[-1], 1)]], "tries": tries}
     if best is None:
@@ -379,6 +383,7 @@ def evaluate_bundle(
                 error = f"cannot load it: {type(e).__name__}: {e}"
         results, run_error = _run(predictor, dataset if predictor is not None else [],
                                   evaluator)
+        per_image = (time.perf_counter() - start) / max(1, len(dataset))
         adapted = None
         if backend == "onnxruntime-int8":  # outside its budget: made again, some layers float
             need = main and bool(calibration_images) and not (error or run_error) and bool(
@@ -388,7 +393,7 @@ def evaluate_bundle(
             if _from_main(need):
                 adapted = _adapt_int8(export_dir, dataset, evaluator, entry["reference"],
                                       calibration_images, _int8_tolerance(int8_budget), device,
-                                      first=_flat(results))
+                                      first=(_flat(results), per_image))
         if not main:
             continue
         error = error or run_error

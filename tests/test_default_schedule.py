@@ -291,6 +291,8 @@ def test_int8_outside_its_budget_keeps_its_most_sensitive_layers_in_float(defaul
     adapted = manifest["onnx_int8"]["adapted"]
     tries = adapted["tries"]
     assert adapted["budget"] == budget and adapted["all_layers_max_difference"] == missed
+    assert adapted["all_layers_seconds_per_image"] > 0 and all(
+        t["seconds_per_image"] > 0 for t in tries)  # what the float layers cost, beside
     layers = manifest["onnx_int8"]["quantized_nodes"] + len(manifest["onnx_int8"]["float_nodes"])
     assert [t["float_layers"] for t in tries] == [2 ** i for i in range(len(tries))]
     assert tries[-1]["float_layers"] < layers
