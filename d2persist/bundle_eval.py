@@ -46,6 +46,10 @@ def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
     SemSegEvaluator, ``coco_panoptic_seg`` all three with COCOPanopticEvaluator, and LVIS,
     Pascal VOC and Cityscapes' own; COCOEvaluator for a dataset that names none.
 
+    Args:
+        output_dir (str): where the evaluators may write; COCOEvaluator needs one for a dataset
+            that is not a COCO json (it writes the converted json there).
+
     Raises:
         ConfigError: an ``evaluator_type`` that detectron2 has no evaluator for.
     """

@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from d2persist.data.shapes import (
@@ -51,3 +52,23 @@ def test_semantic_and_panoptic_labels_agree_with_the_polygons(tmp_path):
         things = [s for s in ann["segments_info"] if s["category_id"] != _STUFF_DATASET_ID]
         assert [s["category_id"] - 1 for s in things] == [
             a["category_id"] for a in d["annotations"]]
+
+
+def test_the_evaluator_is_chosen_by_the_dataset_task(tmp_path):
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from d2persist.bundle_eval import evaluator_name, family_evaluator
+    from d2persist.data.shapes import register_shapes
+    from d2persist.errors import ConfigError
+
+    register_shapes()
+    kp = family_evaluator("shapes_kp_val", str(tmp_path), [0.05] * 4)
+    assert evaluator_name(kp) == "COCOEvaluator"
+    assert evaluator_name(family_evaluator("shapes_sem_val", str(tmp_path))) == "SemSegEvaluator"
+    assert evaluator_name(family_evaluator("shapes_panoptic_val", str(tmp_path))) == (
+        "DatasetEvaluators(SemSegEvaluator, COCOEvaluator, COCOPanopticEvaluator)")
+    if "d2persist_mystery" not in DatasetCatalog.list():
+        DatasetCatalog.register("d2persist_mystery", lambda: [])
+        MetadataCatalog.get("d2persist_mystery").set(evaluator_type="mystery")
+    with pytest.raises(ConfigError, match="evaluator_type 'mystery'"):
+        family_evaluator("d2persist_mystery", str(tmp_path))
