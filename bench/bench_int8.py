@@ -8,7 +8,7 @@ schedule (or on --run DIR, a finished run of it), each a ratio measured side by 
    resize, run, paste masks, JSON), at 1 thread and at all cores (target <= 0.6x);
 2. file size, model.int8.onnx vs model.onnx (target <= 0.35x);
 3. box and mask AP on the val split, COCOEvaluator's numbers (the manifest's evaluation entry
-   and d2persist.evaluate agree exactly): INT8 minus float (target within 1.0);
+   and d2persist.predict.evaluate agree exactly): INT8 minus float (target within 1.0);
 4. what was tried: which Conv/Gemm layers stay in float, each variant quantized with the same
    calibration images and measured the same way;
 5. what the export's self-evaluation (PERSIST.EXPORT_EVAL) costs after training, per backend,
@@ -46,7 +46,7 @@ def _profile(path, images, contract):
     import numpy as np
     import onnxruntime as ort
 
-    from d2persist.imageio import image_input, resize_shortest_edge
+    from d2persist.predict.images import image_input, resize_shortest_edge
 
     o = ort.SessionOptions()
     o.intra_op_num_threads = 1
@@ -71,8 +71,8 @@ def _profile(path, images, contract):
 def _per_image(sessions, images, threads, repeats):
     import onnxruntime as ort
 
-    from d2persist.manifest import metadata_from_json
-    from d2persist.onnx_predictor import OnnxPredictor
+    from d2persist.artifacts.manifest import metadata_from_json
+    from d2persist.predict.onnx_predictor import OnnxPredictor
 
     def predictor(path, manifest):
         o = ort.SessionOptions()
@@ -109,11 +109,11 @@ def report(out, work, repeats):
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from d2persist import quantize as Q
     from d2persist.data.shapes import register_shapes
-    from d2persist.evaluate import evaluate_coco
-    from d2persist.fileio import sha256_file
-    from d2persist.onnx_predictor import load_onnx_predictor
+    from d2persist.export.bundle import quantize as Q
+    from d2persist.files.atomic import sha256_file
+    from d2persist.predict.evaluate import evaluate_coco
+    from d2persist.predict.onnx_predictor import load_onnx_predictor
 
     bundle = os.path.join(out, "export")
     with open(os.path.join(bundle, "manifest.json")) as f:

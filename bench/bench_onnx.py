@@ -65,7 +65,7 @@ def per_image(out, images, threads, repeats):
     import torch
 
     from d2persist import load_predictor
-    from d2persist.onnx_predictor import load_onnx_predictor
+    from d2persist.predict.onnx_predictor import load_onnx_predictor
 
     torch.set_num_threads(threads)
     pt = load_predictor(os.path.join(out, "export"), device="cpu")
@@ -81,9 +81,9 @@ def per_image(out, images, threads, repeats):
 def export_step(out):
     """Seconds of the ONNX export step alone (model in memory), and of the safetensors write."""
     from d2persist import load_predictor
-    from d2persist.export import _weights_bytes
-    from d2persist.manifest import read_manifest
-    from d2persist.onnx_export import export_onnx
+    from d2persist.artifacts.bundle import read_manifest
+    from d2persist.export.bundle import _weights_bytes
+    from d2persist.export.onnx_graph import export_onnx
 
     bundle = os.path.join(out, "export")
     model = load_predictor(bundle, device="cpu").model

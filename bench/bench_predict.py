@@ -32,7 +32,7 @@ def per_image(out, images, repeats):
     import torch
 
     from d2persist import load_predictor
-    from d2persist.infer import predict_files
+    from d2persist.predict.infer import predict_files
 
     predictor = load_predictor(os.path.join(out, "export"), device="cpu")
     model, aug = predictor.model, predictor.augmentation

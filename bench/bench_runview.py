@@ -104,7 +104,7 @@ def main():
 
         def verify_with(workers):
             def go():
-                from d2persist.runview import open_view
+                from d2persist.artifacts.view import open_view
 
                 start = time.perf_counter()
                 problems, _ = open_view(run).verify(workers=workers)
@@ -119,7 +119,7 @@ def main():
         env = os.environ.copy()
         env["PYTHONPATH"] = REPO
         imports = subprocess.run(
-            [sys.executable, "-c", "import sys, d2persist.__main__, d2persist.runview; "
+            [sys.executable, "-c", "import sys, d2persist.__main__, d2persist.artifacts.view; "
              "print(sorted(m for m in ('torch', 'detectron2', 'matplotlib') if m in sys.modules))"],
             capture_output=True, text=True, env=env).stdout.strip()
     finally:

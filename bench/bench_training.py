@@ -20,7 +20,6 @@ import sys
 import tempfile
 
 import torch
-
 from common import REPO, alternate, machine, median, table
 
 PROBE = os.path.join(REPO, "bench", "_train_probe.py")

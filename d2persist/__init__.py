@@ -2,12 +2,16 @@
 d2persist: make a detectron2 training run persist everything needed to resume it or to predict
 with it later, and make prediction from those artifacts give exactly what evaluation gave.
 
-The public API is re-exported here. Names are imported on first use, so that prediction
-(``load_predictor``) never pays for importing the training engine, and ONNX Runtime prediction
-works where neither torch nor detectron2 is installed.
+The public API is re-exported here, from the subpackages that define it: ``files`` (how bytes
+travel), ``artifacts`` (the run folder and bundle, read side), ``predict``, ``export``,
+``training``. Names are imported on first use, so that prediction (``load_predictor``) never pays
+for importing the training engine, and ONNX Runtime prediction works where neither torch nor
+detectron2 is installed; the ``TYPE_CHECKING`` imports below let editors and type checkers
+resolve every name to its definition.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -23,27 +27,27 @@ _TRAINING_STACK = ("torch", "torchvision", "detectron2", "fvcore", "omegaconf")
 #: public name -> module that defines it
 _EXPORTS = {
     "add_persist_config": "config",
-    "PersistHook": "hook",
-    "PersistTrainer": "trainer",
-    "PersistCheckpointer": "checkpoint",
-    "load_predictor": "load",
-    "OnnxPredictor": "onnx_predictor",
-    "Predictor": "predictor",
-    "Prediction": "predictor",
-    "train_lazy": "lazy_trainer",
-    "resume_or_load": "checkpoint",
     "run_config": "runconfig",
     "RunConfig": "runconfig",
-    "Artifacts": "artifacts",
-    "resolve_artifacts": "artifacts",
-    "write_export": "export",
-    "read_manifest": "manifest",
+    "PersistHook": "training.hook",
+    "PersistTrainer": "training.trainer",
+    "PersistCheckpointer": "training.checkpointer",
+    "train_lazy": "training.lazy_trainer",
+    "resume_or_load": "training.resume",
+    "load_predictor": "predict.load",
+    "OnnxPredictor": "predict.onnx_predictor",
+    "Predictor": "predict.predictor",
+    "Prediction": "predict.predictor",
+    "evaluate_coco": "predict.evaluate",
+    "DatasetMismatchError": "predict.evaluate",
+    "Artifacts": "artifacts.resolve",
+    "resolve_artifacts": "artifacts.resolve",
+    "read_manifest": "artifacts.bundle",
+    "open_view": "artifacts.view",
+    "RunView": "artifacts.view",
+    "write_export": "export.bundle",
+    "evaluate_bundle": "export.self_eval",
     "register_shapes": "data.shapes",
-    "evaluate_coco": "evaluate",
-    "evaluate_bundle": "bundle_eval",
-    "open_view": "runview",
-    "RunView": "runview",
-    "DatasetMismatchError": "evaluate",
     "D2PersistError": "errors",
     "ExportError": "errors",
     "ConfigError": "errors",
@@ -57,7 +61,74 @@ _EXPORTS = {
     "TrainingDivergedError": "errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+if TYPE_CHECKING:  # what editors and type checkers see: every name, from where it is defined
+    from .artifacts.bundle import read_manifest
+    from .artifacts.resolve import Artifacts, resolve_artifacts
+    from .artifacts.view import RunView, open_view
+    from .config import add_persist_config
+    from .data.shapes import register_shapes
+    from .errors import (
+        ArtifactError,
+        CheckpointWriteError,
+        ConfigError,
+        ConfigRoundTripError,
+        D2PersistError,
+        ExportError,
+        InputImageError,
+        OutputDirNotEmptyError,
+        RunFolderBusyError,
+        TrainingDivergedError,
+        UnsafeArtifactError,
+    )
+    from .export.bundle import write_export
+    from .export.self_eval import evaluate_bundle
+    from .predict.evaluate import DatasetMismatchError, evaluate_coco
+    from .predict.load import load_predictor
+    from .predict.onnx_predictor import OnnxPredictor
+    from .predict.predictor import Prediction, Predictor
+    from .runconfig import RunConfig, run_config
+    from .training.checkpointer import PersistCheckpointer
+    from .training.hook import PersistHook
+    from .training.lazy_trainer import train_lazy
+    from .training.resume import resume_or_load
+    from .training.trainer import PersistTrainer
+
+__all__ = [
+    "ArtifactError",
+    "Artifacts",
+    "CheckpointWriteError",
+    "ConfigError",
+    "ConfigRoundTripError",
+    "D2PersistError",
+    "DatasetMismatchError",
+    "ExportError",
+    "InputImageError",
+    "OnnxPredictor",
+    "OutputDirNotEmptyError",
+    "PersistCheckpointer",
+    "PersistHook",
+    "PersistTrainer",
+    "Prediction",
+    "Predictor",
+    "RunConfig",
+    "RunFolderBusyError",
+    "RunView",
+    "TrainingDivergedError",
+    "UnsafeArtifactError",
+    "add_persist_config",
+    "evaluate_bundle",
+    "evaluate_coco",
+    "load_predictor",
+    "open_view",
+    "read_manifest",
+    "register_shapes",
+    "resolve_artifacts",
+    "resume_or_load",
+    "run_config",
+    "train_lazy",
+    "write_export",
+    "__version__",
+]
 
 
 def __getattr__(name):

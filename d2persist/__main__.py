@@ -30,7 +30,7 @@ def _size(n):
 
 
 def ls(args):
-    from d2persist.runview import open_view
+    from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
     problems = []
@@ -69,7 +69,7 @@ def ls(args):
               f"{src.get('from', 'final')} of iteration {ex.get('iteration')}")
         ev = ex.get("evaluation")
         if ev:
-            from d2persist.manifest import EVAL_BACKENDS
+            from d2persist.artifacts.manifest import EVAL_BACKENDS
 
             for b in sorted(ev["backends"], key=EVAL_BACKENDS.index):
                 scores = ", ".join(f"{k} {v:.1f}" for k, v in ev["backends"][b].items()
@@ -89,7 +89,7 @@ def ls(args):
 
 
 def verify(args):
-    from d2persist.runview import open_view
+    from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
     problems, notes = view.verify(progress=sys.stderr.isatty())
@@ -107,7 +107,7 @@ def _value(v):
 
 
 def diff(args):
-    from d2persist.runview import diff as diff_runs
+    from d2persist.artifacts.describe import diff as diff_runs
 
     d = diff_runs(args.a, args.b)
     if args.json:
@@ -131,8 +131,8 @@ def diff(args):
 def plot(args):
     import os
 
-    from d2persist.plot import plot_run
-    from d2persist.runview import open_view
+    from d2persist.artifacts.plot import plot_run
+    from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
     if view.kind != "run":

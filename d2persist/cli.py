@@ -97,9 +97,9 @@ def setup_run(cfg, args):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
-    from .checkpoint import hold_run_lock
-    from .fileio import restarted_run_started
+    from .files.lock import restarted_run_started
     from .runconfig import run_config
+    from .training.resume import hold_run_lock
 
     run = run_config(cfg)
     output_dir = run.output_dir

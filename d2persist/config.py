@@ -1,6 +1,11 @@
-"""``cfg.PERSIST``: the options of :class:`d2persist.PersistHook`, and their defaults."""
+"""
+``cfg.PERSIST``: the options of :class:`d2persist.PersistHook`, and their defaults.
 
-from detectron2.config import CfgNode as CN
+Imports nothing from detectron2 until :func:`add_persist_config` is called, so the defaults
+(:data:`DEFAULT_OPTIONS`) are readable where only ONNX Runtime is installed.
+"""
+
+import types
 
 __all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 
@@ -8,7 +13,7 @@ __all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 PERSIST_KEY = "PERSIST"
 
 
-def add_persist_config(cfg: CN) -> CN:
+def add_persist_config(cfg):
     """
     Add the ``cfg.PERSIST`` options of d2persist to a detectron2 config, with safe defaults.
 
@@ -20,55 +25,61 @@ def add_persist_config(cfg: CN) -> CN:
     Returns:
         CfgNode: the same ``cfg``.
     """
-    _C = cfg
-    _C.PERSIST = CN()
-    # Periodic checkpoints to keep (0 keeps all); last_checkpoint's target and model_final stay.
-    _C.PERSIST.MAX_TO_KEEP = 0
-    # Write an inference bundle (safetensors weights, config, manifest) when training completes.
-    _C.PERSIST.EXPORT = True
-    # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
-    _C.PERSIST.EXPORT_DIR = "export"
-    # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
-    # runnable by ONNX Runtime without torch or detectron2), "onnx-int8" (also
-    # export/model.int8.onnx: model.onnx quantized to INT8 by ONNX Runtime, for CPUs).
-    _C.PERSIST.EXPORT_FORMATS = ["safetensors"]
-    # Training images (spread over the first training dataset) that calibrate the INT8 model.
-    _C.PERSIST.CALIBRATION_IMAGES = 64
-    # How far the INT8 model may score from the in-training evaluation, on each family's headline
-    # metric (box, mask, keypoint AP, PQ, mIoU): the export's self-evaluation keeps the most
-    # sensitive layers in float (measured, most sensitive first) until it is within.
-    _C.PERSIST.INT8_BUDGET = 1.0
-    # When training completes, evaluate the bundle (loaded from its folder) through each backend
-    # it holds on the first test dataset with the run's evaluator, compare with the final
-    # evaluation and record it in the manifest's "evaluation" entry.
-    _C.PERSIST.EXPORT_EVAL = True
-    # Keep OUTPUT_DIR/training.png: losses, learning rate, evaluations, checkpoints and the best,
-    # redrawn after each evaluation and when training ends (main process, background thread).
-    _C.PERSIST.PLOT = True
-    # fsspec URL (s3://bucket/runs/exp1, gs://..., file://...) that receives a copy of every
-    # file the run writes, from a background thread; "" for none.
-    _C.PERSIST.MIRROR = ""
-    # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
-    _C.PERSIST.ASYNC = True
-    # On a STOP_SIGNALS signal, finish the current iteration, save a resumable checkpoint, stop.
-    _C.PERSIST.SAVE_ON_INTERRUPT = True
-    # Signals that stop a run that way, on whichever process gets them; add "SIGUSR1" for a
-    # scheduler's warning (SLURM --signal=B:USR1@120, submitit). Exit code: 128 + the signal's.
-    _C.PERSIST.STOP_SIGNALS = ["SIGINT", "SIGTERM"]
-    # Also save once this many minutes have passed since the last save (the main process's
-    # clock decides for all); 0 saves by SOLVER.CHECKPOINT_PERIOD only.
-    _C.PERSIST.CHECKPOINT_MINUTES = 0.0
-    # Metric that picks the best weights, as EvalHook stores it ("bbox/AP", "segm/AP50"); "" off.
-    _C.PERSIST.BEST_METRIC = ""
-    # "max" or "min": whether a larger or a smaller BEST_METRIC is better.
-    _C.PERSIST.BEST_MODE = "max"
-    # Weights of the inference export: "final" (end of training) or "best" (model_best.pth).
-    _C.PERSIST.EXPORT_FROM = "final"
-    # "module:add_*_config" of a project's config function: applied when config.yaml is checked
-    # and when a predictor loads the run's config (the import also registers its models).
-    _C.PERSIST.CONFIG_EXTENSIONS = []
+    from detectron2.config import CfgNode as CN
+
+    cfg.PERSIST = _fill(CN())
     return cfg
 
 
+def _fill(p):
+    """Set every option's default on ``p`` (a CfgNode, or any object), with its comment."""
+    # Periodic checkpoints to keep (0 keeps all); last_checkpoint's target and model_final stay.
+    p.MAX_TO_KEEP = 0
+    # Write an inference bundle (safetensors weights, config, manifest) when training completes.
+    p.EXPORT = True
+    # Folder of that bundle; a relative path is taken under OUTPUT_DIR.
+    p.EXPORT_DIR = "export"
+    # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
+    # runnable by ONNX Runtime without torch or detectron2), "onnx-int8" (also
+    # export/model.int8.onnx: model.onnx quantized to INT8 by ONNX Runtime, for CPUs).
+    p.EXPORT_FORMATS = ["safetensors"]
+    # Training images (spread over the first training dataset) that calibrate the INT8 model.
+    p.CALIBRATION_IMAGES = 64
+    # How far the INT8 model may score from the in-training evaluation, on each family's headline
+    # metric (box, mask, keypoint AP, PQ, mIoU): the export's self-evaluation keeps the most
+    # sensitive layers in float (measured, most sensitive first) until it is within.
+    p.INT8_BUDGET = 1.0
+    # When training completes, evaluate the bundle (loaded from its folder) through each backend
+    # it holds on the first test dataset with the run's evaluator, compare with the final
+    # evaluation and record it in the manifest's "evaluation" entry.
+    p.EXPORT_EVAL = True
+    # Keep OUTPUT_DIR/training.png: losses, learning rate, evaluations, checkpoints and the best,
+    # redrawn after each evaluation and when training ends (main process, background thread).
+    p.PLOT = True
+    # fsspec URL (s3://bucket/runs/exp1, gs://..., file://...) that receives a copy of every
+    # file the run writes, from a background thread; "" for none.
+    p.MIRROR = ""
+    # Copy each checkpoint into one reused CPU buffer, then write it from a background thread.
+    p.ASYNC = True
+    # On a STOP_SIGNALS signal, finish the current iteration, save a resumable checkpoint, stop.
+    p.SAVE_ON_INTERRUPT = True
+    # Signals that stop a run that way, on whichever process gets them; add "SIGUSR1" for a
+    # scheduler's warning (SLURM --signal=B:USR1@120, submitit). Exit code: 128 + the signal's.
+    p.STOP_SIGNALS = ["SIGINT", "SIGTERM"]
+    # Also save once this many minutes have passed since the last save (the main process's
+    # clock decides for all); 0 saves by SOLVER.CHECKPOINT_PERIOD only.
+    p.CHECKPOINT_MINUTES = 0.0
+    # Metric that picks the best weights, as EvalHook stores it ("bbox/AP", "segm/AP50"); "" off.
+    p.BEST_METRIC = ""
+    # "max" or "min": whether a larger or a smaller BEST_METRIC is better.
+    p.BEST_MODE = "max"
+    # Weights of the inference export: "final" (end of training) or "best" (model_best.pth).
+    p.EXPORT_FROM = "final"
+    # "module:add_*_config" of a project's config function: applied when config.yaml is checked
+    # and when a predictor loads the run's config (the import also registers its models).
+    p.CONFIG_EXTENSIONS = []
+    return p
+
+
 #: ``cfg.PERSIST``'s defaults, for a config that never called :func:`add_persist_config`.
-DEFAULT_OPTIONS = dict(add_persist_config(CN())[PERSIST_KEY])
+DEFAULT_OPTIONS = dict(vars(_fill(types.SimpleNamespace())))

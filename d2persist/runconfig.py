@@ -20,7 +20,8 @@ import yaml
 
 from .config import DEFAULT_OPTIONS, PERSIST_KEY, add_persist_config
 from .errors import ConfigError, ConfigRoundTripError
-from .fileio import atomic_path, safe_yaml_loads, write_text
+from .files.atomic import atomic_path, write_text
+from .files.safe_load import safe_yaml_loads
 from .layout import CONFIG_NAME, PERSIST_FILE
 
 __all__ = [

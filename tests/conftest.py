@@ -4,7 +4,6 @@ import sys
 
 import pytest
 
-
 _OWN_CACHE = []  # the cache folder this session made, if any
 
 

@@ -6,10 +6,6 @@ import os
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from safetensors.torch import load_file
-
-from d2persist import ConfigError
-from d2persist.checkpoint import verify_checkpoint
 from helpers import (
     EVAL_OPTS,
     INFER_SINGLE,
@@ -20,6 +16,10 @@ from helpers import (
     tiny_cfg,
     train,
 )
+from safetensors.torch import load_file
+
+from d2persist import ConfigError
+from d2persist.artifacts.checkpoints import verify_checkpoint
 
 # every box is kept, so that AP differs from one evaluation to the next even this early
 OPTS = [*EVAL_OPTS, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0, "PERSIST.MAX_TO_KEEP", 1]

@@ -16,7 +16,6 @@ import time
 
 import pytest
 import torch
-
 from helpers import (
     REPO,
     TINY_OPTS,

@@ -123,8 +123,8 @@ def test_a_broken_backend_is_recorded_as_failed_and_named_when_loaded(
     from detectron2.evaluation import COCOEvaluator
 
     from d2persist import load_predictor
-    from d2persist.bundle_eval import evaluate_bundle
     from d2persist.data.shapes import register_shapes
+    from d2persist.export.self_eval import evaluate_bundle
 
     out, _ = default_run
     bundle = tmp_path / "export"
@@ -133,7 +133,7 @@ def test_a_broken_backend_is_recorded_as_failed_and_named_when_loaded(
     ref = manifest["evaluation"]["reference"]
     register_shapes()
     # fault injection: the ONNX Runtime predictor skips the test-time resize
-    mocker.patch("d2persist.onnx_predictor.resize_shortest_edge", lambda image, *_: image)
+    mocker.patch("d2persist.predict.onnx_predictor.resize_shortest_edge", lambda image, *_: image)
     evaluator = COCOEvaluator("shapes_val", output_dir=str(tmp_path / "coco"))
     with caplog.at_level(logging.ERROR, logger="d2persist"):
         entry = evaluate_bundle(str(bundle), ["pytorch", "onnxruntime"], "shapes_val",
@@ -188,8 +188,8 @@ def test_onnxruntime_caches_its_optimized_graph_per_model_file(default_run, tmp_
                                                                monkeypatch, val_image=None):
     import onnx
 
-    from d2persist.fileio import sha256_file
-    from d2persist.onnx_predictor import load_onnx_predictor
+    from d2persist.files.atomic import sha256_file
+    from d2persist.predict.onnx_predictor import load_onnx_predictor
 
     out, _ = default_run
     monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
@@ -267,7 +267,7 @@ def _requantized(out, folder, budget):
                    "--int8-budget", budget, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((run / "export" / "manifest.json").read_text())
-    from d2persist.fileio import sha256_file
+    from d2persist.files.atomic import sha256_file
 
     assert manifest["files"]["model.int8.onnx"]["sha256"] == sha256_file(
         str(run / "export" / "model.int8.onnx"))  # the manifest names the file that is there

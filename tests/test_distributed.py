@@ -13,7 +13,6 @@ import time
 
 import pytest
 import torch
-
 from helpers import REPO, TINY_OPTS, TRAIN_NET, run_tool
 
 STOCK_TRAINER = os.path.join(REPO, "tests", "scripts", "stock_trainer.py")

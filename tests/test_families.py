@@ -19,11 +19,6 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
-
-from d2persist import add_persist_config, load_predictor
-from d2persist.data.shapes import KEYPOINT_OKS_SIGMAS, SHAPE_KEYPOINTS, register_shapes
-from d2persist.outputs import MIN_DRAW_SIZE, rle_decode
-from d2persist.predictor import arrays_of
 from helpers import (
     FAMILIES,
     INFER_SINGLE,
@@ -35,6 +30,11 @@ from helpers import (
     train,
 )
 from test_predictor import _make
+
+from d2persist import add_persist_config, load_predictor
+from d2persist.data.shapes import KEYPOINT_OKS_SIGMAS, SHAPE_KEYPOINTS, register_shapes
+from d2persist.predict.outputs import MIN_DRAW_SIZE, rle_decode
+from d2persist.predict.predictor import arrays_of
 
 KINDS = ["plain", "gray", "rgba", "exif", "large"]
 _RUNS = {}
@@ -264,7 +264,7 @@ def _dataset_files(name, folder):
 @pytest.mark.parametrize("name", list(METRIC))
 def test_evaluate_scores_as_detectron2s_evaluator(name, tmp_path, tmp_path_factory):
     """tools/evaluate.py's metrics = the in-training evaluation's (PyTorch), within 0.1 (ORT)."""
-    from d2persist import evaluate as ev
+    from d2persist.predict import evaluate as ev
 
     run = trained(name, tmp_path_factory)
     training = json.loads((run / "export" / "manifest.json").read_text())["evaluation"]

@@ -7,11 +7,11 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, HookBase
+from helpers import TRAIN_NET, run_tool, tiny_cfg, train
 
 from d2persist import ConfigRoundTripError, PersistHook, PersistTrainer
 from d2persist.config import add_persist_config
 from d2persist.errors import OutputDirNotEmptyError
-from helpers import TRAIN_NET, run_tool, tiny_cfg, train
 
 
 def periodic_files(folder):

@@ -8,9 +8,9 @@ import shutil
 import cv2
 import pytest
 from detectron2.data import DatasetCatalog
+from helpers import INFER_SINGLE, run_tool
 
 from d2persist.data.shapes import register_shapes
-from helpers import INFER_SINGLE, run_tool
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,7 @@ def test_manifest_cannot_point_outside_the_bundle(trained_run, tmp_path, val_ima
 
 
 def _rewrite_manifest_entry(bundle, name):
-    from d2persist.fileio import sha256_file
+    from d2persist.files.atomic import sha256_file
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"][name] = {"sha256": sha256_file(str(bundle / name)),
@@ -153,8 +153,9 @@ def test_hostile_yaml_is_refused_and_nothing_runs(trained_run, tmp_path, val_ima
 
 
 def test_resume_refuses_hostile_checkpoint(trained_run, tmp_path):
-    from d2persist import PersistTrainer, UnsafeArtifactError
     from helpers import tiny_cfg
+
+    from d2persist import PersistTrainer, UnsafeArtifactError
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -187,6 +188,7 @@ def test_visualization_is_upscaled_when_small_and_original_size_when_large(
 def test_config_extensions_apply_when_predicting_in_a_fresh_process(tmp_path, export):
     """A project's add_*_config (which also registers its model) is applied by the predictor."""
     from helpers import tiny_cfg, train
+
     from tests.scripts.demo_ext import add_demo_config
 
     cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, "PERSIST.EXPORT", export,

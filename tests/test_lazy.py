@@ -9,11 +9,12 @@ import yaml
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
+from helpers import INFER_SINGLE, REPO, run_tool
 
 from d2persist import UnsafeArtifactError, load_predictor
 from d2persist.data.shapes import register_shapes
-from d2persist.fileio import safe_yaml_loads, sha256_file
-from helpers import INFER_SINGLE, REPO, run_tool
+from d2persist.files.atomic import sha256_file
+from d2persist.files.safe_load import safe_yaml_loads
 
 LAZY_TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
 LAZY_TINY = [

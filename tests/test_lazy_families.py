@@ -14,13 +14,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetCatalog
-
-from d2persist import train_lazy
-from d2persist.data.shapes import SHAPE_KEYPOINTS, register_shapes
-from d2persist.predictor import arrays_of
 from helpers import REPO, run_tool
 from test_families import assert_same, predictor
 from test_predictor import _make
+
+from d2persist import train_lazy
+from d2persist.data.shapes import SHAPE_KEYPOINTS, register_shapes
+from d2persist.predict.predictor import arrays_of
 
 LAZY_TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
 BUILT_IN = os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py")

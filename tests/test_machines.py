@@ -12,15 +12,7 @@ import sys
 import time
 
 import torch
-
-from helpers import (
-    TINY_OPTS,
-    TRAIN_NET,
-    assert_bitwise_equal,
-    free_port,
-    run_tool,
-    tool_env,
-)
+from helpers import TINY_OPTS, TRAIN_NET, assert_bitwise_equal, free_port, run_tool, tool_env
 
 OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False,
         "OUTPUT_DIR", "out"]  # relative: each machine's own folder

@@ -10,9 +10,9 @@ import shutil
 
 import pytest
 import torch
-
-from d2persist.checkpoint import verify_checkpoint
 from helpers import INFER_SINGLE, assert_bitwise_equal, run_tool, tiny_cfg, train
+
+from d2persist.artifacts.checkpoints import verify_checkpoint
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -164,7 +164,7 @@ def test_resume_from_the_mirror_into_an_empty_folder(s3, tmp_path):
 
 
 def test_a_failed_upload_is_never_named_by_last_checkpoint(s3, tmp_path, mocker):
-    from d2persist.storage import Mirror
+    from d2persist.files.mirror import Mirror
 
     real_put = Mirror.put
 

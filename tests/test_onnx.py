@@ -8,11 +8,11 @@ import pytest
 import torch
 from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
+from helpers import INFER_SINGLE, REPO, run_tool, tiny_cfg, train
 
 from d2persist import ArtifactError, ExportError, load_predictor
 from d2persist.data.shapes import register_shapes
-from d2persist.onnx_export import export_onnx
-from helpers import INFER_SINGLE, REPO, run_tool, tiny_cfg, train
+from d2persist.export.onnx_graph import export_onnx
 
 EXPORT_MODEL = os.path.join(REPO, "tools", "export_model.py")
 ONNX = ["PERSIST.EXPORT_FORMATS", "['safetensors', 'onnx']"]

@@ -3,8 +3,9 @@
 import subprocess
 import sys
 
-import d2persist
 from helpers import REPO
+
+import d2persist
 
 
 def test_public_api_is_importable():
@@ -23,7 +24,9 @@ def test_without_detectron2_training_names_say_how_to_install_it():
 
 
 def test_onnx_prediction_modules_import_no_torch():
-    code = ("import sys, d2persist, d2persist.load, d2persist.onnx_predictor, d2persist.infer; "
+    code = ("import sys, d2persist, d2persist.predict, d2persist.predict.load, "
+            "d2persist.predict.onnx_predictor, d2persist.predict.infer, d2persist.artifacts, "
+            "d2persist.files, d2persist.__main__; "
             "d2persist.load_predictor; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
             "'detectron2', 'cv2', 'pycocotools'}))")
@@ -33,9 +36,18 @@ def test_onnx_prediction_modules_import_no_torch():
 
 
 def test_prediction_does_not_import_the_training_engine():
-    code = ("import sys, d2persist.predictor, d2persist.infer; "
+    code = ("import sys, d2persist.predict.predictor, d2persist.predict.infer; "
             "print(sorted(m for m in sys.modules if m.startswith(('detectron2.engine', "
-            "'detectron2.evaluation', 'd2persist.hook', 'd2persist.trainer'))))")
+            "'detectron2.evaluation', 'd2persist.training', 'd2persist.export'))))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
+
+
+def test_export_does_not_import_training_code():
+    code = ("import sys, d2persist.export; "
+            "print(sorted(m for m in sys.modules if m.startswith(('detectron2.engine', "
+            "'d2persist.training'))))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"

@@ -15,10 +15,10 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, DatasetMapper
 from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
+from helpers import INFER_SINGLE, WITHOUT_TORCH, run_tool, tiny_cfg, train
 from PIL import Image
 
 from d2persist import InputImageError, load_predictor
-from helpers import INFER_SINGLE, WITHOUT_TORCH, run_tool, tiny_cfg, train
 
 # every box is kept, so that there is much to compare even after a few iterations
 ALL_BOXES = ["MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0]
@@ -217,8 +217,8 @@ def test_onnxruntime_matches_evaluation_path(request, run, kind, val_image, tmp_
 
 
 def test_onnx_comparison_can_fail_without_the_resize(rgb_run, val_image, tmp_path):
-    from d2persist.manifest import read_manifest
-    from d2persist.onnx_predictor import OnnxPredictor
+    from d2persist.artifacts.bundle import read_manifest
+    from d2persist.predict.onnx_predictor import OnnxPredictor
 
     image = _make("large", val_image, tmp_path)
     good = load_predictor(str(rgb_run), backend="onnxruntime")

@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 from detectron2.engine import HookBase
+from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool, tiny_cfg, train
 
 from d2persist import CheckpointWriteError, PersistTrainer
-from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool, tiny_cfg, train
 
 
 class _CrashAt(HookBase):
@@ -133,7 +133,7 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
 
 
 def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
-    from d2persist.checkpoint import find_newest_valid
+    from d2persist.artifacts.view import find_newest_valid
 
     opts = ["SOLVER.MAX_ITER", 5, "PERSIST.EXPORT", False]
     with pytest.raises(RuntimeError):
@@ -148,7 +148,7 @@ def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES])
 @pytest.mark.parametrize("asynchronous", [True, False])
 def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err, asynchronous):
-    from d2persist.checkpoint import verify_checkpoint
+    from d2persist.artifacts.checkpoints import verify_checkpoint
 
     real_save = torch.save
     calls = []
@@ -174,3 +174,65 @@ def test_failing_write_keeps_earlier_checkpoints_and_stops(tmp_path, mocker, err
     assert not (tmp_path / "model_final.pth").exists()
     assert not _newest_tmp(tmp_path)
     assert len(calls) == 2  # training stopped at the failure
+
+
+#: main's last commit before the package moved into subpackages (files/, artifacts/, predict/,
+#: export/, training/): run folders and bundles it wrote must resume and predict after the move
+BEFORE_THE_MOVE = "f2914363184f0a2d9cec83ef7a280f9a5c92b1ba"
+
+_OLD_RUNS = """
+import sys
+sys.path[:0] = [{old!r}, {old!r} + "/tests"]
+import d2persist
+assert d2persist.__file__.startswith({old!r}), d2persist.__file__
+from detectron2.engine import HookBase
+from helpers import tiny_cfg, train
+
+class Crash(HookBase):
+    def before_step(self):
+        if self.trainer.iter == 5:
+            raise RuntimeError("simulated crash")
+
+try:
+    train(tiny_cfg({crashed!r}, *{opts!r}), hooks=[Crash()])
+except RuntimeError:
+    pass
+train(tiny_cfg({exported!r}, "SOLVER.MAX_ITER", 2))
+"""
+
+
+def test_run_folder_written_before_the_move_resumes_and_predicts(tmp_path):
+    from detectron2.data import DatasetCatalog
+
+    from d2persist import load_predictor, open_view
+    from d2persist.data.shapes import register_shapes
+
+    old = tmp_path / "old"
+    old.mkdir()
+    try:
+        archive = subprocess.run(["git", "-C", REPO, "archive", BEFORE_THE_MOVE, "d2persist",
+                                  "tests/helpers.py", "configs"],
+                                 capture_output=True, check=True).stdout
+    except subprocess.CalledProcessError:
+        pytest.skip(f"this clone lacks commit {BEFORE_THE_MOVE[:7]} (a shallow clone)")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    opts = ["SOLVER.MAX_ITER", 8, "PERSIST.EXPORT", False, "SOLVER.CHECKPOINT_PERIOD", 3]
+    crashed, exported = tmp_path / "crashed", tmp_path / "exported"
+    code = _OLD_RUNS.format(old=str(old), crashed=str(crashed), exported=str(exported), opts=opts)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (crashed / "last_checkpoint").read_text() == "model_0000002.pth"
+
+    for folder in (crashed, exported, exported / "export"):
+        problems, _ = open_view(str(folder)).verify()
+        assert not problems, (folder, problems)
+    image = DatasetCatalog.get(register_shapes()[1])[0]["file_name"]
+    for artifacts in (crashed, exported / "export"):
+        prediction = load_predictor(str(artifacts), backend="pytorch")(image)
+        assert "instances" in prediction.to_json(), artifacts
+
+    train(tiny_cfg(tmp_path / "straight", *opts))
+    train(tiny_cfg(crashed, *opts), resume=True)
+    assert_bitwise_equal(_weights(tmp_path / "straight" / "model_final.pth"),
+                         _weights(crashed / "model_final.pth"))

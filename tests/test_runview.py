@@ -68,7 +68,7 @@ def test_verify_passes_a_fresh_run_and_its_bundle(default_run, capsys):
 
     from helpers import REPO, WITHOUT_TORCH
 
-    from d2persist.runview import open_view
+    from d2persist.artifacts.view import open_view
 
     out, _ = default_run
     for path in (out, out / "export"):
@@ -163,8 +163,8 @@ def test_diff_of_two_runs_shows_exactly_the_overridden_keys(trained_run, tmp_pat
 
 
 def test_plot_holds_the_runs_series(default_run, tmp_path):
-    from d2persist.plot import plot_run
-    from d2persist.runview import open_view
+    from d2persist.artifacts.plot import plot_run
+    from d2persist.artifacts.view import open_view
 
     out, _ = default_run
     rows = [json.loads(ln) for ln in (out / "metrics.json").read_text().splitlines()]
@@ -199,7 +199,6 @@ def test_training_png_appears_after_an_evaluation(tmp_path):
     import time
 
     from detectron2.engine import HookBase
-
     from helpers import EVAL_OPTS, eval_trainer, train
 
     class Watch(HookBase):

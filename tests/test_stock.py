@@ -11,10 +11,10 @@ from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 from detectron2.engine import DefaultPredictor, DefaultTrainer
 from detectron2.modeling import build_model
+from helpers import tiny_cfg
 
 from d2persist import PersistTrainer, load_predictor
 from d2persist.data.shapes import register_shapes
-from helpers import tiny_cfg
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """Background checkpoint writes on a real trainer: the same bytes as inline writes."""
 
-import d2persist.hook
-from d2persist.fileio import safe_torch_load
 from helpers import assert_bitwise_equal, tiny_cfg, train
+
+import d2persist.training.hook
+from d2persist.files.safe_load import safe_torch_load
 
 
 def train_tiny(folder, *opts):
@@ -17,7 +18,7 @@ def _momentum(checkpoint):
 
 def test_background_saves_write_what_inline_saves_write(tmp_path, mocker):
     train_tiny(tmp_path / "inline", "PERSIST.ASYNC", False)
-    spy = mocker.spy(d2persist.hook, "snapshot_state")
+    spy = mocker.spy(d2persist.training.hook, "snapshot_state")
     train_tiny(tmp_path / "background", "PERSIST.ASYNC", True)
 
     # each save after the first wrote from the first one's buffers, overwritten in place

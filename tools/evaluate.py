@@ -60,11 +60,11 @@ def main(argv=None):
         import os
         import sys
 
-        from d2persist import evaluate as ev
+        from d2persist.artifacts.manifest import local_bundle
         from d2persist.errors import D2PersistError
-        from d2persist.fileio import write_json
-        from d2persist.load import load_predictor
-        from d2persist.manifest import local_bundle
+        from d2persist.files.atomic import write_json
+        from d2persist.predict import evaluate as ev
+        from d2persist.predict.load import load_predictor
 
         if args.panoptic_json and not args.panoptic_root:
             raise D2PersistError("--panoptic-json needs --panoptic-root, the folder of its PNGs.")

@@ -72,15 +72,15 @@ def main(argv=None):
 
         from detectron2.data import DatasetCatalog
 
-        from d2persist.artifacts import resolve_artifacts
+        from d2persist.artifacts.bundle import find_bundle, persist_options_of_run, read_manifest
+        from d2persist.artifacts.resolve import resolve_artifacts
         from d2persist.data.shapes import register_shapes
         from d2persist.errors import ArtifactError, ConfigError
-        from d2persist.export import add_int8, add_onnx
-        from d2persist.infer import collect_images
+        from d2persist.export.bundle import add_int8, add_onnx
+        from d2persist.export.quantize import calibration_subset
         from d2persist.layout import ONNX_INT8_NAME, ONNX_NAME
-        from d2persist.manifest import find_bundle, persist_options_of_run, read_manifest
-        from d2persist.predictor import load_predictor
-        from d2persist.quantize import calibration_subset
+        from d2persist.predict.infer import collect_images
+        from d2persist.predict.predictor import load_predictor
 
         bundle = find_bundle(args.artifacts) if os.path.isdir(args.artifacts) else None
         if bundle is None:
@@ -124,7 +124,7 @@ def main(argv=None):
         if test not in DatasetCatalog.list():
             print(f"not evaluated: the config's test dataset {test!r} is not registered here")
             return
-        from d2persist.bundle_eval import evaluate_saved_bundle, family_evaluator
+        from d2persist.export.self_eval import evaluate_saved_bundle, family_evaluator
 
         sigmas = _keypoint_sigmas(art.config, art.config_kind)
         with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:

@@ -48,8 +48,8 @@ def main(argv=None):
 
     @exit_on_known_errors(PROG)
     def run():
-        from d2persist.infer import collect_images, predict_files
-        from d2persist.load import load_predictor
+        from d2persist.predict.infer import collect_images, predict_files
+        from d2persist.predict.load import load_predictor
 
         images, many = collect_images(args.image)
         output, json_out = args.output, args.json

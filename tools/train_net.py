@@ -14,16 +14,16 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 
 import os
 
-from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_persist_config  # noqa
 # (first: without detectron2 it says how to install it)
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from d2persist.bundle_eval import family_evaluator
+from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_persist_config
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 from d2persist.data.shapes import register_shapes
+from d2persist.export.self_eval import family_evaluator
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs", "shapes_mask_rcnn_R_18_FPN.yaml"

@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from ..fileio import write_bytes, write_json
+from ..files.atomic import write_bytes, write_json
 
 __all__ = [
     "SHAPE_CLASSES",

@@ -19,7 +19,7 @@ from detectron2.utils.env import seed_all_rng
 from d2persist import PersistHook, add_persist_config
 from d2persist.cli import add_launch_arguments, launch_main
 from d2persist.data.shapes import register_shapes
-from d2persist.trainer import create_ddp_model
+from d2persist.training.trainer import create_ddp_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 d2_defaults.create_ddp_model = create_ddp_model  # a CPU model takes no device_ids

@@ -9,16 +9,16 @@ import subprocess
 import sys
 
 import pytest
+from helpers import tool_env
 
 from d2persist import ConfigError, RunFolderBusyError
-from d2persist.fileio import lock_run_folder, read_lock_holder, unlock_run_folder
+from d2persist.files.lock import lock_run_folder, read_lock_holder, unlock_run_folder
 from d2persist.layout import LOCK_NAME
-from d2persist.resume import ResumableTrainLoader, data_state_to_resume
-from helpers import tool_env
+from d2persist.training.state import ResumableTrainLoader, data_state_to_resume
 
 _HOLDER = """
 import os, sys, time
-from d2persist.fileio import lock_run_folder
+from d2persist.files.lock import lock_run_folder
 lock_run_folder(sys.argv[1])
 child = os.fork()  # as a DataLoader worker: it must not keep the lock once its parent died
 if child == 0:  # the fork handler closed the lock's fd before fork() returned here

@@ -15,10 +15,10 @@ from d2persist import (
     add_persist_config,
     run_config,
 )
-from d2persist.checkpoint import choose_checkpoint, resume_or_load
 from d2persist.config import DEFAULT_OPTIONS
 from d2persist.layout import LAST_CHECKPOINT, checkpoint_iteration, checkpoint_name
-from d2persist.resume import build_resumable_train_loader
+from d2persist.training.resume import choose_checkpoint, resume_or_load
+from d2persist.training.state import build_resumable_train_loader
 
 
 def test_defaults_are_the_ones_add_persist_config_defines():
@@ -98,7 +98,7 @@ def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
 def test_best_metric_bookkeeping(tmp_path):
     import json
 
-    from d2persist.best import BestMetric
+    from d2persist.training.best import BestMetric
 
     best = BestMetric("segm/AP", "min")
     assert best.improves(3.0) and not best.improves(float("nan"))
@@ -122,10 +122,10 @@ def test_best_metric_bookkeeping(tmp_path):
 
 def test_best_metric_of_a_task_the_evaluation_did_not_report_is_skipped(caplog):
     # COCOEvaluator reports no segm while the model detects nothing yet: not a config error
-    from d2persist.best import evaluation_value
+    from d2persist.training.best import evaluation_value
 
     latest = {"bbox/AP": (0.5, 99), "bbox/AP50": (2.0, 99), "total_loss": (1.2, 99)}
-    with caplog.at_level("WARNING", logger="d2persist.best"):
+    with caplog.at_level("WARNING", logger="d2persist.training.best"):
         assert evaluation_value(latest, "segm/AP", 99, {"total_loss"}) is None
     assert "produced no segm results" in caplog.text and "bbox/AP50" in caplog.text
     assert evaluation_value(latest, "bbox/AP50", 99) == 2.0

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import torch
 
-from d2persist.outputs import MIN_DRAW_SIZE, draw_instances, layout_labels
+from d2persist.predict.outputs import MIN_DRAW_SIZE, draw_instances, layout_labels
 
 
 def _crowd(n=30, size=64, seed=0):
@@ -42,8 +42,8 @@ def test_labels_of_a_crowded_prediction_never_overlap():
 def test_both_backends_draw_equal_predictions_alike():
     from detectron2.structures import Boxes, Instances
 
-    from d2persist.onnx_predictor import OnnxPrediction
-    from d2persist.predictor import Prediction
+    from d2persist.predict.onnx_predictor import OnnxPrediction
+    from d2persist.predict.predictor import Prediction
 
     boxes, scores, classes, masks = _crowd()
     image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)  # BGR
@@ -63,7 +63,7 @@ def test_both_backends_draw_equal_predictions_alike():
 
 def _dense_prediction(seed=0, size=48):
     """Arrays of a prediction with every output: instances with keypoints, maps, proposals."""
-    from d2persist.outputs import PredictionArrays
+    from d2persist.predict.outputs import PredictionArrays
 
     boxes, scores, classes, masks = _crowd(3, size=size, seed=seed)
     rng = np.random.default_rng(seed)
@@ -88,8 +88,8 @@ META = {"thing_classes": ["circle", "square", "triangle"],
 def test_every_output_is_drawn_and_both_backends_draw_it_alike():
     import dataclasses
 
-    from d2persist.onnx_predictor import OnnxPrediction
-    from d2persist.outputs import draw_prediction
+    from d2persist.predict.onnx_predictor import OnnxPrediction
+    from d2persist.predict.outputs import draw_prediction
 
     a = _dense_prediction()
     image = np.random.default_rng(2).integers(0, 256, (48, 48, 3), dtype=np.uint8)
@@ -117,7 +117,7 @@ def test_json_of_every_output_decodes_back_to_its_maps():
 
     from pycocotools import mask as coco_mask
 
-    from d2persist.outputs import prediction_json, rle_decode
+    from d2persist.predict.outputs import prediction_json, rle_decode
 
     a = _dense_prediction()
     data = json.loads(json.dumps(prediction_json(a, META, "x.png", min_score=0.5)))

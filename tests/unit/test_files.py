@@ -5,7 +5,8 @@ import os
 import pytest
 
 from d2persist import ArtifactError, UnsafeArtifactError, resolve_artifacts
-from d2persist.fileio import atomic_path, safe_yaml_load, write_text
+from d2persist.files.atomic import atomic_path, write_text
+from d2persist.files.safe_load import safe_yaml_load
 from d2persist.layout import TEMP_PREFIX
 
 
@@ -63,7 +64,7 @@ def test_outputs_that_would_overwrite_each_other_are_refused(tmp_path):
     from PIL import Image
 
     from d2persist import InputImageError
-    from d2persist.infer import predict_files
+    from d2persist.predict.infer import predict_files
 
     images = []
     for folder in ("a", "b"):
@@ -76,7 +77,7 @@ def test_outputs_that_would_overwrite_each_other_are_refused(tmp_path):
 
 
 def test_file_mirror_renames_complete_copies_into_place(tmp_path):
-    from d2persist.storage import Mirror, Uploader, is_url
+    from d2persist.files.mirror import Mirror, Uploader, is_url
 
     assert is_url("s3://b/run") and not is_url(str(tmp_path)) and not is_url("file:///x")
     src = tmp_path / "model.pth"

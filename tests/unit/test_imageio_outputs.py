@@ -8,9 +8,9 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers.mask_ops import paste_masks_in_image
 from PIL import Image
 
-from d2persist.imageio import read_image, resize_shortest_edge, resized_shape
-from d2persist.onnx_predictor import paste_masks
-from d2persist.outputs import rle_encode
+from d2persist.predict.images import read_image, resize_shortest_edge, resized_shape
+from d2persist.predict.onnx_predictor import paste_masks
+from d2persist.predict.outputs import rle_encode
 
 
 def test_rle_equals_pycocotools():

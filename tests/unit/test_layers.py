@@ -8,41 +8,51 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))), "d2persist")
 
-#: module -> layer, as README.rst's layout table and ARCHITECTURE.md draw them
+#: module -> layer, as README.rst's Layout table and ARCHITECTURE.md draw them
 LAYERS = {
     "errors": 0,
     "layout": 0,
     "config": 1,
-    "fileio": 1,
-    "async_writer": 1,
-    "resume": 1,
-    "imageio": 1,
-    "outputs": 1,
-    "best": 2,
-    "storage": 2,
-    "runconfig": 2,
-    "manifest": 4,
-    "data.shapes": 2,
-    "checkpoint": 4,
-    "rebuild": 3,
-    "onnx_export": 3,
-    "quantize": 3,
-    "onnx_predictor": 5,
-    "export": 5,
-    "artifacts": 5,
-    "runview": 3,
-    "predictor": 6,
-    "plot": 4,
-    "bundle_eval": 7,
-    "load": 7,
-    "infer": 7,
-    "evaluate": 7,
-    "hook": 8,
-    "trainer": 9,
-    "lazy_trainer": 10,
-    "cli": 11,
-    "__main__": 12,
+    "files.writer": 1,
+    "files.atomic": 1,
+    "files.safe_load": 1,
+    "files.lock": 2,
+    "files.mirror": 2,
+    "runconfig": 3,
+    "data.shapes": 3,
+    "artifacts.folders": 4,
+    "artifacts.bundle": 5,
+    "artifacts.checkpoints": 5,
+    "artifacts.view": 6,
+    "artifacts.describe": 7,
+    "artifacts.manifest": 7,
+    "artifacts.plot": 7,
+    "artifacts.resolve": 8,
+    "predict.images": 9,
+    "predict.outputs": 9,
+    "predict.rebuild": 9,
+    "predict.evaluate": 9,
+    "predict.onnx_predictor": 10,
+    "predict.predictor": 10,
+    "predict.infer": 10,
+    "predict.load": 11,
+    "export.onnx_graph": 12,
+    "export.quantize": 12,
+    "export.bundle": 13,
+    "export.self_eval": 14,
+    "training.state": 15,
+    "training.best": 15,
+    "training.resume": 15,
+    "training.checkpointer": 16,
+    "training.hook": 17,
+    "training.trainer": 18,
+    "training.lazy_trainer": 19,
+    "cli": 20,
+    "__main__": 21,
 }
+
+#: the subpackages, lowest first: each holds one band of layers, below the next one's
+SUBPACKAGES = ("files", "artifacts", "predict", "export", "training")
 
 
 def _modules():
@@ -90,6 +100,13 @@ def test_module_imports_only_lower_layers(module):
     upward = {m: LAYERS.get(m) for m in _imports(module)
               if m != "" and LAYERS.get(m, 99) >= LAYERS[module]}
     assert not upward, f"{module} (layer {LAYERS[module]}) imports {upward}"
+
+
+def test_subpackages_read_as_bands_of_layers():
+    """The file list shows the design: files < artifacts < predict < export < training."""
+    bands = [[layer for m, layer in LAYERS.items() if m.startswith(p + ".")] for p in SUBPACKAGES]
+    for lower, upper, (a, b) in zip(bands, bands[1:], zip(SUBPACKAGES, SUBPACKAGES[1:])):
+        assert max(lower) < min(upper), (a, max(lower), b, min(upper))
 
 
 def test_readme_layout_table_is_this_one():

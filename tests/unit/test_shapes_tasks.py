@@ -57,9 +57,9 @@ def test_semantic_and_panoptic_labels_agree_with_the_polygons(tmp_path):
 def test_the_evaluator_is_chosen_by_the_dataset_task(tmp_path):
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    from d2persist.bundle_eval import evaluator_name, family_evaluator
     from d2persist.data.shapes import register_shapes
     from d2persist.errors import ConfigError
+    from d2persist.export.self_eval import evaluator_name, family_evaluator
 
     register_shapes()
     kp = family_evaluator("shapes_kp_val", str(tmp_path), [0.05] * 4)

@@ -10,9 +10,9 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from d2persist.async_writer import BackgroundWriter
-from d2persist.checkpoint import all_finite, snapshot_state
-from d2persist.fileio import sha256_file, torch_save
+from d2persist.files.atomic import sha256_file, torch_save
+from d2persist.files.writer import BackgroundWriter
+from d2persist.training.checkpointer import all_finite, snapshot_state
 
 
 def test_writer_keeps_one_job_in_flight_and_hands_back_its_error():

@@ -14,29 +14,19 @@ from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from .async_writer import BackgroundWriter
-from .best import BestMetric, evaluation_value
-from .bundle_eval import evaluate_bundle, metrics_at
-from .runview import metrics_json_history
-from .checkpoint import (
-    PersistCheckpointer,
-    all_finite,
-    check_output_dir,
-    hold_run_lock,
-    snapshot_state,
-)
-from .errors import D2PersistError, TrainingDivergedError
-from .export import dataset_metadata, write_export
-from .manifest import export_backends, read_manifest
-from .quantize import calibration_subset
-from .fileio import (
-    note_run_started,
-    remove_temp_files,
-    safe_torch_load,
-    unlock_run_folder,
-    write_json,
-)
-from .layout import (
+from ..artifacts.bundle import read_manifest
+from ..artifacts.manifest import export_backends
+from ..artifacts.view import metrics_json_history
+from ..errors import D2PersistError, TrainingDivergedError
+from ..export.bundle import dataset_metadata, write_export
+from ..export.quantize import calibration_subset
+from ..export.self_eval import evaluate_bundle, metrics_at
+from ..files.atomic import remove_temp_files, write_json
+from ..files.lock import note_run_started, unlock_run_folder
+from ..files.mirror import Mirror, Uploader
+from ..files.safe_load import safe_torch_load
+from ..files.writer import BackgroundWriter
+from ..layout import (
     BEST_NAME,
     BEST_RECORD,
     CONFIG_NAME,
@@ -50,9 +40,11 @@ from .layout import (
     TRAINING_PLOT,
     checkpoint_name,
 )
-from .resume import data_state_to_resume, get_rng_state, set_rng_state
-from .runconfig import run_config
-from .storage import Mirror, Uploader
+from ..runconfig import run_config
+from .best import BestMetric, evaluation_value
+from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
+from .resume import check_output_dir, hold_run_lock
+from .state import data_state_to_resume, get_rng_state, set_rng_state
 
 __all__ = ["PersistHook"]
 
@@ -105,7 +97,8 @@ class PersistHook(HookBase):
     Its state (the checkpoints it keeps, RNG states and data position of every process)
     travels in the checkpoint through ``state_dict``/``load_state_dict``. A run resumed with
     another number of processes gets the data position (the global batches do not depend on
-    it, see :mod:`d2persist.resume`), best model and retention back, not the per-process RNGs.
+    it, see :mod:`d2persist.training.state`), best model and retention back, not the per-process
+    RNGs.
 
     **One writer.** From ``before_train`` (PersistTrainer and the tools: from start-up) to the
     end of ``after_train`` the main process holds the run lock of the output folder; another
@@ -351,8 +344,8 @@ class PersistHook(HookBase):
         self._plotter.start()
 
     def _draw(self):
-        from .plot import plot_run
-        from .runview import RunView
+        from ..artifacts.plot import plot_run
+        from ..artifacts.view import RunView
 
         try:
             plot_run(RunView(self.run.output_dir, "run"),
@@ -566,7 +559,7 @@ class PersistHook(HookBase):
     def evaluate_export(self, manifest):
         """
         Evaluate the bundle just written, through each backend it holds, on the first test
-        dataset with the trainer's evaluator (:func:`d2persist.bundle_eval.evaluate_bundle`),
+        dataset with the trainer's evaluator (:func:`d2persist.export.self_eval.evaluate_bundle`),
         and add the ``evaluation`` entry to its manifest. Collective; the manifest (the main
         process's; None on the others) is returned.
         """

@@ -10,19 +10,15 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from .fileio import read_json, resolve_inside, safe_yaml_load
-from .layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
+from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
+from ..files.atomic import resolve_inside
+from ..files.safe_load import read_json, safe_yaml_load
+from ..layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
+from ..runconfig import check_extension_names
+from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
+from .checkpoints import list_checkpoints
 from .manifest import evaluation_problem, metadata_from_json
-from .runconfig import check_extension_names
-from .runview import (
-    LOADED,
-    find_bundle,
-    find_newest_valid,
-    list_checkpoints,
-    persist_options_of_run,
-    read_manifest,
-)
+from .view import find_newest_valid
 
 __all__ = ["Artifacts", "resolve_artifacts"]
 
@@ -41,9 +37,11 @@ class Artifacts:
         metadata (dict): dataset metadata (``thing_classes``, ...); may be empty.
         iteration (int or None): the training iteration of the weights, if known.
         config_extensions (list[str]): the run's ``PERSIST.CONFIG_EXTENSIONS`` (yacs).
-        source (dict): which weights these are (see :func:`d2persist.manifest.describe_source`).
+        source (dict): which weights these are (see
+        :func:`d2persist.artifacts.manifest.describe_source`).
         problem (str): an export whose evaluation recorded the PyTorch backend as failed: the
-            sentence saying so (see :func:`d2persist.manifest.evaluation_problem`); else "".
+            sentence saying so (see :func:`d2persist.artifacts.manifest.evaluation_problem`); else
+            "".
     """
 
     kind: str

@@ -14,11 +14,12 @@ from typing import Callable, Dict, List, Optional, Sequence
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 
-from .errors import ConfigError
-from .fileio import write_json
-from .layout import MANIFEST_NAME, METRICS_NAME
-from .manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends, read_manifest
-from .runview import metrics_json_history
+from ..artifacts.bundle import read_manifest
+from ..artifacts.manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends
+from ..artifacts.view import metrics_json_history
+from ..errors import ConfigError
+from ..files.atomic import write_json
+from ..layout import MANIFEST_NAME, METRICS_NAME
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
            "evaluator_name", "family_evaluator", "HEADLINE_METRICS"]
@@ -193,10 +194,10 @@ def _outputs(pred):
 
 def _load(export_dir, backend, device):
     if backend == "pytorch":
-        from .predictor import load_predictor
+        from ..predict.predictor import load_predictor
 
         return load_predictor(export_dir, device=device)
-    from .onnx_predictor import load_onnx_predictor
+    from ..predict.onnx_predictor import load_onnx_predictor
 
     return load_onnx_predictor(export_dir, precision="int8" if backend.endswith("int8")
                                else "float")
@@ -266,8 +267,8 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
     """
     import os
 
-    from .export import add_int8
-    from .layout import ONNX_INT8_NAME, ONNX_NAME
+    from ..layout import ONNX_INT8_NAME, ONNX_NAME
+    from .bundle import add_int8
     from .quantize import sensitivity_ranking
 
     main = comm.is_main_process()
@@ -346,7 +347,7 @@ def evaluate_bundle(
     post-processing included), as a deployed bundle would see it.
 
     Args:
-        backends: names of :data:`d2persist.manifest.EVAL_BACKENDS`.
+        backends: names of :data:`d2persist.artifacts.manifest.EVAL_BACKENDS`.
         evaluator (DatasetEvaluator): built for ``dataset_name``; it writes no files here.
         reference: metric names -> the in-training evaluation of these weights, flattened as
             EvalHook stores it (``"bbox/AP"``); called on the main process with the names the
@@ -358,10 +359,10 @@ def evaluate_bundle(
             first one (the PyTorch bundle), and the training numbers are recorded beside.
         calibration_images: the INT8 model's calibration images (main process). With them, an
             INT8 model outside its budget is made again with its most sensitive layers in float
-            (:func:`d2persist.quantize.sensitivity_ranking`; 1, 2, 4, ... of them) until one is
-            within, or none is; the manifest's ``onnx_int8`` and ``files`` are replaced then.
+            (:func:`d2persist.export.quantize.sensitivity_ranking`; 1, 2, 4, ... of them) until one
+            is within, or none is; the manifest's ``onnx_int8`` and ``files`` are replaced then.
         int8_budget (float): INT8's tolerance (``PERSIST.INT8_BUDGET``; default
-            :data:`~d2persist.manifest.EVAL_TOLERANCE`'s).
+            :data:`~d2persist.artifacts.manifest.EVAL_TOLERANCE`'s).
 
     Returns:
         dict or None: on the main process, the manifest's ``evaluation`` entry

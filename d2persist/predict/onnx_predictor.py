@@ -4,7 +4,7 @@ torchvision or detectron2: numpy, Pillow and onnxruntime only.
 
 It reproduces detectron2's evaluation path around the graph: ``read_image`` (EXIF orientation,
 ``INPUT.FORMAT``, gray and RGBA), the test-time ``ResizeShortestEdge`` on uint8, and after it
-what each task's (:data:`d2persist.onnx_export.TASKS`) post-processing does:
+what each task's (:data:`d2persist.export.onnx_graph.TASKS`) post-processing does:
 ``detector_postprocess`` (boxes rescaled to the original size and clipped, empty boxes
 dropped, masks pasted as ``paste_masks_in_image`` does and thresholded at 0.5, keypoints
 rescaled), ``heatmaps_to_keypoints``, ``sem_seg_postprocess`` (logits resized bilinearly, then
@@ -17,18 +17,12 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import ArtifactError, D2PersistError
-from .fileio import atomic_path
-from .imageio import image_input, resize_shortest_edge
-from .layout import ONNX_INT8_NAME, ONNX_NAME
-from .manifest import (
-    cache_root,
-    describe_source,
-    evaluation_problem,
-    find_bundle,
-    metadata_from_json,
-    read_manifest,
-)
+from ..artifacts.bundle import find_bundle, read_manifest
+from ..artifacts.manifest import cache_root, describe_source, evaluation_problem, metadata_from_json
+from ..errors import ArtifactError, D2PersistError
+from ..files.atomic import atomic_path
+from ..layout import ONNX_INT8_NAME, ONNX_NAME
+from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "PRECISIONS", "load_onnx_predictor",
@@ -222,7 +216,7 @@ class OnnxPrediction:
                  metadata=None, **more):
         """
         Args:
-            more: the other fields of :class:`~d2persist.outputs.PredictionArrays`
+            more: the other fields of :class:`~d2persist.predict.outputs.PredictionArrays`
                 (``keypoints``, ``sem_seg``, ``panoptic``, ``segments_info``, ...).
         """
         self.boxes, self.scores, self.classes, self.masks = boxes, scores, classes, masks
@@ -238,11 +232,12 @@ class OnnxPrediction:
         return 0 if self.scores is None else len(self.scores)
 
     def to_json(self, image_name=None, min_score=0.0) -> dict:
-        """JSON data, as :func:`d2persist.outputs.prediction_json` describes it."""
+        """JSON data, as :func:`d2persist.predict.outputs.prediction_json` describes it."""
         return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
     def draw(self, metadata, min_score=0.0) -> np.ndarray:
-        """The visualization (RGB uint8), as :func:`d2persist.outputs.draw_prediction` draws."""
+        """The visualization (RGB uint8), as :func:`d2persist.predict.outputs.draw_prediction`
+        draws."""
         if self.input_format == "L":
             rgb = np.repeat(self.image, 3, axis=2)
         else:

@@ -5,13 +5,12 @@ bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 
 import os
 
-from .errors import ArtifactError, D2PersistError
-from .fileio import resolve_inside, sha256_file
-from .layout import MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME
-
+from ..errors import ArtifactError, D2PersistError
+from ..files.atomic import resolve_inside, sha256_file
+from ..layout import MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME
 # How a bundle's manifest is read and checked is the run view's (the one reader of run folders
 # and bundles); re-exported here, where the manifest's meaning is.
-from .runview import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
+from .bundle import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
 
 __all__ = ["FORMAT", "LOADED", "EVAL_BACKENDS", "EVAL_TOLERANCE", "EVAL_CHECKED", "read_manifest",
            "metadata_from_json", "persist_options_of_run", "find_bundle", "describe_source",
@@ -69,7 +68,7 @@ def export_backends(manifest: dict):
 def evaluation_problem(manifest: dict, backend: str):
     """
     The sentence to log when a predictor loads ``backend`` of a bundle whose evaluation
-    recorded it as failed (see :func:`d2persist.bundle_eval.evaluate_bundle`), else None.
+    recorded it as failed (see :func:`d2persist.export.self_eval.evaluate_bundle`), else None.
     """
     entry = manifest.get("evaluation") if isinstance(manifest, dict) else None
     if not isinstance(entry, dict) or backend not in (entry.get("failed") or []):
@@ -99,9 +98,9 @@ def local_bundle(path: str) -> str:
     """
     import hashlib
 
-    from .fileio import write_bytes
-    from .runview import open_view
-    from .storage import is_url
+    from ..files.atomic import write_bytes
+    from ..files.mirror import is_url
+    from .view import open_view
 
     if not is_url(path):
         return path

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
-from .fileio import atomic_path
+from .atomic import atomic_path
 
 __all__ = ["Mirror", "Uploader", "is_url"]
 

@@ -10,8 +10,9 @@ from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
-from .checkpoint import PersistCheckpointer, resume_or_load
+from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
+from .resume import resume_or_load
 from .trainer import create_ddp_model
 
 __all__ = ["train_lazy"]
@@ -22,7 +23,8 @@ logger = logging.getLogger(__name__)
 def train_lazy(cfg, resume: bool = False):
     """
     Train a LazyConfig like detectron2's ``tools/lazyconfig_train_net.py``, with PersistHook
-    in place of PeriodicCheckpointer, resuming through :func:`d2persist.checkpoint.resume_or_load`.
+    in place of PeriodicCheckpointer, resuming through
+    :func:`d2persist.training.resume.resume_or_load`.
 
     Args:
         cfg: the LazyConfig (``train.persist`` holds d2persist's options, optional).

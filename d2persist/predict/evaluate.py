@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .errors import ArtifactError, D2PersistError, InputImageError
+from ..errors import ArtifactError, D2PersistError, InputImageError
 
 __all__ = ["DatasetMismatchError", "evaluate_coco", "coco_metrics", "match_categories",
            "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
@@ -145,9 +145,9 @@ def config_keypoint_sigmas(path: str) -> List[float]:
     ``TEST.KEYPOINT_OKS_SIGMAS``, a LazyConfig's ``dataloader.evaluator.kpt_oks_sigmas``; []
     if it names none. Read with a safe YAML loader, without torch.
     """
-    from .fileio import safe_yaml_load
-    from .layout import CONFIG_NAME
-    from .manifest import find_bundle
+    from ..artifacts.bundle import find_bundle
+    from ..files.safe_load import safe_yaml_load
+    from ..layout import CONFIG_NAME
 
     bundle = find_bundle(path) if os.path.isdir(path) else None
     for folder in (bundle, path):

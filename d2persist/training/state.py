@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.utils.data as torchdata
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "get_rng_state",

@@ -3,8 +3,8 @@
 import importlib.util
 from typing import Optional, Sequence
 
-from .errors import D2PersistError
-from .manifest import local_bundle
+from ..artifacts.manifest import local_bundle
+from ..errors import D2PersistError
 
 __all__ = ["BACKENDS", "load_predictor", "missing_torch_stack"]
 
@@ -54,7 +54,8 @@ def load_predictor(
             "auto" then means onnxruntime).
 
     Returns:
-        :class:`d2persist.predictor.Predictor` or :class:`d2persist.onnx_predictor.OnnxPredictor`
+        :class:`d2persist.predict.predictor.Predictor` or
+        :class:`d2persist.predict.onnx_predictor.OnnxPredictor`
         (both are called with an image and give a prediction with ``to_json`` and ``draw``).
     """
     if backend not in BACKENDS:

@@ -12,9 +12,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ArtifactError, UnsafeArtifactError
-from .fileio import safe_torch_load
-from .runconfig import target_name, lazy_test_augmentations, load_config_dict
+from ..errors import ArtifactError, UnsafeArtifactError
+from ..files.safe_load import safe_torch_load
+from ..runconfig import lazy_test_augmentations, load_config_dict, target_name
 
 __all__ = ["DEFAULT_ALLOWED_TARGETS", "build_model_from_config", "load_weights"]
 

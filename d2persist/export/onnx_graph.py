@@ -5,7 +5,7 @@ The graph is traced with ``torch.onnx.export(..., dynamo=False)`` (the default d
 stops on a data-dependent guard), opset :data:`ONNX_OPSET` (ROIAlign with ``aligned=True`` needs
 16 or later), with dynamic height and width. It holds the model's normalization, padding,
 backbone, proposals and heads; it ends before detectron2's post-processing, whose steps the
-manifest names and :mod:`d2persist.onnx_predictor` performs in numpy.
+manifest names and :mod:`d2persist.predict.onnx_predictor` performs in numpy.
 
 Every meta-architecture of detectron2's model zoo is exported, each as a *task* (the manifest's
 ``onnx.task``) that names the graph's outputs:
@@ -33,8 +33,8 @@ from typing import Dict
 import numpy as np
 import torch
 
-from .errors import ExportError
-from .fileio import atomic_path
+from ..errors import ExportError
+from ..files.atomic import atomic_path
 
 __all__ = ["ONNX_OPSET", "TASKS", "check_exportable", "export_onnx", "onnx_task"]
 

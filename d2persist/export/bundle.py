@@ -1,10 +1,10 @@
 """
 The inference bundle, write side: everything a predicting process needs, and nothing it must
-not run (the read side is :mod:`d2persist.manifest`).
+not run (the read side is :mod:`d2persist.artifacts.manifest`).
 
 An export folder holds ``model.safetensors`` (weights only), ``config.yaml`` (paths relative to
 the bundle), with PERSIST.EXPORT_FORMATS "onnx" also ``model.onnx`` (see
-:mod:`d2persist.onnx_export`), and ``manifest.json``: dataset metadata, the input contract,
+:mod:`d2persist.export.onnx_graph`), and ``manifest.json``: dataset metadata, the input contract,
 versions, the ONNX contract, and the sha256 and size of every other file. The manifest is
 written last; a folder without it is an incomplete bundle.
 """
@@ -15,11 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .errors import ExportError
-from .fileio import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
-from .layout import CONFIG_NAME, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
-from .manifest import FORMAT, LOADED, read_manifest
-from .onnx_export import export_onnx
+from ..artifacts.bundle import FORMAT, LOADED, read_manifest
+from ..errors import ExportError
+from ..files.atomic import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
+from ..layout import CONFIG_NAME, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
+from .onnx_graph import export_onnx
 from .quantize import quantize_onnx
 
 __all__ = ["write_export", "add_onnx", "add_int8", "dataset_metadata"]
@@ -43,8 +43,8 @@ def dataset_metadata(dataset_names: Sequence[str]) -> dict:
     What ``MetadataCatalog`` holds for the first training dataset, as JSON data.
 
     Entries that are not JSON data (functions, objects) are left out with a warning. Dict keys
-    become strings; :func:`d2persist.manifest.metadata_from_json` turns integer-like keys of
-    ``*_id_to_contiguous_id`` maps back into ints.
+    become strings; :func:`d2persist.artifacts.manifest.metadata_from_json` turns integer-like keys
+    of ``*_id_to_contiguous_id`` maps back into ints.
     """
     from detectron2.data import MetadataCatalog
 
@@ -64,7 +64,7 @@ def dataset_metadata(dataset_names: Sequence[str]) -> dict:
 def _versions():
     import detectron2
 
-    from . import __version__
+    from .. import __version__
 
     return {"d2persist": __version__, "detectron2": detectron2.__version__,
             "torch": torch.__version__}
@@ -227,7 +227,7 @@ def add_int8(export_dir: str, images: Sequence[str], float_nodes: Sequence[str] 
         ArtifactError: the bundle is incomplete, has no model.onnx, or does not verify.
         ExportError: ONNX Runtime cannot quantize the model (the manifest records why).
     """
-    from .errors import ArtifactError
+    from ..errors import ArtifactError
 
     manifest = read_manifest(export_dir, only=[ONNX_NAME])
     files = dict(manifest["files"])

@@ -14,10 +14,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .artifacts import resolve_artifacts
-from .errors import D2PersistError, InputImageError
-from .imageio import check_image_file, image_input
-from .manifest import describe_source
+from ..artifacts.manifest import describe_source
+from ..artifacts.resolve import resolve_artifacts
+from ..errors import D2PersistError, InputImageError
+from .images import check_image_file, image_input
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
@@ -48,9 +48,9 @@ def read_image_file(path, fmt):
 
 def arrays_of(outputs, height, width) -> PredictionArrays:
     """
-    The :class:`~d2persist.outputs.PredictionArrays` of a detectron2 model's output dict (on any
-    device): ``instances`` (boxes, scores, classes, masks, keypoints), ``sem_seg`` (arg-maxed
-    as SemSegEvaluator does), ``panoptic_seg``, and an RPN's ``proposals``.
+    The :class:`~d2persist.predict.outputs.PredictionArrays` of a detectron2 model's output
+    dict (on any device): ``instances`` (boxes, scores, classes, masks, keypoints), ``sem_seg``
+    (arg-maxed as SemSegEvaluator does), ``panoptic_seg``, and an RPN's ``proposals``.
     """
     a = PredictionArrays(int(height), int(width))
     inst = outputs.get("instances")
@@ -106,14 +106,14 @@ class Prediction:
         return str(class_id)
 
     def to_json(self, image_name=None, min_score=0.0):
-        """JSON data, as :func:`d2persist.outputs.prediction_json` describes it."""
+        """JSON data, as :func:`d2persist.predict.outputs.prediction_json` describes it."""
         return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
     def draw(self, metadata, min_score=0.0):
         """
         The picture of this prediction (RGB uint8; upscaled to
-        :data:`~d2persist.outputs.MIN_DRAW_SIZE` px when smaller), drawn by the same code as the
-        ONNX Runtime predictor's (:func:`~d2persist.outputs.draw_prediction`).
+        :data:`~d2persist.predict.outputs.MIN_DRAW_SIZE` px when smaller), drawn by the same code
+        as the ONNX Runtime predictor's (:func:`~d2persist.predict.outputs.draw_prediction`).
         """
         from detectron2.data.detection_utils import convert_image_to_rgb
 

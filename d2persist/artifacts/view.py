@@ -1,7 +1,7 @@
 """
 The one reader of a run folder and of an export bundle: which files are there, what each one is,
 and whether it verifies. The resume decision (which checkpoint, in which order), artifact
-resolution, the mirror download and ``d2persist ls/verify/diff/plot`` all ask this module instead
+resolution, the mirror download and ``d2persist ls/verify/diff/plot`` all ask the view instead
 of listing files themselves.
 
 It never takes the run lock and writes nothing, so it works on a run that is still training, on a
@@ -10,28 +10,17 @@ damage), on a bundle alone, and on a mirror URL (``s3://...``, any fsspec locati
 imports torch unless a checkpoint without a sidecar has to be loaded to be checked.
 """
 
-import contextlib
 import json
 import logging
 import os
-import posixpath
-import shutil
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
-from .errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from .fileio import (
-    resolve_inside,
-    safe_torch_load,
-    safe_yaml_load,
-    safe_yaml_loads,
-    sha256_file,
-    sha256_stream,
-)
-from .layout import (
+from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
+from ..files.safe_load import safe_torch_load, safe_yaml_loads
+from ..layout import (
     BEST_NAME,
     BEST_RECORD,
     CONFIG_NAME,
@@ -43,405 +32,32 @@ from .layout import (
     METRICS_NAME,
     ONNX_INT8_NAME,
     ONNX_NAME,
-    PERSIST_FILE,
-    SIDECAR_SUFFIX,
     checkpoint_iteration,
     checkpoint_name,
 )
-from .storage import Mirror, is_url
+from .bundle import _bundle_file, _bundle_file_problem, _parse_manifest, _persist_options
+from .checkpoints import (
+    _checkpoint_names,
+    _safely_loadable,
+    _sidecar,
+    resume_candidates,
+    verify_checkpoint,
+)
+from .folders import _PROGRESS_BYTES, _folder, _LocalFolder
 
 __all__ = [
-    "FORMAT",
-    "LOADED",
     "EVAL_TASKS",
-    "list_checkpoints",
-    "read_sidecar",
-    "verify_checkpoint",
-    "resume_candidates",
-    "find_newest_valid",
-    "read_manifest",
-    "persist_options_of_run",
-    "find_bundle",
     "RunView",
     "CheckpointEntry",
     "open_view",
     "metrics_json_history",
-    "describe",
-    "diff",
+    "find_newest_valid",
 ]
 
 logger = logging.getLogger(__name__)
-
-#: Identifies a d2persist manifest, with its version.
-FORMAT = {"name": "d2persist-export", "version": 1}
-#: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
-LOADED = "config and weights"
 #: The prefixes of the metrics evaluators store (``bbox/AP``): the rest of metrics.json is
 #: training's own scalars (losses, learning rate, ``fast_rcnn/...``).
 EVAL_TASKS = ("bbox", "segm", "keypoints", "sem_seg", "panoptic_seg", "box_proposals")
-#: Below this many bytes to hash, ``verify`` shows no progress bar.
-_PROGRESS_BYTES = 32 << 20
-
-
-# -- where the bytes are: a local folder or a mirror ------------------------------------------
-
-class _LocalFolder:
-    """A folder on this machine."""
-
-    remote = False
-
-    def __init__(self, path):
-        self.path = path
-
-    def where(self, name):
-        return os.path.join(self.path, name)
-
-    def names(self):
-        return os.listdir(self.path) if os.path.isdir(self.path) else []
-
-    def isdir(self):
-        return os.path.isdir(self.path)
-
-    def stat(self, name):
-        """(size, mtime, identity) of file ``name``, or None; equal identities: hard links."""
-        try:
-            st = os.stat(self.where(name))
-        except OSError:
-            return None
-        if not os.path.isfile(self.where(name)):
-            return None
-        return st.st_size, st.st_mtime, (st.st_dev, st.st_ino)
-
-    def read(self, name) -> Optional[bytes]:
-        try:
-            with open(self.where(name), "rb") as f:
-                return f.read()
-        except (OSError, ValueError):
-            return None
-
-    def sha256(self, name, on_chunk=None):
-        return sha256_file(self.where(name), on_chunk)
-
-    def child(self, name):
-        """The subfolder ``name`` (an absolute ``name`` is taken as it is, as os.path.join does)."""
-        if isinstance(name, str) and os.path.isabs(name):
-            return _LocalFolder(name)
-        resolve_inside(self.path, name)  # refuses a name that leaves the folder
-        return _LocalFolder(os.path.join(self.path, name))
-
-    @contextlib.contextmanager
-    def local(self, name):
-        yield self.where(name)
-
-
-class _MirrorFolder:
-    """A folder at an fsspec URL (a run's mirror, or a bundle uploaded there)."""
-
-    remote = True
-
-    def __init__(self, url, mirror=None):
-        self.path = url.rstrip("/")
-        self.mirror = mirror or Mirror(self.path)
-        self._listing = None
-
-    def where(self, name):
-        return f"{self.path}/{name}"
-
-    def _info(self):
-        if self._listing is None:
-            fs = self.mirror.fs
-            try:
-                entries = fs.ls(self.mirror.root, detail=True)
-            except FileNotFoundError:
-                entries = []
-            self._listing = {os.path.basename(e["name"].rstrip("/")): e for e in entries}
-        return self._listing
-
-    def names(self):
-        return sorted(n for n, e in self._info().items() if e.get("type") != "directory")
-
-    def isdir(self):
-        return bool(self._info())
-
-    def stat(self, name):
-        e = self._info().get(name)
-        if e is None or e.get("type") == "directory":
-            return None
-        mtime = e.get("mtime") or e.get("LastModified") or e.get("updated") or e.get("created")
-        if hasattr(mtime, "timestamp"):
-            mtime = mtime.timestamp()
-        elif isinstance(mtime, str):
-            from datetime import datetime
-
-            try:
-                mtime = datetime.fromisoformat(mtime.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                mtime = 0.0
-        return int(e.get("size") or 0), float(mtime or 0.0), None  # objects have no hard links
-
-    def _failed(self, name, e):
-        return ArtifactError(f"Cannot read {self.where(name)} ({type(e).__name__}: {e}).")
-
-    def read(self, name) -> Optional[bytes]:
-        if name not in self._info():
-            return None
-        try:
-            return self.mirror.fs.cat_file(self.mirror._path(name))
-        except FileNotFoundError:
-            return None
-        except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
-            raise self._failed(name, e) from None
-
-    def sha256(self, name, on_chunk=None):
-        try:
-            with self.mirror.fs.open(self.mirror._path(name), "rb", block_size=8 << 20) as f:
-                return sha256_stream(f, on_chunk)
-        except Exception as e:  # noqa: BLE001
-            raise self._failed(name, e) from None
-
-    def child(self, name):
-        return _MirrorFolder(self.where(_remote_name(name, self.path)))
-
-    @contextlib.contextmanager
-    def local(self, name):
-        """The object ``name`` downloaded into a temporary folder, for the time of the block."""
-        tmp = tempfile.mkdtemp(prefix="d2persist-view-")
-        try:
-            path = os.path.join(tmp, os.path.basename(name))
-            try:
-                self.mirror.fs.get_file(self.mirror._path(name), path)
-            except Exception as e:  # noqa: BLE001
-                raise self._failed(name, e) from None
-            yield path
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _remote_name(name, where):
-    """``name`` of a file under the URL ``where``, normalized; refused if it leaves it."""
-    if not isinstance(name, str) or not name or name.startswith("/"):
-        raise UnsafeArtifactError(f"Refusing file name {name!r}: it must be relative to {where}.")
-    norm = posixpath.normpath(name)
-    if norm == "." or norm == ".." or norm.startswith("../"):
-        raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {where}.")
-    return norm
-
-
-def _folder(path):
-    if is_url(path) or (isinstance(path, str) and path.startswith("file://")):
-        try:
-            return _MirrorFolder(path)
-        except Exception as e:  # fsspec raises many kinds (unknown protocol, missing package)
-            raise ArtifactError(f"Cannot read {path} ({type(e).__name__}: {e}).") from None
-    return _LocalFolder(path)
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-def _checkpoint_names(names: Iterable[str]) -> List[str]:
-    """The checkpoints among ``names``, newest first: ``model_final.pth``, then periodic ones."""
-    names = list(names)
-    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
-                      key=checkpoint_iteration, reverse=True)
-    return ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
-
-
-def list_checkpoints(folder: str) -> List[str]:
-    """
-    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
-
-    Returns:
-        list[str]: file names.
-    """
-    f = _LocalFolder(folder)
-    return [n for n in _checkpoint_names(f.names()) if f.stat(n) is not None]
-
-
-def resume_candidates(names: Iterable[str], tagged: Optional[str]) -> List[str]:
-    """
-    The checkpoints among ``names`` to try resuming from, in order: ``tagged``
-    (``last_checkpoint``'s target) if it is a plain file name, then ``model_final.pth``, then
-    periodic checkpoints newest first.
-    """
-    ordered = _checkpoint_names(names)
-    if tagged and os.sep not in tagged and "/" not in tagged:
-        ordered = [tagged] + [n for n in ordered if n != tagged]
-    return ordered
-
-
-def read_sidecar(path: str) -> Optional[str]:
-    """The sha256 recorded next to checkpoint ``path``, or None."""
-    return _sidecar(_LocalFolder(os.path.dirname(path)), os.path.basename(path))
-
-
-def _sidecar(folder, name):
-    """The sidecar's sha256; None without one (or an empty one), "" for one that is garbled."""
-    data = folder.read(name + SIDECAR_SUFFIX)
-    try:
-        return data.decode("utf-8").split()[0] if data else None
-    except IndexError:
-        return None
-    except UnicodeDecodeError:
-        return ""  # matches no file: the checkpoint cannot be verified
-
-
-def _safely_loadable(path) -> Optional[str]:
-    """Why the stock checkpoint at ``path`` is not usable (None if it is): safe loading."""
-    try:
-        data = safe_torch_load(path)
-    except UnsafeArtifactError:
-        raise  # a hostile file is refused loudly, never skipped over
-    except ArtifactError as e:
-        return str(e)
-    if not isinstance(data, dict) or "model" not in data:
-        return "it holds no 'model' state"
-    return None
-
-
-def verify_checkpoint(path: str) -> Optional[str]:
-    """
-    Check that the checkpoint at ``path`` is whole.
-
-    With a ``.sha256`` sidecar (every checkpoint d2persist writes has one) the file's hash must
-    match it; without one (a checkpoint stock detectron2 wrote) it must load safely and hold a
-    ``model``.
-
-    Returns:
-        str or None: None if the checkpoint is good, else why it is not.
-    """
-    if not os.path.isfile(path):
-        return "it does not exist"
-    expected = read_sidecar(path)
-    if expected is not None:
-        actual = sha256_file(path)
-        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
-    return _safely_loadable(path)
-
-
-def find_newest_valid(folder: str) -> Optional[str]:
-    """
-    The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
-
-    ``last_checkpoint``'s target is tried first, then every other checkpoint newest first.
-
-    Returns:
-        str or None: the path, or None if no checkpoint verifies.
-    """
-    for name in RunView(folder, "run").resume_candidates():
-        path = os.path.join(folder, name)
-        problem = verify_checkpoint(path)
-        if problem is None:
-            return path
-        logger.warning(
-            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
-        )
-    return None
-
-
-# -- the bundle's manifest and the run's options ----------------------------------------------
-
-def _parse_manifest(folder, text: Optional[bytes]) -> dict:
-    where = folder.where(MANIFEST_NAME)
-    if text is None:
-        raise ArtifactError(f"{folder.path} is not a complete export: it has no {MANIFEST_NAME}.")
-    try:
-        manifest = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(f"{where} is not valid JSON ({e}).") from None
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
-    version = fmt.get("version") if isinstance(fmt, dict) else None
-    if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
-            or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
-        raise ArtifactError(f"{where} is not a d2persist manifest this version can read.")
-    files = manifest.get("files")
-    named = [manifest.get("config"), manifest.get("weights")]
-    if not isinstance(files, dict) or not all(
-        isinstance(n, str) and isinstance(files.get(n), dict) for n in named
-    ) or not all(isinstance(e, dict) for e in files.values()):
-        raise ArtifactError(f"{where} does not list the bundle's config and weights files.")
-    for name in files:  # a name that leaves the bundle is refused before anything opens it
-        _bundle_file(folder, name)
-    return manifest
-
-
-def _bundle_file(folder, name):
-    """(folder holding it, its base name, where it is for messages), refusing escaping names."""
-    if isinstance(folder, _LocalFolder):
-        path = resolve_inside(folder.path, name)
-        return _LocalFolder(os.path.dirname(path)), os.path.basename(path), path
-    head, _, base = _remote_name(name, folder.path).rpartition("/")
-    sub = folder.child(head) if head else folder
-    return sub, base, sub.where(base)
-
-
-def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[str]:
-    """Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does)."""
-    sub, base, where = _bundle_file(folder, name)
-    st = sub.stat(base)
-    if st is None:
-        return f"Bundle file {where} named in {MANIFEST_NAME} is missing."
-    if st[0] != entry.get("size"):
-        return f"Bundle file {where} has {st[0]} bytes, the manifest says {entry.get('size')}."
-    if (digest or sub.sha256(base)) != entry.get("sha256"):
-        return f"Bundle file {where} does not match its sha256 in the manifest."
-    return None
-
-
-def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
-    """
-    Read and check a bundle's manifest.
-
-    Args:
-        export_dir (str): the bundle folder.
-        verify (bool): check every listed file's size and sha256.
-        only (list[str] or LOADED): check only these of the listed files (the ones a caller
-            loads); :data:`LOADED` names the manifest's config and weights files.
-
-    Returns:
-        dict: the manifest.
-
-    Raises:
-        ArtifactError: no manifest, an unknown format, or a file that does not match.
-        UnsafeArtifactError: a file name that points outside the bundle.
-    """
-    folder = _LocalFolder(export_dir)
-    manifest = _parse_manifest(folder, folder.read(MANIFEST_NAME))
-    if only == LOADED:
-        only = [manifest["config"], manifest["weights"]]
-    for name, entry in manifest["files"].items():
-        if verify and (only is None or name in only):
-            problem = _bundle_file_problem(folder, name, entry)
-            if problem:
-                raise ArtifactError(problem)
-    return manifest
-
-
-def _persist_options(folder) -> dict:
-    data = folder.read(PERSIST_FILE)
-    if data is None:
-        return {}
-    persist = safe_yaml_loads(data, where=folder.where(PERSIST_FILE))
-    options = persist.get("PERSIST") if isinstance(persist, dict) else None
-    if not isinstance(options, dict):
-        raise ArtifactError(f"{folder.where(PERSIST_FILE)} holds no PERSIST options.")
-    return options
-
-
-def persist_options_of_run(folder: str) -> dict:
-    """A yacs run's ``persist.yaml`` options ({} if it has none)."""
-    return _persist_options(_LocalFolder(folder))
-
-
-def find_bundle(path: str):
-    """
-    The export bundle at ``path``: ``path`` itself if it holds a manifest, else the export
-    folder of the run folder ``path`` if that holds one, else None.
-    """
-    if os.path.isfile(os.path.join(path, MANIFEST_NAME)):
-        return path
-    name = persist_options_of_run(path).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
-    export_dir = _LocalFolder(path).child(name).path
-    return export_dir if os.path.isfile(os.path.join(export_dir, MANIFEST_NAME)) else None
 
 
 # -- the view ---------------------------------------------------------------------------------
@@ -972,82 +588,21 @@ def open_view(path: str) -> RunView:
                          f"{MANIFEST_NAME}).")
 
 
-# -- diff -------------------------------------------------------------------------------------
-
-def _plain(v):
-    """Tuples (a merged CfgNode's) as lists (YAML's), so that equal values compare equal."""
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = _plain(v)
-    return out
-
-
-def describe(path: str) -> dict:
+def find_newest_valid(folder: str) -> Optional[str]:
     """
-    What ``d2persist diff`` compares of a run folder, a bundle (here or at a URL) or a config
-    file: ``config`` (flattened dotted keys), ``persist`` (d2persist's options), ``classes``,
-    ``last_iteration`` and ``final`` (the last evaluation's metrics).
+    The newest checkpoint in ``folder`` that verifies, warning about each newer one that does not.
 
-    Raises:
-        D2PersistError: ``path`` is none of these, in one sentence.
+    ``last_checkpoint``'s target is tried first, then every other checkpoint newest first.
+
+    Returns:
+        str or None: the path, or None if no checkpoint verifies.
     """
-    if not is_url(path) and os.path.isfile(path):
-        if not path.endswith((".yaml", ".yml")):
-            raise D2PersistError(f"{path} is not a config file (.yaml), a run folder or a bundle.")
-        config = safe_yaml_load(path)
-        if not isinstance(config, dict):
-            raise D2PersistError(f"{path} does not hold a config mapping.")
-        persist = config.pop("PERSIST", None)
-        if "MODEL" in config and "_BASE_" not in config:  # a yacs file: onto get_cfg()
-            from .runconfig import load_config_dict
-
-            try:
-                config = load_config_dict(config, new_allowed=True)
-            except (KeyError, ValueError, AssertionError) as e:
-                raise D2PersistError(f"{path} does not load as a detectron2 config ({e}).") \
-                    from None
-            config.pop("PERSIST", None)
-        return {"kind": "config", "config": _flatten(config), "persist": persist or {},
-                "classes": None, "last_iteration": None, "final": {}}
-    view = open_view(path)
-    if view.kind == "bundle":
-        manifest = view.manifest()
-        evaluation = manifest.get("evaluation") or {}
-        return {"kind": "bundle", "config": _flatten(view.config()), "persist": {},
-                "classes": view.classes(), "last_iteration": manifest.get("iteration"),
-                "final": (evaluation.get("backends") or {}).get("pytorch") or {}}
-    evaluations = view.evaluations()
-    return {"kind": "run", "config": _flatten(view.config() or {}),
-            "persist": view.persist_options(), "classes": view.classes(),
-            "last_iteration": view.last_iteration(),
-            "final": evaluations[max(evaluations)] if evaluations else {}}
-
-
-def diff(a: str, b: str) -> dict:
-    """
-    ``d2persist diff A B``: ``config`` and ``persist`` as ``{key: [a, b]}`` for the keys whose
-    values differ (a side lacking the key holds None: added or removed), ``classes``,
-    ``last_iteration`` and ``final`` of each side as ``[a, b]``.
-    """
-    sa, sb = describe(a), describe(b)
-
-    def changed(x, y):
-        return {k: [x.get(k), y.get(k)] for k in sorted(set(x) | set(y))
-                if x.get(k, _MISSING) != y.get(k, _MISSING)}
-
-    return {"kinds": [sa["kind"], sb["kind"]], "config": changed(sa["config"], sb["config"]),
-            "persist": changed(_flatten(sa["persist"]), _flatten(sb["persist"])),
-            "classes": [sa["classes"], sb["classes"]],
-            "last_iteration": [sa["last_iteration"], sb["last_iteration"]],
-            "final": [sa["final"], sb["final"]]}
-
-
-_MISSING = object()
+    for name in RunView(folder, "run").resume_candidates():
+        path = os.path.join(folder, name)
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        logger.warning(
+            "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
+        )
+    return None

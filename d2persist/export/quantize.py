@@ -12,7 +12,7 @@ or more, and time. :data:`FLOAT_LAYERS` is the override point for a model that n
 That recipe was chosen on one model; another may lose more than its budget. The export's
 self-evaluation then keeps the layers :func:`sensitivity_ranking` measures as the most sensitive
 in float (``quantize_onnx(float_nodes=...)``) until INT8 is within it (see
-:func:`d2persist.bundle_eval.evaluate_bundle`).
+:func:`d2persist.export.self_eval.evaluate_bundle`).
 """
 
 import logging
@@ -23,9 +23,9 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ExportError
-from .fileio import atomic_path
-from .imageio import image_input, resize_shortest_edge
+from ..errors import ExportError
+from ..files.atomic import atomic_path
+from ..predict.images import image_input, resize_shortest_edge
 
 __all__ = ["quantize_onnx", "FLOAT_LAYERS", "calibration_subset", "sensitivity_ranking"]
 

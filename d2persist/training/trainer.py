@@ -10,10 +10,11 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from .checkpoint import PersistCheckpointer, resume_or_load
+from ..runconfig import run_config
+from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
-from .resume import build_resumable_train_loader
-from .runconfig import run_config
+from .resume import resume_or_load
+from .state import build_resumable_train_loader
 
 __all__ = ["PersistTrainer", "create_ddp_model"]
 
@@ -45,8 +46,8 @@ class PersistTrainer(DefaultTrainer):
 
     - :class:`PersistHook` replaces ``PeriodicCheckpointer`` (atomic, hashed, retained
       checkpoints; config.yaml; export);
-    - the training loader is a :class:`d2persist.resume.ResumableTrainLoader`, so a resumed run
-      sees the batches the uninterrupted one would have;
+    - the training loader is a :class:`d2persist.training.state.ResumableTrainLoader`, so a resumed
+      run sees the batches the uninterrupted one would have;
     - ``resume_or_load`` verifies checkpoints and falls back to the newest good one, and refuses
       to start a new run over an earlier run's checkpoints;
     - several processes work on a CPU-only machine (DDP without ``device_ids``).
@@ -77,7 +78,7 @@ class PersistTrainer(DefaultTrainer):
     def resume_or_load(self, resume: bool = True) -> None:
         """
         Resume from the newest checkpoint that verifies, or start a new run from
-        ``MODEL.WEIGHTS`` (see :func:`d2persist.checkpoint.resume_or_load`). Checks first, so a
+        ``MODEL.WEIGHTS`` (see :func:`d2persist.training.resume.resume_or_load`). Checks first, so a
         bad setup fails before any work: the config must load back from YAML, and a new run
         must not overwrite an earlier run's checkpoints.
         """
@@ -95,5 +96,5 @@ class PersistTrainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        """A :class:`d2persist.resume.ResumableTrainLoader`, for exact resume."""
+        """A :class:`d2persist.training.state.ResumableTrainLoader`, for exact resume."""
         return build_resumable_train_loader(cfg)

@@ -5,9 +5,9 @@ import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
-from .errors import InputImageError
-from .fileio import write_bytes, write_text
-from .imageio import check_image_file, encode_png
+from ..errors import InputImageError
+from ..files.atomic import write_bytes, write_text
+from .images import check_image_file, encode_png
 
 __all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files"]
 

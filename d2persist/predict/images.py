@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputImageError
+from ..errors import InputImageError
 
 __all__ = ["CHANNEL_ORDERS", "check_image_file", "read_image", "convert_array", "image_input",
            "resized_shape", "resize_shortest_edge", "encode_png"]

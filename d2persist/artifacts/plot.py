@@ -8,9 +8,9 @@ safe off the main thread.
 import os
 from typing import Optional
 
-from .fileio import atomic_path
-from .layout import checkpoint_iteration
-from .runview import EVAL_TASKS, RunView
+from ..files.atomic import atomic_path
+from ..layout import checkpoint_iteration
+from .view import EVAL_TASKS, RunView
 
 __all__ = ["plot_run"]
 

@@ -11,8 +11,8 @@ import os
 import time
 from typing import Dict, Optional, Tuple
 
-from .errors import ArtifactError, ConfigError
-from .fileio import read_json
+from ..errors import ArtifactError, ConfigError
+from ..files.safe_load import read_json
 
 __all__ = ["BEST_MODES", "BestMetric", "evaluation_value"]
 

@@ -1,0 +1,100 @@
+"""
+A run folder's checkpoints: their names, the order to resume in, their sidecars, and whether
+one verifies (sha256 against its sidecar, or a safe load when it has none).
+"""
+
+import logging
+import os
+from typing import Iterable, List, Optional
+
+from ..errors import ArtifactError, UnsafeArtifactError
+from ..files.atomic import sha256_file
+from ..files.safe_load import safe_torch_load
+from ..layout import FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
+from .folders import _LocalFolder
+
+__all__ = ["list_checkpoints", "read_sidecar", "verify_checkpoint", "resume_candidates"]
+
+logger = logging.getLogger(__name__)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+def _checkpoint_names(names: Iterable[str]) -> List[str]:
+    """The checkpoints among ``names``, newest first: ``model_final.pth``, then periodic ones."""
+    names = list(names)
+    periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
+                      key=checkpoint_iteration, reverse=True)
+    return ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """
+    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
+
+    Returns:
+        list[str]: file names.
+    """
+    f = _LocalFolder(folder)
+    return [n for n in _checkpoint_names(f.names()) if f.stat(n) is not None]
+
+
+def resume_candidates(names: Iterable[str], tagged: Optional[str]) -> List[str]:
+    """
+    The checkpoints among ``names`` to try resuming from, in order: ``tagged``
+    (``last_checkpoint``'s target) if it is a plain file name, then ``model_final.pth``, then
+    periodic checkpoints newest first.
+    """
+    ordered = _checkpoint_names(names)
+    if tagged and os.sep not in tagged and "/" not in tagged:
+        ordered = [tagged] + [n for n in ordered if n != tagged]
+    return ordered
+
+
+def read_sidecar(path: str) -> Optional[str]:
+    """The sha256 recorded next to checkpoint ``path``, or None."""
+    return _sidecar(_LocalFolder(os.path.dirname(path)), os.path.basename(path))
+
+
+def _sidecar(folder, name):
+    """The sidecar's sha256; None without one (or an empty one), "" for one that is garbled."""
+    data = folder.read(name + SIDECAR_SUFFIX)
+    try:
+        return data.decode("utf-8").split()[0] if data else None
+    except IndexError:
+        return None
+    except UnicodeDecodeError:
+        return ""  # matches no file: the checkpoint cannot be verified
+
+
+def _safely_loadable(path) -> Optional[str]:
+    """Why the stock checkpoint at ``path`` is not usable (None if it is): safe loading."""
+    try:
+        data = safe_torch_load(path)
+    except UnsafeArtifactError:
+        raise  # a hostile file is refused loudly, never skipped over
+    except ArtifactError as e:
+        return str(e)
+    if not isinstance(data, dict) or "model" not in data:
+        return "it holds no 'model' state"
+    return None
+
+
+def verify_checkpoint(path: str) -> Optional[str]:
+    """
+    Check that the checkpoint at ``path`` is whole.
+
+    With a ``.sha256`` sidecar (every checkpoint d2persist writes has one) the file's hash must
+    match it; without one (a checkpoint stock detectron2 wrote) it must load safely and hold a
+    ``model``.
+
+    Returns:
+        str or None: None if the checkpoint is good, else why it is not.
+    """
+    if not os.path.isfile(path):
+        return "it does not exist"
+    expected = read_sidecar(path)
+    if expected is not None:
+        actual = sha256_file(path)
+        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+    return _safely_loadable(path)

@@ -1,0 +1,97 @@
+"""
+``d2persist diff``: what two runs or bundles differ in (options, config, metrics, files),
+read through the view.
+"""
+
+import logging
+import os
+
+from ..errors import D2PersistError
+from ..files.mirror import is_url
+from ..files.safe_load import safe_yaml_load
+from .view import open_view
+
+__all__ = ["describe", "diff"]
+
+logger = logging.getLogger(__name__)
+
+
+# -- diff -------------------------------------------------------------------------------------
+
+def _plain(v):
+    """Tuples (a merged CfgNode's) as lists (YAML's), so that equal values compare equal."""
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = _plain(v)
+    return out
+
+
+def describe(path: str) -> dict:
+    """
+    What ``d2persist diff`` compares of a run folder, a bundle (here or at a URL) or a config
+    file: ``config`` (flattened dotted keys), ``persist`` (d2persist's options), ``classes``,
+    ``last_iteration`` and ``final`` (the last evaluation's metrics).
+
+    Raises:
+        D2PersistError: ``path`` is none of these, in one sentence.
+    """
+    if not is_url(path) and os.path.isfile(path):
+        if not path.endswith((".yaml", ".yml")):
+            raise D2PersistError(f"{path} is not a config file (.yaml), a run folder or a bundle.")
+        config = safe_yaml_load(path)
+        if not isinstance(config, dict):
+            raise D2PersistError(f"{path} does not hold a config mapping.")
+        persist = config.pop("PERSIST", None)
+        if "MODEL" in config and "_BASE_" not in config:  # a yacs file: onto get_cfg()
+            from ..runconfig import load_config_dict
+
+            try:
+                config = load_config_dict(config, new_allowed=True)
+            except (KeyError, ValueError, AssertionError) as e:
+                raise D2PersistError(f"{path} does not load as a detectron2 config ({e}).") \
+                    from None
+            config.pop("PERSIST", None)
+        return {"kind": "config", "config": _flatten(config), "persist": persist or {},
+                "classes": None, "last_iteration": None, "final": {}}
+    view = open_view(path)
+    if view.kind == "bundle":
+        manifest = view.manifest()
+        evaluation = manifest.get("evaluation") or {}
+        return {"kind": "bundle", "config": _flatten(view.config()), "persist": {},
+                "classes": view.classes(), "last_iteration": manifest.get("iteration"),
+                "final": (evaluation.get("backends") or {}).get("pytorch") or {}}
+    evaluations = view.evaluations()
+    return {"kind": "run", "config": _flatten(view.config() or {}),
+            "persist": view.persist_options(), "classes": view.classes(),
+            "last_iteration": view.last_iteration(),
+            "final": evaluations[max(evaluations)] if evaluations else {}}
+
+
+def diff(a: str, b: str) -> dict:
+    """
+    ``d2persist diff A B``: ``config`` and ``persist`` as ``{key: [a, b]}`` for the keys whose
+    values differ (a side lacking the key holds None: added or removed), ``classes``,
+    ``last_iteration`` and ``final`` of each side as ``[a, b]``.
+    """
+    sa, sb = describe(a), describe(b)
+
+    def changed(x, y):
+        return {k: [x.get(k), y.get(k)] for k in sorted(set(x) | set(y))
+                if x.get(k, _MISSING) != y.get(k, _MISSING)}
+
+    return {"kinds": [sa["kind"], sb["kind"]], "config": changed(sa["config"], sb["config"]),
+            "persist": changed(_flatten(sa["persist"]), _flatten(sb["persist"])),
+            "classes": [sa["classes"], sb["classes"]],
+            "last_iteration": [sa["last_iteration"], sb["last_iteration"]],
+            "final": [sa["final"], sb["final"]]}
+
+
+_MISSING = object()

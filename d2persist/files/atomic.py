@@ -1,0 +1,227 @@
+"""
+How d2persist's bytes reach disk.
+
+Every file d2persist writes goes through :func:`atomic_path`: a temporary file in the same
+folder, flushed and fsync'ed, ``os.replace``d onto its name, then the folder fsync'ed. A crash at
+any moment leaves either the old file or the new one under the final name, never a partial one.
+"""
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import tempfile
+
+from ..errors import CheckpointWriteError, UnsafeArtifactError
+from ..layout import TEMP_PREFIX
+
+__all__ = [
+    "atomic_path",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "sha256_file",
+    "fsync_dir",
+    "remove_temp_files",
+    "torch_save",
+    "resolve_inside",
+    "sha256_stream",
+]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def _file_mode():
+    """The mode ``open()`` would give a new file under the current umask."""
+    try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def fsync_dir(path):
+    """
+    Make a rename or unlink in folder ``path`` durable.
+
+    Args:
+        path (str): a folder.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path, drop_cache=False):
+    """
+    A temporary path next to ``path`` to write; on a clean exit it replaces ``path`` atomically.
+
+    The temporary file is fsync'ed before ``os.replace``, and the folder is fsync'ed after. If
+    the block raises, the temporary file is removed and ``path`` is left as it was.
+
+    Args:
+        path (str): the final name.
+        drop_cache (bool): once the file is on disk, drop its pages from the page cache. For
+            big files written often (checkpoints): the kernel then need not reclaim other pages
+            to make room for the next one, which measured here cost ~0.2 s of CPU per 100 MB.
+
+    Yields:
+        str: the temporary path (an empty file).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    os.close(fd)
+    try:
+        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            if drop_cache and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+def write_bytes(path, data):
+    """
+    Write ``data`` to ``path`` atomically.
+
+    Returns:
+        str: the sha256 hex digest of ``data``.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_text(path, text):
+    """Write a UTF-8 text file atomically. Returns its sha256 hex digest."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically. Returns its sha256 hex digest."""
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save(obj, path):
+    """
+    ``torch.save`` ``obj`` to ``path`` atomically, and hash the file.
+
+    torch writes through an unbuffered file (whose writes release the GIL) and the hash reads
+    the file back from the page cache (also without the GIL), so a save on a background thread
+    takes little from the training thread. (A Python wrapper hashing each write cost training
+    ~5% more here; ``torch.save`` to a path loses the errno of a failed write.) Once on disk, the
+    file's pages leave the page cache (see :func:`atomic_path`).
+
+    Raises:
+        CheckpointWriteError: the write failed (disk full, permission denied, ...). The file that
+            was at ``path`` before, if any, is intact.
+
+    Returns:
+        tuple[str, int]: sha256 hex digest and size in bytes of the file.
+    """
+    import torch
+
+    try:
+        with atomic_path(path, drop_cache=True) as tmp:
+            with open(tmp, "wb", buffering=0) as f:
+                torch.save(obj, f)
+            digest, size = sha256_file(tmp), os.path.getsize(tmp)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise CheckpointWriteError(
+            f"Could not write {path}: {reason}; earlier checkpoints are intact."
+        ) from e
+    except RuntimeError as e:  # torch wraps a failing write() in RuntimeError
+        cause = e.__cause__ or e.__context__
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EACCES, errno.EIO):
+            raise CheckpointWriteError(
+                f"Could not write {path}: {os.strerror(cause.errno)}; "
+                "earlier checkpoints are intact."
+            ) from e
+        raise
+    return digest, size
+
+
+def sha256_stream(f, on_chunk=None):
+    """
+    The sha256 hex digest of what the binary file object ``f`` holds from where it is.
+
+    Args:
+        on_chunk (callable or None): called with the byte count of each chunk read (a
+            progress bar); hashlib releases the GIL while it hashes, so threads hash in
+            parallel.
+    """
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(_CHUNK), b""):
+        h.update(chunk)
+        if on_chunk is not None:
+            on_chunk(len(chunk))
+    return h.hexdigest()
+
+
+def sha256_file(path, on_chunk=None):
+    """Returns the sha256 hex digest of the file at ``path`` (see :func:`sha256_stream`)."""
+    with open(path, "rb") as f:
+        return sha256_stream(f, on_chunk)
+
+
+def remove_temp_files(folder):
+    """
+    Remove the temporary files a killed process left in ``folder``.
+
+    Returns:
+        list[str]: the names removed.
+    """
+    removed = []
+    if not os.path.isdir(folder):
+        return removed
+    for name in os.listdir(folder):
+        if name.startswith(TEMP_PREFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, name))
+                removed.append(name)
+    if removed:
+        logger.info("Removed temporary files left by an interrupted write: %s", removed)
+    return removed
+
+
+def resolve_inside(folder, name):
+    """
+    Join a file name taken from an artifact to its folder, refusing names that leave the folder.
+
+    Args:
+        folder (str): the artifact's folder.
+        name (str): a relative file name read from the artifact.
+
+    Returns:
+        str: the absolute path.
+
+    Raises:
+        UnsafeArtifactError: ``name`` is absolute or points outside ``folder``.
+    """
+    root = os.path.realpath(folder)
+    if not isinstance(name, str) or not name or os.path.isabs(name):
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it must be relative to {folder}.")
+    path = os.path.realpath(os.path.join(root, name))
+    if os.path.commonpath([root, path]) != root:
+        raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {folder}.")
+    return path

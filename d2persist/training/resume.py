@@ -1,0 +1,255 @@
+"""
+The one decision of what a run resumes from, and its collectives.
+
+Every entry point (PersistTrainer, the LazyConfig loop, a stock trainer with PersistHook), every
+torchrun restart and every world size calls :func:`resume_or_load`: the main process takes the
+run lock, decides (newest checkpoint that verifies, else the mirror's, else the weights given),
+and every process loads the bytes it sends.
+"""
+
+import contextlib
+import logging
+import os
+
+from detectron2.utils import comm
+
+from ..artifacts.checkpoints import list_checkpoints, read_sidecar, verify_checkpoint
+from ..artifacts.view import find_newest_valid, open_view
+from ..errors import ArtifactError, D2PersistError, OutputDirNotEmptyError
+from ..files.atomic import sha256_file, write_text
+from ..files.lock import lock_run_folder, unlock_run_folder
+from ..layout import LAST_CHECKPOINT, SIDECAR_SUFFIX
+
+__all__ = ["hold_run_lock", "choose_checkpoint", "resume_or_load", "check_output_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def hold_run_lock(folder: str) -> bool:
+    """
+    The main process takes the run lock of ``folder``
+    (:func:`~d2persist.files.lock.lock_run_folder`) before it writes anything there; collective
+    when distributed, so every process raises the same one-sentence error when another run
+    holds it. Entry points that train call it first (the tools' setup, ``resume_or_load``,
+    PersistHook's ``before_train``); readers (prediction, evaluation, export from a run) never do.
+
+    Returns:
+        bool: whether this call took the lock (on the main process; False elsewhere).
+
+    Raises:
+        RunFolderBusyError: another process writes ``folder``.
+        ArtifactError: the lock file cannot be created.
+    """
+    error, took = None, False
+    if folder and comm.is_main_process():
+        try:
+            took = lock_run_folder(folder)
+        except D2PersistError as e:
+            error = e
+    if comm.get_world_size() > 1:
+        error = comm.all_gather(error)[0]
+    if error is not None:
+        raise error
+    return took
+
+
+def _fetch_from_mirror(url, folder):
+    """
+    Into a folder without checkpoints: the mirror's newest checkpoint that verifies (its
+    ``last_checkpoint`` target first, as the run view orders them), with its sha256 sidecar.
+    Returns its path or None.
+    """
+    try:
+        view = open_view(url)
+        names = set(view.names())
+        candidates = view.resume_candidates()
+    except ArtifactError:  # the store does not answer: never start afresh over a run
+        raise
+    except D2PersistError:
+        return None  # nothing there yet (a mirror no run has written to)
+    except Exception as e:  # fsspec backends raise many kinds
+        raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
+    os.makedirs(folder, exist_ok=True)
+    for name in candidates:
+        path = os.path.join(folder, name)
+        try:
+            for n in (name, name + SIDECAR_SUFFIX):
+                if n in names:
+                    view.download(n, os.path.join(folder, n))
+        except Exception as e:
+            raise ArtifactError(f"Cannot download {name} from the mirror {url} "
+                                f"({type(e).__name__}: {e}).") from None
+        problem = verify_checkpoint(path)
+        if problem is None:
+            write_text(os.path.join(folder, LAST_CHECKPOINT), name)
+            logger.info("Resuming from the mirror %s: downloaded %s.", url, name)
+            return path
+        logger.warning("Checkpoint %s of the mirror %s is not usable (%s).", name, url, problem)
+        for n in (name, name + SIDECAR_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, n))
+    return None
+
+
+def _decide(folder, resume, refuse_existing, mirror=""):
+    """The main process's choice: (path or "", error or None)."""
+    if resume and mirror and not list_checkpoints(folder):
+        _fetch_from_mirror(mirror, folder)
+    if not resume:
+        if refuse_existing:
+            try:
+                check_output_dir(folder, 0)
+            except OutputDirNotEmptyError as e:
+                return "", e
+        return "", None
+    path = find_newest_valid(folder)
+    if path:
+        return path, None
+    existing = list_checkpoints(folder)
+    if existing:
+        return "", ArtifactError(
+            f"Cannot resume: no checkpoint in {folder} verifies ({', '.join(existing[:3])} "
+            "are truncated or corrupt, see the warnings above); restore a good copy, or move "
+            "them away to start a new run."
+        )
+    logger.info("No checkpoint to resume from in %s: starting a new run.", folder)
+    return "", None
+
+
+def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True,
+                      mirror: str = "") -> str:
+    """
+    The one decision of what a run starts from. Collective when distributed: the main process
+    verifies and decides, every process gets its answer (and raises the same error).
+
+    Args:
+        folder (str): the run's output folder.
+        resume (bool): continue from the newest checkpoint that verifies.
+        refuse_existing (bool): without ``resume``, refuse a folder that holds checkpoints (a
+            new training run would overwrite them).
+        mirror (str): PERSIST.MIRROR: with ``resume`` and no checkpoint in ``folder`` (a lost
+            machine), the mirror's newest checkpoint that verifies is downloaded first.
+
+    Returns:
+        str: the checkpoint to load, or "" to start from the initial weights.
+
+    Raises:
+        ArtifactError: ``resume`` and the folder holds checkpoints, none of which verifies.
+        OutputDirNotEmptyError: a new run in a folder that holds checkpoints.
+    """
+    decision = None
+    if comm.is_main_process():
+        try:
+            decision = _decide(folder, resume, refuse_existing, mirror)
+        except D2PersistError as e:  # e.g. a hostile checkpoint: every process raises it
+            decision = ("", e)
+    if comm.get_world_size() > 1:
+        decision = comm.all_gather(decision)[0]
+    path, error = decision
+    if error is not None:
+        raise error
+    return path
+
+
+@contextlib.contextmanager
+def _local_copy(folder, path):
+    """
+    The main process's chosen checkpoint ``path`` as a file this process can read. Collective.
+
+    A process whose own ``folder`` holds the same file (same sha256) reads it there: the
+    common case, one machine or a shared file system. Otherwise (machines with their own
+    disks) the main process sends the file's bytes over the process group, and this process
+    reads them from a temporary file. A folder whose newest checkpoint is another one is not
+    trusted: the main process's choice wins, with a warning.
+    """
+    import tempfile
+
+    import torch.distributed as dist
+
+    name = os.path.basename(path)
+    # the main process verified its file against the sidecar a moment ago: no second hash
+    main_digest = (read_sidecar(path) or sha256_file(path)) if comm.is_main_process() else None
+    digest = comm.all_gather(main_digest)[0]
+    local = os.path.join(folder, name)
+    have = comm.is_main_process() or (os.path.isfile(local) and sha256_file(local) == digest)
+    if not comm.is_main_process():
+        newest = list_checkpoints(folder)
+        if newest and newest[0] != name:
+            logger.warning(
+                "This machine's %s holds %s, the main process resumes from %s: using the main "
+                "process's checkpoint.", folder, newest[0], name,
+            )
+    if all(comm.all_gather(have)):
+        yield local
+        return
+    payload = [None]
+    if comm.is_main_process():
+        with open(path, "rb") as f:
+            payload = [f.read()]
+    dist.broadcast_object_list(payload, src=0)  # bytes only: unpickling them runs no code
+    if have:
+        yield local
+        return
+    logger.info("Received %s (%.1f MB) from the main process.", name, len(payload[0]) / 1e6)
+    with tempfile.TemporaryDirectory(prefix="d2persist-received-") as tmp:
+        received = os.path.join(tmp, name)
+        with open(received, "wb") as f:
+            f.write(payload[0])
+        del payload
+        yield received
+
+
+def _load_chosen(checkpointer, path):
+    """Load the chosen checkpoint on every process, wherever its bytes are (see _local_copy)."""
+    if comm.get_world_size() == 1:
+        return checkpointer.load(path)
+    with _local_copy(checkpointer.save_dir, path) as local:
+        return checkpointer.load(local)
+
+
+def resume_or_load(checkpointer, weights: str, *, resume: bool, mirror: str = "") -> bool:
+    """
+    Load what a training run starts from, as :func:`choose_checkpoint` decides: the newest
+    checkpoint that verifies (with the trainer's and hooks' state), or ``weights`` (model
+    only). Every entry point that trains uses this. No shared file system is needed: a process
+    whose folder lacks the main process's checkpoint receives its bytes over the process group.
+
+    Args:
+        checkpointer (Checkpointer): whose ``save_dir`` is the run's output folder.
+        weights (str): the initial weights (``MODEL.WEIGHTS`` / ``train.init_checkpoint``).
+        resume (bool): continue the run in ``save_dir``.
+
+    Returns:
+        bool: whether a checkpoint was resumed (the trainer's ``iter`` then holds its
+        iteration; start at ``iter + 1``).
+    """
+    took = hold_run_lock(checkpointer.save_dir)  # a mirror download writes into the folder
+    try:
+        path = choose_checkpoint(checkpointer.save_dir, resume, mirror=mirror)
+        if path:
+            _load_chosen(checkpointer, path)
+            return True
+        checkpointer.load(weights, checkpointables=[])
+        return False
+    except BaseException:
+        if took:  # refused or failed: the folder is not this process's after all
+            unlock_run_folder(checkpointer.save_dir)
+        raise
+
+
+def check_output_dir(output_dir: str, start_iter: int) -> None:
+    """
+    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints.
+
+    Raises:
+        OutputDirNotEmptyError: naming what is there and how to resume it.
+    """
+    if start_iter != 0:
+        return
+    existing = list_checkpoints(output_dir)
+    if existing or os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
+        raise OutputDirNotEmptyError(
+            f"{output_dir} already holds checkpoints of an earlier run "
+            f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "
+            "(resume_or_load(resume=True)) or choose another OUTPUT_DIR."
+        )
