@@ -39,7 +39,7 @@ _EXPORTS = {
     "Predictor": "predict.predictor",
     "Prediction": "predict.predictor",
     "evaluate_coco": "predict.evaluate",
-    "DatasetMismatchError": "predict.evaluate",
+    "DatasetMismatchError": "errors",
     "Artifacts": "artifacts.resolve",
     "resolve_artifacts": "artifacts.resolve",
     "read_manifest": "artifacts.bundle",
@@ -73,6 +73,7 @@ if TYPE_CHECKING:  # what editors and type checkers see: every name, from where 
         ConfigError,
         ConfigRoundTripError,
         D2PersistError,
+        DatasetMismatchError,
         ExportError,
         InputImageError,
         OutputDirNotEmptyError,
@@ -82,7 +83,7 @@ if TYPE_CHECKING:  # what editors and type checkers see: every name, from where 
     )
     from .export.bundle import write_export
     from .export.self_eval import evaluate_bundle
-    from .predict.evaluate import DatasetMismatchError, evaluate_coco
+    from .predict.evaluate import evaluate_coco
     from .predict.load import load_predictor
     from .predict.onnx_predictor import OnnxPredictor
     from .predict.predictor import Prediction, Predictor

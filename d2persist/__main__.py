@@ -69,7 +69,7 @@ def ls(args):
               f"{src.get('from', 'final')} of iteration {ex.get('iteration')}")
         ev = ex.get("evaluation")
         if ev:
-            from d2persist.artifacts.manifest import EVAL_BACKENDS
+            from d2persist.layout import EVAL_BACKENDS
 
             for b in sorted(ev["backends"], key=EVAL_BACKENDS.index):
                 scores = ", ".join(f"{k} {v:.1f}" for k, v in ev["backends"][b].items()

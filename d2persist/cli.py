@@ -97,6 +97,7 @@ def setup_run(cfg, args):
     from detectron2.utils.env import seed_all_rng
     from detectron2.utils.logger import setup_logger
 
+    from .collective import main_says
     from .files.lock import restarted_run_started
     from .runconfig import run_config
     from .training.resume import hold_run_lock
@@ -108,7 +109,7 @@ def setup_run(cfg, args):
         # a worker torchrun restarted continues the run its job started (never starts it
         # over); not one that an earlier attempt was refused (that error repeats)
         started = comm.is_main_process() and restarted_run_started(output_dir)
-        args.resume = comm.all_gather(started)[0] if comm.get_world_size() > 1 else started
+        args.resume = main_says(started)
         if args.resume and comm.is_main_process():
             print(f"torchrun restart {args.restarted}: resuming from the newest checkpoint "
                   "that verifies.", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Errors that d2persist turns into one clear sentence for the user."""
 
 __all__ = [
+    "DatasetMismatchError",
     "D2PersistError",
     "ArtifactError",
     "UnsafeArtifactError",
@@ -56,6 +57,10 @@ class CheckpointWriteError(D2PersistError):
 
 class ExportError(D2PersistError):
     """A model could not be exported to a format (ONNX): the reason in one sentence."""
+
+
+class DatasetMismatchError(D2PersistError):
+    """The dataset's categories are not the bundle's classes."""
 
 
 class TrainingDivergedError(D2PersistError, FloatingPointError):

@@ -1,11 +1,17 @@
 """
-The names of every file and folder d2persist writes, in one place.
+The names of every file and folder d2persist writes, and every spelling of its model files,
+in one place.
 
 A run folder (``OUTPUT_DIR``) holds detectron2's checkpoint names and pointer file, so stock
-detectron2 reads it unchanged; an export bundle holds weights, config and a manifest.
+detectron2 reads it unchanged; an export bundle holds weights, config and a manifest, and
+optionally its ONNX models. Each model a bundle can hold is one :class:`ModelFile` row, which
+names it the way each place needs (its ``PERSIST.EXPORT_FORMATS`` value, its file, its manifest
+entry, the backend that runs it, its precision): code that needs one of these spellings takes it
+from the row, never from a string literal.
 """
 
 import re
+from dataclasses import dataclass
 
 __all__ = [
     "CONFIG_NAME",
@@ -27,6 +33,16 @@ __all__ = [
     "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
+    "ModelFile",
+    "PYTORCH",
+    "ONNX",
+    "ONNX_INT8",
+    "MODEL_FILES",
+    "EXPORT_FORMATS",
+    "EVAL_BACKENDS",
+    "PRECISIONS",
+    "BACKENDS",
+    "onnx_model",
 ]
 
 #: A run's config (loads with a plain ``get_cfg().merge_from_file``); also the bundle's config.
@@ -63,6 +79,46 @@ WEIGHTS_NAME = "model.safetensors"
 ONNX_NAME = "model.onnx"
 #: Its INT8 version (PERSIST.EXPORT_FORMATS with "onnx-int8"): ONNX Runtime static quantization.
 ONNX_INT8_NAME = "model.int8.onnx"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One model a bundle can hold, with every spelling of it (a row of :data:`MODEL_FILES`)."""
+
+    #: its ``PERSIST.EXPORT_FORMATS`` value and ``export_model.py --format``
+    format: str
+    #: its file in the bundle
+    file: str
+    #: the manifest entry that describes it (the weights: ``"weights"``, which names the file)
+    entry: str
+    #: the backend that runs it, as the manifest's evaluation, ``ls`` and the bench name it
+    backend: str
+    #: its ``--precision`` / ``load_predictor(precision=...)``
+    precision: str
+
+
+#: The bundle's weights, run by PyTorch (and detectron2).
+PYTORCH = ModelFile("safetensors", WEIGHTS_NAME, "weights", "pytorch", "float")
+#: The portable model, run by ONNX Runtime without torch or detectron2.
+ONNX = ModelFile("onnx", ONNX_NAME, "onnx", "onnxruntime", "float")
+#: ONNX Runtime's INT8 version of it, for CPUs.
+ONNX_INT8 = ModelFile("onnx-int8", ONNX_INT8_NAME, "onnx_int8", "onnxruntime-int8", "int8")
+#: Every model file, in the order the manifest's evaluation and ``ls`` list them.
+MODEL_FILES = (PYTORCH, ONNX, ONNX_INT8)
+#: PERSIST.EXPORT_FORMATS values.
+EXPORT_FORMATS = tuple(m.format for m in MODEL_FILES)
+#: The backends the manifest's evaluation records.
+EVAL_BACKENDS = tuple(m.backend for m in MODEL_FILES)
+#: ``--precision`` values.
+PRECISIONS = (ONNX.precision, ONNX_INT8.precision)
+#: ``--backend`` values: a backend, or "auto" (PyTorch where it is installed, else ONNX Runtime).
+BACKENDS = (PYTORCH.backend, ONNX.backend, "auto")
+
+
+def onnx_model(precision: str) -> ModelFile:
+    """The ONNX model file of ``precision`` (``"float"`` or ``"int8"``)."""
+    return ONNX_INT8 if precision == ONNX_INT8.precision else ONNX
+
 
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")
 

@@ -22,7 +22,7 @@ from .config import DEFAULT_OPTIONS, PERSIST_KEY, add_persist_config
 from .errors import ConfigError, ConfigRoundTripError
 from .files.atomic import atomic_path, write_text
 from .files.safe_load import safe_yaml_loads
-from .layout import CONFIG_NAME, PERSIST_FILE
+from .layout import CONFIG_NAME, EXPORT_FORMATS, PERSIST_FILE
 
 __all__ = [
     "RunConfig",
@@ -37,8 +37,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: The weights formats an export bundle can hold ("onnx-int8" implies "onnx", its source).
-EXPORT_FORMATS = ("safetensors", "onnx", "onnx-int8")
 _EXTENSION = re.compile(r"^[A-Za-z_][\w.]*:add_\w*config$")
 
 

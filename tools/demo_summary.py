@@ -13,9 +13,11 @@ import re
 import sys
 import time
 
+from d2persist.layout import EVAL_BACKENDS
+
 PROG = "demo_summary.py"
 METRICS = ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP50")
-ORDER = ("pytorch", "onnxruntime", "onnxruntime-int8")  # as the manifest's evaluation has them
+ORDER = EVAL_BACKENDS  # as the manifest's evaluation has them
 
 
 def _final_metrics(run):

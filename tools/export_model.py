@@ -17,13 +17,15 @@ the exporter cannot handle.
 
 import argparse
 
+from d2persist.layout import ONNX, ONNX_INT8
+
 PROG = "export_model.py"
 
 
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--artifacts", required=True, help="a training OUTPUT_DIR or its export")
-    parser.add_argument("--format", choices=["onnx", "onnx-int8"], default="onnx",
+    parser.add_argument("--format", choices=[ONNX.format, ONNX_INT8.format], default=ONNX.format,
                         help="(default: onnx)")
     parser.add_argument("--calibration-images", type=int, default=None,
                         help="onnx-int8: how many training images calibrate it (default: the "
@@ -80,7 +82,7 @@ def main(argv=None):
         from d2persist.export.quantize import calibration_subset
         from d2persist.layout import ONNX_INT8_NAME, ONNX_NAME
         from d2persist.predict.infer import collect_images
-        from d2persist.predict.predictor import load_predictor
+        from d2persist.predict.predictor import load_torch_predictor
 
         bundle = find_bundle(args.artifacts) if os.path.isdir(args.artifacts) else None
         if bundle is None:
@@ -92,10 +94,10 @@ def main(argv=None):
         art = resolve_artifacts(bundle)
         start = time.perf_counter()
         written, calibration = [], []
-        if args.format == "onnx" or ONNX_NAME not in read_manifest(bundle, False)["files"]:
-            add_onnx(bundle, load_predictor(bundle, device="cpu").model)
+        if args.format == ONNX.format or ONNX_NAME not in read_manifest(bundle, False)["files"]:
+            add_onnx(bundle, load_torch_predictor(bundle, device="cpu").model)
             written.append(ONNX_NAME)
-        if args.format == "onnx-int8":
+        if args.format == ONNX_INT8.format:
             if args.calibration_dir:
                 images, _ = collect_images([args.calibration_dir])
             else:

@@ -10,7 +10,6 @@ from .bundle import FORMAT, LOADED, find_bundle, persist_options_of_run, read_ma
 from .checkpoints import list_checkpoints, read_sidecar, resume_candidates, verify_checkpoint
 from .describe import describe, diff
 from .manifest import (
-    EVAL_BACKENDS,
     EVAL_CHECKED,
     EVAL_TOLERANCE,
     cache_root,
@@ -42,7 +41,6 @@ __all__ = [
     "verify_checkpoint",
     "describe",
     "diff",
-    "EVAL_BACKENDS",
     "EVAL_CHECKED",
     "EVAL_TOLERANCE",
     "cache_root",

@@ -9,6 +9,7 @@ import os
 from ..errors import D2PersistError
 from ..files.mirror import is_url
 from ..files.safe_load import safe_yaml_load
+from ..layout import PYTORCH
 from .view import open_view
 
 __all__ = ["describe", "diff"]
@@ -67,7 +68,7 @@ def describe(path: str) -> dict:
         evaluation = manifest.get("evaluation") or {}
         return {"kind": "bundle", "config": _flatten(view.config()), "persist": {},
                 "classes": view.classes(), "last_iteration": manifest.get("iteration"),
-                "final": (evaluation.get("backends") or {}).get("pytorch") or {}}
+                "final": (evaluation.get("backends") or {}).get(PYTORCH.backend) or {}}
     evaluations = view.evaluations()
     return {"kind": "run", "config": _flatten(view.config() or {}),
             "persist": view.persist_options(), "classes": view.classes(),

@@ -7,25 +7,20 @@ import os
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import resolve_inside, sha256_file
-from ..layout import MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME
-# How a bundle's manifest is read and checked is the run view's (the one reader of run folders
-# and bundles); re-exported here, where the manifest's meaning is.
-from .bundle import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
+from ..layout import MANIFEST_NAME, ONNX, ONNX_INT8, ONNX_INT8_NAME, ONNX_NAME, PYTORCH
+from .bundle import read_manifest
 
-__all__ = ["FORMAT", "LOADED", "EVAL_BACKENDS", "EVAL_TOLERANCE", "EVAL_CHECKED", "read_manifest",
-           "metadata_from_json", "persist_options_of_run", "find_bundle", "describe_source",
+__all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
            "evaluation_problem", "export_backends", "local_bundle", "cache_root"]
 
-#: The backends a bundle's ``evaluation`` entry measures, as they are named there.
-EVAL_BACKENDS = ("pytorch", "onnxruntime", "onnxruntime-int8")
 #: How far (in AP points) each backend may be from the in-training evaluation: the PyTorch
 #: bundle *is* the evaluation path; ONNX Runtime computes the same graph in another order (every
 #: metric); INT8 is allowed what quantization is asked to cost at most (see EVAL_CHECKED).
-EVAL_TOLERANCE = {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
+EVAL_TOLERANCE = {PYTORCH.backend: 0.0, ONNX.backend: 0.1, ONNX_INT8.backend: 1.0}
 #: The metrics the tolerance applies to, by the end of their name (every one if not listed):
 #: INT8's headline metric of each family (box, mask and keypoint AP, PQ, mIoU); its per-category
 #: APs on a small test set move more, and are recorded.
-EVAL_CHECKED = {"onnxruntime-int8": ("/AP", "/PQ", "/mIoU")}
+EVAL_CHECKED = {ONNX_INT8.backend: ("/AP", "/PQ", "/mIoU")}
 
 
 def metadata_from_json(meta: dict) -> dict:
@@ -57,11 +52,11 @@ def describe_source(source: dict) -> str:
 def export_backends(manifest: dict):
     """The :data:`EVAL_BACKENDS` a bundle holds a model for, by its manifest."""
     files = manifest.get("files") or {}
-    found = ["pytorch"]
+    found = [PYTORCH.backend]
     if ONNX_NAME in files:
-        found.append("onnxruntime")
+        found.append(ONNX.backend)
     if ONNX_INT8_NAME in files:
-        found.append("onnxruntime-int8")
+        found.append(ONNX_INT8.backend)
     return found
 
 

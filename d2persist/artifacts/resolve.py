@@ -13,7 +13,14 @@ from typing import List, Optional
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
 from ..files.atomic import resolve_inside
 from ..files.safe_load import read_json, safe_yaml_load
-from ..layout import CONFIG_NAME, MANIFEST_NAME, METADATA_NAME, PERSIST_FILE, checkpoint_iteration
+from ..layout import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    METADATA_NAME,
+    PERSIST_FILE,
+    PYTORCH,
+    checkpoint_iteration,
+)
 from ..runconfig import check_extension_names
 from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
 from .checkpoints import list_checkpoints
@@ -87,7 +94,7 @@ def _from_export(folder):
         manifest.get("iteration"),
         _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
-        evaluation_problem(manifest, "pytorch") or "",
+        evaluation_problem(manifest, PYTORCH.backend) or "",
     )
 
 

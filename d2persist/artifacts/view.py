@@ -30,8 +30,10 @@ from ..layout import (
     MANIFEST_NAME,
     METADATA_NAME,
     METRICS_NAME,
+    MODEL_FILES,
     ONNX_INT8_NAME,
     ONNX_NAME,
+    PYTORCH,
     checkpoint_iteration,
     checkpoint_name,
 )
@@ -306,8 +308,8 @@ class RunView:
         except ArtifactError:
             return {"folder": folder.path, "complete": False}
         files = manifest.get("files") or {}
-        formats = [f for f, n in (("safetensors", manifest.get("weights")), ("onnx", ONNX_NAME),
-                                  ("onnx-int8", ONNX_INT8_NAME)) if n in files]
+        formats = [m.format for m in MODEL_FILES
+                   if (manifest.get(m.entry) if m is PYTORCH else m.file) in files]
         entry = manifest.get("evaluation") or None
         evaluation = None
         if isinstance(entry, dict):

@@ -18,11 +18,19 @@ import torch
 from ..artifacts.bundle import FORMAT, LOADED, read_manifest
 from ..errors import ExportError
 from ..files.atomic import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
-from ..layout import CONFIG_NAME, MANIFEST_NAME, ONNX_INT8_NAME, ONNX_NAME, WEIGHTS_NAME
+from ..layout import (
+    CONFIG_NAME,
+    MANIFEST_NAME,
+    ONNX,
+    ONNX_INT8,
+    ONNX_INT8_NAME,
+    ONNX_NAME,
+    WEIGHTS_NAME,
+)
 from .onnx_graph import export_onnx
 from .quantize import quantize_onnx
 
-__all__ = ["write_export", "add_onnx", "add_int8", "dataset_metadata"]
+__all__ = ["write_export", "write_manifest", "add_onnx", "add_int8", "dataset_metadata"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,13 +170,23 @@ def write_export(run, model, export_dir: str, iteration: int,
         "files": files,
     }
     formats = run.options["EXPORT_FORMATS"]
-    if "onnx" in formats or "onnx-int8" in formats:
-        manifest["onnx"] = _onnx_entry(model, export_dir, contract, files)
-        if "onnx-int8" in formats and ONNX_NAME in files:
-            manifest["onnx_int8"] = _int8_entry(export_dir, contract, calibration_images, files)
-    write_json(manifest_path, manifest)
+    if ONNX.format in formats or ONNX_INT8.format in formats:
+        manifest[ONNX.entry] = _onnx_entry(model, export_dir, contract, files)
+        if ONNX_INT8.format in formats and ONNX.file in files:
+            manifest[ONNX_INT8.entry] = _int8_entry(export_dir, contract, calibration_images,
+                                                    files)
+    write_manifest(export_dir, manifest)
     logger.info("Exported an inference bundle to %s", export_dir)
     return manifest
+
+
+def write_manifest(export_dir: str, manifest: dict) -> None:
+    """
+    Write ``manifest`` as the bundle's ``manifest.json``, atomically: the one writer of it. The
+    manifest names the bundle's files, so it is written after them (a bundle without it is
+    incomplete).
+    """
+    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
 
 
 def add_onnx(export_dir: str, model) -> dict:
@@ -186,19 +204,18 @@ def add_onnx(export_dir: str, model) -> dict:
     manifest = read_manifest(export_dir, only=LOADED)
     files = dict(manifest["files"])
     if files.pop(ONNX_NAME, None) is not None:  # never name a file while it is replaced
-        manifest.pop("onnx", None)
-        write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
+        manifest.pop(ONNX.entry, None)
+        write_manifest(export_dir, dict(manifest, files=files))
     path = os.path.join(export_dir, ONNX_NAME)
     try:
         entry = export_onnx(model, path, manifest["input"])
     except ExportError as e:  # the bundle says why it has no ONNX model
-        write_json(os.path.join(export_dir, MANIFEST_NAME),
-                   dict(manifest, files=files, onnx={"error": str(e)}))
+        write_manifest(export_dir, dict(manifest, files=files, **{ONNX.entry: {"error": str(e)}}))
         raise
     files[ONNX_NAME] = {"sha256": sha256_file(path), "size": os.path.getsize(path)}
-    manifest = dict(_without_results(manifest, "onnxruntime"), files=files,
-                    onnx=dict(entry, file=ONNX_NAME))
-    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    manifest = dict(_without_results(manifest, ONNX.backend), files=files,
+                    **{ONNX.entry: dict(entry, file=ONNX.file)})
+    write_manifest(export_dir, manifest)
     return manifest
 
 
@@ -235,12 +252,12 @@ def add_int8(export_dir: str, images: Sequence[str], float_nodes: Sequence[str] 
         raise ArtifactError(f"The bundle {export_dir} has no {ONNX_NAME} to quantize; add one "
                             "with --format onnx first.")
     if files.pop(ONNX_INT8_NAME, None) is not None:  # never name a file while it is replaced
-        manifest.pop("onnx_int8", None)
-        write_json(os.path.join(export_dir, MANIFEST_NAME), dict(manifest, files=files))
+        manifest.pop(ONNX_INT8.entry, None)
+        write_manifest(export_dir, dict(manifest, files=files))
     entry = _int8_entry(export_dir, manifest["input"], images, files, float_nodes)
-    manifest = dict(manifest, files=files, onnx_int8=entry)
-    manifest = _without_results(manifest, "onnxruntime-int8")
-    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    manifest = dict(manifest, files=files, **{ONNX_INT8.entry: entry})
+    manifest = _without_results(manifest, ONNX_INT8.backend)
+    write_manifest(export_dir, manifest)
     if "error" in entry:
         raise ExportError(entry["error"])
     return manifest

@@ -17,9 +17,10 @@ from detectron2.utils import comm
 from ..artifacts.bundle import read_manifest
 from ..artifacts.manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends
 from ..artifacts.view import metrics_json_history
+from ..collective import main_says
 from ..errors import ConfigError
-from ..files.atomic import write_json
-from ..layout import MANIFEST_NAME, METRICS_NAME
+from ..layout import METRICS_NAME, MODEL_FILES, ONNX_INT8, PYTORCH
+from .bundle import write_manifest
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
            "evaluator_name", "family_evaluator", "HEADLINE_METRICS"]
@@ -193,14 +194,14 @@ def _outputs(pred):
 
 
 def _load(export_dir, backend, device):
-    if backend == "pytorch":
-        from ..predict.predictor import load_predictor
+    if backend == PYTORCH.backend:
+        from ..predict.predictor import load_torch_predictor
 
-        return load_predictor(export_dir, device=device)
+        return load_torch_predictor(export_dir, device=device)
     from ..predict.onnx_predictor import load_onnx_predictor
 
-    return load_onnx_predictor(export_dir, precision="int8" if backend.endswith("int8")
-                               else "float")
+    model = next(m for m in MODEL_FILES if m.backend == backend)
+    return load_onnx_predictor(export_dir, precision=model.precision)
 
 
 @contextlib.contextmanager
@@ -243,12 +244,7 @@ def _flat(results):
 
 
 def _int8_tolerance(budget):
-    return EVAL_TOLERANCE["onnxruntime-int8"] if budget is None else float(budget)
-
-
-def _from_main(value):
-    """The main process's ``value``, on every process (collective when distributed)."""
-    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
+    return EVAL_TOLERANCE[ONNX_INT8.backend] if budget is None else float(budget)
 
 
 def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, device, first):
@@ -272,7 +268,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
     from .quantize import sensitivity_ranking
 
     main = comm.is_main_process()
-    checked = EVAL_CHECKED.get("onnxruntime-int8")
+    checked = EVAL_CHECKED.get(ONNX_INT8.backend)
     ranking = []
     if main:
         ranking = sensitivity_ranking(os.path.join(export_dir, ONNX_NAME),
@@ -280,7 +276,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
                                       read_manifest(export_dir, False)["input"])
         logger.info("INT8 is outside its budget of %s: keeping its most sensitive layers in "
                     "float (of %d ranked).", tolerance, len(ranking))
-    count = _from_main(len(ranking))
+    count = main_says(len(ranking))
     # 1, 2, 4, ... layers in float, at least one left quantized (with none, it is no INT8 model)
     steps = [2 ** i for i in range(count.bit_length()) if 2 ** i < count] or [0]
     first, first_seconds = first
@@ -292,7 +288,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
         predictor = None
         if main:
             add_int8(export_dir, images, [name for name, _ in ranking[:k]])
-            predictor = _load(export_dir, "onnxruntime-int8", device)
+            predictor = _load(export_dir, ONNX_INT8.backend, device)
         results, error = _run(predictor, dataset if main else [], evaluator)
         if main:
             metrics = _flat(results)
@@ -302,7 +298,7 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
                                                      / max(1, len(dataset)), 4)})
             if not outside and error is None:
                 best = (metrics, worst, outside, None)
-        if _from_main(best is not None):
+        if main_says(best is not None):
             break
     if not main:
         return None
@@ -321,8 +317,8 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
         logger.info("INT8 within its budget with its %d most sensitive layers in float (max "
                     "difference %.3f).", tries[-1]["float_layers"], best[1])
     manifest = read_manifest(export_dir, False)
-    manifest["onnx_int8"] = dict(manifest.get("onnx_int8") or {}, adapted=record)
-    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    manifest[ONNX_INT8.entry] = dict(manifest.get(ONNX_INT8.entry) or {}, adapted=record)
+    write_manifest(export_dir, manifest)
     return best
 
 
@@ -347,7 +343,7 @@ def evaluate_bundle(
     post-processing included), as a deployed bundle would see it.
 
     Args:
-        backends: names of :data:`d2persist.artifacts.manifest.EVAL_BACKENDS`.
+        backends: names of :data:`d2persist.layout.EVAL_BACKENDS`.
         evaluator (DatasetEvaluator): built for ``dataset_name``; it writes no files here.
         reference: metric names -> the in-training evaluation of these weights, flattened as
             EvalHook stores it (``"bbox/AP"``); called on the main process with the names the
@@ -390,12 +386,12 @@ def evaluate_bundle(
                                   evaluator)
         per_image = (time.perf_counter() - start) / max(1, len(dataset))
         adapted = None
-        if backend == "onnxruntime-int8":  # outside its budget: made again, some layers float
+        if backend == ONNX_INT8.backend:  # outside its budget: made again, some layers float
             need = main and bool(calibration_images) and not (error or run_error) and bool(
                 entry["reference"]) and bool(compare_metrics(
                     entry["reference"], _flat(results), _int8_tolerance(int8_budget),
                     EVAL_CHECKED.get(backend))[1])
-            if _from_main(need):
+            if main_says(need):
                 adapted = _adapt_int8(export_dir, dataset, evaluator, entry["reference"],
                                       calibration_images, _int8_tolerance(int8_budget), device,
                                       first=(_flat(results), per_image))
@@ -404,7 +400,7 @@ def evaluate_bundle(
         error = error or run_error
         metrics = _flat(results)
         tolerance = EVAL_TOLERANCE[backend]
-        if backend == "onnxruntime-int8":
+        if backend == ONNX_INT8.backend:
             tolerance = _int8_tolerance(int8_budget)
         entry["tolerance"][backend] = tolerance
         entry["seconds"][backend] = round(time.perf_counter() - start, 2)
@@ -484,5 +480,5 @@ def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device:
                             reference, device=device, calibration_images=calibration_images,
                             int8_budget=int8_budget)
     manifest = dict(read_manifest(export_dir, False), evaluation=entry)  # INT8 may be new
-    write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
+    write_manifest(export_dir, manifest)
     return manifest

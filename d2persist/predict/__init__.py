@@ -11,8 +11,8 @@ the PyTorch side lives in :mod:`.predictor` (``Predictor``, evaluation-exact) an
 
 from .images import check_image_file, encode_png, image_input, read_image, resize_shortest_edge
 from .infer import IMAGE_EXTENSIONS, collect_images, predict_files
-from .load import BACKENDS, load_predictor
-from .onnx_predictor import PRECISIONS, OnnxPrediction, OnnxPredictor
+from .load import load_predictor
+from .onnx_predictor import OnnxPrediction, OnnxPredictor
 from .outputs import PredictionArrays, draw_prediction, prediction_json
 
 __all__ = [
@@ -24,9 +24,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "collect_images",
     "predict_files",
-    "BACKENDS",
     "load_predictor",
-    "PRECISIONS",
     "OnnxPrediction",
     "OnnxPredictor",
     "PredictionArrays",

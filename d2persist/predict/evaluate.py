@@ -25,9 +25,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import ArtifactError, D2PersistError, InputImageError
+from ..errors import ArtifactError, D2PersistError, DatasetMismatchError, InputImageError
 
-__all__ = ["DatasetMismatchError", "evaluate_coco", "coco_metrics", "match_categories",
+__all__ = ["evaluate_coco", "coco_metrics", "match_categories",
            "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
            "config_keypoint_sigmas"]
 
@@ -36,10 +36,6 @@ logger = logging.getLogger(__name__)
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 #: COCOEvaluator's keypoint metrics (COCO's keypoint summary has no APs).
 _KEYPOINT_METRICS = ("AP", "AP50", "AP75", "APm", "APl")
-
-
-class DatasetMismatchError(D2PersistError):
-    """The dataset's categories are not the bundle's classes."""
 
 
 def _coco(json_file):

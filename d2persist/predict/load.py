@@ -5,13 +5,13 @@ from typing import Optional, Sequence
 
 from ..artifacts.manifest import local_bundle
 from ..errors import D2PersistError
+from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH
 
-__all__ = ["BACKENDS", "load_predictor", "missing_torch_stack"]
+__all__ = ["load_predictor", "missing_torch_stack"]
 
 #: Prediction backends: "pytorch" (evaluation-exact, needs detectron2), "onnxruntime" (the
 #: bundle's model.onnx; needs neither torch nor detectron2), "auto" (the default: pytorch where
 #: torch and detectron2 are installed, else ONNX Runtime).
-BACKENDS = ("pytorch", "onnxruntime", "auto")
 _TORCH_STACK = ("torch", "torchvision", "detectron2")
 
 
@@ -34,7 +34,7 @@ def load_predictor(
     opts: Optional[Sequence[str]] = None,
     allowed_targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
-    precision: str = "float",
+    precision: str = ONNX.precision,
 ):
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -48,7 +48,8 @@ def load_predictor(
             LazyConfigs).
         allowed_targets (list[str]): PyTorch, LazyConfig: more module prefixes ``_target_``
             may name.
-        backend (str): one of :data:`BACKENDS`; "auto" is PyTorch where torch, torchvision and
+        backend (str): one of :data:`d2persist.layout.BACKENDS`; "auto" is PyTorch where torch,
+           torchvision and
             detectron2 are installed, else ONNX Runtime.
         precision (str): "float", or "int8" for the bundle's INT8 ONNX model (ONNX Runtime;
             "auto" then means onnxruntime).
@@ -60,28 +61,28 @@ def load_predictor(
     """
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
-    if precision not in ("float", "int8"):
+    if precision not in PRECISIONS:
         raise D2PersistError(f"precision must be float or int8, not {precision!r}.")
-    if precision == "int8":
-        if backend == "pytorch":
+    if precision == ONNX_INT8.precision:
+        if backend == PYTORCH.backend:
             raise D2PersistError("precision int8 is the bundle's INT8 ONNX model: use the "
                                  "onnxruntime backend.")
-        backend = "onnxruntime"
+        backend = ONNX.backend
     path = local_bundle(path)  # an fsspec URL: downloaded and verified
-    missing = missing_torch_stack() if backend != "onnxruntime" else []
+    missing = missing_torch_stack() if backend != ONNX.backend else []
     if backend == "auto":
-        backend = "onnxruntime" if missing else "pytorch"
+        backend = ONNX.backend if missing else PYTORCH.backend
     elif missing:
         raise D2PersistError(
             f"The pytorch backend needs {', '.join(missing)}, which cannot be imported here; "
             "use the onnxruntime backend (an export with model.onnx) or install them.")
-    if backend == "onnxruntime":
+    if backend == ONNX.backend:
         if opts:
             raise D2PersistError("Config overrides (opts) need the pytorch backend: the ONNX "
                                  "model was fixed when it was exported.")
         from .onnx_predictor import load_onnx_predictor
 
         return load_onnx_predictor(path, precision=precision)
-    from .predictor import load_predictor as load_torch_predictor
+    from .predictor import load_torch_predictor
 
     return load_torch_predictor(path, device, opts, allowed_targets)

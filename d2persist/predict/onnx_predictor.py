@@ -21,16 +21,15 @@ from ..artifacts.bundle import find_bundle, read_manifest
 from ..artifacts.manifest import cache_root, describe_source, evaluation_problem, metadata_from_json
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path
-from ..layout import ONNX_INT8_NAME, ONNX_NAME
+from ..layout import ONNX, PRECISIONS, onnx_model
 from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 
-__all__ = ["OnnxPredictor", "OnnxPrediction", "PRECISIONS", "load_onnx_predictor",
+__all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor",
            "create_session", "paste_masks", "resize_bilinear", "heatmaps_to_keypoints",
            "combine_panoptic"]
 
 #: ``load_onnx_predictor(precision=...)``: the bundle's float ``model.onnx`` or its INT8 model.
-PRECISIONS = ("float", "int8")
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +384,7 @@ def create_session(model_path: str, sha256: Optional[str] = None, providers=None
 
 
 def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None,
-                        precision: str = "float", cache: bool = True):
+                        precision: str = ONNX.precision, cache: bool = True):
     """
     Load an :class:`OnnxPredictor` from an export bundle, or a run folder's export.
 
@@ -412,12 +411,13 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
     if bundle is None:
         raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
                             "with ONNX Runtime.")
-    name, key = (ONNX_NAME, "onnx") if precision == "float" else (ONNX_INT8_NAME, "onnx_int8")
+    model = onnx_model(precision)
+    name, key = model.file, model.entry
     manifest = read_manifest(bundle, only=[name])
     entry = manifest.get(key)
     if not entry or name not in manifest["files"]:
         why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
-        fmt = "onnx" if precision == "float" else "onnx-int8"
+        fmt = model.format
         raise ArtifactError(
             f"The bundle {bundle} has no {name}{why}; add one with tools/export_model.py "
             f"--artifacts {path} --format {fmt}."
@@ -435,7 +435,7 @@ def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None
     logger.info("Loaded %s with ONNX Runtime %s%s: %s", model_path, ort.__version__,
                 " (optimized graph from the cache)" if cached else "", predictor.weights)
     problem = evaluation_problem(
-        manifest, "onnxruntime" if precision == "float" else "onnxruntime-int8")
+        manifest, model.backend)
     if problem:
         logger.warning(problem)
     return predictor

@@ -21,7 +21,7 @@ from .images import check_image_file, image_input
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
-__all__ = ["Predictor", "Prediction", "arrays_of", "load_predictor", "read_image_file"]
+__all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class Predictor:
         return Prediction(outputs, self.class_names, image, self.input_format, self.metadata)
 
 
-def load_predictor(
+def load_torch_predictor(
     path: str,
     device: Optional[str] = None,
     opts: Optional[Sequence[str]] = None,

@@ -17,8 +17,9 @@ from omegaconf import DictConfig
 from ..artifacts.bundle import read_manifest
 from ..artifacts.manifest import export_backends
 from ..artifacts.view import metrics_json_history
+from ..collective import main_says
 from ..errors import D2PersistError, TrainingDivergedError
-from ..export.bundle import dataset_metadata, write_export
+from ..export.bundle import dataset_metadata, write_export, write_manifest
 from ..export.quantize import calibration_subset
 from ..export.self_eval import evaluate_bundle, metrics_at
 from ..files.atomic import remove_temp_files, write_json
@@ -35,6 +36,7 @@ from ..layout import (
     MANIFEST_NAME,
     METADATA_NAME,
     METRICS_NAME,
+    ONNX_INT8,
     PERSIST_FILE,
     SIDECAR_SUFFIX,
     TRAINING_PLOT,
@@ -59,11 +61,6 @@ def _stop_exception(signum):
 def _train_loader(trainer):
     """The training data loader of a DefaultTrainer or SimpleTrainer."""
     return getattr(trainer, "data_loader", None)
-
-
-def _main_says(value):
-    """The main process's ``value``, on every process."""
-    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
 
 
 class PersistHook(HookBase):
@@ -535,7 +532,7 @@ class PersistHook(HookBase):
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
                 self._mirror(FINAL_NAME, FINAL_NAME + SIDECAR_SUFFIX, tag=FINAL_NAME)
-        elif trained or not _main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
+        elif trained or not main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
@@ -549,7 +546,7 @@ class PersistHook(HookBase):
             if comm.is_main_process() and (trained or not os.path.isfile(
                     os.path.join(self.run.export_dir, MANIFEST_NAME))):
                 manifest = self.export()
-            if self.options["EXPORT_EVAL"] and _main_says(manifest is not None):
+            if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
                 manifest = self.evaluate_export(manifest)  # collective
             if manifest is not None:
                 folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
@@ -566,11 +563,11 @@ class PersistHook(HookBase):
         run, trainer = self.run, self.trainer
         name = run.test_dataset_name()
         evaluator = run.build_evaluator(trainer, name) if name else None
-        if not _main_says(evaluator is not None):
+        if not main_says(evaluator is not None):
             if comm.is_main_process() and name:
                 logger.info("No evaluator for %s: the export is not evaluated.", name)
             return manifest
-        backends = _main_says(export_backends(manifest) if manifest else None)
+        backends = main_says(export_backends(manifest) if manifest else None)
         source = (manifest or {}).get("source") or {}
         at = source.get("iteration")
         if source.get("from") != "best" or at == trainer.max_iter - 1:
@@ -591,7 +588,7 @@ class PersistHook(HookBase):
             return None
         # read again: an INT8 model outside its budget was made again (files, onnx_int8)
         manifest = dict(read_manifest(run.export_dir, False), evaluation=entry)
-        write_json(os.path.join(run.export_dir, MANIFEST_NAME), manifest)
+        write_manifest(run.export_dir, manifest)
         return manifest
 
     def _states_agree(self):
@@ -640,7 +637,7 @@ class PersistHook(HookBase):
     def _calibration_images(self):
         """With EXPORT_FORMATS "onnx-int8": CALIBRATION_IMAGES files of the training dataset."""
         names = self.run.train_dataset_names()
-        if "onnx-int8" not in self.options["EXPORT_FORMATS"] or not names:
+        if ONNX_INT8.format not in self.options["EXPORT_FORMATS"] or not names:
             return []
         from detectron2.data import DatasetCatalog
 

@@ -15,6 +15,7 @@ from detectron2.utils import comm
 
 from ..artifacts.checkpoints import list_checkpoints, read_sidecar, verify_checkpoint
 from ..artifacts.view import find_newest_valid, open_view
+from ..collective import main_decides, main_says
 from ..errors import ArtifactError, D2PersistError, OutputDirNotEmptyError
 from ..files.atomic import sha256_file, write_text
 from ..files.lock import lock_run_folder, unlock_run_folder
@@ -40,17 +41,8 @@ def hold_run_lock(folder: str) -> bool:
         RunFolderBusyError: another process writes ``folder``.
         ArtifactError: the lock file cannot be created.
     """
-    error, took = None, False
-    if folder and comm.is_main_process():
-        try:
-            took = lock_run_folder(folder)
-        except D2PersistError as e:
-            error = e
-    if comm.get_world_size() > 1:
-        error = comm.all_gather(error)[0]
-    if error is not None:
-        raise error
-    return took
+    took = main_decides(lambda: bool(folder) and lock_run_folder(folder))
+    return bool(took) and comm.is_main_process()
 
 
 def _fetch_from_mirror(url, folder):
@@ -137,15 +129,8 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True,
         ArtifactError: ``resume`` and the folder holds checkpoints, none of which verifies.
         OutputDirNotEmptyError: a new run in a folder that holds checkpoints.
     """
-    decision = None
-    if comm.is_main_process():
-        try:
-            decision = _decide(folder, resume, refuse_existing, mirror)
-        except D2PersistError as e:  # e.g. a hostile checkpoint: every process raises it
-            decision = ("", e)
-    if comm.get_world_size() > 1:
-        decision = comm.all_gather(decision)[0]
-    path, error = decision
+    # e.g. a hostile checkpoint: every process raises the main process's error
+    path, error = main_decides(lambda: _decide(folder, resume, refuse_existing, mirror))
     if error is not None:
         raise error
     return path
@@ -169,7 +154,7 @@ def _local_copy(folder, path):
     name = os.path.basename(path)
     # the main process verified its file against the sidecar a moment ago: no second hash
     main_digest = (read_sidecar(path) or sha256_file(path)) if comm.is_main_process() else None
-    digest = comm.all_gather(main_digest)[0]
+    digest = main_says(main_digest)
     local = os.path.join(folder, name)
     have = comm.is_main_process() or (os.path.isfile(local) and sha256_file(local) == digest)
     if not comm.is_main_process():

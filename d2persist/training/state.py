@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.utils.data as torchdata
 
+from ..collective import main_says
 from ..errors import ConfigError
 
 __all__ = [
@@ -308,7 +309,7 @@ def build_resumable_train_loader(cfg, mapper=None) -> "ResumableTrainLoader":
     if total % world:
         raise ValueError(f"SOLVER.IMS_PER_BATCH={total} is not divisible by {world} processes.")
     seed = cfg.SEED if cfg.SEED >= 0 else int.from_bytes(os.urandom(4), "little") >> 1
-    seed = comm.all_gather(seed)[0] if world > 1 else seed
+    seed = main_says(seed)
     return ResumableTrainLoader(
         DatasetFromList(dicts, copy=False),
         mapper or DatasetMapper(cfg, True),

@@ -13,6 +13,7 @@ LAYERS = {
     "errors": 0,
     "layout": 0,
     "config": 1,
+    "collective": 1,
     "files.writer": 1,
     "files.atomic": 1,
     "files.safe_load": 1,

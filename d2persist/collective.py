@@ -1,0 +1,54 @@
+"""
+"One process decides, every process learns it": the collectives d2persist's decisions share.
+
+A decision that depends on files (which checkpoint to resume from, whether a run folder is
+taken, whether training was already finished) is made on the main process only and sent to the
+others, so every process acts on the same answer. When the decision fails, every process raises
+the same one-sentence error instead of one process raising and the others hanging in the next
+collective. Not distributed (or one process): plain calls, no collective.
+"""
+
+from typing import Callable, Tuple, Type, TypeVar
+
+from detectron2.utils import comm
+
+from .errors import D2PersistError
+
+__all__ = ["main_decides", "main_says"]
+
+T = TypeVar("T")
+
+
+def main_says(value: T) -> T:
+    """
+    The main process's ``value``, on every process. Collective when distributed: every process
+    calls it at the same point (the value it passes is ignored except on the main process).
+    """
+    return comm.all_gather(value)[0] if comm.get_world_size() > 1 else value
+
+
+def main_decides(
+    decide: Callable[[], T], errors: Tuple[Type[BaseException], ...] = (D2PersistError,)
+) -> T:
+    """
+    Run ``decide`` on the main process only; every process returns its result, or raises the
+    error it raised. Collective when distributed.
+
+    Args:
+        decide: called without arguments on the main process; its result must be picklable.
+        errors: the exceptions every process re-raises (the user's errors); any other exception
+            propagates on the main process as it is.
+
+    Returns:
+        what ``decide`` returned on the main process.
+    """
+    result, error = None, None
+    if comm.is_main_process():
+        try:
+            result = decide()
+        except errors as e:
+            error = e
+    result, error = main_says((result, error))
+    if error is not None:
+        raise error
+    return result
