@@ -15,6 +15,7 @@ None of them takes the run lock or writes into a run (``plot -o`` writes only it
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -42,7 +43,7 @@ def ls(args):
                "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime)),
                "markers": e.markers, "metrics": e.metrics}
         if args.verify:
-            row["verified"] = not any(p.startswith(view.where(e.name) + ": ") for p in problems)
+            row["verified"] = not any(p.path == view.where(e.name) for p in problems)
         rows.append(row)
     data = {"path": view.path, "kind": view.kind, "checkpoints": rows, "export": view.export(),
             "mirror": view.mirror_state()}
@@ -92,9 +93,14 @@ def verify(args):
     from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
-    problems, notes = view.verify(progress=sys.stderr.isatty())
+    problems, notes = view.verify(progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps({"path": view.path, "kind": view.kind,
+                          "problems": [dataclasses.asdict(p) for p in problems],
+                          "notes": notes}, indent=2))
+        return 1 if problems else 0
     for p in problems:
-        print(f"PROBLEM: {p}")
+        print(f"PROBLEM: {p.sentence}")
     for n in notes:
         print(f"note: {n}")
     verdict = f"{len(problems)} problem(s)" if problems else "everything verifies"
@@ -156,6 +162,8 @@ def get_parser():
     p.set_defaults(fn=ls)
     p = sub.add_parser("verify", help="check every file against its sha256 or by safe loading")
     p.add_argument("path", help="a run folder (OUTPUT_DIR), an export bundle, or a URL of one")
+    p.add_argument("--json", action="store_true",
+                   help="print JSON (each problem's path, kind and sentence), for scripts")
     p.set_defaults(fn=verify)
     p = sub.add_parser("diff", help="config keys, options, classes and results of two runs, "
                        "bundles or config files")

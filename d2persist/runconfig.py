@@ -29,6 +29,7 @@ __all__ = [
     "YacsRunConfig",
     "LazyRunConfig",
     "run_config",
+    "flatten_config",
     "persist_options",
     "load_config_dict",
     "check_extension_names",
@@ -196,12 +197,17 @@ def load_config_dict(data: dict, extensions: Sequence[str] = (), new_allowed: bo
     return _merge(_reference_cfg(extensions), data, new_allowed)
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in d.items():
+def flatten_config(d: Optional[dict], prefix: str = "") -> Dict[str, Any]:
+    """
+    A nested config dict as ``{"MODEL.ROI_HEADS.NUM_CLASSES": 3, ...}``: the one flattening
+    that the round-trip check and ``d2persist diff`` share. Sequences become lists (YAML has no
+    tuples), so equal values compare equal; an empty dict is a value.
+    """
+    out: Dict[str, Any] = {}
+    for k, v in (d or {}).items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, dict) and v:
+            out.update(flatten_config(v, key + "."))
         else:
             out[key] = _as_lists(v)
     return out
@@ -457,16 +463,16 @@ class YacsRunConfig(RunConfig):
     def _check_round_trip(self, cfg, text):
         ref = _reference_cfg(self.options["CONFIG_EXTENSIONS"])
         data = yaml.safe_load(text)
-        known = _flatten(ref)
-        unknown = sorted(k for k in _flatten(data) if k not in known)
+        known = flatten_config(ref)
+        unknown = sorted(k for k in flatten_config(data) if k not in known)
         if unknown:
             raise ConfigRoundTripError(
                 "config.yaml would not load back with get_cfg(): these keys are defined only by "
                 f"your project's add_*_config: {', '.join(unknown)}. List that function in "
                 "cfg.PERSIST.CONFIG_EXTENSIONS as 'module:function'."
             )
-        loaded = _flatten(_merge(ref, data))
-        want = _flatten(cfg)
+        loaded = flatten_config(_merge(ref, data))
+        want = flatten_config(cfg)
         differ = sorted(k for k in want if loaded.get(k) != want[k])
         if differ:
             raise ConfigRoundTripError(

@@ -19,6 +19,7 @@ from .manifest import (
     local_bundle,
     metadata_from_json,
 )
+from .problems import PROBLEM_KINDS, Problem
 from .resolve import Artifacts, resolve_artifacts
 from .view import (
     EVAL_TASKS,
@@ -49,6 +50,8 @@ __all__ = [
     "export_backends",
     "local_bundle",
     "metadata_from_json",
+    "PROBLEM_KINDS",
+    "Problem",
     "Artifacts",
     "resolve_artifacts",
     "EVAL_TASKS",

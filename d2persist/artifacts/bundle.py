@@ -13,6 +13,7 @@ from ..files.atomic import resolve_inside
 from ..files.safe_load import safe_yaml_loads
 from ..layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
 from .folders import _LocalFolder, _remote_name
+from .problems import DAMAGED, MISSING, Problem
 
 __all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_bundle"]
 
@@ -60,16 +61,18 @@ def _bundle_file(folder, name):
     return sub, base, sub.where(base)
 
 
-def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[str]:
+def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[Problem]:
     """Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does)."""
     sub, base, where = _bundle_file(folder, name)
     st = sub.stat(base)
     if st is None:
-        return f"Bundle file {where} named in {MANIFEST_NAME} is missing."
+        return Problem(where, MISSING, f"Bundle file {where} named in {MANIFEST_NAME} is missing.")
     if st[0] != entry.get("size"):
-        return f"Bundle file {where} has {st[0]} bytes, the manifest says {entry.get('size')}."
+        return Problem(where, DAMAGED, f"Bundle file {where} has {st[0]} bytes, the manifest says "
+                                       f"{entry.get('size')}.")
     if (digest or sub.sha256(base)) != entry.get("sha256"):
-        return f"Bundle file {where} does not match its sha256 in the manifest."
+        return Problem(where, DAMAGED,
+                       f"Bundle file {where} does not match its sha256 in the manifest.")
     return None
 
 
@@ -98,7 +101,7 @@ def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
         if verify and (only is None or name in only):
             problem = _bundle_file_problem(folder, name, entry)
             if problem:
-                raise ArtifactError(problem)
+                raise ArtifactError(problem.sentence)
     return manifest
 
 

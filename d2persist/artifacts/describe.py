@@ -10,6 +10,7 @@ from ..errors import D2PersistError
 from ..files.mirror import is_url
 from ..files.safe_load import safe_yaml_load
 from ..layout import PYTORCH
+from ..runconfig import flatten_config
 from .view import open_view
 
 __all__ = ["describe", "diff"]
@@ -18,22 +19,6 @@ logger = logging.getLogger(__name__)
 
 
 # -- diff -------------------------------------------------------------------------------------
-
-def _plain(v):
-    """Tuples (a merged CfgNode's) as lists (YAML's), so that equal values compare equal."""
-    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
-
-
-def _flatten(d, prefix=""):
-    out = {}
-    for k, v in (d or {}).items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(_flatten(v, key + "."))
-        else:
-            out[key] = _plain(v)
-    return out
-
 
 def describe(path: str) -> dict:
     """
@@ -60,17 +45,17 @@ def describe(path: str) -> dict:
                 raise D2PersistError(f"{path} does not load as a detectron2 config ({e}).") \
                     from None
             config.pop("PERSIST", None)
-        return {"kind": "config", "config": _flatten(config), "persist": persist or {},
+        return {"kind": "config", "config": flatten_config(config), "persist": persist or {},
                 "classes": None, "last_iteration": None, "final": {}}
     view = open_view(path)
     if view.kind == "bundle":
         manifest = view.manifest()
         evaluation = manifest.get("evaluation") or {}
-        return {"kind": "bundle", "config": _flatten(view.config()), "persist": {},
+        return {"kind": "bundle", "config": flatten_config(view.config()), "persist": {},
                 "classes": view.classes(), "last_iteration": manifest.get("iteration"),
                 "final": (evaluation.get("backends") or {}).get(PYTORCH.backend) or {}}
     evaluations = view.evaluations()
-    return {"kind": "run", "config": _flatten(view.config() or {}),
+    return {"kind": "run", "config": flatten_config(view.config() or {}),
             "persist": view.persist_options(), "classes": view.classes(),
             "last_iteration": view.last_iteration(),
             "final": evaluations[max(evaluations)] if evaluations else {}}
@@ -89,7 +74,7 @@ def diff(a: str, b: str) -> dict:
                 if x.get(k, _MISSING) != y.get(k, _MISSING)}
 
     return {"kinds": [sa["kind"], sb["kind"]], "config": changed(sa["config"], sb["config"]),
-            "persist": changed(_flatten(sa["persist"]), _flatten(sb["persist"])),
+            "persist": changed(flatten_config(sa["persist"]), flatten_config(sb["persist"])),
             "classes": [sa["classes"], sb["classes"]],
             "last_iteration": [sa["last_iteration"], sb["last_iteration"]],
             "final": [sa["final"], sb["final"]]}

@@ -46,6 +46,7 @@ from .checkpoints import (
     verify_checkpoint,
 )
 from .folders import _PROGRESS_BYTES, _folder, _LocalFolder
+from .problems import DAMAGED, INCOMPLETE, INCONSISTENT, MISSING, Problem
 
 __all__ = [
     "EVAL_TASKS",
@@ -354,7 +355,7 @@ class RunView:
 
     # -- verification ------------------------------------------------------------------------
     def verify(self, progress: bool = False, workers: Optional[int] = None
-               ) -> Tuple[List[str], List[str]]:
+               ) -> Tuple[List[Problem], List[str]]:
         """
         Check everything the folder holds. Files are hashed in parallel (hashlib releases the
         GIL), the bigger ones first.
@@ -364,8 +365,9 @@ class RunView:
             workers (int or None): hashing threads (default: the CPU count, at most 8).
 
         Returns:
-            tuple: ``(problems, notes)``: one line per damaged or inconsistent file, and one per
-            thing that could not be checked because the run never had it.
+            tuple: ``(problems, notes)``: one :class:`~d2persist.artifacts.problems.Problem` per
+            damaged, missing or inconsistent file, and one sentence per thing that could not be
+            checked because the run never had it.
         """
         problems, notes, jobs = [], [], []
         checks = []  # (checkpoint, its sidecar's sha256), in the order their lines are reported
@@ -382,9 +384,12 @@ class RunView:
             try:
                 manifest = _parse_manifest(bundle, bundle.read(MANIFEST_NAME))
             except ArtifactError as e:
+                where = bundle.where(MANIFEST_NAME)
                 if bundle.read(MANIFEST_NAME) is None:
-                    e = f"{bundle.path} has no {MANIFEST_NAME}: an incomplete export."
-                bundle_problem = str(e)
+                    bundle_problem = Problem(where, INCOMPLETE, f"{bundle.path} has no "
+                                             f"{MANIFEST_NAME}: an incomplete export.")
+                else:
+                    bundle_problem = Problem(where, DAMAGED, str(e))
             else:
                 for name, entry in manifest["files"].items():
                     sub, base, _ = _bundle_file(bundle, name)
@@ -406,7 +411,7 @@ class RunView:
             if why is None:
                 good.add(name)
             else:
-                problems.append(f"{self.where(name)}: {why}.")
+                problems.append(Problem(self.where(name), DAMAGED, f"{self.where(name)}: {why}."))
         if unchecked:
             notes.append(f"torch is not installed: {len(unchecked)} checkpoint(s) without a "
                          f".sha256 sidecar could not be checked ({', '.join(unchecked[:3])}).")
@@ -490,7 +495,8 @@ class RunView:
                 notes.append(f"No {LAST_CHECKPOINT}: nothing names the checkpoint to resume from.")
         elif last not in good:
             state = "does not verify" if self._folder.stat(last) is not None else "is missing"
-            problems.append(f"{self.where(LAST_CHECKPOINT)} names {last}, which {state}.")
+            problems.append(Problem(self.where(LAST_CHECKPOINT), INCONSISTENT,
+                                    f"{self.where(LAST_CHECKPOINT)} names {last}, which {state}."))
         record = self.best_record()
         if record is not None or BEST_NAME in good:
             self._verify_best(record, good, problems, notes)
@@ -499,18 +505,20 @@ class RunView:
             try:
                 safe_yaml_loads(data, where=self.where(CONFIG_NAME))
             except ArtifactError as e:
-                problems.append(f"{self.where(CONFIG_NAME)}: {e}")
+                problems.append(Problem(self.where(CONFIG_NAME), DAMAGED,
+                                        f"{self.where(CONFIG_NAME)}: {e}"))
         else:
             notes.append(f"No {CONFIG_NAME}: the run's config could not be checked.")
 
     def _verify_best(self, record, good, problems, notes):
         where = self.where(BEST_NAME)
         if record is None:
-            problems.append(f"{where} has no {BEST_RECORD} saying which evaluation it is.")
+            problems.append(Problem(where, INCONSISTENT,
+                                    f"{where} has no {BEST_RECORD} saying which evaluation it is."))
             return
         if self._folder.stat(BEST_NAME) is None:
-            problems.append(f"{self.where(BEST_RECORD)} records a best model, but {BEST_NAME} "
-                            "is missing.")
+            problems.append(Problem(where, MISSING, f"{self.where(BEST_RECORD)} records a best "
+                                    f"model, but {BEST_NAME} is missing."))
             return
         if BEST_NAME not in good:
             return  # reported as a damaged checkpoint already
@@ -529,15 +537,16 @@ class RunView:
         except (ArtifactError, AttributeError):
             return
         if held != it:
-            problems.append(f"{self.where(BEST_RECORD)} says iteration {it}, but {BEST_NAME} "
-                            f"holds iteration {held}.")
+            problems.append(Problem(self.where(BEST_RECORD), INCONSISTENT,
+                                    f"{self.where(BEST_RECORD)} says iteration {it}, but "
+                                    f"{BEST_NAME} holds iteration {held}."))
 
     def _verify_bundle(self, folder, manifest, digests, problems, notes):
         damaged = set()
         for name, entry in manifest["files"].items():  # one line per damaged file
             sub, base, where = _bundle_file(folder, name)
             if where in digests and digests[where] is None:
-                problem = f"Bundle file {where} cannot be read."
+                problem = Problem(where, DAMAGED, f"Bundle file {where} cannot be read.")
             else:  # hashed above unless it is missing or has the wrong size
                 problem = _bundle_file_problem(folder, name, entry, digests.get(where))
             if problem:
@@ -556,8 +565,9 @@ class RunView:
                 with folder.local(name) as path:
                     ort.InferenceSession(path, providers=["CPUExecutionProvider"])
             except Exception as e:  # noqa: BLE001 (ONNX Runtime raises its own kinds)
-                problems.append(f"{folder.where(name)} does not open in ONNX Runtime "
-                                f"({type(e).__name__}).")
+                problems.append(Problem(folder.where(name), DAMAGED,
+                                        f"{folder.where(name)} does not open in ONNX Runtime "
+                                        f"({type(e).__name__})."))
 
 
 def open_view(path: str) -> RunView:

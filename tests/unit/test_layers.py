@@ -22,6 +22,7 @@ LAYERS = {
     "runconfig": 3,
     "data.shapes": 3,
     "artifacts.folders": 4,
+    "artifacts.problems": 4,
     "artifacts.bundle": 5,
     "artifacts.checkpoints": 5,
     "artifacts.view": 6,

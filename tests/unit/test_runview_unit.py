@@ -39,9 +39,11 @@ def test_each_damage_is_one_problem_naming_the_file(run):
     (run / "config.yaml").write_bytes(b"MODEL: \xff\xfe\x00 broken")  # not UTF-8
     (run / "model_0000001.pth.sha256").write_bytes(b"\xff\xfe garbled")
     problems, notes = open_view(str(run)).verify()
-    assert len(problems) == 2, problems
-    assert problems[0].startswith(f"{run / 'model_0000001.pth'}: its sha256")
-    assert str(run / "config.yaml") in problems[1] and "not valid YAML" in problems[1]
+    assert [(p.path, p.kind) for p in problems] == [
+        (str(run / "model_0000001.pth"), "damaged"), (str(run / "config.yaml"), "damaged")]
+    assert problems[0].sentence.startswith(f"{run / 'model_0000001.pth'}: its sha256")
+    assert str(run / "config.yaml") in problems[1].sentence
+    assert "not valid YAML" in problems[1].sentence
     assert not notes
 
 
