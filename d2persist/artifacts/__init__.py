@@ -7,7 +7,7 @@ torch nor detectron2 (``plot`` imports matplotlib when it draws).
 """
 
 from .bundle import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
-from .checkpoints import list_checkpoints, read_sidecar, resume_candidates, verify_checkpoint
+from .checkpoints import read_sidecar, resume_candidates, verify_checkpoint
 from .describe import describe, diff
 from .manifest import (
     EVAL_CHECKED,
@@ -26,11 +26,13 @@ from .view import (
     CheckpointEntry,
     RunView,
     find_newest_valid,
+    list_checkpoints,
     metrics_json_history,
     open_view,
 )
 
 __all__ = [
+    "list_checkpoints",
     "FORMAT",
     "LOADED",
     "find_bundle",

@@ -13,7 +13,7 @@ from ..files.safe_load import safe_torch_load
 from ..layout import FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
 from .folders import _LocalFolder
 
-__all__ = ["list_checkpoints", "read_sidecar", "verify_checkpoint", "resume_candidates"]
+__all__ = ["read_sidecar", "verify_checkpoint", "resume_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,17 +26,6 @@ def _checkpoint_names(names: Iterable[str]) -> List[str]:
     periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
                       key=checkpoint_iteration, reverse=True)
     return ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
-
-
-def list_checkpoints(folder: str) -> List[str]:
-    """
-    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration.
-
-    Returns:
-        list[str]: file names.
-    """
-    f = _LocalFolder(folder)
-    return [n for n in _checkpoint_names(f.names()) if f.stat(n) is not None]
 
 
 def resume_candidates(names: Iterable[str], tagged: Optional[str]) -> List[str]:

@@ -5,14 +5,18 @@ best evaluation marked. Matplotlib's object API with the Agg canvas: no pyplot s
 safe off the main thread.
 """
 
+import logging
 import os
+import threading
 from typing import Optional
 
 from ..files.atomic import atomic_path
-from ..layout import checkpoint_iteration
+from ..layout import TRAINING_PLOT, checkpoint_iteration
 from .view import EVAL_TASKS, RunView
 
-__all__ = ["plot_run"]
+__all__ = ["plot_run", "BackgroundPlot"]
+
+logger = logging.getLogger(__name__)
 
 
 def _series(rows, key):
@@ -73,3 +77,50 @@ def plot_run(view: RunView, path: Optional[str] = None):
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
     return fig
+
+
+class BackgroundPlot:
+    """
+    Keeps ``training.png`` of a run folder current from a background thread (matplotlib's
+    object API, no pyplot): one drawing at a time; a request that comes while one runs gets
+    the next. A picture never stops training: a failed drawing is a warning.
+
+    Args:
+        output_dir (str): the run folder.
+        on_drawn (callable): called with the file's name after each finished drawing (the
+            mirror's upload), on the thread that asks for the next one or waits.
+    """
+
+    def __init__(self, output_dir: str, on_drawn=None):
+        self.output_dir = output_dir
+        self.on_drawn = on_drawn
+        self._thread = None
+        self._again = False
+
+    def request(self) -> None:
+        """Redraw soon (after an evaluation): now, or after the drawing in progress."""
+        if self._thread is not None and self._thread.is_alive():
+            self._again = True
+            return
+        if self._thread is not None and self.on_drawn is not None:
+            self.on_drawn(TRAINING_PLOT)
+        self._again = False
+        self._thread = threading.Thread(target=self._draw, name="d2persist-plot", daemon=True)
+        self._thread.start()
+
+    def _draw(self):
+        try:
+            plot_run(RunView(self.output_dir, "run"), os.path.join(self.output_dir, TRAINING_PLOT))
+        except Exception as e:  # a picture never stops training
+            logger.warning("Could not draw %s: %s: %s", TRAINING_PLOT, type(e).__name__, e)
+
+    def finish(self) -> None:
+        """The picture of the whole run: wait for a drawing in progress, draw once more."""
+        if self._thread is not None:
+            self._thread.join()
+        self._thread = None
+        self.request()
+        self._thread.join()
+        self._thread = None
+        if self.on_drawn is not None:
+            self.on_drawn(TRAINING_PLOT)

@@ -23,9 +23,8 @@ from ..layout import (
 )
 from ..runconfig import check_extension_names
 from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
-from .checkpoints import list_checkpoints
 from .manifest import evaluation_problem, metadata_from_json
-from .view import find_newest_valid
+from .view import find_newest_valid, list_checkpoints
 
 __all__ = ["Artifacts", "resolve_artifacts"]
 

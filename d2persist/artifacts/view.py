@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
+from ..files.atomic import sha256_file
 from ..files.safe_load import safe_torch_load, safe_yaml_loads
 from ..layout import (
     BEST_NAME,
@@ -49,6 +50,7 @@ from .folders import _PROGRESS_BYTES, _folder, _LocalFolder
 from .problems import DAMAGED, INCOMPLETE, INCONSISTENT, MISSING, Problem
 
 __all__ = [
+    "list_checkpoints",
     "EVAL_TASKS",
     "RunView",
     "CheckpointEntry",
@@ -150,6 +152,10 @@ class RunView:
         except UnicodeDecodeError:
             return None
 
+    def has(self, name: str) -> bool:
+        """Whether the folder holds the file ``name``."""
+        return self._folder.stat(name) is not None
+
     def last_checkpoint(self) -> Optional[str]:
         """The name ``last_checkpoint`` holds, or None."""
         return (self._text(LAST_CHECKPOINT) or "").strip() or None
@@ -190,6 +196,24 @@ class RunView:
         """The last training iteration ``metrics.json`` logged, or None."""
         return max((int(r["iteration"]) for r in self.metrics_rows() if "total_loss" in r),
                    default=None)
+
+    def load_checkpoint(self, name: str) -> dict:
+        """
+        The checkpoint ``name`` (e.g. ``model_best.pth``), checked against its sha256 sidecar
+        when it has one, then loaded safely (``weights_only``; needs torch).
+
+        Raises:
+            ArtifactError: it is missing, or does not match its sidecar.
+            UnsafeArtifactError: it holds anything but tensors and plain data.
+        """
+        if self._folder.stat(name) is None:
+            raise ArtifactError(f"{self.where(name)} does not exist.")
+        expected = _sidecar(self._folder, name)
+        with self._folder.local(name) as path:
+            if expected is not None and sha256_file(path) != expected:
+                raise ArtifactError(f"{self.where(name)} does not match its sha256 sidecar; "
+                                    "it was damaged after it was written.")
+            return safe_torch_load(path)
 
     def best_record(self) -> Optional[dict]:
         """``best.json`` (which evaluation ``model_best.pth`` is), or None."""
@@ -618,3 +642,14 @@ def find_newest_valid(folder: str) -> Optional[str]:
             "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
         )
     return None
+
+
+def list_checkpoints(folder: str) -> List[str]:
+    """
+    Checkpoints in ``folder``, newest first: ``model_final.pth``, then periodic ones by iteration
+    (:meth:`RunView.checkpoint_names`).
+
+    Returns:
+        list[str]: file names.
+    """
+    return RunView(folder, "run").checkpoint_names()

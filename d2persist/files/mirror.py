@@ -17,9 +17,10 @@ import threading
 import time
 from typing import List, Optional, Sequence, Tuple
 
+from ..layout import LAST_CHECKPOINT, METRICS_NAME
 from .atomic import atomic_path
 
-__all__ = ["Mirror", "Uploader", "is_url"]
+__all__ = ["Mirror", "Uploader", "RunMirror", "is_url"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +157,52 @@ class Uploader:
         start = time.perf_counter()
         self._jobs.join()
         return time.perf_counter() - start
+
+
+class RunMirror:
+    """
+    The upload jobs of one run folder to its mirror, in the order that keeps the mirror
+    consistent: a file before anything names it, a checkpoint's sha256 with it,
+    ``last_checkpoint`` as it was when the job was queued, removals last. Training never waits.
+
+    Args:
+        url (str): ``PERSIST.MIRROR``.
+        output_dir (str): the run folder whose files are uploaded.
+    """
+
+    def __init__(self, url: str, output_dir: str):
+        self.uploader = Uploader(Mirror(url))
+        self.output_dir = output_dir
+
+    @property
+    def url(self) -> str:
+        return self.uploader.mirror.url
+
+    def upload(self, *names: str, folder: Optional[str] = None, remove: Sequence[str] = (),
+               tag: Optional[str] = None) -> None:
+        """
+        Queue one job: ``names`` (files of the run folder, or of its subfolder ``folder``) in
+        this order, then ``last_checkpoint`` naming ``tag``, then the removals of ``remove``.
+        """
+        base = os.path.join(self.output_dir, folder) if folder else self.output_dir
+        prefix = f"{folder}/" if folder else ""
+        steps = [(prefix + n, os.path.join(base, n)) for n in names]
+        if tag is not None:
+            steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
+        steps += [(prefix + n, None) for n in remove]
+        self.uploader.submit(steps)
+
+    def upload_metrics(self) -> None:
+        """``metrics.json`` as it is now (a line still being appended is skipped by readers)."""
+        if os.path.isfile(os.path.join(self.output_dir, METRICS_NAME)):
+            self.upload(METRICS_NAME)
+
+    def finish(self) -> None:
+        """Upload ``metrics.json`` a last time and wait for every job; log what failed."""
+        self.upload_metrics()
+        waited = self.uploader.wait()
+        failures = self.uploader.failures
+        logger.info(
+            "Mirror %s: waited %.1f s for the last uploads%s.", self.url, waited,
+            f"; {failures} upload(s) failed, the local run is complete" if failures else "",
+        )

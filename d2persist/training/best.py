@@ -7,12 +7,10 @@ event storage (``"bbox/AP"``, ``"segm/AP50"``, ...).
 
 import logging
 import math
-import os
 import time
 from typing import Dict, Optional, Tuple
 
-from ..errors import ArtifactError, ConfigError
-from ..files.safe_load import read_json
+from ..errors import ConfigError
 
 __all__ = ["BEST_MODES", "BestMetric", "evaluation_value"]
 
@@ -89,19 +87,20 @@ class BestMetric:
         return {"metric": self.metric, "mode": self.mode, "value": self.value,
                 "iteration": self.iteration}
 
-    def adopt(self, record_path: str) -> None:
+    def adopt(self, record: Optional[dict]) -> None:
         """
-        On resume, take the best from ``best.json`` if it is better than the checkpoint's: the
-        evaluation that ends training comes after the last checkpoint was written.
+        On resume, take the best from the run's ``best.json`` (``record``, as
+        :meth:`~d2persist.artifacts.view.RunView.best_record` reads it; None without one) if it
+        is better than the checkpoint's: the evaluation that ends training comes after the last
+        checkpoint was written.
         """
-        if not os.path.isfile(record_path):
+        if record is None:
             return
         try:
-            record = read_json(record_path)
             value, iteration = float(record["value"]), int(record["iteration"])
             same = (record["metric"], record["mode"]) == (self.metric, self.mode)
-        except (ArtifactError, TypeError, ValueError, KeyError):
-            logger.warning("%s is not a best-metric record: ignored.", record_path)
+        except (TypeError, ValueError, KeyError):
+            logger.warning("best.json is not a best-metric record: ignored.")
             return
         if same and self.improves(value):
             self.update(value, iteration)

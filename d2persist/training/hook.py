@@ -1,6 +1,5 @@
 """PersistHook: decides *when* a training run writes its config, checkpoints and export."""
 
-import copy
 import logging
 import os
 import signal
@@ -14,38 +13,28 @@ from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..artifacts.bundle import read_manifest
-from ..artifacts.manifest import export_backends
-from ..artifacts.view import metrics_json_history
+from ..artifacts.plot import BackgroundPlot
+from ..artifacts.view import RunView
 from ..collective import main_says
 from ..errors import D2PersistError, TrainingDivergedError
-from ..export.bundle import dataset_metadata, write_export, write_manifest
-from ..export.quantize import calibration_subset
-from ..export.self_eval import evaluate_bundle, metrics_at
-from ..files.atomic import remove_temp_files, write_json
-from ..files.lock import note_run_started, unlock_run_folder
-from ..files.mirror import Mirror, Uploader
-from ..files.safe_load import safe_torch_load
+from ..files.atomic import write_json
+from ..files.lock import unlock_run_folder
 from ..files.writer import BackgroundWriter
 from ..layout import (
     BEST_NAME,
     BEST_RECORD,
-    CONFIG_NAME,
     FINAL_NAME,
     LAST_CHECKPOINT,
     MANIFEST_NAME,
-    METADATA_NAME,
-    METRICS_NAME,
-    ONNX_INT8,
-    PERSIST_FILE,
     SIDECAR_SUFFIX,
     TRAINING_PLOT,
     checkpoint_name,
 )
 from ..runconfig import run_config
+from .actions import diverged_error, evaluate_run_export, export_run, start_run_folder
 from .best import BestMetric, evaluation_value
 from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
-from .resume import check_output_dir, hold_run_lock
+from .resume import hold_run_lock
 from .state import data_state_to_resume, get_rng_state, set_rng_state
 
 __all__ = ["PersistHook"]
@@ -128,9 +117,8 @@ class PersistHook(HookBase):
         metric = self.options["BEST_METRIC"]
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
         self._training_keys = None  # what training itself puts into the event storage
-        self._uploader = None  # the mirror's, on the main process (PERSIST.MIRROR)
-        self._plotter = None  # the thread drawing training.png (PERSIST.PLOT)
-        self._plot_again = False  # an evaluation came while it drew
+        self._mirror_jobs = None  # the mirror's uploads, on the main process (PERSIST.MIRROR)
+        self._plotter = None  # training.png's drawing, on the main process (PERSIST.PLOT)
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -159,21 +147,13 @@ class PersistHook(HookBase):
         self.run.check()  # raises ConfigRoundTripError, on every process alike
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
         if comm.is_main_process():  # the folder the main process writes is the one that counts
-            check_output_dir(out, self.trainer.start_iter)
-            note_run_started(out)  # a worker its launcher restarts may resume it now
-            os.makedirs(out, exist_ok=True)
-            remove_temp_files(out)
-            self.run.write(out)
-            write_json(
-                os.path.join(out, METADATA_NAME), dataset_metadata(self.run.train_dataset_names())
-            )
-            if self.options["MIRROR"]:
-                self._uploader = Uploader(Mirror(self.options["MIRROR"]))
-                self._mirror(CONFIG_NAME, PERSIST_FILE, METADATA_NAME)
+            self._mirror_jobs = start_run_folder(self.run, self.trainer.start_iter)
+            if self.options["PLOT"]:
+                self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
         if self._best is not None and self.trainer.start_iter > 0 and comm.is_main_process():
-            self._best.adopt(os.path.join(out, BEST_RECORD))
+            self._best.adopt(RunView(out, "run").best_record())
         self._install_signal_handlers()
         self._last_save_time = time.monotonic()
 
@@ -263,8 +243,8 @@ class PersistHook(HookBase):
             self._save(checkpoint_name(it), it, best=improved)
         elif improved:
             self._save_best(it)
-        if self._evaluated_after(it):
-            self._plot()
+        if self._evaluated_after(it) and self._plotter is not None:
+            self._plotter.request()
         if sig:
             self._writer.wait()
             logger.warning(
@@ -321,81 +301,12 @@ class PersistHook(HookBase):
         if mirror:
             self._mirror(BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
 
-    # -- training.png --------------------------------------------------------------------------
-
-    def _plot(self):
-        """
-        On the main process, redraw ``training.png`` from a background thread (matplotlib's
-        object API, no pyplot): one drawing at a time; an evaluation that comes while one runs
-        gets the next. The file a finished drawing wrote is mirrored from here.
-        """
-        if not self.options["PLOT"] or not comm.is_main_process():
-            return
-        if self._plotter is not None and self._plotter.is_alive():
-            self._plot_again = True
-            return
-        if self._plotter is not None:
-            self._mirror(TRAINING_PLOT)
-        self._plot_again = False
-        self._plotter = threading.Thread(target=self._draw, name="d2persist-plot", daemon=True)
-        self._plotter.start()
-
-    def _draw(self):
-        from ..artifacts.plot import plot_run
-        from ..artifacts.view import RunView
-
-        try:
-            plot_run(RunView(self.run.output_dir, "run"),
-                     os.path.join(self.run.output_dir, TRAINING_PLOT))
-        except Exception as e:  # a picture never stops training
-            logger.warning("Could not draw %s: %s: %s", TRAINING_PLOT, type(e).__name__, e)
-
-    def _final_plot(self):
-        """The picture of the whole run, once training ended (waits for it)."""
-        if not self.options["PLOT"] or not comm.is_main_process():
-            return
-        if self._plotter is not None:
-            self._plotter.join()
-        self._plotter = None
-        self._plot()
-        if self._plotter is not None:
-            self._plotter.join()
-            self._mirror(TRAINING_PLOT)
-
-    # -- mirror --------------------------------------------------------------------------------
+    # -- the mirror ----------------------------------------------------------------------------
 
     def _mirror(self, *names, folder=None, remove=(), tag=None):
-        """
-        Queue one upload job to the mirror: ``names`` (files of the output folder, or of its
-        ``folder``) in this order, then ``last_checkpoint`` naming ``tag`` (as it is now, not
-        as the local file may say when the upload runs), then the removals. Training never
-        waits for it.
-        """
-        if self._uploader is None:
-            return
-        base = os.path.join(self.run.output_dir, folder) if folder else self.run.output_dir
-        prefix = f"{folder}/" if folder else ""
-        steps = [(prefix + n, os.path.join(base, n)) for n in names]
-        if tag is not None:
-            steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
-        steps += [(prefix + n, None) for n in remove]
-        self._uploader.submit(steps)
-
-    def _mirror_metrics(self):
-        """``metrics.json`` as it is now (a line still being appended is skipped by readers)."""
-        if os.path.isfile(os.path.join(self.run.output_dir, METRICS_NAME)):
-            self._mirror(METRICS_NAME)
-
-    def _finish_mirror(self):
-        if self._uploader is None:
-            return
-        self._mirror_metrics()
-        waited = self._uploader.wait()
-        failures = self._uploader.failures
-        logger.info(
-            "Mirror %s: waited %.1f s for the last uploads%s.", self._uploader.mirror.url, waited,
-            f"; {failures} upload(s) failed, the local run is complete" if failures else "",
-        )
+        """Queue one upload job to the mirror (see :meth:`RunMirror.upload`), if there is one."""
+        if self._mirror_jobs is not None:
+            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -452,7 +363,8 @@ class PersistHook(HookBase):
             best = (BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
         # the checkpoint and its sha256 before anything names it
         self._mirror(basename, basename + SIDECAR_SUFFIX, *best, tag=basename)
-        self._mirror_metrics()  # a job of its own: the mirror's ls and plot read it
+        if self._mirror_jobs is not None:  # a job of its own: the mirror's ls and plot read it
+            self._mirror_jobs.upload_metrics()
         self._prune()
 
     def _prune(self):
@@ -476,41 +388,20 @@ class PersistHook(HookBase):
         finally:
             self._spare = None  # the snapshot buffers: training is over
             try:
-                self._final_plot()
+                if self._plotter is not None:
+                    self._plotter.finish()
             except Exception:  # a picture never hides why training ended
                 logger.exception("Could not draw %s:", TRAINING_PLOT)
             try:
-                self._finish_mirror()  # also after a failure or a signal: what was written
+                if self._mirror_jobs is not None:  # also after a failure or a signal
+                    self._mirror_jobs.finish()
             finally:
                 if comm.is_main_process():
                     unlock_run_folder(self.run.output_dir)
         if isinstance(failure, FloatingPointError) and not isinstance(
             failure, TrainingDivergedError
         ):
-            raise self._diverged(failure) from failure
-
-    _HINTS = {
-        "yacs": "a longer warm-up (SOLVER.WARMUP_ITERS), a lower SOLVER.BASE_LR, or gradient "
-                "clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)",
-        "lazy": "a longer warm-up (lr_multiplier.warmup_length), a lower optimizer.lr, or "
-                "gradient clipping (train.clip_grad)",
-    }
-
-    def _diverged(self, error):
-        """The sentence for a run that produced NaN/Inf (detectron2's or the NaN guard's)."""
-        try:
-            with open(os.path.join(self.run.output_dir, LAST_CHECKPOINT), encoding="utf-8") as f:
-                last = f.read().strip()
-        except OSError:
-            last = ""
-        where = (f"{LAST_CHECKPOINT} names {last}, the newest weights saved before it (all "
-                 "finite), and --resume continues from it" if last
-                 else "no checkpoint was saved before it")
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".!")
-        return TrainingDivergedError(
-            f"Training diverged (NaN or Inf) at iteration {self.trainer.iter} ({reason}); "
-            f"{where}. What usually helps: {self._HINTS.get(self.run.kind, self._HINTS['yacs'])}."
-        )
+            raise diverged_error(self.run, self.trainer.iter, failure) from failure
 
     def _after_train(self):
         self._restore_signal_handlers()
@@ -532,7 +423,7 @@ class PersistHook(HookBase):
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
                 self._mirror(FINAL_NAME, FINAL_NAME + SIDECAR_SUFFIX, tag=FINAL_NAME)
-        elif trained or not main_says(os.path.isfile(os.path.join(out, FINAL_NAME))):
+        elif trained or not main_says(RunView(out, "run").has(FINAL_NAME)):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
@@ -543,106 +434,16 @@ class PersistHook(HookBase):
                 self._writer.wait()
         if self.options["EXPORT"]:
             manifest = None
-            if comm.is_main_process() and (trained or not os.path.isfile(
-                    os.path.join(self.run.export_dir, MANIFEST_NAME))):
-                manifest = self.export()
+            if comm.is_main_process() and (
+                    trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
+                manifest = export_run(self.run, self._checkpointer.model, last, self._best)
             if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
-                manifest = self.evaluate_export(manifest)  # collective
+                manifest = evaluate_run_export(self.run, trainer, self._checkpointer.model,
+                                               manifest)  # collective
             if manifest is not None:
                 folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
                 self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
         comm.synchronize()
-
-    def evaluate_export(self, manifest):
-        """
-        Evaluate the bundle just written, through each backend it holds, on the first test
-        dataset with the trainer's evaluator (:func:`d2persist.export.self_eval.evaluate_bundle`),
-        and add the ``evaluation`` entry to its manifest. Collective; the manifest (the main
-        process's; None on the others) is returned.
-        """
-        run, trainer = self.run, self.trainer
-        name = run.test_dataset_name()
-        evaluator = run.build_evaluator(trainer, name) if name else None
-        if not main_says(evaluator is not None):
-            if comm.is_main_process() and name:
-                logger.info("No evaluator for %s: the export is not evaluated.", name)
-            return manifest
-        backends = main_says(export_backends(manifest) if manifest else None)
-        source = (manifest or {}).get("source") or {}
-        at = source.get("iteration")
-        if source.get("from") != "best" or at == trainer.max_iter - 1:
-            at = trainer.storage.iter  # where after_train's evaluation is stored
-        agree = self._states_agree()
-        if not agree and comm.is_main_process():
-            logger.warning("The processes' BatchNorm statistics differ (each computes its own, "
-                           "as DefaultTrainer's DDP does not broadcast buffers), so the "
-                           "in-training evaluation was not of the exported weights alone; the "
-                           "export's backends are compared with its PyTorch bundle instead.")
-        entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
-                                lambda keys: self._evaluation_at(at, keys), device=run.device,
-                                training_is_reference=agree,
-                                calibration_images=self._calibration_images()
-                                if comm.is_main_process() else (),
-                                int8_budget=self.options["INT8_BUDGET"])
-        if manifest is None:
-            return None
-        # read again: an INT8 model outside its budget was made again (files, onnx_int8)
-        manifest = dict(read_manifest(run.export_dir, False), evaluation=entry)
-        write_manifest(run.export_dir, manifest)
-        return manifest
-
-    def _states_agree(self):
-        """Whether every process holds the same buffers (BatchNorm statistics); collective."""
-        if comm.get_world_size() == 1:
-            return True
-        import hashlib
-
-        h = hashlib.sha256()
-        for name, buf in self._checkpointer.model.named_buffers():
-            h.update(name.encode())
-            h.update(buf.detach().to("cpu").contiguous().numpy().tobytes())
-        return len(set(comm.all_gather(h.hexdigest()))) == 1
-
-    def _evaluation_at(self, iteration, keys):
-        """The metrics ``keys`` stored under ``iteration``: in this process, else metrics.json."""
-        histories = self.trainer.storage.histories()
-        found = metrics_at(lambda k: histories[k].values() if k in histories else None, keys,
-                           iteration)
-        if not found:  # evaluated before a resume
-            found = metrics_at(metrics_json_history(os.path.join(self.run.output_dir,
-                                                                 METRICS_NAME)), keys, iteration)
-        return found
-
-    def export(self) -> dict:
-        """
-        Write the inference bundle to ``PERSIST.EXPORT_DIR``: of the model as it is now, or with
-        ``PERSIST.EXPORT_FROM`` "best", of the weights in ``model_best.pth``.
-        """
-        model, iteration = self._checkpointer.model, self.trainer.max_iter - 1
-        source = {"from": "final"}
-        if self.options["EXPORT_FROM"] == "best":
-            if self._best is None or self._best.iteration is None:
-                logger.warning("No evaluation gave %s: exporting the final weights.",
-                               self.options["BEST_METRIC"])
-            else:
-                state = safe_torch_load(os.path.join(self.run.output_dir, BEST_NAME))["model"]
-                model = copy.deepcopy(model)
-                model.load_state_dict(state)
-                iteration = self._best.iteration
-                source = {"from": "best", "metric": self._best.metric, "mode": self._best.mode,
-                          "value": self._best.value}
-        return write_export(self.run, model, self.run.export_dir, iteration, source=source,
-                            calibration_images=self._calibration_images())
-
-    def _calibration_images(self):
-        """With EXPORT_FORMATS "onnx-int8": CALIBRATION_IMAGES files of the training dataset."""
-        names = self.run.train_dataset_names()
-        if ONNX_INT8.format not in self.options["EXPORT_FORMATS"] or not names:
-            return []
-        from detectron2.data import DatasetCatalog
-
-        files = [d["file_name"] for d in DatasetCatalog.get(names[0]) if "file_name" in d]
-        return calibration_subset(files, self.options["CALIBRATION_IMAGES"])
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -13,8 +13,8 @@ import os
 
 from detectron2.utils import comm
 
-from ..artifacts.checkpoints import list_checkpoints, read_sidecar, verify_checkpoint
-from ..artifacts.view import find_newest_valid, open_view
+from ..artifacts.checkpoints import read_sidecar, verify_checkpoint
+from ..artifacts.view import RunView, find_newest_valid, list_checkpoints, open_view
 from ..collective import main_decides, main_says
 from ..errors import ArtifactError, D2PersistError, OutputDirNotEmptyError
 from ..files.atomic import sha256_file, write_text
@@ -232,7 +232,7 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
     if start_iter != 0:
         return
     existing = list_checkpoints(output_dir)
-    if existing or os.path.isfile(os.path.join(output_dir, LAST_CHECKPOINT)):
+    if existing or RunView(output_dir, "run").has(LAST_CHECKPOINT):
         raise OutputDirNotEmptyError(
             f"{output_dir} already holds checkpoints of an earlier run "
             f"({', '.join(existing[:3]) or LAST_CHECKPOINT}); resume it with --resume "

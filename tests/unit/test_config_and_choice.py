@@ -98,6 +98,7 @@ def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
 def test_best_metric_bookkeeping(tmp_path):
     import json
 
+    from d2persist.artifacts.view import RunView
     from d2persist.training.best import BestMetric
 
     best = BestMetric("segm/AP", "min")
@@ -108,13 +109,14 @@ def test_best_metric_bookkeeping(tmp_path):
     record.write_text(json.dumps(dict(best.record(), value=1.5, iteration=19)))
     again = BestMetric("segm/AP", "min")
     again.load_state_dict(best.state_dict())  # what the checkpoint held
-    again.adopt(str(record))  # the final evaluation came after the last checkpoint
+    run = RunView(str(tmp_path), "run")
+    again.adopt(run.best_record())  # the final evaluation came after the last checkpoint
     assert (again.value, again.iteration) == (1.5, 19)
     other = BestMetric("bbox/AP", "min")
-    other.adopt(str(record))  # another metric's record is ignored
+    other.adopt(run.best_record())  # another metric's record is ignored
     assert other.value is None
-    record.write_text("[1, 2]")  # not a record: ignored, with a warning
-    other.adopt(str(record))
+    record.write_text('{"value": "high"}')  # not a record: ignored, with a warning
+    other.adopt(run.best_record())
     assert other.value is None
     with pytest.raises(ConfigError, match="BEST_MODE"):
         BestMetric("segm/AP", "largest")

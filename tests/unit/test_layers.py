@@ -45,6 +45,7 @@ LAYERS = {
     "training.state": 15,
     "training.best": 15,
     "training.resume": 15,
+    "training.actions": 16,
     "training.checkpointer": 16,
     "training.hook": 17,
     "training.trainer": 18,

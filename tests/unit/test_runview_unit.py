@@ -9,9 +9,8 @@ import os
 import pytest
 
 from d2persist import D2PersistError, UnsafeArtifactError
-from d2persist.artifacts.view import find_newest_valid
 from d2persist.artifacts.folders import _remote_name
-from d2persist.artifacts.view import open_view
+from d2persist.artifacts.view import find_newest_valid, open_view
 
 
 def _checkpoint(folder, name, data=b"weights"):

@@ -1,0 +1,180 @@
+"""
+What PersistHook does, one function per action; :class:`~d2persist.training.hook.PersistHook`
+decides *when* to call each. Start a run folder, say why a run diverged, export the run and
+have the export evaluate itself with the run's evaluator.
+"""
+
+import copy
+import hashlib
+import logging
+import os
+from typing import List, Optional
+
+from detectron2.utils import comm
+
+from ..artifacts.bundle import read_manifest
+from ..artifacts.manifest import export_backends
+from ..artifacts.view import RunView, metrics_json_history
+from ..collective import main_says
+from ..errors import TrainingDivergedError
+from ..export.bundle import dataset_metadata, write_export, write_manifest
+from ..export.quantize import calibration_subset
+from ..export.self_eval import evaluate_bundle, metrics_at
+from ..files.atomic import remove_temp_files, write_json
+from ..files.lock import note_run_started
+from ..files.mirror import RunMirror
+from ..layout import BEST_NAME, CONFIG_NAME, METADATA_NAME, METRICS_NAME, ONNX_INT8, PERSIST_FILE
+from .best import BestMetric
+from .resume import check_output_dir
+
+__all__ = [
+    "start_run_folder",
+    "diverged_error",
+    "calibration_images",
+    "export_run",
+    "evaluate_run_export",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def start_run_folder(run, start_iter: int) -> Optional[RunMirror]:
+    """
+    On the main process, before training: refuse a new run over an earlier run's checkpoints,
+    note that the run started (a restarted worker may resume it), write ``config.yaml``,
+    ``persist.yaml`` and ``metadata.json``, and start the mirror.
+
+    Returns:
+        RunMirror or None: the mirror's uploads (``PERSIST.MIRROR``), with the config queued.
+    """
+    out = run.output_dir
+    check_output_dir(out, start_iter)
+    note_run_started(out)
+    os.makedirs(out, exist_ok=True)
+    remove_temp_files(out)
+    run.write(out)
+    write_json(os.path.join(out, METADATA_NAME), dataset_metadata(run.train_dataset_names()))
+    if not run.options["MIRROR"]:
+        return None
+    mirror = RunMirror(run.options["MIRROR"], out)
+    mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME)
+    return mirror
+
+
+#: what usually helps a run that diverged, in each config system's keys
+DIVERGENCE_HINTS = {
+    "yacs": "a longer warm-up (SOLVER.WARMUP_ITERS), a lower SOLVER.BASE_LR, or gradient "
+            "clipping (SOLVER.CLIP_GRADIENTS.ENABLED True)",
+    "lazy": "a longer warm-up (lr_multiplier.warmup_length), a lower optimizer.lr, or "
+            "gradient clipping (train.clip_grad)",
+}
+
+
+def diverged_error(run, iteration: int, error: BaseException) -> TrainingDivergedError:
+    """The one sentence for a run that produced NaN/Inf (detectron2's or the NaN guard's)."""
+    last = RunView(run.output_dir, "run").last_checkpoint()
+    where = (f"last_checkpoint names {last}, the newest weights saved before it (all "
+             "finite), and --resume continues from it" if last
+             else "no checkpoint was saved before it")
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".!")
+    hint = DIVERGENCE_HINTS.get(run.kind, DIVERGENCE_HINTS["yacs"])
+    return TrainingDivergedError(
+        f"Training diverged (NaN or Inf) at iteration {iteration} ({reason}); {where}. "
+        f"What usually helps: {hint}."
+    )
+
+
+def calibration_images(run) -> List[str]:
+    """With EXPORT_FORMATS "onnx-int8": CALIBRATION_IMAGES files of the training dataset."""
+    names = run.train_dataset_names()
+    if ONNX_INT8.format not in run.options["EXPORT_FORMATS"] or not names:
+        return []
+    from detectron2.data import DatasetCatalog
+
+    files = [d["file_name"] for d in DatasetCatalog.get(names[0]) if "file_name" in d]
+    return calibration_subset(files, run.options["CALIBRATION_IMAGES"])
+
+
+def export_run(run, model, iteration: int, best: Optional[BestMetric] = None) -> dict:
+    """
+    Write the run's inference bundle to ``PERSIST.EXPORT_DIR``: of ``model`` as it is now (the
+    weights of ``iteration``), or with ``PERSIST.EXPORT_FROM`` "best", of the weights in
+    ``model_best.pth`` (verified against its sidecar), loaded into a copy of ``model``.
+
+    Returns:
+        dict: the bundle's manifest.
+    """
+    source = {"from": "final"}
+    if run.options["EXPORT_FROM"] == "best":
+        if best is None or best.iteration is None:
+            logger.warning("No evaluation gave %s: exporting the final weights.",
+                           run.options["BEST_METRIC"])
+        else:
+            state = RunView(run.output_dir, "run").load_checkpoint(BEST_NAME)["model"]
+            model = copy.deepcopy(model)
+            model.load_state_dict(state)
+            iteration = best.iteration
+            source = {"from": "best", "metric": best.metric, "mode": best.mode,
+                      "value": best.value}
+    return write_export(run, model, run.export_dir, iteration, source=source,
+                        calibration_images=calibration_images(run))
+
+
+def _states_agree(model) -> bool:
+    """Whether every process holds the same buffers (BatchNorm statistics); collective."""
+    if comm.get_world_size() == 1:
+        return True
+    h = hashlib.sha256()
+    for name, buf in model.named_buffers():
+        h.update(name.encode())
+        h.update(buf.detach().to("cpu").contiguous().numpy().tobytes())
+    return len(set(comm.all_gather(h.hexdigest()))) == 1
+
+
+def _evaluation_at(trainer, output_dir, iteration, keys):
+    """The metrics ``keys`` stored under ``iteration``: in this process, else metrics.json."""
+    histories = trainer.storage.histories()
+    found = metrics_at(lambda k: histories[k].values() if k in histories else None, keys,
+                       iteration)
+    if not found:  # evaluated before a resume
+        found = metrics_at(metrics_json_history(os.path.join(output_dir, METRICS_NAME)), keys,
+                           iteration)
+    return found
+
+
+def evaluate_run_export(run, trainer, model, manifest: Optional[dict]) -> Optional[dict]:
+    """
+    Evaluate the bundle just written, through each backend it holds, on the first test dataset
+    with the trainer's evaluator (:func:`d2persist.export.self_eval.evaluate_bundle`), and add
+    the ``evaluation`` entry to its manifest. Collective; ``manifest`` is the main process's
+    (None on the others), and so is the manifest returned.
+    """
+    name = run.test_dataset_name()
+    evaluator = run.build_evaluator(trainer, name) if name else None
+    if not main_says(evaluator is not None):
+        if comm.is_main_process() and name:
+            logger.info("No evaluator for %s: the export is not evaluated.", name)
+        return manifest
+    backends = main_says(export_backends(manifest) if manifest else None)
+    source = (manifest or {}).get("source") or {}
+    at = source.get("iteration")
+    if source.get("from") != "best" or at == trainer.max_iter - 1:
+        at = trainer.storage.iter  # where after_train's evaluation is stored
+    agree = _states_agree(model)
+    if not agree and comm.is_main_process():
+        logger.warning("The processes' BatchNorm statistics differ (each computes its own, "
+                       "as DefaultTrainer's DDP does not broadcast buffers), so the "
+                       "in-training evaluation was not of the exported weights alone; the "
+                       "export's backends are compared with its PyTorch bundle instead.")
+    entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
+                            lambda keys: _evaluation_at(trainer, run.output_dir, at, keys),
+                            device=run.device, training_is_reference=agree,
+                            calibration_images=calibration_images(run)
+                            if comm.is_main_process() else (),
+                            int8_budget=run.options["INT8_BUDGET"])
+    if manifest is None:
+        return None
+    # read again: an INT8 model outside its budget was made again (files, onnx_int8)
+    manifest = dict(read_manifest(run.export_dir, False), evaluation=entry)
+    write_manifest(run.export_dir, manifest)
+    return manifest
