@@ -14,7 +14,7 @@ DEMO_OUT ?= output/shapes
 DEMO_START := $(shell date +%s)
 
 .PHONY: install install-torch install-detectron2 install-panopticapi install-test \
-	check-detectron2 test test-fast \
+	check-detectron2 typecheck test test-fast \
 	demo lint bench help
 
 help:
@@ -22,8 +22,9 @@ help:
 	@echo "                ONNX and INT8), evaluate the export per backend, predict with"
 	@echo "                PyTorch and with ONNX Runtime"
 	@echo "make test       install what the tests need, lint, and run the whole suite"
-	@echo "make test-fast  lint and the unit tests that train nothing (under 30 s)"
+	@echo "make test-fast  lint, mypy and the unit tests that train nothing (under 30 s)"
 	@echo "make lint       flake8 with detectron2's settings (line length 100)"
+	@echo "make typecheck  mypy on the package (settings in setup.cfg)"
 
 install-torch:
 	@# torchvision's compiled ops load only with the standard PyPI torch build
@@ -42,8 +43,8 @@ install-panopticapi:
 	  || $(PIP) install --no-build-isolation '$(PANOPTICAPI_SRC)'
 
 install-test: install install-panopticapi
-	@$(PYTHON) -c "import pytest, pytest_mock, flake8, pycocotools, onnx, onnxruntime, s3fs, \
-	  moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
+	@$(PYTHON) -c "import pytest, pytest_mock, flake8, mypy, pycocotools, onnx, onnxruntime, \
+	  s3fs, moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench
@@ -54,10 +55,13 @@ check-detectron2:
 	       "install it from its repository as its INSTALL.md says (make install-detectron2)." >&2; \
 	       exit 1; }
 
-test: lint check-detectron2
+typecheck: install-test
+	$(PYTHON) -m mypy
+
+test: lint typecheck check-detectron2
 	$(PYTHON) -m pytest -q tests
 
-test-fast: lint check-detectron2
+test-fast: lint typecheck check-detectron2
 	$(PYTHON) -m pytest -q tests/unit
 
 demo: install

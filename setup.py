@@ -37,7 +37,7 @@ setup(
         "setuptools<81",
     ],
     extras_require={
-        "test": ["pytest", "pytest-mock", "flake8", "pycocotools", "s3fs", "moto[server]"],
+        "test": ["pytest", "pytest-mock", "flake8", "mypy", "pycocotools", "s3fs", "moto[server]"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)

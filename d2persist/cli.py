@@ -9,10 +9,16 @@ sentence naming the iteration and the last good checkpoint); 128 + N stopped by 
 SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
 """
 
+import argparse
 import functools
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
+    from omegaconf import DictConfig
 
 __all__ = [
     "EXIT_BAD_INPUT",
@@ -34,8 +40,10 @@ EXIT_BAD_INPUT = 2
 #: Exit code for a training run that diverged (NaN or Inf).
 EXIT_DIVERGED = 3
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def exit_on_known_errors(prog):
+
+def exit_on_known_errors(prog: str) -> Callable[[F], F]:
     """
     Decorate a tool's ``main``: a :class:`D2PersistError` is printed as one line on stderr and
     exits with code 2 (3 for a diverged run); Ctrl-C exits with 130 without a traceback.
@@ -85,7 +93,7 @@ def _exit(code):
     sys.exit(code)
 
 
-def setup_run(cfg, args):
+def setup_run(cfg: Union["CfgNode", "DictConfig"], args: argparse.Namespace) -> None:
     """
     detectron2's ``default_setup`` without its config dump: PersistHook writes config.yaml
     itself, atomically, after checking it loads back, and only once the run is known not to
@@ -131,7 +139,7 @@ def setup_run(cfg, args):
     logging.getLogger("d2persist").setLevel(logging.INFO)
 
 
-def add_launch_arguments(parser):
+def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """
     Add ``--dist-timeout`` to a ``default_argument_parser()``: seconds a process waits in a
     collective (and at start-up for the others) before the run fails, as ``launch(timeout=)``.
@@ -198,7 +206,7 @@ def _torchrun_worker(main, args):
         _leave_process_group()
 
 
-def launch_main(main, args):
+def launch_main(main: Callable[[argparse.Namespace], Any], args: argparse.Namespace) -> Any:
     """
     Run a tool's ``main(args)`` under the launcher that started it: as one of torchrun's
     workers (see :func:`launched_by_torchrun`), else through ``detectron2.engine.launch`` with

@@ -8,7 +8,7 @@ the same one-sentence error instead of one process raising and the others hangin
 collective. Not distributed (or one process): plain calls, no collective.
 """
 
-from typing import Callable, Tuple, Type, TypeVar
+from typing import Callable, Optional, Tuple, Type, TypeVar, cast
 
 from detectron2.utils import comm
 
@@ -42,7 +42,8 @@ def main_decides(
     Returns:
         what ``decide`` returned on the main process.
     """
-    result, error = None, None
+    result: Optional[T] = None
+    error: Optional[BaseException] = None
     if comm.is_main_process():
         try:
             result = decide()
@@ -51,4 +52,4 @@ def main_decides(
     result, error = main_says((result, error))
     if error is not None:
         raise error
-    return result
+    return cast(T, result)  # no error: decide() returned it on the main process

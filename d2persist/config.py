@@ -6,6 +6,10 @@ Imports nothing from detectron2 until :func:`add_persist_config` is called, so t
 """
 
 import types
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
 
 __all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 
@@ -13,7 +17,7 @@ __all__ = ["add_persist_config", "PERSIST_KEY", "DEFAULT_OPTIONS"]
 PERSIST_KEY = "PERSIST"
 
 
-def add_persist_config(cfg):
+def add_persist_config(cfg: "CfgNode") -> "CfgNode":
     """
     Add the ``cfg.PERSIST`` options of d2persist to a detectron2 config, with safe defaults.
 

@@ -12,6 +12,7 @@ from the row, never from a string literal.
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 __all__ = [
     "CONFIG_NAME",
@@ -128,7 +129,7 @@ def checkpoint_name(iteration: int) -> str:
     return f"model_{iteration:07d}.pth"
 
 
-def checkpoint_iteration(name: str):
+def checkpoint_iteration(name: str) -> Optional[int]:
     """The iteration in a periodic checkpoint's file name, or None for any other name."""
     m = _PERIODIC.match(name)
     return int(m.group(1)) if m else None

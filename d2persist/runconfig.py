@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Union
 
 import yaml
 
@@ -23,6 +23,12 @@ from .errors import ConfigError, ConfigRoundTripError
 from .files.atomic import atomic_path, write_text
 from .files.safe_load import safe_yaml_loads
 from .layout import CONFIG_NAME, EXPORT_FORMATS, PERSIST_FILE
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
+    from detectron2.engine import TrainerBase
+    from detectron2.evaluation import DatasetEvaluator
+    from omegaconf import DictConfig
 
 __all__ = [
     "RunConfig",
@@ -47,7 +53,7 @@ def _is_lazy(cfg):
     return isinstance(cfg, DictConfig)
 
 
-def persist_options(cfg) -> Dict[str, Any]:
+def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     """
     d2persist's options of a config, defaults filled in.
 
@@ -63,7 +69,7 @@ def persist_options(cfg) -> Dict[str, Any]:
         opts.update({str(k).upper(): v for k, v in dict(given).items()})
     elif PERSIST_KEY in cfg:
         opts.update(dict(cfg[PERSIST_KEY]))
-    unknown = set(opts) - set(DEFAULT_OPTIONS)
+    unknown: Collection[str] = set(opts) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
     opts["CONFIG_EXTENSIONS"] = check_extension_names(opts["CONFIG_EXTENSIONS"])
@@ -110,7 +116,7 @@ def persist_options(cfg) -> Dict[str, Any]:
     return opts
 
 
-def _signal_names(names) -> List[str]:
+def _signal_names(names: Union[str, Sequence[str]]) -> List[str]:
     """``PERSIST.STOP_SIGNALS`` checked: names of signals this system has, e.g. "SIGUSR1"."""
     import signal
 
@@ -180,7 +186,8 @@ def _merge(cfg, data, new_allowed=False):
     return cfg
 
 
-def load_config_dict(data: dict, extensions: Sequence[str] = (), new_allowed: bool = False):
+def load_config_dict(data: dict, extensions: Sequence[str] = (),
+                     new_allowed: bool = False) -> "CfgNode":
     """
     Merge a config dict read from YAML into ``get_cfg()`` (plus d2persist's and extensions'
     keys). Nothing in ``data`` is executed: it comes from a safe loader.
@@ -251,10 +258,10 @@ class RunConfig:
 
     kind = ""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Union["CfgNode", "DictConfig"]) -> None:
         self.cfg = cfg
         self.options = persist_options(cfg)
-        self._text = None  # config.yaml, once checked
+        self._text: Optional[str] = None  # config.yaml, once checked
 
     # -- where and how often -----------------------------------------------------------------
     @property
@@ -301,7 +308,8 @@ class RunConfig:
         """The first test dataset (the one the export is evaluated on), or None."""
         raise NotImplementedError
 
-    def build_evaluator(self, trainer, dataset_name: str):
+    def build_evaluator(self, trainer: "TrainerBase",
+                        dataset_name: str) -> Optional["DatasetEvaluator"]:
         """The evaluator the run's evaluation uses for ``dataset_name``, or None if it has none."""
         raise NotImplementedError
 
@@ -371,40 +379,41 @@ class YacsRunConfig(RunConfig):
     kind = "yacs"
 
     @property
-    def output_dir(self):
+    def output_dir(self) -> str:
         return self.cfg.OUTPUT_DIR
 
     @property
-    def checkpoint_period(self):
+    def checkpoint_period(self) -> int:
         return int(self.cfg.SOLVER.CHECKPOINT_PERIOD)
 
     @property
-    def max_iter(self):
+    def max_iter(self) -> int:
         return int(self.cfg.SOLVER.MAX_ITER)
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         return int(self.cfg.SEED)
 
     @property
-    def cudnn_benchmark(self):
+    def cudnn_benchmark(self) -> bool:
         return bool(self.cfg.CUDNN_BENCHMARK)
 
     @property
-    def evaluates(self):
+    def evaluates(self) -> bool:
         return len(self.cfg.DATASETS.TEST) > 0
 
     @property
-    def eval_period(self):
+    def eval_period(self) -> int:
         return int(self.cfg.TEST.EVAL_PERIOD)
 
-    def train_dataset_names(self):
+    def train_dataset_names(self) -> List[str]:
         return list(self.cfg.DATASETS.TRAIN)
 
-    def test_dataset_name(self):
+    def test_dataset_name(self) -> Optional[str]:
         return self.cfg.DATASETS.TEST[0] if len(self.cfg.DATASETS.TEST) else None
 
-    def build_evaluator(self, trainer, dataset_name):
+    def build_evaluator(self, trainer: "TrainerBase",
+                        dataset_name: str) -> Optional["DatasetEvaluator"]:
         build = getattr(trainer, "build_evaluator", None)  # a classmethod (trainer: a proxy)
         if build is None:
             return None
@@ -414,10 +423,10 @@ class YacsRunConfig(RunConfig):
             return None
 
     @property
-    def device(self):
+    def device(self) -> str:
         return str(self.cfg.MODEL.DEVICE)
 
-    def input_contract(self):
+    def input_contract(self) -> Dict[str, Any]:
         cfg = self.cfg
         arch = cfg.MODEL.META_ARCHITECTURE
         outputs = []
@@ -483,18 +492,18 @@ class YacsRunConfig(RunConfig):
         """d2persist's own options, written next to config.yaml as persist.yaml."""
         return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
 
-    def write(self, folder):
+    def write(self, folder: str) -> None:
         super().write(folder)
         write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
-    def export_config_text(self, weights_name):
+    def export_config_text(self, weights_name: str) -> str:
         cfg = self._without_persist()
         cfg.MODEL.WEIGHTS = weights_name
         cfg.OUTPUT_DIR = "."
         return cfg.dump()
 
 
-def save_lazy_config(cfg, path: str) -> None:
+def save_lazy_config(cfg: "DictConfig", path: str) -> None:
     """
     ``LazyConfig.save(cfg, path)``, made atomic: saved under a temporary name in the same
     folder, fsync'ed, then renamed (with the ``.pkl`` fallback file, if detectron2 wrote one).
@@ -555,46 +564,46 @@ class LazyRunConfig(RunConfig):
 
     kind = "lazy"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: "DictConfig") -> None:
         super().__init__(cfg)
         self.cfg = _lazy_snapshot(cfg)
 
     @property
-    def output_dir(self):
+    def output_dir(self) -> str:
         return self.cfg.train.output_dir
 
     @property
-    def checkpoint_period(self):
+    def checkpoint_period(self) -> int:
         return int(self.cfg.train.checkpointer.period)
 
     @property
-    def max_iter(self):
+    def max_iter(self) -> int:
         return int(self.cfg.train.max_iter)
 
     @property
-    def seed(self):
+    def seed(self) -> int:
         return int(self.cfg.train.get("seed", -1))
 
     @property
-    def cudnn_benchmark(self):
+    def cudnn_benchmark(self) -> bool:
         return bool(self.cfg.train.get("cudnn_benchmark", False))
 
     @property
-    def evaluates(self):
+    def evaluates(self) -> bool:
         return "evaluator" in self.cfg.get("dataloader", {})
 
     @property
-    def eval_period(self):
+    def eval_period(self) -> int:
         return int(self.cfg.train.get("eval_period", 0))
 
-    def train_dataset_names(self):
+    def train_dataset_names(self) -> List[str]:
         try:
             names = self.cfg.dataloader.train.dataset.names
         except Exception:  # omegaconf raises several kinds for a missing path
             return []
         return [names] if isinstance(names, str) else list(names)
 
-    def test_dataset_name(self):
+    def test_dataset_name(self) -> Optional[str]:
         try:
             names = self.cfg.dataloader.test.dataset.names
         except Exception:  # omegaconf raises several kinds for a missing path
@@ -602,7 +611,8 @@ class LazyRunConfig(RunConfig):
         names = [names] if isinstance(names, str) else list(names)
         return names[0] if names else None
 
-    def build_evaluator(self, trainer, dataset_name):
+    def build_evaluator(self, trainer: "TrainerBase",
+                        dataset_name: str) -> Optional["DatasetEvaluator"]:
         from detectron2.config import instantiate
 
         if not self.evaluates:
@@ -610,12 +620,12 @@ class LazyRunConfig(RunConfig):
         return instantiate(self.cfg.dataloader.evaluator)
 
     @property
-    def device(self):
+    def device(self) -> str:
         return str(self.cfg.train.get("device", "cpu"))
 
-    def input_contract(self):
+    def input_contract(self) -> Dict[str, Any]:
         model = self.cfg.model
-        contract = {
+        contract: Dict[str, Any] = {
             "format": str(model.get("input_format", "BGR")),
             "pixel_mean": [float(x) for x in model.get("pixel_mean", [])],
             "pixel_std": [float(x) for x in model.get("pixel_std", [])],
@@ -639,7 +649,7 @@ class LazyRunConfig(RunConfig):
             contract["outputs"].append("keypoints")
         return contract
 
-    def check(self):
+    def check(self) -> None:
         """Checked only with EXPORT on; without it, config.yaml may use the pickle fallback."""
         self._check_best()
         if self.options["EXPORT"]:
@@ -648,13 +658,13 @@ class LazyRunConfig(RunConfig):
     def _dump_checked(self):
         return _lazy_text(self.cfg)
 
-    def write(self, folder):
+    def write(self, folder: str) -> None:
         if self._text is None:  # unchecked: the pickle fallback is allowed
             save_lazy_config(self.cfg, os.path.join(folder, CONFIG_NAME))
         else:
             super().write(folder)
 
-    def export_config_text(self, weights_name):
+    def export_config_text(self, weights_name: str) -> str:
         cfg = copy.deepcopy(self.cfg)
         cfg.train.init_checkpoint = weights_name
         cfg.train.output_dir = "."
@@ -679,7 +689,7 @@ def _lazy_snapshot(cfg):
     return copy.deepcopy(cfg)
 
 
-def run_config(cfg) -> RunConfig:
+def run_config(cfg: Union["CfgNode", "DictConfig"]) -> RunConfig:
     """
     The :class:`RunConfig` of a config.
 

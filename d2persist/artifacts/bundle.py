@@ -6,13 +6,13 @@ sha256, and the PERSIST options a run recorded.
 import json
 import logging
 import os
-from typing import Optional
+from typing import Any, Dict, Optional, Sequence, Union
 
 from ..errors import ArtifactError
 from ..files.atomic import resolve_inside
 from ..files.safe_load import safe_yaml_loads
 from ..layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
-from .folders import _LocalFolder, _remote_name
+from .folders import _Folder, _LocalFolder, _remote_name
 from .problems import DAMAGED, MISSING, Problem
 
 __all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_bundle"]
@@ -20,14 +20,14 @@ __all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_
 logger = logging.getLogger(__name__)
 
 #: Identifies a d2persist manifest, with its version.
-FORMAT = {"name": "d2persist-export", "version": 1}
+FORMAT: Dict[str, Any] = {"name": "d2persist-export", "version": 1}
 #: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
 LOADED = "config and weights"
 
 
 # -- the bundle's manifest and the run's options ----------------------------------------------
 
-def _parse_manifest(folder, text: Optional[bytes]) -> dict:
+def _parse_manifest(folder: _Folder, text: Optional[bytes]) -> dict:
     where = folder.where(MANIFEST_NAME)
     if text is None:
         raise ArtifactError(f"{folder.path} is not a complete export: it has no {MANIFEST_NAME}.")
@@ -35,7 +35,7 @@ def _parse_manifest(folder, text: Optional[bytes]) -> dict:
         manifest = json.loads(text)
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{where} is not valid JSON ({e}).") from None
-    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    fmt: Any = manifest.get("format") if isinstance(manifest, dict) else None
     version = fmt.get("version") if isinstance(fmt, dict) else None
     if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
             or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
@@ -61,7 +61,8 @@ def _bundle_file(folder, name):
     return sub, base, sub.where(base)
 
 
-def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[Problem]:
+def _bundle_file_problem(folder: _Folder, name: str, entry: dict,
+                         digest: Optional[str] = None) -> Optional[Problem]:
     """Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does)."""
     sub, base, where = _bundle_file(folder, name)
     st = sub.stat(base)
@@ -76,7 +77,8 @@ def _bundle_file_problem(folder, name, entry, digest=None) -> Optional[Problem]:
     return None
 
 
-def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
+def read_manifest(export_dir: str, verify: bool = True,
+                  only: Optional[Union[Sequence[str], str]] = None) -> dict:
     """
     Read and check a bundle's manifest.
 
@@ -105,7 +107,7 @@ def read_manifest(export_dir: str, verify: bool = True, only=None) -> dict:
     return manifest
 
 
-def _persist_options(folder) -> dict:
+def _persist_options(folder: _Folder) -> dict:
     data = folder.read(PERSIST_FILE)
     if data is None:
         return {}
@@ -121,7 +123,7 @@ def persist_options_of_run(folder: str) -> dict:
     return _persist_options(_LocalFolder(folder))
 
 
-def find_bundle(path: str):
+def find_bundle(path: str) -> Optional[str]:
     """
     The export bundle at ``path``: ``path`` itself if it holds a manifest, else the export
     folder of the run folder ``path`` if that holds one, else None.

@@ -11,7 +11,7 @@ from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.atomic import sha256_file
 from ..files.safe_load import safe_torch_load
 from ..layout import FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
-from .folders import _LocalFolder
+from .folders import _Folder, _LocalFolder
 
 __all__ = ["read_sidecar", "verify_checkpoint", "resume_candidates"]
 
@@ -24,7 +24,7 @@ def _checkpoint_names(names: Iterable[str]) -> List[str]:
     """The checkpoints among ``names``, newest first: ``model_final.pth``, then periodic ones."""
     names = list(names)
     periodic = sorted((n for n in names if checkpoint_iteration(n) is not None),
-                      key=checkpoint_iteration, reverse=True)
+                      key=checkpoint_iteration, reverse=True)  # type: ignore[arg-type]
     return ([FINAL_NAME] if FINAL_NAME in names else []) + periodic
 
 
@@ -45,7 +45,7 @@ def read_sidecar(path: str) -> Optional[str]:
     return _sidecar(_LocalFolder(os.path.dirname(path)), os.path.basename(path))
 
 
-def _sidecar(folder, name):
+def _sidecar(folder: _Folder, name: str) -> Optional[str]:
     """The sidecar's sha256; None without one (or an empty one), "" for one that is garbled."""
     data = folder.read(name + SIDECAR_SUFFIX)
     try:
@@ -56,7 +56,7 @@ def _sidecar(folder, name):
         return ""  # matches no file: the checkpoint cannot be verified
 
 
-def _safely_loadable(path) -> Optional[str]:
+def _safely_loadable(path: str) -> Optional[str]:
     """Why the stock checkpoint at ``path`` is not usable (None if it is): safe loading."""
     try:
         data = safe_torch_load(path)

@@ -9,7 +9,7 @@ import os
 import posixpath
 import shutil
 import tempfile
-from typing import Optional
+from typing import Optional, Union
 
 from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.atomic import resolve_inside, sha256_file, sha256_stream
@@ -51,7 +51,7 @@ class _LocalFolder:
             return None
         return st.st_size, st.st_mtime, (st.st_dev, st.st_ino)
 
-    def read(self, name) -> Optional[bytes]:
+    def read(self, name: str) -> Optional[bytes]:
         try:
             with open(self.where(name), "rb") as f:
                 return f.read()
@@ -121,7 +121,7 @@ class _MirrorFolder:
     def _failed(self, name, e):
         return ArtifactError(f"Cannot read {self.where(name)} ({type(e).__name__}: {e}).")
 
-    def read(self, name) -> Optional[bytes]:
+    def read(self, name: str) -> Optional[bytes]:
         if name not in self._info():
             return None
         try:
@@ -154,6 +154,10 @@ class _MirrorFolder:
             yield path
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Where a view reads: a local folder or a mirror URL.
+_Folder = Union[_LocalFolder, _MirrorFolder]
 
 
 def _remote_name(name, where):

@@ -4,6 +4,7 @@ bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 """
 
 import os
+from typing import List, Optional
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import resolve_inside, sha256_file
@@ -49,7 +50,7 @@ def describe_source(source: dict) -> str:
     return f"the final weights, {at}"
 
 
-def export_backends(manifest: dict):
+def export_backends(manifest: dict) -> List[str]:
     """The :data:`EVAL_BACKENDS` a bundle holds a model for, by its manifest."""
     files = manifest.get("files") or {}
     found = [PYTORCH.backend]
@@ -60,7 +61,7 @@ def export_backends(manifest: dict):
     return found
 
 
-def evaluation_problem(manifest: dict, backend: str):
+def evaluation_problem(manifest: dict, backend: str) -> Optional[str]:
     """
     The sentence to log when a predictor loads ``backend`` of a bundle whose evaluation
     recorded it as failed (see :func:`d2persist.export.self_eval.evaluate_bundle`), else None.
@@ -108,6 +109,7 @@ def local_bundle(path: str) -> str:
         bundle = open_view(bundle_url)
         text = bundle.read(MANIFEST_NAME)  # checked below, and written as these bytes
         manifest = bundle.manifest()
+        assert text is not None  # manifest() parsed the manifest: it is there
         cache = os.path.join(cache_root(), "bundles",
                              hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
         os.makedirs(cache, exist_ok=True)

@@ -8,11 +8,14 @@ safe off the main thread.
 import logging
 import os
 import threading
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..files.atomic import atomic_path
 from ..layout import TRAINING_PLOT, checkpoint_iteration
 from .view import EVAL_TASKS, RunView
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["plot_run", "BackgroundPlot"]
 
@@ -25,7 +28,7 @@ def _series(rows, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_run(view: RunView, path: Optional[str] = None):
+def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
     """
     Draw the run of ``view`` and, with ``path``, write it as a PNG (atomically).
 
@@ -91,10 +94,11 @@ class BackgroundPlot:
             mirror's upload), on the thread that asks for the next one or waits.
     """
 
-    def __init__(self, output_dir: str, on_drawn=None):
+    def __init__(self, output_dir: str,
+                 on_drawn: Optional[Callable[[str], Any]] = None) -> None:
         self.output_dir = output_dir
         self.on_drawn = on_drawn
-        self._thread = None
+        self._thread: Optional[threading.Thread] = None
         self._again = False
 
     def request(self) -> None:
@@ -120,6 +124,7 @@ class BackgroundPlot:
             self._thread.join()
         self._thread = None
         self.request()
+        assert self._thread is not None  # request() started a drawing: none was running
         self._thread.join()
         self._thread = None
         if self.on_drawn is not None:

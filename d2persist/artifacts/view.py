@@ -16,7 +16,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
 from ..files.atomic import sha256_file
@@ -46,7 +46,7 @@ from .checkpoints import (
     resume_candidates,
     verify_checkpoint,
 )
-from .folders import _PROGRESS_BYTES, _folder, _LocalFolder
+from .folders import _PROGRESS_BYTES, _Folder, _folder, _LocalFolder, _MirrorFolder
 from .problems import DAMAGED, INCOMPLETE, INCONSISTENT, MISSING, Problem
 
 __all__ = [
@@ -118,12 +118,12 @@ class RunView:
         path (str): the folder or URL. kind (str): "run" or "bundle". remote (bool): a URL.
     """
 
-    def __init__(self, path: str, kind: str, source=None):
-        self._folder = source or _folder(path)
-        self.path = self._folder.path
+    def __init__(self, path: str, kind: str, source: Optional[_Folder] = None) -> None:
+        self._folder: _Folder = source or _folder(path)
+        self.path: str = self._folder.path
         self.kind = kind
-        self.remote = self._folder.remote
-        self._metrics = None
+        self.remote: bool = self._folder.remote
+        self._metrics: Optional[List[dict]] = None
 
     def where(self, name: str) -> str:
         """Where the file ``name`` of this folder is (a path or a URL)."""
@@ -141,6 +141,7 @@ class RunView:
         """Copy the mirror's file ``name`` to the local path ``local``, atomically."""
         if not self.remote:
             raise ValueError(f"{self.path} is a local folder: nothing to download.")
+        assert isinstance(self._folder, _MirrorFolder)  # the folder of a remote view
         os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
         self._folder.mirror.get(name, local)
 
@@ -184,7 +185,7 @@ class RunView:
 
     def evaluations(self) -> Dict[int, Dict[str, float]]:
         """Iteration -> the evaluation metrics stored under it (``bbox/AP``, ...)."""
-        out = {}
+        out: Dict[int, Dict[str, float]] = {}
         for row in self.metrics_rows():
             found = {k: v for k, v in row.items()
                      if "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
@@ -256,7 +257,7 @@ class RunView:
         evaluations = self.evaluations()
         if self.remote:  # objects have no hard links: the same sha256 is the same checkpoint
             stats = self._identities_by_sidecar(stats, best)
-        by_identity = {}
+        by_identity: Dict[Any, List[str]] = {}
         for n, s in stats.items():
             if s[2] is not None:
                 by_identity.setdefault(s[2], []).append(n)

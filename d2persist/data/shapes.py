@@ -28,6 +28,7 @@ as detectron2's COCO one is: 0 for things, 1 for ``background``.
 import json
 import logging
 import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -84,14 +85,15 @@ class ShapesSpec:
     Two specs with the same fields give byte-identical images.
     """
 
-    def __init__(self, num_images, size=128, seed=0, max_shapes=4):
+    def __init__(self, num_images: int, size: int = 128, seed: int = 0,
+                 max_shapes: int = 4) -> None:
         self.num_images = int(num_images)
         self.size = int(size)
         self.seed = int(seed)
         self.max_shapes = int(max_shapes)
 
     @property
-    def key(self):
+    def key(self) -> str:
         """A folder name that identifies the spec."""
         return (
             f"v{_FORMAT_VERSION}-n{self.num_images}-s{self.size}-seed{self.seed}"
@@ -99,7 +101,7 @@ class ShapesSpec:
         )
 
 
-def default_cache_dir():
+def default_cache_dir() -> str:
     """``$D2PERSIST_CACHE`` if set, else ``~/.cache/d2persist``."""
     return os.environ.get(
         "D2PERSIST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "d2persist")
@@ -181,7 +183,7 @@ def _render(spec, index):
     return img, annos
 
 
-def generate_shapes(spec, cache_dir=None):
+def generate_shapes(spec: ShapesSpec, cache_dir: Optional[str] = None) -> List[Dict[str, Any]]:
     """
     Generate the images of ``spec`` into ``cache_dir`` once, and return their dataset dicts.
 
@@ -223,7 +225,7 @@ def generate_shapes(spec, cache_dir=None):
     return dicts
 
 
-def shape_keypoints(polygon):
+def shape_keypoints(polygon: Union[Sequence[float], np.ndarray]) -> List[float]:
     """
     The 4 keypoints of a shape (``SHAPE_KEYPOINTS`` order): the extreme points of its polygon,
     the points within 0.5 px of an extreme averaged (an edge gives its middle).
@@ -276,13 +278,14 @@ def _panoptic_categories():
                     "color": list(BACKGROUND_COLOR)}]
 
 
-def label_folder(spec, cache_dir=None):
+def label_folder(spec: ShapesSpec, cache_dir: Optional[str] = None) -> str:
     """The folder of ``spec``'s semantic and panoptic label files (see :func:`generate_labels`)."""
     return os.path.join(cache_dir or default_cache_dir(), "shapes", spec.key,
                         f"labels-v{_LABEL_VERSION}")
 
 
-def generate_labels(spec, cache_dir=None):
+def generate_labels(spec: ShapesSpec, cache_dir: Optional[str] = None
+                    ) -> Tuple[List[Dict[str, Any]], str]:
     """
     Write, once, the semantic and panoptic labels of ``spec``'s images, derived from their
     polygons: ``sem/NNNNN.png`` (class ids, :data:`SEMANTIC_CLASSES`), ``pan_sem/NNNNN.png``
@@ -393,8 +396,13 @@ _LOADERS = {"instances": generate_shapes, "keypoints": _keypoint_dicts,
 
 
 def register_shapes(
-    prefix="shapes", num_train=200, num_val=50, size=128, seed=0, cache_dir=None
-):
+    prefix: str = "shapes",
+    num_train: int = 200,
+    num_val: int = 50,
+    size: int = 128,
+    seed: int = 0,
+    cache_dir: Optional[str] = None,
+) -> Tuple[str, str]:
     """
     Register ``{prefix}_train`` and ``{prefix}_val`` in detectron2's catalogs, and the same
     images for the other tasks: ``{prefix}_kp_*`` (keypoints), ``{prefix}_sem_*`` (semantic

@@ -11,7 +11,7 @@ written last; a folder without it is an incomplete bundle.
 
 import logging
 import os
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
@@ -29,6 +29,9 @@ from ..layout import (
 )
 from .onnx_graph import export_onnx
 from .quantize import quantize_onnx
+
+if TYPE_CHECKING:
+    from ..runconfig import RunConfig
 
 __all__ = ["write_export", "write_manifest", "add_onnx", "add_int8", "dataset_metadata"]
 
@@ -116,7 +119,7 @@ def _int8_entry(export_dir, contract, images, files, float_nodes=()):
     return dict(entry, file=ONNX_INT8_NAME)
 
 
-def write_export(run, model, export_dir: str, iteration: int,
+def write_export(run: "RunConfig", model: torch.nn.Module, export_dir: str, iteration: int,
                  metadata: Optional[dict] = None, source: Optional[dict] = None,
                  calibration_images: Sequence[str] = ()) -> dict:
     """
@@ -189,7 +192,7 @@ def write_manifest(export_dir: str, manifest: dict) -> None:
     write_json(os.path.join(export_dir, MANIFEST_NAME), manifest)
 
 
-def add_onnx(export_dir: str, model) -> dict:
+def add_onnx(export_dir: str, model: torch.nn.Module) -> dict:
     """
     Add ``model.onnx`` to an existing, verified bundle (``model`` holds its weights); the
     manifest is replaced atomically once the ONNX file is complete.

@@ -32,7 +32,7 @@ __all__ = ["quantize_onnx", "FLOAT_LAYERS", "calibration_subset", "sensitivity_r
 logger = logging.getLogger(__name__)
 
 #: Name parts of the Conv/Gemm nodes kept in float (none: see above).
-FLOAT_LAYERS = ()
+FLOAT_LAYERS: Tuple[str, ...] = ()
 #: The operators quantized.
 QUANTIZED_OPS = ("Conv", "Gemm")
 
@@ -160,8 +160,8 @@ def sensitivity_ranking(float_path: str, int8_path: str, images: Sequence[str],
     for node in onnx.load(float_path, load_external_data=False).graph.node:
         if node.op_type not in QUANTIZED_OPS:
             continue
-        scores = [act.get(node.input[0])] + [weights.get(n) for n in node.input[1:2]]
-        scores = [float(v) for v in scores if v is not None]
+        measured = [act.get(node.input[0])] + [weights.get(n) for n in node.input[1:2]]
+        scores = [float(v) for v in measured if v is not None]
         if scores:  # a node left in float has neither
             ranked.append((node.name, min(scores)))
     return sorted(ranked, key=lambda r: r[1])

@@ -9,8 +9,9 @@ import io
 import logging
 import math
 import time
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from detectron2.evaluation import DatasetEvaluator
 from detectron2.evaluation.testing import flatten_results_dict
 from detectron2.utils import comm
 
@@ -32,7 +33,7 @@ logger = logging.getLogger(__name__)
 HEADLINE_METRICS = ("/AP", "/AP50", "/mIoU", "/PQ")
 
 
-def evaluator_name(evaluator) -> str:
+def evaluator_name(evaluator: DatasetEvaluator) -> str:
     """``COCOEvaluator``, or ``DatasetEvaluators(COCOEvaluator, ...)``."""
     inner = getattr(evaluator, "_evaluators", None)
     name = type(evaluator).__name__
@@ -40,7 +41,7 @@ def evaluator_name(evaluator) -> str:
 
 
 def family_evaluator(dataset_name: str, output_dir: Optional[str] = None,
-                     kpt_oks_sigmas: Sequence[float] = ()):
+                     kpt_oks_sigmas: Sequence[float] = ()) -> DatasetEvaluator:
     """
     detectron2's evaluator for a dataset's task, chosen by its metadata's ``evaluator_type`` as
     detectron2's ``tools/train_net.py`` chooses: ``coco`` COCOEvaluator (boxes, masks,
@@ -128,7 +129,8 @@ def metrics_at(history: Callable[[str], Optional[list]], keys: Sequence[str],
     return out
 
 
-def compare_metrics(reference: dict, results: dict, tolerance: float, checked=None):
+def compare_metrics(reference: dict, results: dict, tolerance: float,
+                    checked: Optional[Sequence[str]] = None) -> Tuple[float, List[str]]:
     """
     ``(max_difference, outside)``: the largest absolute difference over the metrics both hold,
     and the names of those differing by more than ``tolerance`` (a value against NaN, or a
@@ -137,7 +139,8 @@ def compare_metrics(reference: dict, results: dict, tolerance: float, checked=No
     Args:
         checked (tuple[str]): compare only the metrics whose names end so (None: all).
     """
-    worst, outside = 0.0, []
+    worst = 0.0
+    outside: List[str] = []
     for key, ref in sorted(reference.items()):
         if checked and not key.endswith(tuple(checked)):
             continue
@@ -220,7 +223,8 @@ def _quiet():
         log.setLevel(level)
 
 
-def _run(predictor, dataset: List[dict], evaluator):
+def _run(predictor: Any, dataset: List[dict], evaluator: DatasetEvaluator
+         ) -> Tuple[Optional[dict], Optional[str]]:
     """Evaluate ``predictor`` on ``dataset`` (this process's part); collective."""
     evaluator.reset()
     error = None
@@ -326,7 +330,7 @@ def evaluate_bundle(
     export_dir: str,
     backends: Sequence[str],
     dataset_name: str,
-    evaluator,
+    evaluator: DatasetEvaluator,
     reference: Callable[[Sequence[str]], Dict[str, Optional[float]]],
     device: str = "cpu",
     training_is_reference: bool = True,
@@ -370,10 +374,11 @@ def evaluate_bundle(
     main = comm.is_main_process()
     dataset = DatasetCatalog.get(dataset_name) if main else []
     _silence_output_files(evaluator)
-    entry = {"dataset": dataset_name, "evaluator": evaluator_name(evaluator),
-             "images": len(dataset), "reference": None, "reference_from": "training",
-             "training": None, "backends": {},
-             "tolerance": {}, "max_difference": {}, "seconds": {}, "failed": [], "errors": {}}
+    entry: Dict[str, Any] = {
+        "dataset": dataset_name, "evaluator": evaluator_name(evaluator),
+        "images": len(dataset), "reference": None, "reference_from": "training",
+        "training": None, "backends": {},
+        "tolerance": {}, "max_difference": {}, "seconds": {}, "failed": [], "errors": {}}
     for backend in backends:
         start = time.perf_counter()
         predictor, error = None, None
@@ -448,7 +453,8 @@ def evaluate_bundle(
     return entry
 
 
-def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device: str = "cpu",
+def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator: DatasetEvaluator,
+                          device: str = "cpu",
                           run_dir: Optional[str] = None, calibration_images: Sequence[str] = (),
                           int8_budget: Optional[float] = None) -> dict:
     """
@@ -466,7 +472,8 @@ def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator, device:
 
     manifest = read_manifest(export_dir)
     old = (manifest.get("evaluation") or {}).get("reference") or {}
-    iteration = int((manifest.get("source") or {}).get("iteration", manifest.get("iteration")))
+    iteration = int((manifest.get("source") or {}).get(  # type: ignore[arg-type]
+        "iteration", manifest.get("iteration")))  # a manifest records its iteration
     history = metrics_json_history(os.path.join(run_dir, METRICS_NAME)) if run_dir else None
 
     def reference(keys):

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import tempfile
+from typing import IO, Any, Callable, Iterator, List, Optional, Tuple
 
 from ..errors import CheckpointWriteError, UnsafeArtifactError
 from ..layout import TEMP_PREFIX
@@ -46,7 +47,7 @@ def _file_mode():
     return 0o666 & ~umask
 
 
-def fsync_dir(path):
+def fsync_dir(path: str) -> None:
     """
     Make a rename or unlink in folder ``path`` durable.
 
@@ -61,7 +62,7 @@ def fsync_dir(path):
 
 
 @contextlib.contextmanager
-def atomic_path(path, drop_cache=False):
+def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
     """
     A temporary path next to ``path`` to write; on a clean exit it replaces ``path`` atomically.
 
@@ -98,7 +99,7 @@ def atomic_path(path, drop_cache=False):
     fsync_dir(folder)
 
 
-def write_bytes(path, data):
+def write_bytes(path: str, data: bytes) -> str:
     """
     Write ``data`` to ``path`` atomically.
 
@@ -111,17 +112,17 @@ def write_bytes(path, data):
     return hashlib.sha256(data).hexdigest()
 
 
-def write_text(path, text):
+def write_text(path: str, text: str) -> str:
     """Write a UTF-8 text file atomically. Returns its sha256 hex digest."""
     return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path, obj):
+def write_json(path: str, obj: Any) -> str:
     """Write ``obj`` as indented JSON atomically. Returns its sha256 hex digest."""
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def torch_save(obj, path):
+def torch_save(obj: Any, path: str) -> Tuple[str, int]:
     """
     ``torch.save`` ``obj`` to ``path`` atomically, and hash the file.
 
@@ -161,7 +162,7 @@ def torch_save(obj, path):
     return digest, size
 
 
-def sha256_stream(f, on_chunk=None):
+def sha256_stream(f: IO[bytes], on_chunk: Optional[Callable[[int], Any]] = None) -> str:
     """
     The sha256 hex digest of what the binary file object ``f`` holds from where it is.
 
@@ -178,20 +179,20 @@ def sha256_stream(f, on_chunk=None):
     return h.hexdigest()
 
 
-def sha256_file(path, on_chunk=None):
+def sha256_file(path: str, on_chunk: Optional[Callable[[int], Any]] = None) -> str:
     """Returns the sha256 hex digest of the file at ``path`` (see :func:`sha256_stream`)."""
     with open(path, "rb") as f:
         return sha256_stream(f, on_chunk)
 
 
-def remove_temp_files(folder):
+def remove_temp_files(folder: str) -> List[str]:
     """
     Remove the temporary files a killed process left in ``folder``.
 
     Returns:
         list[str]: the names removed.
     """
-    removed = []
+    removed: List[str] = []
     if not os.path.isdir(folder):
         return removed
     for name in os.listdir(folder):
@@ -204,7 +205,7 @@ def remove_temp_files(folder):
     return removed
 
 
-def resolve_inside(folder, name):
+def resolve_inside(folder: str, name: str) -> str:
     """
     Join a file name taken from an artifact to its folder, refusing names that leave the folder.
 

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import ArtifactError, RunFolderBusyError
 from ..layout import LOCK_NAME
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 # -- the run lock ---------------------------------------------------------------------------------
 
-_HELD = {}  # realpath of a run folder -> (descriptor of its locked file, its record), here
+# realpath of a run folder -> (descriptor of its locked file, its record), here
+_HELD: Dict[str, Tuple[int, Dict[str, Any]]] = {}
 #: errnos of a file system without flock (Lustre without -o flock, some FUSE mounts)
 _NO_LOCKS = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
 
@@ -44,7 +46,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_in_child)
 
 
-def read_lock_holder(folder):
+def read_lock_holder(folder: str) -> Optional[Dict[str, Any]]:
     """
     Who last took the run lock of ``folder`` (``{"host", "pid", "since"}``, and ``"started"``,
     ``"ppid"`` once that run got past its start-up checks), or None. Takes no lock: the record
@@ -65,7 +67,7 @@ def _write_record(fd, record):
     os.fsync(fd)
 
 
-def lock_run_folder(folder):
+def lock_run_folder(folder: str) -> bool:
     """
     Take the run lock of ``folder`` for this process, or fail at once if another process holds
     it. The lock is the kernel's (``flock`` on ``folder/.d2persist.lock``): it lasts while this
@@ -110,6 +112,7 @@ def lock_run_folder(folder):
         ) from None
     except OSError as e:
         os.close(fd)
+        assert e.errno is not None  # the OSError of a failed system call carries its errno
         if e.errno not in _NO_LOCKS:
             raise ArtifactError(f"Cannot lock {path}: {os.strerror(e.errno)}.") from None
         logger.warning("The file system of %s has no flock (%s): a second training into this "
@@ -122,7 +125,7 @@ def lock_run_folder(folder):
     return True
 
 
-def note_run_started(folder):
+def note_run_started(folder: str) -> None:
     """
     Record in the run lock of ``folder`` (held by this process) that its run got past the
     start-up checks and trains, with this process's parent (its launcher): a worker that the
@@ -136,7 +139,7 @@ def note_run_started(folder):
         _write_record(*held)
 
 
-def restarted_run_started(folder):
+def restarted_run_started(folder: str) -> bool:
     """
     Whether the last holder of ``folder``'s run lock was started by this process's launcher
     (same host, same parent process) and got past its start-up checks: what a worker that
@@ -149,7 +152,7 @@ def restarted_run_started(folder):
         holder.get("ppid") == os.getppid()
 
 
-def unlock_run_folder(folder):
+def unlock_run_folder(folder: str) -> None:
     """Release this process's run lock of ``folder`` (nothing if it holds none)."""
     held = _HELD.pop(os.path.realpath(folder), None)
     if held is not None:

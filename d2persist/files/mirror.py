@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 from ..layout import LAST_CHECKPOINT, METRICS_NAME
 from .atomic import atomic_path
@@ -23,6 +23,9 @@ from .atomic import atomic_path
 __all__ = ["Mirror", "Uploader", "RunMirror", "is_url"]
 
 logger = logging.getLogger(__name__)
+
+#: One step of an upload job: ``(name, source)``, source a local file, bytes, or None (remove).
+_Step = Tuple[str, Optional[Union[str, bytes]]]
 
 
 def is_url(path: str) -> bool:
@@ -97,11 +100,11 @@ class Uploader:
 
     def __init__(self, mirror: Mirror, tries: int = 3, backoff: float = 0.5):
         self.mirror, self.tries, self.backoff = mirror, tries, backoff
-        self._jobs = queue.Queue()
-        self._thread = None
+        self._jobs: "queue.Queue[Optional[List[_Step]]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
         self.failures = 0
 
-    def submit(self, steps: Sequence[Tuple[str, Optional[str]]]) -> None:
+    def submit(self, steps: Sequence[_Step]) -> None:
         """
         Queue one job: ``(name, source)`` steps, done in order: ``source`` is a local file to
         upload, ``bytes`` to upload (a pointer as it was when the job was queued), or None to
@@ -186,7 +189,7 @@ class RunMirror:
         """
         base = os.path.join(self.output_dir, folder) if folder else self.output_dir
         prefix = f"{folder}/" if folder else ""
-        steps = [(prefix + n, os.path.join(base, n)) for n in names]
+        steps: List[_Step] = [(prefix + n, os.path.join(base, n)) for n in names]
         if tag is not None:
             steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
         steps += [(prefix + n, None) for n in remove]

@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import zipfile
+from typing import IO, Any, Optional, Union
 
 import yaml
 
@@ -19,7 +20,7 @@ __all__ = ["safe_torch_load", "safe_yaml_load", "safe_yaml_loads", "SafeLoader",
 logger = logging.getLogger(__name__)
 
 
-def safe_torch_load(path):
+def safe_torch_load(path: str) -> Any:
     """
     Load a torch file without executing code from it (``weights_only=True``).
 
@@ -74,7 +75,7 @@ SafeLoader.add_constructor(
 )
 
 
-def safe_yaml_loads(text, where=None):
+def safe_yaml_loads(text: Union[str, bytes, IO[str]], where: Optional[str] = None) -> Any:
     """
     Parse YAML text with :class:`SafeLoader`.
 
@@ -97,7 +98,7 @@ def safe_yaml_loads(text, where=None):
             from None
 
 
-def safe_yaml_load(path):
+def safe_yaml_load(path: str) -> Any:
     """
     Read a YAML file with :class:`SafeLoader`: python tags are refused, never constructed.
 
@@ -115,7 +116,7 @@ def safe_yaml_load(path):
             from None
 
 
-def read_json(path):
+def read_json(path: str) -> Any:
     """Read a JSON file; a missing or malformed file is an :class:`ArtifactError`."""
     try:
         with open(path, "r", encoding="utf-8") as f:

@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import threading
+from typing import Any, Callable, Optional
 
 __all__ = ["BackgroundWriter"]
 
@@ -30,10 +31,10 @@ class BackgroundWriter:
     :meth:`submit`, :meth:`wait` or :meth:`check`.
     """
 
-    def __init__(self, enabled=True):
+    def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self._thread = None
-        self._error = None
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
 
     def _run(self, fn, args):
         try:
@@ -42,7 +43,7 @@ class BackgroundWriter:
         except BaseException as e:  # noqa: B036 — handed to the training thread
             self._error = e
 
-    def submit(self, fn, *args):
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Wait for the job in flight, then run ``fn(*args)`` (in the background if enabled)."""
         self.wait()
         if not self.enabled:
@@ -53,14 +54,14 @@ class BackgroundWriter:
         )
         self._thread.start()
 
-    def wait(self):
+    def wait(self) -> None:
         """Block until no job is in flight; re-raise its error, if any."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         self.check()
 
-    def check(self):
+    def check(self) -> None:
         """Re-raise the error of a finished job, if any, without waiting."""
         if self._error is not None:
             error, self._error = self._error, None

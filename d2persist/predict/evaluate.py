@@ -21,11 +21,14 @@ import io
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ArtifactError, D2PersistError, DatasetMismatchError, InputImageError
+
+if TYPE_CHECKING:
+    from pycocotools.coco import COCO
 
 __all__ = ["evaluate_coco", "coco_metrics", "match_categories",
            "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
@@ -74,7 +77,7 @@ def match_categories(categories: Sequence[dict], class_names: Sequence[str]) -> 
     return {i: by_name[n] for i, n in enumerate(class_names) if n in by_name}
 
 
-def _results(pred_json: dict, image_id, class_to_cat: Dict[int, int]) -> List[dict]:
+def _results(pred_json: dict, image_id: int, class_to_cat: Dict[int, int]) -> List[dict]:
     """COCO results of one image's prediction JSON, as ``instances_to_coco_json`` gives them."""
     out = []
     for inst in pred_json["instances"]:
@@ -94,7 +97,7 @@ def _results(pred_json: dict, image_id, class_to_cat: Dict[int, int]) -> List[di
     return out
 
 
-def coco_metrics(coco_gt, results: List[dict], iou_type: str,
+def coco_metrics(coco_gt: "COCO", results: List[dict], iou_type: str,
                  kpt_oks_sigmas: Sequence[float] = ()) -> Dict[str, float]:
     """
     COCOEvaluator's metrics of ``results`` (COCO result dicts) on ``coco_gt`` for ``iou_type``
@@ -166,7 +169,7 @@ def _progress(items, enabled):
     return tqdm(items, desc="evaluate", unit="image")
 
 
-def evaluate_coco(predictor, coco_json: str, image_root: str = "",
+def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
                   progress: bool = False,
                   kpt_oks_sigmas: Sequence[float] = ()) -> Dict[str, Dict[str, float]]:
     """
@@ -262,7 +265,7 @@ def sem_seg_metrics(conf: np.ndarray, class_names: Sequence[str],
     n = len(class_names)
     acc = np.full(n, np.nan)
     iou = np.full(n, np.nan)
-    tp = conf.diagonal()[:-1].astype(float)
+    tp: np.ndarray = conf.diagonal()[:-1].astype(float)
     pos_gt = conf[:-1, :-1].sum(axis=0).astype(float)
     pos_pred = conf[:-1, :-1].sum(axis=1).astype(float)
     weights = pos_gt / pos_gt.sum()
@@ -274,11 +277,11 @@ def sem_seg_metrics(conf: np.ndarray, class_names: Sequence[str],
     b_iou = None
     if boundary is not None:
         b_iou = np.full(n, np.nan)
-        b_tp = boundary.diagonal()[:-1].astype(float)
+        b_tp: np.ndarray = boundary.diagonal()[:-1].astype(float)
         b_union = boundary[:-1, :-1].sum(axis=0) + boundary[:-1, :-1].sum(axis=1) - b_tp
         b_iou[b_union > 0] = b_tp[b_union > 0] / b_union[b_union > 0]
-    res = {"mIoU": 100 * np.sum(iou[iou_valid]) / np.sum(iou_valid),
-           "fwIoU": 100 * np.sum(iou[iou_valid] * weights[iou_valid])}
+    res: Dict[str, Any] = {"mIoU": 100 * np.sum(iou[iou_valid]) / np.sum(iou_valid),
+                           "fwIoU": 100 * np.sum(iou[iou_valid] * weights[iou_valid])}
     for i, name in enumerate(class_names):
         res[f"IoU-{name}"] = 100 * iou[i]
         if b_iou is not None:
@@ -291,7 +294,7 @@ def sem_seg_metrics(conf: np.ndarray, class_names: Sequence[str],
     return {k: float(v) for k, v in res.items()}
 
 
-def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "",
+def evaluate_sem_seg(predictor: Any, label_dir: str, image_root: str = "",
                      ignore_label: Optional[int] = None,
                      progress: bool = False) -> Dict[str, Dict[str, float]]:
     """
@@ -317,7 +320,7 @@ def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "",
     if ignore_label is None:
         ignore_label = int(predictor.metadata.get("ignore_label", 255))
     n = len(names)
-    conf = np.zeros((n + 1, n + 1), dtype=np.int64)
+    conf: np.ndarray = np.zeros((n + 1, n + 1), dtype=np.int64)
     b_conf = np.zeros_like(conf)
     for image, label in _progress(_label_files(label_dir, image_root), progress):
         pred = predictor(image).arrays.sem_seg
@@ -347,7 +350,7 @@ def evaluate_sem_seg(predictor, label_dir: str, image_root: str = "",
     return {"sem_seg": sem_seg_metrics(conf, names, b_conf if with_boundary else None)}
 
 
-def evaluate_panoptic(predictor, panoptic_json: str, panoptic_root: str, image_root: str = "",
+def evaluate_panoptic(predictor: Any, panoptic_json: str, panoptic_root: str, image_root: str = "",
                       progress: bool = False) -> Dict[str, Dict[str, float]]:
     """
     Predict every image of a COCO panoptic dataset and score it as COCOPanopticEvaluator does
@@ -438,7 +441,7 @@ def format_results(results: Dict[str, Dict[str, float]], name: Optional[str] = N
     for task, metrics in results.items():
         out.append(f"Evaluation results for {task}" + (f" on {name}" if name else "") + ":")
         if task in ("sem_seg", "panoptic_seg"):
-            heads = [k for k in metrics if "-" not in k]
+            heads: Sequence[str] = [k for k in metrics if "-" not in k]
             out.append(_table(heads, [[metrics[k] for k in heads]]))
             per_class = [(k[4:], v) for k, v in metrics.items() if k.startswith("IoU-")]
             if per_class:

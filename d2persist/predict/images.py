@@ -6,7 +6,7 @@ detectron2 for the ONNX Runtime predictor; and PNG encoding for visualizations.
 
 import io
 import os
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -89,7 +89,7 @@ def _to_numpy(pil, fmt):
     return array[:, :, ::-1] if fmt == "BGR" else array
 
 
-def convert_array(image, channel_order: str, fmt: str) -> np.ndarray:
+def convert_array(image: np.ndarray, channel_order: str, fmt: str) -> np.ndarray:
     """
     Convert a uint8 array in ``channel_order`` to the model's input format ``fmt``, through the
     same PIL conversion ``read_image`` applies to a file (grayscale expanded, alpha dropped).
@@ -120,7 +120,8 @@ def convert_array(image, channel_order: str, fmt: str) -> np.ndarray:
     return _to_numpy(pil, fmt)
 
 
-def image_input(image, channel_order: Optional[str], fmt: str, read=read_image) -> np.ndarray:
+def image_input(image: Union[str, "os.PathLike[str]", np.ndarray], channel_order: Optional[str],
+                fmt: str, read: Callable[[str, str], np.ndarray] = read_image) -> np.ndarray:
     """
     What a predictor is called with, as an HxWxC uint8 array in ``fmt``: an image file read with
     ``read(path, fmt)``, or an array converted from its ``channel_order`` (which must be given,

@@ -3,7 +3,7 @@
 import json
 import logging
 import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import InputImageError
 from ..files.atomic import write_bytes, write_text
@@ -49,7 +49,7 @@ def collect_images(paths: Sequence[str]) -> Tuple[List[str], bool]:
     return files, many
 
 
-def output_paths(image, target, many, suffix):
+def output_paths(image: str, target: Optional[str], many: bool, suffix: str) -> Optional[str]:
     """Where to write the output of ``image``: ``target`` itself, or a file in folder ``target``."""
     if target is None:
         return None
@@ -60,7 +60,7 @@ def output_paths(image, target, many, suffix):
 
 
 def predict_files(
-    predictor,
+    predictor: Any,
     images: List[str],
     output: Optional[str] = None,
     json_out: Optional[str] = None,

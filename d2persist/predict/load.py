@@ -1,11 +1,15 @@
 """``load_predictor``: a predictor from artifacts, with PyTorch or with ONNX Runtime."""
 
 import importlib.util
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 from ..artifacts.manifest import local_bundle
 from ..errors import D2PersistError
 from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH
+
+if TYPE_CHECKING:
+    from .onnx_predictor import OnnxPredictor
+    from .predictor import Predictor
 
 __all__ = ["load_predictor", "missing_torch_stack"]
 
@@ -15,7 +19,7 @@ __all__ = ["load_predictor", "missing_torch_stack"]
 _TORCH_STACK = ("torch", "torchvision", "detectron2")
 
 
-def missing_torch_stack():
+def missing_torch_stack() -> List[str]:
     """The modules of the pytorch backend (torch, torchvision, detectron2) not installed here."""
     missing = []
     for name in _TORCH_STACK:
@@ -35,7 +39,7 @@ def load_predictor(
     allowed_targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
     precision: str = ONNX.precision,
-):
+) -> Union["Predictor", "OnnxPredictor"]:
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
 

@@ -13,7 +13,7 @@ arg-maxed), and PanopticFPN's ``combine_semantic_and_instance_outputs``.
 
 import logging
 import os
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ..files.atomic import atomic_path
 from ..layout import ONNX, PRECISIONS, onnx_model
 from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor",
            "create_session", "paste_masks", "resize_bilinear", "heatmaps_to_keypoints",
@@ -61,7 +64,7 @@ def paste_masks(masks: np.ndarray, boxes: np.ndarray, height: int, width: int,
     Returns:
         ndarray: N x height x width bool.
     """
-    out = np.zeros((len(masks), height, width), dtype=bool)
+    out: np.ndarray = np.zeros((len(masks), height, width), dtype=bool)
     for i, (mask, box) in enumerate(zip(masks.astype(np.float32), boxes.astype(np.float32))):
         x0, y0, x1, y1 = box
         xa, ya = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
@@ -85,7 +88,7 @@ def _bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
     frac = (src - lo).astype(np.float32)
     lo = np.minimum(lo, size_in - 1)
     hi = np.minimum(lo + 1, size_in - 1)
-    out = np.zeros((size_out, size_in), dtype=np.float32)
+    out: np.ndarray = np.zeros((size_out, size_in), dtype=np.float32)
     rows = np.arange(size_out)
     np.add.at(out, (rows, lo), 1 - frac)
     np.add.at(out, (rows, hi), frac)
@@ -106,7 +109,7 @@ def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
         return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
 
     weights = (far(t + 1), near(t), near(1 - t), far(2 - t))
-    out = np.zeros((size_out, size_in), dtype=np.float32)
+    out: np.ndarray = np.zeros((size_out, size_in), dtype=np.float32)
     rows = np.arange(size_out)
     for k, w in enumerate(weights):
         np.add.at(out, (rows, np.clip(base - 1 + k, 0, size_in - 1)), w)
@@ -154,7 +157,7 @@ def heatmaps_to_keypoints(maps: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def combine_panoptic(masks: np.ndarray, scores: np.ndarray, classes: np.ndarray,
                      semantic: np.ndarray, overlap_thresh: float, stuff_area_thresh: float,
-                     instances_score_thresh: float):
+                     instances_score_thresh: float) -> Tuple[np.ndarray, List[Dict[str, Any]]]:
     """
     PanopticFPN's ``combine_semantic_and_instance_outputs`` in numpy.
 
@@ -166,7 +169,8 @@ def combine_panoptic(masks: np.ndarray, scores: np.ndarray, classes: np.ndarray,
         tuple: (H x W int segment ids, 0 where none; segments_info as detectron2 gives it).
     """
     panoptic = np.zeros(semantic.shape, dtype=np.int64)
-    info, current = [], 0
+    info: List[Dict[str, Any]] = []
+    current = 0
     for i in np.argsort(-np.asarray(scores, dtype=np.float32), kind="stable"):
         score = float(scores[i])
         if score < instances_score_thresh:
@@ -211,8 +215,10 @@ class OnnxPrediction:
         height, width (int): the original image size.
     """
 
-    def __init__(self, boxes, scores, classes, masks, class_names, image, input_format,
-                 metadata=None, **more):
+    def __init__(self, boxes: Optional[np.ndarray], scores: Optional[np.ndarray],
+                 classes: Optional[np.ndarray], masks: Optional[np.ndarray],
+                 class_names: Sequence[str], image: np.ndarray, input_format: str,
+                 metadata: Optional[dict] = None, **more: Any) -> None:
         """
         Args:
             more: the other fields of :class:`~d2persist.predict.outputs.PredictionArrays`
@@ -230,11 +236,11 @@ class OnnxPrediction:
     def __len__(self):
         return 0 if self.scores is None else len(self.scores)
 
-    def to_json(self, image_name=None, min_score=0.0) -> dict:
+    def to_json(self, image_name: Optional[str] = None, min_score: float = 0.0) -> dict:
         """JSON data, as :func:`d2persist.predict.outputs.prediction_json` describes it."""
         return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
-    def draw(self, metadata, min_score=0.0) -> np.ndarray:
+    def draw(self, metadata: Optional[dict], min_score: float = 0.0) -> np.ndarray:
         """The visualization (RGB uint8), as :func:`d2persist.predict.outputs.draw_prediction`
         draws."""
         if self.input_format == "L":
@@ -252,7 +258,8 @@ class OnnxPredictor:
     ``channel_order``.
     """
 
-    def __init__(self, session, contract, metadata, onnx_entry=None):
+    def __init__(self, session: "ort.InferenceSession", contract: dict, metadata: dict,
+                 onnx_entry: Optional[dict] = None) -> None:
         """
         Args:
             session (onnxruntime.InferenceSession): of the bundle's ``model.onnx``.
@@ -276,7 +283,8 @@ class OnnxPredictor:
     def visualizer_metadata(self) -> dict:
         return self.metadata
 
-    def __call__(self, image, channel_order: Optional[str] = None) -> OnnxPrediction:
+    def __call__(self, image: Union[str, "os.PathLike[str]", np.ndarray],
+                 channel_order: Optional[str] = None) -> OnnxPrediction:
         """
         Args:
             image (str or ndarray): an image file, or an HxW/HxWxC uint8 array.
@@ -288,7 +296,7 @@ class OnnxPredictor:
         chw = np.ascontiguousarray(resized.transpose(2, 0, 1))
         out = dict(zip(self._outputs, self.session.run(None, {"image": chw})))
         rh, rw = (int(x) for x in out["image_size"])
-        more = {}
+        more: Dict[str, Any] = {}
         boxes = scores = classes = masks = None
         if "sem_seg" in out:
             more["sem_seg"] = resize_bilinear(out["sem_seg"], height, width).argmax(axis=0)
@@ -307,7 +315,8 @@ class OnnxPredictor:
                 kps[:, :, 0] *= np.float32(width / rw)
                 kps[:, :, 1] *= np.float32(height / rh)
                 more["keypoints"] = kps
-        if self.task == "panoptic":
+        if self.task == "panoptic":  # its graph has rcnn's outputs (masks too) and sem_seg
+            assert masks is not None and scores is not None and classes is not None
             more["panoptic"], more["segments_info"] = combine_panoptic(
                 masks, scores, classes, more["sem_seg"], **self.onnx_entry["combine"])
         return OnnxPrediction(boxes, scores, classes, masks, self.class_names, image,
@@ -336,8 +345,9 @@ def _cache_key(sha256, providers, options):
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
-def create_session(model_path: str, sha256: Optional[str] = None, providers=None,
-                   threads: Optional[int] = None, cache: bool = True):
+def create_session(model_path: str, sha256: Optional[str] = None,
+                   providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+                   cache: bool = True) -> Tuple["ort.InferenceSession", bool]:
     """
     An ONNX Runtime session of ``model_path``. With ``sha256`` (the file's, as its manifest
     states and the caller verified) and ``cache``, the graph ONNX Runtime optimizes is cached
@@ -383,8 +393,9 @@ def create_session(model_path: str, sha256: Optional[str] = None, providers=None
     return session, False
 
 
-def load_onnx_predictor(path: str, providers=None, threads: Optional[int] = None,
-                        precision: str = ONNX.precision, cache: bool = True):
+def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
+                        threads: Optional[int] = None, precision: str = ONNX.precision,
+                        cache: bool = True) -> OnnxPredictor:
     """
     Load an :class:`OnnxPredictor` from an export bundle, or a run folder's export.
 

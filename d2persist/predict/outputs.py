@@ -9,7 +9,7 @@ predictions give equal JSON and equal pictures whatever the backend.
 
 import dataclasses
 import itertools
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,7 +42,7 @@ def rle_encode(mask: np.ndarray) -> dict:
     h, w = mask.shape
     flat = np.asarray(mask, dtype=bool).ravel(order="F")
     if flat.size:
-        edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        edges: np.ndarray = np.flatnonzero(flat[1:] != flat[:-1]) + 1
         runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
         if flat[0]:
             runs = [0] + runs  # counts start with a run of zeros
@@ -66,7 +66,8 @@ def rle_encode(mask: np.ndarray) -> dict:
 def rle_decode(rle: dict) -> np.ndarray:
     """The binary HxW mask of a compressed COCO RLE (the inverse of :func:`rle_encode`)."""
     h, w = rle["size"]
-    counts, s, i = [], rle["counts"], 0
+    counts: List[int] = []
+    s, i = rle["counts"], 0
     while i < len(s):
         x, k, more = 0, 0, True
         while more:
@@ -107,10 +108,11 @@ def instances_json(
     "bbox" (XYXY, original pixels), "segmentation" (COCO RLE, with masks), "keypoints" ([[x, y,
     score], ...], with keypoints)}]}`` for the instances scoring at least ``min_score``.
     """
-    out = {"image": image_name, "height": int(height), "width": int(width), "instances": []}
+    out: Dict[str, Any] = {"image": image_name, "height": int(height), "width": int(width),
+                           "instances": []}
     for i in np.flatnonzero(np.asarray(scores) >= min_score):
         cls = int(classes[i])
-        item = {
+        item: Dict[str, Any] = {
             "category_id": cls,
             "category_name": class_names[cls] if 0 <= cls < len(class_names) else str(cls),
             "score": float(scores[i]),
@@ -124,7 +126,7 @@ def instances_json(
     return out
 
 
-def _color(cls, colors):
+def _color(cls: int, colors: Optional[Sequence[Sequence[int]]]) -> Tuple[int, ...]:
     if colors and 0 <= cls < len(colors):
         return tuple(int(c) for c in colors[cls])
     rng = np.random.default_rng(cls)
@@ -135,7 +137,8 @@ def _color(cls, colors):
 MIN_DRAW_SIZE = 512
 
 
-def layout_labels(sizes, anchors, image_size):
+def layout_labels(sizes: Sequence[Tuple[float, float]], anchors: Sequence[Sequence[float]],
+                  image_size: Tuple[float, float]) -> List[Tuple[float, float, float, float]]:
     """
     Places label boxes so that no two overlap: each label (``sizes[i]`` = (w, h)) is put at the
     first free spot of its anchor (the top-left corner of its instance's box: above it, inside
@@ -150,7 +153,7 @@ def layout_labels(sizes, anchors, image_size):
         list[tuple]: (x0, y0, x1, y1) of each label, inside the picture where it fits.
     """
     width, height = image_size
-    placed = []
+    placed: List[Tuple[float, float, float, float]] = []
 
     def free(r):
         return all(r[2] <= q[0] or q[2] <= r[0] or r[3] <= q[1] or q[3] <= r[1] for q in placed)
@@ -277,10 +280,12 @@ def prediction_json(arrays: PredictionArrays, metadata: dict, image_name: Option
     names = thing_names or list(metadata.get("stuff_classes") or [])
     a = arrays
     if a.boxes is not None:
+        assert a.scores is not None and a.classes is not None  # instances: all three, or none
         out = instances_json(a.height, a.width, a.boxes, a.scores, a.classes, names, a.masks,
                              a.keypoints, image_name=image_name, min_score=min_score)
     else:
-        out = instances_json(a.height, a.width, [], [], [], names, image_name=image_name)
+        empty = np.zeros(0)
+        out = instances_json(a.height, a.width, empty, empty, empty, names, image_name=image_name)
     if a.keypoints is not None:
         out["keypoint_names"] = list(metadata.get("keypoint_names") or [])
     if a.sem_seg is not None:
@@ -303,6 +308,7 @@ def prediction_json(arrays: PredictionArrays, metadata: dict, image_name: Option
             segments.append(item)
         out["panoptic_seg"] = {"segments_info": segments}
     if a.proposals is not None:
+        assert a.objectness is not None  # proposals come with their objectness logits
         out["proposals"] = [{"bbox": [float(v) for v in box], "objectness_logit": float(o)}
                             for box, o in zip(a.proposals, a.objectness)]
     return out
@@ -312,7 +318,7 @@ def prediction_json(arrays: PredictionArrays, metadata: dict, image_name: Option
 KEYPOINT_THRESHOLD = 0.05
 
 
-def _regions(a: PredictionArrays, metadata: dict):
+def _regions(a: PredictionArrays, metadata: dict) -> List[Tuple[np.ndarray, Tuple[int, ...], str]]:
     """(mask, colour, label) of each semantic class or panoptic segment, to draw under all."""
     stuff = list(metadata.get("stuff_classes") or [])
     stuff_colors = metadata.get("stuff_colors")
@@ -370,7 +376,8 @@ def draw_prediction(rgb: np.ndarray, arrays: PredictionArrays, metadata: Optiona
         overlay[m] = overlay[m] * 0.5 + np.array(color, dtype=np.float32) * 0.5
         return m
 
-    labels, anchors = [], []
+    labels: List[Tuple[str, Tuple[int, ...]]] = []
+    anchors: List[Sequence[float]] = []
     region_labels = []
     for mask, color, label in _regions(a, metadata):
         fill(mask, color)
@@ -387,6 +394,7 @@ def draw_prediction(rgb: np.ndarray, arrays: PredictionArrays, metadata: Optiona
         if len(keep) else keep
     if a.masks is not None:
         for i in order:
+            assert a.classes is not None  # kept instances have classes
             fill(a.masks[i], _color(int(a.classes[i]), thing_colors))
     image = Image.fromarray(overlay.round().astype(np.uint8))
     draw = ImageDraw.Draw(image)
@@ -398,6 +406,7 @@ def draw_prediction(rgb: np.ndarray, arrays: PredictionArrays, metadata: Optiona
     for box in (a.proposals if a.proposals is not None else ()):
         draw.rectangle([float(v) * scale for v in box], outline=(255, 255, 0), width=1)
     for i in order:
+        assert a.boxes is not None and a.scores is not None and a.classes is not None
         cls = int(a.classes[i])
         box = [float(v) * scale for v in a.boxes[i]]
         draw.rectangle(box, outline=_color(cls, thing_colors), width=line)

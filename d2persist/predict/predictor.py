@@ -9,7 +9,8 @@ and fed to the model in eval mode with the original height and width, as
 """
 
 import logging
-from typing import Optional, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -21,12 +22,16 @@ from .images import check_image_file, image_input
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
+if TYPE_CHECKING:
+    from detectron2.data.catalog import Metadata
+    from detectron2.data.transforms import Augmentation
+
 __all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "read_image_file"]
 
 logger = logging.getLogger(__name__)
 
 
-def read_image_file(path, fmt):
+def read_image_file(path: str, fmt: str) -> np.ndarray:
     """
     Read an image file exactly as detectron2's evaluation loader does
     (``detection_utils.read_image``), after checking it is a whole image file.
@@ -46,7 +51,7 @@ def read_image_file(path, fmt):
         raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
 
 
-def arrays_of(outputs, height, width) -> PredictionArrays:
+def arrays_of(outputs: Dict[str, Any], height: int, width: int) -> PredictionArrays:
     """
     The :class:`~d2persist.predict.outputs.PredictionArrays` of a detectron2 model's output
     dict (on any device): ``instances`` (boxes, scores, classes, masks, keypoints), ``sem_seg``
@@ -90,7 +95,8 @@ class Prediction:
         outputs (dict): the model's raw output dict.
     """
 
-    def __init__(self, outputs, class_names, image, input_format, metadata=None):
+    def __init__(self, outputs: Dict[str, Any], class_names: Sequence[str], image: np.ndarray,
+                 input_format: str, metadata: Optional[dict] = None) -> None:
         self.outputs = outputs
         self.instances = outputs["instances"].to("cpu") if "instances" in outputs else None
         self.class_names = class_names
@@ -100,16 +106,17 @@ class Prediction:
         self.metadata = dict(metadata or {"thing_classes": list(class_names)})
         self.arrays = arrays_of(outputs, self.height, self.width)
 
-    def class_name(self, class_id):
+    def class_name(self, class_id: int) -> str:
         if 0 <= class_id < len(self.class_names):
             return self.class_names[class_id]
         return str(class_id)
 
-    def to_json(self, image_name=None, min_score=0.0):
+    def to_json(self, image_name: Optional[str] = None, min_score: float = 0.0) -> dict:
         """JSON data, as :func:`d2persist.predict.outputs.prediction_json` describes it."""
         return prediction_json(self.arrays, self.metadata, image_name, min_score)
 
-    def draw(self, metadata, min_score=0.0):
+    def draw(self, metadata: Optional[Union[dict, "Metadata"]], min_score: float = 0.0
+             ) -> np.ndarray:
         """
         The picture of this prediction (RGB uint8; upscaled to
         :data:`~d2persist.predict.outputs.MIN_DRAW_SIZE` px when smaller), drawn by the same code
@@ -134,7 +141,8 @@ class Predictor:
     Call it with an image path, or an array and its ``channel_order``.
     """
 
-    def __init__(self, model, augmentation, input_format, metadata, device):
+    def __init__(self, model: torch.nn.Module, augmentation: List["Augmentation"],
+                 input_format: str, metadata: dict, device: str) -> None:
         """
         Args:
             model (nn.Module): in eval mode, on ``device``.
@@ -153,7 +161,7 @@ class Predictor:
         self.device = device
         self.class_names = class_names_of(metadata)
 
-    def visualizer_metadata(self):
+    def visualizer_metadata(self) -> "Metadata":
         """A detectron2 ``Metadata`` holding the bundle's metadata, for the Visualizer."""
         from detectron2.data.catalog import Metadata
 
@@ -163,11 +171,12 @@ class Predictor:
                 setattr(meta, k, v)
         return meta
 
-    def read(self, path):
+    def read(self, path: str) -> np.ndarray:
         """Read an image file in the model's input format (see :func:`read_image_file`)."""
         return read_image_file(path, self.input_format)
 
-    def __call__(self, image, channel_order=None):
+    def __call__(self, image: Union[str, "os.PathLike[str]", np.ndarray],
+                 channel_order: Optional[str] = None) -> Prediction:
         """
         Args:
             image (str or np.ndarray): an image file, or an HxW/HxWxC uint8 array.

@@ -8,13 +8,16 @@ that is code execution. Nothing here imports training code.
 """
 
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.safe_load import safe_torch_load
 from ..runconfig import lazy_test_augmentations, load_config_dict, target_name
+
+if TYPE_CHECKING:
+    from detectron2.data.transforms import Augmentation
 
 __all__ = ["DEFAULT_ALLOWED_TARGETS", "build_model_from_config", "load_weights"]
 
@@ -114,7 +117,7 @@ def build_model_from_config(
     opts: Optional[Sequence[str]] = None,
     allowed_targets: Optional[Sequence[str]] = None,
     extensions: Sequence[str] = (),
-) -> Tuple[torch.nn.Module, List, str]:
+) -> Tuple[torch.nn.Module, List["Augmentation"], str]:
     """
     Build the model (on the CPU, weights not loaded) and test-time augmentations of a config.
 

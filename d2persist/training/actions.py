@@ -8,7 +8,7 @@ import copy
 import hashlib
 import logging
 import os
-from typing import List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from detectron2.utils import comm
 
@@ -27,6 +27,12 @@ from ..layout import BEST_NAME, CONFIG_NAME, METADATA_NAME, METRICS_NAME, ONNX_I
 from .best import BestMetric
 from .resume import check_output_dir
 
+if TYPE_CHECKING:
+    import torch
+    from detectron2.engine import TrainerBase
+
+    from ..runconfig import RunConfig
+
 __all__ = [
     "start_run_folder",
     "diverged_error",
@@ -38,7 +44,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def start_run_folder(run, start_iter: int) -> Optional[RunMirror]:
+def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     """
     On the main process, before training: refuse a new run over an earlier run's checkpoints,
     note that the run started (a restarted worker may resume it), write ``config.yaml``,
@@ -70,7 +76,8 @@ DIVERGENCE_HINTS = {
 }
 
 
-def diverged_error(run, iteration: int, error: BaseException) -> TrainingDivergedError:
+def diverged_error(run: "RunConfig", iteration: int,
+                   error: BaseException) -> TrainingDivergedError:
     """The one sentence for a run that produced NaN/Inf (detectron2's or the NaN guard's)."""
     last = RunView(run.output_dir, "run").last_checkpoint()
     where = (f"last_checkpoint names {last}, the newest weights saved before it (all "
@@ -84,7 +91,7 @@ def diverged_error(run, iteration: int, error: BaseException) -> TrainingDiverge
     )
 
 
-def calibration_images(run) -> List[str]:
+def calibration_images(run: "RunConfig") -> List[str]:
     """With EXPORT_FORMATS "onnx-int8": CALIBRATION_IMAGES files of the training dataset."""
     names = run.train_dataset_names()
     if ONNX_INT8.format not in run.options["EXPORT_FORMATS"] or not names:
@@ -95,7 +102,8 @@ def calibration_images(run) -> List[str]:
     return calibration_subset(files, run.options["CALIBRATION_IMAGES"])
 
 
-def export_run(run, model, iteration: int, best: Optional[BestMetric] = None) -> dict:
+def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
+               best: Optional[BestMetric] = None) -> dict:
     """
     Write the run's inference bundle to ``PERSIST.EXPORT_DIR``: of ``model`` as it is now (the
     weights of ``iteration``), or with ``PERSIST.EXPORT_FROM`` "best", of the weights in
@@ -104,7 +112,7 @@ def export_run(run, model, iteration: int, best: Optional[BestMetric] = None) ->
     Returns:
         dict: the bundle's manifest.
     """
-    source = {"from": "final"}
+    source: Dict[str, Any] = {"from": "final"}
     if run.options["EXPORT_FROM"] == "best":
         if best is None or best.iteration is None:
             logger.warning("No evaluation gave %s: exporting the final weights.",
@@ -120,7 +128,7 @@ def export_run(run, model, iteration: int, best: Optional[BestMetric] = None) ->
                         calibration_images=calibration_images(run))
 
 
-def _states_agree(model) -> bool:
+def _states_agree(model: "torch.nn.Module") -> bool:
     """Whether every process holds the same buffers (BatchNorm statistics); collective."""
     if comm.get_world_size() == 1:
         return True
@@ -142,7 +150,8 @@ def _evaluation_at(trainer, output_dir, iteration, keys):
     return found
 
 
-def evaluate_run_export(run, trainer, model, manifest: Optional[dict]) -> Optional[dict]:
+def evaluate_run_export(run: "RunConfig", trainer: "TrainerBase", model: "torch.nn.Module",
+                        manifest: Optional[dict]) -> Optional[dict]:
     """
     Evaluate the bundle just written, through each backend it holds, on the first test dataset
     with the trainer's evaluator (:func:`d2persist.export.self_eval.evaluate_bundle`), and add
@@ -156,6 +165,8 @@ def evaluate_run_export(run, trainer, model, manifest: Optional[dict]) -> Option
             logger.info("No evaluator for %s: the export is not evaluated.", name)
         return manifest
     backends = main_says(export_backends(manifest) if manifest else None)
+    # every process has the same config, and the main process exported: it has the manifest
+    assert name is not None and backends is not None
     source = (manifest or {}).get("source") or {}
     at = source.get("iteration")
     if source.get("from") != "best" or at == trainer.max_iter - 1:

@@ -8,7 +8,7 @@ event storage (``"bbox/AP"``, ``"segm/AP50"``, ...).
 import logging
 import math
 import time
-from typing import Dict, Optional, Tuple
+from typing import Collection, Dict, Optional, Tuple
 
 from ..errors import ConfigError
 
@@ -21,7 +21,7 @@ BEST_MODES = ("max", "min")
 
 
 def evaluation_value(latest: Dict[str, Tuple[float, int]], metric: str, iteration: int,
-                     training_keys=()) -> Optional[float]:
+                     training_keys: Collection[str] = ()) -> Optional[float]:
     """
     The value of ``metric`` an evaluation just stored under ``iteration``.
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import pickle
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from ..files.atomic import fsync_dir, sha256_file, torch_save, write_text
 from ..files.safe_load import safe_torch_load
 from ..layout import LAST_CHECKPOINT, SIDECAR_SUFFIX, TEMP_PREFIX
 from .resume import _load_chosen, choose_checkpoint
+
+if TYPE_CHECKING:
+    from fvcore.common.checkpoint import Checkpointer
 
 __all__ = ["PersistCheckpointer", "snapshot_state", "all_finite"]
 
@@ -84,7 +88,8 @@ def _copy(obj, into=None):
     return obj
 
 
-def snapshot_state(checkpointer, copy, into=None, **extra):
+def snapshot_state(checkpointer: "Checkpointer", copy: bool, into: Optional[dict] = None,
+                   **extra: Any) -> Dict[str, Any]:
     """
     The dict a checkpoint holds: ``model``, each checkpointable's state, and ``extra``.
 
@@ -132,13 +137,13 @@ class PersistCheckpointer(DetectionCheckpointer):
     (:mod:`d2persist.files`) and how they are read back (no code execution, verification).
     """
 
-    def save(self, name, **kwargs):
+    def save(self, name: str, **kwargs: Any) -> None:
         """Same as :meth:`fvcore.common.checkpoint.Checkpointer.save`, atomically."""
         if not self.save_dir or not self.save_to_disk:
             return
         self.write(f"{name}.pth", snapshot_state(self, copy=False, **kwargs))
 
-    def write(self, basename, data, tag=True):
+    def write(self, basename: str, data: dict, tag: bool = True) -> str:
         """
         Write a snapshot to ``save_dir/basename`` with its sha256 sidecar, then point
         ``last_checkpoint`` at it.
@@ -159,7 +164,7 @@ class PersistCheckpointer(DetectionCheckpointer):
             self.tag_last_checkpoint(basename)
         return path
 
-    def link(self, src_basename, dst_basename, tag=True):
+    def link(self, src_basename: str, dst_basename: str, tag: bool = True) -> str:
         """
         Give the checkpoint ``src_basename`` a second name without copying its bytes.
 
@@ -182,24 +187,24 @@ class PersistCheckpointer(DetectionCheckpointer):
             self.tag_last_checkpoint(dst_basename)
         return dst
 
-    def remove(self, basename):
+    def remove(self, basename: str) -> None:
         """Delete a checkpoint and its sidecar."""
         for suffix in ("", SIDECAR_SUFFIX):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.save_dir, basename + suffix))
 
-    def tag_last_checkpoint(self, last_filename_basename):
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``last_checkpoint`` at a checkpoint, atomically."""
         write_text(os.path.join(self.save_dir, LAST_CHECKPOINT), last_filename_basename)
 
-    def get_checkpoint_file(self):
+    def get_checkpoint_file(self) -> str:
         """The newest checkpoint that verifies (see :func:`find_newest_valid`), or ""."""
         return find_newest_valid(self.save_dir) or ""
 
-    def has_checkpoint(self):
+    def has_checkpoint(self) -> bool:
         return bool(self.get_checkpoint_file())
 
-    def resume_or_load(self, path, *, resume=True):
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """
         Like fvcore's, with the choice made by :func:`choose_checkpoint` (for evaluation: an
         output folder holding checkpoints is not refused without ``resume``).

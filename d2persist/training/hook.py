@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Union
+from typing import Any, Dict, List, Optional, Set, Union
 
 from detectron2.config import CfgNode
 from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
@@ -19,6 +19,7 @@ from ..collective import main_says
 from ..errors import D2PersistError, TrainingDivergedError
 from ..files.atomic import write_json
 from ..files.lock import unlock_run_folder
+from ..files.mirror import RunMirror
 from ..files.writer import BackgroundWriter
 from ..layout import (
     BEST_NAME,
@@ -100,25 +101,30 @@ class PersistHook(HookBase):
         self.run = run_config(cfg)
         self.options = self.run.options
         self._writer = BackgroundWriter(enabled=bool(self.options["ASYNC"]))
-        self._checkpointer = None
-        self._kept = []
-        self._resume_states = None
-        self._pending_resume = None
-        self._rng_to_restore = None
-        self._last_saved = None
-        self._spare = None  # the last snapshot, once written: the next one's buffers
-        self._signal = None
-        self._old_handlers = {}
+        self._checkpointer: Optional[PersistCheckpointer] = None
+        self._kept: List[str] = []
+        self._resume_states: Optional[List[Dict[str, Any]]] = None
+        self._pending_resume: Optional[List[Dict[str, Any]]] = None
+        self._rng_to_restore: Optional[dict] = None
+        self._last_saved: Optional[int] = None
+        # the last snapshot, once written: the next one's buffers
+        self._spare: Optional[dict] = None
+        self._signal: Optional[int] = None
+        self._old_handlers: Dict[int, Any] = {}
         stops = self.options["STOP_SIGNALS"] if self.options["SAVE_ON_INTERRUPT"] else []
         self._stop_signals = [getattr(signal, name) for name in stops]
         minutes = self.options["CHECKPOINT_MINUTES"]
         self._save_every = minutes * 60 if minutes > 0 else None  # seconds
-        self._last_save_time = None  # monotonic time of the last save (or of the start)
+        # monotonic time of the last save (or of the start)
+        self._last_save_time: Optional[float] = None
         metric = self.options["BEST_METRIC"]
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
-        self._training_keys = None  # what training itself puts into the event storage
-        self._mirror_jobs = None  # the mirror's uploads, on the main process (PERSIST.MIRROR)
-        self._plotter = None  # training.png's drawing, on the main process (PERSIST.PLOT)
+        # what training itself puts into the event storage
+        self._training_keys: Optional[Set[str]] = None
+        # the mirror's uploads, on the main process (PERSIST.MIRROR)
+        self._mirror_jobs: Optional[RunMirror] = None
+        # training.png's drawing, on the main process (PERSIST.PLOT)
+        self._plotter: Optional[BackgroundPlot] = None
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -141,7 +147,7 @@ class PersistHook(HookBase):
 
     # -- before_train --------------------------------------------------------------------------
 
-    def before_train(self):
+    def before_train(self) -> None:
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
@@ -221,14 +227,14 @@ class PersistHook(HookBase):
 
     # -- after_step ----------------------------------------------------------------------------
 
-    def before_step(self):
+    def before_step(self) -> None:
         # Hooks after this one (evaluation, writers) may draw random numbers after a save; undo
         # that, so training continues from exactly the RNG state the checkpoint holds.
         if self._rng_to_restore is not None:
             set_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
 
-    def after_step(self):
+    def after_step(self) -> None:
         self._writer.check()
         it = self.trainer.iter
         period = self.run.checkpoint_period
@@ -379,7 +385,7 @@ class PersistHook(HookBase):
 
     # -- after_train ---------------------------------------------------------------------------
 
-    def after_train(self):
+    def after_train(self) -> None:
         # the trainer calls after_train in the ``finally`` of its loop: an exception ending
         # training is still in flight here
         failure = sys.exc_info()[1]
@@ -448,7 +454,7 @@ class PersistHook(HookBase):
     # -- state ---------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = {"kept": list(self._kept), "resume": self._resume_states}
+        state: Dict[str, Any] = {"kept": list(self._kept), "resume": self._resume_states}
         if self._best is not None:
             state["best"] = self._best.state_dict()
         return state

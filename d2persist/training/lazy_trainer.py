@@ -6,9 +6,10 @@ with :class:`PersistHook` in place of ``PeriodicCheckpointer``.
 import logging
 
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import AMPTrainer, SimpleTrainer, TrainerBase, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig
 
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
@@ -20,7 +21,7 @@ __all__ = ["train_lazy"]
 logger = logging.getLogger(__name__)
 
 
-def train_lazy(cfg, resume: bool = False):
+def train_lazy(cfg: DictConfig, resume: bool = False) -> TrainerBase:
     """
     Train a LazyConfig like detectron2's ``tools/lazyconfig_train_net.py``, with PersistHook
     in place of PeriodicCheckpointer, resuming through

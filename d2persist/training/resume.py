@@ -10,6 +10,7 @@ and every process loads the bytes it sends.
 import contextlib
 import logging
 import os
+from typing import TYPE_CHECKING, Any, Dict
 
 from detectron2.utils import comm
 
@@ -20,6 +21,9 @@ from ..errors import ArtifactError, D2PersistError, OutputDirNotEmptyError
 from ..files.atomic import sha256_file, write_text
 from ..files.lock import lock_run_folder, unlock_run_folder
 from ..layout import LAST_CHECKPOINT, SIDECAR_SUFFIX
+
+if TYPE_CHECKING:
+    from fvcore.common.checkpoint import Checkpointer
 
 __all__ = ["hold_run_lock", "choose_checkpoint", "resume_or_load", "check_output_dir"]
 
@@ -184,7 +188,7 @@ def _local_copy(folder, path):
         yield received
 
 
-def _load_chosen(checkpointer, path):
+def _load_chosen(checkpointer: "Checkpointer", path: str) -> Dict[str, Any]:
     """Load the chosen checkpoint on every process, wherever its bytes are (see _local_copy)."""
     if comm.get_world_size() == 1:
         return checkpointer.load(path)
@@ -192,7 +196,8 @@ def _load_chosen(checkpointer, path):
         return checkpointer.load(local)
 
 
-def resume_or_load(checkpointer, weights: str, *, resume: bool, mirror: str = "") -> bool:
+def resume_or_load(checkpointer: "Checkpointer", weights: str, *, resume: bool,
+                   mirror: str = "") -> bool:
     """
     Load what a training run starts from, as :func:`choose_checkpoint` decides: the newest
     checkpoint that verifies (with the trainer's and hooks' state), or ``weights`` (model

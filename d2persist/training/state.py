@@ -16,6 +16,7 @@ import itertools
 import logging
 import os
 import random
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ import torch.utils.data as torchdata
 
 from ..collective import main_says
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from detectron2.config import CfgNode
 
 __all__ = [
     "get_rng_state",
@@ -45,7 +49,9 @@ def get_rng_state() -> dict:
     The Python, NumPy and torch RNG states of this process, as plain data and tensors only
     (loadable with ``torch.load(weights_only=True)``).
     """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the global RandomState's MT19937 gives the legacy tuple, never the dict
+    kind, keys, pos, has_gauss, cached = cast(Tuple[str, np.ndarray, int, int, float],
+                                              np.random.get_state())
     state = {
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
@@ -176,17 +182,17 @@ class ResumableTrainLoader:
 
     def __init__(
         self,
-        dataset,
-        mapper,
-        batch_size,
+        dataset: Union[List[dict], torchdata.Dataset],
+        mapper: Callable[[dict], Any],
+        batch_size: int,
         *,
-        seed,
-        shuffle=True,
-        aspect_ratio_grouping=True,
-        num_workers=0,
-        rank=0,
-        world_size=1,
-    ):
+        seed: int,
+        shuffle: bool = True,
+        aspect_ratio_grouping: bool = True,
+        num_workers: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         """
         Args:
             dataset (list[dict] or Dataset): detectron2 dataset dicts (indexable).
@@ -205,23 +211,23 @@ class ResumableTrainLoader:
         self._batch_size = batch_size
         self._shuffle = shuffle
         # the bucket of each dataset index, read once (a serialized dataset unpickles per read)
-        self._aspects = None
+        self._aspects: Optional[List[int]] = None
         if aspect_ratio_grouping:
             dicts = (dataset[i] for i in range(len(dataset)))
             self._aspects = [int(d["width"] > d["height"]) for d in dicts]
         self._num_workers = num_workers
         self._rank, self._world = rank, world_size
-        self._state = {"seed": int(seed), "position": 0, "buckets": [[], []],
-                       "version": STREAM_VERSION}
+        self._state: Dict[str, Any] = {"seed": int(seed), "position": 0, "buckets": [[], []],
+                                       "version": STREAM_VERSION}
 
     def _aspect_of(self, idx):
         return self._aspects[idx] if self._aspects is not None else 0
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
         """The loader state after the last batch handed out (plain ints and lists)."""
         return copy.deepcopy(self._state)
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; call before iterating."""
         self._state = copy.deepcopy(state)
 
@@ -247,7 +253,7 @@ class ResumableTrainLoader:
             yield batch
 
 
-def data_state_to_resume(states):
+def data_state_to_resume(states: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """
     The data loader state to resume from, given every saving process's ``{"rng", "data"}``.
 
@@ -273,7 +279,8 @@ def data_state_to_resume(states):
             "version": STREAM_VERSION}
 
 
-def build_resumable_train_loader(cfg, mapper=None) -> "ResumableTrainLoader":
+def build_resumable_train_loader(cfg: "CfgNode", mapper: Optional[Callable[[dict], Any]] = None
+                                 ) -> "ResumableTrainLoader":
     """
     A :class:`ResumableTrainLoader` for a detectron2 config, in place of
     :func:`detectron2.data.build_detection_train_loader` (same datasets, filtering and mapper).

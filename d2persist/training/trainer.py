@@ -2,7 +2,9 @@
 
 import logging
 import weakref
+from typing import Any, List
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
@@ -14,14 +16,15 @@ from ..runconfig import run_config
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
 from .resume import resume_or_load
-from .state import build_resumable_train_loader
+from .state import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = ["PersistTrainer", "create_ddp_model"]
 
 logger = logging.getLogger(__name__)
 
 
-def create_ddp_model(model, *, fp16_compression: bool = False, **kwargs):
+def create_ddp_model(model: torch.nn.Module, *, fp16_compression: bool = False,
+                     **kwargs: Any) -> torch.nn.Module:
     """
     Like :func:`detectron2.engine.create_ddp_model` (same arguments), but also for a model on
     the CPU (gloo), for which ``DistributedDataParallel`` rejects ``device_ids``.
@@ -89,12 +92,12 @@ class PersistTrainer(DefaultTrainer):
                                  mirror=run.options["MIRROR"])
         self.start_iter = self.iter + 1 if resumed else 0
 
-    def build_hooks(self):
+    def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks without ``PeriodicCheckpointer``, and :class:`PersistHook`."""
         ret = [h for h in super().build_hooks() if not isinstance(h, hooks.PeriodicCheckpointer)]
         return ret + [PersistHook(self.cfg)]  # it runs last wherever it is put: see its docs
 
     @classmethod
-    def build_train_loader(cls, cfg):
+    def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:
         """A :class:`d2persist.training.state.ResumableTrainLoader`, for exact resume."""
         return build_resumable_train_loader(cfg)
