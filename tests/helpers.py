@@ -87,18 +87,51 @@ def assert_bitwise_equal(a, b):
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=()):
+_FORK_SERVER = []  # the session's ForkServer, once a tool run started it
+
+
+def fork_server():
+    """The session's :class:`forkserver.ForkServer` (started on first use)."""
+    if not _FORK_SERVER:
+        from forkserver import ForkServer
+
+        _FORK_SERVER.append(ForkServer(tool_env(), REPO))
+    return _FORK_SERVER[0]
+
+
+def stop_fork_server():
+    if _FORK_SERVER:
+        _FORK_SERVER.pop().close()
+
+
+def start_tool(script, *args, env=None, cwd=REPO):
     """
-    Run a tool in a subprocess; returns the CompletedProcess (text output captured). The tool
-    runs in its own process group: on a timeout the group (with the workers ``launch()`` or
-    torchrun started) is killed and the test fails, so a hang never outlives its test.
+    Start ``python SCRIPT ARGS`` forked from the fork server, in a session of its own, and
+    return at once: a :class:`forkserver.ForkedProcess` (``pid``, ``poll``, ``send_signal``,
+    ``wait``, ``communicate``; output captured). The caller kills what is left
+    (:func:`kill_tree`).
+    """
+    return fork_server().popen([script, *args], tool_env(**(env or {})), cwd)
+
+
+def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=(), fresh=False):
+    """
+    Run a tool in a process of its own; returns the CompletedProcess (text output captured).
+    The tool runs in its own process group: on a timeout the group (with the workers
+    ``launch()`` or torchrun started) is killed and the test fails, so a hang never outlives
+    its test. A plain ``python tools/X.py`` run is forked from the session's fork server
+    (:mod:`forkserver`: the same process boundary without paying torch's import again); with
+    a ``launcher``, ``python -m ...`` or ``fresh``, a new interpreter starts.
 
     Args:
         launcher: arguments of ``python`` before the script, e.g. :func:`torchrun` 's.
+        fresh: start a new interpreter (a test about what the tool imports at start-up).
     """
     import subprocess
 
     full_env = tool_env(**(env or {}))
+    if not (fresh or launcher) and str(script).endswith(".py") and os.path.isfile(script):
+        return fork_server().run([script, *args], full_env, cwd, timeout, kill_tree)
     cmd = [sys.executable, *map(str, launcher), script, *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=full_env, cwd=cwd, start_new_session=True)
@@ -144,9 +177,10 @@ def kill_tree(pid):
         os.killpg(pid, signal.SIGKILL)
 
 
-#: Evaluate on the shapes val split every 2 iterations (and at the end); the export's own
-#: evaluation is off (tests/test_default_schedule.py and test_distributed.py test it).
-EVAL_OPTS = ["DATASETS.TEST", "('shapes_val',)", "TEST.EVAL_PERIOD", 2,
+#: Evaluate on the quick val split (the val split's first 10 images) every 2 iterations (and at
+#: the end); the export's own evaluation is off (tests/test_default_schedule.py and
+#: test_distributed.py test it).
+EVAL_OPTS = ["DATASETS.TEST", "('shapes_val_10',)", "TEST.EVAL_PERIOD", 2,
              "PERSIST.EXPORT_EVAL", False]
 
 

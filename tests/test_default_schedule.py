@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -95,7 +96,7 @@ def test_the_export_records_its_own_evaluation_per_backend(default_run):
     out, _ = default_run
     entry = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]
     assert (entry["dataset"], entry["evaluator"], entry["images"]) == (
-        "shapes_val", "COCOEvaluator", 50)
+        "shapes_val_10", "COCOEvaluator", 10)
     assert entry["failed"] == [], entry["errors"]
     assert sorted(entry["backends"]) == ["onnxruntime", "onnxruntime-int8", "pytorch"]
     final = [r for r in _rows(out) if "bbox/AP50" in r][-1]  # the final in-training evaluation
@@ -108,7 +109,8 @@ def test_the_export_records_its_own_evaluation_per_backend(default_run):
     onnx = entry["backends"]["onnxruntime"]
     assert set(onnx) == set(ref)
     assert all(abs(onnx[k] - v) <= 0.1 for k, v in ref.items() if v is not None)
-    assert entry["tolerance"] == {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 1.0}
+    # PERSIST.INT8_BUDGET (5.0 in this run; the default is 1.0)
+    assert entry["tolerance"] == {"pytorch": 0.0, "onnxruntime": 0.1, "onnxruntime-int8": 5.0}
     int8 = entry["backends"]["onnxruntime-int8"]  # what INT8 costs, stated
     assert entry["checked"] == {"onnxruntime-int8": ["/AP", "/PQ", "/mIoU"]}  # box and mask AP
     assert entry["max_difference"]["onnxruntime-int8"] == max(
@@ -134,15 +136,17 @@ def test_a_broken_backend_is_recorded_as_failed_and_named_when_loaded(
     register_shapes()
     # fault injection: the ONNX Runtime predictor skips the test-time resize
     mocker.patch("d2persist.predict.onnx_predictor.resize_shortest_edge", lambda image, *_: image)
-    evaluator = COCOEvaluator("shapes_val", output_dir=str(tmp_path / "coco"))
+    # the session's COCO json folder: COCOEvaluator remembers it in MetadataCatalog
+    evaluator = COCOEvaluator("shapes_val_10",
+                              output_dir=os.path.join(os.environ["D2PERSIST_CACHE"], "coco"))
     with caplog.at_level(logging.ERROR, logger="d2persist"):
-        entry = evaluate_bundle(str(bundle), ["pytorch", "onnxruntime"], "shapes_val",
+        entry = evaluate_bundle(str(bundle), ["pytorch", "onnxruntime"], "shapes_val_10",
                                 evaluator, lambda keys: {k: ref[k] for k in keys if k in ref})
     assert entry["failed"] == ["onnxruntime"], entry["errors"]
     assert "outside the tolerance of 0.1" in entry["errors"]["onnxruntime"]
     assert entry["backends"]["pytorch"] == ref
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR] == [
-        f"The exported bundle's onnxruntime backend failed its evaluation on shapes_val: "
+        f"The exported bundle's onnxruntime backend failed its evaluation on shapes_val_10: "
         f"{entry['errors']['onnxruntime']}."]
     mocker.stopall()
     (bundle / "manifest.json").write_text(json.dumps(dict(manifest, evaluation=entry)))
@@ -157,13 +161,18 @@ def test_a_broken_backend_is_recorded_as_failed_and_named_when_loaded(
 
 def test_evaluate_tool_reproduces_training_on_a_coco_json(default_run, tmp_path):
     out, _ = default_run
-    coco_json = out / "inference" / "shapes_val_coco_format.json"  # COCOEvaluator's conversion
+    coco_json = out / "inference" / "shapes_val_10_coco_format.json"  # COCOEvaluator's conversion
     ref = json.loads((out / "export" / "manifest.json").read_text())["evaluation"]["reference"]
     res = run_tool(EVALUATE, "--artifacts", out / "export", "--coco-json", coco_json,
                    "--backend", "pytorch", "--json", tmp_path / "pytorch.json")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Evaluation results for segm" in res.stdout and "Per-category bbox AP" in res.stdout
-    assert _flat(json.loads((tmp_path / "pytorch.json").read_text())) == ref  # equal
+    got = _flat(json.loads((tmp_path / "pytorch.json").read_text()))
+    # the same predictions scored by pycocotools' COCOeval here and by detectron2's C++
+    # COCOeval_opt in training: equal up to the order of floating-point sums (a few ulps)
+    assert set(got) == set(ref)
+    assert all(got[k] == v if v is None else math.isclose(got[k], v, rel_tol=1e-12, abs_tol=1e-12)
+               for k, v in ref.items()), (got, ref)
     no_torch = subprocess.run(  # no --backend: ONNX Runtime, torch and detectron2 unimportable
         [sys.executable, "-c", WITHOUT_TORCH, EVALUATE, "--artifacts", str(out),
          "--coco-json", str(coco_json), "--json", str(tmp_path / "ort.json")],
@@ -193,7 +202,7 @@ def test_onnxruntime_caches_its_optimized_graph_per_model_file(default_run, tmp_
 
     out, _ = default_run
     monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
-    image = json.loads((out / "inference" / "shapes_val_coco_format.json").read_text())[
+    image = json.loads((out / "inference" / "shapes_val_10_coco_format.json").read_text())[
         "images"][0]["file_name"]
     cold = load_onnx_predictor(str(out))
     cached = list((tmp_path / "cache" / "onnxruntime").iterdir())
@@ -229,7 +238,7 @@ def test_int8_model_is_smaller_predicts_without_torch_and_is_re_exported(default
     sizes = {n: (out / "export" / n).stat().st_size for n in ("model.onnx", "model.int8.onnx")}
     assert sizes["model.int8.onnx"] <= 0.35 * sizes["model.onnx"], sizes
     assert manifest["files"]["model.int8.onnx"]["size"] == sizes["model.int8.onnx"]
-    image = json.loads((out / "inference" / "shapes_val_coco_format.json").read_text())[
+    image = json.loads((out / "inference" / "shapes_val_10_coco_format.json").read_text())[
         "images"][0]["file_name"]
     res = subprocess.run(
         [sys.executable, "-c", WITHOUT_TORCH, INFER_SINGLE, "--image", image, "--artifacts",

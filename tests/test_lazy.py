@@ -24,6 +24,7 @@ LAZY_TINY = [
     "dataloader.train.mapper.augmentations.0.max_size=96",
     "dataloader.test.mapper.augmentations.0.short_edge_length=64",
     "dataloader.test.mapper.augmentations.0.max_size=96",
+    "dataloader.test.dataset.names=shapes_val_10",  # the val split's first 10 images
     "dataloader.train.total_batch_size=2",
     "dataloader.train.num_workers=0",
     "model.roi_heads.box_predictor.test_score_thresh=0.0",
@@ -62,7 +63,7 @@ def test_lazy_run_writes_periodic_final_and_export(lazy_run):
     # evaluation (do_test at the end of training)
     entry = manifest["evaluation"]
     assert (entry["dataset"], entry["evaluator"], entry["failed"]) == (
-        "shapes_val", "COCOEvaluator", [])
+        "shapes_val_10", "COCOEvaluator", [])
     assert entry["reference"] and entry["backends"]["pytorch"] == entry["reference"]
 
 

@@ -6,38 +6,38 @@ OUTPUT_DIR, killed mid-run and resumed; the result is bitwise the single-folder 
 
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 
 import torch
-from helpers import TINY_OPTS, TRAIN_NET, assert_bitwise_equal, free_port, run_tool, tool_env
+from helpers import (
+    TINY_OPTS,
+    TRAIN_NET,
+    assert_bitwise_equal,
+    free_port,
+    kill_tree,
+    run_tool,
+    start_tool,
+)
 
 OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 8, "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False,
         "OUTPUT_DIR", "out"]  # relative: each machine's own folder
 
 
 def _start_machines(tmp_path, *extra):
-    port, env = free_port(), tool_env()
+    port = free_port()
     procs = []
     for rank in (0, 1):
         cwd = tmp_path / f"machine{rank}"
         cwd.mkdir(exist_ok=True)
         args = ["--num-gpus", 1, "--num-machines", 2, "--machine-rank", rank,
                 "--dist-url", f"tcp://127.0.0.1:{port}", "--dist-timeout", 60, *extra, *OPTS]
-        with open(cwd / "stderr.txt", "w") as err:
-            procs.append(subprocess.Popen(
-                [sys.executable, TRAIN_NET, *map(str, args)], cwd=cwd, env=env,
-                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
-            ))
+        procs.append(start_tool(TRAIN_NET, *args, cwd=cwd))
     return procs
 
 
 def _kill(procs):
     for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
+        kill_tree(p.pid)
         p.wait()
 
 
@@ -46,12 +46,11 @@ def _wait(procs, tmp_path, timeout=240):
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"the machines did not finish in {timeout} s (a hang?)") from None
+            if p.wait(timeout=max(1.0, deadline - time.monotonic())) is None:
+                raise AssertionError(f"the machines did not finish in {timeout} s (a hang?)")
     finally:
         _kill(procs)
-    errors = [(tmp_path / f"machine{r}" / "stderr.txt").read_text()[-3000:] for r in (0, 1)]
+    errors = [p.output()[1][-3000:] for p in procs]
     return [p.returncode for p in procs], errors
 
 

@@ -209,20 +209,14 @@ def test_server_stopped_mid_run_training_finishes_with_one_message(tmp_path, cap
 
 
 def test_sigkill_while_uploading_leaves_a_mirror_naming_a_complete_checkpoint(s3, tmp_path):
-    import signal
-    import subprocess
-    import sys
     import time
 
-    from helpers import REPO, TINY_OPTS, TRAIN_NET
+    from helpers import TINY_OPTS, TRAIN_NET, kill_tree, start_tool
 
     url = f"s3://{BUCKET}/run5"
     args = [*TINY_OPTS, "SOLVER.MAX_ITER", 100, "SOLVER.CHECKPOINT_PERIOD", 1,
             "PERSIST.EXPORT", False, "PERSIST.MIRROR", url, "OUTPUT_DIR", tmp_path]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=REPO, **s3)
-    proc = subprocess.Popen([sys.executable, TRAIN_NET, *map(str, args)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = start_tool(TRAIN_NET, *args, env=s3)
     fs = _fs()
     try:
         deadline = time.monotonic() + 120
@@ -234,7 +228,7 @@ def test_sigkill_while_uploading_leaves_a_mirror_naming_a_complete_checkpoint(s3
             time.sleep(0.2)
         time.sleep(1.0)  # one save per iteration: the next uploads are in flight
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
     fs.invalidate_cache()
     named = fs.cat_file(f"{BUCKET}/run5/last_checkpoint").decode()

@@ -11,7 +11,17 @@ import time
 import pytest
 import torch
 from detectron2.engine import HookBase
-from helpers import REPO, TINY_OPTS, TRAIN_NET, assert_bitwise_equal, run_tool, tiny_cfg, train
+from helpers import (
+    REPO,
+    TINY_OPTS,
+    TRAIN_NET,
+    assert_bitwise_equal,
+    kill_tree,
+    run_tool,
+    start_tool,
+    tiny_cfg,
+    train,
+)
 
 from d2persist import CheckpointWriteError, PersistTrainer
 
@@ -75,14 +85,11 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     rng = random.Random(1234)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     kills = 0
     for attempt in range(5):
-        args = [sys.executable, TRAIN_NET, *(["--resume"] if attempt else []), *map(str, opts),
-                "OUTPUT_DIR", str(out)]
+        args = [*(["--resume"] if attempt else []), *opts, "OUTPUT_DIR", out]
         started = time.time()
-        proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        proc = start_tool(TRAIN_NET, *args)
         killer_ready = None
         while proc.poll() is None:
             config = out / "config.yaml"
@@ -99,7 +106,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
-        _, err = proc.communicate()
+        _, err = proc.communicate(timeout=240)
+        kill_tree(proc.pid)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL, err[-2000:]

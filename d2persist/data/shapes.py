@@ -395,6 +395,10 @@ _LOADERS = {"instances": generate_shapes, "keypoints": _keypoint_dicts,
             "semantic": _semantic_dicts, "panoptic": _panoptic_dicts}
 
 
+#: the images of the quick val split ``{prefix}_val_10`` (the val split's first ones)
+QUICK_VAL = 10
+
+
 def register_shapes(
     prefix: str = "shapes",
     num_train: int = 200,
@@ -409,7 +413,8 @@ def register_shapes(
     segmentation), ``{prefix}_panoptic_*`` (panoptic segmentation; see the module's docstring).
 
     Images are generated lazily, the first time a split is asked for. The val split uses a
-    different seed, so its images are held out from training. Calling it again is a no-op.
+    different seed, so its images are held out from training; ``{prefix}_val_10`` holds its
+    first 10 images, for quick evaluations. Calling it again is a no-op.
 
     Returns:
         tuple[str, str]: the names of the train and val datasets of the instances task.
@@ -417,7 +422,10 @@ def register_shapes(
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
     specs = {"train": ShapesSpec(num_train, size, seed),
-             "val": ShapesSpec(num_val, size, seed + 1_000_003)}
+             "val": ShapesSpec(num_val, size, seed + 1_000_003),
+             # the val split's first 10 images, for quick checks (as detectron2's
+             # coco_2017_val_100 is COCO val's first 100)
+             f"val_{QUICK_VAL}": ShapesSpec(min(QUICK_VAL, num_val), size, seed + 1_000_003)}
     for task, suffix in DATASET_TASKS.items():
         for split, spec in specs.items():
             name = f"{prefix}{suffix}_{split}"

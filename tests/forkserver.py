@@ -1,0 +1,255 @@
+"""
+Tool runs without paying Python's start-up each time: a fork server for the tests.
+
+Every tool process imports torch and detectron2 before it does anything (about 5.5 s on the
+project's 2-core machine, torchvision's ``roi_align`` pulling in ``torch._dynamo``). Most tool
+runs in the tests are about what the tool does as a process of its own (its exit code, its
+output, its files, the children it starts, being killed), not about interpreter start-up. Those
+are forked from one server process that imported the stack once, as multiprocessing's
+"forkserver" start method does: the child gets the tool's argv, working folder, environment and
+output files, runs the tool's file as ``__main__``, and exits as an interpreter would (non-daemon
+threads joined, ``atexit`` handlers run, the exit code of ``SystemExit`` or 1 with a traceback).
+A ``launch()`` in it spawns fresh worker interpreters, as it does from a shell.
+
+Runs about start-up itself (``python -m d2persist``, what a tool imports, torchrun) keep a fresh
+interpreter: :func:`helpers.run_tool` sends only plain ``python tools/X.py`` runs here.
+"""
+
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+__all__ = ["ForkServer", "ForkedProcess"]
+
+#: what the server runs: import the stack once, then fork one child per request, in order
+_SERVER = r'''
+import atexit, json, os, runpy, select, signal, sys, threading, traceback, warnings
+
+import cv2, numpy, torch, torchvision.ops  # noqa: F401
+import detectron2.data, detectron2.engine, detectron2.evaluation, detectron2.modeling  # noqa
+import d2persist.export, d2persist.predict.predictor, d2persist.training  # noqa: F401
+
+channel = os.fdopen(os.dup(1), "w")  # replies to the test, one JSON line each
+os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing else writes to that pipe
+threads = threading.active_count()
+print(json.dumps({"ready": os.getpid(), "threads": threads}), file=channel, flush=True)
+
+
+def child(req):
+    os.setsid()  # its own process group, as run_tool's Popen(start_new_session=True)
+    channel.close()
+    os.close(requests)
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+    os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    os.chdir(req["cwd"])
+    os.environ.clear()
+    os.environ.update(req["env"])
+    warnings.resetwarnings()
+    for option in filter(None, req["env"].get("PYTHONWARNINGS", "").split(",")):
+        warnings.filterwarnings(option)  # "ignore" (what tool_env sets) and the like
+    script = req["argv"][0]
+    sys.argv = list(req["argv"])
+    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    code = 0
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        if e.code is None:
+            code = 0
+        elif isinstance(e.code, int):
+            code = e.code
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:  # as CPython: exit by SIGINT
+        sys.stdout.flush(), sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    threading._shutdown()  # as the interpreter's exit: non-daemon threads first, then atexit
+    atexit._run_exitfuncs()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(code)
+
+
+requests, buffer, children = os.dup(0), b"", set()
+while True:
+    ready = select.select([requests], [], [], 0.05 if children else None)[0]
+    if ready:
+        chunk = os.read(requests, 65536)
+        if not chunk:
+            break
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    child(json.loads(line))
+                finally:
+                    os._exit(70)
+            children.add(pid)
+            print(json.dumps({"pid": pid}), file=channel, flush=True)
+    while children:  # report every child that ended
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            break
+        children.discard(pid)
+        print(json.dumps({"pid": pid, "exit": os.waitstatus_to_exitcode(status)}),
+              file=channel, flush=True)
+'''
+
+
+class ForkServer:
+    """
+    The server process, started on first use; it forks a child per request and reports each
+    child's exit, so several may run at once (two "machines").
+
+    Args:
+        env (dict): the server's environment (the tools' import path among it).
+        cwd (str): its working folder.
+    """
+
+    def __init__(self, env, cwd):
+        self.env, self.cwd = dict(env), cwd
+        self.proc = None
+        self._buffer = b""
+        self.exits = {}  # pid -> exit code of the children that ended
+
+    def _message(self, wanted, timeout):
+        """
+        The server's next message for which ``wanted(message)`` holds, or None after
+        ``timeout`` seconds; children's exits read on the way are kept in ``self.exits``.
+        """
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                message = json.loads(line)
+                if "exit" in message:
+                    self.exits[message["pid"]] = message["exit"]
+                if wanted(message):
+                    return message
+            left = max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], left)[0]:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RuntimeError(f"the fork server exited ({self.proc.wait()})")
+            self._buffer += chunk
+
+    def _start(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, env=self.env, cwd=self.cwd, start_new_session=True)
+        ready = self._message(lambda m: "ready" in m, 180)
+        if ready is None or ready.get("threads") != 1:  # fork is safe only with one thread
+            self.close()
+            raise RuntimeError(f"the fork server did not start cleanly: {ready}")
+
+    def popen(self, argv, env, cwd):
+        """
+        Start ``argv`` (a tool's file and its arguments) in a forked child, like
+        ``subprocess.Popen(..., start_new_session=True)``.
+
+        Returns:
+            ForkedProcess
+        """
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        tmp = tempfile.mkdtemp(prefix="d2persist-forkserver-")
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        request = {"argv": [str(a) for a in argv], "env": env, "cwd": str(cwd),
+                   "stdout": out, "stderr": err}
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
+        started = self._message(lambda m: "exit" not in m, 60)
+        return ForkedProcess(self, started["pid"], argv, tmp)
+
+    def run(self, argv, env, cwd, timeout, kill):
+        """
+        Run ``argv`` in a forked child to its end.
+
+        Args:
+            kill: called with the child's pid to kill it and everything it started.
+
+        Returns:
+            subprocess.CompletedProcess, or raises AssertionError after ``timeout`` seconds.
+        """
+        child = self.popen(argv, env, cwd)
+        try:
+            if child.wait(timeout) is None:
+                kill(child.pid)
+                child.wait(60)
+                raise AssertionError(
+                    f"{os.path.basename(argv[0])} did not finish in {timeout} s (a hang?):\n"
+                    f"{child.output()[1][-3000:]}")
+        finally:
+            kill(child.pid)  # workers left behind by a failed run
+        out, err = child.output()
+        return subprocess.CompletedProcess([sys.executable, *map(str, argv)], child.returncode,
+                                           out, err)
+
+    def close(self):
+        """Stop the server (children it still waits for are the caller's to kill)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+class ForkedProcess:
+    """A tool run forked by the server: the parts of ``subprocess.Popen`` the tests use."""
+
+    def __init__(self, server, pid, argv, tmp):
+        self.server, self.pid, self.argv, self._tmp = server, pid, argv, tmp
+        self.returncode = None
+
+    def poll(self):
+        """The exit code (negative: killed by that signal), or None while it runs."""
+        return self.wait(0)
+
+    def wait(self, timeout=None):
+        """Wait up to ``timeout`` seconds (None: for good); the exit code, or None."""
+        if self.returncode is None:
+            pid = self.pid
+            if pid not in self.server.exits:
+                self.server._message(lambda m: m.get("pid") == pid and "exit" in m,
+                                     1e9 if timeout is None else timeout)
+            self.returncode = self.server.exits.pop(pid, None)
+        return self.returncode
+
+    def send_signal(self, sig):
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def output(self):
+        """``(stdout, stderr)`` as written so far; the files go once it has ended."""
+        out = _read(os.path.join(self._tmp, "stdout"))
+        err = _read(os.path.join(self._tmp, "stderr"))
+        if self.returncode is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return out, err
+
+    def communicate(self, timeout=None):
+        """Wait for the end (``subprocess.TimeoutExpired`` after ``timeout``); its output."""
+        if self.wait(timeout) is None:
+            raise subprocess.TimeoutExpired(self.argv, timeout)
+        return self.output()
+
+
+def _read(path):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
