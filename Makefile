@@ -14,17 +14,19 @@ DEMO_OUT ?= output/shapes
 DEMO_START := $(shell date +%s)
 
 .PHONY: install install-torch install-detectron2 install-panopticapi install-test \
-	check-detectron2 typecheck test test-fast \
+	check-detectron2 typecheck docs test test-fast \
 	demo lint bench help
 
 help:
 	@echo "make demo       install, train the built-in model on CPU, evaluate, export (also"
 	@echo "                ONNX and INT8), evaluate the export per backend, predict with"
 	@echo "                PyTorch and with ONNX Runtime"
-	@echo "make test       install what the tests need, lint, and run the whole suite"
+	@echo "make test       install what the tests need, lint, mypy, build the docs, and run the"
+	@echo "                whole suite"
 	@echo "make test-fast  lint, mypy and the unit tests that train nothing (under 30 s)"
 	@echo "make lint       flake8 with detectron2's settings (line length 100)"
 	@echo "make typecheck  mypy on the package (settings in setup.cfg)"
+	@echo "make docs       the documentation (Sphinx, warnings as errors) in docs/_build/html"
 
 install-torch:
 	@# torchvision's compiled ops load only with the standard PyPI torch build
@@ -43,8 +45,8 @@ install-panopticapi:
 	  || $(PIP) install --no-build-isolation '$(PANOPTICAPI_SRC)'
 
 install-test: install install-panopticapi
-	@$(PYTHON) -c "import pytest, pytest_mock, flake8, mypy, pycocotools, onnx, onnxruntime, \
-	  s3fs, moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
+	@$(PYTHON) -c "import pytest, pytest_mock, flake8, mypy, sphinx, pycocotools, onnx, \
+	  onnxruntime, s3fs, moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench
@@ -58,7 +60,10 @@ check-detectron2:
 typecheck: install-test
 	$(PYTHON) -m mypy
 
-test: lint typecheck check-detectron2
+docs: install-test
+	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
+test: lint typecheck docs check-detectron2
 	$(PYTHON) -m pytest -q tests
 
 test-fast: lint typecheck check-detectron2

@@ -37,7 +37,8 @@ setup(
         "setuptools<81",
     ],
     extras_require={
-        "test": ["pytest", "pytest-mock", "flake8", "mypy", "pycocotools", "s3fs", "moto[server]"],
+        "test": ["pytest", "pytest-mock", "flake8", "mypy", "sphinx", "pycocotools", "s3fs",
+                 "moto[server]"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)

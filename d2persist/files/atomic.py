@@ -2,8 +2,9 @@
 How d2persist's bytes reach disk.
 
 Every file d2persist writes goes through :func:`atomic_path`: a temporary file in the same
-folder, flushed and fsync'ed, ``os.replace``d onto its name, then the folder fsync'ed. A crash at
-any moment leaves either the old file or the new one under the final name, never a partial one.
+folder, flushed and fsync'ed, moved onto its name by ``os.replace``, then the folder fsync'ed.
+A crash at any moment leaves either the old file or the new one under the final name, never a
+partial one.
 """
 
 import contextlib

@@ -53,8 +53,7 @@ def load_predictor(
         allowed_targets (list[str]): PyTorch, LazyConfig: more module prefixes ``_target_``
             may name.
         backend (str): one of :data:`d2persist.layout.BACKENDS`; "auto" is PyTorch where torch,
-           torchvision and
-            detectron2 are installed, else ONNX Runtime.
+            torchvision and detectron2 are installed, else ONNX Runtime.
         precision (str): "float", or "int8" for the bundle's INT8 ONNX model (ONNX Runtime;
             "auto" then means onnxruntime).
 
