@@ -37,6 +37,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output", required=True)
     parser.add_argument("--no-persist", action="store_true", help="no checkpointing at all")
+    parser.add_argument("--stock", action="store_true",
+                        help="detectron2's own synchronous PeriodicCheckpointer, no PersistHook")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--stop-after-first-step", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="the test suite's tiny config")
@@ -66,8 +68,15 @@ def main():
                     raise SystemExit(0)
 
     trainer = PersistTrainer(cfg)
-    if args.no_persist:
+    if args.no_persist or args.stock:
         trainer._hooks = [h for h in trainer._hooks if not isinstance(h, PersistHook)]
+    if args.stock:
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.engine.hooks import PeriodicCheckpointer
+
+        checkpointer = DetectionCheckpointer(trainer.model, cfg.OUTPUT_DIR, trainer=trainer)
+        trainer.register_hooks([PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                     max_iter=cfg.SOLVER.MAX_ITER)])
     trainer.register_hooks([FirstStep()])
     trainer.resume_or_load(resume=args.resume)
     t0, c0 = time.perf_counter(), _cpu_seconds()

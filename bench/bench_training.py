@@ -8,7 +8,10 @@ Training-side costs of d2persist, each a ratio measured side by side in one run:
    core, as when a GPU trains and the CPU mostly waits;
 2. peak memory (RSS) of those two runs;
 3. resume cost: process start to the end of the first iteration after --resume, from a
-   checkpoint at iteration 10 and at iteration 10,000 (must not grow).
+   checkpoint at iteration 10 and at iteration 10,000 (must not grow);
+4. the run's end: a 20-iteration run saving every 2 iterations, ``trainer.train()`` from start to
+   return, PersistHook with ``PERSIST.PLOT`` True (the default: ``training.png`` drawn when
+   training ends) and False, against detectron2's own synchronous ``PeriodicCheckpointer``.
 """
 
 import argparse
@@ -50,6 +53,29 @@ def overhead(work, iters, repeats, extra):
         return go
 
     alternate({"persist": side("persist"), "none": side("none")}, repeats)
+    return runs
+
+
+def run_end(work, repeats, extra):
+    """train() wall time of PersistHook with PLOT on and off, and of stock PeriodicCheckpointer."""
+    runs = {"plot": [], "no plot": [], "stock": []}
+    flags = {"plot": ["PERSIST.PLOT", True], "no plot": ["PERSIST.PLOT", False],
+             "stock": ["--stock"]}
+
+    def side(name):
+        def go():
+            out = os.path.join(work, f"end-{name.replace(' ', '-')}-{len(runs[name])}")
+            shutil.rmtree(out, ignore_errors=True)
+            opts = [f for f in flags[name] if f == "--stock"]
+            rest = [f for f in flags[name] if f != "--stock"]
+            r = probe("--output", out, *opts, *extra, "SOLVER.MAX_ITER", 20,
+                      "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False, *rest)
+            shutil.rmtree(out, ignore_errors=True)
+            runs[name].append(r["train_wall"])
+            return r["train_wall"]
+        return go
+
+    alternate({name: side(name) for name in runs}, repeats)
     return runs
 
 
@@ -105,7 +131,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer iterations and repeats")
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--run-end-only", action="store_true",
+                        help="only measure 4. (the run's end), on the built-in config")
     args = parser.parse_args()
+    if args.run_end_only:
+        print(f"machine: {machine()}")
+        work = tempfile.mkdtemp(prefix="d2persist-bench-")
+        try:
+            end = run_end(work, args.repeats or 3, [])
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return _run_end_table(end)
     iters = args.iters or (10 if args.quick else 40)
     repeats = args.repeats or (2 if args.quick else 5)
     extra = ["--tiny"] if args.quick else []
@@ -125,6 +161,7 @@ def main():
         pairs, pairs1 = pair_ratios(runs), pair_ratios(runs1)
         resume = resume_cost(work, repeats, extra, batch)
         r10, r10k = (median(v) for v in resume.values())
+        end = run_end(work, max(3, repeats), extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table("Training with PersistHook (save every 2 iterations, ASYNC) vs no checkpointing", [
@@ -148,6 +185,20 @@ def main():
         ("from iteration 10", f"{r10:.2f} s"),
         ("from iteration 10,000", f"{r10k:.2f} s"),
         ("ratio 10,000 / 10 (must not grow)", f"{r10k / r10:.3f}x"),
+    ])
+    _run_end_table(end)
+
+
+def _run_end_table(end):
+    ends = {k: median(v) for k, v in end.items()}
+    title = ("The run's end: 20 iterations saving every 2, train() start to return (medians of "
+             f"{len(end['stock'])} alternating repeats)")
+    table(title, [
+        ("PersistHook, PLOT True (default)", f"{ends['plot']:.2f} s"),
+        ("PersistHook, PLOT False", f"{ends['no plot']:.2f} s"),
+        ("stock PeriodicCheckpointer (synchronous)", f"{ends['stock']:.2f} s"),
+        ("PersistHook PLOT True / stock", f"{ends['plot'] / ends['stock']:.3f}x"),
+        ("PersistHook PLOT False / stock", f"{ends['no plot'] / ends['stock']:.3f}x"),
     ])
 
 

@@ -9,7 +9,9 @@ are forked from one server process that imported the stack once, as multiprocess
 "forkserver" start method does: the child gets the tool's argv, working folder, environment and
 output files, runs the tool's file as ``__main__``, and exits as an interpreter would (non-daemon
 threads joined, ``atexit`` handlers run, the exit code of ``SystemExit`` or 1 with a traceback).
-A ``launch()`` in it spawns fresh worker interpreters, as it does from a shell.
+A ``launch()`` in it spawns fresh worker interpreters, as it does from a shell. What torch reads
+from the environment at start-up, its thread count (``OMP_NUM_THREADS``), is applied to each
+child; the server itself is started without it, as a shell would start the tool.
 
 Runs about start-up itself (``python -m d2persist``, what a tool imports, torchrun) keep a fresh
 interpreter: :func:`helpers.run_tool` sends only plain ``python tools/X.py`` runs here.
@@ -34,6 +36,7 @@ import cv2, numpy, torch, torchvision.ops  # noqa: F401
 import detectron2.data, detectron2.engine, detectron2.evaluation, detectron2.modeling  # noqa
 import d2persist.export, d2persist.predict.predictor, d2persist.training  # noqa: F401
 
+default_threads = torch.get_num_threads()  # what a process without OMP_NUM_THREADS gets
 channel = os.fdopen(os.dup(1), "w")  # replies to the test, one JSON line each
 os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing else writes to that pipe
 threads = threading.active_count()
@@ -50,6 +53,10 @@ def child(req):
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
+    # torch read its thread count when the server imported it: apply the child's, as a fresh
+    # interpreter would read it (torchrun and the tests set OMP_NUM_THREADS)
+    threads = req["env"].get("OMP_NUM_THREADS") or req["env"].get("MKL_NUM_THREADS")
+    torch.set_num_threads(int(threads) if threads else default_threads)
     warnings.resetwarnings()
     for option in filter(None, req["env"].get("PYTHONWARNINGS", "").split(",")):
         warnings.filterwarnings(option)  # "ignore" (what tool_env sets) and the like
