@@ -95,7 +95,8 @@ class Mirror:
 class Uploader:
     """
     Uploads to a :class:`Mirror` from one background thread, in order. A failing upload is
-    retried, then reported once (later failures are counted); it never reaches training.
+    retried, then reported once (later failures are counted); it never reaches training. After a
+    failure, later uploads get one try each until one succeeds again.
     """
 
     def __init__(self, mirror: Mirror, tries: int = 3, backoff: float = 0.5):
@@ -103,6 +104,7 @@ class Uploader:
         self._jobs: "queue.Queue[Optional[List[_Step]]]" = queue.Queue()
         self._thread: Optional[threading.Thread] = None
         self.failures = 0
+        self._down = False  # the last upload failed: the mirror is likely unreachable
 
     def submit(self, steps: Sequence[_Step]) -> None:
         """
@@ -132,7 +134,10 @@ class Uploader:
     def _step(self, name, source):
         if isinstance(source, str) and not os.path.isfile(source):
             return False  # removed locally (retention) before its turn: its job is moot
-        for attempt in range(self.tries):
+        # while the mirror is down (the last upload failed), one try each: the run's end does
+        # not wait for every queued upload's retries against a dead store
+        tries = 1 if self._down else self.tries
+        for attempt in range(tries):
             try:
                 if source is None:
                     self.mirror.remove(name)
@@ -140,11 +145,13 @@ class Uploader:
                     self.mirror.put_bytes(source, name)
                 else:
                     self.mirror.put(source, name)
+                self._down = False
                 return True
             except Exception as e:  # fsspec backends raise many kinds; training must go on
-                if attempt + 1 < self.tries:
+                if attempt + 1 < tries:
                     time.sleep(self.backoff * 2**attempt)
                     continue
+                self._down = True
                 self.failures += 1
                 if self.failures == 1:
                     reason = str(e).splitlines()[0][:200] if str(e) else ""
