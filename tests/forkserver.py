@@ -92,7 +92,12 @@ while True:
     ready = select.select([requests], [], [], 0.05 if children else None)[0]
     if ready:
         chunk = os.read(requests, 65536)
-        if not chunk:
+        if not chunk:  # the test session ended (or died): nothing it started outlives it
+            for pid in children:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
             break
         buffer += chunk
         while b"\n" in buffer:
