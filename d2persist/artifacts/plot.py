@@ -85,8 +85,12 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
 class BackgroundPlot:
     """
     Keeps ``training.png`` of a run folder current from a background thread (matplotlib's
-    object API, no pyplot): one drawing at a time; a request that comes while one runs gets
-    the next. A picture never stops training: a failed drawing is a warning.
+    object API, no pyplot): one drawing at a time; a request that comes while one runs is left
+    to the next request or to the final picture. A picture never stops training: a failed
+    drawing is a warning.
+
+    :meth:`start_final` lets the last picture be drawn while the run's end does other work
+    (the export).
 
     Args:
         output_dir (str): the run folder.
@@ -99,18 +103,22 @@ class BackgroundPlot:
         self.output_dir = output_dir
         self.on_drawn = on_drawn
         self._thread: Optional[threading.Thread] = None
-        self._again = False
+        self._final = False  # start_final() started the last drawing
 
-    def request(self) -> None:
-        """Redraw soon (after an evaluation): now, or after the drawing in progress."""
-        if self._thread is not None and self._thread.is_alive():
-            self._again = True
-            return
-        if self._thread is not None and self.on_drawn is not None:
-            self.on_drawn(TRAINING_PLOT)
-        self._again = False
+    def _start(self) -> None:
+        """Start a drawing, once the one in progress (if any) has ended and been announced."""
+        if self._thread is not None:
+            self._thread.join()
+            if self.on_drawn is not None:
+                self.on_drawn(TRAINING_PLOT)
         self._thread = threading.Thread(target=self._draw, name="d2persist-plot", daemon=True)
         self._thread.start()
+
+    def request(self) -> None:
+        """Redraw now (after an evaluation), unless a drawing is in progress."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._start()
 
     def _draw(self):
         try:
@@ -118,14 +126,17 @@ class BackgroundPlot:
         except Exception as e:  # a picture never stops training
             logger.warning("Could not draw %s: %s: %s", TRAINING_PLOT, type(e).__name__, e)
 
+    def start_final(self) -> None:
+        """Start the picture of the whole run (after a drawing in progress); do not wait."""
+        self._start()
+        self._final = True
+
     def finish(self) -> None:
-        """The picture of the whole run: wait for a drawing in progress, draw once more."""
-        if self._thread is not None:
-            self._thread.join()
-        self._thread = None
-        self.request()
-        assert self._thread is not None  # request() started a drawing: none was running
+        """Wait for the picture of the whole run (started now unless :meth:`start_final` did)."""
+        if not self._final:
+            self.start_final()
+        assert self._thread is not None  # start_final() started it
         self._thread.join()
-        self._thread = None
+        self._thread, self._final = None, False
         if self.on_drawn is not None:
             self.on_drawn(TRAINING_PLOT)
