@@ -23,31 +23,29 @@ def test_without_detectron2_training_names_say_how_to_install_it():
     assert "backend='onnxruntime'" in last
 
 
-def test_onnx_prediction_modules_import_no_torch():
-    code = ("import sys, d2persist, d2persist.predict, d2persist.predict.load, "
-            "d2persist.predict.onnx_predictor, d2persist.predict.infer, d2persist.artifacts, "
-            "d2persist.files, d2persist.__main__; "
-            "d2persist.load_predictor; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', "
-            "'detectron2', 'cv2', 'pycocotools'}))")
+def _loaded(statement, watched):
+    """The modules under the prefixes ``watched`` a fresh interpreter holds after ``statement``."""
+    code = (f"import sys; {statement}; "
+            f"print(sorted(m for m in sys.modules if m.startswith({tuple(watched)!r})))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    return res.stdout.strip()
+
+
+def test_onnx_prediction_modules_import_no_torch():
+    statement = ("import d2persist, d2persist.predict, d2persist.predict.load, "
+                 "d2persist.predict.onnx_predictor, d2persist.predict.infer, "
+                 "d2persist.artifacts, d2persist.files, d2persist.__main__; "
+                 "d2persist.load_predictor")
+    assert _loaded(statement, ["torch", "detectron2", "cv2", "pycocotools"]) == "[]"
 
 
 def test_prediction_does_not_import_the_training_engine():
-    code = ("import sys, d2persist.predict.predictor, d2persist.predict.infer; "
-            "print(sorted(m for m in sys.modules if m.startswith(('detectron2.engine', "
-            "'detectron2.evaluation', 'd2persist.training', 'd2persist.export'))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    statement = "import d2persist.predict.predictor, d2persist.predict.infer"
+    assert _loaded(statement, ["detectron2.engine", "detectron2.evaluation",
+                               "d2persist.training", "d2persist.export"]) == "[]"
 
 
 def test_export_does_not_import_training_code():
-    code = ("import sys, d2persist.export; "
-            "print(sorted(m for m in sys.modules if m.startswith(('detectron2.engine', "
-            "'d2persist.training'))))")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.strip() == "[]"
+    watched = ["detectron2.engine", "d2persist.training"]
+    assert _loaded("import d2persist.export", watched) == "[]"
