@@ -31,6 +31,7 @@ def _size(n):
 
 
 def ls(args):
+    from d2persist.artifacts.problems import DAMAGED, MISSING
     from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
@@ -43,7 +44,9 @@ def ls(args):
                "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime)),
                "markers": e.markers, "metrics": e.metrics}
         if args.verify:
-            row["verified"] = not any(p.path == view.where(e.name) for p in problems)
+            # this file's own bytes (a record about it, e.g. best.json's, is not damage)
+            row["verified"] = not any(p.path == view.where(e.name) and p.kind in (DAMAGED, MISSING)
+                                      for p in problems)
         rows.append(row)
     data = {"path": view.path, "kind": view.kind, "checkpoints": rows, "export": view.export(),
             "mirror": view.mirror_state()}

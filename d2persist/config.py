@@ -6,6 +6,8 @@ Imports nothing from detectron2 until :func:`add_persist_config` is called, so t
 """
 
 import types
+
+from .layout import PYTORCH
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -46,7 +48,7 @@ def _fill(p):
     # Weights formats of the bundle: "safetensors" (always written), "onnx" (export/model.onnx,
     # runnable by ONNX Runtime without torch or detectron2), "onnx-int8" (also
     # export/model.int8.onnx: model.onnx quantized to INT8 by ONNX Runtime, for CPUs).
-    p.EXPORT_FORMATS = ["safetensors"]
+    p.EXPORT_FORMATS = [PYTORCH.format]
     # Training images (spread over the first training dataset) that calibrate the INT8 model.
     p.CALIBRATION_IMAGES = 64
     # How far the INT8 model may score from the in-training evaluation, on each family's headline

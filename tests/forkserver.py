@@ -38,18 +38,38 @@ import d2persist.export, d2persist.predict.predictor, d2persist.training  # noqa
 
 default_threads = torch.get_num_threads()  # what a process without OMP_NUM_THREADS gets
 channel = os.fdopen(os.dup(1), "w")  # replies to the test, one JSON line each
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # nothing else writes to that pipe
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1)  # nothing else writes to that pipe
+os.close(null)
+# no Python thread may run at a fork; the BLAS pools numpy and OpenCV start at import (one
+# thread each here) are made fork-safe by their libraries, as DataLoader's forked workers need
 threads = threading.active_count()
-print(json.dumps({"ready": os.getpid(), "threads": threads}), file=channel, flush=True)
+# read their environment when imported: each child imports them itself (helpers._FORKABLE_ENV)
+late = [m for m in ("fsspec", "botocore", "s3fs") if m in sys.modules]
+print(json.dumps({"ready": os.getpid(), "threads": threads, "imported": late}), file=channel,
+      flush=True)
+
+
+def redirect(path, fd, flags):
+    new = os.open(path, flags, 0o644)
+    os.dup2(new, fd)
+    os.close(new)
+
+
+def finalize():
+    """What the interpreter's exit does first: join non-daemon threads, run atexit."""
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    sys.stdout.flush(), sys.stderr.flush()
 
 
 def child(req):
     os.setsid()  # its own process group, as run_tool's Popen(start_new_session=True)
     channel.close()
     os.close(requests)
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(os.open(req["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
-    os.dup2(os.open(req["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+    redirect(os.devnull, 0, os.O_RDONLY)
+    redirect(req["stdout"], 1, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    redirect(req["stderr"], 2, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.chdir(req["cwd"])
     os.environ.clear()
     os.environ.update(req["env"])
@@ -74,16 +94,15 @@ def child(req):
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:  # as CPython: exit by SIGINT
-        sys.stdout.flush(), sys.stderr.flush()
+    except KeyboardInterrupt:  # as CPython: finalize, then exit by SIGINT
+        traceback.print_exc()
+        finalize()
         signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGINT)
     except BaseException:
         traceback.print_exc()
         code = 1
-    threading._shutdown()  # as the interpreter's exit: non-daemon threads first, then atexit
-    atexit._run_exitfuncs()
-    sys.stdout.flush(), sys.stderr.flush()
+    finalize()
     os._exit(code)
 
 
@@ -106,6 +125,8 @@ while True:
             if pid == 0:
                 try:
                     child(json.loads(line))
+                except BaseException:  # before the tool ran (its folder, its files)
+                    traceback.print_exc()
                 finally:
                     os._exit(70)
             children.add(pid)
@@ -160,11 +181,12 @@ class ForkServer:
             self._buffer += chunk
 
     def _start(self):
+        self._buffer, self.exits = b"", {}
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, env=self.env, cwd=self.cwd, start_new_session=True)
         ready = self._message(lambda m: "ready" in m, 180)
-        if ready is None or ready.get("threads") != 1:  # fork is safe only with one thread
+        if ready is None or ready.get("threads") != 1 or ready.get("imported"):
             self.close()
             raise RuntimeError(f"the fork server did not start cleanly: {ready}")
 
@@ -185,6 +207,10 @@ class ForkServer:
         self.proc.stdin.write((json.dumps(request) + "\n").encode())
         self.proc.stdin.flush()
         started = self._message(lambda m: "exit" not in m, 60)
+        if started is None:
+            self.close()
+            raise RuntimeError("the fork server did not start the tool within 60 s")
+        self.exits.pop(started["pid"], None)  # a pid an earlier child had: not its exit
         return ForkedProcess(self, started["pid"], argv, tmp)
 
     def run(self, argv, env, cwd, timeout, kill):
@@ -212,10 +238,14 @@ class ForkServer:
                                            out, err)
 
     def close(self):
-        """Stop the server (children it still waits for are the caller's to kill)."""
+        """Stop the server: at the end of its requests it kills the children still running."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
         self.proc = None
 
 
@@ -225,6 +255,7 @@ class ForkedProcess:
     def __init__(self, server, pid, argv, tmp):
         self.server, self.pid, self.argv, self._tmp = server, pid, argv, tmp
         self.returncode = None
+        self._output = None  # (stdout, stderr), read once it has ended
 
     def poll(self):
         """The exit code (negative: killed by that signal), or None while it runs."""
@@ -238,6 +269,10 @@ class ForkedProcess:
                 self.server._message(lambda m: m.get("pid") == pid and "exit" in m,
                                      1e9 if timeout is None else timeout)
             self.returncode = self.server.exits.pop(pid, None)
+            if self.returncode is not None:  # its output is kept; its folder goes
+                self._output = (_read(os.path.join(self._tmp, "stdout")),
+                                _read(os.path.join(self._tmp, "stderr")))
+                shutil.rmtree(self._tmp, ignore_errors=True)
         return self.returncode
 
     def send_signal(self, sig):
@@ -245,12 +280,11 @@ class ForkedProcess:
             os.kill(self.pid, sig)
 
     def output(self):
-        """``(stdout, stderr)`` as written so far; the files go once it has ended."""
-        out = _read(os.path.join(self._tmp, "stdout"))
-        err = _read(os.path.join(self._tmp, "stderr"))
-        if self.returncode is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-        return out, err
+        """``(stdout, stderr)``: all of it once it has ended, else what it wrote so far."""
+        if self._output is not None:
+            return self._output
+        return (_read(os.path.join(self._tmp, "stdout")),
+                _read(os.path.join(self._tmp, "stderr")))
 
     def communicate(self, timeout=None):
         """Wait for the end (``subprocess.TimeoutExpired`` after ``timeout``); its output."""

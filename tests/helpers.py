@@ -104,6 +104,18 @@ def stop_fork_server():
         _FORK_SERVER.pop().close()
 
 
+#: what a forked tool run may set beyond the fork server's environment: variables read while the
+#: tool runs (torch's thread count the server applies itself; fsspec's and botocore's, which the
+#: server does not import); anything else starts a fresh interpreter, since a module the server
+#: imported may have read it already
+_FORKABLE_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HOLD_AT", "HOLD_UNTIL", "STOP_AT",
+                 "AWS_", "FSSPEC_", "D2PERSIST_")
+
+
+def _forkable(extra):
+    return all(key.startswith(_FORKABLE_ENV) for key in extra or {})
+
+
 def start_tool(script, *args, env=None, cwd=REPO):
     """
     Start ``python SCRIPT ARGS`` forked from the fork server, in a session of its own, and
@@ -111,6 +123,7 @@ def start_tool(script, *args, env=None, cwd=REPO):
     ``wait``, ``communicate``; output captured). The caller kills what is left
     (:func:`kill_tree`).
     """
+    assert _forkable(env), f"not forkable with {sorted(env)}: use subprocess.Popen"
     return fork_server().popen([script, *args], tool_env(**(env or {})), cwd)
 
 
@@ -130,7 +143,8 @@ def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=(), fresh=
     import subprocess
 
     full_env = tool_env(**(env or {}))
-    if not (fresh or launcher) and str(script).endswith(".py") and os.path.isfile(script):
+    if (not (fresh or launcher) and _forkable(env) and str(script).endswith(".py")
+            and os.path.isfile(script)):
         return fork_server().run([script, *args], full_env, cwd, timeout, kill_tree)
     cmd = [sys.executable, *map(str, launcher), script, *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

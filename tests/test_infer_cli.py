@@ -200,7 +200,7 @@ def test_config_extensions_apply_when_predicting_in_a_fresh_process(tmp_path, ex
     _, val = register_shapes()
     image = DatasetCatalog.get(val)[0]["file_name"]
     res = run_tool(INFER_SINGLE, "--image", image, "--artifacts", tmp_path,
-                   "--json", tmp_path / "p.json")
+                   "--json", tmp_path / "p.json", fresh=True)  # nothing imported beforehand
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((tmp_path / "p.json").read_text())["height"] > 0
 

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from helpers import REPO
 
 import d2persist
@@ -49,3 +50,13 @@ def test_prediction_does_not_import_the_training_engine():
 def test_export_does_not_import_training_code():
     watched = ["detectron2.engine", "d2persist.training"]
     assert _loaded("import d2persist.export", watched) == "[]"
+
+
+@pytest.mark.parametrize("tool", ["train_net.py", "lazyconfig_train_net.py"])
+def test_training_tools_without_detectron2_say_how_to_install_it(tool):
+    code = ("import runpy, sys; sys.modules['detectron2'] = None; "
+            f"sys.argv = ['{tool}', '--help']; "
+            f"runpy.run_path('tools/{tool}', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode != 0
+    assert "d2persist needs detectron2" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]

@@ -9,11 +9,11 @@ tools/lazyconfig_train_net.py with PersistHook in place of the periodic checkpoi
 
 import os
 
-# (first: without detectron2 it says how to install it)
+# first: without detectron2, d2persist's import of its loop says how to install it
+from d2persist import train_lazy  # isort: skip
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
-from d2persist import train_lazy
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 
 DEFAULT_CONFIG = os.path.join(

@@ -14,13 +14,14 @@ export. With no --config-file, trains the built-in Mask R-CNN on the synthetic s
 
 import os
 
-# (first: without detectron2 it says how to install it)
+# first: without detectron2, d2persist's import of its trainer says how to install it
+from d2persist import PersistTrainer  # isort: skip
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
-from d2persist import ConfigError, PersistCheckpointer, PersistTrainer, add_persist_config
+from d2persist import ConfigError, PersistCheckpointer, add_persist_config
 from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
 from d2persist.data.shapes import register_shapes
 from d2persist.export.self_eval import family_evaluator

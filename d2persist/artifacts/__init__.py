@@ -38,7 +38,6 @@ __all__ = [
     "find_bundle",
     "persist_options_of_run",
     "read_manifest",
-    "list_checkpoints",
     "read_sidecar",
     "resume_candidates",
     "verify_checkpoint",

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import resolve_inside, sha256_file
-from ..layout import MANIFEST_NAME, ONNX, ONNX_INT8, ONNX_INT8_NAME, ONNX_NAME, PYTORCH
+from ..layout import MANIFEST_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH
 from .bundle import read_manifest
 
 __all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
@@ -53,12 +53,7 @@ def describe_source(source: dict) -> str:
 def export_backends(manifest: dict) -> List[str]:
     """The :data:`EVAL_BACKENDS` a bundle holds a model for, by its manifest."""
     files = manifest.get("files") or {}
-    found = [PYTORCH.backend]
-    if ONNX_NAME in files:
-        found.append(ONNX.backend)
-    if ONNX_INT8_NAME in files:
-        found.append(ONNX_INT8.backend)
-    return found
+    return [m.backend for m in MODEL_FILES if m is PYTORCH or m.file in files]
 
 
 def evaluation_problem(manifest: dict, backend: str) -> Optional[str]:

@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 
 __all__ = ["load_predictor", "missing_torch_stack"]
 
-#: Prediction backends: "pytorch" (evaluation-exact, needs detectron2), "onnxruntime" (the
-#: bundle's model.onnx; needs neither torch nor detectron2), "auto" (the default: pytorch where
-#: torch and detectron2 are installed, else ONNX Runtime).
+#: What the pytorch backend needs importable (the backends themselves: ``layout.BACKENDS``).
 _TORCH_STACK = ("torch", "torchvision", "detectron2")
 
 

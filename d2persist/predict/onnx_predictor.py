@@ -32,8 +32,6 @@ __all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor",
            "create_session", "paste_masks", "resize_bilinear", "heatmaps_to_keypoints",
            "combine_panoptic"]
 
-#: ``load_onnx_predictor(precision=...)``: the bundle's float ``model.onnx`` or its INT8 model.
-
 logger = logging.getLogger(__name__)
 
 

@@ -8,7 +8,7 @@ import copy
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from detectron2.utils import comm
 
@@ -103,11 +103,12 @@ def calibration_images(run: "RunConfig") -> List[str]:
 
 
 def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
-               best: Optional[BestMetric] = None) -> dict:
+               best: Optional[BestMetric] = None, calibration: Sequence[str] = ()) -> dict:
     """
     Write the run's inference bundle to ``PERSIST.EXPORT_DIR``: of ``model`` as it is now (the
     weights of ``iteration``), or with ``PERSIST.EXPORT_FROM`` "best", of the weights in
-    ``model_best.pth`` (verified against its sidecar), loaded into a copy of ``model``.
+    ``model_best.pth`` (verified against its sidecar), loaded into a copy of ``model``;
+    ``calibration``: :func:`calibration_images` (for the INT8 model).
 
     Returns:
         dict: the bundle's manifest.
@@ -125,7 +126,7 @@ def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
             source = {"from": "best", "metric": best.metric, "mode": best.mode,
                       "value": best.value}
     return write_export(run, model, run.export_dir, iteration, source=source,
-                        calibration_images=calibration_images(run))
+                        calibration_images=list(calibration))
 
 
 def _states_agree(model: "torch.nn.Module") -> bool:
@@ -151,12 +152,14 @@ def _evaluation_at(trainer, output_dir, iteration, keys):
 
 
 def evaluate_run_export(run: "RunConfig", trainer: "TrainerBase", model: "torch.nn.Module",
-                        manifest: Optional[dict]) -> Optional[dict]:
+                        manifest: Optional[dict], calibration: Sequence[str] = ()
+                        ) -> Optional[dict]:
     """
     Evaluate the bundle just written, through each backend it holds, on the first test dataset
     with the trainer's evaluator (:func:`d2persist.export.self_eval.evaluate_bundle`), and add
-    the ``evaluation`` entry to its manifest. Collective; ``manifest`` is the main process's
-    (None on the others), and so is the manifest returned.
+    the ``evaluation`` entry to its manifest. Collective; ``manifest`` and ``calibration`` (for
+    an INT8 model made again within its budget) are the main process's (None and empty on the
+    others), and so is the manifest returned.
     """
     name = run.test_dataset_name()
     evaluator = run.build_evaluator(trainer, name) if name else None
@@ -180,8 +183,7 @@ def evaluate_run_export(run: "RunConfig", trainer: "TrainerBase", model: "torch.
     entry = evaluate_bundle(run.export_dir, backends, name, evaluator,
                             lambda keys: _evaluation_at(trainer, run.output_dir, at, keys),
                             device=run.device, training_is_reference=agree,
-                            calibration_images=calibration_images(run)
-                            if comm.is_main_process() else (),
+                            calibration_images=calibration,
                             int8_budget=run.options["INT8_BUDGET"])
     if manifest is None:
         return None

@@ -32,7 +32,13 @@ from ..layout import (
     checkpoint_name,
 )
 from ..runconfig import run_config
-from .actions import diverged_error, evaluate_run_export, export_run, start_run_folder
+from .actions import (
+    calibration_images,
+    diverged_error,
+    evaluate_run_export,
+    export_run,
+    start_run_folder,
+)
 from .best import BestMetric, evaluation_value
 from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
 from .resume import hold_run_lock
@@ -442,12 +448,14 @@ class PersistHook(HookBase):
             self._plotter.start_final()
         if self.options["EXPORT"]:
             manifest = None
-            if comm.is_main_process() and (
-                    trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
-                manifest = export_run(self.run, self._checkpointer.model, last, self._best)
+            main = comm.is_main_process()
+            calibration = calibration_images(self.run) if main else []  # read once, for both
+            if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
+                manifest = export_run(self.run, self._checkpointer.model, last, self._best,
+                                      calibration)
             if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
                 manifest = evaluate_run_export(self.run, trainer, self._checkpointer.model,
-                                               manifest)  # collective
+                                               manifest, calibration)  # collective
             if manifest is not None:
                 folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
                 self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last

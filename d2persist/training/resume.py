@@ -88,28 +88,25 @@ def _fetch_from_mirror(url, folder):
 
 
 def _decide(folder, resume, refuse_existing, mirror=""):
-    """The main process's choice: (path or "", error or None)."""
+    """The main process's choice: a checkpoint's path or "" (raises the user's errors)."""
     if resume and mirror and not list_checkpoints(folder):
         _fetch_from_mirror(mirror, folder)
     if not resume:
         if refuse_existing:
-            try:
-                check_output_dir(folder, 0)
-            except OutputDirNotEmptyError as e:
-                return "", e
-        return "", None
+            check_output_dir(folder, 0)
+        return ""
     path = find_newest_valid(folder)
     if path:
-        return path, None
+        return path
     existing = list_checkpoints(folder)
     if existing:
-        return "", ArtifactError(
+        raise ArtifactError(
             f"Cannot resume: no checkpoint in {folder} verifies ({', '.join(existing[:3])} "
             "are truncated or corrupt, see the warnings above); restore a good copy, or move "
             "them away to start a new run."
         )
     logger.info("No checkpoint to resume from in %s: starting a new run.", folder)
-    return "", None
+    return ""
 
 
 def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True,
@@ -134,10 +131,7 @@ def choose_checkpoint(folder: str, resume: bool, refuse_existing: bool = True,
         OutputDirNotEmptyError: a new run in a folder that holds checkpoints.
     """
     # e.g. a hostile checkpoint: every process raises the main process's error
-    path, error = main_decides(lambda: _decide(folder, resume, refuse_existing, mirror))
-    if error is not None:
-        raise error
-    return path
+    return main_decides(lambda: _decide(folder, resume, refuse_existing, mirror))
 
 
 @contextlib.contextmanager

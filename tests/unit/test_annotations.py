@@ -14,11 +14,12 @@ def _public_names(tree):
     """The module's ``__all__``, or None if it has none (then nothing in it is public)."""
     public = None
     for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "__all__":
+        target = node.targets[0] if isinstance(node, ast.Assign) else getattr(node, "target", None)
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and getattr(target, "id", "") == "__all__":
             try:
                 public = set(ast.literal_eval(node.value))
-            except ValueError:
-                public = set()
+            except ValueError:  # a computed __all__ would hide the public API from this check
+                raise AssertionError("__all__ must be a literal list of names") from None
     return public
 
 

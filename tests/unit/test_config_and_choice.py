@@ -1,5 +1,6 @@
 """Options, config views and the one resume decision, without training (fast)."""
 
+import logging
 import os
 
 import pytest
@@ -95,7 +96,7 @@ def test_resume_or_load_loads_the_chosen_checkpoint(tmp_path):
     assert os.listdir(tmp_path / "new") == [".d2persist.lock"]
 
 
-def test_best_metric_bookkeeping(tmp_path):
+def test_best_metric_bookkeeping(tmp_path, caplog):
     import json
 
     from d2persist.artifacts.view import RunView
@@ -115,9 +116,14 @@ def test_best_metric_bookkeeping(tmp_path):
     other = BestMetric("bbox/AP", "min")
     other.adopt(run.best_record())  # another metric's record is ignored
     assert other.value is None
-    record.write_text('{"value": "high"}')  # not a record: ignored, with a warning
-    other.adopt(run.best_record())
-    assert other.value is None
+    # the right metric, but not a record (a value that is no number): ignored, with a warning
+    record.write_text(json.dumps(dict(best.record(), value="high")))
+    with caplog.at_level(logging.WARNING, logger="d2persist"):
+        again.adopt(run.best_record())
+    assert (again.value, again.iteration) == (1.5, 19)
+    assert any("not a best-metric record" in r.getMessage() for r in caplog.records)
+    record.write_text("[1, 2]")  # not even a JSON object: the view reads no record
+    assert run.best_record() is None
     with pytest.raises(ConfigError, match="BEST_MODE"):
         BestMetric("segm/AP", "largest")
 

@@ -94,3 +94,34 @@ def test_file_mirror_renames_complete_copies_into_place(tmp_path):
     uploader.submit([("model.pth", None)])
     uploader.wait()
     assert mirror.names() == ["last_checkpoint"] and uploader.failures == 0
+
+
+def test_uploads_try_once_while_the_mirror_is_down_and_retry_once_it_is_back(tmp_path, caplog):
+    """A failed upload is retried; later ones get one try until one succeeds; then retries."""
+    from d2persist.files.mirror import Uploader
+
+    class Store:  # a store that is down, then back (the real one: tests/test_mirror.py)
+        url, down, calls = "memory://", True, []
+
+        def put(self, source, name):
+            self.calls.append(name)
+            if self.down:
+                raise ConnectionError("store unreachable")
+
+    store, src = Store(), tmp_path / "f"
+    src.write_bytes(b"x")
+    uploader = Uploader(store, tries=3, backoff=0.0)
+    with caplog.at_level("ERROR", logger="d2persist"):
+        for name in ("a", "b", "c"):
+            uploader.submit([(name, str(src))])
+        uploader.wait()
+        store.down = False
+        uploader.submit([("d", str(src))])
+        uploader.wait()
+        store.down = True
+        uploader.submit([("e", str(src))])
+        uploader.wait()
+    # a: 3 tries, then down: b and c one each; d succeeds: back up, so e gets its 3 tries
+    assert store.calls == ["a"] * 3 + ["b", "c", "d"] + ["e"] * 3
+    assert uploader.failures == 4
+    assert len([r for r in caplog.records if "Could not copy" in r.getMessage()]) == 1

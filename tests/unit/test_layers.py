@@ -120,3 +120,15 @@ def test_readme_layout_table_is_this_one():
     rows = re.findall(r"^(\d+)\s+``d2persist/(\S+)\.py``", open(readme, encoding="utf-8").read(),
                       flags=re.M)
     assert {m.replace("/", "."): int(layer) for layer, m in rows} == LAYERS
+
+
+def test_public_api_is_listed_once_everywhere():
+    """``__all__``, the lazy table and the editors' imports name the same public API."""
+    import d2persist
+
+    init = os.path.join(PACKAGE, "__init__.py")
+    tree = ast.parse(open(init, encoding="utf-8").read())
+    typed = {alias.asname or alias.name for node in ast.walk(tree)
+             if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+             for sub in node.body if isinstance(sub, ast.ImportFrom) for alias in sub.names}
+    assert set(d2persist.__all__) - {"__version__"} == set(d2persist._EXPORTS) == typed
