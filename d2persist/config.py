@@ -6,9 +6,9 @@ Imports nothing from detectron2 until :func:`add_persist_config` is called, so t
 """
 
 import types
+from typing import TYPE_CHECKING
 
 from .layout import PYTORCH
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode

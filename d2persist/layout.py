@@ -10,11 +10,13 @@ entry, the backend that runs it, its precision): code that needs one of these sp
 from the row, never from a string literal.
 """
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 __all__ = [
+    "cache_root",
     "CONFIG_NAME",
     "PERSIST_FILE",
     "METADATA_NAME",
@@ -119,6 +121,13 @@ BACKENDS = (PYTORCH.backend, ONNX.backend, "auto")
 def onnx_model(precision: str) -> ModelFile:
     """The ONNX model file of ``precision`` (``"float"`` or ``"int8"``)."""
     return ONNX_INT8 if precision == ONNX_INT8.precision else ONNX
+
+
+def cache_root() -> str:
+    """d2persist's cache folder: ``$D2PERSIST_CACHE`` if set and not empty, else
+    ``~/.cache/d2persist`` (the synthetic datasets, bundles from URLs, ONNX Runtime's graphs)."""
+    return os.environ.get("D2PERSIST_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "d2persist")
 
 
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")

@@ -12,7 +12,6 @@ from .describe import describe, diff
 from .manifest import (
     EVAL_CHECKED,
     EVAL_TOLERANCE,
-    cache_root,
     describe_source,
     evaluation_problem,
     export_backends,
@@ -45,7 +44,6 @@ __all__ = [
     "diff",
     "EVAL_CHECKED",
     "EVAL_TOLERANCE",
-    "cache_root",
     "describe_source",
     "evaluation_problem",
     "export_backends",

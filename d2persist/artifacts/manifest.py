@@ -8,11 +8,11 @@ from typing import List, Optional
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import resolve_inside, sha256_file
-from ..layout import MANIFEST_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH
+from ..layout import MANIFEST_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH, cache_root
 from .bundle import read_manifest
 
 __all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
-           "evaluation_problem", "export_backends", "local_bundle", "cache_root"]
+           "evaluation_problem", "export_backends", "local_bundle"]
 
 #: How far (in AP points) each backend may be from the in-training evaluation: the PyTorch
 #: bundle *is* the evaluation path; ONNX Runtime computes the same graph in another order (every
@@ -68,13 +68,6 @@ def evaluation_problem(manifest: dict, backend: str) -> Optional[str]:
     return (f"This bundle's {backend} backend failed its evaluation on {entry.get('dataset')} "
             f"when it was exported ({why}): its predictions may differ from what training "
             "evaluated.")
-
-
-def cache_root() -> str:
-    """d2persist's cache folder: ``$D2PERSIST_CACHE``, else ``~/.cache/d2persist``."""
-    return os.environ.get("D2PERSIST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "d2persist"
-    )
 
 
 def local_bundle(path: str) -> str:

@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..files.atomic import write_bytes, write_json
+from ..layout import cache_root
 
 __all__ = [
     "SHAPE_CLASSES",
@@ -102,10 +103,8 @@ class ShapesSpec:
 
 
 def default_cache_dir() -> str:
-    """``$D2PERSIST_CACHE`` if set, else ``~/.cache/d2persist``."""
-    return os.environ.get(
-        "D2PERSIST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "d2persist")
-    )
+    """d2persist's cache folder (:func:`d2persist.layout.cache_root`)."""
+    return cache_root()
 
 
 def _background(rng, size):

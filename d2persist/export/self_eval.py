@@ -8,6 +8,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -20,8 +21,9 @@ from ..artifacts.manifest import EVAL_CHECKED, EVAL_TOLERANCE, export_backends
 from ..artifacts.view import metrics_json_history
 from ..collective import main_says
 from ..errors import ConfigError
-from ..layout import METRICS_NAME, MODEL_FILES, ONNX_INT8, PYTORCH
-from .bundle import write_manifest
+from ..layout import METRICS_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH
+from .bundle import add_int8, write_manifest
+from .quantize import sensitivity_ranking
 
 __all__ = ["evaluate_bundle", "evaluate_saved_bundle", "compare_metrics", "metrics_at",
            "evaluator_name", "family_evaluator", "HEADLINE_METRICS"]
@@ -252,37 +254,31 @@ def _int8_tolerance(budget):
 
 
 def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, device, first):
-    # first: (metrics, evaluation seconds per image) of the all-layers model
     """
     Make the bundle's INT8 model again with its 1, 2, 4, ... most sensitive Conv/Gemm nodes in
     float (fewer than all: one in float for every layer is no INT8 model) until it scores within
     ``tolerance`` of ``reference``; if none does, the all-layers model is restored. The
     manifest's ``onnx_int8`` entry records the measured ranking, every try and what the kept
-    layers cost (evaluation seconds per image, beside the all-layers model's). Collective:
-    every process evaluates each try.
+    layers cost (evaluation seconds per image, beside the all-layers model's), given ``first``:
+    (metrics, evaluation seconds per image) of the all-layers model. Collective: every process
+    evaluates each try. A model with one ranked layer or none has no try to make.
 
     Returns:
         tuple: on the main process, (metrics, max difference, metrics outside, error sentence
         or None) of the model left in the bundle; None on the others.
     """
-    import os
-
-    from ..layout import ONNX_INT8_NAME, ONNX_NAME
-    from .bundle import add_int8
-    from .quantize import sensitivity_ranking
-
     main = comm.is_main_process()
     checked = EVAL_CHECKED.get(ONNX_INT8.backend)
     ranking = []
     if main:
-        ranking = sensitivity_ranking(os.path.join(export_dir, ONNX_NAME),
-                                      os.path.join(export_dir, ONNX_INT8_NAME), images[:8],
+        ranking = sensitivity_ranking(os.path.join(export_dir, ONNX.file),
+                                      os.path.join(export_dir, ONNX_INT8.file), images[:8],
                                       read_manifest(export_dir, False)["input"])
         logger.info("INT8 is outside its budget of %s: keeping its most sensitive layers in "
                     "float (of %d ranked).", tolerance, len(ranking))
     count = main_says(len(ranking))
     # 1, 2, 4, ... layers in float, at least one left quantized (with none, it is no INT8 model)
-    steps = [2 ** i for i in range(count.bit_length()) if 2 ** i < count] or [0]
+    steps = [2 ** i for i in range(count.bit_length()) if 2 ** i < count]
     first, first_seconds = first
     all_worst, all_outside = compare_metrics(reference, first, tolerance, checked) if main \
         else (None, None)
@@ -308,13 +304,18 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
         return None
     record = {"budget": tolerance, "all_layers_max_difference": all_worst,
               "all_layers_seconds_per_image": round(first_seconds, 4),
-              "ranking": [{"node": n, "sqnr_db": round(v, 2)} for n, v in ranking[:max(
-                  steps[-1], 1)]], "tries": tries}
+              "ranking": [{"node": n, "sqnr_db": round(v, 2)}
+                          for n, v in ranking[:max(steps[-1:] + [1])]], "tries": tries}
     if best is None:
-        add_int8(export_dir, images)  # the all-layers model, as before
-        error = (f"no INT8 model within the budget of {tolerance} exists for this model: "
-                 f"with up to {steps[-1]} of its {count} layers in float (the most sensitive "
-                 f"first) the closest was {min(t['max_difference'] for t in tries):.3f} away")
+        if tries:  # the all-layers model, as before
+            add_int8(export_dir, images)
+            error = (f"no INT8 model within the budget of {tolerance} exists for this model: "
+                     f"with up to {steps[-1]} of its {count} layers in float (the most "
+                     f"sensitive first) the closest was "
+                     f"{min(t['max_difference'] for t in tries):.3f} away")
+        else:
+            error = (f"no INT8 model within the budget of {tolerance} exists for this model: "
+                     f"it has {count} quantized layer(s), none of which can stay in float")
         best = (first, all_worst, all_outside, error)
         logger.error("INT8: %s.", error)
     else:
@@ -468,8 +469,6 @@ def evaluate_saved_bundle(export_dir: str, dataset_name: str, evaluator: Dataset
     Returns:
         dict: the new manifest.
     """
-    import os
-
     manifest = read_manifest(export_dir)
     old = (manifest.get("evaluation") or {}).get("reference") or {}
     iteration = int((manifest.get("source") or {}).get(  # type: ignore[arg-type]

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from ..artifacts.bundle import find_bundle, read_manifest
-from ..artifacts.manifest import cache_root, describe_source, evaluation_problem, metadata_from_json
+from ..artifacts.manifest import describe_source, evaluation_problem, metadata_from_json
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path
-from ..layout import ONNX, PRECISIONS, onnx_model
+from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
 from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 
