@@ -89,8 +89,9 @@ class BackgroundPlot:
     to the next request or to the final picture. A picture never stops training: a failed
     drawing is a warning.
 
-    :meth:`start_final` lets the last picture be drawn while the run's end does other work
-    (the export).
+    The last picture (:meth:`finish`) is drawn after the export, never beside it: the export's
+    evaluation may fork worker processes (panopticapi's PQ, data loaders), and a fork while this
+    thread holds a lock (the import lock, logging's) leaves the child waiting for it forever.
 
     Args:
         output_dir (str): the run folder.
@@ -103,7 +104,6 @@ class BackgroundPlot:
         self.output_dir = output_dir
         self.on_drawn = on_drawn
         self._thread: Optional[threading.Thread] = None
-        self._final = False  # start_final() started the last drawing
 
     def _start(self) -> None:
         """Start a drawing, once the one in progress (if any) has ended and been announced."""
@@ -126,17 +126,11 @@ class BackgroundPlot:
         except Exception as e:  # a picture never stops training
             logger.warning("Could not draw %s: %s: %s", TRAINING_PLOT, type(e).__name__, e)
 
-    def start_final(self) -> None:
-        """Start the picture of the whole run (after a drawing in progress); do not wait."""
-        self._start()
-        self._final = True
-
     def finish(self) -> None:
-        """Wait for the picture of the whole run (started now unless :meth:`start_final` did)."""
-        if not self._final:
-            self.start_final()
-        assert self._thread is not None  # start_final() started it
+        """The picture of the whole run: after a drawing in progress, draw once more, wait."""
+        self._start()
+        assert self._thread is not None  # _start() started it
         self._thread.join()
-        self._thread, self._final = None, False
+        self._thread = None
         if self.on_drawn is not None:
             self.on_drawn(TRAINING_PLOT)

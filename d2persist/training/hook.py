@@ -444,8 +444,6 @@ class PersistHook(HookBase):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
                 self._writer.wait()
-        if self._plotter is not None:  # the files it shows are final: drawn while exporting
-            self._plotter.start_final()
         if self.options["EXPORT"]:
             manifest = None
             main = comm.is_main_process()
