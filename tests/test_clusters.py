@@ -17,6 +17,7 @@ import time
 import pytest
 import torch
 from helpers import (
+    ONE_THREAD,
     REPO,
     TINY_OPTS,
     TRAIN_NET,
@@ -31,7 +32,7 @@ from helpers import (
 INSTRUMENTED = os.path.join(REPO, "tests", "scripts", "instrumented_train_net.py")
 #: torchrun gives each worker OMP_NUM_THREADS=1 unless it is set; launch() does not: the same
 #: threads on both sides, as a bitwise comparison needs
-ENV = {"OMP_NUM_THREADS": "1"}
+ENV = ONE_THREAD
 TIMEOUT = ["--dist-timeout", 60]
 LAUNCH2 = ["--num-gpus", 2, "--dist-url", "auto", *TIMEOUT]
 OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 16, "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False]

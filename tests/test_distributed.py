@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import REPO, TINY_OPTS, TRAIN_NET, kill_tree, run_tool, start_tool
+from helpers import ONE_THREAD, REPO, TINY_OPTS, TRAIN_NET, kill_tree, run_tool, start_tool
 
 STOCK_TRAINER = os.path.join(REPO, "tests", "scripts", "stock_trainer.py")
 LAZY_TRAIN_NET = os.path.join(REPO, "tools", "lazyconfig_train_net.py")
@@ -65,14 +65,14 @@ def test_two_processes_evaluate_mid_training_then_resume(tmp_path, tool):
     script = STOCK_TRAINER if tool == "stock" else TRAIN_NET
     out = tmp_path / "run"
     args = [*DIST, *TINY_OPTS, *EVAL, "OUTPUT_DIR", out]
-    first = run_tool(script, *args, "SOLVER.MAX_ITER", 4, timeout=240)
+    first = run_tool(script, *args, "SOLVER.MAX_ITER", 4, env=ONE_THREAD, timeout=240)
     _check_run(out, first, 4, evaluations=2)  # after iteration 2, and the final one
     assert (out / "inference" / "coco_instances_results.json").is_file()
     if tool == "stock":
         return  # resuming is the same code for both (resume_or_load): once is enough
 
     more = run_tool(script, "--resume", *args, "SOLVER.MAX_ITER", 6, "PERSIST.EXPORT_EVAL", False,
-                    timeout=240)
+                    env=ONE_THREAD, timeout=240)
     _check_run(out, more, 6, evaluations=1, export_eval=False)
     assert "Starting training from iteration 4" in more.stdout + more.stderr
 
@@ -88,9 +88,10 @@ def test_two_processes_lazyconfig_tool_evaluates_then_resumes(tmp_path):
             # the export's own evaluation: on 2 processes in the train_net tests above, for a
             # LazyConfig in test_lazy.py
             "train.persist.export_eval=False"]
-    first = run_tool(LAZY_TRAIN_NET, *args, "train.max_iter=4", timeout=240)
+    first = run_tool(LAZY_TRAIN_NET, *args, "train.max_iter=4", env=ONE_THREAD, timeout=240)
     _check_run(out, first, 4, evaluations=2, export_eval=False)
-    more = run_tool(LAZY_TRAIN_NET, "--resume", *args, "train.max_iter=6", timeout=240)
+    more = run_tool(LAZY_TRAIN_NET, "--resume", *args, "train.max_iter=6", env=ONE_THREAD,
+                    timeout=240)
     _check_run(out, more, 6, evaluations=1, export_eval=False)
     assert "Starting training from iteration 4" in more.stdout + more.stderr
 
@@ -105,7 +106,7 @@ def test_sigterm_to_one_process_stops_both_after_the_same_iteration(tmp_path):
     out = tmp_path / "run"
     args = [*DIST, *TINY_OPTS, "SOLVER.MAX_ITER", 200, "SOLVER.CHECKPOINT_PERIOD", 100,
             "PERSIST.EXPORT", False, "OUTPUT_DIR", out]
-    proc = start_tool(TRAIN_NET, *args)
+    proc = start_tool(TRAIN_NET, *args, env=ONE_THREAD)
     try:
         deadline, log = time.monotonic() + 120, out / "log.txt"
         while not (log.is_file() and " iter: 19 " in log.read_text()):  # both are training

@@ -295,7 +295,7 @@ def test_evaluate_tool_scores_panoptic_without_torch(tmp_path, tmp_path_factory)
     import subprocess
     import sys
 
-    from helpers import WITHOUT_TORCH
+    from helpers import WITHOUT_TORCH, tool_env
 
     run = trained("panoptic", tmp_path_factory)
     _, files = _dataset_files("panoptic", tmp_path)
@@ -313,6 +313,6 @@ def test_evaluate_tool_scores_panoptic_without_torch(tmp_path, tmp_path_factory)
     missing = subprocess.run(
         [sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--artifacts", str(run),
          "--panoptic-json", files["panoptic_json"]], capture_output=True, text=True,
-        timeout=120, cwd=REPO)
+        timeout=120, cwd=REPO, env=tool_env())
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--panoptic-root" in missing.stderr.strip().splitlines()[-1]

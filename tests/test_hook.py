@@ -225,13 +225,13 @@ def test_train_net_refuses_overwrite_and_resumes(tmp_path):
 
 
 def test_two_processes_on_cpu_write_what_one_does(tmp_path):
-    from helpers import TINY_OPTS
+    from helpers import ONE_THREAD, TINY_OPTS
 
     args = [*TINY_OPTS, "SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", True]
     single = run_tool(TRAIN_NET, *args, "OUTPUT_DIR", tmp_path / "one")
     assert single.returncode == 0, single.stderr[-3000:]
     double = run_tool(TRAIN_NET, "--num-gpus", 2, "--dist-url", "auto", *args,
-                      "OUTPUT_DIR", tmp_path / "two")
+                      "OUTPUT_DIR", tmp_path / "two", env=ONE_THREAD)
     assert double.returncode == 0, double.stderr[-3000:]
     assert "World size: 2" in double.stdout
 

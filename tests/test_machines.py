@@ -10,6 +10,7 @@ import time
 
 import torch
 from helpers import (
+    ONE_THREAD,
     TINY_OPTS,
     TRAIN_NET,
     assert_bitwise_equal,
@@ -31,7 +32,7 @@ def _start_machines(tmp_path, *extra):
         cwd.mkdir(exist_ok=True)
         args = ["--num-gpus", 1, "--num-machines", 2, "--machine-rank", rank,
                 "--dist-url", f"tcp://127.0.0.1:{port}", "--dist-timeout", 60, *extra, *OPTS]
-        procs.append(start_tool(TRAIN_NET, *args, cwd=cwd))
+        procs.append(start_tool(TRAIN_NET, *args, cwd=cwd, env=ONE_THREAD))
     return procs
 
 
@@ -59,7 +60,8 @@ def _weights(path):
 
 
 def test_two_machines_resume_without_shared_folder_bitwise(tmp_path):
-    ref = run_tool(TRAIN_NET, "--num-gpus", 2, "--dist-url", "auto", *OPTS, cwd=tmp_path)
+    ref = run_tool(TRAIN_NET, "--num-gpus", 2, "--dist-url", "auto", *OPTS, cwd=tmp_path,
+                   env=ONE_THREAD)
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     procs = _start_machines(tmp_path)
