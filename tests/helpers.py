@@ -300,7 +300,9 @@ TINY = [
     "PERSIST.EXPORT_EVAL", False,
 ]
 _RCNN = ["MODEL.ROI_HEADS.NUM_CLASSES", 3, "MODEL.ROI_HEADS.SCORE_THRESH_TEST", 0.0,
-         "MODEL.ROI_BOX_HEAD.FC_DIM", 64]
+         "MODEL.ROI_BOX_HEAD.FC_DIM", 64, "MODEL.ROI_MASK_HEAD.CONV_DIM", 32,
+         "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", 32, "MODEL.RPN.POST_NMS_TOPK_TRAIN", 64,
+         "MODEL.RPN.POST_NMS_TOPK_TEST", 64]
 #: Evaluated at the end, and the export evaluates itself (the families with a metric of their
 #: own: keypoint AP, mIoU, PQ).
 _EVAL = ["TEST.EVAL_PERIOD", 0, "PERSIST.EXPORT_EVAL", True]
