@@ -40,6 +40,7 @@ import os
 
 import detectron2
 from detectron2.config import LazyConfig
+from detectron2.layers import ShapeSpec
 
 _BUILT_IN = LazyConfig.load({built_in!r})
 _ZOO = LazyConfig.load(os.path.join(os.path.dirname(detectron2.__file__), "model_zoo",
@@ -70,6 +71,13 @@ if "in_channels" in _top and _top.get("in_feature", "res5") == "res5":
 if "roi_heads" in model:
     model.roi_heads.num_classes = 3
     model.roi_heads.box_predictor.test_score_thresh = 0.0
+    # the heads' sizes of the built-in tiny config: 32 sampled ROIs, 32-channel convs, FC 64
+    model.roi_heads.batch_size_per_image = 32
+    model.roi_heads.box_head.conv_dims = [32] * len(model.roi_heads.box_head.conv_dims)
+    model.roi_heads.box_head.fc_dims = [64] * len(model.roi_heads.box_head.fc_dims)
+    model.roi_heads.box_predictor.input_shape = ShapeSpec(channels=64)
+    if "mask_head" in model.roi_heads:
+        model.roi_heads.mask_head.conv_dims = [32] * len(model.roi_heads.mask_head.conv_dims)
     if "keypoint_head" in model.roi_heads:
         model.roi_heads.keypoint_head.num_keypoints = {keypoints}
         model.roi_heads.keypoint_head.conv_dims = [32, 32]
@@ -78,6 +86,8 @@ if "roi_heads" in model:
 else:
     model.num_classes = 3
     model.test_score_thresh = 0.0
+if model.get("proposal_generator") is not None:
+    model.proposal_generator.post_nms_topk = (64, 64)
 if "sem_seg_head" in model:
     model.sem_seg_head.num_classes = 2  # things, background
     model.sem_seg_head.conv_dims = 32
