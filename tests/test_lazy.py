@@ -33,6 +33,12 @@ LAZY_TINY = [
     "model.proposal_generator.pre_nms_topk=[200,100]",
     "model.proposal_generator.post_nms_topk=[64,32]",
     "model.roi_heads.box_predictor.test_topk_per_image=5",
+    # and TINY_OPTS's head sizes: the zoo's 1024-wide box head and 256-channel mask head made
+    # each training iteration several times slower than the model
+    "model.roi_heads.batch_size_per_image=32",
+    "model.roi_heads.box_head.fc_dims=[64,64]",
+    "model.roi_heads.box_predictor.input_shape.channels=64",
+    "model.roi_heads.mask_head.conv_dims=[32,32,32,32,32]",
     "lr_multiplier.scheduler.milestones=[3,4]",
     # seeded, and a gentler rate than the full schedule's: unseeded runs at 0.02 sometimes ended
     # with a model that proposes no box at all (CI saw one), and then there is nothing to compare
