@@ -25,6 +25,7 @@ from helpers import (
     free_port,
     kill_tree,
     run_tool,
+    start_tool,
     tool_env,
     torchrun,
 )
@@ -293,8 +294,8 @@ def test_a_second_writer_is_refused_and_the_first_is_undisturbed(tmp_path):
     _ok(run_tool(TRAIN_NET, *opts, "OUTPUT_DIR", tmp_path / "ref", env=ENV))
     out, gate = tmp_path / "run", tmp_path / "go-on"
     # the first run waits as iteration 4 begins (checkpoint 3 written) until the gate opens
-    first = _popen((), INSTRUMENTED, *opts, "OUTPUT_DIR", out,
-                   env={"HOLD_AT": "4", "HOLD_UNTIL": str(gate)})
+    first = start_tool(INSTRUMENTED, *opts, "OUTPUT_DIR", out,
+                       env=dict(ENV, HOLD_AT="4", HOLD_UNTIL=str(gate)))
     try:
         _wait_for(lambda: _tagged(out) == 3, first, "checkpoint 3")
         log_before = (out / "log.txt").read_bytes()
