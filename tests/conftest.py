@@ -40,6 +40,23 @@ def trained_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def launch2_run(tmp_path_factory):
+    """
+    The multi-process reference: ``tools/train_net.py --num-gpus 2`` under detectron2's
+    launch(), one thread per process, :data:`helpers.LAUNCH2_OPTS` (16 iterations, a checkpoint
+    every 2, no export). Runs of 8 iterations compare with its ``model_0000007.pth``: the
+    schedule of TINY_OPTS (2 warm-up iterations, no steps) does not depend on MAX_ITER.
+    """
+    from helpers import LAUNCH2, LAUNCH2_OPTS, ONE_THREAD, TRAIN_NET, run_tool
+
+    out = tmp_path_factory.mktemp("launch2") / "run"
+    res = run_tool(TRAIN_NET, *LAUNCH2, *LAUNCH2_OPTS, "OUTPUT_DIR", out, env=ONE_THREAD,
+                   timeout=240)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
 def default_run(tmp_path_factory):
     """
     The built-in default config through tools/train_net.py, shortened to 40 iterations with an

@@ -243,6 +243,16 @@ def metric_recorder(metric):
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
+#: seconds a process of a multi-process run may wait for another before the run fails: a hang
+#: fails its test in about a minute
+DIST_TIMEOUT = ["--dist-timeout", 60]
+#: two processes under detectron2's launch() on this machine
+LAUNCH2 = ["--num-gpus", 2, "--dist-url", "auto", *DIST_TIMEOUT]
+#: the multi-process reference run's options (conftest's ``launch2_run``)
+LAUNCH2_OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 16, "SOLVER.CHECKPOINT_PERIOD", 2,
+                "PERSIST.EXPORT", False]
+
+
 def torchrun(*args):
     """``launcher`` for :func:`run_tool`: torch's own elastic launcher, ``torchrun ARGS``."""
     return ("-m", "torch.distributed.run", *args)

@@ -17,6 +17,9 @@ import time
 import pytest
 import torch
 from helpers import (
+    DIST_TIMEOUT,
+    LAUNCH2,
+    LAUNCH2_OPTS,
     ONE_THREAD,
     REPO,
     TINY_OPTS,
@@ -34,9 +37,8 @@ INSTRUMENTED = os.path.join(REPO, "tests", "scripts", "instrumented_train_net.py
 #: torchrun gives each worker OMP_NUM_THREADS=1 unless it is set; launch() does not: the same
 #: threads on both sides, as a bitwise comparison needs
 ENV = ONE_THREAD
-TIMEOUT = ["--dist-timeout", 60]
-LAUNCH2 = ["--num-gpus", 2, "--dist-url", "auto", *TIMEOUT]
-OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 16, "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.EXPORT", False]
+TIMEOUT = DIST_TIMEOUT
+OPTS = LAUNCH2_OPTS  # as the reference run's (conftest's launch2_run)
 STANDALONE2 = ["--standalone", "--nproc-per-node", 2]
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -52,11 +54,9 @@ def _ok(res):
 
 
 @pytest.fixture(scope="module")
-def launch_run(tmp_path_factory):
+def launch_run(launch2_run):
     """The reference: ``train_net.py --num-gpus 2`` under detectron2's launch()."""
-    out = tmp_path_factory.mktemp("launch2") / "run"
-    _ok(run_tool(TRAIN_NET, *LAUNCH2, *OPTS, "OUTPUT_DIR", out, env=ENV, timeout=240))
-    return out
+    return launch2_run
 
 
 def _workers(launcher_pid):
