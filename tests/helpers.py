@@ -336,8 +336,9 @@ FAMILIES = {
     "rpn": ("COCO-Detection/rpn_R_50_FPN_1x.yaml", ["MODEL.RPN.POST_NMS_TOPK_TEST", 20],
             "rpn", "", False),
     "cascade": ("Misc/cascade_mask_rcnn_R_50_FPN_1x.yaml", _RCNN, "rcnn", "", False),
+    # (res5 runs on every proposal: 16 of them, not 64)
     "c4": ("COCO-InstanceSegmentation/mask_rcnn_R_50_C4_1x.yaml",
-           _RCNN + ["SOLVER.MAX_ITER", 2], "rcnn", "", False),
+           _RCNN + ["SOLVER.MAX_ITER", 2, "MODEL.RPN.POST_NMS_TOPK_TEST", 16], "rcnn", "", False),
 }
 
 

@@ -283,8 +283,10 @@ def test_stop_signal_to_torchrun_saves_once_and_does_not_restart(tmp_path):
     assert len(names) == 1 and names[0] != "model_final.pth", names
     it = torch.load(out / names[0], weights_only=True)["iteration"]
     assert 19 <= it < 299
+    # resumable (here by one process: torchrun's resumes are the restart test's and the
+    # world-size test's)
     more = _ok(run_tool(TRAIN_NET, "--resume", *args[:-2], "SOLVER.MAX_ITER", it + 3,
-                        "OUTPUT_DIR", out, env=ENV, timeout=240, launcher=torchrun(*STANDALONE2)))
+                        "OUTPUT_DIR", out, env=ENV, timeout=240))
     assert f"Starting training from iteration {it + 1}" in more
 
 
