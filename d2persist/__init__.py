@@ -59,6 +59,7 @@ _EXPORTS = {
     "CheckpointWriteError": "errors",
     "RunFolderBusyError": "errors",
     "TrainingDivergedError": "errors",
+    "EarlyStopped": "errors",
 }
 
 if TYPE_CHECKING:  # what editors and type checkers see: every name, from where it is defined
@@ -74,6 +75,7 @@ if TYPE_CHECKING:  # what editors and type checkers see: every name, from where 
         ConfigRoundTripError,
         D2PersistError,
         DatasetMismatchError,
+        EarlyStopped,
         ExportError,
         InputImageError,
         OutputDirNotEmptyError,
@@ -102,6 +104,7 @@ __all__ = [
     "ConfigRoundTripError",
     "D2PersistError",
     "DatasetMismatchError",
+    "EarlyStopped",
     "ExportError",
     "InputImageError",
     "OnnxPredictor",

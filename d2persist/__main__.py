@@ -49,7 +49,7 @@ def ls(args):
                                       for p in problems)
         rows.append(row)
     data = {"path": view.path, "kind": view.kind, "checkpoints": rows, "export": view.export(),
-            "mirror": view.mirror_state()}
+            "mirror": view.mirror_state(), "early_stop": view.early_stop()}
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -62,6 +62,12 @@ def ls(args):
         ok = "" if "verified" not in r else ("  ok" if r["verified"] else "  DAMAGED")
         print(f"  {r['name']:22s} it {it!s:>7}  {_size(r['size']):>9}  {r['time']}  "
               f"{mark:17s} {shown}{ok}")
+    early = data["early_stop"]
+    if early and early.get("stopped_after") is not None:
+        print(f"  stopped early after iteration {early['stopped_after']}: {early['metric']} "
+              f"did not improve by more than {early['min_delta']} in "
+              f"{early['without_improvement']} evaluations (best {early['best']} after "
+              f"iteration {early['best_iteration']})")
     ex = data["export"]
     if ex is None:
         print("  export: none")

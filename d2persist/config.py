@@ -79,6 +79,12 @@ def _fill(p):
     p.BEST_METRIC = ""
     # "max" or "min": whether a larger or a smaller BEST_METRIC is better.
     p.BEST_MODE = "max"
+    # Stop training after this many evaluations in a row without an improvement of BEST_METRIC
+    # by more than EARLY_STOP_MIN_DELTA (0: off). A stopped run is a completed run: final
+    # checkpoint, export, its self-evaluation.
+    p.EARLY_STOP_PATIENCE = 0
+    # How much BEST_METRIC must improve (in its own units) to count as an improvement.
+    p.EARLY_STOP_MIN_DELTA = 0.0
     # Weights of the inference export: "final" (end of training) or "best" (model_best.pth).
     p.EXPORT_FROM = "final"
     # "module:add_*_config" of a project's config function: applied when config.yaml is checked

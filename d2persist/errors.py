@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointWriteError",
     "ExportError",
     "TrainingDivergedError",
+    "EarlyStopped",
 ]
 
 
@@ -68,3 +69,20 @@ class TrainingDivergedError(D2PersistError, FloatingPointError):
 
     A ``FloatingPointError`` too, so code that catches detectron2's still catches it.
     """
+
+
+class EarlyStopped(SystemExit):
+    """
+    Not an error: training stopped early (``PERSIST.EARLY_STOP_PATIENCE``) and completed, with
+    its final checkpoint and export. PersistHook raises it from the iteration it stopped after;
+    :class:`~d2persist.PersistTrainer` and :func:`~d2persist.train_lazy` return normally instead.
+    A stock ``DefaultTrainer`` lets it through its ``train()``: a ``SystemExit`` with code 0 (a
+    script ends with exit status 0, as after its last line; catch it to go on after training).
+
+    Attributes:
+        iteration (int): the last iteration trained.
+    """
+
+    def __init__(self, iteration: int) -> None:
+        super().__init__(0)
+        self.iteration = iteration

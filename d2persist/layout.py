@@ -33,6 +33,7 @@ __all__ = [
     "BEST_NAME",
     "BEST_RECORD",
     "METRICS_NAME",
+    "EVALUATIONS_NAME",
     "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
@@ -64,6 +65,8 @@ BEST_NAME = "model_best.pth"
 BEST_RECORD = "best.json"
 #: detectron2's JSONWriter's log of every scalar (losses, evaluation metrics) by iteration.
 METRICS_NAME = "metrics.json"
+#: every evaluation of a run, as it happened (PersistHook; metrics.json keeps only some)
+EVALUATIONS_NAME = "evaluations.json"
 #: The run's picture (PERSIST.PLOT): losses, learning rate, evaluations, checkpoints, best.
 TRAINING_PLOT = "training.png"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.

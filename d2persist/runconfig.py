@@ -102,6 +102,25 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
         )
     if opts["EXPORT_FROM"] == "best" and not opts["BEST_METRIC"]:
         raise ConfigError("PERSIST.EXPORT_FROM 'best' needs PERSIST.BEST_METRIC (e.g. 'bbox/AP').")
+    patience, delta = opts["EARLY_STOP_PATIENCE"], opts["EARLY_STOP_MIN_DELTA"]
+    try:
+        opts["EARLY_STOP_PATIENCE"] = int(patience)
+        bad = isinstance(patience, bool) or opts["EARLY_STOP_PATIENCE"] != float(patience)
+    except (TypeError, ValueError):
+        bad = True
+    if bad or opts["EARLY_STOP_PATIENCE"] < 0:
+        raise ConfigError("PERSIST.EARLY_STOP_PATIENCE must be a number of evaluations >= 0 "
+                          f"(0: off), not {patience!r}.")
+    try:
+        opts["EARLY_STOP_MIN_DELTA"] = float(delta)
+    except (TypeError, ValueError):
+        opts["EARLY_STOP_MIN_DELTA"] = -1.0
+    if not opts["EARLY_STOP_MIN_DELTA"] >= 0:  # also NaN
+        raise ConfigError("PERSIST.EARLY_STOP_MIN_DELTA must be a number >= 0, not "
+                          f"{delta!r}.")
+    if opts["EARLY_STOP_PATIENCE"] and not opts["BEST_METRIC"]:
+        raise ConfigError("PERSIST.EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC, the metric "
+                          "it watches (e.g. 'bbox/AP').")
     opts["STOP_SIGNALS"] = _signal_names(opts["STOP_SIGNALS"])
     minutes = opts["CHECKPOINT_MINUTES"]
     try:

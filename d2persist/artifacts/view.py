@@ -31,6 +31,7 @@ from ..layout import (
     MANIFEST_NAME,
     METADATA_NAME,
     METRICS_NAME,
+    EVALUATIONS_NAME,
     MODEL_FILES,
     ONNX_INT8_NAME,
     ONNX_NAME,
@@ -124,6 +125,7 @@ class RunView:
         self.kind = kind
         self.remote: bool = self._folder.remote
         self._metrics: Optional[List[dict]] = None
+        self._evaluation_file: Optional[dict] = None
 
     def where(self, name: str) -> str:
         """Where the file ``name`` of this folder is (a path or a URL)."""
@@ -183,14 +185,49 @@ class RunView:
             self._metrics = _rows(self._folder.read(METRICS_NAME))
         return self._metrics
 
+    def _evaluations_file(self) -> dict:
+        """``evaluations.json`` (PersistHook's record of every evaluation), or {}."""
+        if self._evaluation_file is None:
+            try:
+                data = json.loads(self._text(EVALUATIONS_NAME) or "{}")
+            except ValueError:
+                data = {}
+            self._evaluation_file = data if isinstance(data, dict) else {}
+        return self._evaluation_file
+
+    def evaluation_records(self) -> List[dict]:
+        """
+        Every evaluation PersistHook recorded, oldest first: ``{"iteration": the iteration of
+        the weights evaluated, "metrics": {name: value or None}}``; [] without the record (a
+        stock detectron2 run, or one written before d2persist kept it).
+        """
+        records = self._evaluations_file().get("evaluations")
+        return [r for r in records or [] if isinstance(r, dict)
+                and isinstance(r.get("iteration"), int) and isinstance(r.get("metrics"), dict)]
+
+    def early_stop(self) -> Optional[dict]:
+        """
+        The early stopping's state when the run used it (``metric``, ``patience``,
+        ``min_delta``, ``best``, ``best_iteration``, ``without_improvement``, and
+        ``stopped_after``: the last iteration trained when it stopped the run, else None).
+        """
+        record = self._evaluations_file().get("early_stop")
+        return record if isinstance(record, dict) else None
+
     def evaluations(self) -> Dict[int, Dict[str, float]]:
-        """Iteration -> the evaluation metrics stored under it (``bbox/AP``, ...)."""
+        """
+        Iteration -> the evaluation metrics of the weights of that iteration (``bbox/AP``, ...):
+        ``evaluations.json``'s records, else what ``metrics.json`` kept (under the iteration it
+        stored them at; after_train's evaluation under MAX_ITER).
+        """
         out: Dict[int, Dict[str, float]] = {}
         for row in self.metrics_rows():
             found = {k: v for k, v in row.items()
                      if "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
             if found:
                 out.setdefault(int(row["iteration"]), {}).update(found)
+        for rec in self.evaluation_records():
+            out[rec["iteration"]] = dict(rec["metrics"])
         return out
 
     def last_iteration(self) -> Optional[int]:

@@ -14,9 +14,9 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..artifacts.plot import BackgroundPlot
-from ..artifacts.view import RunView
+from ..artifacts.view import EVAL_TASKS, RunView
 from ..collective import main_says
-from ..errors import D2PersistError, TrainingDivergedError
+from ..errors import D2PersistError, EarlyStopped, TrainingDivergedError
 from ..files.atomic import write_json
 from ..files.lock import unlock_run_folder
 from ..files.mirror import RunMirror
@@ -24,6 +24,7 @@ from ..files.writer import BackgroundWriter
 from ..layout import (
     BEST_NAME,
     BEST_RECORD,
+    EVALUATIONS_NAME,
     FINAL_NAME,
     LAST_CHECKPOINT,
     MANIFEST_NAME,
@@ -39,7 +40,7 @@ from .actions import (
     export_run,
     start_run_folder,
 )
-from .best import BestMetric, evaluation_value
+from .best import BestMetric, EarlyStopping, EvaluationLog, evaluation_value
 from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
 from .resume import hold_run_lock
 from .state import data_state_to_resume, get_rng_state, set_rng_state
@@ -72,6 +73,11 @@ class PersistHook(HookBase):
     - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
     - with ``PERSIST.BEST_METRIC``: after each evaluation that improves the metric,
       ``model_best.pth`` (the weights EvalHook just evaluated) and ``best.json``.
+    - after each evaluation (EvalHook's, in its ``after_step`` and ``after_train``): its
+      metrics in ``evaluations.json``; with ``PERSIST.EARLY_STOP_PATIENCE``, the decision to
+      stop (main process, sent to all), after which every process stops after that iteration
+      and ``after_train`` completes the run as at ``MAX_ITER`` (raising
+      :class:`~d2persist.errors.EarlyStopped`, which PersistTrainer catches).
 
     **Where it runs.** Wherever it was registered, it moves itself to the *end* of the trainer's
     hook list at ``before_train``, on every process, and removes any ``PeriodicCheckpointer``
@@ -125,8 +131,17 @@ class PersistHook(HookBase):
         self._last_save_time: Optional[float] = None
         metric = self.options["BEST_METRIC"]
         self._best = BestMetric(metric, self.options["BEST_MODE"]) if metric else None
+        patience = self.options["EARLY_STOP_PATIENCE"]
+        self._early = EarlyStopping(metric, self.options["BEST_MODE"], patience,
+                                    self.options["EARLY_STOP_MIN_DELTA"]) if patience else None
+        # the last iteration trained, once early stopping ended the run
+        self._stopped_at: Optional[int] = None
+        # every evaluation's metrics (evaluations.json), on the main process
+        self._evaluations = EvaluationLog()
         # what training itself puts into the event storage
         self._training_keys: Optional[Set[str]] = None
+        # the value of BEST_METRIC of the evaluation just considered (main process)
+        self._last_value: Optional[float] = None
         # the mirror's uploads, on the main process (PERSIST.MIRROR)
         self._mirror_jobs: Optional[RunMirror] = None
         # training.png's drawing, on the main process (PERSIST.PLOT)
@@ -164,10 +179,22 @@ class PersistHook(HookBase):
                 self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
-        if self._best is not None and self.trainer.start_iter > 0 and comm.is_main_process():
-            self._best.adopt(RunView(out, "run").best_record())
+        start = self.trainer.start_iter
+        if start > 0 and comm.is_main_process():
+            view = RunView(out, "run")
+            if self._best is not None:
+                self._best.adopt(view.best_record())
+            records = view.evaluation_records()
+            self._evaluations.start(records, before=start)
+            if self._early is not None:  # what was evaluated after the checkpoint was written
+                self._early.merge(records, before=start)
         self._install_signal_handlers()
         self._last_save_time = time.monotonic()
+        if self._early is not None and start > 0 and main_says(self._early.should_stop()):
+            self._stopped_at = start - 1
+            logger.info("This run stopped early after iteration %d (PERSIST.EARLY_STOP_PATIENCE "
+                        "%d): nothing left to train.", self._stopped_at, self._early.patience)
+            raise EarlyStopped(self._stopped_at)
 
     def _apply_pending_resume(self):
         states, self._pending_resume = self._pending_resume, None
@@ -245,8 +272,15 @@ class PersistHook(HookBase):
         it = self.trainer.iter
         period = self.run.checkpoint_period
         sig, timed = self._agree()
+        evaluated = self._evaluated_after(it)
+        if not evaluated and self._training_keys is None and comm.is_main_process():
+            latest = self.trainer.storage.latest()  # what training itself stores
+            self._training_keys = {k for k, (_, i) in latest.items() if i == it}
         # the best is decided first, so that a checkpoint of this iteration knows it
         improved = self._best is not None and self._consider_best(it)
+        if evaluated:
+            self._record_evaluation(it, it)
+        stop = self._early is not None and evaluated and self._early_stop_decided(it)
         periodic = period > 0 and (it + 1) % period == 0
         if timed and not periodic and not sig:
             logger.info("%s minutes since the last save: checkpoint after iteration %d "
@@ -255,7 +289,7 @@ class PersistHook(HookBase):
             self._save(checkpoint_name(it), it, best=improved)
         elif improved:
             self._save_best(it)
-        if self._evaluated_after(it) and self._plotter is not None:
+        if evaluated and self._plotter is not None:
             self._plotter.request()
         if sig:
             self._writer.wait()
@@ -264,6 +298,16 @@ class PersistHook(HookBase):
                 signal.Signals(sig).name, it, checkpoint_name(it),
             )
             raise _stop_exception(sig)
+        if stop and self._early is not None:
+            self._stopped_at = it
+            status = self._early.status()
+            logger.info(
+                "Early stopping after iteration %d: %s has not improved by more than %s for %d "
+                "evaluations (best %s after iteration %s; PERSIST.EARLY_STOP_PATIENCE %d). "
+                "Completing the run.", it, self._early.metric, self._early.min_delta,
+                status["without_improvement"], status["best"], status["best_iteration"],
+                self._early.patience)
+            raise EarlyStopped(it)
 
     # -- best ----------------------------------------------------------------------------------
 
@@ -280,19 +324,59 @@ class PersistHook(HookBase):
         if not comm.is_main_process():
             return False
         latest = self.trainer.storage.latest()
+        self._last_value = None
         if not final and not self._evaluated_after(it):
-            if self._training_keys is None:
-                self._training_keys = {k for k, (_, i) in latest.items() if i == it}
             return False
         # after_train's evaluation is stored under the storage's iteration then (max_iter)
         at = self.trainer.storage.iter if final else it
         value = evaluation_value(latest, self._best.metric, at, self._training_keys or ())
+        self._last_value = value
         if value is None or not self._best.improves(value):
             return False
         self._best.update(value, it)
         logger.info("New best %s = %s after iteration %d: writing %s.",
                     self._best.metric, value, it, BEST_NAME)
         return True
+
+    def _record_evaluation(self, iteration, at):
+        """
+        On the main process: the metrics EvalHook just stored under ``at`` (the weights of
+        ``iteration``) into ``evaluations.json``, written in the background.
+        """
+        if not comm.is_main_process():
+            return
+        latest = self.trainer.storage.latest()
+        known = self._training_keys
+        if known is None:  # training stored nothing yet on this side of a resume: by name
+            metrics = {k: v for k, (v, i) in latest.items()
+                       if i == at and "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
+        else:
+            metrics = {k: v for k, (v, i) in latest.items() if i == at and k not in known}
+        if not metrics:
+            return
+        self._evaluations.add(iteration, metrics)
+        self._write_evaluations()
+
+    def _write_evaluations(self):
+        early = None if self._early is None else self._early.record(self._stopped_at)
+        data = self._evaluations.to_json(early)
+        self._writer.submit(self._write_evaluations_now, data)
+
+    def _write_evaluations_now(self, data):
+        write_json(os.path.join(self.run.output_dir, EVALUATIONS_NAME), data)
+        self._mirror(EVALUATIONS_NAME)
+
+    def _early_stop_decided(self, it):
+        """
+        Whether to stop after iteration ``it`` (an evaluation's): decided on the main process
+        (which has the evaluation's results), the same answer on every process.
+        """
+        stop = False
+        if comm.is_main_process() and self._early is not None:
+            if self._last_value is not None:
+                self._early.add(it, self._last_value)
+            stop = self._early.should_stop()
+        return main_says(stop)
 
     def _save_best(self, iteration):
         """Write ``model_best.pth`` (a snapshot) and ``best.json`` in the background."""
@@ -418,7 +502,8 @@ class PersistHook(HookBase):
     def _after_train(self):
         self._restore_signal_handlers()
         trainer = self.trainer
-        completed = trainer.iter >= trainer.max_iter
+        stopped = self._stopped_at is not None  # early stopping completed the run
+        completed = trainer.iter >= trainer.max_iter or stopped
         try:
             self._writer.wait()
         except Exception:
@@ -429,8 +514,8 @@ class PersistHook(HookBase):
         if not completed or self._checkpointer is None:
             return  # failed or interrupted: no model_final, no export
         out = self.run.output_dir
-        trained = trainer.start_iter < trainer.max_iter
-        last = trainer.max_iter - 1
+        last = self._stopped_at if stopped else trainer.max_iter - 1
+        trained = trainer.start_iter <= last
         if self._last_saved == last:
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
@@ -439,11 +524,19 @@ class PersistHook(HookBase):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
-        # run had nothing left to train: then it re-evaluates the last checkpoint's weights)
-        if self._best is not None and self._consider_best(last, final=True):
+        # run had nothing left to train: then it re-evaluates the last checkpoint's weights);
+        # none after an early stop (it stopped right after evaluating those weights)
+        if not stopped:
+            self._record_evaluation(last, trainer.storage.iter)
+        if not stopped and self._best is not None and self._consider_best(last, final=True):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
                 self._writer.wait()
+        if self._early is not None and comm.is_main_process():
+            if not stopped and self._last_value is not None:
+                self._early.add(last, self._last_value)
+            self._write_evaluations()  # with where it stopped
+            self._writer.wait()
         if self.options["EXPORT"]:
             manifest = None
             main = comm.is_main_process()

@@ -11,6 +11,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
+from ..errors import EarlyStopped
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
 from .resume import resume_or_load
@@ -70,5 +71,8 @@ def train_lazy(cfg: DictConfig, resume: bool = False) -> TrainerBase:
     )
     resumed = resume_or_load(checkpointer, cfg.train.init_checkpoint, resume=resume,
                              mirror=persist.options["MIRROR"])
-    trainer.train(trainer.iter + 1 if resumed else 0, cfg.train.max_iter)
+    try:
+        trainer.train(trainer.iter + 1 if resumed else 0, cfg.train.max_iter)
+    except EarlyStopped:  # a completed run (PERSIST.EARLY_STOP_PATIENCE)
+        pass
     return trainer

@@ -2,7 +2,7 @@
 
 import logging
 import weakref
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 from detectron2.config import CfgNode
@@ -12,6 +12,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import EarlyStopped
 from ..runconfig import run_config
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
@@ -91,6 +92,19 @@ class PersistTrainer(DefaultTrainer):
         resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume,
                                  mirror=run.options["MIRROR"])
         self.start_iter = self.iter + 1 if resumed else 0
+
+    def train(self) -> Optional[dict]:
+        """
+        Train, as ``DefaultTrainer.train``; a run that early stopping ended
+        (``PERSIST.EARLY_STOP_PATIENCE``) returns normally too, as a completed run.
+
+        Returns:
+            the last evaluation's results, as ``DefaultTrainer.train``.
+        """
+        try:
+            return super().train()
+        except EarlyStopped:
+            return getattr(self, "_last_eval_results", None)
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks without ``PeriodicCheckpointer``, and :class:`PersistHook`."""

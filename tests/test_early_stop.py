@@ -1,0 +1,140 @@
+"""
+Early stopping (``PERSIST.EARLY_STOP_PATIENCE``) and the record of every evaluation
+(``evaluations.json``), with real trainers, EvalHook and evaluation passes; the evaluator reports
+a scripted metric (tests/scripts/scripted_metric_trainer.py) that improves once, after
+iteration 3, and never again.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+from helpers import LAUNCH2, ONE_THREAD, TINY_OPTS, run_tool, tiny_cfg, train
+
+from d2persist import EarlyStopped, PersistHook, PersistTrainer, open_view
+from tests.scripts.scripted_metric_trainer import SCRIPT_PATH, ScriptedEvaluator
+
+#: evaluations after iterations 1 (AP 10), 3 (20), 5 (20), 7 (20), ...: patience 2 stops the
+#: run after iteration 7; a checkpoint every 2 iterations
+OPTS = ["DATASETS.TEST", "('shapes_val_10',)", "TEST.EVAL_PERIOD", 2, "SOLVER.CHECKPOINT_PERIOD",
+        2, "PERSIST.BEST_METRIC", "bbox/AP", "PERSIST.EARLY_STOP_PATIENCE", 2]
+STOP = 7
+
+
+class Trainer(PersistTrainer):
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        return ScriptedEvaluator()
+
+
+def _iteration(path):
+    return torch.load(path, weights_only=True)["iteration"]
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run of MAX_ITER 20 that early stopping ends after iteration 7 (PersistTrainer)."""
+    out = tmp_path_factory.mktemp("stopped")
+    trainer = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20), trainer_cls=Trainer)
+    assert trainer.iter == STOP  # train() returned: a completed run
+    return out
+
+
+def test_early_stopping_completes_the_run_after_the_right_iteration(stopped_run):
+    out = stopped_run
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    assert _iteration(out / "model_final.pth") == STOP
+    assert not (out / "model_0000009.pth").exists()
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["iteration"] == STOP
+    assert manifest["evaluation"]["failed"] == []  # the export evaluated itself
+    best = json.loads((out / "best.json").read_text())
+    assert (best["iteration"], best["value"]) == (3, 20.0)
+
+
+def test_every_evaluation_is_recorded_and_ls_shows_where_it_stopped(stopped_run):
+    """metrics.json (written every 20 iterations) lacks most of them; evaluations.json not."""
+    view = open_view(str(stopped_run))
+    records = view.evaluation_records()
+    assert [(r["iteration"], r["metrics"]["bbox/AP"]) for r in records] == [
+        (1, 10.0), (3, 20.0), (5, 20.0), (7, 20.0)]
+    in_metrics_json = {r["iteration"] for r in view.metrics_rows() if "bbox/AP" in r}
+    assert {1, 3, 5} - in_metrics_json  # what JSONWriter's period dropped
+    by_name = {e.name: e for e in view.checkpoints()}
+    for it in (1, 3, 5):
+        assert by_name[f"model_{it:07d}.pth"].metrics["bbox/AP"] == records[it // 2]["metrics"][
+            "bbox/AP"]
+    assert "best" in by_name["model_0000003.pth"].markers
+    early = view.early_stop()
+    assert early["stopped_after"] == STOP and early["without_improvement"] == 2
+    assert (early["best"], early["best_iteration"], early["patience"]) == (20.0, 3, 2)
+    listed = run_tool("-m", "d2persist", "ls", stopped_run)
+    assert listed.returncode == 0, listed.stderr
+    assert f"stopped early after iteration {STOP}" in listed.stdout
+    assert "bbox/AP 10.0" in listed.stdout  # model_0000001.pth's evaluation
+
+
+def test_a_resume_in_the_patience_window_continues_the_count(tmp_path, stopped_run):
+    """
+    A run ending at MAX_ITER 6 (its final evaluation, after its last checkpoint, is the first
+    without improvement) resumed to MAX_ITER 20 stops where the uninterrupted run did.
+    """
+    out = tmp_path / "run"
+    train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 6), trainer_cls=Trainer)
+    assert open_view(str(out)).early_stop()["without_improvement"] == 1
+    trainer = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20), resume=True, trainer_cls=Trainer)
+    assert trainer.iter == STOP and _iteration(out / "model_final.pth") == STOP
+    assert [r["iteration"] for r in open_view(str(out)).evaluation_records()] == [1, 3, 5, 7]
+    # resuming a stopped run trains nothing more; a larger patience goes on
+    again = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20), resume=True, trainer_cls=Trainer)
+    assert again.iter == STOP + 1 and _iteration(out / "model_final.pth") == STOP
+    more = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EARLY_STOP_PATIENCE", 3),
+                 resume=True, trainer_cls=Trainer)
+    assert more.iter == 9 and _iteration(out / "model_final.pth") == 9
+
+
+def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(tmp_path):
+    """
+    Under launch() with 2 processes a stock DefaultTrainer stops on both after the same
+    iteration with exit status 0; resumed by 1 process from the checkpoint in the middle of
+    its patience window, it stops after the same iteration.
+    """
+    out = tmp_path / "two"
+    opts = [*TINY_OPTS, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EXPORT_EVAL", False]
+    res = run_tool(SCRIPT_PATH, *LAUNCH2, *opts, "OUTPUT_DIR", out, env=ONE_THREAD, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _iteration(out / "model_final.pth") == STOP
+    assert (out / "export" / "manifest.json").is_file()
+    # both processes stopped after the same iteration (one that went on would wait for the
+    # other in DDP's next gradient reduction until --dist-timeout failed the run)
+    states = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["hooks"][
+        "PersistHook"]["resume"]
+    assert len(states) == 2
+
+    one = tmp_path / "one"  # the run as it stood after iteration 5: one evaluation without gain
+    shutil.copytree(out, one, ignore=shutil.ignore_patterns(
+        "model_0000007.pth*", "model_final.pth*", "export", "*.lock"))
+    (one / "last_checkpoint").write_text("model_0000005.pth")
+    res = run_tool(SCRIPT_PATH, "--resume", *opts, "OUTPUT_DIR", one, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "The checkpoint was written by 2 processes, this run has 1" in res.stderr
+    assert _iteration(one / "model_final.pth") == STOP
+    assert [r["iteration"] for r in open_view(str(one)).evaluation_records()] == [1, 3, 5, 7]
+
+
+def test_a_stock_trainer_in_process_raises_early_stopped_with_code_0(tmp_path, caplog):
+    from detectron2.engine import DefaultTrainer
+
+    from tests.scripts.scripted_metric_trainer import Trainer as StockTrainer
+
+    assert issubclass(StockTrainer, DefaultTrainer)
+    cfg = tiny_cfg(tmp_path, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EXPORT", False)
+    with pytest.raises(EarlyStopped) as info:
+        train(cfg, hooks=[PersistHook(cfg)], trainer_cls=StockTrainer)
+    assert info.value.code == 0 and info.value.iteration == STOP
+    said = [r.getMessage() for r in caplog.records if "Early stopping" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(
+        f"Early stopping after iteration {STOP}: bbox/AP has not improved by more than 0.0 "
+        "for 2 evaluations (best 20.0 after iteration 3")
+    assert _iteration(tmp_path / "model_final.pth") == STOP
