@@ -69,6 +69,13 @@ def test_every_evaluation_is_recorded_and_ls_shows_where_it_stopped(stopped_run)
     early = view.early_stop()
     assert early["stopped_after"] == STOP and early["without_improvement"] == 2
     assert (early["best"], early["best_iteration"], early["patience"]) == (20.0, 3, 2)
+    from d2persist.artifacts.plot import plot_run
+
+    ax_eval = plot_run(view).axes[2]  # training.png draws every evaluation and the stop
+    ap = next(ln for ln in ax_eval.get_lines() if ln.get_label() == "bbox/AP")
+    assert list(ap.get_xdata()) == [1, 3, 5, 7]
+    assert [ln.get_xdata()[0] for ln in ax_eval.get_lines() if ln.get_gid() == "early-stop"] \
+        == [STOP]
     listed = run_tool("-m", "d2persist", "ls", stopped_run)
     assert listed.returncode == 0, listed.stderr
     assert f"stopped early after iteration {STOP}" in listed.stdout

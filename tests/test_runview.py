@@ -181,7 +181,8 @@ def test_plot_holds_the_runs_series(default_run, tmp_path):
     assert {ln.get_label() for ln in loss_ax.get_lines()} >= {"loss_cls", "loss_mask"}
     assert list(line(lr_ax, "lr").get_xdata()) == [r["iteration"] for r in rows if "lr" in r]
     ap = line(eval_ax, "segm/AP")
-    assert list(ap.get_xdata()) == [19, 40]  # the evaluations, the final one under MAX_ITER
+    # the evaluations (evaluations.json), at the iteration of the weights evaluated
+    assert list(ap.get_xdata()) == [19, 39]
     assert list(ap.get_ydata()) == [r["segm/AP"] for r in rows if "segm/AP" in r]
     best = json.loads((out / "best.json").read_text())
     star = line(eval_ax, "best segm/AP")

@@ -37,8 +37,9 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
 
     Returns:
         matplotlib.figure.Figure: three axes: losses (``total_loss`` and each ``loss_*``),
-        learning rate, evaluation metrics; dashed lines at the checkpoints' iterations, a star on
-        the best evaluation (``best.json``).
+        learning rate, evaluation metrics (every one ``evaluations.json`` recorded); dashed
+        lines at the checkpoints' iterations, a star on the best evaluation (``best.json``), a
+        red line where early stopping stopped the run.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -46,7 +47,10 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
     rows = view.metrics_rows()
     keys = sorted({k for r in rows for k in r})
     losses = [k for k in keys if k == "total_loss" or k.startswith("loss_")]
-    metrics = [k for k in keys if "/" in k and k.split("/", 1)[0] in EVAL_TASKS]
+    # every evaluation (evaluations.json), else those metrics.json kept
+    evals = [{"iteration": it, **m} for it, m in sorted(view.evaluations().items())]
+    metrics = sorted({k for r in evals for k in r
+                      if "/" in k and k.split("/", 1)[0] in EVAL_TASKS})
     fig = Figure(figsize=(9, 9), dpi=100)
     FigureCanvasAgg(fig)
     ax_loss, ax_lr, ax_eval = fig.subplots(3, 1, sharex=True)
@@ -56,7 +60,7 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
     ax_lr.plot(*_series(rows, "lr"), label="lr", color="tab:gray")
     ax_lr.set_ylabel("learning rate")
     for k in metrics:
-        ax_eval.plot(*_series(rows, k), marker="o", markersize=3, label=k)
+        ax_eval.plot(*_series(evals, k), marker="o", markersize=3, label=k)
     ax_eval.set_ylabel("evaluation")
     ax_eval.set_xlabel("iteration")
     best = view.best_record() or {}
@@ -69,6 +73,11 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
             for ax in (ax_loss, ax_lr, ax_eval):
                 ax.axvline(e.iteration, color="black", alpha=0.25, linestyle="--",
                            linewidth=0.8, gid="checkpoint")
+    early = view.early_stop() or {}
+    if isinstance(early.get("stopped_after"), int):
+        for ax in (ax_loss, ax_lr, ax_eval):
+            ax.axvline(early["stopped_after"], color="tab:red", linewidth=1.2, gid="early-stop",
+                       label="early stop" if ax is ax_eval else None)
     for ax in (ax_loss, ax_lr, ax_eval):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best", ncol=2)

@@ -217,17 +217,18 @@ class RunView:
     def evaluations(self) -> Dict[int, Dict[str, float]]:
         """
         Iteration -> the evaluation metrics of the weights of that iteration (``bbox/AP``, ...):
-        ``evaluations.json``'s records, else what ``metrics.json`` kept (under the iteration it
-        stored them at; after_train's evaluation under MAX_ITER).
+        ``evaluations.json``'s records where the run has them, else what ``metrics.json`` kept
+        (under the iteration it stored them at: after_train's evaluation under MAX_ITER).
         """
+        records = self.evaluation_records()
+        if records:
+            return {rec["iteration"]: dict(rec["metrics"]) for rec in records}
         out: Dict[int, Dict[str, float]] = {}
         for row in self.metrics_rows():
             found = {k: v for k, v in row.items()
                      if "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
             if found:
                 out.setdefault(int(row["iteration"]), {}).update(found)
-        for rec in self.evaluation_records():
-            out[rec["iteration"]] = dict(rec["metrics"])
         return out
 
     def last_iteration(self) -> Optional[int]:

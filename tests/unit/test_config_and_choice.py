@@ -153,3 +153,70 @@ def test_int8_budget_must_be_a_number_of_points(value):
         persist_options(cfg)
     cfg.PERSIST.INT8_BUDGET = 0
     assert persist_options(cfg)["INT8_BUDGET"] == 0.0
+
+
+# -- early stopping ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [("EARLY_STOP_PATIENCE", -1), ("EARLY_STOP_PATIENCE", 1.5),
+                                        ("EARLY_STOP_PATIENCE", "x"),
+                                        ("EARLY_STOP_MIN_DELTA", -0.1),
+                                        ("EARLY_STOP_MIN_DELTA", float("nan"))])
+def test_early_stop_options_refuse_bad_values_in_one_sentence(key, value):
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.BEST_METRIC = "bbox/AP"
+    cfg.PERSIST[key] = value
+    with pytest.raises(ConfigError, match=f"PERSIST.{key} must be"):
+        persist_options(cfg)
+    cfg.PERSIST.EARLY_STOP_PATIENCE, cfg.PERSIST.EARLY_STOP_MIN_DELTA = 3, 0.5
+    assert [persist_options(cfg)[k] for k in ("EARLY_STOP_PATIENCE", "EARLY_STOP_MIN_DELTA")] \
+        == [3, 0.5]
+
+
+def test_early_stopping_needs_the_metric_it_watches():
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.EARLY_STOP_PATIENCE = 3
+    with pytest.raises(ConfigError, match="EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC"):
+        persist_options(cfg)
+
+
+@pytest.mark.parametrize("mode, values, delta, stops_after", [
+    ("max", [1, 2, 2, 2], 0.0, 3),           # two without improvement
+    ("max", [1, 2, 2.05, 2.1], 0.1, 3),      # small gains do not count
+    ("max", [1, 2, 2.2, 2.2, 2.35], 0.1, None),
+    ("min", [5, 4, 4, 3, 3, 3], 0.0, 5),
+    ("max", [1, float("nan"), float("nan")], 0.0, 2),  # NaN never improves
+])
+def test_early_stopping_counts_evaluations_without_improvement(mode, values, delta, stops_after):
+    from d2persist.training.best import EarlyStopping
+
+    early = EarlyStopping("bbox/AP", mode, 2, delta)
+    stopped = None
+    for i, v in enumerate(values):
+        early.add(i, v)
+        if early.should_stop():
+            stopped = i
+            break
+    assert stopped == stops_after
+    again = EarlyStopping("bbox/AP", mode, 2, delta)  # the history is its whole state
+    again.load_state_dict(early.state_dict())
+    assert again.status() == early.status()
+    other = EarlyStopping("segm/AP", mode, 2, delta)  # kept for another metric: not taken
+    other.load_state_dict(early.state_dict())
+    assert other.history == []
+
+
+def test_early_stopping_merges_what_was_evaluated_after_its_checkpoint():
+    from d2persist.training.best import EarlyStopping
+
+    early = EarlyStopping("bbox/AP", "max", 2)
+    early.add(1, 10.0)
+    early.add(3, 20.0)
+    records = [{"iteration": it, "metrics": {"bbox/AP": v}}
+               for it, v in ((1, 10.0), (3, 20.0), (5, 20.0), (7, 20.0))]
+    early.merge(records, before=6)  # resumed at iteration 6: 7's evaluation is redone
+    assert early.history == [(1, 10.0), (3, 20.0), (5, 20.0)]
+    assert early.status() == {"best": 20.0, "best_iteration": 3, "without_improvement": 1}
