@@ -106,7 +106,7 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     try:
         opts["EARLY_STOP_PATIENCE"] = int(patience)
         bad = isinstance(patience, bool) or opts["EARLY_STOP_PATIENCE"] != float(patience)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         bad = True
     if bad or opts["EARLY_STOP_PATIENCE"] < 0:
         raise ConfigError("PERSIST.EARLY_STOP_PATIENCE must be a number of evaluations >= 0 "

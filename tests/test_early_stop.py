@@ -57,8 +57,9 @@ def test_every_evaluation_is_recorded_and_ls_shows_where_it_stopped(stopped_run)
     """metrics.json (written every 20 iterations) lacks most of them; evaluations.json not."""
     view = open_view(str(stopped_run))
     records = view.evaluation_records()
-    assert [(r["iteration"], r["metrics"]["bbox/AP"]) for r in records] == [
-        (1, 10.0), (3, 20.0), (5, 20.0), (7, 20.0)]
+    assert [(r["iteration"], r["metrics"]) for r in records] == [
+        (1, {"bbox/AP": 10.0}), (3, {"bbox/AP": 20.0}), (5, {"bbox/AP": 20.0}),
+        (7, {"bbox/AP": 20.0})]  # the evaluation's results only, not training's timers
     in_metrics_json = {r["iteration"] for r in view.metrics_rows() if "bbox/AP" in r}
     assert {1, 3, 5} - in_metrics_json  # what JSONWriter's period dropped
     by_name = {e.name: e for e in view.checkpoints()}
@@ -123,6 +124,11 @@ def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(
     shutil.copytree(out, one, ignore=shutil.ignore_patterns(
         "model_0000007.pth*", "model_final.pth*", "export", "*.lock"))
     (one / "last_checkpoint").write_text("model_0000005.pth")
+    # the history travels in the checkpoint, not only in evaluations.json
+    state = torch.load(one / "model_0000005.pth", weights_only=True)["trainer"]["hooks"][
+        "PersistHook"]
+    assert state["early_stop"]["history"] == [[1, 10.0], [3, 20.0], [5, 20.0]]
+    (one / "evaluations.json").unlink()
     res = run_tool(SCRIPT_PATH, "--resume", *opts, "OUTPUT_DIR", one, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "The checkpoint was written by 2 processes, this run has 1" in res.stderr

@@ -26,12 +26,12 @@ from ..layout import (
     BEST_RECORD,
     CONFIG_NAME,
     DEFAULT_EXPORT_DIR,
+    EVALUATIONS_NAME,
     FINAL_NAME,
     LAST_CHECKPOINT,
     MANIFEST_NAME,
     METADATA_NAME,
     METRICS_NAME,
-    EVALUATIONS_NAME,
     MODEL_FILES,
     ONNX_INT8_NAME,
     ONNX_NAME,
@@ -221,15 +221,16 @@ class RunView:
         (under the iteration it stored them at: after_train's evaluation under MAX_ITER).
         """
         records = self.evaluation_records()
-        if records:
-            return {rec["iteration"]: dict(rec["metrics"]) for rec in records}
+        first = records[0]["iteration"] if records else None
         out: Dict[int, Dict[str, float]] = {}
-        for row in self.metrics_rows():
+        for row in self.metrics_rows():  # before the record began (an older run resumed)
             found = {k: v for k, v in row.items()
                      if "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
-            if found:
+            if found and (first is None or int(row["iteration"]) < first):
                 out.setdefault(int(row["iteration"]), {}).update(found)
-        return out
+        for rec in records:
+            out[rec["iteration"]] = dict(rec["metrics"])
+        return dict(sorted(out.items()))
 
     def last_iteration(self) -> Optional[int]:
         """The last training iteration ``metrics.json`` logged, or None."""

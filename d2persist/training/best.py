@@ -179,8 +179,12 @@ class EarlyStopping:
         """
         known = {it for it, _ in self.history}
         for rec in records:
-            it, value = rec.get("iteration"), _number((rec.get("metrics") or {}).get(
-                self.metric))
+            it, metrics = rec.get("iteration"), rec.get("metrics") or {}
+            if self.metric not in metrics:
+                continue
+            # NaN is written as null, and counts as an evaluation without improvement
+            value = float("nan") if metrics[self.metric] is None else _number(
+                metrics[self.metric])
             if isinstance(it, int) and it < before and it not in known and value is not None:
                 self.add(it, value)
 
@@ -212,9 +216,14 @@ class EvaluationLog:
         self.records: List[dict] = []
 
     def start(self, records: Iterable[dict], before: int) -> None:
-        """Continue the records of a resumed run: those of iterations below ``before``."""
-        self.records = [r for r in records
-                        if isinstance(r.get("iteration"), int) and r["iteration"] < before]
+        """
+        Continue the records of a resumed run: those of iterations below ``before``, from the
+        checkpoint's (already in :attr:`records`) and ``evaluations.json``'s ``records`` (which
+        also holds the evaluation after the checkpoint was written).
+        """
+        merged = {r["iteration"]: r for r in self.records if isinstance(r.get("iteration"), int)}
+        merged.update((r["iteration"], r) for r in records if isinstance(r.get("iteration"), int))
+        self.records = [merged[it] for it in sorted(merged) if it < before]
 
     def add(self, iteration: int, metrics: Dict[str, Any]) -> None:
         """Record an evaluation (a later one of the same weights replaces it)."""

@@ -191,10 +191,10 @@ class PersistHook(HookBase):
         self._install_signal_handlers()
         self._last_save_time = time.monotonic()
         if self._early is not None and start > 0 and main_says(self._early.should_stop()):
-            self._stopped_at = start - 1
+            self._stopped_at = start - 1  # the first before_step ends the loop: every other
+            # hook still gets its before_train
             logger.info("This run stopped early after iteration %d (PERSIST.EARLY_STOP_PATIENCE "
                         "%d): nothing left to train.", self._stopped_at, self._early.patience)
-            raise EarlyStopped(self._stopped_at)
 
     def _apply_pending_resume(self):
         states, self._pending_resume = self._pending_resume, None
@@ -261,6 +261,8 @@ class PersistHook(HookBase):
     # -- after_step ----------------------------------------------------------------------------
 
     def before_step(self) -> None:
+        if self._stopped_at is not None:  # a resumed run that early stopping had ended
+            raise EarlyStopped(self._stopped_at)
         # Hooks after this one (evaluation, writers) may draw random numbers after a save; undo
         # that, so training continues from exactly the RNG state the checkpoint holds.
         if self._rng_to_restore is not None:
@@ -273,9 +275,10 @@ class PersistHook(HookBase):
         period = self.run.checkpoint_period
         sig, timed = self._agree()
         evaluated = self._evaluated_after(it)
-        if not evaluated and self._training_keys is None and comm.is_main_process():
-            latest = self.trainer.storage.latest()  # what training itself stores
-            self._training_keys = {k for k, (_, i) in latest.items() if i == it}
+        if not evaluated and comm.is_main_process():  # what training itself stores
+            latest = self.trainer.storage.latest()
+            self._training_keys = (self._training_keys or set()) | {
+                k for k, (_, i) in latest.items() if i == it}
         # the best is decided first, so that a checkpoint of this iteration knows it
         improved = self._best is not None and self._consider_best(it)
         if evaluated:
@@ -347,11 +350,14 @@ class PersistHook(HookBase):
             return
         latest = self.trainer.storage.latest()
         known = self._training_keys
-        if known is None:  # training stored nothing yet on this side of a resume: by name
+        # EvalHook stores flattened results ("bbox/AP"); training's own keys with a "/"
+        # ("fast_rcnn/cls_accuracy") are learnt from the iterations without an evaluation
+        if known is None:  # none yet on this side of a resume: by name
             metrics = {k: v for k, (v, i) in latest.items()
                        if i == at and "/" in k and k.split("/", 1)[0] in EVAL_TASKS}
         else:
-            metrics = {k: v for k, (v, i) in latest.items() if i == at and k not in known}
+            metrics = {k: v for k, (v, i) in latest.items()
+                       if i == at and "/" in k and k not in known}
         if not metrics:
             return
         self._evaluations.add(iteration, metrics)
@@ -528,6 +534,8 @@ class PersistHook(HookBase):
         # none after an early stop (it stopped right after evaluating those weights)
         if not stopped:
             self._record_evaluation(last, trainer.storage.iter)
+            if comm.is_main_process():
+                self._writer.wait()  # before the last picture and upload read it
         if not stopped and self._best is not None and self._consider_best(last, final=True):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
@@ -558,6 +566,10 @@ class PersistHook(HookBase):
         state: Dict[str, Any] = {"kept": list(self._kept), "resume": self._resume_states}
         if self._best is not None:
             state["best"] = self._best.state_dict()
+        if self._early is not None:
+            state["early_stop"] = self._early.state_dict()
+        # every evaluation so far (main process): a resume elsewhere (from the mirror) has it
+        state["evaluations"] = list(self._evaluations.records)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -565,3 +577,6 @@ class PersistHook(HookBase):
         self._pending_resume = state_dict.get("resume")
         if self._best is not None:
             self._best.load_state_dict(state_dict.get("best") or {})
+        if self._early is not None:
+            self._early.load_state_dict(state_dict.get("early_stop") or {})
+        self._evaluations.records = list(state_dict.get("evaluations") or [])

@@ -8,6 +8,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, hooks
 from detectron2.engine.train_loop import TrainerBase
+from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -96,15 +97,22 @@ class PersistTrainer(DefaultTrainer):
     def train(self) -> Optional[dict]:
         """
         Train, as ``DefaultTrainer.train``; a run that early stopping ended
-        (``PERSIST.EARLY_STOP_PATIENCE``) returns normally too, as a completed run.
+        (``PERSIST.EARLY_STOP_PATIENCE``) is a completed run and ends the same way.
 
         Returns:
-            the last evaluation's results, as ``DefaultTrainer.train``.
+            as ``DefaultTrainer.train``: with ``TEST.EXPECTED_RESULTS``, the last evaluation's
+            results (checked against them), else None.
         """
         try:
-            return super().train()
+            TrainerBase.train(self, self.start_iter, self.max_iter)
         except EarlyStopped:
-            return getattr(self, "_last_eval_results", None)
+            pass
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            assert hasattr(self, "_last_eval_results"), \
+                "No evaluation results obtained during training!"
+            verify_results(self.cfg, self._last_eval_results)
+            return self._last_eval_results
+        return None
 
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks without ``PeriodicCheckpointer``, and :class:`PersistHook`."""

@@ -159,6 +159,7 @@ def test_int8_budget_must_be_a_number_of_points(value):
 
 @pytest.mark.parametrize("key, value", [("EARLY_STOP_PATIENCE", -1), ("EARLY_STOP_PATIENCE", 1.5),
                                         ("EARLY_STOP_PATIENCE", "x"),
+                                        ("EARLY_STOP_PATIENCE", float("inf")),
                                         ("EARLY_STOP_MIN_DELTA", -0.1),
                                         ("EARLY_STOP_MIN_DELTA", float("nan"))])
 def test_early_stop_options_refuse_bad_values_in_one_sentence(key, value):
@@ -220,3 +221,5 @@ def test_early_stopping_merges_what_was_evaluated_after_its_checkpoint():
     early.merge(records, before=6)  # resumed at iteration 6: 7's evaluation is redone
     assert early.history == [(1, 10.0), (3, 20.0), (5, 20.0)]
     assert early.status() == {"best": 20.0, "best_iteration": 3, "without_improvement": 1}
+    early.merge([{"iteration": 7, "metrics": {"bbox/AP": None}}], before=8)  # NaN, as written
+    assert early.status()["without_improvement"] == 2 and early.should_stop()
