@@ -53,6 +53,13 @@ def _check_run(out, res, iterations, evaluations, export_eval=True):
     _check_best(out, iterations)
 
 
+def _listing(folder):
+    """The files of a run folder, relative, without logs and TensorBoard events."""
+    return sorted(os.path.relpath(os.path.join(d, n), folder)
+                  for d, _, names in os.walk(folder) for n in names
+                  if not n.startswith(("events.out", "log.txt")))
+
+
 def _check_best(out, iterations):
     best = json.loads((out / "best.json").read_text())  # written by the main process only
     assert best["metric"] == "bbox/AP" and best["iteration"] <= iterations - 1
@@ -70,6 +77,13 @@ def test_two_processes_evaluate_mid_training_then_resume(tmp_path, tool):
     assert (out / "inference" / "coco_instances_results.json").is_file()
     if tool == "stock":
         return  # resuming is the same code for both (resume_or_load): once is enough
+    # one global data stream: 4 iterations x 2 images, the same position on both processes
+    assert [s["data"]["position"] for s in _resume_states(out / "model_final.pth")[1]] == [8, 8]
+    # and the main process wrote what one process writes: the same files (logs aside)
+    one = tmp_path / "one"
+    single = run_tool(script, *TINY_OPTS, *EVAL, "OUTPUT_DIR", one, "SOLVER.MAX_ITER", 4)
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert _listing(out) == _listing(one)
 
     more = run_tool(script, "--resume", *args, "SOLVER.MAX_ITER", 6, "PERSIST.EXPORT_EVAL", False,
                     env=ONE_THREAD, timeout=240)

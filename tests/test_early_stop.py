@@ -6,13 +6,14 @@ iteration 3, and never again.
 """
 
 import json
+import logging
 import shutil
 
 import pytest
 import torch
 from helpers import LAUNCH2, ONE_THREAD, TINY_OPTS, run_tool, tiny_cfg, train
 
-from d2persist import EarlyStopped, PersistHook, PersistTrainer, open_view
+from d2persist import EarlyStopped, PersistTrainer, open_view
 from tests.scripts.scripted_metric_trainer import SCRIPT_PATH, ScriptedEvaluator
 
 #: evaluations after iterations 1 (AP 10), 3 (20), 5 (20), 7 (20), ...: patience 2 stops the
@@ -32,17 +33,39 @@ def _iteration(path):
     return torch.load(path, weights_only=True)["iteration"]
 
 
+class _Said(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 @pytest.fixture(scope="module")
 def stopped_run(tmp_path_factory):
-    """A run of MAX_ITER 20 that early stopping ends after iteration 7 (PersistTrainer)."""
+    """
+    A run of MAX_ITER 20 that early stopping ends after iteration 7 (PersistTrainer):
+    ``(folder, what d2persist's training logged)``.
+    """
     out = tmp_path_factory.mktemp("stopped")
-    trainer = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20), trainer_cls=Trainer)
+    said, logger = _Said(), logging.getLogger("d2persist.training")
+    logger.addHandler(said)
+    try:
+        trainer = train(tiny_cfg(out, *OPTS, "SOLVER.MAX_ITER", 20), trainer_cls=Trainer)
+    finally:
+        logger.removeHandler(said)
     assert trainer.iter == STOP  # train() returned: a completed run
-    return out
+    return out, said.lines
 
 
 def test_early_stopping_completes_the_run_after_the_right_iteration(stopped_run):
-    out = stopped_run
+    out, said = stopped_run
+    said = [line for line in said if "Early stopping" in line]
+    assert len(said) == 1 and said[0].startswith(
+        f"Early stopping after iteration {STOP}: bbox/AP has not improved by more than 0.0 "
+        "for 2 evaluations (best 20.0 after iteration 3")
+    assert EarlyStopped(STOP).code == 0  # what ends a stock trainer's script: exit status 0
     assert (out / "last_checkpoint").read_text() == "model_final.pth"
     assert _iteration(out / "model_final.pth") == STOP
     assert not (out / "model_0000009.pth").exists()
@@ -55,6 +78,7 @@ def test_early_stopping_completes_the_run_after_the_right_iteration(stopped_run)
 
 def test_every_evaluation_is_recorded_and_ls_shows_where_it_stopped(stopped_run):
     """metrics.json (written every 20 iterations) lacks most of them; evaluations.json not."""
+    stopped_run, _ = stopped_run
     view = open_view(str(stopped_run))
     records = view.evaluation_records()
     assert [(r["iteration"], r["metrics"]) for r in records] == [
@@ -83,7 +107,7 @@ def test_every_evaluation_is_recorded_and_ls_shows_where_it_stopped(stopped_run)
     assert "bbox/AP 10.0" in listed.stdout  # model_0000001.pth's evaluation
 
 
-def test_a_resume_in_the_patience_window_continues_the_count(tmp_path, stopped_run):
+def test_a_resume_in_the_patience_window_continues_the_count(tmp_path):
     """
     A run ending at MAX_ITER 6 (its final evaluation, after its last checkpoint, is the first
     without improvement) resumed to MAX_ITER 20 stops where the uninterrupted run did.
@@ -134,20 +158,3 @@ def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(
     assert "The checkpoint was written by 2 processes, this run has 1" in res.stderr
     assert _iteration(one / "model_final.pth") == STOP
     assert [r["iteration"] for r in open_view(str(one)).evaluation_records()] == [1, 3, 5, 7]
-
-
-def test_a_stock_trainer_in_process_raises_early_stopped_with_code_0(tmp_path, caplog):
-    from detectron2.engine import DefaultTrainer
-
-    from tests.scripts.scripted_metric_trainer import Trainer as StockTrainer
-
-    assert issubclass(StockTrainer, DefaultTrainer)
-    cfg = tiny_cfg(tmp_path, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EXPORT", False)
-    with pytest.raises(EarlyStopped) as info:
-        train(cfg, hooks=[PersistHook(cfg)], trainer_cls=StockTrainer)
-    assert info.value.code == 0 and info.value.iteration == STOP
-    said = [r.getMessage() for r in caplog.records if "Early stopping" in r.getMessage()]
-    assert len(said) == 1 and said[0].startswith(
-        f"Early stopping after iteration {STOP}: bbox/AP has not improved by more than 0.0 "
-        "for 2 evaluations (best 20.0 after iteration 3")
-    assert _iteration(tmp_path / "model_final.pth") == STOP

@@ -224,32 +224,6 @@ def test_train_net_refuses_overwrite_and_resumes(tmp_path):
     assert "Starting training from iteration 2" in more.stdout
 
 
-def test_two_processes_on_cpu_write_what_one_does(tmp_path):
-    from helpers import ONE_THREAD, TINY_OPTS
-
-    args = [*TINY_OPTS, "SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", True]
-    single = run_tool(TRAIN_NET, *args, "OUTPUT_DIR", tmp_path / "one")
-    assert single.returncode == 0, single.stderr[-3000:]
-    double = run_tool(TRAIN_NET, "--num-gpus", 2, "--dist-url", "auto", *args,
-                      "OUTPUT_DIR", tmp_path / "two", env=ONE_THREAD)
-    assert double.returncode == 0, double.stderr[-3000:]
-    assert "World size: 2" in double.stdout
-
-    def listing(folder):
-        return sorted(
-            os.path.relpath(os.path.join(d, n), folder)
-            for d, _, names in os.walk(folder) for n in names
-            if not n.startswith(("events.out", "log.txt"))
-        )
-
-    assert listing(tmp_path / "two") == listing(tmp_path / "one")
-    ckpt = torch.load(tmp_path / "two" / "model_final.pth", weights_only=True)
-    states = ckpt["trainer"]["hooks"]["PersistHook"]["resume"]
-    assert len(states) == 2  # RNG state and data position of both processes
-    # one global stream: 4 iterations x 2 images, the same position on both processes
-    assert states[0]["data"]["position"] == states[1]["data"]["position"] == 8
-
-
 def test_a_diverging_run_ends_in_one_sentence_with_exit_code_3(tmp_path):
     from helpers import TINY_OPTS
 
