@@ -12,19 +12,15 @@ under detectron2's ``launch()`` (the evaluation itself runs the model on every t
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, default_argument_parser
 from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.utils.env import seed_all_rng
 from detectron2.utils.events import get_event_storage
 
-from d2persist import PersistHook, add_persist_config
 from d2persist.cli import add_launch_arguments, launch_main
-from d2persist.data.shapes import register_shapes
 from d2persist.training.trainer import create_ddp_model
+from tests.scripts import stock_trainer  # the user's script this one varies
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT_PATH = os.path.abspath(__file__)
 d2_defaults.create_ddp_model = create_ddp_model  # a CPU model takes no device_ids
 
@@ -53,16 +49,8 @@ class Trainer(DefaultTrainer):
 
 
 def main(args):
-    register_shapes()
-    cfg = add_persist_config(get_cfg())
-    cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
-    seed_all_rng(cfg.SEED)
-    trainer = Trainer(cfg)
-    trainer.register_hooks([PersistHook(cfg)])
-    trainer.resume_or_load(resume=args.resume)
-    trainer.train()  # an early stop ends the script here with exit status 0 (EarlyStopped)
+    # an early stop ends train() with EarlyStopped: exit status 0
+    stock_trainer.train(args, Trainer)
 
 
 if __name__ == "__main__":

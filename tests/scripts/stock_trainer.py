@@ -31,17 +31,22 @@ class Trainer(DefaultTrainer):
         return COCOEvaluator(dataset_name, output_dir=os.path.join(cfg.OUTPUT_DIR, "inference"))
 
 
-def main(args):
+def train(args, trainer_cls):
+    """The built-in config with the command line's overrides, trained by ``trainer_cls``."""
     register_shapes()
     cfg = add_persist_config(get_cfg())  # the built-in config sets PERSIST options
     cfg.merge_from_file(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN.yaml"))
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     seed_all_rng(cfg.SEED)
-    trainer = Trainer(cfg)
+    trainer = trainer_cls(cfg)
     trainer.register_hooks([PersistHook(cfg)])
     trainer.resume_or_load(resume=args.resume)
     trainer.train()
+
+
+def main(args):
+    train(args, Trainer)
 
 
 if __name__ == "__main__":
