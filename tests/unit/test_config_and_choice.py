@@ -223,3 +223,18 @@ def test_early_stopping_merges_what_was_evaluated_after_its_checkpoint():
     assert early.status() == {"best": 20.0, "best_iteration": 3, "without_improvement": 1}
     early.merge([{"iteration": 7, "metrics": {"bbox/AP": None}}], before=8)  # NaN, as written
     assert early.status()["without_improvement"] == 2 and early.should_stop()
+
+
+def test_early_stop_options_are_lazyconfig_keys_too():
+    from omegaconf import OmegaConf
+
+    from d2persist.runconfig import persist_options
+
+    cfg = OmegaConf.create({"train": {"persist": {"best_metric": "bbox/AP",
+                                                  "early_stop_patience": 4,
+                                                  "early_stop_min_delta": 0.5}}})
+    opts = persist_options(cfg)
+    assert (opts["EARLY_STOP_PATIENCE"], opts["EARLY_STOP_MIN_DELTA"]) == (4, 0.5)
+    cfg.train.persist.best_metric = ""
+    with pytest.raises(ConfigError, match="EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC"):
+        persist_options(cfg)
