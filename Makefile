@@ -37,8 +37,13 @@ install-detectron2: install-torch
 	@$(PYTHON) -c "import detectron2" 2>/dev/null \
 	  || $(PIP) install --no-build-isolation '$(DETECTRON2_SRC)'
 
+# The editable install of this checkout with its ONNX extra; pip runs (about 10 s) only when it
+# is missing, points at another checkout, or setup.py/setup.cfg changed since it was made.
 install: install-detectron2
-	$(PIP) install -q -e '.[onnx]'
+	@(cd / && $(PYTHON) -c "import os, sys, d2persist, onnx, onnxruntime; \
+	  sys.exit(os.path.dirname(d2persist.__file__) != os.path.join('$(CURDIR)', 'd2persist'))") \
+	  2>/dev/null && [ d2persist.egg-info -nt setup.py ] && [ d2persist.egg-info -nt setup.cfg ] \
+	  || $(PIP) install -q -e '.[onnx]'
 
 install-panopticapi:
 	@$(PYTHON) -c "import panopticapi.evaluation" 2>/dev/null \
