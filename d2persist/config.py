@@ -85,6 +85,17 @@ def _fill(p):
     p.EARLY_STOP_PATIENCE = 0
     # How much BEST_METRIC must improve (in its own units) to count as an improvement.
     p.EARLY_STOP_MIN_DELTA = 0.0
+    # At each evaluation, also the model's own loss terms on the first test dataset (training
+    # mode, no augmentation, no gradients, BatchNorm on its running statistics), averaged over
+    # its images: "validation/total_loss" and "validation/<term>", usable as BEST_METRIC (min).
+    p.VAL_LOSS = False
+    # Keep an exponential moving average of the weights (and buffers) with this decay, updated
+    # after every optimizer step and saved in every checkpoint (0: off; e.g. 0.9998).
+    p.EMA_DECAY = 0.0
+    # Warm-up of that decay, in iterations: decay * (1 - exp(-updates / EMA_WARMUP)); 0: none.
+    p.EMA_WARMUP = 2000
+    # With EMA_DECAY: evaluate, pick the best model and export the averaged weights.
+    p.EMA_EVAL = True
     # Weights of the inference export: "final" (end of training) or "best" (model_best.pth).
     p.EXPORT_FROM = "final"
     # "module:add_*_config" of a project's config function: applied when config.yaml is checked

@@ -34,6 +34,7 @@ __all__ = [
     "BEST_RECORD",
     "METRICS_NAME",
     "EVALUATIONS_NAME",
+    "EMA_STATE_KEY",
     "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
@@ -67,6 +68,10 @@ BEST_RECORD = "best.json"
 METRICS_NAME = "metrics.json"
 #: every evaluation of a run, as it happened (PersistHook; metrics.json keeps only some)
 EVALUATIONS_NAME = "evaluations.json"
+#: Where a checkpoint keeps the EMA weights (PERSIST.EMA_DECAY): an entry of PersistHook's
+#: state, ``checkpoint["trainer"]["hooks"]["PersistHook"]["ema"]``: ``model`` (the average),
+#: ``updates``, ``decay``, ``warmup``, ``evaluated`` (whether the run evaluated the average).
+EMA_STATE_KEY = "ema"
 #: The run's picture (PERSIST.PLOT): losses, learning rate, evaluations, checkpoints, best.
 TRAINING_PLOT = "training.png"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.

@@ -10,11 +10,12 @@ import contextlib
 import copy
 import importlib
 import logging
+import math
 import os
 import re
 import sys
 import tempfile
-from typing import TYPE_CHECKING, Any, Collection, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Sequence, Union
 
 import yaml
 
@@ -121,6 +122,17 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     if opts["EARLY_STOP_PATIENCE"] and not opts["BEST_METRIC"]:
         raise ConfigError("PERSIST.EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC, the metric "
                           "it watches (e.g. 'bbox/AP').")
+    opts["VAL_LOSS"] = _flag(opts, "VAL_LOSS")
+    opts["EMA_EVAL"] = _flag(opts, "EMA_EVAL")
+    decay, warmup = opts["EMA_DECAY"], opts["EMA_WARMUP"]
+    opts["EMA_DECAY"] = _number(decay)
+    if not 0 <= opts["EMA_DECAY"] < 1:  # also NaN
+        raise ConfigError("PERSIST.EMA_DECAY must be a number in [0, 1) (0: off; e.g. 0.9998), "
+                          f"not {decay!r}.")
+    opts["EMA_WARMUP"] = _number(warmup)
+    if not 0 <= opts["EMA_WARMUP"] < math.inf:
+        raise ConfigError("PERSIST.EMA_WARMUP must be a number of iterations >= 0 (0: none), "
+                          f"not {warmup!r}.")
     opts["STOP_SIGNALS"] = _signal_names(opts["STOP_SIGNALS"])
     minutes = opts["CHECKPOINT_MINUTES"]
     try:
@@ -133,6 +145,24 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
             f"{minutes!r}."
         )
     return opts
+
+
+def _number(value: Any) -> float:
+    """``value`` as a float; NaN for what is not a number (booleans included)."""
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _flag(opts: Dict[str, Any], key: str) -> bool:
+    """The boolean option ``key``; anything but True or False is refused in one sentence."""
+    value = opts[key]
+    if not isinstance(value, bool):
+        raise ConfigError(f"PERSIST.{key} must be True or False, not {value!r}.")
+    return value
 
 
 def _signal_names(names: Union[str, Sequence[str]]) -> List[str]:
@@ -332,6 +362,17 @@ class RunConfig:
         """The evaluator the run's evaluation uses for ``dataset_name``, or None if it has none."""
         raise NotImplementedError
 
+    def build_validation_mapper(self) -> Callable[[dict], dict]:
+        """
+        What ``PERSIST.VAL_LOSS`` maps a test image with: the training mapper (annotations kept)
+        with the test-time augmentations instead of the training ones.
+        """
+        raise NotImplementedError
+
+    def validation_workers(self) -> int:
+        """Data-loading worker processes of the validation loss (the test loader's)."""
+        raise NotImplementedError
+
     @property
     def device(self) -> str:
         """Where the model trains (and the PyTorch bundle is evaluated)."""
@@ -358,6 +399,11 @@ class RunConfig:
         self.dump()
 
     def _check_best(self):
+        if self.options["VAL_LOSS"] and self.test_dataset_name() is None:
+            raise ConfigError(
+                "PERSIST.VAL_LOSS needs a test dataset to compute the loss on, and this run has "
+                "none: set DATASETS.TEST (LazyConfig: dataloader.test)."
+            )
         metric = self.options["BEST_METRIC"]
         if metric and not self.evaluates:
             raise ConfigError(
@@ -440,6 +486,16 @@ class YacsRunConfig(RunConfig):
             return build(self.cfg, dataset_name)
         except NotImplementedError:
             return None
+
+    def build_validation_mapper(self) -> Callable[[dict], dict]:
+        from detectron2.data import DatasetMapper
+        from detectron2.data.detection_utils import build_augmentation
+
+        return DatasetMapper(self.cfg, is_train=True,
+                             augmentations=build_augmentation(self.cfg, is_train=False))
+
+    def validation_workers(self) -> int:
+        return int(self.cfg.DATALOADER.NUM_WORKERS)
 
     @property
     def device(self) -> str:
@@ -637,6 +693,19 @@ class LazyRunConfig(RunConfig):
         if not self.evaluates:
             return None
         return instantiate(self.cfg.dataloader.evaluator)
+
+    def build_validation_mapper(self) -> Callable[[dict], dict]:
+        from detectron2.config import instantiate
+
+        mapper = copy.deepcopy(self.cfg.dataloader.train.mapper)
+        mapper.augmentations = copy.deepcopy(lazy_test_augmentations(self.cfg))
+        return instantiate(mapper)
+
+    def validation_workers(self) -> int:
+        try:
+            return int(self.cfg.dataloader.test.get("num_workers", 0))
+        except Exception:  # omegaconf raises several kinds for a missing path
+            return 0
 
     @property
     def device(self) -> str:

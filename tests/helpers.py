@@ -367,3 +367,37 @@ def family_cfg(name, out):
     if evaluated:
         cfg.merge_from_list(_EVAL + ["DATASETS.TEST", (f"{PREFIX}{suffix}_val",)])
     return cfg
+
+
+def direct_validation_loss(cfg, weights):
+    """
+    PERSIST.VAL_LOSS's definition, computed here on ``weights``: the mean over the first test
+    dataset's images, each mapped by the training mapper with the test resize, of the model's
+    loss terms in training mode (BatchNorm on its running statistics), the sampling seeded by
+    the image's index; ``{"validation/<term>": mean}`` and ``validation/total_loss``.
+    """
+    import copy
+
+    import torch
+    from detectron2.data import DatasetCatalog, DatasetMapper
+    from detectron2.data import transforms as T
+    from detectron2.modeling import build_model
+    from detectron2.utils.events import EventStorage
+
+    model = build_model(cfg)
+    model.load_state_dict(weights)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eval()
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=[resize])
+    sums, dicts = {}, DatasetCatalog.get(cfg.DATASETS.TEST[0])
+    with torch.no_grad(), EventStorage():
+        for i, d in enumerate(dicts):
+            torch.manual_seed(i)
+            losses = {k: float(v) for k, v in model([mapper(copy.deepcopy(d))]).items()}
+            losses["total_loss"] = sum(losses.values())
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+    return {"validation/" + k: v / len(dicts) for k, v in sums.items()}

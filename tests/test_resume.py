@@ -78,9 +78,13 @@ def _newest_tmp(folder):
 
 
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
-    """Kill harness: SIGKILL tools/train_net.py at random moments, including during a save."""
+    """
+    Kill harness: SIGKILL tools/train_net.py at random moments, including during a save; with
+    EMA weights (PERSIST.EMA_DECAY, warm-up included), which continue bitwise too.
+    """
     opts = [*TINY_OPTS, "SOLVER.MAX_ITER", 12, "SOLVER.CHECKPOINT_PERIOD", 2,
-            "PERSIST.EXPORT", False, "DATALOADER.NUM_WORKERS", 1]
+            "PERSIST.EXPORT", False, "DATALOADER.NUM_WORKERS", 1,
+            "PERSIST.EMA_DECAY", 0.9, "PERSIST.EMA_WARMUP", 4]
     ref = run_tool(TRAIN_NET, *opts, "OUTPUT_DIR", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
@@ -117,6 +121,10 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     assert not _newest_tmp(out)
     assert_bitwise_equal(_weights(tmp_path / "ref" / "model_final.pth"),
                          _weights(out / "model_final.pth"))
+    ref_ema, ema = (torch.load(p / "model_final.pth", weights_only=True)["trainer"]["hooks"][
+        "PersistHook"]["ema"] for p in (tmp_path / "ref", out))
+    assert ref_ema["updates"] == ema["updates"] == 12
+    assert_bitwise_equal(ref_ema["model"], ema["model"])
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garble", "delete"])

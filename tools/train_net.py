@@ -89,9 +89,8 @@ def main(args):
     register_shapes()
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        PersistCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        PersistCheckpointer(model, save_dir=cfg.OUTPUT_DIR, evaluated_weights=True
+                            ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

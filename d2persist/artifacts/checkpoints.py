@@ -5,20 +5,42 @@ one verifies (sha256 against its sidecar, or a safe load when it has none).
 
 import logging
 import os
-from typing import Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.atomic import sha256_file
 from ..files.safe_load import safe_torch_load
-from ..layout import FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
+from ..layout import EMA_STATE_KEY, FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
 from .folders import _Folder, _LocalFolder
 
-__all__ = ["read_sidecar", "verify_checkpoint", "resume_candidates"]
+__all__ = ["read_sidecar", "verify_checkpoint", "resume_candidates", "evaluated_weights"]
 
 logger = logging.getLogger(__name__)
 
 
 # -- checkpoints ------------------------------------------------------------------------------
+
+
+def evaluated_weights(checkpoint: Dict[str, Any]) -> Tuple[Dict[str, Any], Optional[dict]]:
+    """
+    The weights a run evaluated at a checkpoint: the EMA average it holds when the run evaluated
+    that (``PERSIST.EMA_DECAY`` with ``EMA_EVAL``), else its ``model``.
+
+    Args:
+        checkpoint (dict): a loaded checkpoint (or a bare state dict).
+
+    Returns:
+        ``(weights, ema)``: name -> tensor, and ``{"decay", "updates", "warmup"}`` of the average
+        when the weights are one, else None.
+    """
+    hooks = (checkpoint.get("trainer") or {}).get("hooks") or {}
+    for state in hooks.values() if isinstance(hooks, dict) else ():
+        ema = state.get(EMA_STATE_KEY) if isinstance(state, dict) else None
+        if isinstance(ema, dict) and ema.get("evaluated") and isinstance(ema.get("model"), dict):
+            return ema["model"], {k: ema.get(k) for k in ("decay", "warmup", "updates")}
+    model = checkpoint.get("model", checkpoint)
+    return model, None
+
 
 def _checkpoint_names(names: Iterable[str]) -> List[str]:
     """The checkpoints among ``names``, newest first: ``model_final.pth``, then periodic ones."""

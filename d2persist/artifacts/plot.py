@@ -36,7 +36,8 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
     median over the last 20 iterations at each logged iteration (the smoothing its writers use).
 
     Returns:
-        matplotlib.figure.Figure: three axes: losses (``total_loss`` and each ``loss_*``),
+        matplotlib.figure.Figure: three axes: losses (``total_loss`` and each ``loss_*``;
+        dashed, ``validation/total_loss`` at each evaluation with ``PERSIST.VAL_LOSS``),
         learning rate, evaluation metrics (every one ``evaluations.json`` recorded); dashed
         lines at the checkpoints' iterations, a star on the best evaluation (``best.json``), a
         red line where early stopping stopped the run.
@@ -51,11 +52,16 @@ def plot_run(view: RunView, path: Optional[str] = None) -> "Figure":
     evals = [{"iteration": it, **m} for it, m in sorted(view.evaluations().items())]
     metrics = sorted({k for r in evals for k in r
                       if "/" in k and k.split("/", 1)[0] in EVAL_TASKS})
+    # the validation loss (PERSIST.VAL_LOSS) goes with the losses
+    validation = [k for k in metrics if k == "validation/total_loss"]
+    metrics = [k for k in metrics if not k.startswith("validation/")]
     fig = Figure(figsize=(9, 9), dpi=100)
     FigureCanvasAgg(fig)
     ax_loss, ax_lr, ax_eval = fig.subplots(3, 1, sharex=True)
     for k in losses:
         ax_loss.plot(*_series(rows, k), label=k, linewidth=2 if k == "total_loss" else 1)
+    for k in validation:
+        ax_loss.plot(*_series(evals, k), marker="o", markersize=3, linestyle="--", label=k)
     ax_loss.set_ylabel("loss (median of 20 iterations)")
     ax_lr.plot(*_series(rows, "lr"), label="lr", color="tab:gray")
     ax_lr.set_ylabel("learning rate")

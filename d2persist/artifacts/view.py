@@ -61,9 +61,11 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-#: The prefixes of the metrics evaluators store (``bbox/AP``): the rest of metrics.json is
-#: training's own scalars (losses, learning rate, ``fast_rcnn/...``).
-EVAL_TASKS = ("bbox", "segm", "keypoints", "sem_seg", "panoptic_seg", "box_proposals")
+#: The prefixes of the metrics evaluators store (``bbox/AP``), and of the validation loss
+#: (``validation/total_loss``, PERSIST.VAL_LOSS): the rest of metrics.json is training's own
+#: scalars (losses, learning rate, ``fast_rcnn/...``).
+EVAL_TASKS = ("bbox", "segm", "keypoints", "sem_seg", "panoptic_seg", "box_proposals",
+              "validation")
 
 
 # -- the view ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..artifacts.checkpoints import evaluated_weights
 from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.safe_load import safe_torch_load
 from ..runconfig import lazy_test_augmentations, load_config_dict, target_name
@@ -160,7 +161,8 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             raise ArtifactError(f"Weights file {path} is corrupt ({e}).") from None
     else:
         state = safe_torch_load(path)
-        state = state.get("model", state) if isinstance(state, dict) else state
+        if isinstance(state, dict):  # a checkpoint: the weights its run evaluated (EMA or not)
+            state = evaluated_weights(state)[0]
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

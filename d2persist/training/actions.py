@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 from detectron2.utils import comm
 
 from ..artifacts.bundle import read_manifest
+from ..artifacts.checkpoints import evaluated_weights
 from ..artifacts.manifest import export_backends
 from ..artifacts.view import RunView, metrics_json_history
 from ..collective import main_says
@@ -103,12 +104,15 @@ def calibration_images(run: "RunConfig") -> List[str]:
 
 
 def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
-               best: Optional[BestMetric] = None, calibration: Sequence[str] = ()) -> dict:
+               best: Optional[BestMetric] = None, calibration: Sequence[str] = (),
+               ema: Optional[dict] = None) -> dict:
     """
     Write the run's inference bundle to ``PERSIST.EXPORT_DIR``: of ``model`` as it is now (the
-    weights of ``iteration``), or with ``PERSIST.EXPORT_FROM`` "best", of the weights in
-    ``model_best.pth`` (verified against its sidecar), loaded into a copy of ``model``;
-    ``calibration``: :func:`calibration_images` (for the INT8 model).
+    weights of ``iteration``), or with ``PERSIST.EXPORT_FROM`` "best", of the weights the run
+    evaluated in ``model_best.pth`` (verified against its sidecar; its EMA average when the
+    run evaluates that), loaded into a copy of ``model``; ``calibration``:
+    :func:`calibration_images` (for the INT8 model); ``ema``: ``{"decay", "warmup", "updates"}``
+    when ``model`` holds EMA weights (recorded in the manifest's ``source``).
 
     Returns:
         dict: the bundle's manifest.
@@ -119,12 +123,16 @@ def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
             logger.warning("No evaluation gave %s: exporting the final weights.",
                            run.options["BEST_METRIC"])
         else:
-            state = RunView(run.output_dir, "run").load_checkpoint(BEST_NAME)["model"]
+            state, ema = evaluated_weights(
+                RunView(run.output_dir, "run").load_checkpoint(BEST_NAME))
             model = copy.deepcopy(model)
             model.load_state_dict(state)
             iteration = best.iteration
             source = {"from": "best", "metric": best.metric, "mode": best.mode,
                       "value": best.value}
+    if ema is not None:
+        source["weights"] = "ema"
+        source["ema"] = ema
     return write_export(run, model, run.export_dir, iteration, source=source,
                         calibration_images=list(calibration))
 

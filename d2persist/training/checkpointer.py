@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..artifacts.checkpoints import read_sidecar
+from ..artifacts.checkpoints import evaluated_weights, read_sidecar
 from ..artifacts.view import find_newest_valid
 from ..errors import UnsafeArtifactError
 from ..files.atomic import fsync_dir, sha256_file, torch_save, write_text
@@ -137,6 +137,19 @@ class PersistCheckpointer(DetectionCheckpointer):
     (:mod:`d2persist.files`) and how they are read back (no code execution, verification).
     """
 
+    def __init__(self, model: torch.nn.Module, save_dir: str = "", *,
+                 evaluated_weights: bool = False, **kwargs: Any) -> None:
+        """
+        Args:
+            model, save_dir, kwargs: as :class:`DetectionCheckpointer`'s.
+            evaluated_weights (bool): load the weights the run evaluated (a checkpoint's EMA
+                average when its run evaluated that, see
+                :func:`d2persist.artifacts.checkpoints.evaluated_weights`) instead of the
+                training weights: for evaluation and prediction, never for a resume.
+        """
+        super().__init__(model, save_dir, **kwargs)
+        self._evaluated = evaluated_weights
+
     def save(self, name: str, **kwargs: Any) -> None:
         """Same as :meth:`fvcore.common.checkpoint.Checkpointer.save`, atomically."""
         if not self.save_dir or not self.save_to_disk:
@@ -230,7 +243,10 @@ class PersistCheckpointer(DetectionCheckpointer):
             from safetensors.torch import load_file
 
             return {"model": load_file(filename)}
-        return super()._load_file(filename)
+        data = super()._load_file(filename)
+        if self._evaluated:
+            data["model"] = evaluated_weights(data)[0]
+        return data
 
     def _torch_load(self, f):
         return safe_torch_load(f)

@@ -9,7 +9,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Union
 
 from detectron2.config import CfgNode
-from detectron2.engine.hooks import HookBase, PeriodicCheckpointer
+from detectron2.engine.hooks import EvalHook, HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
@@ -24,6 +24,7 @@ from ..files.writer import BackgroundWriter
 from ..layout import (
     BEST_NAME,
     BEST_RECORD,
+    EMA_STATE_KEY,
     EVALUATIONS_NAME,
     FINAL_NAME,
     LAST_CHECKPOINT,
@@ -40,8 +41,10 @@ from .actions import (
     export_run,
     start_run_folder,
 )
+from .before_eval import BeforeEvaluation
 from .best import BestMetric, EarlyStopping, EvaluationLog, evaluation_value
 from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
+from .ema import ModelEMA
 from .resume import hold_run_lock
 from .state import data_state_to_resume, get_rng_state, set_rng_state
 
@@ -146,6 +149,13 @@ class PersistHook(HookBase):
         self._mirror_jobs: Optional[RunMirror] = None
         # training.png's drawing, on the main process (PERSIST.PLOT)
         self._plotter: Optional[BackgroundPlot] = None
+        decay = self.options["EMA_DECAY"]
+        self._ema = ModelEMA(decay, self.options["EMA_WARMUP"]) if decay > 0 else None
+        self._ema_eval = self._ema is not None and self.options["EMA_EVAL"]
+        # what must run before EvalHook: EMA update and swap, validation loss
+        self._before_eval = (
+            BeforeEvaluation(self.run, self._ema, self._evaluated_after)
+            if self._ema is not None or self.options["VAL_LOSS"] else None)
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -161,9 +171,13 @@ class PersistHook(HookBase):
                 "Two PersistHooks are registered on this trainer (PersistTrainer and "
                 "d2persist's LazyConfig loop add one themselves); register only one."
             )
-        kept = [h for h in others if not isinstance(h, PeriodicCheckpointer)]
-        if len(kept) < len(others):
+        kept = [h for h in others if not isinstance(h, (PeriodicCheckpointer, BeforeEvaluation))]
+        if any(isinstance(h, PeriodicCheckpointer) for h in others):
             logger.info("PersistHook writes the checkpoints: PeriodicCheckpointer removed.")
+        if self._before_eval is not None:  # right before EvalHook, else before this hook
+            self._before_eval.trainer = self.trainer
+            at = next((i for i, h in enumerate(kept) if isinstance(h, EvalHook)), len(kept))
+            kept.insert(at, self._before_eval)
         self.trainer._hooks = kept + [self]
 
     # -- before_train --------------------------------------------------------------------------
@@ -179,6 +193,11 @@ class PersistHook(HookBase):
                 self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
+        if self._ema is not None:
+            self._ema.attach(self.trainer.model)
+            if self.trainer.start_iter > 0 and not self._ema.restored:
+                logger.warning("The checkpoint holds no EMA weights (PERSIST.EMA_DECAY was 0): "
+                               "the average starts from the resumed weights.")
         start = self.trainer.start_iter
         if start > 0 and comm.is_main_process():
             view = RunView(out, "run")
@@ -270,6 +289,8 @@ class PersistHook(HookBase):
             self._rng_to_restore = None
 
     def after_step(self) -> None:
+        if self._ema is not None:  # the model's own weights back after an EMA evaluation
+            self._ema.swap_out()
         self._writer.check()
         it = self.trainer.iter
         period = self.run.checkpoint_period
@@ -507,6 +528,8 @@ class PersistHook(HookBase):
 
     def _after_train(self):
         self._restore_signal_handlers()
+        if self._ema is not None:  # the final checkpoint holds the model's own weights
+            self._ema.swap_out()
         trainer = self.trainer
         stopped = self._stopped_at is not None  # early stopping completed the run
         completed = trainer.iter >= trainer.max_iter or stopped
@@ -546,19 +569,33 @@ class PersistHook(HookBase):
             self._write_evaluations()  # with where it stopped
             self._writer.wait()
         if self.options["EXPORT"]:
-            manifest = None
-            main = comm.is_main_process()
-            calibration = calibration_images(self.run) if main else []  # read once, for both
-            if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
-                manifest = export_run(self.run, self._checkpointer.model, last, self._best,
-                                      calibration)
-            if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
-                manifest = evaluate_run_export(self.run, trainer, self._checkpointer.model,
-                                               manifest, calibration)  # collective
-            if manifest is not None:
-                folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
-                self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
+            if self._ema_eval:  # the weights the run evaluated
+                assert self._ema is not None
+                with self._ema.applied():
+                    self._export(last, trained)
+            else:
+                self._export(last, trained)
         comm.synchronize()
+
+    def _export(self, last, trained):
+        """Export the weights of iteration ``last`` (or the best); the export evaluates itself."""
+        manifest = None
+        main = comm.is_main_process()
+        calibration = calibration_images(self.run) if main else []  # read once, for both
+        if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
+            ema = None
+            if self._ema_eval:
+                assert self._ema is not None
+                ema = {"decay": self._ema.decay, "warmup": self._ema.warmup,
+                       "updates": self._ema.updates}
+            manifest = export_run(self.run, self._checkpointer.model, last, self._best,
+                                  calibration, ema=ema)
+        if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
+            manifest = evaluate_run_export(self.run, self.trainer, self._checkpointer.model,
+                                           manifest, calibration)  # collective
+        if manifest is not None:
+            folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
+            self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
 
     # -- state ---------------------------------------------------------------------------------
 
@@ -570,6 +607,8 @@ class PersistHook(HookBase):
             state["early_stop"] = self._early.state_dict()
         # every evaluation so far (main process): a resume elsewhere (from the mirror) has it
         state["evaluations"] = list(self._evaluations.records)
+        if self._ema is not None:
+            state[EMA_STATE_KEY] = dict(self._ema.state_dict(), evaluated=self._ema_eval)
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -580,3 +619,5 @@ class PersistHook(HookBase):
         if self._early is not None:
             self._early.load_state_dict(state_dict.get("early_stop") or {})
         self._evaluations.records = list(state_dict.get("evaluations") or [])
+        if self._ema is not None and state_dict.get(EMA_STATE_KEY):
+            self._ema.load_state_dict(state_dict[EMA_STATE_KEY])

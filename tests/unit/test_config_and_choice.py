@@ -238,3 +238,72 @@ def test_early_stop_options_are_lazyconfig_keys_too():
     cfg.train.persist.best_metric = ""
     with pytest.raises(ConfigError, match="EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC"):
         persist_options(cfg)
+
+
+# -- EMA weights and the validation loss ------------------------------------------------------
+
+@pytest.mark.parametrize("key, value", [("EMA_DECAY", 1.0), ("EMA_DECAY", -0.1),
+                                        ("EMA_DECAY", float("nan")), ("EMA_DECAY", "x"),
+                                        ("EMA_DECAY", True), ("EMA_WARMUP", -1),
+                                        ("EMA_WARMUP", float("inf")), ("VAL_LOSS", "yes"),
+                                        ("EMA_EVAL", 1)])
+def test_ema_and_validation_options_refuse_bad_values_in_one_sentence(key, value):
+    from d2persist.runconfig import persist_options
+
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST[key] = value
+    with pytest.raises(ConfigError, match=f"PERSIST.{key} must be"):
+        persist_options(cfg)
+
+
+def test_ema_and_validation_options_are_lazyconfig_keys_too():
+    from omegaconf import OmegaConf
+
+    from d2persist.runconfig import persist_options
+
+    cfg = OmegaConf.create({"train": {"persist": {"ema_decay": 0.999, "ema_warmup": 100,
+                                                  "ema_eval": False, "val_loss": True}}})
+    opts = persist_options(cfg)
+    assert [opts[k] for k in ("EMA_DECAY", "EMA_WARMUP", "EMA_EVAL", "VAL_LOSS")] == [
+        0.999, 100.0, False, True]
+
+
+def test_the_validation_loss_needs_a_test_dataset():
+    cfg = add_persist_config(get_cfg())
+    cfg.PERSIST.VAL_LOSS = True
+    with pytest.raises(ConfigError, match="VAL_LOSS needs a test dataset"):
+        run_config(cfg).check()
+
+
+def test_ema_follows_the_model_and_swaps_it_both_ways():
+    from d2persist.training.ema import ModelEMA
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = ModelEMA(0.5)
+    ema.attach(model)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    ema.update()  # half-way to the new weights; the counter is copied
+    average = ema.state_dict()["model"]
+    assert torch.allclose(average["0.weight"], start["0.weight"] + 0.5)
+    assert average["1.num_batches_tracked"].dtype == torch.long
+    own = model[0].weight.detach().clone()
+    with ema.applied():
+        assert torch.equal(model[0].weight, average["0.weight"])
+    assert torch.equal(model[0].weight, own)
+    again = ModelEMA(0.5)
+    again.load_state_dict(ema.state_dict())
+    again.attach(model)  # continues the saved average, not the model's weights
+    assert again.restored and again.updates == 1
+    assert torch.equal(again.state_dict()["model"]["0.weight"], average["0.weight"])
+    with pytest.raises(ValueError, match="do not fit this model"):
+        _attach(ModelEMA(0.5), ema.state_dict(), torch.nn.Linear(3, 2))
+    warm = ModelEMA(0.9, warmup=10)
+    assert warm.current_decay() == pytest.approx(0.9 * (1 - 2.718281828 ** -0.1), rel=1e-6)
+
+
+def _attach(ema, state, model):
+    ema.load_state_dict(state)
+    ema.attach(model)
