@@ -77,6 +77,14 @@ def _newest_tmp(folder):
     return [n for n in os.listdir(folder) if n.startswith(".d2persist-tmp-")]
 
 
+def _saved_since(folder, started):
+    """The checkpoints (their sidecars) written into ``folder`` since ``started`` (time.time())."""
+    if not folder.is_dir():
+        return []
+    return [n for n in os.listdir(folder) if n.endswith(".pth.sha256")
+            and os.stat(folder / n).st_mtime >= started]
+
+
 def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     """
     Kill harness: SIGKILL tools/train_net.py at random moments, including during a save; with
@@ -89,19 +97,21 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
     assert ref.returncode == 0, ref.stderr[-2000:]
     out = tmp_path / "killed"
     rng = random.Random(1234)
-    kills = 0
+    kills, resumed_from = 0, []
     for attempt in range(5):
+        if attempt:
+            resumed_from.append((out / "last_checkpoint").read_text()
+                                if (out / "last_checkpoint").is_file() else None)
         args = [*(["--resume"] if attempt else []), *opts, "OUTPUT_DIR", out]
         started = time.time()
         proc = start_tool(TRAIN_NET, *args)
         killer_ready = None
         while proc.poll() is None:
-            config = out / "config.yaml"
-            if killer_ready is None and config.is_file() and config.stat().st_mtime >= started:
-                # training has started: kill at a random moment from now on, or (every other
-                # run) the moment a checkpoint is being written
-                killer_ready = time.monotonic() + rng.uniform(0.0, 1.5)
-            if killer_ready is not None and attempt < 4:
+            if attempt < 4 and _saved_since(out, started):
+                # this attempt saved a checkpoint: kill at a random moment from now on, or
+                # (every other attempt) the moment its next checkpoint is being written
+                if killer_ready is None:
+                    killer_ready = time.monotonic() + rng.uniform(0.0, 0.4)
                 if attempt % 2 == 1 and any(".pth." in n for n in _newest_tmp(out)):
                     break
                 if attempt % 2 == 0 and time.monotonic() >= killer_ready:
@@ -117,6 +127,8 @@ def test_sigkill_at_random_moments_then_resume_matches_uninterrupted(tmp_path):
         assert proc.returncode == -signal.SIGKILL, err[-2000:]
     else:
         pytest.fail("training never finished")
+    # every attempt after the first continued from a checkpoint its predecessor wrote
+    assert None not in resumed_from and len(resumed_from) >= 2, resumed_from
     assert kills >= 2
     assert not _newest_tmp(out)
     assert_bitwise_equal(_weights(tmp_path / "ref" / "model_final.pth"),
