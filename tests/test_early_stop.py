@@ -11,9 +11,18 @@ import shutil
 
 import pytest
 import torch
-from helpers import LAUNCH2, ONE_THREAD, TINY_OPTS, run_tool, tiny_cfg, train
+from helpers import (
+    LAUNCH2,
+    ONE_THREAD,
+    TINY_OPTS,
+    direct_validation_loss,
+    run_tool,
+    tiny_cfg,
+    train,
+)
 
 from d2persist import EarlyStopped, PersistTrainer, open_view
+from d2persist.artifacts.checkpoints import evaluated_weights
 from tests.scripts.scripted_metric_trainer import SCRIPT_PATH, ScriptedEvaluator
 
 #: evaluations after iterations 1 (AP 10), 3 (20), 5 (20), 7 (20), ...: patience 2 stops the
@@ -130,10 +139,16 @@ def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(
     """
     Under launch() with 2 processes a stock DefaultTrainer stops on both after the same
     iteration with exit status 0; resumed by 1 process from the checkpoint in the middle of
-    its patience window, it stops after the same iteration.
+    its patience window, it stops after the same iteration. With EMA weights and the
+    validation loss: the loss of 2 processes is the mean over each image once, and the average
+    continues across the 2 -> 1 resume.
     """
     out = tmp_path / "two"
-    opts = [*TINY_OPTS, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EXPORT_EVAL", False]
+    # FrozenBN: the processes' BatchNorm statistics would differ (DDP does not broadcast them),
+    # and each process's evaluation and loss would use its own, as detectron2's evaluation does
+    ema_loss = ["PERSIST.VAL_LOSS", True, "PERSIST.EMA_DECAY", 0.5, "PERSIST.EMA_WARMUP", 0,
+                "MODEL.RESNETS.NORM", "FrozenBN"]
+    opts = [*TINY_OPTS, *OPTS, "SOLVER.MAX_ITER", 20, "PERSIST.EXPORT_EVAL", False, *ema_loss]
     res = run_tool(SCRIPT_PATH, *LAUNCH2, *opts, "OUTPUT_DIR", out, env=ONE_THREAD, timeout=240)
     assert res.returncode == 0, res.stderr[-3000:]
     assert _iteration(out / "model_final.pth") == STOP
@@ -143,6 +158,7 @@ def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(
     states = torch.load(out / "model_final.pth", weights_only=True)["trainer"]["hooks"][
         "PersistHook"]["resume"]
     assert len(states) == 2
+    _assert_validation_loss(out, "model_0000001.pth", 1, ema_loss)
 
     one = tmp_path / "one"  # the run as it stood after iteration 5: one evaluation without gain
     shutil.copytree(out, one, ignore=shutil.ignore_patterns(
@@ -158,3 +174,18 @@ def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(
     assert "The checkpoint was written by 2 processes, this run has 1" in res.stderr
     assert _iteration(one / "model_final.pth") == STOP
     assert [r["iteration"] for r in open_view(str(one)).evaluation_records()] == [1, 3, 5, 7]
+    ema = torch.load(one / "model_final.pth", weights_only=True)["trainer"]["hooks"][
+        "PersistHook"]["ema"]
+    assert ema["updates"] == STOP + 1  # 6 in model_0000005.pth, then iterations 6 and 7
+    _assert_validation_loss(one, "model_final.pth", STOP, ema_loss)
+
+
+def _assert_validation_loss(out, checkpoint, iteration, opts):
+    """The validation loss recorded after ``iteration`` is the one of ``checkpoint``'s EMA."""
+    weights, ema = evaluated_weights(torch.load(out / checkpoint, weights_only=True))
+    assert ema is not None
+    expected = direct_validation_loss(tiny_cfg(out, *OPTS, *opts), weights)
+    got = next(r["metrics"] for r in open_view(str(out)).evaluation_records()
+               if r["iteration"] == iteration)
+    for k, v in expected.items():
+        assert got[k] == pytest.approx(v, rel=1e-6), k

@@ -50,7 +50,9 @@ LAZY_TINY = [
 @pytest.fixture(scope="module")
 def lazy_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lazy")
-    res = run_tool(LAZY_TRAIN_NET, *LAZY_TINY, f"train.output_dir={out}")
+    # with the validation loss: the training mapper of a LazyConfig, the test resize
+    res = run_tool(LAZY_TRAIN_NET, *LAZY_TINY, f"train.output_dir={out}",
+                   "+train.persist.val_loss=True")
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     return out
 
@@ -71,6 +73,12 @@ def test_lazy_run_writes_periodic_final_and_export(lazy_run):
     assert (entry["dataset"], entry["evaluator"], entry["failed"]) == (
         "shapes_val_10", "COCOEvaluator", [])
     assert entry["reference"] and entry["backends"]["pytorch"] == entry["reference"]
+    (record,) = json.loads((lazy_run / "evaluations.json").read_text())["evaluations"]
+    assert record["iteration"] == 4 and {"bbox/AP", "segm/AP"} <= set(record["metrics"])
+    losses = {k: v for k, v in record["metrics"].items() if k.startswith("validation/")}
+    assert {"validation/loss_mask", "validation/loss_rpn_cls"} <= set(losses)
+    assert losses["validation/total_loss"] == pytest.approx(
+        sum(v for k, v in losses.items() if k != "validation/total_loss"))
 
 
 def test_lazy_export_predicts_like_evaluation(lazy_run):
