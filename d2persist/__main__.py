@@ -21,6 +21,14 @@ import sys
 import time
 
 PROG = "d2persist"
+#: what ``ls`` shows of each checkpoint's evaluation: each family's headline metrics, and the
+#: validation loss (PERSIST.VAL_LOSS)
+_HEADLINES = ("/AP", "/AP50", "/mIoU", "/PQ")
+_VAL_LOSS = "validation/total_loss"
+
+
+def _shown(key, value):
+    return f"{key} {value:.4g}" if key == _VAL_LOSS else f"{key} {value:.1f}"
 
 
 def _size(n):
@@ -55,8 +63,8 @@ def ls(args):
         return 0
     print(f"{view.kind} {view.path}")
     for r in rows:
-        shown = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["metrics"].items())
-                          if k.endswith(("/AP", "/AP50")) and v is not None)
+        shown = ", ".join(_shown(k, v) for k, v in sorted(r["metrics"].items())
+                          if v is not None and (k.endswith(_HEADLINES) or k == _VAL_LOSS))
         it = "-" if r["iteration"] is None else r["iteration"]
         mark = ",".join(r["markers"])
         ok = "" if "verified" not in r else ("  ok" if r["verified"] else "  DAMAGED")

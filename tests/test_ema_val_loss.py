@@ -7,8 +7,15 @@ import json
 
 import pytest
 import torch
-from helpers import EVAL_OPTS, assert_bitwise_equal, direct_validation_loss, eval_trainer, \
-    tiny_cfg, train
+from helpers import (
+    EVAL_OPTS,
+    assert_bitwise_equal,
+    direct_validation_loss,
+    eval_trainer,
+    run_tool,
+    tiny_cfg,
+    train,
+)
 from safetensors.torch import load_file
 
 from d2persist import open_view
@@ -58,6 +65,15 @@ def test_validation_loss_is_the_models_loss_on_each_test_image_once(runs):
     losses = {it: m["validation/total_loss"] for it, m in records.items()}
     assert best["metric"] == "validation/total_loss" and best["value"] == min(losses.values())
     assert best["iteration"] == min(losses, key=losses.get)
+    from d2persist.artifacts.plot import plot_run
+
+    ax_loss = plot_run(open_view(str(loss))).axes[0]  # with training's losses
+    drawn = next(ln for ln in ax_loss.get_lines() if ln.get_label() == "validation/total_loss")
+    assert list(drawn.get_xdata()) == [1, 3, 5]
+    listed = run_tool("-m", "d2persist", "ls", loss)
+    assert listed.returncode == 0, listed.stderr
+    line = next(ln for ln in listed.stdout.splitlines() if "model_0000003.pth" in ln)
+    assert f"validation/total_loss {records[3]['validation/total_loss']:.4g}" in line
 
 
 def test_a_run_with_the_validation_loss_is_bitwise_the_run_without(runs):
