@@ -5,7 +5,7 @@ An exponential moving average of a model's weights (``PERSIST.EMA_DECAY``), exac
 import contextlib
 import logging
 import math
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import torch
 
@@ -45,8 +45,10 @@ class ModelEMA:
         self._model: Optional[torch.nn.Module] = None
         self._names: List[str] = []
         self._average: Dict[str, torch.Tensor] = {}
-        self._float: List[str] = []
-        self._other: List[str] = []
+        self._param_average: List[torch.Tensor] = []
+        self._param_live: List[torch.Tensor] = []
+        self._buffers: Set[str] = set()
+        self._by_state_dict: Set[str] = set()
         self._pending: Optional[Dict[str, Any]] = None  # loaded before a model was attached
         self._backup: Optional[Dict[str, torch.Tensor]] = None  # the weights while swapped
         self._swapped = False
@@ -69,9 +71,16 @@ class ModelEMA:
         self._model = unwrap_model(model)
         live = self._live()
         self._names = list(live)
-        self._float = [k for k in self._names if live[k].is_floating_point()]
-        self._other = [k for k in self._names if not live[k].is_floating_point()]
         self._average = {k: v.detach().clone() for k, v in live.items()}
+        # the parameters, once: they stay the model's for good (the optimizer holds them);
+        # buffers are looked up at each update (fvcore's PreciseBN assigns new ones)
+        params = [(k, p) for k, p in self._model.named_parameters() if k in live]
+        self._param_average = [self._average[k] for k, p in params if p.is_floating_point()]
+        self._param_live = [p for _, p in params if p.is_floating_point()]
+        covered = {k for k, _ in params}
+        buffers = {k for k, _ in self._model.named_buffers() if k in live}
+        self._by_state_dict = set(live) - covered - buffers  # neither: read from state_dict()
+        self._buffers = buffers
         pending, self._pending = self._pending, None
         if pending is not None:
             self._load_average(pending)
@@ -103,12 +112,20 @@ class ModelEMA:
         """Move the average towards the model's current state (after an optimizer step)."""
         assert self._model is not None and not self._swapped, "update() of a swapped model"
         decay = self.current_decay()
-        live = self._live()
-        if self._float:
-            torch._foreach_lerp_([self._average[k] for k in self._float],
-                                 [live[k] for k in self._float], 1.0 - decay)
-        for k in self._other:
-            self._average[k].copy_(live[k])
+        assert self._model is not None
+        if self._param_live:  # one pass over all weights
+            torch._foreach_lerp_(self._param_average, self._param_live, 1.0 - decay)
+        rest = [(k, b) for k, b in self._model.named_buffers() if k in self._buffers]
+        if self._by_state_dict:
+            live = self._live()
+            rest += [(k, live[k]) for k in self._by_state_dict]
+        floats = [(k, v) for k, v in rest if v.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([self._average[k] for k, _ in floats], [v for _, v in floats],
+                                 1.0 - decay)
+        for k, v in rest:
+            if not v.is_floating_point():
+                self._average[k].copy_(v)
         self.updates += 1
 
     # -- evaluating the average ----------------------------------------------------------------

@@ -81,6 +81,12 @@ class PersistHook(HookBase):
       stop (main process, sent to all), after which every process stops after that iteration
       and ``after_train`` completes the run as at ``MAX_ITER`` (raising
       :class:`~d2persist.errors.EarlyStopped`, which PersistTrainer catches).
+    - with ``PERSIST.EMA_DECAY`` or ``PERSIST.VAL_LOSS``: its companion
+      :class:`~d2persist.training.before_eval.BeforeEvaluation`, placed right before
+      ``EvalHook``, updates the EMA weights after every step and, for each evaluation, swaps
+      them in (``EMA_EVAL``) and stores the validation loss; this hook's ``after_step`` and
+      ``after_train`` give the model its own weights back first. The average travels in
+      ``state_dict``; the export is of the weights evaluated.
 
     **Where it runs.** Wherever it was registered, it moves itself to the *end* of the trainer's
     hook list at ``before_train``, on every process, and removes any ``PeriodicCheckpointer``

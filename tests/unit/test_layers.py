@@ -45,13 +45,16 @@ LAYERS = {
     "training.state": 15,
     "training.best": 15,
     "training.resume": 15,
+    "training.ema": 15,
     "training.actions": 16,
     "training.checkpointer": 16,
-    "training.hook": 17,
-    "training.trainer": 18,
-    "training.lazy_trainer": 19,
-    "cli": 20,
-    "__main__": 21,
+    "training.validation": 16,
+    "training.before_eval": 17,
+    "training.hook": 18,
+    "training.trainer": 19,
+    "training.lazy_trainer": 20,
+    "cli": 21,
+    "__main__": 22,
 }
 
 #: the subpackages, lowest first: each holds one band of layers, below the next one's
