@@ -250,7 +250,7 @@ DIST_TIMEOUT = ["--dist-timeout", 60]
 LAUNCH2 = ["--num-gpus", 2, "--dist-url", "auto", *DIST_TIMEOUT]
 #: the multi-process reference run's options (conftest's ``launch2_run``)
 LAUNCH2_OPTS = [*TINY_OPTS, "SOLVER.MAX_ITER", 16, "SOLVER.CHECKPOINT_PERIOD", 2,
-                "PERSIST.EXPORT", False]
+                "PERSIST.EXPORT", False, "PERSIST.EMA_DECAY", 0.9, "PERSIST.EMA_WARMUP", 4]
 
 
 def torchrun(*args):

@@ -115,7 +115,8 @@ def _finish(proc, timeout=240):
 def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run):
     """
     torchrun's two workers are one run, bitwise equal to launch()'s; rank 0 (the writer,
-    holding the run lock) SIGKILLed mid-run, torchrun restarts both, and they resume.
+    holding the run lock) SIGKILLed mid-run, torchrun restarts both, and they resume (the EMA
+    weights too).
     """
     out = tmp_path / "run"
     proc = _popen(torchrun(*STANDALONE2, "--max-restarts", 1), TRAIN_NET, *TIMEOUT, *OPTS,
@@ -136,6 +137,10 @@ def test_torchrun_restarts_a_killed_worker_and_ends_bitwise(tmp_path, launch_run
     assert "Starting training from iteration " in log.split("Starting training from iteration 0")[1]
     assert_bitwise_equal(_weights(launch_run / "model_final.pth"),
                          _weights(out / "model_final.pth"))
+    ref_ema, ema = (torch.load(p / "model_final.pth", weights_only=True)["trainer"]["hooks"][
+        "PersistHook"]["ema"] for p in (launch_run, out))
+    assert ref_ema["updates"] == ema["updates"] == 16
+    assert_bitwise_equal(ref_ema["model"], ema["model"])
 
 
 def test_a_restart_does_not_resume_a_run_its_job_was_refused(tmp_path, launch_run):
