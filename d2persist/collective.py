@@ -8,13 +8,13 @@ the same one-sentence error instead of one process raising and the others hangin
 collective. Not distributed (or one process): plain calls, no collective.
 """
 
-from typing import Callable, Optional, Tuple, Type, TypeVar, cast
+from typing import Callable, List, Optional, Tuple, Type, TypeVar, cast
 
 from detectron2.utils import comm
 
 from .errors import D2PersistError
 
-__all__ = ["main_decides", "main_says"]
+__all__ = ["main_decides", "main_says", "all_compute"]
 
 T = TypeVar("T")
 
@@ -53,3 +53,35 @@ def main_decides(
     if error is not None:
         raise error
     return cast(T, result)  # no error: decide() returned it on the main process
+
+
+def all_compute(compute: Callable[[], T], what: str) -> List[T]:
+    """
+    Run ``compute`` on every process; every process gets the list of all results (by rank), or
+    raises when any process failed: the one that failed re-raises its error, the others a
+    :class:`D2PersistError` naming it, instead of waiting for it in the next collective.
+    Collective when distributed.
+
+    Args:
+        compute: called without arguments on every process; its result must be picklable.
+        what (str): what is computed, for the sentence (e.g. "the validation loss").
+    """
+    result: Optional[T] = None
+    failure: Optional[BaseException] = None
+    try:
+        result = compute()
+    except Exception as e:  # every process must reach the gather
+        failure = e
+    if comm.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return [cast(T, result)]
+    error = None if failure is None else f"{type(failure).__name__}: {failure}"
+    said = comm.all_gather((result, error))
+    if failure is not None:
+        raise failure
+    failed = [(rank, error) for rank, (_, error) in enumerate(said) if error is not None]
+    if failed:
+        rank, error = failed[0]
+        raise D2PersistError(f"Process {rank} failed computing {what} ({error}).")
+    return [cast(T, r) for r, _ in said]

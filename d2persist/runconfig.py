@@ -129,10 +129,11 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     if not 0 <= opts["EMA_DECAY"] < 1:  # also NaN
         raise ConfigError("PERSIST.EMA_DECAY must be a number in [0, 1) (0: off; e.g. 0.9998), "
                           f"not {decay!r}.")
-    opts["EMA_WARMUP"] = _number(warmup)
-    if not 0 <= opts["EMA_WARMUP"] < math.inf:
-        raise ConfigError("PERSIST.EMA_WARMUP must be a number of iterations >= 0 (0: none), "
-                          f"not {warmup!r}.")
+    number = _number(warmup)
+    if not (0 <= number < math.inf and number == int(number)):
+        raise ConfigError("PERSIST.EMA_WARMUP must be a whole number of iterations >= 0 (0: "
+                          f"none), not {warmup!r}.")
+    opts["EMA_WARMUP"] = int(number)  # persist.yaml holds it as add_persist_config types it
     opts["STOP_SIGNALS"] = _signal_names(opts["STOP_SIGNALS"])
     minutes = opts["CHECKPOINT_MINUTES"]
     try:
@@ -364,8 +365,10 @@ class RunConfig:
 
     def build_validation_mapper(self) -> Callable[[dict], dict]:
         """
-        What ``PERSIST.VAL_LOSS`` maps a test image with: the training mapper (annotations kept)
-        with the test-time augmentations instead of the training ones.
+        What ``PERSIST.VAL_LOSS`` maps a test image with: detectron2's training mapper
+        (annotations kept; yacs: ``DatasetMapper(cfg, is_train=True)``, not a project's own;
+        LazyConfig: ``dataloader.train.mapper``) with the test-time augmentations instead of the
+        training ones.
         """
         raise NotImplementedError
 

@@ -108,15 +108,25 @@ def test_the_export_holds_the_averaged_weights_and_scores_what_they_scored(runs)
     assert evaluation["max_difference"]["pytorch"] == 0.0  # what the average scored in training
 
 
-def test_a_prediction_from_a_checkpoint_uses_the_averaged_weights(runs):
+def test_a_prediction_from_a_checkpoint_uses_the_averaged_weights(runs, tmp_path):
+    import shutil
+
+    from detectron2.modeling import build_model
+
+    from d2persist import load_predictor
     from d2persist.predict.rebuild import load_weights
 
     _, plain = runs
-    from detectron2.modeling import build_model
-
     model = build_model(tiny_cfg(plain, *OPTS))
     load_weights(model, str(plain / "model_final.pth"))
     assert_bitwise_equal(model.state_dict(), _ema(plain / "model_final.pth")["model"])
+    # the predictor says so, from the export and from a run folder without one
+    assert "iteration 5, EMA weights (decay 0.8)" in load_predictor(str(plain)).weights
+    bare = tmp_path / "bare"
+    shutil.copytree(plain, bare, ignore=shutil.ignore_patterns("export", "*.lock"))
+    predictor = load_predictor(str(bare))
+    assert predictor.weights == "checkpoint model_final.pth, iteration 5, EMA weights (decay 0.8)"
+    assert_bitwise_equal(predictor.model.state_dict(), _ema(plain / "model_final.pth")["model"])
     # without EMA_EVAL the run evaluated its own weights, and so does a prediction
     final = _load(plain / "model_final.pth")
     final["trainer"]["hooks"]["PersistHook"]["ema"]["evaluated"] = False

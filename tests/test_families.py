@@ -316,3 +316,54 @@ def test_evaluate_tool_scores_panoptic_without_torch(tmp_path, tmp_path_factory)
         timeout=120, cwd=REPO, env=tool_env())
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "--panoptic-root" in missing.stderr.strip().splitlines()[-1]
+
+
+#: a loss term each family's model computes in training mode
+_TERMS = {"keypoint": "loss_keypoint", "semantic": "loss_sem_seg", "panoptic": "loss_sem_seg",
+          "retinanet": "loss_cls", "rpn": "loss_rpn_cls", "cascade": "loss_cls_stage2",
+          "c4": "loss_mask"}
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_every_family_has_a_validation_loss_that_leaves_training_as_it_was(name,
+                                                                           tmp_path_factory):
+    """
+    PERSIST.VAL_LOSS's pass over the family's val images, with its trained weights: its loss
+    terms, the same in any order of the images, and the model (buffers, modes, plain numbers
+    such as RetinaNet's loss_normalizer) and the RNGs as they were.
+    """
+    from d2persist import run_config
+    from d2persist.training.state import get_rng_state
+    from d2persist.training.validation import validation_batches, validation_loss
+
+    out = trained(name, tmp_path_factory)
+    suffix = FAMILIES[name][3]
+    cfg = family_cfg(name, out)
+    cfg.merge_from_list(["DATASETS.TEST", (f"{PREFIX}{suffix}_val",), "PERSIST.VAL_LOSS", True])
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(str(out / "model_final.pth"))
+    model.train()
+    loss = torch.ones(1)  # a training forward sets the numbers training keeps (loss_normalizer)
+    with torch.no_grad():
+        from detectron2.utils.events import EventStorage
+
+        batch = next(iter(validation_batches(run_config(cfg))))[1]
+        with EventStorage():
+            loss = sum(model([batch]).values())
+    assert torch.isfinite(loss)
+
+    def numbers():
+        return {(n, k): v for n, m in model.named_modules() for k, v in vars(m).items()
+                if isinstance(v, (int, float))}
+
+    images = list(validation_batches(run_config(cfg)))  # (a loader draws its seed)
+    before = (numbers(), {k: v.clone() for k, v in model.state_dict().items()},
+              get_rng_state()["torch"].clone())
+    losses = validation_loss(model, images)
+    assert f"validation/{_TERMS[name]}" in losses and "validation/total_loss" in losses
+    assert all(np.isfinite(v) for v in losses.values())
+    assert validation_loss(model, images[::-1]) == losses
+    assert numbers() == before[0] and model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[1][k]), k
+    assert torch.equal(get_rng_state()["torch"], before[2])

@@ -33,7 +33,8 @@ def evaluated_weights(checkpoint: Dict[str, Any]) -> Tuple[Dict[str, Any], Optio
         ``(weights, ema)``: name -> tensor, and ``{"decay", "updates", "warmup"}`` of the average
         when the weights are one, else None.
     """
-    hooks = (checkpoint.get("trainer") or {}).get("hooks") or {}
+    trainer = checkpoint.get("trainer")
+    hooks = trainer.get("hooks") if isinstance(trainer, dict) else None
     for state in hooks.values() if isinstance(hooks, dict) else ():
         ema = state.get(EMA_STATE_KEY) if isinstance(state, dict) else None
         if isinstance(ema, dict) and ema.get("evaluated") and isinstance(ema.get("model"), dict):

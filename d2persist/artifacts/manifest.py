@@ -42,9 +42,13 @@ def describe_source(source: dict) -> str:
     it = source.get("iteration")
     at = f"iteration {it}" if it is not None else "iteration unknown"
     kind = source.get("from")
+    ema = source.get("weights") == "ema"
+    if ema:  # PERSIST.EMA_DECAY with EMA_EVAL: the average, which the run evaluated
+        decay = (source.get("ema") or {}).get("decay")
+        at += f", EMA weights (decay {decay})" if decay is not None else ", EMA weights"
     if kind == "best":
-        return (f"the best weights by {source.get('metric')} ({source.get('mode')}): "
-                f"{source.get('value')} at {at}")
+        return (f"the best {'EMA ' if ema else ''}weights by {source.get('metric')} "
+                f"({source.get('mode')}): {source.get('value')} at {at}")
     if kind == "checkpoint":
         return f"checkpoint {source.get('file')}, {at}"
     return f"the final weights, {at}"

@@ -231,10 +231,15 @@ def load_torch_predictor(
     model, augmentation, input_format = build_model_from_config(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
     )
-    load_weights(model, art.weights_path)
+    loaded = load_weights(model, art.weights_path) or {}
     model.to(device).eval()
     predictor = Predictor(model, augmentation, input_format, art.metadata, device)
-    predictor.weights = describe_source(art.source)
+    source = dict(art.source)
+    if source.get("iteration") is None and loaded.get("iteration") is not None:
+        source["iteration"] = loaded["iteration"]  # model_final.pth's, from the file
+    if loaded.get("ema"):
+        source.update(weights="ema", ema=loaded["ema"])
+    predictor.weights = describe_source(source)
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)
     if art.problem:
         logger.warning(art.problem)

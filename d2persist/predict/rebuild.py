@@ -142,15 +142,21 @@ def build_model_from_config(
     return _build_yacs(config, opts, extensions)
 
 
-def load_weights(model: torch.nn.Module, path: str) -> None:
+def load_weights(model: torch.nn.Module, path: str) -> Optional[dict]:
     """
-    Load a ``.safetensors`` or ``.pth`` weights file into ``model`` strictly and safely.
+    Load a ``.safetensors`` or ``.pth`` weights file into ``model`` strictly and safely; of a
+    checkpoint, the weights its run evaluated (its EMA average with ``PERSIST.EMA_EVAL``).
+
+    Returns:
+        dict or None: of a checkpoint, what it says of the weights loaded: ``iteration``, and
+        ``ema`` (the average's ``decay``, ``warmup`` and ``updates``, or None); else None.
 
     Raises:
         ArtifactError: the file is corrupt, or its tensors do not fit the model (one sentence
             naming how many are missing, unexpected or of another shape).
         UnsafeArtifactError: a ``.pth`` holding more than tensors and plain data.
     """
+    info = None
     if path.endswith(".safetensors"):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -162,7 +168,9 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
     else:
         state = safe_torch_load(path)
         if isinstance(state, dict):  # a checkpoint: the weights its run evaluated (EMA or not)
-            state = evaluated_weights(state)[0]
+            iteration = state.get("iteration")
+            state, ema = evaluated_weights(state)
+            info = {"iteration": iteration if isinstance(iteration, int) else None, "ema": ema}
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -179,3 +187,4 @@ def load_weights(model: torch.nn.Module, path: str) -> None:
             f"{', '.join(parts)} tensors."
         )
     model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    return info

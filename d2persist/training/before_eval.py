@@ -47,7 +47,14 @@ class BeforeEvaluation(HookBase):
         self.evaluated_after = evaluated_after
         self.val_loss = bool(run.options["VAL_LOSS"])
         self.ema_eval = ema is not None and bool(run.options["EMA_EVAL"])
+        #: whether EvalHook evaluates when training completes (its ``eval_after_train``)
+        self.eval_after_train = True
         self._batches: Optional[Iterable[Tuple[int, dict]]] = None
+
+    def prepare(self) -> None:
+        """Build what the validation loss reads (at ``before_train``: bad input fails first)."""
+        if self.val_loss and self._batches is None:
+            self._batches = validation_batches(self.run)
 
     def after_step(self) -> None:
         if self.ema is not None:
@@ -57,7 +64,7 @@ class BeforeEvaluation(HookBase):
 
     def after_train(self) -> None:
         # EvalHook's condition for its final evaluation
-        if self.trainer.iter + 1 >= self.trainer.max_iter:
+        if self.eval_after_train and self.trainer.iter + 1 >= self.trainer.max_iter:
             self._prepare()
 
     def _prepare(self):
@@ -65,8 +72,8 @@ class BeforeEvaluation(HookBase):
             assert self.ema is not None
             self.ema.swap_in()
         if self.val_loss:
-            if self._batches is None:
-                self._batches = validation_batches(self.run)
+            self.prepare()
+            assert self._batches is not None
             losses = validation_loss(self.trainer.model, self._batches)
             if losses:
                 self.trainer.storage.put_scalars(**losses, smoothing_hint=False)

@@ -77,7 +77,7 @@ class ModelEMA:
         params = [(k, p) for k, p in self._model.named_parameters() if k in live]
         self._param_average = [self._average[k] for k, p in params if p.is_floating_point()]
         self._param_live = [p for _, p in params if p.is_floating_point()]
-        covered = {k for k, _ in params}
+        covered = {k for k, p in params if p.is_floating_point()}
         buffers = {k for k, _ in self._model.named_buffers() if k in live}
         self._by_state_dict = set(live) - covered - buffers  # neither: read from state_dict()
         self._buffers = buffers
@@ -98,6 +98,10 @@ class ModelEMA:
             for k, v in live.items():
                 v.copy_(saved[k])
         self.updates = int(state["updates"])
+        was = (state.get("decay"), state.get("warmup"))
+        if was != (self.decay, self.warmup) and None not in was:
+            logger.info("The EMA weights were averaged with decay %s, warm-up %s; they continue "
+                        "with decay %s, warm-up %s.", *was, self.decay, self.warmup)
 
     # -- averaging -----------------------------------------------------------------------------
 
@@ -141,10 +145,8 @@ class ModelEMA:
         if self._swapped:
             return
         live = self._live()
-        if self._backup is None:
-            self._backup = {k: torch.empty_like(v) for k, v in live.items()}
+        self._backup = {k: v.detach().clone() for k, v in live.items()}
         for k, v in live.items():
-            self._backup[k].copy_(v)
             v.copy_(self._average[k])
         self._swapped = True
 
@@ -157,6 +159,7 @@ class ModelEMA:
         for k, v in self._live().items():
             v.copy_(self._backup[k])
         self._swapped = False
+        self._backup = None  # not kept between evaluations: a third copy of the weights
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:

@@ -162,6 +162,8 @@ class PersistHook(HookBase):
         self._before_eval = (
             BeforeEvaluation(self.run, self._ema, self._evaluated_after)
             if self._ema is not None or self.options["VAL_LOSS"] else None)
+        # EvalHook's period, once it is found in the trainer's hooks (else the config's)
+        self._eval_period = self.run.eval_period
 
     # -- place in the hook list ----------------------------------------------------------------
 
@@ -180,10 +182,16 @@ class PersistHook(HookBase):
         kept = [h for h in others if not isinstance(h, (PeriodicCheckpointer, BeforeEvaluation))]
         if any(isinstance(h, PeriodicCheckpointer) for h in others):
             logger.info("PersistHook writes the checkpoints: PeriodicCheckpointer removed.")
+        at = next((i for i, h in enumerate(kept) if isinstance(h, EvalHook)), None)
+        if at is not None:  # when EvalHook evaluates: as it says, not as the config does
+            evaluator = kept[at]
+            self._eval_period = int(getattr(evaluator, "_period", self.run.eval_period))
         if self._before_eval is not None:  # right before EvalHook, else before this hook
             self._before_eval.trainer = self.trainer
-            at = next((i for i, h in enumerate(kept) if isinstance(h, EvalHook)), len(kept))
-            kept.insert(at, self._before_eval)
+            if at is not None:
+                self._before_eval.eval_after_train = bool(
+                    getattr(kept[at], "_eval_after_train", True))
+            kept.insert(len(kept) if at is None else at, self._before_eval)
         self.trainer._hooks = kept + [self]
 
     # -- before_train --------------------------------------------------------------------------
@@ -202,8 +210,10 @@ class PersistHook(HookBase):
         if self._ema is not None:
             self._ema.attach(self.trainer.model)
             if self.trainer.start_iter > 0 and not self._ema.restored:
-                logger.warning("The checkpoint holds no EMA weights (PERSIST.EMA_DECAY was 0): "
-                               "the average starts from the resumed weights.")
+                logger.warning("The checkpoint holds no EMA weights (it was written without "
+                               "PERSIST.EMA_DECAY): the average starts from the resumed weights.")
+        if self._before_eval is not None:
+            self._before_eval.prepare()
         start = self.trainer.start_iter
         if start > 0 and comm.is_main_process():
             view = RunView(out, "run")
@@ -343,7 +353,7 @@ class PersistHook(HookBase):
 
     def _evaluated_after(self, it):
         """Whether EvalHook evaluated after iteration ``it`` (in its after_step)."""
-        period = self.run.eval_period
+        period = self._eval_period
         return period > 0 and (it + 1) % period == 0 and it + 1 != self.trainer.max_iter
 
     def _consider_best(self, it, final=False):

@@ -245,7 +245,8 @@ def test_early_stop_options_are_lazyconfig_keys_too():
 @pytest.mark.parametrize("key, value", [("EMA_DECAY", 1.0), ("EMA_DECAY", -0.1),
                                         ("EMA_DECAY", float("nan")), ("EMA_DECAY", "x"),
                                         ("EMA_DECAY", True), ("EMA_WARMUP", -1),
-                                        ("EMA_WARMUP", float("inf")), ("VAL_LOSS", "yes"),
+                                        ("EMA_WARMUP", float("inf")), ("EMA_WARMUP", 2.5),
+                                        ("VAL_LOSS", "yes"),
                                         ("EMA_EVAL", 1)])
 def test_ema_and_validation_options_refuse_bad_values_in_one_sentence(key, value):
     from d2persist.runconfig import persist_options
@@ -265,7 +266,7 @@ def test_ema_and_validation_options_are_lazyconfig_keys_too():
                                                   "ema_eval": False, "val_loss": True}}})
     opts = persist_options(cfg)
     assert [opts[k] for k in ("EMA_DECAY", "EMA_WARMUP", "EMA_EVAL", "VAL_LOSS")] == [
-        0.999, 100.0, False, True]
+        0.999, 100, False, True]
 
 
 def test_the_validation_loss_needs_a_test_dataset():
@@ -307,3 +308,19 @@ def test_ema_follows_the_model_and_swaps_it_both_ways():
 def _attach(ema, state, model):
     ema.load_state_dict(state)
     ema.attach(model)
+
+
+def test_the_validation_loss_needs_annotations_in_the_test_dataset():
+    from detectron2.data import DatasetCatalog
+
+    from d2persist.training.validation import validation_batches
+
+    name = "d2persist_unit_no_annotations"
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, lambda: [{"file_name": "x.png", "image_id": 0,
+                                                "height": 8, "width": 8}])
+    cfg = add_persist_config(get_cfg())
+    cfg.DATASETS.TEST = (name,)
+    cfg.PERSIST.VAL_LOSS = True
+    with pytest.raises(ConfigError, match=f"test dataset '{name}' has none"):
+        validation_batches(run_config(cfg))
