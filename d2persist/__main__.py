@@ -1,17 +1,19 @@
 """
 ``d2persist`` (also ``python -m d2persist``): look at and check runs and bundles without
-touching them.
+touching them, and predict with them at scale.
 
     d2persist ls RUN|BUNDLE|URL [--verify] [--json]
     d2persist verify RUN|BUNDLE|URL
     d2persist diff A B [--json]          (runs, bundles, their URLs, or config files)
     d2persist plot RUN|URL [-o FILE]
+    d2persist predict SRC --artifacts BUNDLE|RUN|URL --output DST [--pictures]
 
 A URL is a run's mirror or a bundle at any fsspec location (``s3://bucket/runs/a``), read with
 fsspec's usual credentials and settings.
 
-Exit codes: 0 all is well; 1 ``verify`` found a problem; 2 bad input (one sentence on stderr).
-None of them takes the run lock or writes into a run (``plot -o`` writes only its file).
+Exit codes: 0 all is well; 1 ``verify`` found a problem, or ``predict`` an image it could not
+read; 2 bad input (one sentence on stderr). None of them takes the run lock or writes into a run
+(``plot -o`` writes only its file, ``predict`` only into DST).
 """
 
 import argparse
@@ -169,6 +171,22 @@ def plot(args):
     return 0
 
 
+def predict(args):
+    from d2persist.predict.batch import predict_source
+    from d2persist.predict.load import load_predictor
+
+    predictor = load_predictor(args.artifacts, device=args.device, backend=args.backend,
+                               precision=args.precision)
+    print(f"weights: {predictor.weights}")
+    record = predict_source(predictor, args.src, args.output,
+                            min_score=args.confidence_threshold, pictures=args.pictures,
+                            progress=sys.stderr.isatty())
+    counts = record["counts"]
+    print(f"{counts['inputs']} image(s): {counts['done']} predicted, {counts['skipped']} done "
+          f"before, {counts['failed']} could not be read; outputs: {args.output}")
+    return 1 if counts["failed"] else 0
+
+
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -193,6 +211,26 @@ def get_parser():
     p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png; for a URL, "
                    "training.png here)")
     p.set_defaults(fn=plot)
+    from d2persist.layout import BACKENDS, PRECISIONS
+
+    p = sub.add_parser("predict", help="predict every image of a folder, glob, list or URL "
+                       "into a folder or URL, each once; rerun to finish an interrupted job")
+    p.add_argument("src", help="a folder (recursively), a glob, a text file listing image "
+                   "paths, or an fsspec URL of one (s3://bucket/images/)")
+    p.add_argument("--artifacts", required=True,
+                   help="an export bundle, a training OUTPUT_DIR, or a bundle's URL")
+    p.add_argument("--output", required=True, help="folder or fsspec URL of the outputs: "
+                   "REL.json per image (as infer_single writes it), job.json at the end")
+    p.add_argument("--pictures", action="store_true", help="also REL.png, the drawing")
+    p.add_argument("--confidence-threshold", type=float, default=0.5,
+                   help="minimum score of the instances written (default: 0.5)")
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="as infer_single: pytorch, onnxruntime (torch-free), auto")
+    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                   help="int8: the bundle's model.int8.onnx (onnxruntime)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="cuda: the GPU (onnxruntime: its CUDA provider, onnxruntime-gpu)")
+    p.set_defaults(fn=predict)
     return parser
 
 

@@ -35,6 +35,8 @@ __all__ = [
     "METRICS_NAME",
     "EVALUATIONS_NAME",
     "EMA_STATE_KEY",
+    "PREDICT_OPTIONS_NAME",
+    "PREDICT_JOB_NAME",
     "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
@@ -72,6 +74,10 @@ EVALUATIONS_NAME = "evaluations.json"
 #: state, ``checkpoint["trainer"]["hooks"]["PersistHook"]["ema"]``: ``model`` (the average),
 #: ``updates``, ``decay``, ``warmup``, ``evaluated`` (whether the run evaluated the average).
 EMA_STATE_KEY = "ema"
+#: ``d2persist predict``: the job a destination holds the outputs of (weights, options)
+PREDICT_OPTIONS_NAME = ".d2persist-predict.json"
+#: ``d2persist predict``: the job's record, written once every input has its output
+PREDICT_JOB_NAME = "job.json"
 #: The run's picture (PERSIST.PLOT): losses, learning rate, evaluations, checkpoints, best.
 TRAINING_PLOT = "training.png"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.

@@ -45,7 +45,9 @@ def load_predictor(
         path (str): an export bundle, or a run folder (its export if complete; with PyTorch,
             else its newest checkpoint that verifies and its config.yaml), or the fsspec URL
             of a bundle (``s3://bucket/runs/exp1/export``), downloaded into the cache first.
-        device (str): PyTorch: "cpu" or "cuda" (the GPU if available when None).
+        device (str): "cpu" or "cuda". PyTorch: the GPU if available when None. ONNX Runtime:
+            the CPU when None; "cuda" selects its CUDA execution provider (onnxruntime-gpu),
+            and is refused in one sentence where this onnxruntime has none.
         opts (list[str]): PyTorch: config overrides (``KEY VALUE`` pairs, or ``key=value`` for
             LazyConfigs).
         allowed_targets (list[str]): PyTorch, LazyConfig: more module prefixes ``_target_``
@@ -83,7 +85,28 @@ def load_predictor(
                                  "model was fixed when it was exported.")
         from .onnx_predictor import load_onnx_predictor
 
-        return load_onnx_predictor(path, precision=precision)
+        return load_onnx_predictor(path, providers=_onnx_providers(device), precision=precision)
     from .predictor import load_torch_predictor
 
     return load_torch_predictor(path, device, opts, allowed_targets)
+
+
+#: ONNX Runtime's execution provider for ``device="cuda"`` (onnxruntime-gpu)
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+
+def _onnx_providers(device: Optional[str]) -> Optional[List[str]]:
+    """ONNX Runtime's providers for ``device`` (None: its default, the CPU)."""
+    if device in (None, "cpu"):
+        return None
+    if device != "cuda":
+        raise D2PersistError(f"device must be cpu or cuda, not {device!r}.")
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if CUDA_PROVIDER not in available:
+        raise D2PersistError(
+            "Device cuda with the onnxruntime backend needs ONNX Runtime's "
+            f"{CUDA_PROVIDER} (pip install onnxruntime-gpu); this onnxruntime has "
+            f"{', '.join(available)}.")
+    return [CUDA_PROVIDER, "CPUExecutionProvider"]

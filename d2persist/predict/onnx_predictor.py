@@ -276,6 +276,9 @@ class OnnxPredictor:
         self.task = self.onnx_entry.get("task", "rcnn")
         self._outputs = [o.name for o in session.get_outputs()]
         self.weights = ""  # which weights, in words (set by load_onnx_predictor)
+        self.backend = ONNX.backend
+        self.precision = ONNX.precision
+        self.sha256: Optional[str] = None  # of the model file (set by load_onnx_predictor)
         self.cached = False  # whether the session's optimized graph came from the cache
 
     def visualizer_metadata(self) -> dict:
@@ -441,6 +444,8 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
     ) + f" ({name})"
     predictor.cached = cached
+    predictor.sha256 = manifest["files"][name].get("sha256")  # (verified by read_manifest)
+    predictor.precision = precision
     logger.info("Loaded %s with ONNX Runtime %s%s: %s", model_path, ort.__version__,
                 " (optimized graph from the cache)" if cached else "", predictor.weights)
     problem = evaluation_problem(

@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..artifacts.checkpoints import read_sidecar
 from ..artifacts.manifest import describe_source
 from ..artifacts.resolve import resolve_artifacts
 from ..errors import D2PersistError, InputImageError
+from ..files.atomic import sha256_file
+from ..layout import PYTORCH
 from .images import check_image_file, image_input
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
@@ -155,6 +158,9 @@ class Predictor:
 
         self.model = model
         self.weights = ""  # which weights, in words (set by load_predictor)
+        self.backend = PYTORCH.backend
+        self.precision = PYTORCH.precision
+        self.sha256: Optional[str] = None  # of the weights file (set by load_torch_predictor)
         self.augmentation = T.AugmentationList(augmentation)
         self.input_format = input_format
         self.metadata = metadata
@@ -240,6 +246,8 @@ def load_torch_predictor(
     if loaded.get("ema"):
         source.update(weights="ema", ema=loaded["ema"])
     predictor.weights = describe_source(source)
+    # the weights file's identity (d2persist predict's jobs): its sidecar, else its bytes
+    predictor.sha256 = read_sidecar(art.weights_path) or sha256_file(art.weights_path)
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)
     if art.problem:
         logger.warning(art.problem)

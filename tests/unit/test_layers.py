@@ -38,6 +38,7 @@ LAYERS = {
     "predict.predictor": 10,
     "predict.infer": 10,
     "predict.load": 11,
+    "predict.batch": 11,
     "export.onnx_graph": 12,
     "export.quantize": 12,
     "export.bundle": 13,

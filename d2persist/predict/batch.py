@@ -1,0 +1,241 @@
+"""
+``d2persist predict``: every image of a source predicted into a destination exactly once,
+resumable by running the same command again.
+
+A source is a folder, a glob, a text file listing image paths, or an fsspec URL of any of them
+(``s3://bucket/images/``); a destination a folder or an fsspec URL. For each input image the
+destination gets one output, named after the image's path relative to the source: ``REL.json``
+(what ``tools/infer_single.py`` writes for it: same schema, same numbers for the same backend),
+with ``--pictures`` also ``REL.png``, or, for an image that cannot be read, ``REL.error.json``
+(its path and one sentence). Each is written atomically (a local temp file and ``os.replace``;
+an object store's single put), the JSON last, so an input whose JSON exists is done.
+
+``.d2persist-predict.json`` at the destination records the job (the weights' sha256, backend,
+precision, threshold, pictures) when it starts: a rerun of the same job skips what is done; a
+rerun with other weights or options is refused. ``job.json`` is written last, when every input
+has its output.
+"""
+
+import datetime
+import json
+import logging
+import os
+import posixpath
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+from ..errors import D2PersistError, InputImageError
+from ..files.atomic import write_bytes
+from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
+from .images import check_image_file, encode_png
+from .infer import IMAGE_EXTENSIONS
+
+__all__ = ["Source", "list_source", "predict_source", "job_identity"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """
+    The images of a source.
+
+    Attributes:
+        fs: the fsspec filesystem they are on.
+        items (list[tuple[str, str]]): ``(path on fs, name relative to the source)``, sorted.
+        local (bool): whether ``fs`` is the local filesystem (paths are files here).
+    """
+
+    fs: Any
+    items: List[Tuple[str, str]] = field(default_factory=list)
+    local: bool = True
+
+
+def _is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_source(src: str) -> Source:
+    """
+    The images of ``src``: a folder (recursively), a glob (``*``, ``?``, ``[``), a text file
+    listing one path per line (relative paths: to the file's folder), or an fsspec URL of one.
+
+    Raises:
+        InputImageError: ``src`` does not exist or holds no image.
+    """
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(src)
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    sep = "/"  # fsspec paths, on every filesystem
+    if any(c in root for c in "*?["):
+        paths = sorted(p for p in fs.glob(root) if _is_image(p) and fs.isfile(p))
+        base = root[: min(root.index(c) for c in "*?[" if c in root)].rsplit(sep, 1)[0]
+    elif fs.isdir(root):
+        paths = sorted(p for p in fs.find(root) if _is_image(p))
+        base = root.rstrip(sep)
+    elif fs.isfile(root) and not _is_image(root):  # a list of paths
+        folder = posixpath.dirname(root)
+        lines = fs.cat_file(root).decode("utf-8").splitlines()
+        listed = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+        paths = [posixpath.join(folder, p) for p in listed]  # (an absolute p stays as it is)
+        base = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else folder
+    elif fs.isfile(root):
+        paths, base = [root], posixpath.dirname(root)
+    else:
+        raise InputImageError(f"{src} does not exist.")
+    if not paths:
+        raise InputImageError(f"{src} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
+    items = [(p, posixpath.relpath(p, base) if base else p) for p in paths]
+    names = [n for _, n in items]
+    twins = sorted({n for n in names if names.count(n) > 1})
+    if twins:
+        raise InputImageError(f"Several inputs of {src} would be named {twins[0]!r} at the "
+                              "destination; list them from one source folder.")
+    return Source(fs, sorted(items, key=lambda x: x[1]), local)
+
+
+class _Destination:
+    """A folder or fsspec URL receiving the outputs, each written whole."""
+
+    def __init__(self, dst: str) -> None:
+        import fsspec
+
+        self.fs, self.root = fsspec.core.url_to_fs(dst)
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (
+            self.fs.protocol,)
+        self.local = "file" in protocol
+        self.url = dst
+        if self.local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def path(self, name: str) -> str:
+        return posixpath.join(self.root, name)
+
+    def exists(self, name: str) -> bool:
+        return bool(self.fs.exists(self.path(name)))
+
+    def read(self, name: str) -> Optional[bytes]:
+        try:
+            return self.fs.cat_file(self.path(name))
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        path = self.path(name)
+        if self.local:  # temp file in the same folder, fsync, os.replace
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_bytes(path, data)
+        else:  # an object store's put: the object appears whole or not at all
+            self.fs.pipe_file(path, data)
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm_file(self.path(name))
+
+
+def _json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+
+
+def job_identity(predictor: Any, min_score: float, pictures: bool) -> Dict[str, Any]:
+    """What makes two jobs the same: the weights' sha256, backend, precision and options."""
+    return {"weights_sha256": getattr(predictor, "sha256", None),
+            "backend": getattr(predictor, "backend", None),
+            "precision": getattr(predictor, "precision", None),
+            "confidence_threshold": float(min_score), "pictures": bool(pictures)}
+
+
+def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
+    saved = dst.read(PREDICT_OPTIONS_NAME)
+    if saved is None:
+        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity))
+        return
+    try:
+        before = json.loads(saved)
+    except ValueError:
+        before = {}
+    differ = [k for k in identity if before.get(k) != identity[k]]
+    if differ:
+        k = differ[0]
+        raise D2PersistError(
+            f"{dst.url} holds the outputs of another job ({k} {before.get(k)!r}, this one "
+            f"{identity[k]!r}): predict into another --output, or remove it first.")
+
+
+def _versions():
+    from .. import __version__
+
+    versions = {"d2persist": __version__}
+    for module in ("torch", "detectron2", "onnxruntime"):
+        mod = sys.modules.get(module)
+        if mod is not None and getattr(mod, "__version__", None):
+            versions[module] = mod.__version__
+    return versions
+
+
+def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
+                   pictures: bool = False, progress: bool = False) -> Dict[str, Any]:
+    """
+    Predict every image of ``src`` into ``dst`` (see the module's documentation).
+
+    Args:
+        predictor: from :func:`d2persist.load_predictor` (either backend).
+        src (str): folder, glob, list file or fsspec URL of the images.
+        dst (str): folder or fsspec URL of the outputs.
+        min_score (float): instances below this score are left out (as ``infer_single``).
+        pictures (bool): also write each prediction's drawing, ``REL.png``.
+        progress (bool): show a progress bar.
+
+    Returns:
+        dict: the job record written to ``dst/job.json``: identity, ``src``, ``counts``
+        (``inputs``, ``done`` by this run, ``skipped`` as done before, ``failed``), versions.
+
+    Raises:
+        InputImageError: ``src`` holds no image.
+        D2PersistError: ``dst`` holds another job's outputs.
+    """
+    source = list_source(src)
+    out = _Destination(dst)
+    identity = job_identity(predictor, min_score, pictures)
+    _check_same_job(out, identity)
+    out.remove(PREDICT_JOB_NAME)  # present only once a run has finished
+    meta = predictor.visualizer_metadata() if pictures else None
+    counts = {"inputs": len(source.items), "done": 0, "skipped": 0, "failed": 0}
+    items = source.items
+    if progress and len(items) > 1:
+        from tqdm import tqdm
+
+        items = tqdm(items, unit="image")
+    with tempfile.TemporaryDirectory(prefix="d2persist-predict-") as tmp:
+        for path, rel in items:
+            if out.exists(rel + ".json"):
+                counts["skipped"] += 1
+                continue
+            shown = path if source.local else source.fs.unstrip_protocol(path)
+            try:
+                local = path
+                if not source.local:  # read as evaluation reads: from a file
+                    local = os.path.join(tmp, "image" + os.path.splitext(rel)[1])
+                    source.fs.get_file(path, local)
+                check_image_file(local)
+                pred = predictor(local)
+            except (InputImageError, OSError) as e:
+                sentence = str(e) if isinstance(e, InputImageError) else (
+                    f"{shown} could not be read ({e}).")
+                out.write(rel + ".error.json", _json_bytes({"path": shown, "error": sentence}))
+                counts["failed"] += 1
+                logger.warning("%s", sentence)
+                continue
+            if pictures:
+                out.write(rel + ".png", encode_png(pred.draw(meta, min_score=min_score)))
+            out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
+                                                              min_score=min_score)))
+            out.remove(rel + ".error.json")  # failed before, read now
+            counts["done"] += 1
+    record = dict(identity, src=src, counts=counts, versions=_versions(),
+                  finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
+    out.write(PREDICT_JOB_NAME, _json_bytes(record))
+    return record

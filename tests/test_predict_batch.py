@@ -1,0 +1,146 @@
+"""
+``d2persist predict``: a source of images predicted into a destination, each exactly once, as
+``infer_single`` predicts it; resumable; from and to a real S3-compatible server (moto).
+"""
+
+import json
+import os
+import shutil
+
+import pytest
+from detectron2.data import DatasetCatalog
+from helpers import INFER_SINGLE, run_tool
+
+from d2persist import D2PersistError, load_predictor
+from d2persist.data.shapes import register_shapes
+from d2persist.predict.batch import list_source, predict_source
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """src/a/{0,1,2}.png, src/b/3.jpg (copies of val images), and src/b/bad.png (not one)."""
+    _, val = register_shapes()
+    files = [d["file_name"] for d in DatasetCatalog.get(val)[:4]]
+    src = tmp_path_factory.mktemp("batch") / "src"
+    for i, f in enumerate(files):
+        folder = src / ("a" if i < 3 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / f"{i}{os.path.splitext(f)[1] if i < 3 else '.jpg'}")
+    (src / "b" / "bad.png").write_bytes(b"not an image")
+    (src / "notes.txt").write_text("not listed: not an image ending")
+    return src
+
+
+def _json(path):
+    return json.loads(path.read_text())
+
+
+def test_a_folder_predicted_once_each_as_infer_single_predicts(trained_run, source, tmp_path):
+    dst = tmp_path / "dst"
+    args = ["-m", "d2persist", "predict", source, "--artifacts", trained_run, "--output", dst,
+            "--backend", "pytorch", "--confidence-threshold", 0.2]
+    res = run_tool(*args)
+    assert res.returncode == 1, res.stderr[-3000:]  # one image could not be read
+    assert "4 predicted, 0 done before, 1 could not be read" in res.stdout
+    images = sorted(str(p.relative_to(source)) for p in source.rglob("*")
+                    if p.suffix in (".png", ".jpg") and p.name != "bad.png")
+    assert images == ["a/0.png", "a/1.png", "a/2.png", "b/3.jpg"]
+    ref = tmp_path / "ref.json"  # the bytes infer_single writes for the same image
+    out = run_tool(INFER_SINGLE, "--image", source / images[0], "--artifacts", trained_run,
+                   "--json", ref, "--backend", "pytorch", "--confidence-threshold", 0.2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (dst / (images[0] + ".json")).read_text() == ref.read_text()
+    predictor = load_predictor(str(trained_run), backend="pytorch")
+    for rel in images:
+        data = predictor(str(source / rel)).to_json(image_name=str(source / rel), min_score=0.2)
+        assert _json(dst / (rel + ".json")) == data
+    error = _json(dst / "b" / "bad.png.error.json")
+    assert error["path"] == str(source / "b" / "bad.png") and "not an image" in error["error"]
+    job = _json(dst / "job.json")
+    assert job["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
+    assert (job["backend"], job["precision"], job["confidence_threshold"]) == (
+        "pytorch", "float", 0.2)
+    assert job["weights_sha256"] == predictor.sha256 and len(predictor.sha256) == 64
+
+    # the same command again: nothing is predicted twice (what failed is tried again)
+    stamps = {p: p.stat().st_mtime_ns for p in dst.rglob("*.json")
+              if p.name != "job.json" and not p.name.endswith(".error.json")}
+    again = run_tool(*args)
+    assert again.returncode == 1 and "0 predicted, 4 done before" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    # another job into the same destination: refused in one sentence, nothing touched
+    other = run_tool(*args[:-1], 0.5)
+    assert other.returncode == 2
+    assert other.stderr.strip().splitlines()[-1].endswith(
+        "(confidence_threshold 0.2, this one 0.5): predict into another --output, or remove "
+        "it first.")
+    assert "Traceback" not in other.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_an_interrupted_job_finishes_with_only_the_rest(trained_run, source, tmp_path):
+    predictor = load_predictor(str(trained_run), backend="pytorch")
+    calls = []
+
+    class Killed(BaseException):
+        pass
+
+    def dies_at_the_third(image):
+        calls.append(image)
+        if len(calls) == 3:
+            raise Killed  # as if the process ended here: outputs 1 and 2 are written
+        return predictor(image)
+
+    dies_at_the_third.visualizer_metadata = predictor.visualizer_metadata
+    for name in ("sha256", "backend", "precision"):
+        setattr(dies_at_the_third, name, getattr(predictor, name))
+    dst = tmp_path / "dst"
+    with pytest.raises(Killed):
+        predict_source(dies_at_the_third, str(source), str(dst), pictures=True)
+    assert not (dst / "job.json").exists()  # not finished
+    assert sorted(p.name for p in dst.rglob("*.png.json")) == ["0.png.json", "1.png.json"]
+    calls.clear()
+    record = predict_source(dies_at_the_third, str(source), str(dst), pictures=True)
+    assert record["counts"] == {"inputs": 5, "done": 2, "skipped": 2, "failed": 1}
+    assert [os.path.basename(c) for c in calls] == ["2.png", "3.jpg"]  # bad.png fails unread
+    assert all((dst / (rel + ".png")).is_file() for rel in ("a/0.png", "a/2.png", "b/3.jpg"))
+
+
+def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path):
+    glob = list_source(str(source / "a" / "*.png"))
+    assert [n for _, n in glob.items] == ["0.png", "1.png", "2.png"]
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{source}/a/1.png\n# a comment\n{source}/b/3.jpg\n")
+    assert [n for _, n in list_source(str(listing)).items] == ["a/1.png", "b/3.jpg"]
+    with pytest.raises(D2PersistError, match="does not exist"):
+        list_source(str(tmp_path / "nowhere"))
+
+
+def test_from_and_to_s3(trained_run, source, tmp_path):
+    from test_mirror import BUCKET, s3_server
+
+    import fsspec
+
+    with s3_server():
+        fs = fsspec.filesystem("s3")
+        fs.put(str(source / "a"), f"{BUCKET}/images/a", recursive=True)
+        predictor = load_predictor(str(trained_run), backend="pytorch")
+        record = predict_source(predictor, f"s3://{BUCKET}/images/", f"s3://{BUCKET}/preds")
+        assert record["counts"] == {"inputs": 3, "done": 3, "skipped": 0, "failed": 0}
+        fs.invalidate_cache()
+        for i in range(3):
+            got = json.loads(fs.cat_file(f"{BUCKET}/preds/a/{i}.png.json"))
+            assert got["image"] == f"s3://{BUCKET}/images/a/{i}.png"
+            ref = predictor(str(source / "a" / f"{i}.png")).to_json(min_score=0.5)
+            assert {k: v for k, v in got.items() if k != "image"} == {
+                k: v for k, v in ref.items() if k != "image"}
+        assert json.loads(fs.cat_file(f"{BUCKET}/preds/job.json"))["counts"]["done"] == 3
+
+
+def test_device_cuda_with_onnxruntime_needs_its_cuda_provider(trained_run):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    with pytest.raises(D2PersistError, match="needs ONNX Runtime's CUDAExecutionProvider"):
+        load_predictor(str(trained_run), backend="onnxruntime", device="cuda")
