@@ -51,7 +51,8 @@ install-panopticapi:
 
 install-test: install install-panopticapi
 	@$(PYTHON) -c "import pytest, pytest_mock, flake8, mypy, sphinx, pycocotools, onnx, \
-	  onnxruntime, s3fs, moto.server, flask_cors" 2>/dev/null || $(PIP) install -q -e '.[test,onnx]'
+	  onnxruntime, s3fs, moto.server, flask_cors, ray.data" 2>/dev/null \
+	  || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test
 	$(PYTHON) -m flake8 d2persist tools tests bench

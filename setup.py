@@ -38,11 +38,13 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-mock", "flake8", "mypy", "sphinx", "pycocotools", "s3fs",
-                 "moto[server]"],
+                 "moto[server]", "ray[data,serve]>=2.9"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)
         "s3": ["s3fs"],
+        # d2persist predict --ray (Ray Data; Ray Serve for the endpoint to come)
+        "ray": ["ray[data,serve]>=2.9"],
     },
     # d2persist ls / verify RUN (also python -m d2persist)
     entry_points={"console_scripts": ["d2persist=d2persist.__main__:main"]},

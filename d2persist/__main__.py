@@ -171,6 +171,22 @@ def plot(args):
     return 0
 
 
+def _ray_engine(args):
+    """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
+    import functools
+    import os
+
+    from d2persist.predict.batch import RayEngine
+    from d2persist.predict.load import load_predictor
+
+    address = None if args.ray == "local" else args.ray
+    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
+    load = functools.partial(load_predictor, args.artifacts, device=args.device,
+                             backend=args.backend, precision=args.precision,
+                             threads=max(1, int(cpus)))
+    return RayEngine(load, address, args.workers, cpus, args.gpus_per_worker)
+
+
 def predict(args):
     from d2persist.predict.batch import predict_source
     from d2persist.predict.load import load_predictor
@@ -180,7 +196,8 @@ def predict(args):
     print(f"weights: {predictor.weights}")
     record = predict_source(predictor, args.src, args.output,
                             min_score=args.confidence_threshold, pictures=args.pictures,
-                            progress=sys.stderr.isatty())
+                            progress=sys.stderr.isatty(),
+                            ray=_ray_engine(args) if args.ray else None)
     counts = record["counts"]
     print(f"{counts['inputs']} image(s): {counts['done']} predicted, {counts['skipped']} done "
           f"before, {counts['failed']} could not be read; outputs: {args.output}")
@@ -230,6 +247,16 @@ def get_parser():
                    help="int8: the bundle's model.int8.onnx (onnxruntime)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="cuda: the GPU (onnxruntime: its CUDA provider, onnxruntime-gpu)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="predict on Ray (pip install 'd2persist[ray]'): alone, a local cluster "
+                   "for the job; 'auto', the running cluster this machine belongs to; or its "
+                   "address")
+    p.add_argument("--workers", type=int, default=1, help="--ray: actors (default 1)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="--ray: CPUs each actor reserves and its threads (default: this "
+                   "machine's cores / workers)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+                   help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
     return parser
 

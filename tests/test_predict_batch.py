@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 from detectron2.data import DatasetCatalog
-from helpers import INFER_SINGLE, run_tool
+from helpers import INFER_SINGLE, REPO, run_tool
 
 from d2persist import D2PersistError, load_predictor
 from d2persist.data.shapes import register_shapes
@@ -144,3 +144,32 @@ def test_device_cuda_with_onnxruntime_needs_its_cuda_provider(trained_run):
         pytest.skip("this onnxruntime has the CUDA provider")
     with pytest.raises(D2PersistError, match="needs ONNX Runtime's CUDAExecutionProvider"):
         load_predictor(str(trained_run), backend="onnxruntime", device="cuda")
+
+
+def test_on_ray_a_killed_worker_is_retried_and_each_image_done_once(trained_run, source,
+                                                                    tmp_path):
+    """
+    ``--ray --workers 2``: a local Ray cluster, Ray Data reading the images and two actors
+    predicting; one actor's worker process SIGKILLs itself at its second image (fault
+    injection, tests/scripts/ray_fault.py). Ray restarts it and retries: every image has its
+    output once, equal to this machine's engine's. In a process of its own, bounded, its
+    cluster stopped with it.
+    """
+    dst, marker = tmp_path / "dst", tmp_path / "killed"
+    res = run_tool(os.path.join(REPO, "tests", "scripts", "ray_fault.py"), trained_run, source,
+                   dst, marker, timeout=240, fresh=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    said = json.loads(res.stdout.strip().splitlines()[-1])
+    # the command's engine: a local cluster, 2 actors x 1 core each on this 2-core machine
+    assert said["engine"] == {"address": None, "workers": 2,
+                              "cpus_per_worker": max(1.0, os.cpu_count() / 2),
+                              "threads": max(1, os.cpu_count() // 2)}
+    assert marker.is_file()  # a worker was killed
+    assert said["record"]["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
+    outputs = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+    assert outputs == [".d2persist-predict.json", "a/0.png.json", "a/1.png.json",
+                       "a/2.png.json", "b/3.jpg.json", "b/bad.png.error.json", "job.json"]
+    predictor = load_predictor(str(trained_run), backend="pytorch")
+    for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
+        data = predictor(str(source / rel)).to_json(image_name=str(source / rel), min_score=0.5)
+        assert _json(dst / (rel + ".json")) == data

@@ -24,7 +24,7 @@ import posixpath
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..errors import D2PersistError, InputImageError
 from ..files.atomic import write_bytes
@@ -32,7 +32,7 @@ from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_file, encode_png
 from .infer import IMAGE_EXTENSIONS
 
-__all__ = ["Source", "list_source", "predict_source", "job_identity"]
+__all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,18 +176,72 @@ def _versions():
     return versions
 
 
+class _Job:
+    """What every image of a job is predicted with, on the driver or in a Ray actor."""
+
+    def __init__(self, dst: str, min_score: float, pictures: bool) -> None:
+        self.out = _Destination(dst)
+        self.min_score = min_score
+        self.pictures = pictures
+
+    def predict(self, predictor: Any, meta: Any, rel: str, shown: str, local: str) -> str:
+        """
+        Predict the image in file ``local`` (``shown``: its path or URL as listed) into
+        ``REL.json`` (and ``REL.png``), or its error record. Returns "done" or "failed".
+        """
+        try:
+            check_image_file(local)
+            pred = predictor(local)
+        except InputImageError as e:
+            return self._failed(rel, shown, str(e))
+        if self.pictures:
+            self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)))
+        self.out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
+                                                               min_score=self.min_score)))
+        self.out.remove(rel + ".error.json")  # failed before, read now
+        return "done"
+
+    def _failed(self, rel, shown, sentence):
+        self.out.write(rel + ".error.json", _json_bytes({"path": shown, "error": sentence}))
+        logger.warning("%s", sentence)
+        return "failed"
+
+    def predict_bytes(self, predictor: Any, meta: Any, rel: str, shown: str, data: bytes,
+                      tmp: str) -> str:
+        """:meth:`predict` of an image's bytes (read from a file, as evaluation reads)."""
+        local = os.path.join(tmp, "image" + os.path.splitext(rel)[1])
+        with open(local, "wb") as f:
+            f.write(data)
+        return self.predict(predictor, meta, rel, shown, local)
+
+
+def _done_names(out: _Destination) -> Set[str]:
+    """The images done at ``out`` (those with their JSON), listed once."""
+    try:
+        found = out.fs.find(out.root)
+    except FileNotFoundError:
+        return set()
+    root = out.root.rstrip("/") + "/"
+    names = {p[len(root):] for p in found if p.startswith(root)}
+    return {n[:-len(".json")] for n in names if n.endswith(".json")
+            and not n.endswith(".error.json")}
+
+
 def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
-                   pictures: bool = False, progress: bool = False) -> Dict[str, Any]:
+                   pictures: bool = False, progress: bool = False,
+                   ray: Optional["RayEngine"] = None) -> Dict[str, Any]:
     """
     Predict every image of ``src`` into ``dst`` (see the module's documentation).
 
     Args:
-        predictor: from :func:`d2persist.load_predictor` (either backend).
+        predictor: from :func:`d2persist.load_predictor` (either backend); with ``ray``, the
+            driver's, which gives the job's identity (the actors load their own).
         src (str): folder, glob, list file or fsspec URL of the images.
         dst (str): folder or fsspec URL of the outputs.
         min_score (float): instances below this score are left out (as ``infer_single``).
         pictures (bool): also write each prediction's drawing, ``REL.png``.
-        progress (bool): show a progress bar.
+        progress (bool): show a progress bar (this machine's engine).
+        ray (RayEngine): predict on Ray (a local cluster or a running one) instead of here.
 
     Returns:
         dict: the job record written to ``dst/job.json``: identity, ``src``, ``counts``
@@ -198,44 +252,151 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
         D2PersistError: ``dst`` holds another job's outputs.
     """
     source = list_source(src)
-    out = _Destination(dst)
+    job = _Job(dst, min_score, pictures)
+    out = job.out
     identity = job_identity(predictor, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished
-    meta = predictor.visualizer_metadata() if pictures else None
-    counts = {"inputs": len(source.items), "done": 0, "skipped": 0, "failed": 0}
-    items = source.items
-    if progress and len(items) > 1:
-        from tqdm import tqdm
+    done = _done_names(out)
+    todo = [(p, rel) for p, rel in source.items if rel not in done]
+    counts = {"inputs": len(source.items), "done": 0, "skipped": len(source.items) - len(todo),
+              "failed": 0}
+    if ray is not None:
+        for status, n in ray.run(source, todo, dst, min_score, pictures).items():
+            counts[status] += n
+    else:
+        meta = predictor.visualizer_metadata() if pictures else None
+        items: Iterable[Tuple[str, str]] = todo
+        if progress and len(todo) > 1:
+            from tqdm import tqdm
 
-        items = tqdm(items, unit="image")
-    with tempfile.TemporaryDirectory(prefix="d2persist-predict-") as tmp:
-        for path, rel in items:
-            if out.exists(rel + ".json"):
-                counts["skipped"] += 1
-                continue
-            shown = path if source.local else source.fs.unstrip_protocol(path)
-            try:
-                local = path
-                if not source.local:  # read as evaluation reads: from a file
-                    local = os.path.join(tmp, "image" + os.path.splitext(rel)[1])
-                    source.fs.get_file(path, local)
-                check_image_file(local)
-                pred = predictor(local)
-            except (InputImageError, OSError) as e:
-                sentence = str(e) if isinstance(e, InputImageError) else (
-                    f"{shown} could not be read ({e}).")
-                out.write(rel + ".error.json", _json_bytes({"path": shown, "error": sentence}))
-                counts["failed"] += 1
-                logger.warning("%s", sentence)
-                continue
-            if pictures:
-                out.write(rel + ".png", encode_png(pred.draw(meta, min_score=min_score)))
-            out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
-                                                              min_score=min_score)))
-            out.remove(rel + ".error.json")  # failed before, read now
-            counts["done"] += 1
+            items = tqdm(todo, unit="image")
+        with tempfile.TemporaryDirectory(prefix="d2persist-predict-") as tmp:
+            for path, rel in items:
+                shown = path if source.local else source.fs.unstrip_protocol(path)
+                if source.local:
+                    status = job.predict(predictor, meta, rel, shown, path)
+                else:
+                    try:
+                        data = source.fs.cat_file(path)
+                    except OSError as e:
+                        status = job._failed(rel, shown, f"{shown} could not be read ({e}).")
+                    else:
+                        status = job.predict_bytes(predictor, meta, rel, shown, data, tmp)
+                counts[status] += 1
     record = dict(identity, src=src, counts=counts, versions=_versions(),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
     out.write(PREDICT_JOB_NAME, _json_bytes(record))
     return record
+
+
+# -- Ray ----------------------------------------------------------------------------------------
+
+
+class _RayPredict:
+    """
+    Ray Data's callable class (``map_batches``): one predictor per actor, loaded once by
+    ``load`` (the bundle downloaded and verified once per node, through the cache).
+    """
+
+    def __init__(self, load: Callable[[], Any], dst: str, base: str, protocol: Optional[str],
+                 min_score: float, pictures: bool, threads: int) -> None:
+        try:  # the actor's share of the cores (ONNX Runtime's: given to ``load``)
+            import torch
+        except ImportError:  # the torch-free install
+            pass
+        else:
+            torch.set_num_threads(max(1, threads))
+        self.predictor = load()
+        self.meta = self.predictor.visualizer_metadata() if pictures else None
+        self.job = _Job(dst, min_score, pictures)
+        self.base = base
+        self.protocol = protocol
+        self.tmp = tempfile.mkdtemp(prefix="d2persist-predict-")
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        import numpy as np
+
+        statuses = []
+        for data, path in zip(batch["bytes"], batch["path"]):
+            rel = posixpath.relpath(path, self.base)
+            shown = f"{self.protocol}://{path}" if self.protocol else path
+            if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
+                statuses.append("skipped")
+            else:
+                statuses.append(self.job.predict_bytes(self.predictor, self.meta, rel, shown,
+                                                       bytes(data), self.tmp))
+        return {"status": np.array(statuses)}
+
+
+@dataclass
+class RayEngine:
+    """
+    Predict on Ray: Ray Data reads the images (``read_binary_files``, through the source's
+    fsspec filesystem) and ``map_batches`` predicts them in a pool of actors
+    (``ActorPoolStrategy``), each loading the predictor once.
+
+    Attributes:
+        load: a picklable callable returning a predictor (e.g. a ``functools.partial`` of
+            :func:`d2persist.load_predictor`), called once in each actor.
+        address (str or None): a running cluster's address ("auto": the one this machine
+            belongs to); None starts a local one for the job.
+        workers (int): actors.
+        cpus_per_worker (float): CPUs each actor reserves.
+        gpus_per_worker (float): GPUs each actor reserves (PyTorch on GPUs).
+    """
+
+    load: Callable[[], Any]
+    address: Optional[str] = None
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
+            pictures: bool) -> Dict[str, int]:
+        """Predict ``todo`` (``(path, rel)`` of ``source``); the count of each status."""
+        import ray
+
+        if not todo:
+            return {}
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+        try:
+            return self._run(ray, source, todo, dst, min_score, pictures)
+        finally:
+            if started:
+                ray.shutdown()
+
+    def _run(self, ray, source, todo, dst, min_score, pictures):
+        filesystem, protocol = None, None
+        if not source.local:
+            from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+            filesystem = PyFileSystem(FSSpecHandler(source.fs))
+            protocol = source.fs.protocol if isinstance(source.fs.protocol, str) else \
+                source.fs.protocol[0]
+        paths = [p for p, _ in todo]
+        base = _common_base(todo)
+        # reading is I/O: it reserves no CPU, which the actors hold (actors x threads = cores)
+        ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem,
+                                        override_num_blocks=min(len(paths), 4 * self.workers),
+                                        num_cpus=0)
+        ds = ds.map_batches(
+            _RayPredict, batch_size=1,
+            fn_constructor_args=(self.load, dst, base, protocol, min_score, pictures,
+                                 max(1, int(self.cpus_per_worker))),
+            compute=ray.data.ActorPoolStrategy(size=self.workers),
+            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
+        counts: Dict[str, int] = {}
+        for row in ds.iter_rows():
+            status = "done" if row["status"] == "skipped" else str(row["status"])
+            counts[status] = counts.get(status, 0) + 1
+        return counts
+
+
+def _common_base(todo: List[Tuple[str, str]]) -> str:
+    """The folder every ``path`` is ``rel`` under (the source's base)."""
+    path, rel = todo[0]
+    return path[: len(path) - len(rel)].rstrip("/")

@@ -37,6 +37,7 @@ def load_predictor(
     allowed_targets: Optional[Sequence[str]] = None,
     backend: str = "auto",
     precision: str = ONNX.precision,
+    threads: Optional[int] = None,
 ) -> Union["Predictor", "OnnxPredictor"]:
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -56,6 +57,8 @@ def load_predictor(
             torchvision and detectron2 are installed, else ONNX Runtime.
         precision (str): "float", or "int8" for the bundle's INT8 ONNX model (ONNX Runtime;
             "auto" then means onnxruntime).
+        threads (int): ONNX Runtime: its intra-op threads (default: its own choice); PyTorch
+            uses ``torch.set_num_threads``, the process's.
 
     Returns:
         :class:`d2persist.predict.predictor.Predictor` or
@@ -85,7 +88,8 @@ def load_predictor(
                                  "model was fixed when it was exported.")
         from .onnx_predictor import load_onnx_predictor
 
-        return load_onnx_predictor(path, providers=_onnx_providers(device), precision=precision)
+        return load_onnx_predictor(path, providers=_onnx_providers(device), threads=threads,
+                                   precision=precision)
     from .predictor import load_torch_predictor
 
     return load_torch_predictor(path, device, opts, allowed_targets)

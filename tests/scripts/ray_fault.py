@@ -1,0 +1,64 @@
+"""
+Fault injection for ``d2persist predict --ray``: a predictor loader for Ray actors whose
+predictor SIGKILLs its own worker process at its second image, once per ``marker`` file.
+"""
+
+import os
+import signal
+
+
+class _Dying:
+    def __init__(self, predictor, marker):
+        self._predictor = predictor
+        self._marker = marker
+        self._calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._predictor, name)
+
+    def __call__(self, image):
+        self._calls += 1
+        if self._calls == 2 and not os.path.exists(self._marker):
+            with open(self._marker, "w") as f:
+                f.write(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)  # a worker lost mid-job
+        return self._predictor(image)
+
+
+def load(artifacts, marker, **kwargs):
+    """``load_predictor(artifacts, **kwargs)``, dying once (see the module)."""
+    from d2persist import load_predictor
+
+    return _Dying(load_predictor(artifacts, **kwargs), marker)
+
+
+def main(argv):
+    """
+    ``ray_fault.py RUN SRC DST MARKER``: ``d2persist predict SRC --artifacts RUN --output DST
+    --ray --workers 2 --backend pytorch``, its engine's loader replaced by :func:`load`; prints
+    the engine's settings and the job record as JSON.
+    """
+    import functools
+    import json
+
+    from d2persist import load_predictor
+    from d2persist.__main__ import _ray_engine, get_parser
+    from d2persist.predict.batch import predict_source
+
+    run, src, dst, marker = argv
+    args = get_parser().parse_args(["predict", src, "--artifacts", run, "--output", dst,
+                                    "--ray", "--workers", "2", "--backend", "pytorch"])
+    engine = _ray_engine(args)  # the command's engine
+    settings = {"address": engine.address, "workers": engine.workers,
+                "cpus_per_worker": engine.cpus_per_worker,
+                "threads": engine.load.keywords["threads"]}
+    engine.load = functools.partial(load, run, marker, **engine.load.keywords)
+    predictor = load_predictor(run, backend="pytorch")
+    record = predict_source(predictor, src, dst, ray=engine)
+    print(json.dumps({"engine": settings, "record": record}))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
