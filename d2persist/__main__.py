@@ -204,6 +204,24 @@ def predict(args):
     return 1 if counts["failed"] else 0
 
 
+def serve(args):
+    import functools
+    import os
+
+    from d2persist.predict.load import load_predictor
+    from d2persist.predict.serve import run_server
+
+    cpus = args.cpus_per_replica or max(1.0, (os.cpu_count() or 1) / args.replicas)
+    load = functools.partial(load_predictor, args.artifacts, device=args.device,
+                             backend=args.backend, precision=args.precision,
+                             threads=max(1, int(cpus)))
+    load()  # bad artifacts or options: one sentence here, before Ray starts
+    address = None if args.ray in (None, "local") else args.ray
+    run_server(load, args.host, args.port, args.replicas, cpus, address, args.max_bytes,
+               args.max_batch_size)
+    return 0
+
+
 def get_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.strip().split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -258,6 +276,27 @@ def get_parser():
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
+    p = sub.add_parser("serve", help="serve predictions over HTTP on Ray Serve: POST /predict "
+                       "with an image, GET /healthz")
+    p.add_argument("artifacts", help="an export bundle, a training OUTPUT_DIR, or a bundle's URL")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="CPUs each replica reserves and its threads (default: cores / "
+                   "replicas)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="a running Ray cluster ('auto' or its address); default: a local one")
+    p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
+                   help="the largest image a request may send (default 32 MiB)")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="concurrent requests a replica takes in one call (@serve.batch; "
+                   "default 8; 1: none)")
+    p.set_defaults(fn=serve)
     return parser
 
 

@@ -48,6 +48,7 @@ class Artifacts:
         problem (str): an export whose evaluation recorded the PyTorch backend as failed: the
             sentence saying so (see :func:`d2persist.artifacts.manifest.evaluation_problem`); else
             "".
+        evaluation (dict or None): an export's self-evaluation (its manifest's ``evaluation``).
     """
 
     kind: str
@@ -60,6 +61,7 @@ class Artifacts:
     config_extensions: List[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
     problem: str = ""
+    evaluation: Optional[dict] = None
 
 
 def _extensions(names, where):
@@ -94,6 +96,7 @@ def _from_export(folder):
         _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
         evaluation_problem(manifest, PYTORCH.backend) or "",
+        manifest.get("evaluation"),
     )
 
 

@@ -279,6 +279,8 @@ class OnnxPredictor:
         self.backend = ONNX.backend
         self.precision = ONNX.precision
         self.sha256: Optional[str] = None  # of the model file (set by load_onnx_predictor)
+        self.evaluation: Optional[dict] = None  # the bundle's self-evaluation (its manifest's)
+        self.problem = ""  # the sentence saying it recorded this backend as failed, if it did
         self.cached = False  # whether the session's optimized graph came from the cache
 
     def visualizer_metadata(self) -> dict:
@@ -452,4 +454,6 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
         manifest, model.backend)
     if problem:
         logger.warning(problem)
+    predictor.evaluation = manifest.get("evaluation")
+    predictor.problem = problem or ""
     return predictor

@@ -161,6 +161,8 @@ class Predictor:
         self.backend = PYTORCH.backend
         self.precision = PYTORCH.precision
         self.sha256: Optional[str] = None  # of the weights file (set by load_torch_predictor)
+        self.evaluation: Optional[dict] = None  # a bundle's self-evaluation (its manifest's)
+        self.problem = ""  # the sentence saying it recorded this backend as failed, if it did
         self.augmentation = T.AugmentationList(augmentation)
         self.input_format = input_format
         self.metadata = metadata
@@ -248,6 +250,8 @@ def load_torch_predictor(
     predictor.weights = describe_source(source)
     # the weights file's identity (d2persist predict's jobs): its sidecar, else its bytes
     predictor.sha256 = read_sidecar(art.weights_path) or sha256_file(art.weights_path)
+    predictor.evaluation = art.evaluation
+    predictor.problem = art.problem
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)
     if art.problem:
         logger.warning(art.problem)

@@ -37,6 +37,7 @@ LAYERS = {
     "predict.onnx_predictor": 10,
     "predict.predictor": 10,
     "predict.infer": 10,
+    "predict.serve": 10,
     "predict.load": 11,
     "predict.batch": 11,
     "export.onnx_graph": 12,

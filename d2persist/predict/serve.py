@@ -1,0 +1,191 @@
+"""
+``d2persist serve``: a bundle's predictions over HTTP, on Ray Serve.
+
+- ``POST /predict`` with an image (the raw bytes, ``image/*`` or ``application/octet-stream``;
+  or ``multipart/form-data`` with one file) answers the JSON ``infer_single`` writes for it
+  (``image`` is the file name sent, else "upload"); ``?min_score=`` as
+  ``--confidence-threshold`` (default 0.5);
+- ``GET /healthz`` answers the weights (sha256, in words), backend, precision and the bundle's
+  self-evaluation (the manifest's ``evaluation``), with a warning where that recorded the
+  backend as failed;
+- bad input (not an image, too large, another content type, another path or method) gets a 4xx
+  with one sentence, and the server goes on serving.
+
+Concurrent requests are batched (``@serve.batch``) and predicted one after another in one call:
+the exported graphs take one image; batching saves the per-request scheduling.
+"""
+
+import email.parser
+import email.policy
+import logging
+import os
+import tempfile
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from ..errors import InputImageError
+from .images import check_image_file
+
+__all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
+           "health_of"]
+
+logger = logging.getLogger(__name__)
+
+#: the largest image a request may send (bytes)
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+
+
+def multipart_file(body: bytes, content_type: str) -> Tuple[bytes, Optional[str]]:
+    """
+    The first file of a ``multipart/form-data`` body: ``(bytes, file name)``.
+
+    Raises:
+        InputImageError: the body holds no file.
+    """
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    for part in message.iter_parts() if message.is_multipart() else ():
+        payload = part.get_payload(decode=True)
+        if part.get_filename() is not None or part.get_param(
+                "name", header="content-disposition") in ("image", "file"):
+            return payload if isinstance(payload, bytes) else b"", part.get_filename()
+    raise InputImageError("The multipart/form-data request holds no file (send the image as "
+                          "a file field, e.g. curl -F image=@photo.jpg).")
+
+
+class Endpoint:
+    """
+    What a Ray Serve replica runs (wrapped by :func:`deployment`): one predictor, loaded once
+    by ``load``, and its answers.
+    """
+
+    def __init__(self, load: Callable[[], Any], max_bytes: int = MAX_IMAGE_BYTES) -> None:
+        self.predictor = load()
+        self.max_bytes = max_bytes
+        self.tmp = tempfile.mkdtemp(prefix="d2persist-serve-")
+        self.health = health_of(self.predictor)
+
+    def predict_many(self, items: List[Tuple[bytes, str, float]]) -> List[Tuple[int, dict]]:
+        """``(status, JSON)`` of each ``(image bytes, name, min_score)``, one after another."""
+        out = []
+        for data, name, min_score in items:
+            path = os.path.join(self.tmp, "upload" + os.path.splitext(name)[1].lower())
+            with open(path, "wb") as f:  # read as evaluation reads: from a file
+                f.write(data)
+            try:
+                check_image_file(path)
+                pred = self.predictor(path)
+            except InputImageError:
+                out.append((400, {"error": f"The request's body ({len(data)} bytes) is not an "
+                                           "image this server can read."}))
+                continue
+            out.append((200, pred.to_json(image_name=name, min_score=min_score)))
+        return out
+
+    def parse(self, method: str, path: str, content_type: str, body: bytes,
+              query: Dict[str, str]) -> Tuple[int, Optional[dict], Optional[tuple]]:
+        """
+        ``(status, answer, None)`` for what is answered at once, or ``(0, None, item)`` for an
+        image to predict (see :meth:`predict_many`).
+        """
+        if path.rstrip("/") == "/healthz" and method == "GET":
+            return 200, self.health, None
+        if path.rstrip("/") != "/predict":
+            return 404, {"error": f"No {path}: POST /predict, GET /healthz."}, None
+        if method != "POST":
+            return 405, {"error": f"{method} /predict: send the image with POST."}, None
+        try:
+            min_score = float(query.get("min_score", 0.5))
+        except ValueError:
+            return 400, {"error": f"min_score must be a number, not {query['min_score']!r}."}, None
+        if len(body) > self.max_bytes:
+            return 413, {"error": f"The image is {len(body)} bytes; this server takes up to "
+                                  f"{self.max_bytes}."}, None
+        kind = content_type.split(";")[0].strip().lower()
+        name = "upload"
+        if kind == "multipart/form-data":
+            try:
+                body, filename = multipart_file(body, content_type)
+            except InputImageError as e:
+                return 400, {"error": str(e)}, None
+            name = filename or name
+        elif not (kind.startswith("image/") or kind == "application/octet-stream"):
+            return 415, {"error": f"Content type {kind or '(none)'} is not an image: send the "
+                                  "image's bytes (image/*, application/octet-stream) or "
+                                  "multipart/form-data."}, None
+        if not body:
+            return 400, {"error": "The request has no body: send the image."}, None
+        return 0, None, (body, name, min_score)
+
+
+def health_of(predictor: Any) -> Dict[str, Any]:
+    """What ``GET /healthz`` answers for ``predictor``."""
+    health = {"status": "ok", "weights": predictor.weights, "sha256": predictor.sha256,
+              "backend": predictor.backend, "precision": predictor.precision,
+              "evaluation": getattr(predictor, "evaluation", None)}
+    if getattr(predictor, "problem", ""):
+        health["warning"] = predictor.problem
+    return health
+
+
+def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: float = 1.0,
+               max_batch_size: int = 8, max_bytes: int = MAX_IMAGE_BYTES) -> Any:
+    """
+    The Ray Serve application: :class:`Endpoint` behind ``@serve.deployment`` with requests
+    batched by ``@serve.batch`` (up to ``max_batch_size``, waiting at most 10 ms).
+    """
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
+    class D2PersistEndpoint:
+        def __init__(self, load, max_bytes):
+            self.endpoint = Endpoint(load, max_bytes)
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.01)
+        async def predict(self, items: List[tuple]) -> List[Tuple[int, dict]]:
+            return self.endpoint.predict_many(items)
+
+        async def __call__(self, request: Request) -> JSONResponse:
+            body = await request.body() if request.method == "POST" else b""
+            status, answer, item = self.endpoint.parse(
+                request.method, request.url.path, request.headers.get("content-type", ""),
+                body, dict(request.query_params))
+            if item is not None:
+                status, answer = await self.predict(item)
+            return JSONResponse(answer, status_code=status)
+
+    return D2PersistEndpoint.bind(load, max_bytes)  # type: ignore[attr-defined]
+
+
+def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 8000,
+               replicas: int = 1, cpus_per_replica: float = 1.0, address: Optional[str] = None,
+               max_bytes: int = MAX_IMAGE_BYTES, max_batch_size: int = 8) -> None:
+    """
+    Serve until SIGINT or SIGTERM: Ray (a local cluster, or the one at ``address``), Ray
+    Serve's HTTP proxy on ``host:port``, the application of :func:`deployment`; all stopped
+    on the way out.
+    """
+    import signal
+    import threading
+
+    import ray
+    from ray import serve
+
+    stop = threading.Event()
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size, max_bytes),
+                  name="d2persist", route_prefix="/")
+        for sig in (signal.SIGINT, signal.SIGTERM):  # (after ray.init, which sets its own)
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
+              "Ctrl-C stops", flush=True)
+        stop.wait()
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()

@@ -1,0 +1,101 @@
+"""
+``d2persist serve`` on Ray Serve, on 127.0.0.1: concurrent requests answered with the JSON
+``infer_single`` writes, bad requests with a 4xx and one sentence while it goes on serving,
+``/healthz``; stopped by SIGTERM with everything it started. In a bounded process of its own.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from detectron2.data import DatasetCatalog
+from helpers import free_port, kill_tree, tool_env
+
+from d2persist import load_predictor
+from d2persist.data.shapes import register_shapes
+
+pytest.importorskip("ray.serve")
+
+
+def _request(url, data=None, content_type=None, method=None):
+    req = urllib.request.Request(url, data=data, method=method)
+    if content_type:
+        req.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _multipart(data, filename):
+    boundary = "d2persist-test-boundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; "
+            f"filename=\"{filename}\"\r\nContent-Type: image/png\r\n\r\n").encode()
+    body += data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_serve_answers_as_infer_single_and_refuses_bad_requests(trained_run):
+    _, val = register_shapes()
+    images = [d["file_name"] for d in DatasetCatalog.get(val)[:4]]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2persist", "serve", str(trained_run), "--port", str(port),
+         "--backend", "pytorch", "--max-bytes", "200000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        while True:  # until it serves (Ray, Serve's proxy, the replica loading the model)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the server did not start in 150 s"
+            try:
+                status, health = _request(url + "/healthz")
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(1)
+        predictor = load_predictor(str(trained_run), backend="pytorch")
+        assert (health["sha256"], health["backend"], health["weights"]) == (
+            predictor.sha256, "pytorch", predictor.weights)
+
+        def ask(i):  # raw bytes and multipart, all at once
+            data = open(images[i % 4], "rb").read()
+            if i % 2:
+                body, kind = _multipart(data, f"img{i}.png")
+                return _request(url + "/predict?min_score=0", body, kind)
+            return _request(url + "/predict?min_score=0", data, "image/png")
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(ask, range(8)))
+        for i, (status, got) in enumerate(answers):
+            assert status == 200, got
+            name = f"img{i}.png" if i % 2 else "upload"
+            assert got == predictor(images[i % 4]).to_json(image_name=name, min_score=0)
+        bad = [
+            _request(url + "/predict", b"not an image", "image/png"),
+            _request(url + "/predict", b"x" * 300_000, "image/png"),
+            _request(url + "/predict", b"hello", "text/plain"),
+            _request(url + "/predict", method="GET"),
+            _request(url + "/nowhere"),
+            _request(url + "/predict?min_score=high", b"x", "image/png"),
+            _request(url + "/predict", *_multipart(b"", "empty.png")[:1], "multipart/form-data"),
+        ]
+        assert [s for s, _ in bad] == [400, 413, 415, 405, 404, 400, 400]
+        for _, answer in bad:  # one sentence each
+            assert answer["error"].endswith(".") and "\n" not in answer["error"]
+        assert ask(0)[0] == 200  # and it goes on serving
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+    finally:
+        kill_tree(proc.pid)
