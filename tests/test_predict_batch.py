@@ -146,30 +146,57 @@ def test_device_cuda_with_onnxruntime_needs_its_cuda_provider(trained_run):
         load_predictor(str(trained_run), backend="onnxruntime", device="cuda")
 
 
-def test_on_ray_a_killed_worker_is_retried_and_each_image_done_once(trained_run, source,
-                                                                    tmp_path):
+def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_run, source):
     """
-    ``--ray --workers 2``: a local Ray cluster, Ray Data reading the images and two actors
-    predicting; one actor's worker process SIGKILLs itself at its second image (fault
-    injection, tests/scripts/ray_fault.py). Ray restarts it and retries: every image has its
-    output once, equal to this machine's engine's. In a process of its own, bounded, its
-    cluster stopped with it.
+    ``--ray ADDRESS --workers 2 --cpus-per-worker 1`` on a cluster of two nodes on loopback
+    (``ray start --head`` and a worker node, one CPU each: an actor on each), the images read
+    from and the outputs written to the moto S3 server, with ONNX Runtime (the actors import no
+    torch). One actor's worker process SIGKILLs itself at its second image (fault injection,
+    tests/scripts/ray_fault.py): Ray restarts it and retries, and every image has one output,
+    equal to this machine's predictor's. Everything is stopped at the end (``ray stop``).
     """
-    dst, marker = tmp_path / "dst", tmp_path / "killed"
-    res = run_tool(os.path.join(REPO, "tests", "scripts", "ray_fault.py"), trained_run, source,
-                   dst, marker, timeout=240, fresh=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    said = json.loads(res.stdout.strip().splitlines()[-1])
-    # the command's engine: a local cluster, 2 actors x 1 core each on this 2-core machine
-    assert said["engine"] == {"address": None, "workers": 2,
-                              "cpus_per_worker": max(1.0, os.cpu_count() / 2),
-                              "threads": max(1, os.cpu_count() // 2)}
-    assert marker.is_file()  # a worker was killed
-    assert said["record"]["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
-    outputs = sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
-    assert outputs == [".d2persist-predict.json", "a/0.png.json", "a/1.png.json",
-                       "a/2.png.json", "b/3.jpg.json", "b/bad.png.error.json", "job.json"]
-    predictor = load_predictor(str(trained_run), backend="pytorch")
-    for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
-        data = predictor(str(source / rel)).to_json(image_name=str(source / rel), min_score=0.5)
-        assert _json(dst / (rel + ".json")) == data
+    import subprocess
+    import sys
+
+    import fsspec
+    from helpers import free_port, tool_env
+    from test_mirror import BUCKET, s3_server
+
+    run, _ = default_run
+    port = free_port()
+    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
+    marker = source.parent / "killed"
+    with s3_server() as (_, s3_env):
+        fs = fsspec.filesystem("s3")
+        fs.put(str(source), f"{BUCKET}/two/images", recursive=True)
+        env = dict(s3_env, RAY_AUTH_MODE="disabled")  # (a token would be one more file)
+        try:
+            for args in (["--head", "--port", str(port), "--include-dashboard", "false"],
+                         ["--address", f"127.0.0.1:{port}"]):
+                started = subprocess.run([*ray_cli, "start", *args, *node], env=tool_env(**env),
+                                         capture_output=True, text=True, timeout=120)
+                assert started.returncode == 0, started.stderr[-3000:]
+            res = run_tool(os.path.join(REPO, "tests", "scripts", "ray_fault.py"), run,
+                           f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/preds", marker,
+                           f"127.0.0.1:{port}", "onnxruntime", env=env, timeout=240, fresh=True)
+        finally:
+            subprocess.run([*ray_cli, "stop", "--force"], env=tool_env(**env),
+                           capture_output=True, timeout=120)
+        assert res.returncode == 0, res.stderr[-4000:]
+        said = json.loads(res.stdout.strip().splitlines()[-1])
+        assert said["engine"] == {"address": f"127.0.0.1:{port}", "workers": 2,
+                                  "cpus_per_worker": 1.0, "threads": 1}
+        assert marker.is_file()  # a worker was killed
+        assert said["record"]["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
+        fs.invalidate_cache()
+        outputs = sorted(p[len(f"{BUCKET}/two/preds/"):] for p in fs.find(f"{BUCKET}/two/preds"))
+        assert outputs == [".d2persist-predict.json", "a/0.png.json", "a/1.png.json",
+                           "a/2.png.json", "b/3.jpg.json", "b/bad.png.error.json", "job.json"]
+        predictor = load_predictor(str(run), backend="onnxruntime")
+        for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
+            got = json.loads(fs.cat_file(f"{BUCKET}/two/preds/{rel}.json"))
+            url = f"s3://{BUCKET}/two/images/{rel}"
+            assert got == predictor(str(source / rel)).to_json(image_name=url, min_score=0.5)
+        error = json.loads(fs.cat_file(f"{BUCKET}/two/preds/b/bad.png.error.json"))
+        assert error["path"] == f"s3://{BUCKET}/two/images/b/bad.png"

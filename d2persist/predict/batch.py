@@ -301,13 +301,9 @@ class _RayPredict:
 
     def __init__(self, load: Callable[[], Any], dst: str, base: str, protocol: Optional[str],
                  min_score: float, pictures: bool, threads: int) -> None:
-        try:  # the actor's share of the cores (ONNX Runtime's: given to ``load``)
-            import torch
-        except ImportError:  # the torch-free install
-            pass
-        else:
-            torch.set_num_threads(max(1, threads))
         self.predictor = load()
+        if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``'s)
+            sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
         self.job = _Job(dst, min_score, pictures)
         self.base = base

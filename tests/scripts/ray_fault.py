@@ -34,9 +34,10 @@ def load(artifacts, marker, **kwargs):
 
 def main(argv):
     """
-    ``ray_fault.py RUN SRC DST MARKER``: ``d2persist predict SRC --artifacts RUN --output DST
-    --ray --workers 2 --backend pytorch``, its engine's loader replaced by :func:`load`; prints
-    the engine's settings and the job record as JSON.
+    ``ray_fault.py RUN SRC DST MARKER ADDRESS BACKEND``: ``d2persist predict SRC --artifacts
+    RUN --output DST --ray ADDRESS --workers 2 --cpus-per-worker 1 --backend BACKEND``, its
+    engine's loader replaced by :func:`load`; prints the engine's settings and the job record
+    as JSON.
     """
     import functools
     import json
@@ -45,15 +46,16 @@ def main(argv):
     from d2persist.__main__ import _ray_engine, get_parser
     from d2persist.predict.batch import predict_source
 
-    run, src, dst, marker = argv
+    run, src, dst, marker, address, backend = argv
     args = get_parser().parse_args(["predict", src, "--artifacts", run, "--output", dst,
-                                    "--ray", "--workers", "2", "--backend", "pytorch"])
+                                    "--ray", address, "--workers", "2", "--cpus-per-worker", "1",
+                                    "--backend", backend])
     engine = _ray_engine(args)  # the command's engine
     settings = {"address": engine.address, "workers": engine.workers,
                 "cpus_per_worker": engine.cpus_per_worker,
                 "threads": engine.load.keywords["threads"]}
     engine.load = functools.partial(load, run, marker, **engine.load.keywords)
-    predictor = load_predictor(run, backend="pytorch")
+    predictor = load_predictor(run, backend=backend)
     record = predict_source(predictor, src, dst, ray=engine)
     print(json.dumps({"engine": settings, "record": record}))
 
