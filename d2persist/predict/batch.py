@@ -340,6 +340,8 @@ class RayEngine:
         workers (int): actors.
         cpus_per_worker (float): CPUs each actor reserves.
         gpus_per_worker (float): GPUs each actor reserves (PyTorch on GPUs).
+        batch_size (int): images per call of an actor (each still predicted and written on
+            its own): fewer calls, less of Ray's per-call cost; a retry redoes at most one.
     """
 
     load: Callable[[], Any]
@@ -347,6 +349,7 @@ class RayEngine:
     workers: int = 1
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
+    batch_size: int = 8
 
     def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
             pictures: bool) -> Dict[str, int]:
@@ -380,7 +383,7 @@ class RayEngine:
                                         override_num_blocks=min(len(paths), 4 * self.workers),
                                         num_cpus=0)
         ds = ds.map_batches(
-            _RayPredict, batch_size=1,
+            _RayPredict, batch_size=self.batch_size,
             fn_constructor_args=(self.load, dst, base, protocol, min_score, pictures,
                                  max(1, int(self.cpus_per_worker))),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
