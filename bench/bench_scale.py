@@ -13,18 +13,25 @@ Prediction at scale (issue 32), ONNX Runtime, the built-in model, one run measur
 Needs a finished run of the built-in model with ONNX (``--run``, e.g. a default run).
 """
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from common import REPO, TOOLS, machine, median, parse_args, table, val_images
+from common import (
+    REPO,
+    TOOLS,
+    machine,
+    median,
+    parse_args,
+    post_image,
+    serving,
+    table,
+    val_images,
+)
 
 
 def _steady_rate(folder):
@@ -87,45 +94,17 @@ def _percentile(xs, q):
 
 def endpoint(bundle, images, clients, requests):
     """``{clients: latencies}`` of ``d2persist serve`` on 127.0.0.1."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "d2persist", "serve", bundle, "--port",
-                             str(port), "--backend", "onnxruntime"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
     data = [open(p, "rb").read() for p in images]
-
-    def post(i):
-        req = urllib.request.Request(url + "/predict", data=data[i % len(data)])
-        req.add_header("Content-Type", "image/png")
-        start = time.perf_counter()
-        with urllib.request.urlopen(req, timeout=120) as r:
-            json.loads(r.read())
-        return time.perf_counter() - start
-
-    try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(1)
+    with serving(bundle, "--backend", "onnxruntime") as url:
         for i in range(4):
-            post(i)  # warm
+            post_image(url + "/predict", data[i])  # warm
         out = {}
         for n in clients:
             with ThreadPoolExecutor(n) as pool:
-                out[n] = list(pool.map(post, range(requests)))
+                out[n] = list(pool.map(
+                    lambda i: post_image(url + "/predict", data[i % len(data)]),
+                    range(requests)))
         return out
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main():

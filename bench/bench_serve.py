@@ -7,65 +7,38 @@ requests (8 at a time) on 127.0.0.1: requests per second and the median latency.
 Needs a finished run of the built-in model (``--run``); without one, trains 20 iterations.
 """
 
-import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-from common import REPO, TOOLS, alternate, machine, median, parse_args, table, val_images
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url, data):
-    req = urllib.request.Request(url, data=data)
-    req.add_header("Content-Type", "image/png")
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as r:
-        json.loads(r.read())
-    return time.perf_counter() - start
+from common import (
+    REPO,
+    TOOLS,
+    alternate,
+    machine,
+    median,
+    parse_args,
+    post_image,
+    serving,
+    table,
+    val_images,
+)
 
 
 def measure(run, batch, images, requests, backend):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "d2persist", "serve", run, "--port", str(port), "--backend",
-         backend, "--max-batch-size", str(batch)], stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(url + "/healthz", timeout=2).read()
-                break
-            except OSError:
-                time.sleep(1)
+    with serving(run, "--backend", backend, "--max-batch-size", batch) as url:
         data = [open(p, "rb").read() for p in images]
-        _post(url + "/predict", data[0])  # warm
+        post_image(url + "/predict", data[0])  # warm
         with ThreadPoolExecutor(8) as pool:
             start = time.perf_counter()
-            latencies = list(pool.map(lambda i: _post(url + "/predict", data[i % len(data)]),
-                                      range(requests)))
+            latencies = list(pool.map(
+                lambda i: post_image(url + "/predict", data[i % len(data)]), range(requests)))
             wall = time.perf_counter() - start
         return requests / wall, median(latencies)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def main():

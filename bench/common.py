@@ -1,5 +1,6 @@
 """Shared helpers of the benchmark scripts: side-by-side alternation, medians, a table."""
 
+import contextlib
 import os
 import platform
 import statistics
@@ -125,3 +126,49 @@ def val_images(quick):
 
     _, val = register_shapes()
     return [d["file_name"] for d in DatasetCatalog.get(val)[: 10 if quick else 50]]
+
+
+@contextlib.contextmanager
+def serving(artifacts, *flags):
+    """
+    ``d2persist serve ARTIFACTS FLAGS`` on a free port of 127.0.0.1, once it answers
+    ``/healthz``: yields its URL; stopped (SIGTERM, then SIGKILL) on the way out.
+    """
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "d2persist", "serve", str(artifacts),
+                             "--port", str(port), *map(str, flags)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(url + "/healthz", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def post_image(url, data):
+    """POST an image's bytes to ``url``; the seconds until its JSON answer was read."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(url, data=data)
+    req.add_header("Content-Type", "image/png")
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as r:
+        json.loads(r.read())
+    return time.perf_counter() - start

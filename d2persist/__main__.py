@@ -246,7 +246,7 @@ def get_parser():
     p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png; for a URL, "
                    "training.png here)")
     p.set_defaults(fn=plot)
-    from d2persist.layout import BACKENDS, PRECISIONS
+    from d2persist.cli import add_predictor_arguments
 
     p = sub.add_parser("predict", help="predict every image of a folder, glob, list or URL "
                        "into a folder or URL, each once; rerun to finish an interrupted job")
@@ -259,12 +259,7 @@ def get_parser():
     p.add_argument("--pictures", action="store_true", help="also REL.png, the drawing")
     p.add_argument("--confidence-threshold", type=float, default=0.5,
                    help="minimum score of the instances written (default: 0.5)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
-                   help="as infer_single: pytorch, onnxruntime (torch-free), auto")
-    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                   help="int8: the bundle's model.int8.onnx (onnxruntime)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="cuda: the GPU (onnxruntime: its CUDA provider, onnxruntime-gpu)")
+    add_predictor_arguments(p)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="predict on Ray (pip install 'd2persist[ray]'): alone, a local cluster "
                    "for the job; 'auto', the running cluster this machine belongs to; or its "
@@ -282,9 +277,7 @@ def get_parser():
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0])
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    add_predictor_arguments(p)
     p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=None,
                    help="CPUs each replica reserves and its threads (default: cores / "

@@ -26,6 +26,7 @@ __all__ = [
     "exit_on_known_errors",
     "setup_run",
     "add_launch_arguments",
+    "add_predictor_arguments",
     "launch_main",
     "launched_by_torchrun",
 ]
@@ -149,6 +150,25 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="fail a multi-process run whose processes wait on each other this long "
         "(detectron2's default: 1800)",
     )
+    return parser
+
+
+def add_predictor_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """
+    Add what chooses a predictor, as every prediction tool and command takes it:
+    ``--backend``, ``--precision``, ``--device`` (see :func:`d2persist.load_predictor`).
+    """
+    from .layout import BACKENDS, PRECISIONS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="pytorch: evaluation-exact, needs torch and detectron2; "
+                        "onnxruntime: the export's model.onnx, needs neither; auto (default): "
+                        "pytorch where torch and detectron2 are installed, else onnxruntime")
+    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
+                        help="int8: the export's model.int8.onnx (onnxruntime backend)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="pytorch: default cuda if available, else cpu; onnxruntime: cuda "
+                        "uses its CUDA provider (onnxruntime-gpu), refused where it has none")
     return parser
 
 

@@ -20,7 +20,7 @@ stderr, for bad input, bad artifacts or a dataset whose category names are not t
 
 import argparse
 
-from d2persist.layout import BACKENDS, PRECISIONS
+from d2persist.cli import add_predictor_arguments
 
 PROG = "evaluate.py"
 
@@ -43,12 +43,7 @@ def get_parser():
     parser.add_argument("--keypoint-oks-sigmas", type=float, nargs="+",
                         help="OKS sigma of each keypoint (default: the config's "
                              "TEST.KEYPOINT_OKS_SIGMAS)")
-    parser.add_argument("--backend", choices=BACKENDS, default="auto",
-                        help="as infer_single.py's (default: auto)")
-    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                        help="int8: the bundle's INT8 ONNX model (onnxruntime)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="pytorch backend: default cuda if available, else cpu")
+    add_predictor_arguments(parser)
     parser.add_argument("--json", help="write the metrics to this JSON file")
     return parser
 

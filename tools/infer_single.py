@@ -13,7 +13,7 @@ with one line on stderr, for bad input or bad artifacts.
 import argparse
 import os
 
-from d2persist.layout import BACKENDS, PRECISIONS
+from d2persist.cli import add_predictor_arguments
 
 PROG = "infer_single.py"
 
@@ -30,15 +30,7 @@ def get_parser():
                         "default: predictions/<image>.json")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of the instances written (default: 0.5)")
-    parser.add_argument("--backend", choices=BACKENDS,
-                        default="auto",
-                        help="pytorch: evaluation-exact, needs torch and detectron2; "
-                        "onnxruntime: the export's model.onnx, needs neither; auto (default): "
-                        "pytorch where torch and detectron2 are installed, else onnxruntime")
-    parser.add_argument("--precision", choices=PRECISIONS, default=PRECISIONS[0],
-                        help="int8: the export's model.int8.onnx (onnxruntime backend)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="pytorch backend: default cuda if available, else cpu")
+    add_predictor_arguments(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs")
     return parser
