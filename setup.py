@@ -43,7 +43,7 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)
         "s3": ["s3fs"],
-        # d2persist predict --ray (Ray Data; Ray Serve for the endpoint to come)
+        # d2persist predict --ray (Ray Data) and d2persist serve (Ray Serve)
         "ray": ["ray[data,serve]>=2.9"],
     },
     # d2persist ls / verify RUN (also python -m d2persist)

@@ -152,6 +152,8 @@ def serving(artifacts, *flags):
                 break
             except OSError:
                 time.sleep(1)
+        else:
+            raise SystemExit(f"d2persist serve {artifacts} did not answer in 180 s")
         yield url
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,7 @@ def main():
         code = subprocess.call([sys.executable, os.path.join(HERE, script), *extra], cwd=HERE)
         if code:
             sys.exit(code)
+    print(f"\nNot run (they need --run RUN, a finished run with ONNX): {', '.join(NEEDS_RUN)}")
 
 
 if __name__ == "__main__":

@@ -171,20 +171,29 @@ def plot(args):
     return 0
 
 
-def _ray_engine(args):
-    """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
+def _loader(args, cpus, copies):
+    """
+    ``(CPUs each copy reserves, a picklable loader of the predictor with as many threads)``:
+    ``cpus`` as given, else this machine's cores shared by ``copies`` (Ray's actors, replicas).
+    """
     import functools
     import os
 
-    from d2persist.predict.batch import RayEngine
     from d2persist.predict.load import load_predictor
 
-    address = None if args.ray == "local" else args.ray
-    cpus = args.cpus_per_worker or max(1.0, (os.cpu_count() or 1) / args.workers)
-    load = functools.partial(load_predictor, args.artifacts, device=args.device,
-                             backend=args.backend, precision=args.precision,
-                             threads=max(1, int(cpus)))
-    return RayEngine(load, address, args.workers, cpus, args.gpus_per_worker)
+    cpus = cpus or max(1.0, (os.cpu_count() or 1) / copies)
+    return cpus, functools.partial(load_predictor, args.artifacts, device=args.device,
+                                   backend=args.backend, precision=args.precision,
+                                   threads=max(1, int(cpus)))
+
+
+def _ray_engine(args):
+    """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
+    from d2persist.predict.batch import RayEngine
+
+    cpus, load = _loader(args, args.cpus_per_worker, args.workers)
+    return RayEngine(load, None if args.ray == "local" else args.ray, args.workers, cpus,
+                     args.gpus_per_worker)
 
 
 def predict(args):
@@ -205,16 +214,9 @@ def predict(args):
 
 
 def serve(args):
-    import functools
-    import os
-
-    from d2persist.predict.load import load_predictor
     from d2persist.predict.serve import run_server
 
-    cpus = args.cpus_per_replica or max(1.0, (os.cpu_count() or 1) / args.replicas)
-    load = functools.partial(load_predictor, args.artifacts, device=args.device,
-                             backend=args.backend, precision=args.precision,
-                             threads=max(1, int(cpus)))
+    cpus, load = _loader(args, args.cpus_per_replica, args.replicas)
     load()  # bad artifacts or options: one sentence here, before Ray starts
     address = None if args.ray in (None, "local") else args.ray
     run_server(load, args.host, args.port, args.replicas, cpus, address, args.max_bytes,

@@ -75,6 +75,11 @@ def test_a_folder_predicted_once_each_as_infer_single_predicts(trained_run, sour
         "(confidence_threshold 0.2, this one 0.5): predict into another --output, or remove "
         "it first.")
     assert "Traceback" not in other.stderr
+    # so is another source with images of the same names
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(source, elsewhere)
+    moved = run_tool(*args[:3], elsewhere, *args[4:])
+    assert moved.returncode == 2 and "(src " in moved.stderr, moved.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
 
@@ -109,9 +114,14 @@ def test_an_interrupted_job_finishes_with_only_the_rest(trained_run, source, tmp
 def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path):
     glob = list_source(str(source / "a" / "*.png"))
     assert [n for _, n in glob.items] == ["0.png", "1.png", "2.png"]
-    listing = tmp_path / "list.txt"
-    listing.write_text(f"{source}/a/1.png\n# a comment\n{source}/b/3.jpg\n")
-    assert [n for _, n in list_source(str(listing)).items] == ["a/1.png", "b/3.jpg"]
+    listing = source / "list.txt"  # relative paths, a URL, a comment, a missing image
+    listing.write_text(f"a/1.png\n# a comment\nfile://{source}/b/3.jpg\na/gone.png\n")
+    try:
+        listed = list_source(str(listing))
+    finally:
+        listing.unlink()
+    assert [n for _, n in listed.items] == ["a/1.png", "b/3.jpg"]
+    assert listed.missing == [(str(source / "a" / "gone.png"), "a/gone.png")]
     with pytest.raises(D2PersistError, match="does not exist"):
         list_source(str(tmp_path / "nowhere"))
 
@@ -200,3 +210,4 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
             assert got == predictor(str(source / rel)).to_json(image_name=url, min_score=0.5)
         error = json.loads(fs.cat_file(f"{BUCKET}/two/preds/b/bad.png.error.json"))
         assert error["path"] == f"s3://{BUCKET}/two/images/b/bad.png"
+        assert error["error"].startswith(f"s3://{BUCKET}/two/images/b/bad.png ")  # as listed

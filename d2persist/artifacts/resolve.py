@@ -49,6 +49,8 @@ class Artifacts:
             sentence saying so (see :func:`d2persist.artifacts.manifest.evaluation_problem`); else
             "".
         evaluation (dict or None): an export's self-evaluation (its manifest's ``evaluation``).
+        sha256 (str or None): the weights file's sha256, where the artifact records it (an
+            export's manifest, checked when it was read).
     """
 
     kind: str
@@ -62,6 +64,7 @@ class Artifacts:
     source: dict = field(default_factory=dict)
     problem: str = ""
     evaluation: Optional[dict] = None
+    sha256: Optional[str] = None
 
 
 def _extensions(names, where):
@@ -97,6 +100,7 @@ def _from_export(folder):
         manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
         evaluation_problem(manifest, PYTORCH.backend) or "",
         manifest.get("evaluation"),
+        (manifest.get("files") or {}).get(manifest["weights"], {}).get("sha256"),
     )
 
 

@@ -16,6 +16,7 @@ rerun with other weights or options is refused. ``job.json`` is written last, wh
 has its output.
 """
 
+import collections
 import datetime
 import json
 import logging
@@ -30,7 +31,7 @@ from ..errors import D2PersistError, InputImageError
 from ..files.atomic import write_bytes
 from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_file, encode_png
-from .infer import IMAGE_EXTENSIONS
+from .infer import IMAGE_EXTENSIONS, json_text
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
 
@@ -44,13 +45,24 @@ class Source:
 
     Attributes:
         fs: the fsspec filesystem they are on.
-        items (list[tuple[str, str]]): ``(path on fs, name relative to the source)``, sorted.
+        items (list[tuple[str, str]]): ``(path on fs, name relative to the source)``, sorted;
+            ``name`` is ``path`` relative to ``base``.
         local (bool): whether ``fs`` is the local filesystem (paths are files here).
+        base (str): the folder the names are relative to.
+        url (str): the source, as one URL (the job's identity).
+        missing (list[tuple[str, str]]): items of a list file that do not exist.
     """
 
     fs: Any
     items: List[Tuple[str, str]] = field(default_factory=list)
     local: bool = True
+    base: str = ""
+    url: str = ""
+    missing: List[Tuple[str, str]] = field(default_factory=list)
+
+
+def _is_local(fs: Any) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
 def _is_image(path: str) -> bool:
@@ -68,8 +80,9 @@ def list_source(src: str) -> Source:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(src)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    local = _is_local(fs)
     sep = "/"  # fsspec paths, on every filesystem
+    missing: List[str] = []
     if any(c in root for c in "*?["):
         paths = sorted(p for p in fs.glob(root) if _is_image(p) and fs.isfile(p))
         base = root[: min(root.index(c) for c in "*?[" if c in root)].rsplit(sep, 1)[0]
@@ -80,21 +93,28 @@ def list_source(src: str) -> Source:
         folder = posixpath.dirname(root)
         lines = fs.cat_file(root).decode("utf-8").splitlines()
         listed = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-        paths = [posixpath.join(folder, p) for p in listed]  # (an absolute p stays as it is)
+        # a URL of the list's own filesystem, an absolute path, or one relative to the list
+        paths = [fs._strip_protocol(p) if "://" in p else posixpath.join(folder, p)
+                 for p in listed]
         base = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else folder
+        missing = [p for p in paths if not fs.isfile(p)]
     elif fs.isfile(root):
         paths, base = [root], posixpath.dirname(root)
     else:
         raise InputImageError(f"{src} does not exist.")
     if not paths:
         raise InputImageError(f"{src} holds no image ({', '.join(IMAGE_EXTENSIONS)}).")
-    items = [(p, posixpath.relpath(p, base) if base else p) for p in paths]
-    names = [n for _, n in items]
-    twins = sorted({n for n in names if names.count(n) > 1})
+    base = base or sep  # (a source at the filesystem's root)
+    items = [(p, posixpath.relpath(p, base)) for p in paths]
+    counts = collections.Counter(n for _, n in items)
+    twins = sorted(n for n, c in counts.items() if c > 1)
     if twins:
         raise InputImageError(f"Several inputs of {src} would be named {twins[0]!r} at the "
                               "destination; list them from one source folder.")
-    return Source(fs, sorted(items, key=lambda x: x[1]), local)
+    absent = set(missing)
+    return Source(fs, sorted((x for x in items if x[0] not in absent), key=lambda x: x[1]),
+                  local, base, fs.unstrip_protocol(root),
+                  [x for x in items if x[0] in absent])
 
 
 class _Destination:
@@ -104,9 +124,7 @@ class _Destination:
         import fsspec
 
         self.fs, self.root = fsspec.core.url_to_fs(dst)
-        protocol = self.fs.protocol if isinstance(self.fs.protocol, tuple) else (
-            self.fs.protocol,)
-        self.local = "file" in protocol
+        self.local = _is_local(self.fs)
         self.url = dst
         if self.local:
             os.makedirs(self.root, exist_ok=True)
@@ -132,20 +150,25 @@ class _Destination:
             self.fs.pipe_file(path, data)
 
     def remove(self, name: str) -> None:
-        if self.exists(name):
+        try:  # one request, not a look and then a removal
             self.fs.rm_file(self.path(name))
+        except FileNotFoundError:
+            pass
 
 
 def _json_bytes(data: dict) -> bytes:
-    return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+    return json_text(data).encode("utf-8")
 
 
-def job_identity(predictor: Any, min_score: float, pictures: bool) -> Dict[str, Any]:
-    """What makes two jobs the same: the weights' sha256, backend, precision and options."""
-    return {"weights_sha256": getattr(predictor, "sha256", None),
-            "backend": getattr(predictor, "backend", None),
-            "precision": getattr(predictor, "precision", None),
-            "confidence_threshold": float(min_score), "pictures": bool(pictures)}
+def job_identity(predictor: Any, source: str, min_score: float, pictures: bool
+                 ) -> Dict[str, Any]:
+    """
+    What makes two jobs the same: the source (one URL), the weights' sha256, backend,
+    precision and options.
+    """
+    return {"src": source, "weights_sha256": predictor.sha256, "backend": predictor.backend,
+            "precision": predictor.precision, "confidence_threshold": float(min_score),
+            "pictures": bool(pictures)}
 
 
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
@@ -192,8 +215,8 @@ class _Job:
         try:
             check_image_file(local)
             pred = predictor(local)
-        except InputImageError as e:
-            return self._failed(rel, shown, str(e))
+        except InputImageError as e:  # named as listed, not as the temp file it was read from
+            return self._failed(rel, shown, str(e).replace(local, shown))
         if self.pictures:
             self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)))
         self.out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
@@ -254,13 +277,17 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
     source = list_source(src)
     job = _Job(dst, min_score, pictures)
     out = job.out
-    identity = job_identity(predictor, min_score, pictures)
+    identity = job_identity(predictor, source.url, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished
     done = _done_names(out)
     todo = [(p, rel) for p, rel in source.items if rel not in done]
-    counts = {"inputs": len(source.items), "done": 0, "skipped": len(source.items) - len(todo),
+    inputs = len(source.items) + len(source.missing)
+    counts = {"inputs": inputs, "done": 0, "skipped": len(source.items) - len(todo),
               "failed": 0}
+    for path, rel in source.missing:  # listed, and not there
+        shown = path if source.local else source.fs.unstrip_protocol(path)
+        counts[job._failed(rel, shown, f"{shown} does not exist.")] += 1
     if ray is not None:
         for status, n in ray.run(source, todo, dst, min_score, pictures).items():
             counts[status] += n
@@ -284,7 +311,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
                     else:
                         status = job.predict_bytes(predictor, meta, rel, shown, data, tmp)
                 counts[status] += 1
-    record = dict(identity, src=src, counts=counts, versions=_versions(),
+    record = dict(identity, counts=counts, versions=_versions(),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
     out.write(PREDICT_JOB_NAME, _json_bytes(record))
     return record
@@ -377,7 +404,7 @@ class RayEngine:
             protocol = source.fs.protocol if isinstance(source.fs.protocol, str) else \
                 source.fs.protocol[0]
         paths = [p for p, _ in todo]
-        base = _common_base(todo)
+        base = source.base
         # reading is I/O: it reserves no CPU, which the actors hold (actors x threads = cores)
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem,
                                         override_num_blocks=min(len(paths), 4 * self.workers),
@@ -393,9 +420,3 @@ class RayEngine:
             status = "done" if row["status"] == "skipped" else str(row["status"])
             counts[status] = counts.get(status, 0) + 1
         return counts
-
-
-def _common_base(todo: List[Tuple[str, str]]) -> str:
-    """The folder every ``path`` is ``rel`` under (the source's base)."""
-    path, rel = todo[0]
-    return path[: len(path) - len(rel)].rstrip("/")

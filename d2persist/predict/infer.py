@@ -9,7 +9,7 @@ from ..errors import InputImageError
 from ..files.atomic import write_bytes, write_text
 from .images import check_image_file, encode_png
 
-__all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files"]
+__all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files", "json_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +118,13 @@ def predict_files(
         json_path = output_paths(image, json_out, many, ".json")
         if json_path:
             _makedirs_for(json_path)
-            write_text(json_path, json.dumps(data, indent=2) + "\n")
+            write_text(json_path, json_text(data))
     return results
+
+
+def json_text(data: dict) -> str:
+    """The text of a prediction's JSON file, as ``infer_single`` and ``predict`` write it."""
+    return json.dumps(data, indent=2) + "\n"
 
 
 def _makedirs_for(path):

@@ -248,8 +248,10 @@ def load_torch_predictor(
     if loaded.get("ema"):
         source.update(weights="ema", ema=loaded["ema"])
     predictor.weights = describe_source(source)
-    # the weights file's identity (d2persist predict's jobs): its sidecar, else its bytes
-    predictor.sha256 = read_sidecar(art.weights_path) or sha256_file(art.weights_path)
+    # the weights file's identity (d2persist predict's jobs): as the manifest or the sidecar
+    # records it, else its bytes
+    predictor.sha256 = art.sha256 or read_sidecar(art.weights_path) or sha256_file(
+        art.weights_path)
     predictor.evaluation = art.evaluation
     predictor.problem = art.problem
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)

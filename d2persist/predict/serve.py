@@ -74,11 +74,14 @@ class Endpoint:
             try:
                 check_image_file(path)
                 pred = self.predictor(path)
+                out.append((200, pred.to_json(image_name=name, min_score=min_score)))
             except InputImageError:
                 out.append((400, {"error": f"The request's body ({len(data)} bytes) is not an "
                                            "image this server can read."}))
-                continue
-            out.append((200, pred.to_json(image_name=name, min_score=min_score)))
+            except Exception as e:  # this request's answer; the batch's others stand
+                logger.exception("Predicting %s failed:", name)
+                out.append((500, {"error": f"Predicting this image failed "
+                                           f"({type(e).__name__}: {e})."}))
         return out
 
     def parse(self, method: str, path: str, content_type: str, body: bytes,
@@ -87,7 +90,9 @@ class Endpoint:
         ``(status, answer, None)`` for what is answered at once, or ``(0, None, item)`` for an
         image to predict (see :meth:`predict_many`).
         """
-        if path.rstrip("/") == "/healthz" and method == "GET":
+        if path.rstrip("/") == "/healthz":
+            if method != "GET":
+                return 405, {"error": f"{method} /healthz: ask with GET."}, None
             return 200, self.health, None
         if path.rstrip("/") != "/predict":
             return 404, {"error": f"No {path}: POST /predict, GET /healthz."}, None
@@ -121,8 +126,8 @@ def health_of(predictor: Any) -> Dict[str, Any]:
     """What ``GET /healthz`` answers for ``predictor``."""
     health = {"status": "ok", "weights": predictor.weights, "sha256": predictor.sha256,
               "backend": predictor.backend, "precision": predictor.precision,
-              "evaluation": getattr(predictor, "evaluation", None)}
-    if getattr(predictor, "problem", ""):
+              "evaluation": predictor.evaluation}
+    if predictor.problem:
         health["warning"] = predictor.problem
     return health
 
@@ -147,6 +152,11 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
             return self.endpoint.predict_many(items)
 
         async def __call__(self, request: Request) -> JSONResponse:
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self.endpoint.max_bytes:  # not read
+                return JSONResponse(
+                    {"error": f"The image is {declared} bytes; this server takes up to "
+                              f"{self.endpoint.max_bytes}."}, status_code=413)
             body = await request.body() if request.method == "POST" else b""
             status, answer, item = self.endpoint.parse(
                 request.method, request.url.path, request.headers.get("content-type", ""),

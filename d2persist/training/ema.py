@@ -43,7 +43,6 @@ class ModelEMA:
         self.warmup = float(warmup)
         self.updates = 0
         self._model: Optional[torch.nn.Module] = None
-        self._names: List[str] = []
         self._average: Dict[str, torch.Tensor] = {}
         self._param_average: List[torch.Tensor] = []
         self._param_live: List[torch.Tensor] = []
@@ -70,7 +69,6 @@ class ModelEMA:
         """
         self._model = unwrap_model(model)
         live = self._live()
-        self._names = list(live)
         self._average = {k: v.detach().clone() for k, v in live.items()}
         # the parameters, once: they stay the model's for good (the optimizer holds them);
         # buffers are looked up at each update (fvcore's PreciseBN assigns new ones)
@@ -116,7 +114,6 @@ class ModelEMA:
         """Move the average towards the model's current state (after an optimizer step)."""
         assert self._model is not None and not self._swapped, "update() of a swapped model"
         decay = self.current_decay()
-        assert self._model is not None
         if self._param_live:  # one pass over all weights
             torch._foreach_lerp_(self._param_average, self._param_live, 1.0 - decay)
         rest = [(k, b) for k, b in self._model.named_buffers() if k in self._buffers]
@@ -133,11 +130,6 @@ class ModelEMA:
         self.updates += 1
 
     # -- evaluating the average ----------------------------------------------------------------
-
-    @property
-    def swapped(self) -> bool:
-        """Whether the model holds the average now (from :meth:`swap_in` to :meth:`swap_out`)."""
-        return self._swapped
 
     @torch.no_grad()
     def swap_in(self) -> None:
