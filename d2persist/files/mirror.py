@@ -15,12 +15,12 @@ import os
 import queue
 import threading
 import time
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..layout import LAST_CHECKPOINT, METRICS_NAME
 from .atomic import atomic_path
 
-__all__ = ["Mirror", "Uploader", "RunMirror", "is_url"]
+__all__ = ["Mirror", "Uploader", "RunMirror", "is_url", "is_local_fs"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ def is_url(path: str) -> bool:
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
 
+def is_local_fs(fs: Any) -> bool:
+    """Whether the fsspec filesystem ``fs`` is this machine's (its paths are files here)."""
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
 class Mirror:
     """A folder at an fsspec URL: put, get, remove and read files by name."""
 
@@ -41,15 +46,14 @@ class Mirror:
 
         self.url = url.rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
-        self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
-                                 else (self.fs.protocol,))
+        self.local = is_local_fs(self.fs)
 
     def _path(self, name):
         return f"{self.root}/{name}"
 
     def _upload(self, name, send):
         """``send(remote_path)``, so that ``name`` exists only once it is complete."""
-        if not self._local:  # an object store creates the object when its upload completes
+        if not self.local:  # an object store creates the object when its upload completes
             send(self._path(name))
             return
         tmp = self._path(f"{name}.d2persist-tmp")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from ..errors import D2PersistError, InputImageError
 from ..files.atomic import write_bytes
+from ..files.mirror import Mirror, is_local_fs
 from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_file, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
@@ -61,10 +62,6 @@ class Source:
     missing: List[Tuple[str, str]] = field(default_factory=list)
 
 
-def _is_local(fs: Any) -> bool:
-    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-
-
 def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -80,7 +77,7 @@ def list_source(src: str) -> Source:
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(src)
-    local = _is_local(fs)
+    local = is_local_fs(fs)
     sep = "/"  # fsspec paths, on every filesystem
     missing: List[str] = []
     if any(c in root for c in "*?["):
@@ -117,43 +114,27 @@ def list_source(src: str) -> Source:
                   [x for x in items if x[0] in absent])
 
 
-class _Destination:
-    """A folder or fsspec URL receiving the outputs, each written whole."""
+class _Destination(Mirror):
+    """
+    A folder or fsspec URL receiving the outputs: a :class:`Mirror` whose local files are
+    written as every local file here (temp file, fsync, ``os.replace``).
+    """
 
     def __init__(self, dst: str) -> None:
-        import fsspec
-
-        self.fs, self.root = fsspec.core.url_to_fs(dst)
-        self.local = _is_local(self.fs)
-        self.url = dst
+        super().__init__(dst)
         if self.local:
             os.makedirs(self.root, exist_ok=True)
 
-    def path(self, name: str) -> str:
-        return posixpath.join(self.root, name)
-
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.path(name)))
-
-    def read(self, name: str) -> Optional[bytes]:
-        try:
-            return self.fs.cat_file(self.path(name))
-        except FileNotFoundError:
-            return None
+        return bool(self.fs.exists(self._path(name)))
 
     def write(self, name: str, data: bytes) -> None:
-        path = self.path(name)
-        if self.local:  # temp file in the same folder, fsync, os.replace
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            write_bytes(path, data)
-        else:  # an object store's put: the object appears whole or not at all
-            self.fs.pipe_file(path, data)
-
-    def remove(self, name: str) -> None:
-        try:  # one request, not a look and then a removal
-            self.fs.rm_file(self.path(name))
-        except FileNotFoundError:
-            pass
+        if not self.local:  # an object store's put: the object appears whole or not at all
+            self.put_bytes(data, name)
+            return
+        path = self._path(name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_bytes(path, data)
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -172,7 +153,7 @@ def job_identity(predictor: Any, source: str, min_score: float, pictures: bool
 
 
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
-    saved = dst.read(PREDICT_OPTIONS_NAME)
+    saved = dst.read_text(PREDICT_OPTIONS_NAME)
     if saved is None:
         dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity))
         return
