@@ -175,6 +175,7 @@ def _loader(args, cpus, copies):
     """
     ``(CPUs each copy reserves, a picklable loader of the predictor with as many threads)``:
     ``cpus`` as given, else this machine's cores shared by ``copies`` (Ray's actors, replicas).
+    ONNX Runtime's threads do not spin: the copies share the machine with Ray's own processes.
     """
     import functools
     import os
@@ -184,7 +185,7 @@ def _loader(args, cpus, copies):
     cpus = cpus or max(1.0, (os.cpu_count() or 1) / copies)
     return cpus, functools.partial(load_predictor, args.artifacts, device=args.device,
                                    backend=args.backend, precision=args.precision,
-                                   threads=max(1, int(cpus)))
+                                   threads=max(1, int(cpus)), spin=False)
 
 
 def _ray_engine(args):

@@ -156,6 +156,23 @@ def test_device_cuda_with_onnxruntime_needs_its_cuda_provider(trained_run):
         load_predictor(str(trained_run), backend="onnxruntime", device="cuda")
 
 
+def test_onnxruntime_threads_of_ray_actors_do_not_spin(default_run):
+    """Ray's actors and replicas share their cores: their ONNX Runtime threads yield them."""
+    from d2persist.__main__ import _loader, get_parser
+
+    key = "session.intra_op.allow_spinning"
+    run = str(default_run[0])
+    shared = load_predictor(run, backend="onnxruntime", threads=2, spin=False)
+    assert shared.session.get_session_options().get_session_config_entry(key) == "0"
+    alone = load_predictor(run, backend="onnxruntime", threads=2)
+    with pytest.raises(RuntimeError):  # ONNX Runtime's default: its threads spin
+        alone.session.get_session_options().get_session_config_entry(key)
+    for argv in (["predict", "src", "--artifacts", run, "--output", "dst", "--ray"],
+                 ["serve", run]):  # what the commands load in each actor, each replica
+        args = get_parser().parse_args(argv)
+        assert _loader(args, None, 2)[1].keywords["spin"] is False
+
+
 def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_run, source):
     """
     ``--ray ADDRESS --workers 2 --cpus-per-worker 1`` on a cluster of two nodes on loopback

@@ -38,6 +38,7 @@ def load_predictor(
     backend: str = "auto",
     precision: str = ONNX.precision,
     threads: Optional[int] = None,
+    spin: bool = True,
 ) -> Union["Predictor", "OnnxPredictor"]:
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -59,6 +60,8 @@ def load_predictor(
             "auto" then means onnxruntime).
         threads (int): ONNX Runtime: its intra-op threads (default: its own choice); PyTorch
             uses ``torch.set_num_threads``, the process's.
+        spin (bool): ONNX Runtime: whether its idle threads spin waiting for work (see
+            :func:`~d2persist.predict.onnx_predictor.load_onnx_predictor`).
 
     Returns:
         :class:`d2persist.predict.predictor.Predictor` or
@@ -89,7 +92,7 @@ def load_predictor(
         from .onnx_predictor import load_onnx_predictor
 
         return load_onnx_predictor(path, providers=_onnx_providers(device), threads=threads,
-                                   precision=precision)
+                                   precision=precision, spin=spin)
     from .predictor import load_torch_predictor
 
     return load_torch_predictor(path, device, opts, allowed_targets)

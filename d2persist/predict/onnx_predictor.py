@@ -350,13 +350,15 @@ def _cache_key(sha256, providers, options):
 
 def create_session(model_path: str, sha256: Optional[str] = None,
                    providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-                   cache: bool = True) -> Tuple["ort.InferenceSession", bool]:
+                   cache: bool = True, spin: bool = True) -> Tuple["ort.InferenceSession", bool]:
     """
     An ONNX Runtime session of ``model_path``. With ``sha256`` (the file's, as its manifest
     states and the caller verified) and ``cache``, the graph ONNX Runtime optimizes is cached
     under ``$D2PERSIST_CACHE/onnxruntime``, keyed by that sha256, the ONNX Runtime version, the
     machine and the providers, and written atomically; a later process loads the optimized
     graph instead of optimizing again. A cached graph that does not load is optimized anew.
+    ``spin=False`` turns off the spinning of ONNX Runtime's idle intra-op threads
+    (``session.intra_op.allow_spinning``), for processes that share their cores.
 
     Returns:
         tuple: ``(session, cached)``, whether the session came from the cache.
@@ -369,6 +371,8 @@ def create_session(model_path: str, sha256: Optional[str] = None,
         o = ort.SessionOptions()
         if threads:
             o.intra_op_num_threads = int(threads)
+        if not spin:
+            o.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return o
 
     if not (cache and sha256):
@@ -398,7 +402,7 @@ def create_session(model_path: str, sha256: Optional[str] = None,
 
 def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
                         threads: Optional[int] = None, precision: str = ONNX.precision,
-                        cache: bool = True) -> OnnxPredictor:
+                        cache: bool = True, spin: bool = True) -> OnnxPredictor:
     """
     Load an :class:`OnnxPredictor` from an export bundle, or a run folder's export.
 
@@ -409,6 +413,9 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
         precision (str): "float" (``model.onnx``) or "int8" (``model.int8.onnx``, PERSIST.
             EXPORT_FORMATS "onnx-int8").
         cache (bool): cache the optimized graph (see :func:`create_session`).
+        spin (bool): ONNX Runtime's idle threads spin waiting for work (its default, the
+            lowest latency on cores of one's own); False where the process shares its cores
+            with others (Ray's actors and replicas), which measured faster there.
 
     Raises:
         ArtifactError: no complete bundle, no ONNX model in it (with the reason its export
@@ -438,7 +445,7 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
         )
     model_path = os.path.join(bundle, name)
     session, cached = create_session(model_path, manifest["files"][name].get("sha256"),
-                                     providers, threads, cache)
+                                     providers, threads, cache, spin)
     predictor = OnnxPredictor(session, manifest["input"],
                               metadata_from_json(manifest.get("metadata") or {}),
                               manifest.get("onnx"))
