@@ -12,9 +12,12 @@
   with one sentence, and the server goes on serving.
 
 Concurrent requests are batched (``@serve.batch``) and predicted one after another in one call:
-the exported graphs take one image; batching saves the per-request scheduling.
+the exported graphs take one image; batching saves the per-request scheduling. A batch does not
+wait for more requests: it takes those that arrived while the one before was predicted (in a
+thread, so that the replica goes on receiving), and a lone request is answered at once.
 """
 
+import asyncio
 import email.parser
 import email.policy
 import logging
@@ -136,7 +139,7 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
                max_batch_size: int = 8, max_bytes: int = MAX_IMAGE_BYTES) -> Any:
     """
     The Ray Serve application: :class:`Endpoint` behind ``@serve.deployment`` with requests
-    batched by ``@serve.batch`` (up to ``max_batch_size``, waiting at most 10 ms).
+    batched by ``@serve.batch`` (up to ``max_batch_size`` of those waiting; none waits for more).
     """
     from ray import serve
     from starlette.requests import Request
@@ -147,9 +150,10 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
         def __init__(self, load, max_bytes):
             self.endpoint = Endpoint(load, max_bytes)
 
-        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.01)
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.0)
         async def predict(self, items: List[tuple]) -> List[Tuple[int, dict]]:
-            return self.endpoint.predict_many(items)
+            loop = asyncio.get_running_loop()  # requests go on arriving while it predicts
+            return await loop.run_in_executor(None, self.endpoint.predict_many, items)
 
         async def __call__(self, request: Request) -> JSONResponse:
             declared = request.headers.get("content-length", "")
