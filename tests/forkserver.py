@@ -7,14 +7,16 @@ runs in the tests are about what the tool does as a process of its own (its exit
 output, its files, the children it starts, being killed), not about interpreter start-up. Those
 are forked from one server process that imported the stack once, as multiprocessing's
 "forkserver" start method does: the child gets the tool's argv, working folder, environment and
-output files, runs the tool's file as ``__main__``, and exits as an interpreter would (non-daemon
-threads joined, ``atexit`` handlers run, the exit code of ``SystemExit`` or 1 with a traceback).
-A ``launch()`` in it spawns fresh worker interpreters, as it does from a shell. What torch reads
-from the environment at start-up, its thread count (``OMP_NUM_THREADS``), is applied to each
-child; the server itself is started without it, as a shell would start the tool.
+output files, runs the tool's file (or the ``-m`` module) as ``__main__``, and exits as an
+interpreter would (non-daemon threads joined, ``atexit`` handlers run, the exit code of
+``SystemExit`` or 1 with a traceback). A ``launch()`` in it spawns fresh worker interpreters,
+as it does from a shell. What torch reads from the environment at start-up, its thread count
+(``OMP_NUM_THREADS``), is applied to each child; the server itself is started without it, as a
+shell would start the tool.
 
-Runs about start-up itself (``python -m d2persist``, what a tool imports, torchrun) keep a fresh
-interpreter: :func:`helpers.run_tool` sends only plain ``python tools/X.py`` runs here.
+Runs about start-up itself (what a tool or ``python -m d2persist`` imports, torchrun) keep a
+fresh interpreter (:func:`helpers.run_tool`'s ``fresh``, or ``launcher``); plain ``python
+tools/X.py`` and ``python -m d2persist ...`` runs come here.
 """
 
 import json
@@ -81,11 +83,16 @@ def child(req):
     for option in filter(None, req["env"].get("PYTHONWARNINGS", "").split(",")):
         warnings.filterwarnings(option)  # "ignore" (what tool_env sets) and the like
     script = req["argv"][0]
-    sys.argv = list(req["argv"])
-    sys.path[0] = os.path.dirname(os.path.abspath(script))
+    module = req["argv"][1] if script == "-m" else None
+    sys.argv = [script, *req["argv"][2:]] if module else list(req["argv"])
+    # as the interpreter's sys.path[0]: the folder of the script, or with -m the working one
+    sys.path[0] = os.getcwd() if module else os.path.dirname(os.path.abspath(script))
     code = 0
     try:
-        runpy.run_path(script, run_name="__main__")
+        if module:  # ``python -m MODULE ARGS`` (sys.argv[0] becomes its file, as -m makes it)
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            runpy.run_path(script, run_name="__main__")
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -192,7 +199,8 @@ class ForkServer:
 
     def popen(self, argv, env, cwd):
         """
-        Start ``argv`` (a tool's file and its arguments) in a forked child, like
+        Start ``argv`` (a tool's file, or ``-m`` and a module, and its arguments) in a forked
+        child, like
         ``subprocess.Popen(..., start_new_session=True)``.
 
         Returns:

@@ -132,9 +132,9 @@ def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=(), fresh=
     Run a tool in a process of its own; returns the CompletedProcess (text output captured).
     The tool runs in its own process group: on a timeout the group (with the workers
     ``launch()`` or torchrun started) is killed and the test fails, so a hang never outlives
-    its test. A plain ``python tools/X.py`` run is forked from the session's fork server
-    (:mod:`forkserver`: the same process boundary without paying torch's import again); with
-    a ``launcher``, ``python -m ...`` or ``fresh``, a new interpreter starts.
+    its test. A plain ``python tools/X.py`` or ``python -m MODULE`` run is forked from the
+    session's fork server (:mod:`forkserver`: the same process boundary without paying torch's
+    import again); with a ``launcher`` or ``fresh``, a new interpreter starts.
 
     Args:
         launcher: arguments of ``python`` before the script, e.g. :func:`torchrun` 's.
@@ -143,8 +143,8 @@ def run_tool(script, *args, timeout=300, env=None, cwd=REPO, launcher=(), fresh=
     import subprocess
 
     full_env = tool_env(**(env or {}))
-    if (not (fresh or launcher) and _forkable(env) and str(script).endswith(".py")
-            and os.path.isfile(script)):
+    if (not (fresh or launcher) and _forkable(env)
+            and (script == "-m" or str(script).endswith(".py") and os.path.isfile(script))):
         return fork_server().run([script, *args], full_env, cwd, timeout, kill_tree)
     cmd = [sys.executable, *map(str, launcher), script, *[str(a) for a in args]]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -60,6 +60,9 @@ def test_ls_rows_match_the_runs_files_and_metrics(default_run):
     text = _cli("ls", out, "--verify")
     assert text.returncode == 0 and text.stdout.count("  ok") == 4, text.stdout
     assert "model_0000019.pth" in text.stdout and "onnxruntime-int8" in text.stdout
+    # the forked run (tests/forkserver.py) answers as a fresh interpreter does
+    fresh = run_tool("-m", "d2persist", "ls", out, "--verify", fresh=True)
+    assert (fresh.returncode, fresh.stdout) == (text.returncode, text.stdout)
 
 
 def test_verify_passes_a_fresh_run_and_its_bundle(default_run, capsys):
