@@ -101,10 +101,11 @@ def table(title, rows, header=("measure", "value")):
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
-def parse_args(doc, repeats, run=False):
+def parse_args(doc, repeats, run=False, images=None):
     """
-    The benchmarks' common arguments: ``--quick``, ``--repeats`` (default ``repeats``), and
-    with ``run`` a ``--run DIR`` (a finished run to measure instead of training one).
+    The benchmarks' common arguments: ``--quick``, ``--repeats`` (default ``repeats``), with
+    ``run`` a ``--run DIR`` (a finished run to measure instead of training one), and with
+    ``images`` an ``--images N`` (default ``images``).
     """
     import argparse
 
@@ -113,6 +114,8 @@ def parse_args(doc, repeats, run=False):
     parser.add_argument("--repeats", type=int, default=None)
     if run:
         parser.add_argument("--run", help="a finished run of the built-in model to measure")
+    if images:
+        parser.add_argument("--images", type=int, default=images, help="how many images")
     args = parser.parse_args()
     args.repeats = args.repeats or (3 if args.quick else repeats)
     return args
