@@ -6,10 +6,11 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 from detectron2.data import DatasetCatalog
-from helpers import INFER_SINGLE, REPO, run_tool
+from helpers import INFER_SINGLE, REPO, kill_tree, run_tool
 
 from d2persist import D2PersistError, load_predictor
 from d2persist.data.shapes import register_shapes
@@ -173,6 +174,18 @@ def test_onnxruntime_threads_of_ray_actors_do_not_spin(default_run):
         assert _loader(args, None, 2)[1].keywords["spin"] is False
 
 
+def _written(fs, folder):
+    """``{image: its JSON's time}`` of the images predicted into the S3 ``folder``."""
+    fs.invalidate_cache()
+    try:
+        found = fs.find(folder, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p[len(folder) + 1:-len(".json")]: info["LastModified"] for p, info in found.items()
+            if p.endswith(".json") and not p.endswith((".error.json", "/job.json"))
+            and not os.path.basename(p).startswith(".")}
+
+
 def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_run, source):
     """
     ``--ray ADDRESS --workers 2 --cpus-per-worker 1`` on a cluster of two nodes on loopback
@@ -180,7 +193,9 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     from and the outputs written to the moto S3 server, with ONNX Runtime (the actors import no
     torch). One actor's worker process SIGKILLs itself at its second image (fault injection,
     tests/scripts/ray_fault.py): Ray restarts it and retries, and every image has one output,
-    equal to this machine's predictor's. Everything is stopped at the end (``ray stop``).
+    equal to this machine's predictor's. Then the driver of a second job is SIGKILLed after
+    its first output: the same command again predicts only the rest. Everything is stopped at
+    the end (``ray stop``).
     """
     import subprocess
     import sys
@@ -190,6 +205,7 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     from test_mirror import BUCKET, s3_server
 
     run, _ = default_run
+    fault = os.path.join(REPO, "tests", "scripts", "ray_fault.py")
     port = free_port()
     ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
     node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
@@ -204,16 +220,33 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                 started = subprocess.run([*ray_cli, "start", *args, *node], env=tool_env(**env),
                                          capture_output=True, text=True, timeout=120)
                 assert started.returncode == 0, started.stderr[-3000:]
-            res = run_tool(os.path.join(REPO, "tests", "scripts", "ray_fault.py"), run,
-                           f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/preds", marker,
-                           f"127.0.0.1:{port}", "onnxruntime", env=env, timeout=240, fresh=True)
+            res = run_tool(fault, run, f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/preds",
+                           marker, f"127.0.0.1:{port}", "onnxruntime", env=env, timeout=240,
+                           fresh=True)
+            # the driver SIGKILLed mid-job (a second per image), then the same command again
+            again = [fault, run, f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/again",
+                     marker, f"127.0.0.1:{port}", "onnxruntime"]
+            driver = subprocess.Popen([sys.executable, *map(str, again), "1.5"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=tool_env(**env), start_new_session=True)
+            try:
+                deadline = time.monotonic() + 120
+                while not _written(fs, f"{BUCKET}/two/again"):  # killed after the first image
+                    assert driver.poll() is None, driver.communicate()[1][-3000:]
+                    assert time.monotonic() < deadline, "no image predicted in 120 s"
+                    time.sleep(0.2)
+            finally:
+                kill_tree(driver.pid)
+                driver.communicate()
+            before = _written(fs, f"{BUCKET}/two/again")
+            rerun = run_tool(*again, env=env, timeout=240, fresh=True)
         finally:
             subprocess.run([*ray_cli, "stop", "--force"], env=tool_env(**env),
                            capture_output=True, timeout=120)
         assert res.returncode == 0, res.stderr[-4000:]
         said = json.loads(res.stdout.strip().splitlines()[-1])
         assert said["engine"] == {"address": f"127.0.0.1:{port}", "workers": 2,
-                                  "cpus_per_worker": 1.0, "threads": 1}
+                                  "cpus_per_worker": 1.0, "threads": 1, "spin": False}
         assert marker.is_file()  # a worker was killed
         assert said["record"]["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
         fs.invalidate_cache()
@@ -228,3 +261,15 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         error = json.loads(fs.cat_file(f"{BUCKET}/two/preds/b/bad.png.error.json"))
         assert error["path"] == f"s3://{BUCKET}/two/images/b/bad.png"
         assert error["error"].startswith(f"s3://{BUCKET}/two/images/b/bad.png ")  # as listed
+        # the rerun after the driver was killed predicted only the rest, each image once
+        assert rerun.returncode == 0, rerun.stderr[-4000:]
+        counts = json.loads(rerun.stdout.strip().splitlines()[-1])["record"]["counts"]
+        assert 1 <= len(before) < 4 and counts == {
+            "inputs": 5, "done": 4 - len(before), "skipped": len(before), "failed": 1}
+        images = {"a/0.png", "a/1.png", "a/2.png", "b/3.jpg"}
+        assert set(_written(fs, f"{BUCKET}/two/again")) == images
+        for rel in before:  # not written again
+            assert fs.info(f"{BUCKET}/two/again/{rel}.json")["LastModified"] == before[rel]
+        for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
+            assert fs.cat_file(f"{BUCKET}/two/again/{rel}.json") == fs.cat_file(
+                f"{BUCKET}/two/preds/{rel}.json")

@@ -1,10 +1,12 @@
 """
 Fault injection for ``d2persist predict --ray``: a predictor loader for Ray actors whose
-predictor SIGKILLs its own worker process at its second image, once per ``marker`` file.
+predictor SIGKILLs its own worker process at its second image, once per ``marker`` file, and
+optionally takes its time over each image (so that a test can kill the driver mid-job).
 """
 
 import os
 import signal
+import time
 
 
 class _Dying:
@@ -25,19 +27,33 @@ class _Dying:
         return self._predictor(image)
 
 
-def load(artifacts, marker, **kwargs):
-    """``load_predictor(artifacts, **kwargs)``, dying once (see the module)."""
+class _Slow(_Dying):
+    def __init__(self, predictor, marker, seconds):
+        super().__init__(predictor, marker)
+        self._seconds = seconds
+
+    def __call__(self, image):
+        time.sleep(self._seconds)
+        return super().__call__(image)
+
+
+def load(artifacts, marker, seconds=0.0, **kwargs):
+    """
+    ``load_predictor(artifacts, **kwargs)``, dying once (see the module), ``seconds`` more
+    over each image.
+    """
     from d2persist import load_predictor
 
-    return _Dying(load_predictor(artifacts, **kwargs), marker)
+    predictor = load_predictor(artifacts, **kwargs)
+    return _Slow(predictor, marker, seconds) if seconds else _Dying(predictor, marker)
 
 
 def main(argv):
     """
-    ``ray_fault.py RUN SRC DST MARKER ADDRESS BACKEND``: ``d2persist predict SRC --artifacts
-    RUN --output DST --ray ADDRESS --workers 2 --cpus-per-worker 1 --backend BACKEND``, its
-    engine's loader replaced by :func:`load`; prints the engine's settings and the job record
-    as JSON.
+    ``ray_fault.py RUN SRC DST MARKER ADDRESS BACKEND [SECONDS]``: ``d2persist predict SRC
+    --artifacts RUN --output DST --ray ADDRESS --workers 2 --cpus-per-worker 1 --backend
+    BACKEND``, its engine's loader replaced by :func:`load` (``SECONDS`` more over each image);
+    prints the engine's settings and the job record as JSON.
     """
     import functools
     import json
@@ -46,15 +62,16 @@ def main(argv):
     from d2persist.__main__ import _ray_engine, get_parser
     from d2persist.predict.batch import predict_source
 
-    run, src, dst, marker, address, backend = argv
+    run, src, dst, marker, address, backend, *seconds = argv
     args = get_parser().parse_args(["predict", src, "--artifacts", run, "--output", dst,
                                     "--ray", address, "--workers", "2", "--cpus-per-worker", "1",
                                     "--backend", backend])
     engine = _ray_engine(args)  # the command's engine
     settings = {"address": engine.address, "workers": engine.workers,
                 "cpus_per_worker": engine.cpus_per_worker,
-                "threads": engine.load.keywords["threads"]}
-    engine.load = functools.partial(load, run, marker, **engine.load.keywords)
+                "threads": engine.load.keywords["threads"], "spin": engine.load.keywords["spin"]}
+    engine.load = functools.partial(load, run, marker, float(seconds[0]) if seconds else 0.0,
+                                    **engine.load.keywords)
     predictor = load_predictor(run, backend=backend)
     record = predict_source(predictor, src, dst, ray=engine)
     print(json.dumps({"engine": settings, "record": record}))
