@@ -6,7 +6,14 @@ whether it verifies), the checkpoints' names and resume order, the manifest's me
 torch nor detectron2 (``plot`` imports matplotlib when it draws).
 """
 
-from .bundle import FORMAT, LOADED, find_bundle, persist_options_of_run, read_manifest
+from .bundle import (
+    FORMAT,
+    LOADED,
+    find_bundle,
+    persist_options_of_run,
+    read_manifest,
+    software_versions,
+)
 from .checkpoints import read_sidecar, resume_candidates, verify_checkpoint
 from .describe import describe, diff
 from .manifest import (
@@ -37,6 +44,7 @@ __all__ = [
     "find_bundle",
     "persist_options_of_run",
     "read_manifest",
+    "software_versions",
     "read_sidecar",
     "resume_candidates",
     "verify_checkpoint",

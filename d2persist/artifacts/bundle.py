@@ -3,9 +3,11 @@ An export bundle's manifest, read and checked: its format, the files it names an
 sha256, and the PERSIST options a run recorded.
 """
 
+import importlib
 import json
 import logging
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence, Union
 
 from ..errors import ArtifactError
@@ -15,7 +17,8 @@ from ..layout import DEFAULT_EXPORT_DIR, MANIFEST_NAME, PERSIST_FILE
 from .folders import _Folder, _LocalFolder, _remote_name
 from .problems import DAMAGED, MISSING, Problem
 
-__all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_bundle"]
+__all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_bundle",
+           "software_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +26,25 @@ logger = logging.getLogger(__name__)
 FORMAT: Dict[str, Any] = {"name": "d2persist-export", "version": 1}
 #: ``read_manifest(only=LOADED)``: check just the config and weights files the bundle names.
 LOADED = "config and weights"
+
+
+def software_versions(required: Sequence[str] = (), imported: Sequence[str] = ()
+                      ) -> Dict[str, str]:
+    """
+    The ``versions`` a manifest or a prediction job records: d2persist's, then each package
+    of ``required`` (imported here), then each of ``imported`` that this process has already
+    imported (a torch-free process stays torch-free).
+    """
+    from .. import __version__
+
+    versions = {"d2persist": __version__}
+    for name in required:
+        versions[name] = importlib.import_module(name).__version__
+    for name in imported:
+        version = getattr(sys.modules.get(name), "__version__", None)
+        if version and name not in versions:
+            versions[name] = version
+    return versions
 
 
 # -- the bundle's manifest and the run's options ----------------------------------------------

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
-from ..artifacts.bundle import FORMAT, LOADED, read_manifest
+from ..artifacts.bundle import FORMAT, LOADED, read_manifest, software_versions
 from ..errors import ExportError
 from ..files.atomic import fsync_dir, remove_temp_files, sha256_file, write_bytes, write_json
 from ..layout import (
@@ -70,15 +70,6 @@ def dataset_metadata(dataset_names: Sequence[str]) -> dict:
             logger.warning("Metadata %r of %s is not JSON data (%s): not exported.",
                            key, dataset_names[0], e)
     return out
-
-
-def _versions():
-    import detectron2
-
-    from .. import __version__
-
-    return {"d2persist": __version__, "detectron2": detectron2.__version__,
-            "torch": torch.__version__}
 
 
 def _weights_bytes(model):
@@ -169,7 +160,7 @@ def write_export(run: "RunConfig", model: torch.nn.Module, export_dir: str, iter
         "source": dict(source or {"from": "final"}, iteration=int(iteration)),
         "metadata": metadata,
         "input": contract,
-        "versions": _versions(),
+        "versions": software_versions(required=("detectron2", "torch")),
         "files": files,
     }
     formats = run.options["EXPORT_FORMATS"]

@@ -27,6 +27,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
+from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError
 from ..files.atomic import write_bytes
 from ..files.mirror import Mirror, is_local_fs
@@ -169,17 +170,6 @@ def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
             f"{identity[k]!r}): predict into another --output, or remove it first.")
 
 
-def _versions():
-    from .. import __version__
-
-    versions = {"d2persist": __version__}
-    for module in ("torch", "detectron2", "onnxruntime"):
-        mod = sys.modules.get(module)
-        if mod is not None and getattr(mod, "__version__", None):
-            versions[module] = mod.__version__
-    return versions
-
-
 class _Job:
     """What every image of a job is predicted with, on the driver or in a Ray actor."""
 
@@ -292,7 +282,8 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
                     else:
                         status = job.predict_bytes(predictor, meta, rel, shown, data, tmp)
                 counts[status] += 1
-    record = dict(identity, counts=counts, versions=_versions(),
+    record = dict(identity, counts=counts,
+                  versions=software_versions(imported=("torch", "detectron2", "onnxruntime")),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
     out.write(PREDICT_JOB_NAME, _json_bytes(record))
     return record
