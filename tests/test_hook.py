@@ -183,6 +183,48 @@ def test_signal_saves_last_completed_iteration_and_no_final(tmp_path, sig, exc):
     assert resumed.start_iter == 3
 
 
+class _ForksAPoolAt(HookBase):
+    """Forks a worker pool mid-training, as an evaluator does (panopticapi's PQ), and ends it."""
+
+    def __init__(self, it):
+        self.it, self.ended = it, None
+
+    def after_step(self):
+        import multiprocessing
+        import threading
+
+        import time
+
+        if self.trainer.iter != self.it:
+            return
+        pool = multiprocessing.get_context("fork").Pool(1)
+        assert pool.map(abs, [-1]) == [1]
+        pool.map_async(time.sleep, [0.5])
+        time.sleep(0.2)  # its worker in a task: terminate() SIGTERMs it, and holds the queue
+        ending = threading.Thread(target=pool.terminate, daemon=True)
+        ending.start()
+        ending.join(30)
+        self.ended = not ending.is_alive()
+        for child in multiprocessing.active_children():  # a worker that survived: not a hang
+            child.kill()
+        ending.join(30)
+
+
+def test_a_process_forked_while_training_ends_on_sigterm(tmp_path):
+    """
+    A process forked during training (a DataLoader worker, an evaluator's pool) inherits
+    PersistHook's SIGINT/SIGTERM handlers: there it answers as without them, so that
+    ``Pool.terminate()`` ends its workers (it waited forever: the handler only took note);
+    the training process's handler still saves and stops.
+    """
+    forks = _ForksAPoolAt(1)
+    cfg = tiny_cfg(tmp_path, "SOLVER.CHECKPOINT_PERIOD", 100)
+    with pytest.raises(SystemExit):
+        train(cfg, hooks=[forks, _SendSignalAt(2, signal.SIGTERM)])
+    assert forks.ended, "Pool.terminate() did not end its forked worker in 30 s"
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
 class _PoisonWeightsAt(HookBase):
     def __init__(self, it):
         self.it = it

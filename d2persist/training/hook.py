@@ -132,6 +132,7 @@ class PersistHook(HookBase):
         self._spare: Optional[dict] = None
         self._signal: Optional[int] = None
         self._old_handlers: Dict[int, Any] = {}
+        self._handler_pid = os.getpid()  # the process whose signals the handlers are for
         stops = self.options["STOP_SIGNALS"] if self.options["SAVE_ON_INTERRUPT"] else []
         self._stop_signals = [getattr(signal, name) for name in stops]
         minutes = self.options["CHECKPOINT_MINUTES"]
@@ -258,6 +259,7 @@ class PersistHook(HookBase):
     def _install_signal_handlers(self):
         if threading.current_thread() is not threading.main_thread():
             return
+        self._handler_pid = os.getpid()
         for sig in self._stop_signals:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
@@ -267,6 +269,18 @@ class PersistHook(HookBase):
         self._old_handlers = {}
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self._handler_pid:
+            # a process forked meanwhile (a DataLoader worker, an evaluator's pool worker, as
+            # panopticapi's) inherited this handler: it answers as it would without it, so
+            # that e.g. Pool.terminate() ends it rather than waiting forever
+            old = self._old_handlers.get(signum)
+            old = signal.SIG_DFL if old is None else old
+            signal.signal(signum, old)
+            if callable(old):
+                old(signum, frame)
+            elif old != signal.SIG_IGN:
+                os.kill(os.getpid(), signum)
+            return
         if self._signal is not None:  # a second signal: stop now, without the checkpoint
             self._restore_signal_handlers()
             raise _stop_exception(signum)
