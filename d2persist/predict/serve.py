@@ -13,11 +13,11 @@
 
 Concurrent requests are batched (``@serve.batch``) and predicted one after another in one call:
 the exported graphs take one image; batching saves the per-request scheduling. A batch does not
-wait for more requests: it takes those that arrived while the one before was predicted (in a
-thread, so that the replica goes on receiving), and a lone request is answered at once.
+wait for more requests: it takes those that arrived while the one before was predicted (the
+prediction holds the replica's event loop, so they queue meanwhile), and a lone request is
+answered at once.
 """
 
-import asyncio
 import email.parser
 import email.policy
 import logging
@@ -152,8 +152,9 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.0)
         async def predict(self, items: List[tuple]) -> List[Tuple[int, dict]]:
-            loop = asyncio.get_running_loop()  # requests go on arriving while it predicts
-            return await loop.run_in_executor(None, self.endpoint.predict_many, items)
+            # not in a thread: Serve forms the next batch as soon as one starts, so a batch
+            # that let the loop run would leave the requests behind it batches of one
+            return self.endpoint.predict_many(items)
 
         async def __call__(self, request: Request) -> JSONResponse:
             declared = request.headers.get("content-length", "")
