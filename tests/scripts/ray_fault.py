@@ -10,9 +10,10 @@ import time
 
 
 class _Dying:
-    def __init__(self, predictor, marker):
+    def __init__(self, predictor, marker, seconds=0.0):
         self._predictor = predictor
         self._marker = marker
+        self._seconds = seconds
         self._calls = 0
 
     def __getattr__(self, name):
@@ -24,17 +25,8 @@ class _Dying:
             with open(self._marker, "w") as f:
                 f.write(str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)  # a worker lost mid-job
-        return self._predictor(image)
-
-
-class _Slow(_Dying):
-    def __init__(self, predictor, marker, seconds):
-        super().__init__(predictor, marker)
-        self._seconds = seconds
-
-    def __call__(self, image):
         time.sleep(self._seconds)
-        return super().__call__(image)
+        return self._predictor(image)
 
 
 def load(artifacts, marker, seconds=0.0, **kwargs):
@@ -44,8 +36,7 @@ def load(artifacts, marker, seconds=0.0, **kwargs):
     """
     from d2persist import load_predictor
 
-    predictor = load_predictor(artifacts, **kwargs)
-    return _Slow(predictor, marker, seconds) if seconds else _Dying(predictor, marker)
+    return _Dying(load_predictor(artifacts, **kwargs), marker, seconds)
 
 
 def main(argv):
