@@ -31,9 +31,15 @@ LOADED = "config and weights"
 def software_versions(required: Sequence[str] = (), imported: Sequence[str] = ()
                       ) -> Dict[str, str]:
     """
-    The ``versions`` a manifest or a prediction job records: d2persist's, then each package
-    of ``required`` (imported here), then each of ``imported`` that this process has already
-    imported (a torch-free process stays torch-free).
+    The ``versions`` a manifest or a prediction job records.
+
+    Args:
+        required (list[str]): packages imported here, each recorded.
+        imported (list[str]): packages recorded where this process imported them already (a
+            torch-free process stays torch-free).
+
+    Returns:
+        dict: d2persist's version, then each package's, in that order.
     """
     from .. import __version__
 
@@ -42,7 +48,7 @@ def software_versions(required: Sequence[str] = (), imported: Sequence[str] = ()
         versions[name] = importlib.import_module(name).__version__
     for name in imported:
         version = getattr(sys.modules.get(name), "__version__", None)
-        if version and name not in versions:
+        if version:
             versions[name] = version
     return versions
 
