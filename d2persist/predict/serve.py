@@ -145,7 +145,9 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica})
+    # a replica holds at most max_ongoing_requests (Serve's default 5): at least a batch's worth
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
+                      max_ongoing_requests=max(5, max_batch_size))
     class D2PersistEndpoint:
         def __init__(self, load, max_bytes):
             self.endpoint = Endpoint(load, max_bytes)
