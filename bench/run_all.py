@@ -10,7 +10,7 @@ SCRIPTS = ["bench_default_schedule.py", "bench_training.py", "bench_predict.py",
            "bench_clusters.py", "bench_int8.py", "bench_runview.py", "bench_families.py",
            "bench_controls.py"]
 #: these need a finished run with ONNX (--run): run them by hand
-NEEDS_RUN = ["bench_serve.py", "bench_scale.py"]
+NEEDS_RUN = ["bench_serve.py", "bench_scale.py", "bench_batches.py"]
 
 
 def main():
