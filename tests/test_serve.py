@@ -1,13 +1,16 @@
 """
 ``d2persist serve`` on Ray Serve, on 127.0.0.1: concurrent requests answered with the JSON
 ``infer_single`` writes, bad requests with a 4xx and one sentence while it goes on serving,
-``/healthz``; stopped by SIGTERM with everything it started. In a bounded process of its own.
+``/healthz``; stopped by SIGTERM with everything it started, also while it starts. In a
+bounded process of its own.
 """
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -97,5 +100,40 @@ def test_serve_answers_as_infer_single_and_refuses_bad_requests(trained_run):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err[-3000:]
+    finally:
+        kill_tree(proc.pid)
+
+
+def test_serve_stopped_while_it_starts_stops_cleanly(trained_run):
+    """SIGTERM while Ray Serve deploys (before ``serve.run`` returns): a clean exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2persist", "serve", str(trained_run), "--port",
+         str(free_port()), "--backend", "pytorch"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
+        start_new_session=True)
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in proc.stderr:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        seen = [""]
+        while "Started Serve" not in seen[-1]:  # Serve up: the deployment comes next
+            try:
+                seen.append(lines.get(timeout=120))
+            except queue.Empty:
+                pytest.fail("no 'Started Serve' in 120 s: " + "".join(seen)[-3000:])
+            if seen[-1] is None:
+                pytest.fail("serve ended as it started: " + "".join(seen[:-1])[-3000:])
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+        err = "".join(seen + [x for x in lines.queue if x])
+        assert proc.returncode == 0, err[-3000:]
+        assert "SIGTERM received" not in err and "serving on" not in proc.stdout.read()
     finally:
         kill_tree(proc.pid)

@@ -181,7 +181,8 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
     """
     Serve until SIGINT or SIGTERM: Ray (a local cluster, or the one at ``address``), Ray
     Serve's HTTP proxy on ``host:port``, the application of :func:`deployment`; all stopped
-    on the way out.
+    on the way out. A signal while the application is still starting stops the start (the
+    proxy may answer before ``serve.run`` returns).
     """
     import signal
     import threading
@@ -190,16 +191,31 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
     from ray import serve
 
     stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if not stop.is_set():
+            stop.set()
+            if not serving:  # interrupt the start where it is; the finally stops what ran
+                raise KeyboardInterrupt
+
+    serving = False
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size, max_bytes),
-                  name="d2persist", route_prefix="/")
-        for sig in (signal.SIGINT, signal.SIGTERM):  # (after ray.init, which sets its own)
-            signal.signal(sig, lambda *_: stop.set())
-        print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
-              "Ctrl-C stops", flush=True)
+        # Ours from here: ray.init installed its own (a C++ handler that aborts the process)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
+        try:
+            serve.start(http_options={"host": host, "port": port})
+            serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size, max_bytes),
+                      name="d2persist", route_prefix="/")
+            serving = True
+            if not stop.is_set():
+                print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
+                      "Ctrl-C stops", flush=True)
+        except KeyboardInterrupt:
+            if not stop.is_set():  # not ours: an interrupt before the handler was in place
+                raise
         stop.wait()
     finally:
         try:
