@@ -50,7 +50,7 @@ install-panopticapi:
 	  || $(PIP) install --no-build-isolation '$(PANOPTICAPI_SRC)'
 
 install-test: install install-panopticapi
-	@$(PYTHON) -c "import pytest, pytest_mock, flake8, mypy, sphinx, pycocotools, onnx, \
+	@$(PYTHON) -c "import pytest, pytest_mock, xdist, flake8, mypy, sphinx, pycocotools, onnx, \
 	  onnxruntime, s3fs, moto.server, flask_cors, ray.data" 2>/dev/null \
 	  || $(PIP) install -q -e '.[test,onnx]'
 
@@ -69,8 +69,10 @@ typecheck: install-test
 docs: install-test
 	$(PYTHON) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
+# Two pytest-xdist workers, one thread per process (as torchrun gives its workers): the files
+# are grouped and ordered in tests/conftest.py; docs/development.rst says why and what it saves.
 test: lint typecheck docs check-detectron2
-	$(PYTHON) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder tests
 
 test-fast: lint typecheck check-detectron2
 	$(PYTHON) -m pytest -q tests/unit

@@ -37,7 +37,7 @@ setup(
         "setuptools<81",
     ],
     extras_require={
-        "test": ["pytest", "pytest-mock", "flake8", "mypy", "sphinx", "pycocotools", "s3fs",
+        "test": ["pytest", "pytest-mock", "pytest-xdist", "flake8", "mypy", "sphinx", "pycocotools", "s3fs",
                  "moto[server]", "ray[data,serve]>=2.9"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],

@@ -17,6 +17,30 @@ def pytest_configure(config):
     logging.getLogger("d2persist").setLevel(logging.INFO)
 
 
+#: ``make test`` runs the suite in two pytest-xdist workers (``-n 2 --dist loadgroup``, one
+#: thread per process): each file is one group, run whole in one worker, except the files that
+#: share a session fixture's run, which run together so that it is made once, and the two with
+#: Ray clusters (the two-node test's ``ray stop`` stops every Ray on the machine)
+_GROUPS = {"test_default_schedule": "default_run", "test_runview": "default_run",
+           "test_predict_batch": "default_run", "test_serve": "default_run",
+           "test_clusters": "launch2_run", "test_machines": "launch2_run"}
+#: the groups that take longest, first (xdist hands groups out in this order): the workers end
+#: together instead of one waiting on the other's last long file
+_LONGEST_FIRST = ["default_run", "launch2_run", "test_families", "test_distributed",
+                  "test_resume", "test_mirror", "test_early_stop"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    groups = {}
+    for item in items:
+        stem = item.path.stem
+        groups[item] = _GROUPS.get(stem, stem)
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    first = {g: i for i, g in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(groups[item], len(first)))  # (stable)
+
+
 def pytest_unconfigure(config):
     from helpers import stop_fork_server
 
