@@ -203,6 +203,10 @@ class OnnxPrediction:
     """
     The model's output for one image, in original-image pixels.
 
+    Masks are pasted into the image when first needed: :meth:`to_json` and :meth:`draw` paste
+    only those of the instances they show (a threshold of 0.5 often leaves most of the 100 a
+    model returns out); reading ``masks`` or ``arrays`` pastes them all.
+
     Attributes:
         boxes (ndarray): N x 4 XYXY. scores (ndarray): N. classes (ndarray): N int.
         masks (ndarray or None): N x H x W bool.
@@ -216,27 +220,60 @@ class OnnxPrediction:
     def __init__(self, boxes: Optional[np.ndarray], scores: Optional[np.ndarray],
                  classes: Optional[np.ndarray], masks: Optional[np.ndarray],
                  class_names: Sequence[str], image: np.ndarray, input_format: str,
-                 metadata: Optional[dict] = None, **more: Any) -> None:
+                 metadata: Optional[dict] = None, mask_probs: Optional[np.ndarray] = None,
+                 **more: Any) -> None:
         """
         Args:
+            mask_probs: instead of ``masks``, the N x M x M mask probabilities within the
+                boxes, pasted (:func:`paste_masks`) when needed.
             more: the other fields of :class:`~d2persist.predict.outputs.PredictionArrays`
                 (``keypoints``, ``sem_seg``, ``panoptic``, ``segments_info``, ...).
         """
-        self.boxes, self.scores, self.classes, self.masks = boxes, scores, classes, masks
+        self.boxes, self.scores, self.classes = boxes, scores, classes
+        self._masks, self._mask_probs = masks, mask_probs
         self.class_names = class_names
         self.image = image
         self.input_format = input_format
         self.height, self.width = image.shape[:2]
         self.metadata = dict(metadata or {"thing_classes": list(class_names)})
-        self.arrays = PredictionArrays(self.height, self.width, boxes=boxes, scores=scores,
-                                       classes=classes, masks=masks, **more)
+        self._more = more
+        self._arrays: Optional[PredictionArrays] = None
+
+    @property
+    def masks(self) -> Optional[np.ndarray]:
+        if self._masks is None and self._mask_probs is not None:
+            assert self.boxes is not None  # masks come with boxes
+            self._masks = paste_masks(self._mask_probs, self.boxes, self.height, self.width)
+        return self._masks
+
+    @property
+    def arrays(self) -> PredictionArrays:
+        if self._arrays is None:
+            self._arrays = PredictionArrays(self.height, self.width, boxes=self.boxes,
+                                            scores=self.scores, classes=self.classes,
+                                            masks=self.masks, **self._more)
+        return self._arrays
+
+    def _shown(self, min_score: float) -> PredictionArrays:
+        """The arrays of the instances scoring at least ``min_score`` (their masks pasted)."""
+        if self._masks is not None or self._mask_probs is None:
+            return self.arrays
+        assert self.boxes is not None and self.scores is not None and self.classes is not None
+        keep = np.flatnonzero(np.asarray(self.scores) >= min_score)
+        more = dict(self._more)
+        if more.get("keypoints") is not None:
+            more["keypoints"] = more["keypoints"][keep]
+        return PredictionArrays(
+            self.height, self.width, boxes=self.boxes[keep], scores=self.scores[keep],
+            classes=self.classes[keep], **more,
+            masks=paste_masks(self._mask_probs[keep], self.boxes[keep], self.height, self.width))
 
     def __len__(self):
         return 0 if self.scores is None else len(self.scores)
 
     def to_json(self, image_name: Optional[str] = None, min_score: float = 0.0) -> dict:
         """JSON data, as :func:`d2persist.predict.outputs.prediction_json` describes it."""
-        return prediction_json(self.arrays, self.metadata, image_name, min_score)
+        return prediction_json(self._shown(min_score), self.metadata, image_name, min_score)
 
     def draw(self, metadata: Optional[dict], min_score: float = 0.0) -> np.ndarray:
         """The visualization (RGB uint8), as :func:`d2persist.predict.outputs.draw_prediction`
@@ -245,7 +282,8 @@ class OnnxPrediction:
             rgb = np.repeat(self.image, 3, axis=2)
         else:
             rgb = self.image[:, :, ::-1] if self.input_format == "BGR" else self.image
-        return draw_prediction(rgb, self.arrays, self.metadata if metadata is None else metadata,
+        return draw_prediction(rgb, self._shown(min_score),
+                               self.metadata if metadata is None else metadata,
                                min_score=min_score)
 
 
@@ -300,7 +338,7 @@ class OnnxPredictor:
         out = dict(zip(self._outputs, self.session.run(None, {"image": chw})))
         rh, rw = (int(x) for x in out["image_size"])
         more: Dict[str, Any] = {}
-        boxes = scores = classes = masks = None
+        boxes = scores = classes = masks = mask_probs = None
         if "sem_seg" in out:
             more["sem_seg"] = resize_bilinear(out["sem_seg"], height, width).argmax(axis=0)
         if "proposals" in out:
@@ -311,7 +349,7 @@ class OnnxPredictor:
             scores = out["scores"][keep]
             classes = out["classes"][keep].astype(np.int64)
             if "masks" in out:
-                masks = paste_masks(out["masks"][keep][:, 0], boxes, height, width)
+                mask_probs = out["masks"][keep][:, 0]  # pasted when needed
             if "keypoint_heatmaps" in out:
                 kps = heatmaps_to_keypoints(out["keypoint_heatmaps"][keep],
                                             out["boxes"][keep].astype(np.float32))
@@ -319,11 +357,12 @@ class OnnxPredictor:
                 kps[:, :, 1] *= np.float32(height / rh)
                 more["keypoints"] = kps
         if self.task == "panoptic":  # its graph has rcnn's outputs (masks too) and sem_seg
-            assert masks is not None and scores is not None and classes is not None
+            assert mask_probs is not None and scores is not None and classes is not None
+            masks, mask_probs = paste_masks(mask_probs, boxes, height, width), None
             more["panoptic"], more["segments_info"] = combine_panoptic(
                 masks, scores, classes, more["sem_seg"], **self.onnx_entry["combine"])
         return OnnxPrediction(boxes, scores, classes, masks, self.class_names, image,
-                              self.input_format, self.metadata, **more)
+                              self.input_format, self.metadata, mask_probs=mask_probs, **more)
 
 
 def _to_original(boxes, rh, rw, height, width):

@@ -136,3 +136,28 @@ def test_json_of_every_output_decodes_back_to_its_maps():
         (1, True, META["thing_classes"][int(a.classes[0])]), (2, False, "circle")]
     for s in segments:
         assert np.array_equal(rle_decode(s["segmentation"]), a.panoptic == s["id"])
+
+
+def test_onnx_masks_are_pasted_for_the_instances_shown_only(mocker):
+    """JSON and picture at a threshold paste only the masks they show, and equal a full paste."""
+    from d2persist.predict import onnx_predictor
+    from d2persist.predict.onnx_predictor import OnnxPrediction, paste_masks
+
+    boxes, scores, classes, _ = _crowd(30, size=64)
+    probs = np.random.default_rng(2).uniform(0, 1, (30, 28, 28)).astype(np.float32)
+    keypoints = np.random.default_rng(3).uniform(0, 64, (30, 4, 3)).astype(np.float32)
+    image = np.zeros((64, 64, 3), np.uint8)
+    names = ["circle", "square", "triangle"]
+    full = OnnxPrediction(boxes, scores, classes, paste_masks(probs, boxes, 64, 64), names,
+                          image, "BGR", keypoints=keypoints)
+    spy = mocker.spy(onnx_predictor, "paste_masks")
+    lazy = OnnxPrediction(boxes, scores, classes, None, names, image, "BGR", mask_probs=probs,
+                          keypoints=keypoints)
+    shown = int((scores >= 0.7).sum())
+    assert 0 < shown < 30
+    assert lazy.to_json("x", min_score=0.7) == full.to_json("x", min_score=0.7)
+    assert np.array_equal(lazy.draw(None, min_score=0.7), full.draw(None, min_score=0.7))
+    assert [len(c.args[0]) for c in spy.call_args_list] == [shown, shown]
+    assert np.array_equal(lazy.masks, full.masks) and len(spy.call_args_list[-1].args[0]) == 30
+    assert lazy.to_json("x") == full.to_json("x")  # once all are pasted, those are used
+    assert len(spy.call_args_list) == 3
