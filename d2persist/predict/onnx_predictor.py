@@ -357,7 +357,8 @@ class OnnxPredictor:
                 kps[:, :, 1] *= np.float32(height / rh)
                 more["keypoints"] = kps
         if self.task == "panoptic":  # its graph has rcnn's outputs (masks too) and sem_seg
-            assert mask_probs is not None and scores is not None and classes is not None
+            assert (mask_probs is not None and boxes is not None and scores is not None
+                    and classes is not None)
             masks, mask_probs = paste_masks(mask_probs, boxes, height, width), None
             more["panoptic"], more["segments_info"] = combine_panoptic(
                 masks, scores, classes, more["sem_seg"], **self.onnx_entry["combine"])
