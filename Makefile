@@ -50,8 +50,9 @@ install-panopticapi:
 	  || $(PIP) install --no-build-isolation '$(PANOPTICAPI_SRC)'
 
 install-test: install install-panopticapi
-	@$(PYTHON) -c "import pytest, pytest_mock, xdist, flake8, mypy, sphinx, pycocotools, onnx, \
-	  onnxruntime, s3fs, moto.server, flask_cors, ray.data" 2>/dev/null \
+	@$(PYTHON) -c "import sys, pytest, pytest_mock, xdist, flake8, mypy, sphinx, pycocotools, onnx, \
+	  onnxruntime, s3fs, moto.server, flask_cors, ray.data; \
+	  sys.exit(tuple(map(int, xdist.__version__.split('.')[:2])) < (3, 8))" 2>/dev/null \
 	  || $(PIP) install -q -e '.[test,onnx]'
 
 lint: install-test

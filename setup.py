@@ -37,8 +37,9 @@ setup(
         "setuptools<81",
     ],
     extras_require={
-        "test": ["pytest", "pytest-mock", "pytest-xdist", "flake8", "mypy", "sphinx", "pycocotools", "s3fs",
-                 "moto[server]", "ray[data,serve]>=2.9"],
+        # (pytest-xdist 3.8: make test's --no-loadscope-reorder)
+        "test": ["pytest", "pytest-mock", "pytest-xdist>=3.8", "flake8", "mypy", "sphinx",
+                 "pycocotools", "s3fs", "moto[server]", "ray[data,serve]>=2.9"],
         # PERSIST.EXPORT_FORMATS "onnx" and load_predictor(..., backend="onnxruntime")
         "onnx": ["onnx", "onnxruntime"],
         # PERSIST.MIRROR to S3 (other stores: their fsspec package, e.g. gcsfs, adlfs)
