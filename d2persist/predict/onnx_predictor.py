@@ -205,7 +205,8 @@ class OnnxPrediction:
 
     Masks are pasted into the image when first needed: :meth:`to_json` and :meth:`draw` paste
     only those of the instances they show (a threshold of 0.5 often leaves most of the 100 a
-    model returns out); reading ``masks`` or ``arrays`` pastes them all.
+    model returns out); reading ``masks`` or ``arrays``, or a threshold that shows all, pastes
+    them all, once.
 
     Attributes:
         boxes (ndarray): N x 4 XYXY. scores (ndarray): N. classes (ndarray): N int.
@@ -238,6 +239,7 @@ class OnnxPrediction:
         self.metadata = dict(metadata or {"thing_classes": list(class_names)})
         self._more = more
         self._arrays: Optional[PredictionArrays] = None
+        self._shown_at: Optional[Tuple[float, PredictionArrays]] = None
 
     @property
     def masks(self) -> Optional[np.ndarray]:
@@ -255,18 +257,25 @@ class OnnxPrediction:
         return self._arrays
 
     def _shown(self, min_score: float) -> PredictionArrays:
-        """The arrays of the instances scoring at least ``min_score`` (their masks pasted)."""
+        """
+        The arrays of the instances scoring at least ``min_score``, their masks pasted (those
+        of the last threshold asked are kept: the JSON and the picture of a job share them).
+        """
         if self._masks is not None or self._mask_probs is None:
             return self.arrays
         assert self.boxes is not None and self.scores is not None and self.classes is not None
         keep = np.flatnonzero(np.asarray(self.scores) >= min_score)
-        more = dict(self._more)
-        if more.get("keypoints") is not None:
-            more["keypoints"] = more["keypoints"][keep]
-        return PredictionArrays(
-            self.height, self.width, boxes=self.boxes[keep], scores=self.scores[keep],
-            classes=self.classes[keep], **more,
-            masks=paste_masks(self._mask_probs[keep], self.boxes[keep], self.height, self.width))
+        if len(keep) == len(self.scores):  # all of them: pasted once, for good
+            return self.arrays
+        if self._shown_at is None or self._shown_at[0] != min_score:
+            more = dict(self._more)
+            if more.get("keypoints") is not None:
+                more["keypoints"] = more["keypoints"][keep]
+            masks = paste_masks(self._mask_probs[keep], self.boxes[keep], self.height, self.width)
+            self._shown_at = (min_score, PredictionArrays(
+                self.height, self.width, boxes=self.boxes[keep], scores=self.scores[keep],
+                classes=self.classes[keep], masks=masks, **more))
+        return self._shown_at[1]
 
     def __len__(self):
         return 0 if self.scores is None else len(self.scores)

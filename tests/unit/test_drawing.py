@@ -157,7 +157,10 @@ def test_onnx_masks_are_pasted_for_the_instances_shown_only(mocker):
     assert 0 < shown < 30
     assert lazy.to_json("x", min_score=0.7) == full.to_json("x", min_score=0.7)
     assert np.array_equal(lazy.draw(None, min_score=0.7), full.draw(None, min_score=0.7))
-    assert [len(c.args[0]) for c in spy.call_args_list] == [shown, shown]
+    assert [len(c.args[0]) for c in spy.call_args_list] == [shown]  # once for both
+    assert lazy.to_json("x", min_score=0.9) == full.to_json("x", min_score=0.9)
+    assert len(spy.call_args_list[-1].args[0]) == int((scores >= 0.9).sum())
+    assert lazy.to_json("x") == full.to_json("x")  # all shown: all pasted, once
     assert np.array_equal(lazy.masks, full.masks) and len(spy.call_args_list[-1].args[0]) == 30
-    assert lazy.to_json("x") == full.to_json("x")  # once all are pasted, those are used
+    assert np.array_equal(lazy.draw(None), full.draw(None))
     assert len(spy.call_args_list) == 3
