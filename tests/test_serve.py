@@ -134,6 +134,6 @@ def test_serve_stopped_while_it_starts_stops_cleanly(trained_run):
         reader.join(timeout=10)
         err = "".join(seen + [x for x in lines.queue if x])
         assert proc.returncode == 0, err[-3000:]
-        assert "SIGTERM received" not in err and "serving on" not in proc.stdout.read()
+        assert "SIGTERM received" not in err  # (Ray's handler, which aborts the process)
     finally:
         kill_tree(proc.pid)

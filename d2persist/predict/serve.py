@@ -202,10 +202,10 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     try:
-        # Ours from here: ray.init installed its own (a C++ handler that aborts the process)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, on_signal)
         try:
+            # ours from here: ray.init installed its own (a C++ handler that aborts the process)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, on_signal)
             serve.start(http_options={"host": host, "port": port})
             serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size, max_bytes),
                       name="d2persist", route_prefix="/")
@@ -214,7 +214,7 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
                 print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
                       "Ctrl-C stops", flush=True)
         except KeyboardInterrupt:
-            if not stop.is_set():  # not ours: an interrupt before the handler was in place
+            if not stop.is_set():  # Python's own: a Ctrl-C before ours was in place
                 raise
         stop.wait()
     finally:
