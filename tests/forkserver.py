@@ -11,8 +11,9 @@ output files, runs the tool's file (or the ``-m`` module) as ``__main__``, and e
 interpreter would (non-daemon threads joined, ``atexit`` handlers run, the exit code of
 ``SystemExit`` or 1 with a traceback). A ``launch()`` in it spawns fresh worker interpreters,
 as it does from a shell. What torch reads from the environment at start-up, its thread count
-(``OMP_NUM_THREADS``), is applied to each child; the server itself is started without it, as a
-shell would start the tool.
+(``OMP_NUM_THREADS``), is applied to each child; a child without it gets the server's own
+count, as a shell would start the tool (``make test`` sets ``OMP_NUM_THREADS=1`` for the whole
+session, so there every process has one thread).
 
 Runs about start-up itself (what a tool or ``python -m d2persist`` imports, torchrun) keep a
 fresh interpreter (:func:`helpers.run_tool`'s ``fresh``, or ``launcher``); plain ``python
