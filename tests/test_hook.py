@@ -183,11 +183,15 @@ def test_signal_saves_last_completed_iteration_and_no_final(tmp_path, sig, exc):
     assert resumed.start_iter == 3
 
 
+def _sigterm_handler_name():
+    return str(signal.getsignal(signal.SIGTERM))
+
+
 class _ForksAPoolAt(HookBase):
     """Forks a worker pool mid-training, as an evaluator does (panopticapi's PQ), and ends it."""
 
     def __init__(self, it):
-        self.it, self.ended = it, None
+        self.it, self.ended, self.handlers = it, None, None
 
     def after_step(self):
         import multiprocessing
@@ -199,6 +203,8 @@ class _ForksAPoolAt(HookBase):
             return
         pool = multiprocessing.get_context("fork").Pool(1)
         assert pool.map(abs, [-1]) == [1]
+        self.handlers = (str(signal.getsignal(signal.SIGTERM)),
+                         pool.apply(_sigterm_handler_name))  # here, in the worker
         pool.map_async(time.sleep, [0.5])
         time.sleep(0.2)  # its worker in a task: terminate() SIGTERMs it, and holds the queue
         ending = threading.Thread(target=pool.terminate, daemon=True)
@@ -212,8 +218,8 @@ class _ForksAPoolAt(HookBase):
 
 def test_a_process_forked_while_training_ends_on_sigterm(tmp_path):
     """
-    A process forked during training (a DataLoader worker, an evaluator's pool) inherits
-    PersistHook's SIGINT/SIGTERM handlers: there it answers as without them, so that
+    A process forked during training (a DataLoader worker, an evaluator's pool) does not keep
+    PersistHook's SIGINT/SIGTERM handlers (restored at fork): it answers as without them, so that
     ``Pool.terminate()`` ends its workers (it waited forever: the handler only took note);
     the training process's handler still saves and stops.
     """
@@ -222,6 +228,8 @@ def test_a_process_forked_while_training_ends_on_sigterm(tmp_path):
     with pytest.raises(SystemExit):
         train(cfg, hooks=[forks, _SendSignalAt(2, signal.SIGTERM)])
     assert forks.ended, "Pool.terminate() did not end its forked worker in 30 s"
+    here, worker = forks.handlers  # the worker got the handler of before the training back
+    assert "PersistHook" in here and worker == str(signal.SIG_DFL), forks.handlers
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
 
 

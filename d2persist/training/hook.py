@@ -63,6 +63,27 @@ def _train_loader(trainer):
     return getattr(trainer, "data_loader", None)
 
 
+#: the hooks whose stop-signal handlers are installed in this process (at most one in practice)
+_INSTALLED: List["PersistHook"] = []
+
+
+def _restore_handlers_in_child():
+    # A process forked while the handlers are installed (a DataLoader worker, an evaluator's
+    # multiprocessing pool worker, as panopticapi's) must not keep them: it answers a signal
+    # as it would without them, so that e.g. Pool.terminate()'s SIGTERM ends it.
+    for hook in reversed(_INSTALLED):
+        for sig, handler in hook._old_handlers.items():
+            try:
+                signal.signal(sig, handler)
+            except (ValueError, OSError, TypeError):  # not the main thread: _on_signal's check
+                pass
+    _INSTALLED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_restore_handlers_in_child)
+
+
 class PersistHook(HookBase):
     """
     Persists a training run into its output folder.
@@ -262,17 +283,19 @@ class PersistHook(HookBase):
         self._handler_pid = os.getpid()
         for sig in self._stop_signals:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        _INSTALLED.append(self)
 
     def _restore_signal_handlers(self):
         for sig, handler in self._old_handlers.items():
             signal.signal(sig, handler)
         self._old_handlers = {}
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
 
     def _on_signal(self, signum, frame):
         if os.getpid() != self._handler_pid:
-            # a process forked meanwhile (a DataLoader worker, an evaluator's pool worker, as
-            # panopticapi's) inherited this handler: it answers as it would without it, so
-            # that e.g. Pool.terminate() ends it rather than waiting forever
+            # a forked process that still has this handler (restored at fork where it can be,
+            # _restore_handlers_in_child): it answers as it would without it
             old = self._old_handlers.get(signum)
             old = signal.SIG_DFL if old is None else old
             signal.signal(signum, old)
