@@ -108,7 +108,8 @@ def test_an_interrupted_job_finishes_with_only_the_rest(trained_run, source, tmp
     calls.clear()
     record = predict_source(dies_at_the_third, str(source), str(dst), pictures=True)
     assert record["counts"] == {"inputs": 5, "done": 2, "skipped": 2, "failed": 1}
-    assert [os.path.basename(c) for c in calls] == ["2.png", "3.jpg"]  # bad.png fails unread
+    # each called with the image's bytes; bad.png fails its check, the predictor not called
+    assert calls == [(source / "a" / "2.png").read_bytes(), (source / "b" / "3.jpg").read_bytes()]
     assert all((dst / (rel + ".png")).is_file() for rel in ("a/0.png", "a/2.png", "b/3.jpg"))
 
 

@@ -107,6 +107,8 @@ def test_predictor_matches_evaluation_path(bgr_run, val_image, tmp_path, kind):
     pred = predictor(image)
     assert_same_instances(pred.instances, evaluation_path(bgr_run, image))
     assert pred.class_names == ["circle", "square", "triangle"]
+    from_bytes = predictor(open(image, "rb").read())  # the file's bytes, as the file
+    assert_same_instances(from_bytes.instances, pred.instances)
     if kind == "exif":  # the prediction is in the upright (rotated) frame
         assert (pred.height, pred.width) == (96, 128)
 
@@ -211,9 +213,13 @@ def assert_onnx_matches(pred, ref):
 def test_onnxruntime_matches_evaluation_path(request, run, kind, val_image, tmp_path):
     folder = request.getfixturevalue(run)
     image = _make(kind, val_image, tmp_path)
-    pred = load_predictor(str(folder), backend="onnxruntime")(image)
+    predictor = load_predictor(str(folder), backend="onnxruntime")
+    pred = predictor(image)
     assert_onnx_matches(pred, evaluation_path(folder, image))
     assert pred.class_names == ["circle", "square", "triangle"]
+    from_bytes = predictor(open(image, "rb").read())  # the file's bytes, as the file
+    for name in ("boxes", "scores", "classes", "masks"):
+        np.testing.assert_array_equal(getattr(from_bytes, name), getattr(pred, name))
 
 
 def test_onnx_comparison_can_fail_without_the_resize(rgb_run, val_image, tmp_path):

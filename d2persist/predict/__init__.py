@@ -9,14 +9,24 @@ the PyTorch side lives in :mod:`.predictor` (``Predictor``, evaluation-exact) an
 (a model from a safe-loaded config).
 """
 
-from .images import check_image_file, encode_png, image_input, read_image, resize_shortest_edge
+from .images import (
+    check_image_bytes,
+    check_image_file,
+    decode_image,
+    encode_png,
+    image_input,
+    read_image,
+    resize_shortest_edge,
+)
 from .infer import IMAGE_EXTENSIONS, collect_images, predict_files
 from .load import load_predictor
 from .onnx_predictor import OnnxPrediction, OnnxPredictor
 from .outputs import PredictionArrays, draw_prediction, prediction_json
 
 __all__ = [
+    "check_image_bytes",
     "check_image_file",
+    "decode_image",
     "encode_png",
     "image_input",
     "read_image",

@@ -23,7 +23,6 @@ import logging
 import os
 import posixpath
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
@@ -32,7 +31,7 @@ from ..errors import D2PersistError, InputImageError
 from ..files.atomic import write_bytes
 from ..files.mirror import Mirror, is_local_fs
 from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
-from .images import check_image_file, encode_png
+from .images import check_image_bytes, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
@@ -171,28 +170,38 @@ def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
 
 
 class _Job:
-    """What every image of a job is predicted with, on the driver or in a Ray actor."""
+    """
+    What every image of a job is predicted with, on the driver or in a Ray actor.
 
-    def __init__(self, dst: str, min_score: float, pictures: bool) -> None:
+    Args:
+        failed_before: the names whose error record a run before this one wrote (removed
+            when the image is predicted now).
+    """
+
+    def __init__(self, dst: str, min_score: float, pictures: bool,
+                 failed_before: Iterable[str] = ()) -> None:
         self.out = _Destination(dst)
         self.min_score = min_score
         self.pictures = pictures
+        self.failed_before = frozenset(failed_before)
 
-    def predict(self, predictor: Any, meta: Any, rel: str, shown: str, local: str) -> str:
+    def predict(self, predictor: Any, meta: Any, rel: str, shown: str, data: bytes) -> str:
         """
-        Predict the image in file ``local`` (``shown``: its path or URL as listed) into
-        ``REL.json`` (and ``REL.png``), or its error record. Returns "done" or "failed".
+        Predict the image whose file holds ``data`` (``shown``: its path or URL as listed)
+        into ``REL.json`` (and ``REL.png``), or its error record. The bytes are decoded as
+        the file is read (no temp file). Returns "done" or "failed".
         """
         try:
-            check_image_file(local)
-            pred = predictor(local)
-        except InputImageError as e:  # named as listed, not as the temp file it was read from
-            return self._failed(rel, shown, str(e).replace(local, shown))
+            check_image_bytes(data, shown)
+            pred = predictor(data)
+        except InputImageError as e:
+            return self._failed(rel, shown, str(e))
         if self.pictures:
             self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)))
         self.out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
                                                                min_score=self.min_score)))
-        self.out.remove(rel + ".error.json")  # failed before, read now
+        if rel in self.failed_before:  # failed before, read now
+            self.out.remove(rel + ".error.json")
         return "done"
 
     def _failed(self, rel, shown, sentence):
@@ -200,25 +209,31 @@ class _Job:
         logger.warning("%s", sentence)
         return "failed"
 
-    def predict_bytes(self, predictor: Any, meta: Any, rel: str, shown: str, data: bytes,
-                      tmp: str) -> str:
-        """:meth:`predict` of an image's bytes (read from a file, as evaluation reads)."""
-        local = os.path.join(tmp, "image" + os.path.splitext(rel)[1])
-        with open(local, "wb") as f:
-            f.write(data)
-        return self.predict(predictor, meta, rel, shown, local)
+    def read_and_predict(self, predictor: Any, meta: Any, fs: Any, path: str, rel: str,
+                         shown: str) -> str:
+        """:meth:`predict` of the image at ``path`` on ``fs`` (an fsspec filesystem)."""
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            return self._failed(rel, shown, f"Image {shown} does not exist.")
+        except OSError as e:
+            return self._failed(rel, shown, f"{shown} could not be read ({e}).")
+        return self.predict(predictor, meta, rel, shown, data)
 
 
-def _done_names(out: _Destination) -> Set[str]:
-    """The images done at ``out`` (those with their JSON), listed once."""
+def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
+    """
+    The images done at ``out`` (those with their JSON) and those with an error record,
+    listed once.
+    """
     try:
         found = out.fs.find(out.root)
     except FileNotFoundError:
-        return set()
+        return set(), set()
     root = out.root.rstrip("/") + "/"
     names = {p[len(root):] for p in found if p.startswith(root)}
-    return {n[:-len(".json")] for n in names if n.endswith(".json")
-            and not n.endswith(".error.json")}
+    failed = {n[:-len(".error.json")] for n in names if n.endswith(".error.json")}
+    return {n[:-len(".json")] for n in names if n.endswith(".json")} - failed, failed
 
 
 def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
@@ -246,13 +261,14 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
         D2PersistError: ``dst`` holds another job's outputs.
     """
     source = list_source(src)
-    job = _Job(dst, min_score, pictures)
-    out = job.out
+    out = _Destination(dst)
     identity = job_identity(predictor, source.url, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished
-    done = _done_names(out)
+    done, failed_before = _outputs_at(out)
     todo = [(p, rel) for p, rel in source.items if rel not in done]
+    failed_before &= {rel for _, rel in todo}
+    job = _Job(dst, min_score, pictures, failed_before)
     inputs = len(source.items) + len(source.missing)
     counts = {"inputs": inputs, "done": 0, "skipped": len(source.items) - len(todo),
               "failed": 0}
@@ -260,7 +276,8 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
         shown = path if source.local else source.fs.unstrip_protocol(path)
         counts[job._failed(rel, shown, f"{shown} does not exist.")] += 1
     if ray is not None:
-        for status, n in ray.run(source, todo, dst, min_score, pictures).items():
+        for status, n in ray.run(source, todo, dst, min_score, pictures,
+                                 failed_before).items():
             counts[status] += n
     else:
         meta = predictor.visualizer_metadata() if pictures else None
@@ -269,19 +286,9 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
             from tqdm import tqdm
 
             items = tqdm(todo, unit="image")
-        with tempfile.TemporaryDirectory(prefix="d2persist-predict-") as tmp:
-            for path, rel in items:
-                shown = path if source.local else source.fs.unstrip_protocol(path)
-                if source.local:
-                    status = job.predict(predictor, meta, rel, shown, path)
-                else:
-                    try:
-                        data = source.fs.cat_file(path)
-                    except OSError as e:
-                        status = job._failed(rel, shown, f"{shown} could not be read ({e}).")
-                    else:
-                        status = job.predict_bytes(predictor, meta, rel, shown, data, tmp)
-                counts[status] += 1
+        for path, rel in items:
+            shown = path if source.local else source.fs.unstrip_protocol(path)
+            counts[job.read_and_predict(predictor, meta, source.fs, path, rel, shown)] += 1
     record = dict(identity, counts=counts,
                   versions=software_versions(imported=("torch", "detectron2", "onnxruntime")),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
@@ -299,15 +306,15 @@ class _RayPredict:
     """
 
     def __init__(self, load: Callable[[], Any], dst: str, base: str, protocol: Optional[str],
-                 min_score: float, pictures: bool, threads: int) -> None:
+                 min_score: float, pictures: bool, threads: int,
+                 failed_before: Iterable[str] = ()) -> None:
         self.predictor = load()
         if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``'s)
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
-        self.job = _Job(dst, min_score, pictures)
+        self.job = _Job(dst, min_score, pictures, failed_before)
         self.base = base
         self.protocol = protocol
-        self.tmp = tempfile.mkdtemp(prefix="d2persist-predict-")
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         import numpy as np
@@ -319,8 +326,8 @@ class _RayPredict:
             if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
                 statuses.append("skipped")
             else:
-                statuses.append(self.job.predict_bytes(self.predictor, self.meta, rel, shown,
-                                                       bytes(data), self.tmp))
+                statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
+                                                 bytes(data)))
         return {"status": np.array(statuses)}
 
 
@@ -351,8 +358,11 @@ class RayEngine:
     batch_size: int = 8
 
     def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
-            pictures: bool) -> Dict[str, int]:
-        """Predict ``todo`` (``(path, rel)`` of ``source``); the count of each status."""
+            pictures: bool, failed_before: Iterable[str] = ()) -> Dict[str, int]:
+        """
+        Predict ``todo`` (``(path, rel)`` of ``source``; ``failed_before``: the names of
+        those whose error record an earlier run wrote); the count of each status.
+        """
         import ray
 
         if not todo:
@@ -362,12 +372,12 @@ class RayEngine:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         try:
-            return self._run(ray, source, todo, dst, min_score, pictures)
+            return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         finally:
             if started:
                 ray.shutdown()
 
-    def _run(self, ray, source, todo, dst, min_score, pictures):
+    def _run(self, ray, source, todo, dst, min_score, pictures, failed_before):
         filesystem, protocol = None, None
         if not source.local:
             from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -384,7 +394,7 @@ class RayEngine:
         ds = ds.map_batches(
             _RayPredict, batch_size=self.batch_size,
             fn_constructor_args=(self.load, dst, base, protocol, min_score, pictures,
-                                 max(1, int(self.cpus_per_worker))),
+                                 max(1, int(self.cpus_per_worker)), sorted(failed_before)),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
         counts: Dict[str, int] = {}

@@ -13,8 +13,9 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputImageError
 
-__all__ = ["CHANNEL_ORDERS", "check_image_file", "read_image", "convert_array", "image_input",
-           "resized_shape", "resize_shortest_edge", "encode_png"]
+__all__ = ["CHANNEL_ORDERS", "check_image_file", "check_image_bytes", "read_image",
+           "decode_image", "convert_array", "image_input", "resized_shape",
+           "resize_shortest_edge", "encode_png"]
 
 #: The channel orders an image array may come in.
 CHANNEL_ORDERS = ("BGR", "RGB", "L")
@@ -42,13 +43,33 @@ def check_image_file(path: str) -> None:
         raise InputImageError(f"Image {path} does not exist.")
     if os.path.getsize(path) == 0:
         raise InputImageError(f"Image {path} is empty.")
+    _verify(path, path)
+
+
+def check_image_bytes(data: bytes, name: str) -> None:
+    """
+    :func:`check_image_file` of an image file's content.
+
+    Args:
+        data (bytes): what the file holds.
+        name (str): the image's path or URL, as sentences name it.
+
+    Raises:
+        InputImageError: ``data`` is empty, not an image, or truncated.
+    """
+    if not data:
+        raise InputImageError(f"Image {name} is empty.")
+    _verify(io.BytesIO(data), name)
+
+
+def _verify(source: Union[str, io.BytesIO], name: str) -> None:
     try:
-        with Image.open(path) as probe:
+        with Image.open(source) as probe:
             probe.verify()
     except UnidentifiedImageError:
-        raise InputImageError(f"{path} is not an image file PIL can read.") from None
+        raise InputImageError(f"{name} is not an image file PIL can read.") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+        raise InputImageError(f"Image {name} is truncated or corrupt ({e}).") from None
 
 
 def _apply_exif_orientation(image):
@@ -79,6 +100,36 @@ def read_image(path: str, fmt: str) -> np.ndarray:
             return _to_numpy(_apply_exif_orientation(image), fmt)
     except (OSError, SyntaxError, ValueError) as e:
         raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+
+
+def decode_image(data: bytes, fmt: str,
+                 convert: Optional[Callable[[Image.Image, str], np.ndarray]] = None
+                 ) -> np.ndarray:
+    """
+    :func:`read_image` of an image file's content: the same pixels as reading the file (PIL
+    decodes the same bytes), without a temp file. Not verified first (see
+    :func:`check_image_bytes`); what does not decode still raises one sentence.
+
+    Args:
+        data (bytes): what the image file holds.
+        fmt (str): "BGR", "RGB" or "L".
+        convert: ``(PIL image, fmt) -> array``, instead of this module's EXIF orientation and
+            conversion (the PyTorch predictor passes detectron2's own).
+
+    Raises:
+        InputImageError: ``data`` is not an image, or truncated.
+    """
+    if fmt not in ("BGR", "RGB", "L"):
+        raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if convert is not None:
+                return convert(image, fmt)
+            return _to_numpy(_apply_exif_orientation(image), fmt)
+    except UnidentifiedImageError:
+        raise InputImageError("The image's bytes are not an image file PIL can read.") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"The image's bytes are truncated or corrupt ({e}).") from None
 
 
 def _to_numpy(pil, fmt):
@@ -120,15 +171,20 @@ def convert_array(image: np.ndarray, channel_order: str, fmt: str) -> np.ndarray
     return _to_numpy(pil, fmt)
 
 
-def image_input(image: Union[str, "os.PathLike[str]", np.ndarray], channel_order: Optional[str],
-                fmt: str, read: Callable[[str, str], np.ndarray] = read_image) -> np.ndarray:
+def image_input(image: Union[str, "os.PathLike[str]", bytes, np.ndarray],
+                channel_order: Optional[str], fmt: str,
+                read: Callable[[str, str], np.ndarray] = read_image,
+                decode: Callable[[bytes, str], np.ndarray] = decode_image) -> np.ndarray:
     """
     What a predictor is called with, as an HxWxC uint8 array in ``fmt``: an image file read with
-    ``read(path, fmt)``, or an array converted from its ``channel_order`` (which must be given,
-    so that a BGR/RGB mix-up cannot pass silently).
+    ``read(path, fmt)``, an image file's bytes decoded with ``decode(data, fmt)``, or an array
+    converted from its ``channel_order`` (which must be given, so that a BGR/RGB mix-up cannot
+    pass silently).
     """
     if isinstance(image, (str, os.PathLike)):
         return read(os.fspath(image), fmt)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return decode(bytes(image), fmt)
     if channel_order is None:
         raise InputImageError("Pass channel_order ('BGR', 'RGB' or 'L') with an image array.")
     return convert_array(image, channel_order, fmt)

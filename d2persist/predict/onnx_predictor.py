@@ -333,11 +333,12 @@ class OnnxPredictor:
     def visualizer_metadata(self) -> dict:
         return self.metadata
 
-    def __call__(self, image: Union[str, "os.PathLike[str]", np.ndarray],
+    def __call__(self, image: Union[str, "os.PathLike[str]", bytes, np.ndarray],
                  channel_order: Optional[str] = None) -> OnnxPrediction:
         """
         Args:
-            image (str or ndarray): an image file, or an HxW/HxWxC uint8 array.
+            image (str, bytes or ndarray): an image file, an image file's bytes (decoded as
+                the file is read), or an HxW/HxWxC uint8 array.
             channel_order (str): for an array: "BGR", "RGB" or "L" (required).
         """
         image = image_input(image, channel_order, self.input_format)

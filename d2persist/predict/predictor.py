@@ -21,7 +21,7 @@ from ..artifacts.resolve import resolve_artifacts
 from ..errors import D2PersistError, InputImageError
 from ..files.atomic import sha256_file
 from ..layout import PYTORCH
-from .images import check_image_file, image_input
+from .images import check_image_file, decode_image, image_input
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from detectron2.data.catalog import Metadata
     from detectron2.data.transforms import Augmentation
 
-__all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "read_image_file"]
+__all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "read_image_file",
+           "decode_image_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,22 @@ def read_image_file(path: str, fmt: str) -> np.ndarray:
         return read_image(path, format=fmt)
     except (OSError, SyntaxError, ValueError) as e:
         raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
+
+
+def decode_image_data(data: bytes, fmt: str) -> np.ndarray:
+    """
+    :func:`read_image_file` of an image file's content: detectron2's EXIF orientation and
+    conversion of what PIL decodes from the same bytes (``read_image`` opens the file and does
+    the same), without a temp file. Not verified first (see
+    :func:`~d2persist.predict.images.check_image_bytes`).
+
+    Raises:
+        InputImageError: ``data`` is not an image, or truncated.
+    """
+    from detectron2.data.detection_utils import _apply_exif_orientation, convert_PIL_to_numpy
+
+    return decode_image(data, fmt, convert=lambda image, f: convert_PIL_to_numpy(
+        _apply_exif_orientation(image), f))
 
 
 def arrays_of(outputs: Dict[str, Any], height: int, width: int) -> PredictionArrays:
@@ -183,11 +200,12 @@ class Predictor:
         """Read an image file in the model's input format (see :func:`read_image_file`)."""
         return read_image_file(path, self.input_format)
 
-    def __call__(self, image: Union[str, "os.PathLike[str]", np.ndarray],
+    def __call__(self, image: Union[str, "os.PathLike[str]", bytes, np.ndarray],
                  channel_order: Optional[str] = None) -> Prediction:
         """
         Args:
-            image (str or np.ndarray): an image file, or an HxW/HxWxC uint8 array.
+            image (str, bytes or np.ndarray): an image file, an image file's bytes (decoded as
+                the file is read), or an HxW/HxWxC uint8 array.
             channel_order (str): for an array: "BGR", "RGB" or "L". Must be given, so that
                 a channel-order mistake cannot pass silently.
 
@@ -196,7 +214,8 @@ class Predictor:
         """
         from detectron2.data import transforms as T
 
-        image = image_input(image, channel_order, self.input_format, read=read_image_file)
+        image = image_input(image, channel_order, self.input_format, read=read_image_file,
+                            decode=decode_image_data)
         height, width = image.shape[:2]
         aug_input = T.AugInput(image)
         self.augmentation(aug_input)

@@ -21,12 +21,10 @@ answered at once.
 import email.parser
 import email.policy
 import logging
-import os
-import tempfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import InputImageError
-from .images import check_image_file
+from .images import check_image_bytes
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
            "health_of"]
@@ -64,19 +62,15 @@ class Endpoint:
     def __init__(self, load: Callable[[], Any], max_bytes: int = MAX_IMAGE_BYTES) -> None:
         self.predictor = load()
         self.max_bytes = max_bytes
-        self.tmp = tempfile.mkdtemp(prefix="d2persist-serve-")
         self.health = health_of(self.predictor)
 
     def predict_many(self, items: List[Tuple[bytes, str, float]]) -> List[Tuple[int, dict]]:
         """``(status, JSON)`` of each ``(image bytes, name, min_score)``, one after another."""
         out = []
         for data, name, min_score in items:
-            path = os.path.join(self.tmp, "upload" + os.path.splitext(name)[1].lower())
-            with open(path, "wb") as f:  # read as evaluation reads: from a file
-                f.write(data)
-            try:
-                check_image_file(path)
-                pred = self.predictor(path)
+            try:  # decoded as evaluation reads the file that holds these bytes
+                check_image_bytes(data, name)
+                pred = self.predictor(data)
                 out.append((200, pred.to_json(image_name=name, min_score=min_score)))
             except InputImageError:
                 out.append((400, {"error": f"The request's body ({len(data)} bytes) is not an "

@@ -8,7 +8,15 @@ from detectron2.data.transforms import ResizeShortestEdge
 from detectron2.layers.mask_ops import paste_masks_in_image
 from PIL import Image
 
-from d2persist.predict.images import read_image, resize_shortest_edge, resized_shape
+from d2persist.errors import InputImageError
+from d2persist.predict.images import (
+    check_image_bytes,
+    decode_image,
+    read_image,
+    resize_shortest_edge,
+    resized_shape,
+)
+from d2persist.predict.predictor import decode_image_data
 from d2persist.predict.onnx_predictor import paste_masks
 from d2persist.predict.outputs import rle_encode
 
@@ -52,7 +60,29 @@ def test_read_image_equals_detectron2(tmp_path, fmt):
     Image.fromarray(rgb).save(tmp_path / "exif.jpg", exif=exif)
     for name in list(files) + ["exif.jpg"]:
         path = str(tmp_path / name)
-        np.testing.assert_array_equal(read_image(path, fmt), d2_read_image(path, format=fmt))
+        want = d2_read_image(path, format=fmt)
+        np.testing.assert_array_equal(read_image(path, fmt), want)
+        data = (tmp_path / name).read_bytes()  # the file's bytes, decoded without a file
+        np.testing.assert_array_equal(decode_image(data, fmt), want)
+        np.testing.assert_array_equal(decode_image_data(data, fmt), want)
+
+
+def test_image_bytes_checked_and_decoded_with_one_sentence(tmp_path):
+    noise = np.random.default_rng(2).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "a.png")
+    whole = (tmp_path / "a.png").read_bytes()
+    check_image_bytes(whole, "s3://b/a.png")
+    for data, sentence in [(b"", "Image s3://b/a.png is empty."),
+                           (b"not an image", "s3://b/a.png is not an image file PIL can read."),
+                           (whole[:-30], "Image s3://b/a.png is truncated or corrupt")]:
+        with pytest.raises(InputImageError) as e:
+            check_image_bytes(data, "s3://b/a.png")
+        assert str(e.value).startswith(sentence)
+    for decode in (decode_image, decode_image_data):
+        with pytest.raises(InputImageError, match="^The image's bytes are not an image file"):
+            decode(b"not an image", "BGR")
+        with pytest.raises(InputImageError, match="^The image's bytes are truncated"):
+            decode(whole[:len(whole) // 2], "BGR")
 
 
 def test_paste_masks_equals_detectron2():
