@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
+import secrets
 from typing import IO, Any, Callable, Iterator, List, Optional, Tuple
 
 from ..errors import CheckpointWriteError, UnsafeArtifactError
@@ -62,6 +62,23 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _create_temp(path: str) -> Tuple[int, str]:
+    """
+    A new, empty temporary file next to ``path``, opened for writing: ``(fd, its path)``. Its
+    mode is what ``open()`` would give (0666 less the umask, applied by the kernel), not
+    ``mkstemp``'s 0600.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{base}.{secrets.token_hex(6)}")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "No unused temporary name next to it", path)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
     """
@@ -79,11 +96,9 @@ def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
     Yields:
         str: the temporary path (an empty file).
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + os.path.basename(path) + ".", dir=folder)
+    fd, tmp = _create_temp(path)
     os.close(fd)
     try:
-        os.chmod(tmp, _file_mode())  # mkstemp creates 0600
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -97,19 +112,34 @@ def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(folder)
+    fsync_dir(os.path.dirname(tmp))
 
 
-def write_bytes(path: str, data: bytes) -> str:
+def write_bytes(path: str, data: bytes, sync_folder: bool = True) -> str:
     """
-    Write ``data`` to ``path`` atomically.
+    Write ``data`` to ``path`` atomically (as :func:`atomic_path`, through one descriptor).
+
+    Args:
+        sync_folder (bool): fsync the folder after the rename. False leaves that to the
+            caller (one :func:`fsync_dir` after many files): the file is whole under its name
+            at once, and its name is durable once the caller has synced the folder.
 
     Returns:
         str: the sha256 hex digest of ``data``.
     """
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
+    fd, tmp = _create_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if sync_folder:
+        fsync_dir(os.path.dirname(tmp))
     return hashlib.sha256(data).hexdigest()
 
 

@@ -7,8 +7,9 @@ A source is a folder, a glob, a text file listing image paths, or an fsspec URL 
 destination gets one output, named after the image's path relative to the source: ``REL.json``
 (what ``tools/infer_single.py`` writes for it: same schema, same numbers for the same backend),
 with ``--pictures`` also ``REL.png``, or, for an image that cannot be read, ``REL.error.json``
-(its path and one sentence). Each is written atomically (a local temp file and ``os.replace``;
-an object store's single put), the JSON last, so an input whose JSON exists is done.
+(its path and one sentence). Each is written atomically (a local temp file, fsync'ed, and
+``os.replace``, the folder fsync'ed once per batch of images; an object store's single put), the
+JSON last, so an input whose JSON exists is done.
 
 ``.d2persist-predict.json`` at the destination records the job (the weights' sha256, backend,
 precision, threshold, pictures) when it starts: a rerun of the same job skips what is done; a
@@ -24,11 +25,11 @@ import os
 import posixpath
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError
-from ..files.atomic import write_bytes
+from ..files.atomic import fsync_dir, write_bytes
 from ..files.mirror import Mirror, is_local_fs
 from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_bytes, encode_png
@@ -117,24 +118,43 @@ def list_source(src: str) -> Source:
 class _Destination(Mirror):
     """
     A folder or fsspec URL receiving the outputs: a :class:`Mirror` whose local files are
-    written as every local file here (temp file, fsync, ``os.replace``).
+    written as every local file here (temp file, fsync, ``os.replace``), the folders fsync'ed
+    by :meth:`sync` (once per batch of files, not once per file).
     """
 
     def __init__(self, dst: str) -> None:
         super().__init__(dst)
+        self._unsynced: Set[str] = set()
         if self.local:
             os.makedirs(self.root, exist_ok=True)
 
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self._path(name)))
 
-    def write(self, name: str, data: bytes) -> None:
-        if not self.local:  # an object store's put: the object appears whole or not at all
+    def write(self, name: str, data: bytes, sync: bool = False) -> None:
+        """
+        Write file ``name`` whole: here, its name durable at the next :meth:`sync` (at once
+        with ``sync``); on an object store, one put (the object appears whole or not at all).
+        """
+        if not self.local:
             self.put_bytes(data, name)
             return
         path = self._path(name)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_bytes(path, data)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        write_bytes(path, data, sync_folder=sync)
+        if not sync:
+            self._unsynced.add(folder)
+
+    def remove(self, name: str) -> None:
+        super().remove(name)
+        if self.local:
+            self._unsynced.add(os.path.dirname(self._path(name)))
+
+    def sync(self) -> None:
+        """Make the names written and removed since the last call durable (fsync folders)."""
+        while self._unsynced:
+            fsync_dir(self._unsynced.pop())
 
 
 def _json_bytes(data: dict) -> bytes:
@@ -155,7 +175,7 @@ def job_identity(predictor: Any, source: str, min_score: float, pictures: bool
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
     saved = dst.read_text(PREDICT_OPTIONS_NAME)
     if saved is None:
-        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity))
+        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
         return
     try:
         before = json.loads(saved)
@@ -178,9 +198,9 @@ class _Job:
             when the image is predicted now).
     """
 
-    def __init__(self, dst: str, min_score: float, pictures: bool,
+    def __init__(self, dst: Union[str, _Destination], min_score: float, pictures: bool,
                  failed_before: Iterable[str] = ()) -> None:
-        self.out = _Destination(dst)
+        self.out = dst if isinstance(dst, _Destination) else _Destination(dst)
         self.min_score = min_score
         self.pictures = pictures
         self.failed_before = frozenset(failed_before)
@@ -197,7 +217,8 @@ class _Job:
         except InputImageError as e:
             return self._failed(rel, shown, str(e))
         if self.pictures:
-            self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)))
+            self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)),
+                           sync=True)  # there for good before the JSON says done
         self.out.write(rel + ".json", _json_bytes(pred.to_json(image_name=shown,
                                                                min_score=self.min_score)))
         if rel in self.failed_before:  # failed before, read now
@@ -219,6 +240,10 @@ class _Job:
         except OSError as e:
             return self._failed(rel, shown, f"{shown} could not be read ({e}).")
         return self.predict(predictor, meta, rel, shown, data)
+
+
+#: images predicted on this machine between two fsyncs of the output folders
+_SYNC_EVERY = 16
 
 
 def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
@@ -265,10 +290,11 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
     identity = job_identity(predictor, source.url, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished
+    out.sync()
     done, failed_before = _outputs_at(out)
     todo = [(p, rel) for p, rel in source.items if rel not in done]
     failed_before &= {rel for _, rel in todo}
-    job = _Job(dst, min_score, pictures, failed_before)
+    job = _Job(out, min_score, pictures, failed_before)
     inputs = len(source.items) + len(source.missing)
     counts = {"inputs": inputs, "done": 0, "skipped": len(source.items) - len(todo),
               "failed": 0}
@@ -286,13 +312,19 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
             from tqdm import tqdm
 
             items = tqdm(todo, unit="image")
-        for path, rel in items:
-            shown = path if source.local else source.fs.unstrip_protocol(path)
-            counts[job.read_and_predict(predictor, meta, source.fs, path, rel, shown)] += 1
+        try:
+            for i, (path, rel) in enumerate(items, 1):
+                shown = path if source.local else source.fs.unstrip_protocol(path)
+                counts[job.read_and_predict(predictor, meta, source.fs, path, rel, shown)] += 1
+                if i % _SYNC_EVERY == 0:
+                    out.sync()
+        finally:
+            out.sync()  # what is written is done, even where the job stops here
     record = dict(identity, counts=counts,
                   versions=software_versions(imported=("torch", "detectron2", "onnxruntime")),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
-    out.write(PREDICT_JOB_NAME, _json_bytes(record))
+    out.sync()
+    out.write(PREDICT_JOB_NAME, _json_bytes(record), sync=True)
     return record
 
 
@@ -328,6 +360,7 @@ class _RayPredict:
             else:
                 statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
                                                  bytes(data)))
+        self.job.out.sync()  # each output durable before Ray hears it is done
         return {"status": np.array(statuses)}
 
 

@@ -5,7 +5,8 @@ import os
 import pytest
 
 from d2persist import ArtifactError, UnsafeArtifactError, resolve_artifacts
-from d2persist.files.atomic import atomic_path, write_text
+from d2persist.files import atomic
+from d2persist.files.atomic import atomic_path, write_bytes, write_text
 from d2persist.files.safe_load import safe_yaml_load
 from d2persist.layout import TEMP_PREFIX
 
@@ -20,6 +21,25 @@ def test_failed_atomic_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("killed mid-write")
     assert path.read_text() == "old\n"
     assert not [n for n in os.listdir(tmp_path) if n.startswith(TEMP_PREFIX)]
+
+
+def test_atomic_writes_get_the_mode_open_gives_and_sync_as_asked(tmp_path, mocker):
+    with open(tmp_path / "plain", "w"):
+        pass
+    want = os.stat(tmp_path / "plain").st_mode
+    synced = mocker.spy(atomic, "fsync_dir")
+    write_text(str(tmp_path / "a.txt"), "a")
+    with atomic_path(str(tmp_path / "b.txt")) as tmp:
+        open(tmp, "w").close()
+    assert synced.call_count == 2
+    write_bytes(str(tmp_path / "c.bin"), b"c", sync_folder=False)  # the caller syncs
+    assert synced.call_count == 2
+    assert (tmp_path / "c.bin").read_bytes() == b"c"
+    assert {os.stat(tmp_path / n).st_mode for n in ("a.txt", "b.txt", "c.bin")} == {want}
+    failing = mocker.patch("os.replace", side_effect=OSError("disk gone"))
+    with pytest.raises(OSError, match="disk gone"):
+        write_bytes(str(tmp_path / "d.bin"), b"d")
+    assert failing.called and sorted(os.listdir(tmp_path)) == ["a.txt", "b.txt", "c.bin", "plain"]
 
 
 def test_yaml_python_tags_are_refused(tmp_path):
