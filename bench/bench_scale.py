@@ -3,8 +3,9 @@
 Prediction at scale (issue 32), ONNX Runtime, the built-in model, one run measured side by side:
 
 1. images per second over a folder of images: a bare loop of ONNX Runtime's ``session.run``
-   over the same images decoded and resized in advance (the limit), on one thread and on all
-   cores; the same work as each Ray actor does (read, predict, JSON written) in this process on
+   over the same images decoded and resized in advance (the limit), on one thread, on all
+   cores, and on one thread in each of two processes at once (the ceiling of two workers on
+   two cores); the same work as each Ray actor does (read, predict, JSON written) in this process on
    one thread (what Ray's engine adds is the difference); ``infer_single`` on the folder,
    ``d2persist predict`` on this machine, and ``d2persist predict --ray`` with 1 worker on one
    core and 2 workers on one core each (the scaling) and 1 worker on all cores. Each process's
@@ -84,6 +85,25 @@ def bare_loop(bundle, images, threads=None):
     return len(inputs) / (time.perf_counter() - start)
 
 
+def bare_pair(bundle, src):
+    """
+    Images per second of each of two one-thread bare loops (:func:`bare_loop`) run at once in
+    two processes: what two cores give two processes here (shared caches, memory, the
+    hypervisor), the ceiling of two workers per core.
+    """
+    code = ("import glob, sys; sys.path.insert(0, {bench!r}); from bench_scale import bare_loop;"
+            "print(bare_loop({bundle!r}, sorted(glob.glob({pattern!r})), threads=1))").format(
+                bench=os.path.dirname(os.path.abspath(__file__)), bundle=bundle,
+                pattern=os.path.join(src, "*"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+             for _ in range(2)]
+    rates = [float(p.communicate()[0].split()[-1]) for p in procs]
+    if any(p.returncode for p in procs):
+        raise SystemExit("failed: the two bare loops")
+    return sum(rates) / 2
+
+
 def actor_work(bundle, src, out):
     """
     Images per second of what a Ray actor does for each image of ``src`` (read, predict, the
@@ -155,6 +175,7 @@ def main():
                 images.append(dst)
         bare = bare_loop(bundle, images)
         bare1 = bare_loop(bundle, images, threads=1)
+        pair = bare_pair(bundle, src)
         work1 = actor_work(bundle, src, os.path.join(work, "actor_work"))
         rows, walls = [], {}
         cases = {
@@ -183,6 +204,9 @@ def main():
         rows.append(("bare session.run loop, all cores", f"{bare:.1f} images/s"))
         rows.append(("bare session.run loop, 1 thread (the limit per core)",
                      f"{bare1:.1f} images/s"))
+        rows.append(("2 bare loops at once, 1 thread each: per loop",
+                     f"{pair:.1f} images/s ({pair / bare1:.3f}x one alone: the ceiling per "
+                     "core)"))
         rows.append(("an actor's work here, 1 thread (read, predict, JSON written)",
                      f"{work1:.1f} images/s ({work1 / bare1:.3f}x the loop per core)"))
         for name in cases:
@@ -193,6 +217,8 @@ def main():
         rows.append(("--ray 2 workers per core vs the bare loop on 1 thread",
                      f"{two / 2:.1f} vs {bare1:.1f} images/s per core = "
                      f"{two / 2 / bare1:.3f}x (goal >= 0.9)"))
+        rows.append(("--ray 2 workers per core vs 2 bare loops at once",
+                     f"{two / 2 / pair:.3f}x"))
         rows.append(("--ray 2 workers per core vs an actor's work here on 1 thread",
                      f"{two / 2 / work1:.3f}x (what Ray's engine costs)"))
         rows.append(("--ray 2 workers / 1 worker on 1 core (goal >= 1.7)", f"{two / one:.3f}x"))
