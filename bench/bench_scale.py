@@ -62,10 +62,11 @@ def _command(args):
     return wall
 
 
-def bare_loop(bundle, images, threads=None):
+def bare_loop(bundle, images, threads=None, ready=None):
     """
     Images per second of session.run alone, inputs prepared in advance, on ``threads``
-    intra-op threads (None: ONNX Runtime's choice, all cores).
+    intra-op threads (None: ONNX Runtime's choice, all cores); ``ready()``, if given, is
+    called once the inputs are prepared, and the timing starts when it returns.
     """
     import numpy as np
 
@@ -79,6 +80,8 @@ def bare_loop(bundle, images, threads=None):
         resized = resize_shortest_edge(image, p.min_size, p.max_size)
         inputs.append(np.ascontiguousarray(resized.transpose(2, 0, 1)))
     p.session.run(None, {"image": inputs[0]})
+    if ready is not None:
+        ready()
     start = time.perf_counter()
     for chw in inputs:
         p.session.run(None, {"image": chw})
@@ -88,20 +91,28 @@ def bare_loop(bundle, images, threads=None):
 def bare_pair(bundle, src):
     """
     Images per second of each of two one-thread bare loops (:func:`bare_loop`) run at once in
-    two processes: what two cores give two processes here (shared caches, memory, the
-    hypervisor), the ceiling of two workers per core.
+    two processes, both timed from the moment both have their inputs ready: what two cores
+    give two processes here (shared caches, memory, the hypervisor), the ceiling of two
+    workers per core.
     """
     code = ("import glob, sys; sys.path.insert(0, {bench!r}); from bench_scale import bare_loop;"
-            "print(bare_loop({bundle!r}, sorted(glob.glob({pattern!r})), threads=1))").format(
+            "ready = lambda: (print('ready', flush=True), sys.stdin.readline());"
+            "print(bare_loop({bundle!r}, sorted(glob.glob({pattern!r})), 1, ready))").format(
                 bench=os.path.dirname(os.path.abspath(__file__)), bundle=bundle,
                 pattern=os.path.join(src, "*"))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                              cwd=REPO, env=dict(os.environ, PYTHONWARNINGS="ignore"))
-             for _ in range(2)]
-    rates = [float(p.communicate()[0].split()[-1]) for p in procs]
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, cwd=REPO,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore")) for _ in range(2)]
+    for p in procs:  # both prepared, then both timed
+        if p.stdout.readline().strip() != "ready":
+            raise SystemExit("failed: the two bare loops")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    outs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise SystemExit("failed: the two bare loops")
-    return sum(rates) / 2
+    return sum(float(out.split()[-1]) for out in outs) / 2
 
 
 def actor_work(bundle, src, out):

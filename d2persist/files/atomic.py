@@ -1,10 +1,11 @@
 """
 How d2persist's bytes reach disk.
 
-Every file d2persist writes goes through :func:`atomic_path`: a temporary file in the same
-folder, flushed and fsync'ed, moved onto its name by ``os.replace``, then the folder fsync'ed.
-A crash at any moment leaves either the old file or the new one under the final name, never a
-partial one.
+Every file d2persist writes is a temporary file in the same folder, flushed and fsync'ed, moved
+onto its name by ``os.replace``, then the folder fsync'ed (:func:`atomic_path`,
+:func:`write_bytes`; with ``sync_folder=False`` the caller fsyncs the folder once after many
+files). A crash at any moment leaves either the old file or the new one under the final name,
+never a partial one.
 """
 
 import contextlib
@@ -64,9 +65,11 @@ def fsync_dir(path: str) -> None:
 
 def _create_temp(path: str) -> Tuple[int, str]:
     """
-    A new, empty temporary file next to ``path``, opened for writing: ``(fd, its path)``. Its
-    mode is what ``open()`` would give (0666 less the umask, applied by the kernel), not
-    ``mkstemp``'s 0600.
+    A new, empty temporary file next to ``path``, opened for writing. Its mode is what
+    ``open()`` would give (0666 less the umask, applied by the kernel), not ``mkstemp``'s 0600.
+
+    Returns:
+        tuple: ``(file descriptor, the temporary file's path)``.
     """
     folder, base = os.path.split(os.path.abspath(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)

@@ -8,8 +8,9 @@ destination gets one output, named after the image's path relative to the source
 (what ``tools/infer_single.py`` writes for it: same schema, same numbers for the same backend),
 with ``--pictures`` also ``REL.png``, or, for an image that cannot be read, ``REL.error.json``
 (its path and one sentence). Each is written atomically (a local temp file, fsync'ed, and
-``os.replace``, the folder fsync'ed once per batch of images; an object store's single put), the
-JSON last, so an input whose JSON exists is done.
+``os.replace``; an object store's single put), the JSON last, so an input whose JSON exists and
+no error record beside it is done. Local folders are fsync'ed once per batch of images, before
+the batch counts as done (a picture's folder at once, before its JSON names it done).
 
 ``.d2persist-predict.json`` at the destination records the job (the weights' sha256, backend,
 precision, threshold, pictures) when it starts: a rerun of the same job skips what is done; a
@@ -133,8 +134,13 @@ class _Destination(Mirror):
 
     def write(self, name: str, data: bytes, sync: bool = False) -> None:
         """
-        Write file ``name`` whole: here, its name durable at the next :meth:`sync` (at once
-        with ``sync``); on an object store, one put (the object appears whole or not at all).
+        Write file ``name`` whole: here, its name durable at the next :meth:`sync`; on an
+        object store, one put (the object appears whole or not at all).
+
+        Args:
+            name (str): relative to the destination.
+            data (bytes): the file's content.
+            sync (bool): here, fsync its folder at once.
         """
         if not self.local:
             self.put_bytes(data, name)
@@ -214,8 +220,9 @@ class _Job:
         try:
             check_image_bytes(data, shown)
             pred = predictor(data)
-        except InputImageError as e:
-            return self._failed(rel, shown, str(e))
+        except InputImageError as e:  # (a JPEG's truncation shows only in decoding)
+            sentence = str(e) if shown in str(e) else f"Image {shown}: {e}"
+            return self._failed(rel, shown, sentence)
         if self.pictures:
             self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)),
                            sync=True)  # there for good before the JSON says done
@@ -248,8 +255,8 @@ _SYNC_EVERY = 16
 
 def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
     """
-    The images done at ``out`` (those with their JSON) and those with an error record,
-    listed once.
+    The images done at ``out`` (their JSON there, no error record beside it) and those with an
+    error record (failed, or stopped between their JSON and the record's removal), listed once.
     """
     try:
         found = out.fs.find(out.root)
@@ -300,7 +307,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
               "failed": 0}
     for path, rel in source.missing:  # listed, and not there
         shown = path if source.local else source.fs.unstrip_protocol(path)
-        counts[job._failed(rel, shown, f"{shown} does not exist.")] += 1
+        counts[job._failed(rel, shown, f"Image {shown} does not exist.")] += 1
     if ray is not None:
         for status, n in ray.run(source, todo, dst, min_score, pictures,
                                  failed_before).items():
@@ -356,6 +363,8 @@ class _RayPredict:
             rel = posixpath.relpath(path, self.base)
             shown = f"{self.protocol}://{path}" if self.protocol else path
             if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
+                if rel in self.job.failed_before:  # (killed between JSON and removal)
+                    self.job.out.remove(rel + ".error.json")
                 statuses.append("skipped")
             else:
                 statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,

@@ -112,14 +112,17 @@ def decode_image(data: bytes, fmt: str,
 
     Args:
         data (bytes): what the image file holds.
-        fmt (str): "BGR", "RGB" or "L".
+        fmt (str): "BGR", "RGB" or "L" (or any format ``convert`` takes).
         convert: ``(PIL image, fmt) -> array``, instead of this module's EXIF orientation and
             conversion (the PyTorch predictor passes detectron2's own).
+
+    Returns:
+        np.ndarray: HxWxC uint8 (C = 1 for "L"), as :func:`read_image` returns.
 
     Raises:
         InputImageError: ``data`` is not an image, or truncated.
     """
-    if fmt not in ("BGR", "RGB", "L"):
+    if convert is None and fmt not in ("BGR", "RGB", "L"):
         raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
     try:
         with Image.open(io.BytesIO(data)) as image:

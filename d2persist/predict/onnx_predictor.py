@@ -338,7 +338,9 @@ class OnnxPredictor:
         """
         Args:
             image (str, bytes or ndarray): an image file, an image file's bytes (decoded as
-                the file is read), or an HxW/HxWxC uint8 array.
+                the file is read; not verified first, as a file is: see
+                :func:`~d2persist.predict.images.check_image_bytes`), or an HxW/HxWxC uint8
+                array.
             channel_order (str): for an array: "BGR", "RGB" or "L" (required).
         """
         image = image_input(image, channel_order, self.input_format)

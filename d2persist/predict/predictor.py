@@ -62,6 +62,13 @@ def decode_image_data(data: bytes, fmt: str) -> np.ndarray:
     the same), without a temp file. Not verified first (see
     :func:`~d2persist.predict.images.check_image_bytes`).
 
+    Args:
+        data (bytes): what the image file holds.
+        fmt (str): ``INPUT.FORMAT``.
+
+    Returns:
+        np.ndarray: HxWxC uint8 in ``fmt``.
+
     Raises:
         InputImageError: ``data`` is not an image, or truncated.
     """
@@ -205,7 +212,9 @@ class Predictor:
         """
         Args:
             image (str, bytes or np.ndarray): an image file, an image file's bytes (decoded as
-                the file is read), or an HxW/HxWxC uint8 array.
+                the file is read; not verified first, as a file is: see
+                :func:`~d2persist.predict.images.check_image_bytes`), or an HxW/HxWxC uint8
+                array.
             channel_order (str): for an array: "BGR", "RGB" or "L". Must be given, so that
                 a channel-order mistake cannot pass silently.
 

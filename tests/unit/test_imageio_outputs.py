@@ -16,9 +16,9 @@ from d2persist.predict.images import (
     resize_shortest_edge,
     resized_shape,
 )
-from d2persist.predict.predictor import decode_image_data
 from d2persist.predict.onnx_predictor import paste_masks
 from d2persist.predict.outputs import rle_encode
+from d2persist.predict.predictor import decode_image_data
 
 
 def test_rle_equals_pycocotools():
