@@ -67,6 +67,26 @@ def _train_loader(trainer):
 _INSTALLED: List["PersistHook"] = []
 
 
+#: the signal mask the forking thread had before :func:`_block_before_fork`
+_FORK = threading.local()
+
+
+def _block_before_fork():
+    # Block the stop signals across a fork while the handlers are installed: a signal sent to
+    # the child before _restore_handlers_in_child runs would reach this handler's C part there,
+    # and once the handler is restored, CPython drops it ("Signal 15 ignored due to race
+    # condition"): a Pool worker SIGTERMed at once by terminate() then waited forever.
+    sigs = {sig for hook in _INSTALLED for sig in hook._old_handlers}
+    _FORK.mask = signal.pthread_sigmask(signal.SIG_BLOCK, sigs) if sigs else None
+
+
+def _unblock_after_fork():
+    mask = getattr(_FORK, "mask", None)
+    if mask is not None:  # a signal that came meanwhile is delivered now, here as there
+        _FORK.mask = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
 def _restore_handlers_in_child():
     # A process forked while the handlers are installed (a DataLoader worker, an evaluator's
     # multiprocessing pool worker, as panopticapi's) must not keep them: it answers a signal
@@ -78,10 +98,12 @@ def _restore_handlers_in_child():
             except (ValueError, OSError, TypeError):  # not the main thread: _on_signal's check
                 pass
     _INSTALLED.clear()
+    _unblock_after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_restore_handlers_in_child)
+    os.register_at_fork(before=_block_before_fork, after_in_parent=_unblock_after_fork,
+                        after_in_child=_restore_handlers_in_child)
 
 
 class PersistHook(HookBase):
