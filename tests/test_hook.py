@@ -218,8 +218,10 @@ class _ForksAPoolAt(HookBase):
         for _ in range(16):
             pid = os.fork()
             if pid == 0:
-                time.sleep(3)  # the signal was lost: exit 0, late
-                os._exit(0)
+                try:
+                    time.sleep(3)  # the signal was lost: exit 0, late
+                finally:
+                    os._exit(0)
             os.kill(pid, signal.SIGTERM)
             children.append(pid)
         self.exits = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children]

@@ -81,8 +81,11 @@ def _block_before_fork():
 
 
 def _unblock_after_fork():
+    # A signal that came meanwhile is delivered now, here as there. (One whose Python handler
+    # raises, e.g. a second stop signal or a child's KeyboardInterrupt, raises inside this
+    # at-fork hook, where CPython reports and drops it: as the race did before, for those.)
     mask = getattr(_FORK, "mask", None)
-    if mask is not None:  # a signal that came meanwhile is delivered now, here as there
+    if mask is not None:
         _FORK.mask = None
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
@@ -91,14 +94,16 @@ def _restore_handlers_in_child():
     # A process forked while the handlers are installed (a DataLoader worker, an evaluator's
     # multiprocessing pool worker, as panopticapi's) must not keep them: it answers a signal
     # as it would without them, so that e.g. Pool.terminate()'s SIGTERM ends it.
-    for hook in reversed(_INSTALLED):
-        for sig, handler in hook._old_handlers.items():
-            try:
-                signal.signal(sig, handler)
-            except (ValueError, OSError, TypeError):  # not the main thread: _on_signal's check
-                pass
-    _INSTALLED.clear()
-    _unblock_after_fork()
+    try:
+        for hook in reversed(_INSTALLED):
+            for sig, handler in hook._old_handlers.items():
+                try:
+                    signal.signal(sig, handler)
+                except (ValueError, OSError, TypeError):  # an old handler installed from C
+                    pass  # (getsignal gave None): _on_signal's check answers for it
+        _INSTALLED.clear()
+    finally:  # never a child with its stop signals blocked for good
+        _unblock_after_fork()
 
 
 if hasattr(os, "register_at_fork"):

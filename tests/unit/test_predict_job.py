@@ -6,6 +6,7 @@ that decodes each image as the ONNX Runtime predictor does and predicts nothing 
 import json
 
 import numpy as np
+import torch
 from PIL import Image
 
 from d2persist.predict import batch
@@ -79,7 +80,8 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     (dst / "a.png.json").write_text("{}")  # written by the killed attempt, its removal not done
     (dst / "a.png.error.json").write_text("{}")
     synced = mocker.spy(batch, "fsync_dir")
-    actor = _RayPredict(_Decoder, str(dst), str(src), None, 0.5, False, 1,
+    threads = torch.get_num_threads()  # the actor sets torch's threads: this process's stay
+    actor = _RayPredict(_Decoder, str(dst), str(src), None, 0.5, False, threads,
                         failed_before=["a.png"])
     paths = [str(src / n) for n in ("a.png", "b.jpg")]
     out = actor({"bytes": [(src / n).read_bytes() for n in ("a.png", "b.jpg")], "path": paths})
