@@ -249,7 +249,7 @@ def get_parser():
     p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png; for a URL, "
                    "training.png here)")
     p.set_defaults(fn=plot)
-    from d2persist.cli import add_predictor_arguments
+    from d2persist.cli import add_predictor_arguments, add_threshold_argument
 
     p = sub.add_parser("predict", help="predict every image of a folder, glob, list or URL "
                        "into a folder or URL, each once; rerun to finish an interrupted job")
@@ -260,8 +260,7 @@ def get_parser():
     p.add_argument("--output", required=True, help="folder or fsspec URL of the outputs: "
                    "REL.json per image (as infer_single writes it), job.json at the end")
     p.add_argument("--pictures", action="store_true", help="also REL.png, the drawing")
-    p.add_argument("--confidence-threshold", type=float, default=0.5,
-                   help="minimum score of the instances written (default: 0.5)")
+    add_threshold_argument(p)
     add_predictor_arguments(p)
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="predict on Ray (pip install 'd2persist[ray]'): alone, a local cluster "

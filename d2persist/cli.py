@@ -27,6 +27,7 @@ __all__ = [
     "setup_run",
     "add_launch_arguments",
     "add_predictor_arguments",
+    "add_threshold_argument",
     "launch_main",
     "launched_by_torchrun",
 ]
@@ -150,6 +151,16 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="fail a multi-process run whose processes wait on each other this long "
         "(detectron2's default: 1800)",
     )
+    return parser
+
+
+def add_threshold_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--confidence-threshold``, as every tool that writes predictions takes it."""
+    from .layout import DEFAULT_MIN_SCORE
+
+    parser.add_argument("--confidence-threshold", type=float, default=DEFAULT_MIN_SCORE,
+                        help="minimum score of the instances written (default: "
+                        f"{DEFAULT_MIN_SCORE})")
     return parser
 
 

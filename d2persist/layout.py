@@ -37,6 +37,7 @@ __all__ = [
     "EMA_STATE_KEY",
     "PREDICT_OPTIONS_NAME",
     "PREDICT_JOB_NAME",
+    "DEFAULT_MIN_SCORE",
     "TRAINING_PLOT",
     "checkpoint_name",
     "checkpoint_iteration",
@@ -78,6 +79,9 @@ EMA_STATE_KEY = "ema"
 PREDICT_OPTIONS_NAME = ".d2persist-predict.json"
 #: ``d2persist predict``: the job's record, written once every input has its output
 PREDICT_JOB_NAME = "job.json"
+#: The score below which predicted instances are left out of JSON and pictures, unless told
+#: (``infer_single``, ``d2persist predict`` and ``serve``'s ``min_score``)
+DEFAULT_MIN_SCORE = 0.5
 #: The run's picture (PERSIST.PLOT): losses, learning rate, evaluations, checkpoints, best.
 TRAINING_PLOT = "training.png"
 #: Ending of the ``sha256sum``-format file next to each checkpoint.

@@ -13,7 +13,7 @@ with one line on stderr, for bad input or bad artifacts.
 import argparse
 import os
 
-from d2persist.cli import add_predictor_arguments
+from d2persist.cli import add_predictor_arguments, add_threshold_argument
 
 PROG = "infer_single.py"
 
@@ -28,8 +28,7 @@ def get_parser():
                         "default: predictions/<image>.png")
     parser.add_argument("--json", help="JSON file (a folder for several images); "
                         "default: predictions/<image>.json")
-    parser.add_argument("--confidence-threshold", type=float, default=0.5,
-                        help="minimum score of the instances written (default: 0.5)")
+    add_threshold_argument(parser)
     add_predictor_arguments(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
                         help="config overrides as KEY VALUE pairs")

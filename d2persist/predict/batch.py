@@ -32,7 +32,7 @@ from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError
 from ..files.atomic import fsync_dir, write_bytes
 from ..files.mirror import Mirror, is_local_fs
-from ..layout import PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
+from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_bytes, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
 
@@ -268,7 +268,7 @@ def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
     return {n[:-len(".json")] for n in names if n.endswith(".json")} - failed, failed
 
 
-def predict_source(predictor: Any, src: str, dst: str, min_score: float = 0.5,
+def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAULT_MIN_SCORE,
                    pictures: bool = False, progress: bool = False,
                    ray: Optional["RayEngine"] = None) -> Dict[str, Any]:
     """

@@ -7,6 +7,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from ..errors import InputImageError
 from ..files.atomic import write_bytes, write_text
+from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_file, encode_png
 
 __all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files", "json_text"]
@@ -64,7 +65,7 @@ def predict_files(
     images: List[str],
     output: Optional[str] = None,
     json_out: Optional[str] = None,
-    min_score: float = 0.5,
+    min_score: float = DEFAULT_MIN_SCORE,
     many: bool = False,
     progress: bool = True,
 ) -> List[dict]:

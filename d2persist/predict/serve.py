@@ -24,6 +24,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import InputImageError
+from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_bytes
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
@@ -96,7 +97,7 @@ class Endpoint:
         if method != "POST":
             return 405, {"error": f"{method} /predict: send the image with POST."}, None
         try:
-            min_score = float(query.get("min_score", 0.5))
+            min_score = float(query.get("min_score", DEFAULT_MIN_SCORE))
         except ValueError:
             return 400, {"error": f"min_score must be a number, not {query['min_score']!r}."}, None
         if len(body) > self.max_bytes:
