@@ -132,8 +132,9 @@ def actor_work(bundle, src, out):
 def in_process(bundle, images):
     """
     Seconds per image of the predictor called in-process (read, predict, JSON at the
-    endpoint's default threshold, 0.5: the same masks pasted).
+    endpoint's default threshold: the same masks pasted).
     """
+    from d2persist.layout import DEFAULT_MIN_SCORE
     from d2persist.predict.onnx_predictor import load_onnx_predictor
 
     p = load_onnx_predictor(bundle)
@@ -141,7 +142,7 @@ def in_process(bundle, images):
     times = []
     for path in images:
         start = time.perf_counter()
-        p(path).to_json(image_name=path, min_score=0.5)
+        p(path).to_json(image_name=path, min_score=DEFAULT_MIN_SCORE)
         times.append(time.perf_counter() - start)
     return times
 

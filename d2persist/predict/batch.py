@@ -218,11 +218,13 @@ class _Job:
         the file is read (no temp file). Returns "done" or "failed".
         """
         try:
-            check_image_bytes(data, shown)
+            check_image_bytes(data, shown)  # its sentence names the image
+        except InputImageError as e:
+            return self._failed(rel, shown, str(e))
+        try:
             pred = predictor(data)
-        except InputImageError as e:  # (a JPEG's truncation shows only in decoding)
-            sentence = str(e) if shown in str(e) else f"Image {shown}: {e}"
-            return self._failed(rel, shown, sentence)
+        except InputImageError as e:  # what only decoding finds (a JPEG's truncation)
+            return self._failed(rel, shown, f"Image {shown}: {e}")
         if self.pictures:
             self.out.write(rel + ".png", encode_png(pred.draw(meta, min_score=self.min_score)),
                            sync=True)  # there for good before the JSON says done
