@@ -12,9 +12,14 @@ Prediction at scale (issue 32), ONNX Runtime, the built-in model, one run measur
    steady rate is taken from its outputs' times (those after the first third), so start-up
    (Ray's, the model's) is reported apart, as the wall time of the command;
 2. ``d2persist serve``: p50 and p99 latency at 1, 4 and 16 concurrent clients against the
-   predictor called in-process on the same images.
+   predictor called in-process on the same images; where the difference goes: the predictor
+   in-process again while the server sits idle beside it (what Ray's and Serve's own processes
+   take from a model that uses every core), and Ray Serve's own request path here (a
+   deployment that reads the image and answers at once, on a local Ray started as
+   ``d2persist serve`` starts it).
 
 Needs a finished run of the built-in model with ONNX (``--run``, e.g. a default run).
+``--images 0`` measures the endpoint only.
 """
 
 import os
@@ -153,18 +158,133 @@ def _percentile(xs, q):
 
 
 def endpoint(bundle, images, clients, requests):
-    """``{clients: latencies}`` of ``d2persist serve`` on 127.0.0.1."""
+    """
+    ``({clients: latencies}, in-process latencies with the server idle)`` of ``d2persist
+    serve`` on 127.0.0.1.
+    """
     data = [open(p, "rb").read() for p in images]
     with serving(bundle, "--backend", "onnxruntime") as url:
         for i in range(4):
             post_image(url + "/predict", data[i])  # warm
+        beside = in_process(bundle, images[:20])
         out = {}
         for n in clients:
             with ThreadPoolExecutor(n) as pool:
                 out[n] = list(pool.map(
                     lambda i: post_image(url + "/predict", data[i % len(data)]),
                     range(requests)))
-        return out
+        return out, beside
+
+
+def serve_floor(images, requests):
+    """
+    Latencies at one client of Ray Serve's own request path: a deployment that reads the
+    image and answers a small JSON at once, on a local Ray started as ``d2persist serve``
+    starts it, behind Serve's HTTP proxy on 127.0.0.1.
+    """
+    import socket
+
+    import ray
+    from ray import serve
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+
+    @serve.deployment(ray_actor_options={"num_cpus": os.cpu_count() or 1})
+    class Answer:
+        async def __call__(self, request: Request) -> JSONResponse:
+            body = await request.body()
+            return JSONResponse({"image": "upload", "bytes": len(body), "instances": []})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    data = [open(p, "rb").read() for p in images]
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(Answer.bind(), name="floor", route_prefix="/")
+        url = f"http://127.0.0.1:{port}/predict"
+        for i in range(4):
+            post_image(url, data[i])  # warm
+        return [post_image(url, data[i % len(data)]) for i in range(requests)]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def folder_table(bundle, src, images, work):
+    """Part 1 of the docstring: ``d2persist predict`` and its limits, printed."""
+    bare = bare_loop(bundle, images)
+    bare1 = bare_loop(bundle, images, threads=1)
+    pair = bare_pair(bundle, src)
+    work1 = actor_work(bundle, src, os.path.join(work, "actor_work"))
+    rows, walls = [], {}
+    cases = {
+        "infer_single": [os.path.join(TOOLS, "infer_single.py"), "--image", src,
+                         "--artifacts", bundle, "--backend", "onnxruntime", "--json"],
+        "predict, this machine": ["-m", "d2persist", "predict", src, "--artifacts", bundle,
+                                  "--backend", "onnxruntime", "--output"],
+        "predict --ray, 1 worker, 1 core": ["-m", "d2persist", "predict", src,
+                                            "--artifacts", bundle, "--backend",
+                                            "onnxruntime", "--ray", "--workers", 1,
+                                            "--cpus-per-worker", 1, "--output"],
+        "predict --ray, 2 workers": ["-m", "d2persist", "predict", src, "--artifacts",
+                                     bundle, "--backend", "onnxruntime", "--ray",
+                                     "--workers", 2, "--cpus-per-worker", 1, "--output"],
+        "predict --ray, 1 worker, all cores": ["-m", "d2persist", "predict", src,
+                                               "--artifacts", bundle, "--backend",
+                                               "onnxruntime", "--ray", "--workers", 1,
+                                               "--output"],
+    }
+    rates = {}
+    for name, cmd in cases.items():
+        out = os.path.join(work, name.replace(" ", "_").replace(",", ""))
+        walls[name] = _command([*cmd, out])
+        rates[name] = _steady_rate(out)
+        shutil.rmtree(out, ignore_errors=True)
+    rows.append(("bare session.run loop, all cores", f"{bare:.1f} images/s"))
+    rows.append(("bare session.run loop, 1 thread (the limit per core)",
+                 f"{bare1:.1f} images/s"))
+    rows.append(("2 bare loops at once, 1 thread each: per loop",
+                 f"{pair:.1f} images/s ({pair / bare1:.3f}x one alone: the ceiling per "
+                 "core)"))
+    rows.append(("an actor's work here, 1 thread (read, predict, JSON written)",
+                 f"{work1:.1f} images/s ({work1 / bare1:.3f}x the loop per core)"))
+    for name in cases:
+        rows.append((f"{name}: steady rate, wall of the command",
+                     f"{rates[name]:.1f} images/s ({rates[name] / bare:.3f}x the loop on "
+                     f"all cores), {walls[name]:.1f} s"))
+    one, two = rates["predict --ray, 1 worker, 1 core"], rates["predict --ray, 2 workers"]
+    rows.append(("--ray 2 workers per core vs the bare loop on 1 thread",
+                 f"{two / 2:.1f} vs {bare1:.1f} images/s per core = "
+                 f"{two / 2 / bare1:.3f}x (goal >= 0.9)"))
+    rows.append(("--ray 2 workers per core vs 2 bare loops at once",
+                 f"{two / 2 / pair:.3f}x"))
+    rows.append(("--ray 2 workers per core vs an actor's work here on 1 thread",
+                 f"{two / 2 / work1:.3f}x (what Ray's engine costs)"))
+    rows.append(("--ray 2 workers / 1 worker on 1 core (goal >= 1.7)", f"{two / one:.3f}x"))
+    table(f"Prediction at scale: {len(images)} images, ONNX Runtime", rows)
+
+
+def endpoint_table(bundle, base, quick):
+    """Part 2 of the docstring: ``d2persist serve`` against the predictor, printed."""
+    local = in_process(bundle, base[:20])
+    served, beside = endpoint(bundle, base, (1, 4, 16), 48 if quick else 96)
+    floor = serve_floor(base, 48 if quick else 96)
+    rows = [("in-process predictor, p50 / p99",
+             f"{median(local) * 1000:.1f} / {_percentile(local, 0.99) * 1000:.1f} ms"),
+            ("in-process predictor, the server idle beside it, p50",
+             f"{median(beside) * 1000:.1f} ms ({(median(beside) - median(local)) * 1000:+.1f}"
+             " ms: Ray's and Serve's own processes)"),
+            ("Ray Serve's own request path (a deployment answering at once), 1 client, "
+             "p50 / p99",
+             f"{median(floor) * 1000:.1f} / {_percentile(floor, 0.99) * 1000:.1f} ms")]
+    for n, lat in served.items():
+        rows.append((f"serve, {n} client(s), p50 / p99",
+                     f"{median(lat) * 1000:.1f} / {_percentile(lat, 0.99) * 1000:.1f} ms"))
+    rows.append(("serve p50 at 1 client - in-process p50 (goal <= 15 ms)",
+                 f"{(median(served[1]) - median(local)) * 1000:.1f} ms"))
+    table("d2persist serve against the predictor in-process", rows)
 
 
 def main():
@@ -185,66 +305,9 @@ def main():
                 dst = os.path.join(src, f"{c}_{os.path.basename(path)}")
                 shutil.copy(path, dst)
                 images.append(dst)
-        bare = bare_loop(bundle, images)
-        bare1 = bare_loop(bundle, images, threads=1)
-        pair = bare_pair(bundle, src)
-        work1 = actor_work(bundle, src, os.path.join(work, "actor_work"))
-        rows, walls = [], {}
-        cases = {
-            "infer_single": [os.path.join(TOOLS, "infer_single.py"), "--image", src,
-                             "--artifacts", bundle, "--backend", "onnxruntime", "--json"],
-            "predict, this machine": ["-m", "d2persist", "predict", src, "--artifacts", bundle,
-                                      "--backend", "onnxruntime", "--output"],
-            "predict --ray, 1 worker, 1 core": ["-m", "d2persist", "predict", src,
-                                                "--artifacts", bundle, "--backend",
-                                                "onnxruntime", "--ray", "--workers", 1,
-                                                "--cpus-per-worker", 1, "--output"],
-            "predict --ray, 2 workers": ["-m", "d2persist", "predict", src, "--artifacts",
-                                         bundle, "--backend", "onnxruntime", "--ray",
-                                         "--workers", 2, "--cpus-per-worker", 1, "--output"],
-            "predict --ray, 1 worker, all cores": ["-m", "d2persist", "predict", src,
-                                                   "--artifacts", bundle, "--backend",
-                                                   "onnxruntime", "--ray", "--workers", 1,
-                                                   "--output"],
-        }
-        rates = {}
-        for name, cmd in cases.items():
-            out = os.path.join(work, name.replace(" ", "_").replace(",", ""))
-            walls[name] = _command([*cmd, out])
-            rates[name] = _steady_rate(out)
-            shutil.rmtree(out, ignore_errors=True)
-        rows.append(("bare session.run loop, all cores", f"{bare:.1f} images/s"))
-        rows.append(("bare session.run loop, 1 thread (the limit per core)",
-                     f"{bare1:.1f} images/s"))
-        rows.append(("2 bare loops at once, 1 thread each: per loop",
-                     f"{pair:.1f} images/s ({pair / bare1:.3f}x one alone: the ceiling per "
-                     "core)"))
-        rows.append(("an actor's work here, 1 thread (read, predict, JSON written)",
-                     f"{work1:.1f} images/s ({work1 / bare1:.3f}x the loop per core)"))
-        for name in cases:
-            rows.append((f"{name}: steady rate, wall of the command",
-                         f"{rates[name]:.1f} images/s ({rates[name] / bare:.3f}x the loop on "
-                         f"all cores), {walls[name]:.1f} s"))
-        one, two = rates["predict --ray, 1 worker, 1 core"], rates["predict --ray, 2 workers"]
-        rows.append(("--ray 2 workers per core vs the bare loop on 1 thread",
-                     f"{two / 2:.1f} vs {bare1:.1f} images/s per core = "
-                     f"{two / 2 / bare1:.3f}x (goal >= 0.9)"))
-        rows.append(("--ray 2 workers per core vs 2 bare loops at once",
-                     f"{two / 2 / pair:.3f}x"))
-        rows.append(("--ray 2 workers per core vs an actor's work here on 1 thread",
-                     f"{two / 2 / work1:.3f}x (what Ray's engine costs)"))
-        rows.append(("--ray 2 workers / 1 worker on 1 core (goal >= 1.7)", f"{two / one:.3f}x"))
-        table(f"Prediction at scale: {len(images)} images, ONNX Runtime", rows)
-        local = in_process(bundle, base[:20])
-        served = endpoint(bundle, base, (1, 4, 16), 48 if args.quick else 96)
-        rows = [("in-process predictor, p50 / p99",
-                 f"{median(local) * 1000:.1f} / {_percentile(local, 0.99) * 1000:.1f} ms")]
-        for n, lat in served.items():
-            rows.append((f"serve, {n} client(s), p50 / p99",
-                         f"{median(lat) * 1000:.1f} / {_percentile(lat, 0.99) * 1000:.1f} ms"))
-        rows.append(("serve p50 at 1 client - in-process p50 (goal <= 15 ms)",
-                     f"{(median(served[1]) - median(local)) * 1000:.1f} ms"))
-        table("d2persist serve against the predictor in-process", rows)
+        if args.images:
+            folder_table(bundle, src, images, work)
+        endpoint_table(bundle, base, args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
