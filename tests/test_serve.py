@@ -1,11 +1,12 @@
 """
 ``d2persist serve`` on Ray Serve, on 127.0.0.1: concurrent requests answered with the JSON
 ``infer_single`` writes, bad requests with a 4xx and one sentence while it goes on serving,
-``/healthz``; stopped by SIGTERM with everything it started, also while it starts. In a
-bounded process of its own.
+``/healthz``; stopped by SIGTERM with everything it started, also while it starts, and when
+the signal reaches every process it started (systemd's stop). In a bounded process of its own.
 """
 
 import json
+import os
 import queue
 import signal
 import subprocess
@@ -45,28 +46,37 @@ def _multipart(data, filename):
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def _start(run, *flags):
+    """``d2persist serve RUN FLAGS`` in a session of its own: ``(process, URL)``."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2persist", "serve", str(run), "--port", str(port), *flags],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
+        start_new_session=True)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _health(proc, url):
+    """``/healthz``'s answer, once the server gives one (150 s at most)."""
+    deadline = time.monotonic() + 150
+    while True:  # until it serves (Ray, Serve's proxy, the replica loading the model)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the server did not start in 150 s"
+        try:
+            status, health = _request(url + "/healthz")
+            if status == 200:
+                return health
+        except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+            pass
+        time.sleep(1)
+
+
 def test_serve_answers_as_infer_single_and_refuses_bad_requests(trained_run):
     _, val = register_shapes()
     images = [d["file_name"] for d in DatasetCatalog.get(val)[:4]]
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "d2persist", "serve", str(trained_run), "--port", str(port),
-         "--backend", "pytorch", "--max-bytes", "200000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
-        start_new_session=True)
+    proc, url = _start(trained_run, "--backend", "pytorch", "--max-bytes", "200000")
     try:
-        deadline = time.monotonic() + 150
-        while True:  # until it serves (Ray, Serve's proxy, the replica loading the model)
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "the server did not start in 150 s"
-            try:
-                status, health = _request(url + "/healthz")
-                if status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
-                pass
-            time.sleep(1)
+        health = _health(proc, url)
         predictor = load_predictor(str(trained_run), backend="pytorch")
         assert (health["sha256"], health["backend"], health["weights"]) == (
             predictor.sha256, "pytorch", predictor.weights)
@@ -106,11 +116,7 @@ def test_serve_answers_as_infer_single_and_refuses_bad_requests(trained_run):
 
 def test_serve_stopped_while_it_starts_stops_cleanly(trained_run):
     """SIGTERM while Ray Serve deploys (before ``serve.run`` returns): a clean exit 0."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "d2persist", "serve", str(trained_run), "--port",
-         str(free_port()), "--backend", "pytorch"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
-        start_new_session=True)
+    proc, _ = _start(trained_run, "--backend", "pytorch")
     lines: queue.Queue = queue.Queue()
 
     def read():
@@ -135,5 +141,32 @@ def test_serve_stopped_while_it_starts_stops_cleanly(trained_run):
         err = "".join(seen + [x for x in lines.queue if x])
         assert proc.returncode == 0, err[-3000:]
         assert "SIGTERM received" not in err  # (Ray's handler, which aborts the process)
+    finally:
+        kill_tree(proc.pid)
+
+
+def test_serve_onnxruntime_stopped_with_every_process_it_started(default_run):
+    """
+    The ONNX Runtime backend answers as its predictor does; SIGTERM to the server's whole
+    process group (as systemd's stop signals every process of the unit) stops it with exit 0
+    well before the 30 s ``serve.shutdown()`` would wait for the controller the signal ended.
+    """
+    _, val = register_shapes()
+    image = DatasetCatalog.get(val)[0]["file_name"]
+    run = str(default_run[0])
+    proc, url = _start(run, "--backend", "onnxruntime")
+    try:
+        health = _health(proc, url)
+        predictor = load_predictor(run, backend="onnxruntime")
+        assert (health["sha256"], health["backend"]) == (predictor.sha256, "onnxruntime")
+        status, got = _request(url + "/predict?min_score=0", open(image, "rb").read(),
+                               "image/png")
+        want = predictor(image).to_json(image_name="upload", min_score=0)
+        assert (status, got) == (200, want)
+        start = time.monotonic()
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-3000:]
+        assert time.monotonic() - start < 25, err[-3000:]
     finally:
         kill_tree(proc.pid)

@@ -214,6 +214,29 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
         stop.wait()
     finally:
         try:
-            serve.shutdown()
+            if address is not None or not _local_ray_lost_a_process():
+                serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _local_ray_lost_a_process(wait_s: float = 0.5) -> bool:
+    """
+    Whether the local Ray this process started lost one of its processes within ``wait_s``:
+    the stop signal reached them too (systemd's stop signals every process of the unit;
+    ``kill -- -PGID`` and ``timeout`` the process group), so Serve's controller cannot answer
+    ``serve.shutdown()``, which would wait 30 s for it; ``ray.shutdown()`` stops the rest.
+    """
+    import time
+
+    import ray._private.worker  # Ray's record of the processes ray.init started
+
+    node: Any = getattr(ray._private.worker, "_global_node", None)
+    if not hasattr(node, "dead_processes"):
+        return False
+    deadline = time.monotonic() + wait_s
+    while not node.dead_processes():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
