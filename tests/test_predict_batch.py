@@ -286,3 +286,51 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
             assert fs.cat_file(f"{BUCKET}/two/again/{rel}.json") == fs.cat_file(
                 f"{BUCKET}/two/preds/{rel}.json")
+
+
+def test_a_job_on_its_own_ray_ends_as_sigterm_ends_a_process(default_run, source, tmp_path):
+    """
+    SIGTERM to the driver of a job on the local Ray it started (Kubernetes' stop, a preempted
+    machine's notice): Ray is shut down and the driver then ends by SIGTERM, as it would
+    without Ray (not by the C++ handler ``ray.init`` installs, which printed a stack and
+    skipped ``ray.shutdown()``); the outputs written stay whole, the job unfinished.
+    """
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import tool_env
+
+    fault = os.path.join(REPO, "tests", "scripts", "ray_fault.py")
+    marker = tmp_path / "no-kill"
+    marker.write_text("")  # ray_fault.py kills no worker once its marker exists
+    dst = tmp_path / "dst"
+    with open(tmp_path / "driver.err", "w+") as err:
+        driver = subprocess.Popen(  # a second per image: SIGTERM comes mid-job
+            [sys.executable, fault, str(default_run[0]), str(source), str(dst), str(marker),
+             "local", "onnxruntime", "1.0"],
+            stdout=subprocess.DEVNULL, stderr=err, env=tool_env(), start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not list(dst.rglob("*.png.json")):
+                assert driver.poll() is None, _tail(err)
+                assert time.monotonic() < deadline, "no image predicted in 120 s"
+                time.sleep(0.2)
+            driver.send_signal(signal.SIGTERM)
+            driver.wait(timeout=60)
+            assert driver.returncode == -signal.SIGTERM, _tail(err)
+            said = _tail(err)
+            assert "SIGTERM received" not in said and "Traceback" not in said, said
+            while True:  # and Ray's processes (in the driver's process group) end with it
+                try:
+                    os.killpg(driver.pid, 0)
+                except ProcessLookupError:
+                    break
+                assert time.monotonic() < deadline + 30, "Ray's processes outlived the job"
+                time.sleep(0.5)
+        finally:
+            kill_tree(driver.pid)
+            driver.wait()
+    assert not (dst / "job.json").exists()
+    written = [p for p in dst.rglob("*.json") if not p.name.startswith(".")]
+    assert 1 <= len(written) < 5 and all(isinstance(_json(p), dict) for p in written)

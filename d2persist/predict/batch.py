@@ -375,6 +375,50 @@ class _RayPredict:
         return {"status": np.array(statuses)}
 
 
+class _StopSignals:
+    """
+    SIGINT and SIGTERM during a job on the Ray it started. ``ray.init`` installs handlers of
+    its own (in C++: SIGTERM prints a stack and ends the process without ``ray.shutdown()``);
+    :meth:`take` replaces them with one that unwinds the job (``KeyboardInterrupt``) so that
+    Ray is shut down, and :meth:`restore` puts back the handlers from before ``ray.init`` and
+    delivers a SIGTERM that came to them: the process then ends as SIGTERM ends it without Ray
+    (exit 143 in a shell). Created outside the main thread, it changes nothing.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self) -> None:
+        import signal
+        import threading
+
+        self.came: List[int] = []
+        self.before: Dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            self.before = {getattr(signal, n): signal.getsignal(getattr(signal, n))
+                           for n in self.SIGNALS}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.came:  # the first unwinds; a second must not interrupt the shutdown
+            self.came.append(signum)
+            raise KeyboardInterrupt
+
+    def take(self) -> None:
+        """Handle the stop signals (after ``ray.init``)."""
+        import signal
+
+        for sig in self.before:
+            signal.signal(sig, self._on_signal)
+
+    def restore(self) -> None:
+        """The handlers from before, and a SIGTERM that came delivered to them."""
+        import signal
+
+        for sig, handler in self.before.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if self.came and self.came[0] != signal.SIGINT:
+            os.kill(os.getpid(), self.came[0])
+
+
 @dataclass
 class RayEngine:
     """
@@ -411,15 +455,19 @@ class RayEngine:
 
         if not todo:
             return {}
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        if ray.is_initialized():  # the caller's Ray, and its signal handling
+            return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
+        stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
+        ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
         try:
+            stops.take()
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         finally:
-            if started:
+            try:
                 ray.shutdown()
+            finally:
+                stops.restore()
 
     def _run(self, ray, source, todo, dst, min_score, pictures, failed_before):
         filesystem, protocol = None, None
