@@ -24,7 +24,9 @@ import json
 import logging
 import os
 import posixpath
+import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
@@ -377,46 +379,56 @@ class _RayPredict:
 
 class _StopSignals:
     """
-    SIGINT and SIGTERM during a job on the Ray it started. ``ray.init`` installs handlers of
-    its own (in C++: SIGTERM prints a stack and ends the process without ``ray.shutdown()``);
+    SIGINT and SIGTERM during a job on Ray. ``ray.init`` installs handlers of its own
+    (SIGTERM's, in C++, printed a stack and ended the process without ``ray.shutdown()``);
     :meth:`take` replaces them with one that unwinds the job (``KeyboardInterrupt``) so that
-    Ray is shut down, and :meth:`restore` puts back the handlers from before ``ray.init`` and
-    delivers a SIGTERM that came to them: the process then ends as SIGTERM ends it without Ray
-    (exit 143 in a shell). Created outside the main thread, it changes nothing.
+    Ray is shut down; from :meth:`unwind` on (and after the first), signals are only recorded;
+    :meth:`restore` puts back the handlers from before ``ray.init`` and, if a SIGTERM came,
+    delivers it to them: the process ends as SIGTERM ends it without Ray (exit 143 in a shell,
+    also where the kernel ignores it, as for a container's PID 1). A signal ignored before
+    stays ignored; outside the main thread nothing is changed.
+
+    Attributes:
+        came (list[int]): the stop signals received, in order.
+        before (dict[int, Any]): the handler from before of each signal handled.
     """
 
-    SIGNALS = ("SIGINT", "SIGTERM")
-
     def __init__(self) -> None:
-        import signal
-        import threading
-
         self.came: List[int] = []
+        self.unwinding = False
         self.before: Dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self.before = {getattr(signal, n): signal.getsignal(getattr(signal, n))
-                           for n in self.SIGNALS}
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handler = signal.getsignal(sig)
+                if handler != signal.SIG_IGN:
+                    self.before[sig] = handler
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self.came:  # the first unwinds; a second must not interrupt the shutdown
-            self.came.append(signum)
+        self.came.append(signum)
+        if not self.unwinding:
+            self.unwinding = True
             raise KeyboardInterrupt
 
     def take(self) -> None:
         """Handle the stop signals (after ``ray.init``)."""
-        import signal
-
         for sig in self.before:
             signal.signal(sig, self._on_signal)
 
+    def unwind(self) -> None:
+        """Only record the stop signals from now on (while Ray is shut down)."""
+        self.unwinding = True
+
     def restore(self) -> None:
         """The handlers from before, and a SIGTERM that came delivered to them."""
-        import signal
-
+        self.unwinding = True
         for sig, handler in self.before.items():
+            # None: a handler installed from C, which Python cannot reinstall
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        if self.came and self.came[0] != signal.SIGINT:
-            os.kill(os.getpid(), self.came[0])
+        if signal.SIGTERM in self.came:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise SystemExit(128 + signal.SIGTERM)  # still here: the kernel ignored it
 
 
 @dataclass
@@ -458,12 +470,13 @@ class RayEngine:
         if ray.is_initialized():  # the caller's Ray, and its signal handling
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
-        ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
         try:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
             stops.take()
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         finally:
+            stops.unwind()
             try:
                 ray.shutdown()
             finally:

@@ -21,7 +21,7 @@ answered at once.
 import email.parser
 import email.policy
 import logging
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import InputImageError
 from ..layout import DEFAULT_MIN_SCORE
@@ -196,6 +196,7 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
     serving = False
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
+    ended_before = _ended_ray_processes()
     try:
         try:
             # ours from here: ray.init installed its own (a C++ handler that aborts the process)
@@ -214,28 +215,36 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
         stop.wait()
     finally:
         try:
-            if address is not None or not _local_ray_lost_a_process():
+            if address is not None or not _local_ray_lost_a_process(ended_before):
                 serve.shutdown()
         finally:
             ray.shutdown()
 
 
-def _local_ray_lost_a_process(wait_s: float = 0.5) -> bool:
+def _ended_ray_processes() -> Set[int]:
     """
-    Whether the local Ray this process started lost one of its processes within ``wait_s``:
-    the stop signal reached them too (systemd's stop signals every process of the unit;
-    ``kill -- -PGID`` and ``timeout`` the process group), so Serve's controller cannot answer
-    ``serve.shutdown()``, which would wait 30 s for it; ``ray.shutdown()`` stops the rest.
+    The pids of the processes ``ray.init`` started in this process that have ended (Ray's own
+    record of them, a private one: empty where a Ray version keeps none).
+    """
+    import ray._private.worker
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    dead = getattr(node, "dead_processes", None)
+    return {proc.pid for _, proc in dead()} if callable(dead) else set()
+
+
+def _local_ray_lost_a_process(ended_before: Set[int], wait_s: float = 1.0) -> bool:
+    """
+    Whether the local Ray this process started lost a process (one not in ``ended_before``)
+    within ``wait_s``: the stop signal reached them too (systemd's stop signals every process
+    of the unit; ``kill -- -PGID`` and ``timeout`` the process group), so Serve's controller
+    cannot answer ``serve.shutdown()``, which would wait 30 s for it; ``ray.shutdown()`` stops
+    the rest.
     """
     import time
 
-    import ray._private.worker  # Ray's record of the processes ray.init started
-
-    node: Any = getattr(ray._private.worker, "_global_node", None)
-    if not hasattr(node, "dead_processes"):
-        return False
     deadline = time.monotonic() + wait_s
-    while not node.dead_processes():
+    while not _ended_ray_processes() - ended_before:
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

@@ -44,7 +44,8 @@ def main(argv):
     ``ray_fault.py RUN SRC DST MARKER ADDRESS BACKEND [SECONDS]``: ``d2persist predict SRC
     --artifacts RUN --output DST --ray ADDRESS --workers 2 --cpus-per-worker 1 --backend
     BACKEND``, its engine's loader replaced by :func:`load` (``SECONDS`` more over each image);
-    prints the engine's settings and the job record as JSON.
+    prints the engine's settings and the job record as JSON. ``MARKER.shutdown`` is written
+    once the job has shut its Ray down.
     """
     import functools
     import json
@@ -63,6 +64,16 @@ def main(argv):
                 "threads": engine.load.keywords["threads"], "spin": engine.load.keywords["spin"]}
     engine.load = functools.partial(load, run, marker, float(seconds[0]) if seconds else 0.0,
                                     **engine.load.keywords)
+    import ray
+
+    shutdown = ray.shutdown
+
+    def shutdown_noted(*args, **kwargs):  # MARKER.shutdown: the job shut its Ray down
+        shutdown(*args, **kwargs)
+        with open(marker + ".shutdown", "w"):
+            pass
+
+    ray.shutdown = shutdown_noted
     predictor = load_predictor(run, backend=backend)
     record = predict_source(predictor, src, dst, ray=engine)
     print(json.dumps({"engine": settings, "record": record}))
