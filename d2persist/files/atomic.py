@@ -83,6 +83,23 @@ def _create_temp(path: str) -> Tuple[int, str]:
 
 
 @contextlib.contextmanager
+def _replacing(path: str) -> Iterator[Tuple[int, str]]:
+    """
+    ``(descriptor, path)`` of a new temporary file next to ``path`` (see :func:`_create_temp`);
+    on a clean exit the temporary file replaces ``path``, else it is removed. The body writes
+    and fsyncs it, and closes the descriptor.
+    """
+    fd, tmp = _create_temp(path)
+    try:
+        yield fd, tmp
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
     """
     A temporary path next to ``path`` to write; on a clean exit it replaces ``path`` atomically.
@@ -99,9 +116,8 @@ def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
     Yields:
         str: the temporary path (an empty file).
     """
-    fd, tmp = _create_temp(path)
-    os.close(fd)
-    try:
+    with _replacing(path) as (fd, tmp):
+        os.close(fd)  # written by name (torch.save, open(), ...)
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -110,11 +126,6 @@ def atomic_path(path: str, drop_cache: bool = False) -> Iterator[str]:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     fsync_dir(os.path.dirname(tmp))
 
 
@@ -130,17 +141,11 @@ def write_bytes(path: str, data: bytes, sync_folder: bool = True) -> str:
     Returns:
         str: the sha256 hex digest of ``data``.
     """
-    fd, tmp = _create_temp(path)
-    try:
+    with _replacing(path) as (fd, tmp):
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     if sync_folder:
         fsync_dir(os.path.dirname(tmp))
     return hashlib.sha256(data).hexdigest()

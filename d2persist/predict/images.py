@@ -4,17 +4,18 @@ image before the model (``read_image``, ``ResizeShortestEdge``), reproduced with
 detectron2 for the ONNX Runtime predictor; and PNG encoding for visualizations.
 """
 
+import contextlib
 import io
 import os
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Iterator, Optional, Tuple, Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputImageError
 
-__all__ = ["CHANNEL_ORDERS", "check_image_file", "check_image_bytes", "read_image",
-           "decode_image", "convert_array", "image_input", "resized_shape",
+__all__ = ["CHANNEL_ORDERS", "check_image_file", "check_image_bytes", "pil_errors",
+           "read_image", "decode_image", "convert_array", "image_input", "resized_shape",
            "resize_shortest_edge", "encode_png"]
 
 #: The channel orders an image array may come in.
@@ -62,14 +63,25 @@ def check_image_bytes(data: bytes, name: str) -> None:
     _verify(io.BytesIO(data), name)
 
 
-def _verify(source: Union[str, io.BytesIO], name: str) -> None:
+@contextlib.contextmanager
+def pil_errors(unreadable: str, corrupt: str) -> Iterator[None]:
+    """
+    PIL's errors while opening or decoding an image, as one :class:`InputImageError`:
+    ``unreadable`` where PIL cannot tell what the file is, else ``corrupt`` and PIL's reason.
+    """
     try:
+        yield
+    except UnidentifiedImageError:
+        raise InputImageError(unreadable) from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputImageError(f"{corrupt} ({e}).") from None
+
+
+def _verify(source: Union[str, io.BytesIO], name: str) -> None:
+    with pil_errors(f"{name} is not an image file PIL can read.",
+                    f"Image {name} is truncated or corrupt"):
         with Image.open(source) as probe:
             probe.verify()
-    except UnidentifiedImageError:
-        raise InputImageError(f"{name} is not an image file PIL can read.") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputImageError(f"Image {name} is truncated or corrupt ({e}).") from None
 
 
 def _apply_exif_orientation(image):
@@ -95,11 +107,10 @@ def read_image(path: str, fmt: str) -> np.ndarray:
     if fmt not in ("BGR", "RGB", "L"):
         raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
     check_image_file(path)
-    try:
+    with pil_errors(f"{path} is not an image file PIL can read.",
+                    f"Image {path} is truncated or corrupt"):
         with Image.open(path) as image:
             return _to_numpy(_apply_exif_orientation(image), fmt)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
 
 
 def decode_image(data: bytes, fmt: str,
@@ -124,15 +135,12 @@ def decode_image(data: bytes, fmt: str,
     """
     if convert is None and fmt not in ("BGR", "RGB", "L"):
         raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
-    try:
+    with pil_errors("The image's bytes are not an image file PIL can read.",
+                    "The image's bytes are truncated or corrupt"):
         with Image.open(io.BytesIO(data)) as image:
             if convert is not None:
                 return convert(image, fmt)
             return _to_numpy(_apply_exif_orientation(image), fmt)
-    except UnidentifiedImageError:
-        raise InputImageError("The image's bytes are not an image file PIL can read.") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise InputImageError(f"The image's bytes are truncated or corrupt ({e}).") from None
 
 
 def _to_numpy(pil, fmt):

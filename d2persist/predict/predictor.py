@@ -18,10 +18,10 @@ import torch
 from ..artifacts.checkpoints import read_sidecar
 from ..artifacts.manifest import describe_source
 from ..artifacts.resolve import resolve_artifacts
-from ..errors import D2PersistError, InputImageError
+from ..errors import D2PersistError
 from ..files.atomic import sha256_file
 from ..layout import PYTORCH
-from .images import check_image_file, decode_image, image_input
+from .images import check_image_file, decode_image, image_input, pil_errors
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 from .rebuild import build_model_from_config, load_weights
 
@@ -49,10 +49,9 @@ def read_image_file(path: str, fmt: str) -> np.ndarray:
     from detectron2.data.detection_utils import read_image
 
     check_image_file(path)
-    try:
+    with pil_errors(f"{path} is not an image file PIL can read.",
+                    f"Image {path} is truncated or corrupt"):
         return read_image(path, format=fmt)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputImageError(f"Image {path} is truncated or corrupt ({e}).") from None
 
 
 def decode_image_data(data: bytes, fmt: str) -> np.ndarray:
