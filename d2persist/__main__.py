@@ -171,11 +171,12 @@ def plot(args):
     return 0
 
 
-def _loader(args, cpus, copies):
+def _loader(args, cpus, copies, backend):
     """
     ``(CPUs each copy reserves, a picklable loader of the predictor with as many threads)``:
-    ``cpus`` as given, else this machine's cores shared by ``copies`` (Ray's actors, replicas).
-    ONNX Runtime's threads do not spin: the copies share the machine with Ray's own processes.
+    ``cpus`` as given, else this machine's cores shared by ``copies`` (Ray's actors, replicas);
+    ``backend`` as resolved here, so that every copy loads the same one. ONNX Runtime's
+    threads do not spin: the copies share the machine with Ray's own processes.
     """
     import functools
     import os
@@ -184,30 +185,37 @@ def _loader(args, cpus, copies):
 
     cpus = cpus or max(1.0, (os.cpu_count() or 1) / copies)
     return cpus, functools.partial(load_predictor, args.artifacts, device=args.device,
-                                   backend=args.backend, precision=args.precision,
+                                   backend=backend, precision=args.precision,
                                    threads=max(1, int(cpus)), spin=False)
 
 
-def _ray_engine(args):
+def _ray_engine(args, backend):
     """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
     from d2persist.predict.batch import RayEngine
 
-    cpus, load = _loader(args, args.cpus_per_worker, args.workers)
+    cpus, load = _loader(args, args.cpus_per_worker, args.workers, backend)
     return RayEngine(load, None if args.ray == "local" else args.ray, args.workers, cpus,
                      args.gpus_per_worker)
 
 
 def predict(args):
     from d2persist.predict.batch import predict_source
-    from d2persist.predict.load import load_predictor
+    from d2persist.predict.load import check_device, describe_predictor, load_predictor
 
-    predictor = load_predictor(args.artifacts, device=args.device, backend=args.backend,
-                               precision=args.precision)
+    engine = None
+    if args.ray:  # the actors load the model; here, what it is (the job's identity)
+        predictor = describe_predictor(args.artifacts, backend=args.backend,
+                                       precision=args.precision)
+        if args.ray == "local":  # this machine runs the actors
+            check_device(predictor.backend, args.device)
+        engine = _ray_engine(args, predictor.backend)
+    else:
+        predictor = load_predictor(args.artifacts, device=args.device, backend=args.backend,
+                                   precision=args.precision)
     print(f"weights: {predictor.weights}")
     record = predict_source(predictor, args.src, args.output,
                             min_score=args.confidence_threshold, pictures=args.pictures,
-                            progress=sys.stderr.isatty(),
-                            ray=_ray_engine(args) if args.ray else None)
+                            progress=sys.stderr.isatty(), ray=engine)
     counts = record["counts"]
     print(f"{counts['inputs']} image(s): {counts['done']} predicted, {counts['skipped']} done "
           f"before, {counts['failed']} could not be read; outputs: {args.output}")
@@ -215,11 +223,15 @@ def predict(args):
 
 
 def serve(args):
+    from d2persist.predict.load import describe_predictor
     from d2persist.predict.serve import run_server
 
-    cpus, load = _loader(args, args.cpus_per_replica, args.replicas)
-    load()  # bad artifacts or options: one sentence here, before Ray starts
     address = None if args.ray in (None, "local") else args.ray
+    # bad artifacts or options: one sentence here, before Ray starts
+    spec = describe_predictor(args.artifacts, backend=args.backend, precision=args.precision)
+    cpus, load = _loader(args, args.cpus_per_replica, args.replicas, spec.backend)
+    if address is None:
+        load()  # this machine runs the replicas: its device and the model checked here
     run_server(load, args.host, args.port, args.replicas, cpus, address, args.max_bytes,
                args.max_batch_size)
     return 0

@@ -5,6 +5,7 @@
 
 import json
 import os
+import re
 import shutil
 import time
 
@@ -158,6 +159,51 @@ def test_device_cuda_with_onnxruntime_needs_its_cuda_provider(trained_run):
         load_predictor(str(trained_run), backend="onnxruntime", device="cuda")
 
 
+def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, mocker):
+    """
+    ``predict --ray``'s driver only describes the predictor its actors load (the job's
+    identity; a cluster's driver may lack their GPUs): the same sha256, backend, precision and
+    weights as the loaded predictor's, with no model built and no ONNX Runtime session made.
+    """
+    from d2persist.predict.load import describe_predictor
+
+    run = str(default_run[0])
+    kinds = [("pytorch", "float"), ("onnxruntime", "float"), ("onnxruntime", "int8")]
+    loaded = {k: load_predictor(run, backend=k[0], precision=k[1]) for k in kinds}
+    mocker.patch("d2persist.predict.predictor.build_model_from_config",
+                 side_effect=AssertionError("a model built"))
+    mocker.patch("onnxruntime.InferenceSession", side_effect=AssertionError("a session made"))
+    for (backend, precision), predictor in loaded.items():
+        spec = describe_predictor(run, backend=backend, precision=precision)
+        assert (spec.sha256, spec.backend, spec.precision, spec.weights) == (
+            predictor.sha256, predictor.backend, predictor.precision, predictor.weights)
+    assert len({p.sha256 for p in loaded.values()}) == 3  # three files
+    assert describe_predictor(run).backend == "pytorch"  # "auto", resolved here
+
+
+def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, source, tmp_path):
+    """
+    The Ray a job starts is this machine: ``--device cuda`` with ONNX Runtime's CPU build is
+    refused in one sentence, checked here before Ray starts.
+    """
+    import onnxruntime
+    import torch
+
+    if torch.cuda.is_available() or "CUDAExecutionProvider" in \
+            onnxruntime.get_available_providers():
+        pytest.skip("this machine has a GPU")
+    dst = tmp_path / "dst"
+    job = ["-m", "d2persist", "predict", source, "--artifacts", default_run[0], "--output", dst,
+           "--backend", "onnxruntime", "--ray"]
+    for flags, said in ((["--device", "cuda"], "Device cuda with the onnxruntime backend "
+                         "needs ONNX Runtime's CUDAExecutionProvider"),):
+        res = run_tool(*job, *flags, timeout=120)
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert res.stderr.strip().splitlines()[-1].startswith(f"d2persist: error: {said}")
+        assert "Traceback" not in res.stderr
+    assert not [p for p in dst.rglob("*") if p.is_file() and not p.name.startswith(".")]
+
+
 def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
     """Ray's actors and replicas share their cores: their ONNX Runtime threads yield them."""
     from d2persist.__main__ import _loader, get_parser
@@ -170,7 +216,8 @@ def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
     with pytest.raises(RuntimeError):  # ONNX Runtime's default: its threads spin
         alone.session.get_session_options().get_session_config_entry(key)
     # what serve loads in each replica (predict --ray's actors: the two-node test below)
-    assert _loader(get_parser().parse_args(["serve", run]), None, 2)[1].keywords["spin"] is False
+    args = get_parser().parse_args(["serve", run])
+    assert _loader(args, None, 2, "onnxruntime")[1].keywords["spin"] is False
 
 
 def _tail(f):
@@ -198,8 +245,10 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     torch). One actor's worker process SIGKILLs itself at its second image (fault injection,
     tests/scripts/ray_fault.py): Ray restarts it and retries, and every image has one output,
     equal to this machine's predictor's. Then the driver of a second job is SIGKILLed after
-    its first output: the same command again predicts only the rest. Everything is stopped at
-    the end (``ray stop``).
+    its first output: the same command again predicts only the rest. A job and ``serve`` with
+    ``--device cuda`` (the driver leaves the device to the nodes, which have no CUDA here) end
+    in one sentence naming the node, nothing predicted. Everything is stopped at the end
+    (``ray stop``).
     """
     import subprocess
     import sys
@@ -253,6 +302,17 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                 if now != before:
                     before, quiet = now, time.monotonic()
             rerun = run_tool(*again, env=env, timeout=240, fresh=True)
+            # a cluster's driver leaves the device to the nodes: one that cannot give it
+            # ends the job in one sentence naming it (ONNX Runtime's CPU build: no CUDA)
+            refused = run_tool("-m", "d2persist", "predict", f"s3://{BUCKET}/two/images/",
+                               "--artifacts", run, "--output", f"s3://{BUCKET}/two/cuda",
+                               "--ray", f"127.0.0.1:{port}", "--workers", 2,
+                               "--cpus-per-worker", 1, "--backend", "onnxruntime",
+                               "--device", "cuda", env=env, timeout=240)
+            # and serve's replicas alike, Serve's start given up
+            unserved = run_tool("-m", "d2persist", "serve", run, "--ray", f"127.0.0.1:{port}",
+                                "--port", free_port(), "--cpus-per-replica", 1, "--backend",
+                                "onnxruntime", "--device", "cuda", env=env, timeout=240)
         finally:
             subprocess.run([*ray_cli, "stop", "--force"], env=tool_env(**env),
                            capture_output=True, timeout=120)
@@ -286,6 +346,19 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
             assert fs.cat_file(f"{BUCKET}/two/again/{rel}.json") == fs.cat_file(
                 f"{BUCKET}/two/preds/{rel}.json")
+        import onnxruntime
+
+        if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            return  # the nodes can give it
+        for res in (refused, unserved):
+            assert res.returncode == 2, res.stderr[-3000:]
+            assert re.fullmatch(r"d2persist: error: On Ray's node [\w.:-]+: Device cuda with the "
+                                r"onnxruntime backend needs ONNX Runtime's CUDAExecutionProvider"
+                                r" .*", res.stderr.strip().splitlines()[-1]), res.stderr[-3000:]
+            assert "Traceback" not in res.stderr
+        fs.invalidate_cache()
+        assert [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/cuda")] == [
+            ".d2persist-predict.json"]  # nothing predicted: a rerun on GPU nodes does it all
 
 
 def test_a_job_on_its_own_ray_ends_as_sigterm_ends_a_process(default_run, source, tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from ..files.atomic import resolve_inside
+from ..files.atomic import resolve_inside, sha256_file
 from ..files.safe_load import read_json, safe_yaml_load
 from ..layout import (
     CONFIG_NAME,
@@ -23,6 +23,7 @@ from ..layout import (
 )
 from ..runconfig import check_extension_names
 from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
+from .checkpoints import read_sidecar
 from .manifest import evaluation_problem, metadata_from_json
 from .view import find_newest_valid, list_checkpoints
 
@@ -65,6 +66,10 @@ class Artifacts:
     problem: str = ""
     evaluation: Optional[dict] = None
     sha256: Optional[str] = None
+
+    def weights_sha256(self) -> str:
+        """The weights file's sha256: as the artifact or its sidecar records it, else hashed."""
+        return self.sha256 or read_sidecar(self.weights_path) or sha256_file(self.weights_path)
 
 
 def _extensions(names, where):

@@ -37,6 +37,7 @@ from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_bytes, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
+from .serve import node_address
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
 
@@ -279,8 +280,9 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
     Predict every image of ``src`` into ``dst`` (see the module's documentation).
 
     Args:
-        predictor: from :func:`d2persist.load_predictor` (either backend); with ``ray``, the
-            driver's, which gives the job's identity (the actors load their own).
+        predictor: from :func:`d2persist.load_predictor` (either backend); with ``ray``, one
+            or its :class:`~d2persist.predict.load.PredictorSpec`, which gives the job's
+            identity (the actors load their own).
         src (str): folder, glob, list file or fsspec URL of the images.
         dst (str): folder or fsspec URL of the outputs.
         min_score (float): instances below this score are left out (as ``infer_single``).
@@ -342,6 +344,10 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
 # -- Ray ----------------------------------------------------------------------------------------
 
 
+#: the status of the images an actor could not predict, having failed to load the predictor
+_REFUSED = "refused"
+
+
 class _RayPredict:
     """
     Ray Data's callable class (``map_batches``): one predictor per actor, loaded once by
@@ -351,7 +357,12 @@ class _RayPredict:
     def __init__(self, load: Callable[[], Any], dst: str, base: str, protocol: Optional[str],
                  min_score: float, pictures: bool, threads: int,
                  failed_before: Iterable[str] = ()) -> None:
-        self.predictor = load()
+        self.refused = ""
+        try:
+            self.predictor = load()
+        except D2PersistError as e:  # this node cannot (no GPU, no onnxruntime-gpu, ...):
+            self.refused = f"On Ray's node {node_address()}: {e}"  # said by each call's rows,
+            return  # which end the job in one sentence
         if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``'s)
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
@@ -362,6 +373,9 @@ class _RayPredict:
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         import numpy as np
 
+        if self.refused:
+            return {"status": np.array([_REFUSED] * len(batch["path"])),
+                    "detail": np.array([self.refused] * len(batch["path"]))}
         statuses = []
         for data, path in zip(batch["bytes"], batch["path"]):
             rel = posixpath.relpath(path, self.base)
@@ -374,7 +388,7 @@ class _RayPredict:
                 statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
                                                  bytes(data)))
         self.job.out.sync()  # each output durable before Ray hears it is done
-        return {"status": np.array(statuses)}
+        return {"status": np.array(statuses), "detail": np.array([""] * len(statuses))}
 
 
 class _StopSignals:
@@ -504,6 +518,8 @@ class RayEngine:
             num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
         counts: Dict[str, int] = {}
         for row in ds.iter_rows():
+            if row["status"] == _REFUSED:  # nothing written for it: a rerun predicts it
+                raise D2PersistError(str(row["detail"]))
             status = "done" if row["status"] == "skipped" else str(row["status"])
             counts[status] = counts.get(status, 0) + 1
         return counts

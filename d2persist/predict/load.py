@@ -1,17 +1,23 @@
 """``load_predictor``: a predictor from artifacts, with PyTorch or with ONNX Runtime."""
 
 import importlib.util
-from typing import TYPE_CHECKING, List, Optional, Sequence, Union
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
-from ..artifacts.manifest import local_bundle
+from ..artifacts.manifest import describe_source, evaluation_problem, local_bundle
+from ..artifacts.resolve import resolve_artifacts
 from ..errors import D2PersistError
-from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH
+from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH, onnx_model
 
 if TYPE_CHECKING:
     from .onnx_predictor import OnnxPredictor
     from .predictor import Predictor
 
-__all__ = ["load_predictor", "missing_torch_stack"]
+__all__ = ["load_predictor", "missing_torch_stack", "PredictorSpec", "describe_predictor",
+           "check_device"]
+
+logger = logging.getLogger(__name__)
 
 #: What the pytorch backend needs importable (the backends themselves: ``layout.BACKENDS``).
 _TORCH_STACK = ("torch", "torchvision", "detectron2")
@@ -28,6 +34,94 @@ def missing_torch_stack() -> List[str]:
         if not found:
             missing.append(name)
     return missing
+
+
+def _artifacts_and_backend(path: str, backend: str, precision: str) -> Tuple[str, str]:
+    """
+    ``(local path, backend)`` of :func:`load_predictor`'s arguments: a URL's bundle downloaded
+    and verified, "auto" resolved by what this machine can import; bad arguments refused.
+    """
+    if backend not in BACKENDS:
+        raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    if precision not in PRECISIONS:
+        raise D2PersistError(f"precision must be float or int8, not {precision!r}.")
+    if precision == ONNX_INT8.precision:
+        if backend == PYTORCH.backend:
+            raise D2PersistError("precision int8 is the bundle's INT8 ONNX model: use the "
+                                 "onnxruntime backend.")
+        backend = ONNX.backend
+    path = local_bundle(path)  # an fsspec URL: downloaded and verified
+    missing = missing_torch_stack() if backend != ONNX.backend else []
+    if backend == "auto":
+        backend = ONNX.backend if missing else PYTORCH.backend
+    elif missing:
+        raise D2PersistError(
+            f"The pytorch backend needs {', '.join(missing)}, which cannot be imported here; "
+            "use the onnxruntime backend (an export with model.onnx) or install them.")
+    return path, backend
+
+
+@dataclass(frozen=True)
+class PredictorSpec:
+    """
+    What :func:`load_predictor` would load, found without building the model: a job's
+    identity on Ray's driver, whose actors load their own (on nodes that may have the GPUs
+    the driver lacks).
+
+    Attributes:
+        path (str): the artifacts, here (a URL's bundle downloaded and verified).
+        backend (str): "pytorch" or "onnxruntime" ("auto" resolved on this machine).
+        precision (str): "float" or "int8".
+        sha256 (str): the weights file's (the loaded predictor's ``sha256``).
+        weights (str): which weights, in words.
+        problem (str): the bundle's recorded failure of this backend, or "".
+    """
+
+    path: str
+    backend: str
+    precision: str
+    sha256: str
+    weights: str
+    problem: str = ""
+
+
+def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.precision
+                       ) -> PredictorSpec:
+    """
+    :func:`load_predictor`'s artifacts and backend checked and described, the model not built
+    (the arguments as there; the device is the loading machine's: see :func:`check_device`).
+
+    Raises:
+        D2PersistError: what :func:`load_predictor` refuses before it builds the model.
+    """
+    from .onnx_predictor import bundle_onnx_model, onnx_weights_words
+
+    path, backend = _artifacts_and_backend(path, backend, precision)
+    if backend == ONNX.backend:
+        _, name, manifest = bundle_onnx_model(path, precision)
+        spec = PredictorSpec(path, backend, precision, manifest["files"][name]["sha256"],
+                             onnx_weights_words(manifest, name),
+                             evaluation_problem(manifest, onnx_model(precision).backend) or "")
+    else:
+        art = resolve_artifacts(path)
+        spec = PredictorSpec(path, backend, PYTORCH.precision, art.weights_sha256(),
+                             describe_source(art.source), art.problem)
+    if spec.problem:
+        logger.warning(spec.problem)
+    return spec
+
+
+def check_device(backend: str, device: Optional[str]) -> None:
+    """
+    Refuse, in one sentence, a ``device`` this machine cannot give ``backend`` (as
+    :func:`load_predictor` would here).
+    """
+    if backend == ONNX.backend:
+        _onnx_providers(device)
+    else:
+        from .predictor import torch_device
+
+        torch_device(device)
 
 
 def load_predictor(
@@ -68,23 +162,7 @@ def load_predictor(
         :class:`d2persist.predict.onnx_predictor.OnnxPredictor`
         (both are called with an image and give a prediction with ``to_json`` and ``draw``).
     """
-    if backend not in BACKENDS:
-        raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
-    if precision not in PRECISIONS:
-        raise D2PersistError(f"precision must be float or int8, not {precision!r}.")
-    if precision == ONNX_INT8.precision:
-        if backend == PYTORCH.backend:
-            raise D2PersistError("precision int8 is the bundle's INT8 ONNX model: use the "
-                                 "onnxruntime backend.")
-        backend = ONNX.backend
-    path = local_bundle(path)  # an fsspec URL: downloaded and verified
-    missing = missing_torch_stack() if backend != ONNX.backend else []
-    if backend == "auto":
-        backend = ONNX.backend if missing else PYTORCH.backend
-    elif missing:
-        raise D2PersistError(
-            f"The pytorch backend needs {', '.join(missing)}, which cannot be imported here; "
-            "use the onnxruntime backend (an export with model.onnx) or install them.")
+    path, backend = _artifacts_and_backend(path, backend, precision)
     if backend == ONNX.backend:
         if opts:
             raise D2PersistError("Config overrides (opts) need the pytorch backend: the ONNX "

@@ -28,9 +28,9 @@ from .outputs import PredictionArrays, class_names_of, draw_prediction, predicti
 if TYPE_CHECKING:
     import onnxruntime as ort
 
-__all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor",
-           "create_session", "paste_masks", "resize_bilinear", "heatmaps_to_keypoints",
-           "combine_panoptic"]
+__all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "bundle_onnx_model",
+           "onnx_weights_words", "create_session", "paste_masks", "resize_bilinear",
+           "heatmaps_to_keypoints", "combine_panoptic"]
 
 logger = logging.getLogger(__name__)
 
@@ -452,6 +452,45 @@ def create_session(model_path: str, sha256: Optional[str] = None,
     return session, False
 
 
+def bundle_onnx_model(path: str, precision: str = ONNX.precision) -> Tuple[str, str, dict]:
+    """
+    ``(bundle, file name, manifest)`` of the ONNX model at ``precision`` of the bundle at
+    ``path`` (a bundle, or a run folder whose export is complete), its file checked against
+    the manifest.
+
+    Raises:
+        ArtifactError: no complete bundle, no such model in it (with the reason its export
+            failed, if it did), or a model file that does not match its manifest entry.
+    """
+    if precision not in PRECISIONS:
+        raise D2PersistError(
+            f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+    if not os.path.isdir(path):
+        raise ArtifactError(f"Artifacts folder {path} does not exist.")
+    bundle = find_bundle(path)
+    if bundle is None:
+        raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
+                            "with ONNX Runtime.")
+    model = onnx_model(precision)
+    name, key = model.file, model.entry
+    manifest = read_manifest(bundle, only=[name])
+    entry = manifest.get(key)
+    if not entry or name not in manifest["files"]:
+        why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
+        raise ArtifactError(
+            f"The bundle {bundle} has no {name}{why}; add one with tools/export_model.py "
+            f"--artifacts {path} --format {model.format}."
+        )
+    return bundle, name, manifest
+
+
+def onnx_weights_words(manifest: dict, name: str) -> str:
+    """Which weights the bundle's ONNX model ``name`` holds, in words."""
+    return describe_source(
+        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
+    ) + f" ({name})"
+
+
 def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
                         threads: Optional[int] = None, precision: str = ONNX.precision,
                         cache: bool = True, spin: bool = True) -> OnnxPredictor:
@@ -475,42 +514,21 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
     """
     import onnxruntime as ort
 
-    if precision not in PRECISIONS:
-        raise D2PersistError(
-            f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
-    if not os.path.isdir(path):
-        raise ArtifactError(f"Artifacts folder {path} does not exist.")
-    bundle = find_bundle(path)
-    if bundle is None:
-        raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
-                            "with ONNX Runtime.")
+    bundle, name, manifest = bundle_onnx_model(path, precision)
     model = onnx_model(precision)
-    name, key = model.file, model.entry
-    manifest = read_manifest(bundle, only=[name])
-    entry = manifest.get(key)
-    if not entry or name not in manifest["files"]:
-        why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
-        fmt = model.format
-        raise ArtifactError(
-            f"The bundle {bundle} has no {name}{why}; add one with tools/export_model.py "
-            f"--artifacts {path} --format {fmt}."
-        )
     model_path = os.path.join(bundle, name)
     session, cached = create_session(model_path, manifest["files"][name].get("sha256"),
                                      providers, threads, cache, spin)
     predictor = OnnxPredictor(session, manifest["input"],
                               metadata_from_json(manifest.get("metadata") or {}),
                               manifest.get("onnx"))
-    predictor.weights = describe_source(
-        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
-    ) + f" ({name})"
+    predictor.weights = onnx_weights_words(manifest, name)
     predictor.cached = cached
     predictor.sha256 = manifest["files"][name].get("sha256")  # (verified by read_manifest)
     predictor.precision = precision
     logger.info("Loaded %s with ONNX Runtime %s%s: %s", model_path, ort.__version__,
                 " (optimized graph from the cache)" if cached else "", predictor.weights)
-    problem = evaluation_problem(
-        manifest, model.backend)
+    problem = evaluation_problem(manifest, model.backend)
     if problem:
         logger.warning(problem)
     predictor.evaluation = manifest.get("evaluation")

@@ -15,11 +15,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..artifacts.checkpoints import read_sidecar
 from ..artifacts.manifest import describe_source
 from ..artifacts.resolve import resolve_artifacts
 from ..errors import D2PersistError
-from ..files.atomic import sha256_file
 from ..layout import PYTORCH
 from .images import check_image_file, decode_image, image_input, pil_errors
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
@@ -29,8 +27,8 @@ if TYPE_CHECKING:
     from detectron2.data.catalog import Metadata
     from detectron2.data.transforms import Augmentation
 
-__all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "read_image_file",
-           "decode_image_data"]
+__all__ = ["Predictor", "Prediction", "arrays_of", "load_torch_predictor", "torch_device",
+           "read_image_file", "decode_image_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,6 +232,21 @@ class Predictor:
         return Prediction(outputs, self.class_names, image, self.input_format, self.metadata)
 
 
+def torch_device(device: Optional[str] = None) -> str:
+    """
+    The device PyTorch predicts on here: ``device``, or the GPU if one is available when None.
+
+    Raises:
+        D2PersistError: a CUDA device where PyTorch sees none.
+    """
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.split(":")[0] == "cuda" and not torch.cuda.is_available():
+        raise D2PersistError("Device cuda was asked for, but PyTorch sees no CUDA device here; "
+                             "use cpu.")
+    return device
+
+
 def load_torch_predictor(
     path: str,
     device: Optional[str] = None,
@@ -258,11 +271,7 @@ def load_torch_predictor(
         Predictor
     """
     art = resolve_artifacts(path)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
-        raise D2PersistError("Device cuda was asked for, but PyTorch sees no CUDA device here; "
-                             "use cpu.")
+    device = torch_device(device)
     model, augmentation, input_format = build_model_from_config(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
     )
@@ -275,10 +284,8 @@ def load_torch_predictor(
     if loaded.get("ema"):
         source.update(weights="ema", ema=loaded["ema"])
     predictor.weights = describe_source(source)
-    # the weights file's identity (d2persist predict's jobs): as the manifest or the sidecar
-    # records it, else its bytes
-    predictor.sha256 = art.sha256 or read_sidecar(art.weights_path) or sha256_file(
-        art.weights_path)
+    # the weights file's identity (d2persist predict's jobs)
+    predictor.sha256 = art.weights_sha256()
     predictor.evaluation = art.evaluation
     predictor.problem = art.problem
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)

@@ -21,16 +21,20 @@ answered at once.
 import email.parser
 import email.policy
 import logging
+import re
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ..errors import InputImageError
+from ..errors import D2PersistError, InputImageError
 from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_bytes
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
-           "health_of"]
+           "health_of", "node_address"]
 
 logger = logging.getLogger(__name__)
+
+#: the Ray Serve application's name
+APP_NAME = "d2persist"
 
 #: the largest image a request may send (bytes)
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -145,7 +149,10 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
                       max_ongoing_requests=max(5, max_batch_size))
     class D2PersistEndpoint:
         def __init__(self, load, max_bytes):
-            self.endpoint = Endpoint(load, max_bytes)
+            try:
+                self.endpoint = Endpoint(load, max_bytes)
+            except D2PersistError as e:  # said by run_server, from Serve's status
+                raise D2PersistError(f"On Ray's node {node_address()}: {e}") from None
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.0)
         async def predict(self, items: List[tuple]) -> List[Tuple[int, dict]]:
@@ -203,8 +210,14 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
             serve.start(http_options={"host": host, "port": port})
-            serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size, max_bytes),
-                      name="d2persist", route_prefix="/")
+            try:
+                serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size,
+                                     max_bytes), name=APP_NAME, route_prefix="/")
+            except RuntimeError:  # Serve gave up starting the replicas: why, in one sentence
+                refusal = _replica_refusal()
+                if refusal is None:
+                    raise
+                raise D2PersistError(refusal) from None
             serving = True
             if not stop.is_set():
                 print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
@@ -219,6 +232,29 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
                 serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def node_address() -> str:
+    """The address this process's Ray node has in its cluster (else its id)."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
+
+
+def _replica_refusal() -> Optional[str]:
+    """
+    The sentence of a replica that could not load the predictor (no GPU, no onnxruntime-gpu
+    on its node, ...), read from Serve's status of the application, if that is why it failed.
+    """
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    for state in app.deployments.values() if app else ():
+        found = re.findall(r"^d2persist\.errors\.\w+: (.+)$", state.message or "", re.M)
+        if found:
+            return found[-1]
+    return None
 
 
 def _ended_ray_processes() -> Set[int]:

@@ -50,15 +50,16 @@ def main(argv):
     import functools
     import json
 
-    from d2persist import load_predictor
     from d2persist.__main__ import _ray_engine, get_parser
     from d2persist.predict.batch import predict_source
+    from d2persist.predict.load import describe_predictor
 
     run, src, dst, marker, address, backend, *seconds = argv
     args = get_parser().parse_args(["predict", src, "--artifacts", run, "--output", dst,
                                     "--ray", address, "--workers", "2", "--cpus-per-worker", "1",
                                     "--backend", backend])
-    engine = _ray_engine(args)  # the command's engine
+    predictor = describe_predictor(run, backend=backend)  # as the command, the model not built
+    engine = _ray_engine(args, predictor.backend)  # the command's engine
     settings = {"address": engine.address, "workers": engine.workers,
                 "cpus_per_worker": engine.cpus_per_worker,
                 "threads": engine.load.keywords["threads"], "spin": engine.load.keywords["spin"]}
@@ -74,7 +75,6 @@ def main(argv):
             pass
 
     ray.shutdown = shutdown_noted
-    predictor = load_predictor(run, backend=backend)
     record = predict_source(predictor, src, dst, ray=engine)
     print(json.dumps({"engine": settings, "record": record}))
 
