@@ -183,8 +183,9 @@ def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, 
 
 def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, source, tmp_path):
     """
-    The Ray a job starts is this machine: ``--device cuda`` with ONNX Runtime's CPU build is
-    refused in one sentence, checked here before Ray starts.
+    The Ray a job starts is this machine and cannot grow: a worker asking for a GPU it does
+    not have is refused in one sentence (Ray waited for it forever), as is ``--device cuda``
+    with ONNX Runtime's CPU build (checked here before Ray starts).
     """
     import onnxruntime
     import torch
@@ -195,8 +196,10 @@ def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, sourc
     dst = tmp_path / "dst"
     job = ["-m", "d2persist", "predict", source, "--artifacts", default_run[0], "--output", dst,
            "--backend", "onnxruntime", "--ray"]
-    for flags, said in ((["--device", "cuda"], "Device cuda with the onnxruntime backend "
-                         "needs ONNX Runtime's CUDAExecutionProvider"),):
+    for flags, said in ((["--gpus-per-worker", 1], "A worker asks for 1 GPU, and the Ray "
+                         "started for this job (this machine) has 0."),
+                        (["--device", "cuda"], "Device cuda with the onnxruntime backend "
+                         "needs ONNX Runtime's CUDAExecutionProvider")):
         res = run_tool(*job, *flags, timeout=120)
         assert res.returncode == 2, res.stderr[-3000:]
         assert res.stderr.strip().splitlines()[-1].startswith(f"d2persist: error: {said}")

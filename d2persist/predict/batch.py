@@ -482,12 +482,14 @@ class RayEngine:
         if not todo:
             return {}
         if ray.is_initialized():  # the caller's Ray, and its signal handling
+            self._check_nodes(ray, started=False)
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
         try:
             ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             stops.take()
+            self._check_nodes(ray, started=self.address is None)
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         finally:
             stops.unwind()
@@ -495,6 +497,24 @@ class RayEngine:
                 ray.shutdown()
             finally:
                 stops.restore()
+
+    def _check_nodes(self, ray: Any, started: bool) -> None:
+        """
+        Whether a node of the cluster has what one worker asks for: where Ray was started
+        for the job (this machine, which cannot grow), refused in one sentence (Ray would
+        wait for it forever); on a running cluster, a warning (an autoscaler may add it).
+        """
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        for name, want in (("CPU", self.cpus_per_worker), ("GPU", self.gpus_per_worker)):
+            most = max((n.get(name, 0.0) for n in nodes), default=0.0)
+            if want > most:
+                where = ("the Ray started for this job (this machine) has" if started else
+                         "no node of the Ray cluster has that many now; its largest has")
+                plural = "" if want == 1 else "s"
+                sentence = f"A worker asks for {want:g} {name}{plural}, and {where} {most:g}."
+                if started:
+                    raise D2PersistError(sentence)
+                logger.warning("%s The job waits until a node has them.", sentence)
 
     def _run(self, ray, source, todo, dst, min_score, pictures, failed_before):
         filesystem, protocol = None, None
