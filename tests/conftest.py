@@ -20,8 +20,7 @@ def pytest_configure(config):
 #: ``make test`` runs the suite in two pytest-xdist workers (``-n 2 --dist loadgroup``, one
 #: thread per process): each file is one group, run whole in one worker, except the files that
 #: share a costly session fixture's run, which run together so that it is made once (the
-#: 6-iteration ``trained_run`` is made in each worker that needs it), and the two with Ray
-#: clusters (the two-node test's ``ray stop`` stops every Ray on the machine)
+#: 6-iteration ``trained_run`` is made in each worker that needs it)
 _GROUPS = {"test_default_schedule": "default_run", "test_runview": "default_run",
            "test_predict_batch": "default_run", "test_serve": "default_run",
            "test_clusters": "launch2_run", "test_machines": "launch2_run"}

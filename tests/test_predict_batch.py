@@ -3,6 +3,7 @@
 ``infer_single`` predicts it; resumable; from and to a real S3-compatible server (moto).
 """
 
+import contextlib
 import json
 import os
 import re
@@ -240,6 +241,50 @@ def _written(fs, folder):
             and not os.path.basename(p).startswith(".")}
 
 
+@contextlib.contextmanager
+def _two_ray_nodes(port, env):
+    """
+    A Ray cluster of two nodes on loopback, one CPU each: ``ray start --head --block`` on
+    ``port`` and a worker node, each a child of this test, started in turn once the one before
+    says it is up. On the way out each is SIGTERMed (it stops its node's processes) and,
+    with whatever of its session is left after 30 s, SIGKILLed: ``ray stop`` would stop every
+    Ray on the machine, not only these.
+    """
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    from helpers import tool_env
+
+    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
+            "--block"]
+    nodes = []
+    try:
+        for args in (["--head", "--port", str(port), "--include-dashboard", "false"],
+                     ["--address", f"127.0.0.1:{port}"]):
+            log = tempfile.TemporaryFile("w+")
+            nodes.append((subprocess.Popen([*ray_cli, "start", *args, *node], stdout=log,
+                                           stderr=subprocess.STDOUT, env=tool_env(**env),
+                                           start_new_session=True), log))
+            deadline = time.monotonic() + 120
+            while "Ray runtime started" not in _tail(log):
+                assert nodes[-1][0].poll() is None and time.monotonic() < deadline, _tail(log)
+                time.sleep(0.2)
+        yield
+    finally:
+        for proc, log in reversed(nodes):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+            kill_tree(proc.pid)
+            proc.wait()
+            log.close()
+
+
 def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_run, source):
     """
     ``--ray ADDRESS --workers 2 --cpus-per-worker 1`` on a cluster of two nodes on loopback
@@ -250,8 +295,7 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     equal to this machine's predictor's. Then the driver of a second job is SIGKILLed after
     its first output: the same command again predicts only the rest. A job and ``serve`` with
     ``--device cuda`` (the driver leaves the device to the nodes, which have no CUDA here) end
-    in one sentence naming the node, nothing predicted. Everything is stopped at the end
-    (``ray stop``).
+    in one sentence naming the node, nothing predicted. The two nodes are stopped at the end.
     """
     import subprocess
     import sys
@@ -263,19 +307,12 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     run, _ = default_run
     fault = os.path.join(REPO, "tests", "scripts", "ray_fault.py")
     port = free_port()
-    ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
-    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats"]
     marker = source.parent / "killed"
     with s3_server() as (_, s3_env):
         fs = fsspec.filesystem("s3")
         fs.put(str(source), f"{BUCKET}/two/images", recursive=True)
         env = dict(s3_env, RAY_AUTH_MODE="disabled")  # (a token would be one more file)
-        try:
-            for args in (["--head", "--port", str(port), "--include-dashboard", "false"],
-                         ["--address", f"127.0.0.1:{port}"]):
-                started = subprocess.run([*ray_cli, "start", *args, *node], env=tool_env(**env),
-                                         capture_output=True, text=True, timeout=120)
-                assert started.returncode == 0, started.stderr[-3000:]
+        with _two_ray_nodes(port, env):
             res = run_tool(fault, run, f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/preds",
                            marker, f"127.0.0.1:{port}", "onnxruntime", env=env, timeout=240,
                            fresh=True)
@@ -316,9 +353,6 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
             unserved = run_tool("-m", "d2persist", "serve", run, "--ray", f"127.0.0.1:{port}",
                                 "--port", free_port(), "--cpus-per-replica", 1, "--backend",
                                 "onnxruntime", "--device", "cuda", env=env, timeout=240)
-        finally:
-            subprocess.run([*ray_cli, "stop", "--force"], env=tool_env(**env),
-                           capture_output=True, timeout=120)
         assert res.returncode == 0, res.stderr[-4000:]
         said = json.loads(res.stdout.strip().splitlines()[-1])
         assert said["engine"] == {"address": f"127.0.0.1:{port}", "workers": 2,
