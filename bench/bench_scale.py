@@ -199,7 +199,8 @@ def serve_floor(images, requests):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     data = [open(p, "rb").read() for p in images]
-    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Answer.bind(), name="floor", route_prefix="/")

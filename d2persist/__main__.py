@@ -204,9 +204,10 @@ def predict(args):
 
     engine = None
     if args.ray:  # the actors load the model; here, what it is (the job's identity)
+        here = args.ray == "local"  # this machine runs the actors
         predictor = describe_predictor(args.artifacts, backend=args.backend,
-                                       precision=args.precision)
-        if args.ray == "local":  # this machine runs the actors
+                                       precision=args.precision, here=here)
+        if here:
             check_device(predictor.backend, args.device)
         engine = _ray_engine(args, predictor.backend)
     else:
@@ -228,7 +229,8 @@ def serve(args):
 
     address = None if args.ray in (None, "local") else args.ray
     # bad artifacts or options: one sentence here, before Ray starts
-    spec = describe_predictor(args.artifacts, backend=args.backend, precision=args.precision)
+    spec = describe_predictor(args.artifacts, backend=args.backend, precision=args.precision,
+                              here=address is None)
     cpus, load = _loader(args, args.cpus_per_replica, args.replicas, spec.backend)
     if address is None:
         load()  # this machine runs the replicas: its device and the model checked here

@@ -246,9 +246,11 @@ def _two_ray_nodes(port, env):
     """
     A Ray cluster of two nodes on loopback, one CPU each: ``ray start --head --block`` on
     ``port`` and a worker node, each a child of this test, started in turn once the one before
-    says it is up. On the way out each is SIGTERMed (it stops its node's processes) and,
-    with whatever of its session is left after 30 s, SIGKILLed: ``ray stop`` would stop every
-    Ray on the machine, not only these.
+    says it is up, in a Ray temp folder of their own (``RAY_TMPDIR``: its
+    ``ray_current_cluster`` names them, not /tmp/ray's, which a later ``ray.init()`` here
+    would follow). Yields ``env`` with that folder, for the drivers. On the way out each node
+    is SIGTERMed (it stops its processes), and what is left of its process group after 30 s
+    SIGKILLed: ``ray stop`` would stop every Ray on the machine, not only these.
     """
     import signal
     import subprocess
@@ -256,6 +258,9 @@ def _two_ray_nodes(port, env):
     import tempfile
 
     from helpers import tool_env
+
+    folder = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths
+    env = dict(env, RAY_TMPDIR=folder)
 
     ray_cli = [sys.executable, "-c", "from ray.scripts.scripts import main; main()"]
     node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
@@ -272,7 +277,7 @@ def _two_ray_nodes(port, env):
             while "Ray runtime started" not in _tail(log):
                 assert nodes[-1][0].poll() is None and time.monotonic() < deadline, _tail(log)
                 time.sleep(0.2)
-        yield
+        yield env
     finally:
         for proc, log in reversed(nodes):
             proc.send_signal(signal.SIGTERM)
@@ -283,6 +288,7 @@ def _two_ray_nodes(port, env):
             kill_tree(proc.pid)
             proc.wait()
             log.close()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_run, source):
@@ -295,7 +301,8 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     equal to this machine's predictor's. Then the driver of a second job is SIGKILLed after
     its first output: the same command again predicts only the rest. A job and ``serve`` with
     ``--device cuda`` (the driver leaves the device to the nodes, which have no CUDA here) end
-    in one sentence naming the node, nothing predicted. The two nodes are stopped at the end.
+    in one sentence naming the node, nothing predicted; ``--ray`` alone meanwhile starts a Ray
+    of its own instead of joining theirs. The two nodes are stopped at the end.
     """
     import subprocess
     import sys
@@ -312,7 +319,7 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         fs = fsspec.filesystem("s3")
         fs.put(str(source), f"{BUCKET}/two/images", recursive=True)
         env = dict(s3_env, RAY_AUTH_MODE="disabled")  # (a token would be one more file)
-        with _two_ray_nodes(port, env):
+        with _two_ray_nodes(port, env) as env:
             res = run_tool(fault, run, f"s3://{BUCKET}/two/images/", f"s3://{BUCKET}/two/preds",
                            marker, f"127.0.0.1:{port}", "onnxruntime", env=env, timeout=240,
                            fresh=True)
@@ -349,6 +356,12 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                                "--ray", f"127.0.0.1:{port}", "--workers", 2,
                                "--cpus-per-worker", 1, "--backend", "onnxruntime",
                                "--device", "cuda", env=env, timeout=240)
+            # --ray alone starts a Ray of its own (this machine's 2 CPUs), not joining the
+            # one `ray start` named last (1 CPU a node: a worker of 2 would be refused)
+            own = run_tool("-m", "d2persist", "predict", f"s3://{BUCKET}/two/images/",
+                           "--artifacts", run, "--output", f"s3://{BUCKET}/two/own", "--ray",
+                           "--cpus-per-worker", 2, "--backend", "onnxruntime", env=env,
+                           timeout=180)
             # and serve's replicas alike, Serve's start given up
             unserved = run_tool("-m", "d2persist", "serve", run, "--ray", f"127.0.0.1:{port}",
                                 "--port", free_port(), "--cpus-per-replica", 1, "--backend",
@@ -396,6 +409,8 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         fs.invalidate_cache()
         assert [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/cuda")] == [
             ".d2persist-predict.json"]  # nothing predicted: a rerun on GPU nodes does it all
+        assert own.returncode == 1, own.stderr[-3000:]  # (bad.png)
+        assert "5 image(s): 4 predicted, 0 done before, 1 could not be read" in own.stdout
 
 
 def test_a_job_on_its_own_ray_ends_as_sigterm_ends_a_process(default_run, source, tmp_path):

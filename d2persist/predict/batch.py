@@ -37,7 +37,7 @@ from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_bytes, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
-from .serve import node_address
+from .serve import check_ray_nodes, refusal_on_node
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
 
@@ -360,9 +360,9 @@ class _RayPredict:
         self.refused = ""
         try:
             self.predictor = load()
-        except D2PersistError as e:  # this node cannot (no GPU, no onnxruntime-gpu, ...):
-            self.refused = f"On Ray's node {node_address()}: {e}"  # said by each call's rows,
-            return  # which end the job in one sentence
+        except (D2PersistError, ImportError) as e:  # this node cannot (no GPU, no onnxruntime):
+            self.refused = refusal_on_node(e)  # said by each call's rows, which end the job
+            return
         if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``'s)
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
@@ -482,14 +482,17 @@ class RayEngine:
         if not todo:
             return {}
         if ray.is_initialized():  # the caller's Ray, and its signal handling
-            self._check_nodes(ray, started=False)
+            check_ray_nodes(ray, "A worker", self.cpus_per_worker, self.gpus_per_worker,
+                            started=False)
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
         try:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
+            ray.init(address=self.address or "local", include_dashboard=False,
+                     log_to_driver=False, configure_logging=False)
             stops.take()
-            self._check_nodes(ray, started=self.address is None)
+            check_ray_nodes(ray, "A worker", self.cpus_per_worker, self.gpus_per_worker,
+                            started=self.address is None)
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
         finally:
             stops.unwind()
@@ -497,24 +500,6 @@ class RayEngine:
                 ray.shutdown()
             finally:
                 stops.restore()
-
-    def _check_nodes(self, ray: Any, started: bool) -> None:
-        """
-        Whether a node of the cluster has what one worker asks for: where Ray was started
-        for the job (this machine, which cannot grow), refused in one sentence (Ray would
-        wait for it forever); on a running cluster, a warning (an autoscaler may add it).
-        """
-        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-        for name, want in (("CPU", self.cpus_per_worker), ("GPU", self.gpus_per_worker)):
-            most = max((n.get(name, 0.0) for n in nodes), default=0.0)
-            if want > most:
-                where = ("the Ray started for this job (this machine) has" if started else
-                         "no node of the Ray cluster has that many now; its largest has")
-                plural = "" if want == 1 else "s"
-                sentence = f"A worker asks for {want:g} {name}{plural}, and {where} {most:g}."
-                if started:
-                    raise D2PersistError(sentence)
-                logger.warning("%s The job waits until a node has them.", sentence)
 
     def _run(self, ray, source, todo, dst, min_score, pictures, failed_before):
         filesystem, protocol = None, None

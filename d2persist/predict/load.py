@@ -36,10 +36,12 @@ def missing_torch_stack() -> List[str]:
     return missing
 
 
-def _artifacts_and_backend(path: str, backend: str, precision: str) -> Tuple[str, str]:
+def _artifacts_and_backend(path: str, backend: str, precision: str, here: bool = True
+                           ) -> Tuple[str, str]:
     """
     ``(local path, backend)`` of :func:`load_predictor`'s arguments: a URL's bundle downloaded
-    and verified, "auto" resolved by what this machine can import; bad arguments refused.
+    and verified, "auto" resolved by what this machine can import; bad arguments refused (with
+    ``here`` False, the pytorch backend is not refused for torch missing here).
     """
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
@@ -54,7 +56,7 @@ def _artifacts_and_backend(path: str, backend: str, precision: str) -> Tuple[str
     missing = missing_torch_stack() if backend != ONNX.backend else []
     if backend == "auto":
         backend = ONNX.backend if missing else PYTORCH.backend
-    elif missing:
+    elif missing and here:
         raise D2PersistError(
             f"The pytorch backend needs {', '.join(missing)}, which cannot be imported here; "
             "use the onnxruntime backend (an export with model.onnx) or install them.")
@@ -66,18 +68,17 @@ class PredictorSpec:
     """
     What :func:`load_predictor` would load, found without building the model: a job's
     identity on Ray's driver, whose actors load their own (on nodes that may have the GPUs
-    the driver lacks).
+    and packages the driver lacks).
 
     Attributes:
-        path (str): the artifacts, here (a URL's bundle downloaded and verified).
-        backend (str): "pytorch" or "onnxruntime" ("auto" resolved on this machine).
+        backend (str): "pytorch" or "onnxruntime" ("auto" resolved on the describing machine).
         precision (str): "float" or "int8".
         sha256 (str): the weights file's (the loaded predictor's ``sha256``).
-        weights (str): which weights, in words.
+        weights (str): which weights, in words, as the artifacts record them (a loaded
+            checkpoint may add the iteration and EMA it holds).
         problem (str): the bundle's recorded failure of this backend, or "".
     """
 
-    path: str
     backend: str
     precision: str
     sha256: str
@@ -85,26 +86,34 @@ class PredictorSpec:
     problem: str = ""
 
 
-def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.precision
-                       ) -> PredictorSpec:
+def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.precision,
+                       here: bool = True) -> PredictorSpec:
     """
-    :func:`load_predictor`'s artifacts and backend checked and described, the model not built
-    (the arguments as there; the device is the loading machine's: see :func:`check_device`).
+    :func:`load_predictor`'s artifacts and backend checked and described, the model not built.
+
+    Args:
+        path (str), backend (str), precision (str): as :func:`load_predictor`'s.
+        here (bool): whether this machine will load it; False (a cluster's driver): the
+            pytorch backend is described without torch here ("auto" still resolves by what
+            this machine can import). The device is checked by :func:`check_device`.
+
+    Returns:
+        PredictorSpec
 
     Raises:
         D2PersistError: what :func:`load_predictor` refuses before it builds the model.
     """
     from .onnx_predictor import bundle_onnx_model, onnx_weights_words
 
-    path, backend = _artifacts_and_backend(path, backend, precision)
+    path, backend = _artifacts_and_backend(path, backend, precision, here)
     if backend == ONNX.backend:
         _, name, manifest = bundle_onnx_model(path, precision)
-        spec = PredictorSpec(path, backend, precision, manifest["files"][name]["sha256"],
+        spec = PredictorSpec(backend, precision, manifest["files"][name]["sha256"],
                              onnx_weights_words(manifest, name),
                              evaluation_problem(manifest, onnx_model(precision).backend) or "")
     else:
         art = resolve_artifacts(path)
-        spec = PredictorSpec(path, backend, PYTORCH.precision, art.weights_sha256(),
+        spec = PredictorSpec(backend, PYTORCH.precision, art.weights_sha256(),
                              describe_source(art.source), art.problem)
     if spec.problem:
         logger.warning(spec.problem)
@@ -113,8 +122,15 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
 
 def check_device(backend: str, device: Optional[str]) -> None:
     """
-    Refuse, in one sentence, a ``device`` this machine cannot give ``backend`` (as
-    :func:`load_predictor` would here).
+    Refuse, in one sentence, a ``device`` this machine cannot give ``backend``, as
+    :func:`load_predictor` would here.
+
+    Args:
+        backend (str): "pytorch" or "onnxruntime".
+        device (str or None): "cpu", "cuda", or None (the backend's default).
+
+    Raises:
+        D2PersistError: this machine has no such device for ``backend``.
     """
     if backend == ONNX.backend:
         _onnx_providers(device)

@@ -459,6 +459,7 @@ def bundle_onnx_model(path: str, precision: str = ONNX.precision) -> Tuple[str, 
     the manifest.
 
     Raises:
+        D2PersistError: ``precision`` is not one of :data:`d2persist.layout.PRECISIONS`.
         ArtifactError: no complete bundle, no such model in it (with the reason its export
             failed, if it did), or a model file that does not match its manifest entry.
     """

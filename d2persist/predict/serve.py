@@ -29,7 +29,7 @@ from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_bytes
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
-           "health_of", "node_address"]
+           "health_of", "refusal_on_node", "check_ray_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,8 +151,8 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
         def __init__(self, load, max_bytes):
             try:
                 self.endpoint = Endpoint(load, max_bytes)
-            except D2PersistError as e:  # said by run_server, from Serve's status
-                raise D2PersistError(f"On Ray's node {node_address()}: {e}") from None
+            except (D2PersistError, ImportError) as e:  # said by run_server (Serve's status)
+                raise D2PersistError(refusal_on_node(e)) from None
 
         @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=0.0)
         async def predict(self, items: List[tuple]) -> List[Tuple[int, dict]]:
@@ -201,11 +201,13 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
                 raise KeyboardInterrupt
 
     serving = False
-    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+    # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     ended_before = _ended_ray_processes()
     try:
         try:
+            check_ray_nodes(ray, "A replica", cpus_per_replica, started=address is None)
             # ours from here: ray.init installed its own (a C++ handler that aborts the process)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
@@ -234,12 +236,59 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
             ray.shutdown()
 
 
-def node_address() -> str:
-    """The address this process's Ray node has in its cluster (else its id)."""
+def refusal_on_node(error: BaseException) -> str:
+    """
+    The sentence of a Ray actor or replica whose node cannot load the predictor: ``error``'s,
+    after the node's address in the cluster (else its id), as ``On Ray's node ADDR: ...``.
+    """
     import ray
 
     here = ray.get_runtime_context().get_node_id()
-    return next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
+    node = next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
+    return f"{_REFUSED_ON_NODE}{node}: {error}"
+
+
+#: how :func:`refusal_on_node`'s sentences start
+_REFUSED_ON_NODE = "On Ray's node "
+
+
+def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
+                    started: bool = True) -> None:
+    """
+    Whether one node of the Ray cluster has the CPUs and GPUs that one actor asks for. Where
+    Ray was started for the job (this machine, which cannot grow), a request no node can hold
+    is refused in one sentence (Ray would wait for it forever); on a running cluster it is a
+    warning (an autoscaler may add such a node).
+
+    Args:
+        ray: the ``ray`` module, initialized.
+        who (str): the actor, in words ("A worker", "A replica").
+        cpus (float): the CPUs it asks for.
+        gpus (float): the GPUs it asks for.
+        started (bool): whether this Ray was started for the job, here.
+
+    Raises:
+        D2PersistError: ``started``, and no node has them.
+    """
+    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
+    wants = {"CPU": float(cpus), "GPU": float(gpus or 0.0)}
+    if any(all(n.get(k, 0.0) >= v for k, v in wants.items()) for n in nodes):
+        return
+    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in wants}
+    words = {k: f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in wants.items()}
+    short = [k for k, v in wants.items() if v > largest[k]]
+    if short and started:
+        sentence = (f"{who} asks for {words[short[0]]}, and the Ray started for this job "
+                    f"(this machine) has {largest[short[0]]:g}.")
+    elif short:
+        sentence = (f"{who} asks for {words[short[0]]}, and no node of the Ray cluster has "
+                    f"that many now (the most: {largest[short[0]]:g}).")
+    else:
+        sentence = (f"{who} asks for {words['CPU']} and {words['GPU']}, and no node of the "
+                    "Ray cluster has both now.")
+    if started:
+        raise D2PersistError(sentence)
+    logger.warning("%s It waits until one has.", sentence)
 
 
 def _replica_refusal() -> Optional[str]:
@@ -251,7 +300,8 @@ def _replica_refusal() -> Optional[str]:
 
     app = serve.status().applications.get(APP_NAME)
     for state in app.deployments.values() if app else ():
-        found = re.findall(r"^d2persist\.errors\.\w+: (.+)$", state.message or "", re.M)
+        line = rf"^d2persist\.errors\.D2PersistError: ({re.escape(_REFUSED_ON_NODE)}.+)$"
+        found = re.findall(line, state.message or "", re.M)
         if found:
             return found[-1]
     return None

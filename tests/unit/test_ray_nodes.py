@@ -1,0 +1,51 @@
+"""
+``check_ray_nodes``: whether one node of a Ray cluster can hold an actor's request, read from
+``ray.nodes()`` records as Ray gives them (a stand-in module: no Ray started).
+"""
+
+import logging
+
+import pytest
+
+from d2persist import D2PersistError
+from d2persist.predict.serve import check_ray_nodes
+
+
+class _Ray:
+    """What ``check_ray_nodes`` reads of the ``ray`` module: ``nodes()``."""
+
+    def __init__(self, *resources, dead=()):
+        self._nodes = [{"Alive": True, "Resources": r} for r in resources] + [
+            {"Alive": False, "Resources": r} for r in dead]
+
+    def nodes(self):
+        return self._nodes
+
+
+def test_a_node_with_enough_passes_quietly(caplog):
+    ray = _Ray({"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0})
+    with caplog.at_level(logging.WARNING):
+        check_ray_nodes(ray, "A worker", 4, 1)
+        check_ray_nodes(ray, "A worker", 0.5)
+    assert not caplog.records
+
+
+def test_a_ray_started_for_the_job_refuses_what_no_node_has():
+    with pytest.raises(D2PersistError, match=r"^A worker asks for 1 GPU, and the Ray started "
+                       r"for this job \(this machine\) has 0\.$"):
+        check_ray_nodes(_Ray({"CPU": 2.0}), "A worker", 1, 1)
+    with pytest.raises(D2PersistError, match=r"^A replica asks for 3 CPUs, .* has 2\.$"):
+        check_ray_nodes(_Ray({"CPU": 2.0}, dead=[{"CPU": 8.0}]), "A replica", 3)  # (dead)
+
+
+def test_a_running_cluster_warns_and_needs_both_on_one_node(caplog):
+    ray = _Ray({"CPU": 4.0}, {"CPU": 1.0, "GPU": 1.0})
+    with caplog.at_level(logging.WARNING):
+        check_ray_nodes(ray, "A worker", 2, 1, started=False)  # CPUs on one, the GPU on another
+        check_ray_nodes(ray, "A worker", 1, 2, started=False)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "A worker asks for 2 CPUs and 1 GPU, and no node of the Ray cluster has both now. "
+        "It waits until one has.",
+        "A worker asks for 2 GPUs, and no node of the Ray cluster has that many now (the "
+        "most: 1). It waits until one has."]
