@@ -92,7 +92,9 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
     :func:`load_predictor`'s artifacts and backend checked and described, the model not built.
 
     Args:
-        path (str), backend (str), precision (str): as :func:`load_predictor`'s.
+        path (str): the artifacts, as :func:`load_predictor`'s.
+        backend (str): as :func:`load_predictor`'s.
+        precision (str): as :func:`load_predictor`'s.
         here (bool): whether this machine will load it; False (a cluster's driver): the
             pytorch backend is described without torch here ("auto" still resolves by what
             this machine can import). The device is checked by :func:`check_device`.
