@@ -46,12 +46,15 @@ def _multipart(data, filename):
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def _start(run, *flags):
-    """``d2persist serve RUN FLAGS`` in a session of its own: ``(process, URL)``."""
+def _start(run, *flags, **env):
+    """
+    ``d2persist serve RUN FLAGS`` in a session of its own, ``env`` added to its environment:
+    ``(process, URL)``.
+    """
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "d2persist", "serve", str(run), "--port", str(port), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=tool_env(**env),
         start_new_session=True)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -150,11 +153,13 @@ def test_serve_onnxruntime_stopped_with_every_process_it_started(default_run):
     The ONNX Runtime backend answers as its predictor does; SIGTERM to the server's whole
     process group (as systemd's stop signals every process of the unit) stops it with exit 0
     well before the 30 s ``serve.shutdown()`` would wait for the controller the signal ended.
+    Without ``--ray`` it serves on a Ray of its own, even where ``RAY_ADDRESS`` names another
+    (here one that does not answer, where Ray's default address waited for it).
     """
     _, val = register_shapes()
     image = DatasetCatalog.get(val)[0]["file_name"]
     run = str(default_run[0])
-    proc, url = _start(run, "--backend", "onnxruntime")
+    proc, url = _start(run, "--backend", "onnxruntime", RAY_ADDRESS=f"127.0.0.1:{free_port()}")
     try:
         health = _health(proc, url)
         predictor = load_predictor(run, backend="onnxruntime")
