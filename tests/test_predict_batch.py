@@ -202,7 +202,7 @@ def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, sourc
     job = ["-m", "d2persist", "predict", source, "--artifacts", default_run[0], "--output", dst,
            "--backend", "onnxruntime", "--ray"]
     for flags, said in ((["--gpus-per-worker", 1], "A worker asks for 1 GPU, and the Ray "
-                         "started for this job (this machine) has 0."),
+                         "started for it on this machine has 0."),
                         (["--device", "cuda"], "Device cuda with the onnxruntime backend "
                          "needs ONNX Runtime's CUDAExecutionProvider")):
         res = run_tool(*job, *flags, timeout=120, env={"RAY_ADDRESS": elsewhere})

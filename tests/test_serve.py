@@ -8,6 +8,7 @@ the signal reaches every process it started (systemd's stop). In a bounded proce
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,19 @@ def test_serve_onnxruntime_stopped_with_every_process_it_started(default_run):
         assert time.monotonic() - start < 25, err[-3000:]
     finally:
         kill_tree(proc.pid)
+
+
+def test_a_replica_its_own_ray_cannot_hold_is_refused(default_run):
+    """
+    ``--cpus-per-replica`` above this machine's cores, on the Ray serve starts here: one
+    sentence and exit 2 (Serve waited forever for a replica Ray could not place).
+    """
+    from helpers import run_tool
+
+    cores = os.cpu_count() or 1
+    res = run_tool("-m", "d2persist", "serve", default_run[0], "--backend", "onnxruntime",
+                   "--cpus-per-replica", cores + 1, "--port", free_port(), timeout=120)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert re.fullmatch(  # (Ray counts the CPUs a container may use: at most the cores)
+        rf"d2persist: error: A replica asks for {cores + 1} CPUs, and the Ray started for it "
+        r"on this machine has \d+\.", res.stderr.strip().splitlines()[-1]), res.stderr[-3000:]

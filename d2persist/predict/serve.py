@@ -236,6 +236,10 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
             ray.shutdown()
 
 
+#: how :func:`refusal_on_node`'s sentences start
+_REFUSED_ON_NODE = "On Ray's node "
+
+
 def refusal_on_node(error: BaseException) -> str:
     """
     The sentence of a Ray actor or replica whose node cannot load the predictor: ``error``'s,
@@ -246,10 +250,6 @@ def refusal_on_node(error: BaseException) -> str:
     here = ray.get_runtime_context().get_node_id()
     node = next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
     return f"{_REFUSED_ON_NODE}{node}: {error}"
-
-
-#: how :func:`refusal_on_node`'s sentences start
-_REFUSED_ON_NODE = "On Ray's node "
 
 
 def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
@@ -278,8 +278,8 @@ def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
     words = {k: f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in wants.items()}
     short = [k for k, v in wants.items() if v > largest[k]]
     if short and started:
-        sentence = (f"{who} asks for {words[short[0]]}, and the Ray started for this job "
-                    f"(this machine) has {largest[short[0]]:g}.")
+        sentence = (f"{who} asks for {words[short[0]]}, and the Ray started for it on this "
+                    f"machine has {largest[short[0]]:g}.")
     elif short:
         sentence = (f"{who} asks for {words[short[0]]}, and no node of the Ray cluster has "
                     f"that many now (the most: {largest[short[0]]:g}).")

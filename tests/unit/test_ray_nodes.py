@@ -32,7 +32,7 @@ def test_a_node_with_enough_passes_quietly(caplog):
 
 def test_a_ray_started_for_the_job_refuses_what_no_node_has():
     with pytest.raises(D2PersistError, match=r"^A worker asks for 1 GPU, and the Ray started "
-                       r"for this job \(this machine\) has 0\.$"):
+                       r"for it on this machine has 0\.$"):
         check_ray_nodes(_Ray({"CPU": 2.0}), "A worker", 1, 1)
     with pytest.raises(D2PersistError, match=r"^A replica asks for 3 CPUs, .* has 2\.$"):
         check_ray_nodes(_Ray({"CPU": 2.0}, dead=[{"CPU": 8.0}]), "A replica", 3)  # (dead)
