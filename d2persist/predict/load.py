@@ -96,8 +96,9 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
         backend (str): as :func:`load_predictor`'s.
         precision (str): as :func:`load_predictor`'s.
         here (bool): whether this machine will load it; False (a cluster's driver): the
-            pytorch backend is described without torch here ("auto" still resolves by what
-            this machine can import). The device is checked by :func:`check_device`.
+            pytorch backend is described without torch here (but for a checkpoint without its
+            sha256 sidecar, verified by loading it); "auto" still resolves by what this
+            machine can import. The device is checked by :func:`check_device`.
 
     Returns:
         PredictorSpec
