@@ -224,16 +224,19 @@ def predict(args):
 
 
 def serve(args):
-    from d2persist.predict.load import describe_predictor
+    from d2persist.predict.load import describe_predictor, load_predictor
     from d2persist.predict.serve import run_server
 
     address = None if args.ray in (None, "local") else args.ray
-    # bad artifacts or options: one sentence here, before Ray starts
-    spec = describe_predictor(args.artifacts, backend=args.backend, precision=args.precision,
-                              here=address is None)
-    cpus, load = _loader(args, args.cpus_per_replica, args.replicas, spec.backend)
+    # bad artifacts or options: one sentence here, before Ray starts; where this machine runs
+    # the replicas, its device and the model are checked by loading it once
     if address is None:
-        load()  # this machine runs the replicas: its device and the model checked here
+        backend = load_predictor(args.artifacts, device=args.device, backend=args.backend,
+                                 precision=args.precision).backend
+    else:
+        backend = describe_predictor(args.artifacts, backend=args.backend,
+                                     precision=args.precision, here=False).backend
+    cpus, load = _loader(args, args.cpus_per_replica, args.replicas, backend)
     run_server(load, args.host, args.port, args.replicas, cpus, address, args.max_bytes,
                args.max_batch_size)
     return 0
