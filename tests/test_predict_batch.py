@@ -164,7 +164,8 @@ def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, 
     """
     ``predict --ray``'s driver only describes the predictor its actors load (the job's
     identity; a cluster's driver may lack their GPUs): the same sha256, backend, precision and
-    weights as the loaded predictor's, with no model built and no ONNX Runtime session made.
+    weights as the loaded predictor's, with no model built and no ONNX Runtime session made;
+    from a bundle's URL, with nothing downloaded but the manifest.
     """
     from d2persist.predict.load import describe_predictor
 
@@ -180,6 +181,25 @@ def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, 
             predictor.sha256, predictor.backend, predictor.precision, predictor.weights)
     assert len({p.sha256 for p in loaded.values()}) == 3  # three files
     assert describe_predictor(run).backend == "pytorch"  # "auto", resolved here
+    # a bundle's URL, described for a cluster (``here=False``): by its manifest alone, the
+    # nodes download the bundle (a head node need not hold its hundreds of MB)
+    import fsspec
+    from test_mirror import BUCKET, s3_server
+
+    from d2persist.artifacts.view import RunView
+
+    download = mocker.patch.object(RunView, "download", side_effect=AssertionError("download"))
+    with s3_server():
+        fsspec.filesystem("s3").put(os.path.join(run, "export"), f"{BUCKET}/described",
+                                    recursive=True)
+        url = f"s3://{BUCKET}/described"
+        for (backend, precision), predictor in loaded.items():
+            spec = describe_predictor(url, backend=backend, precision=precision, here=False)
+            assert (spec.sha256, spec.backend, spec.precision, spec.weights) == (
+                predictor.sha256, predictor.backend, predictor.precision, predictor.weights)
+        with pytest.raises(AssertionError, match="download"):  # (here: downloaded to load)
+            describe_predictor(url, backend="onnxruntime")
+    assert download.call_count == 1
 
 
 def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, source, tmp_path):

@@ -3,8 +3,9 @@ The export bundle's manifest, read side: what a predicting process checks before
 bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 """
 
+import contextlib
 import os
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import resolve_inside, sha256_file
@@ -12,7 +13,8 @@ from ..layout import MANIFEST_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH, cache
 from .bundle import read_manifest
 
 __all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
-           "evaluation_problem", "export_backends", "local_bundle"]
+           "evaluation_problem", "export_backends", "bundle_source", "local_bundle",
+           "remote_manifest"]
 
 #: How far (in AP points) each backend may be from the in-training evaluation: the PyTorch
 #: bundle *is* the evaluation path; ONNX Runtime computes the same graph in another order (every
@@ -54,6 +56,11 @@ def describe_source(source: dict) -> str:
     return f"the final weights, {at}"
 
 
+def bundle_source(manifest: dict) -> dict:
+    """Which weights a bundle holds, as its manifest records them (for :func:`describe_source`)."""
+    return manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
+
+
 def export_backends(manifest: dict) -> List[str]:
     """The :data:`EVAL_BACKENDS` a bundle holds a model for, by its manifest."""
     files = manifest.get("files") or {}
@@ -74,6 +81,52 @@ def evaluation_problem(manifest: dict, backend: str) -> Optional[str]:
             "evaluated.")
 
 
+@contextlib.contextmanager
+def _reading_bundle(url: str) -> Iterator[None]:
+    """What goes wrong reading the bundle at ``url``, as an :class:`ArtifactError`."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except D2PersistError as e:
+        raise ArtifactError(str(e)) from None
+    except (ValueError, OSError) as e:
+        raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
+            from None
+
+
+def _remote_bundle(url: str) -> Tuple[str, Any, bytes, dict]:
+    """
+    ``(bundle URL, its view, the manifest's bytes, the manifest)`` of the complete bundle at
+    ``url`` (a bundle, or a mirrored run whose export is complete); nothing else read.
+    """
+    from .view import open_view
+
+    view = open_view(url)
+    bundle_url = view.export_dir()
+    if bundle_url is None or (view.export() or {}).get("complete") is not True:
+        raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}).")
+    bundle = open_view(bundle_url)
+    text = bundle.read(MANIFEST_NAME)  # checked by manifest(), and written as these bytes
+    manifest = bundle.manifest()
+    assert text is not None  # manifest() parsed the manifest: it is there
+    return bundle_url, bundle, text, manifest
+
+
+def remote_manifest(url: str) -> dict:
+    """
+    The manifest of the complete bundle at the fsspec URL ``url`` (as :func:`local_bundle`
+    takes), format checked; the bundle's files neither downloaded nor hashed (a Ray job's
+    driver describes what its nodes download).
+
+    Raises:
+        ArtifactError: nothing at the URL holds a complete bundle, or it cannot be read.
+    """
+    url = url.rstrip("/")
+    with _reading_bundle(url):
+        return _remote_bundle(url)[3]
+
+
 def local_bundle(path: str) -> str:
     """
     A local folder to predict from: ``path`` itself, or for an fsspec URL (``s3://.../export``,
@@ -88,20 +141,12 @@ def local_bundle(path: str) -> str:
 
     from ..files.atomic import write_bytes
     from ..files.mirror import is_url
-    from .view import open_view
 
     if not is_url(path):
         return path
     url = path.rstrip("/")
-    try:
-        view = open_view(url)
-        bundle_url = view.export_dir()
-        if bundle_url is None or (view.export() or {}).get("complete") is not True:
-            raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}).")
-        bundle = open_view(bundle_url)
-        text = bundle.read(MANIFEST_NAME)  # checked below, and written as these bytes
-        manifest = bundle.manifest()
-        assert text is not None  # manifest() parsed the manifest: it is there
+    with _reading_bundle(url):
+        bundle_url, bundle, text, manifest = _remote_bundle(url)
         cache = os.path.join(cache_root(), "bundles",
                              hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
         os.makedirs(cache, exist_ok=True)
@@ -112,13 +157,6 @@ def local_bundle(path: str) -> str:
             local = resolve_inside(cache, name)
             if not (os.path.isfile(local) and sha256_file(local) == entry.get("sha256")):
                 bundle.download(name, local)
-    except ArtifactError:
-        raise
-    except D2PersistError as e:
-        raise ArtifactError(str(e)) from None
-    except (ValueError, OSError) as e:
-        raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
-            from None
     write_bytes(os.path.join(cache, MANIFEST_NAME), text)
     read_manifest(cache)  # every file against its sha256
     return cache

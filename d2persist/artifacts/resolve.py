@@ -24,7 +24,7 @@ from ..layout import (
 from ..runconfig import check_extension_names
 from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
 from .checkpoints import read_sidecar
-from .manifest import evaluation_problem, metadata_from_json
+from .manifest import bundle_source, evaluation_problem, metadata_from_json
 from .view import find_newest_valid, list_checkpoints
 
 __all__ = ["Artifacts", "resolve_artifacts"]
@@ -102,7 +102,7 @@ def _from_export(folder):
         metadata_from_json(manifest.get("metadata") or {}),
         manifest.get("iteration"),
         _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
-        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")},
+        bundle_source(manifest),
         evaluation_problem(manifest, PYTORCH.backend) or "",
         manifest.get("evaluation"),
         (manifest.get("files") or {}).get(manifest["weights"], {}).get("sha256"),

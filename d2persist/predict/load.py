@@ -5,9 +5,12 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
-from ..artifacts.manifest import describe_source, evaluation_problem, local_bundle
+from ..artifacts.manifest import (
+    bundle_source, describe_source, evaluation_problem, local_bundle, remote_manifest,
+)
 from ..artifacts.resolve import resolve_artifacts
 from ..errors import D2PersistError
+from ..files.mirror import is_url
 from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH, onnx_model
 
 if TYPE_CHECKING:
@@ -39,9 +42,10 @@ def missing_torch_stack() -> List[str]:
 def _artifacts_and_backend(path: str, backend: str, precision: str, here: bool = True
                            ) -> Tuple[str, str]:
     """
-    ``(local path, backend)`` of :func:`load_predictor`'s arguments: a URL's bundle downloaded
-    and verified, "auto" resolved by what this machine can import; bad arguments refused (with
-    ``here`` False, the pytorch backend is not refused for torch missing here).
+    ``(path, backend)`` of :func:`load_predictor`'s arguments: a URL's bundle downloaded and
+    verified (with ``here`` False, the URL kept), "auto" resolved by what this machine can
+    import; bad arguments refused (with ``here`` False, the pytorch backend is not refused for
+    torch missing here).
     """
     if backend not in BACKENDS:
         raise D2PersistError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
@@ -52,7 +56,8 @@ def _artifacts_and_backend(path: str, backend: str, precision: str, here: bool =
             raise D2PersistError("precision int8 is the bundle's INT8 ONNX model: use the "
                                  "onnxruntime backend.")
         backend = ONNX.backend
-    path = local_bundle(path)  # an fsspec URL: downloaded and verified
+    if here or not is_url(path):
+        path = local_bundle(path)  # an fsspec URL: downloaded and verified
     missing = missing_torch_stack() if backend != ONNX.backend else []
     if backend == "auto":
         backend = ONNX.backend if missing else PYTORCH.backend
@@ -97,7 +102,8 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
         precision (str): as :func:`load_predictor`'s.
         here (bool): whether this machine will load it; False (a cluster's driver): the
             pytorch backend is described without torch here (but for a checkpoint without its
-            sha256 sidecar, verified by loading it); "auto" still resolves by what this
+            sha256 sidecar, verified by loading it), and a bundle's URL by its manifest alone
+            (the nodes download the bundle and verify it); "auto" still resolves by what this
             machine can import. The device is checked by :func:`check_device`.
 
     Returns:
@@ -106,14 +112,14 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
     Raises:
         D2PersistError: what :func:`load_predictor` refuses before it builds the model.
     """
-    from .onnx_predictor import bundle_onnx_model, onnx_weights_words
+    from .onnx_predictor import bundle_onnx_model
 
     path, backend = _artifacts_and_backend(path, backend, precision, here)
-    if backend == ONNX.backend:
-        _, name, manifest = bundle_onnx_model(path, precision)
-        spec = PredictorSpec(backend, precision, manifest["files"][name]["sha256"],
-                             onnx_weights_words(manifest, name),
-                             evaluation_problem(manifest, onnx_model(precision).backend) or "")
+    if is_url(path):  # (not here) what the nodes download, by its manifest
+        spec = _spec_of_bundle(remote_manifest(path), backend, precision, path, path)
+    elif backend == ONNX.backend:
+        bundle, _, manifest = bundle_onnx_model(path, precision)  # its file checked
+        spec = _spec_of_bundle(manifest, backend, precision, bundle, path)
     else:
         art = resolve_artifacts(path)
         spec = PredictorSpec(backend, PYTORCH.precision, art.weights_sha256(),
@@ -121,6 +127,22 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
     if spec.problem:
         logger.warning(spec.problem)
     return spec
+
+
+def _spec_of_bundle(manifest: dict, backend: str, precision: str, bundle: str, path: str
+                    ) -> PredictorSpec:
+    """:func:`describe_predictor` of the bundle at ``bundle`` from its manifest alone."""
+    from .onnx_predictor import onnx_model_file, onnx_weights_words
+
+    if backend == ONNX.backend:
+        name = onnx_model_file(manifest, precision, bundle, path)
+        return PredictorSpec(backend, precision, manifest["files"][name].get("sha256") or "",
+                             onnx_weights_words(manifest, name),
+                             evaluation_problem(manifest, onnx_model(precision).backend) or "")
+    return PredictorSpec(backend, PYTORCH.precision,
+                         manifest["files"][manifest["weights"]].get("sha256") or "",
+                         describe_source(bundle_source(manifest)),
+                         evaluation_problem(manifest, PYTORCH.backend) or "")
 
 
 def check_device(backend: str, device: Optional[str]) -> None:

@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from ..artifacts.bundle import find_bundle, read_manifest
-from ..artifacts.manifest import describe_source, evaluation_problem, metadata_from_json
+from ..artifacts.manifest import (
+    bundle_source, describe_source, evaluation_problem, metadata_from_json,
+)
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path
 from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
@@ -29,8 +31,8 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 __all__ = ["OnnxPredictor", "OnnxPrediction", "load_onnx_predictor", "bundle_onnx_model",
-           "onnx_weights_words", "create_session", "paste_masks", "resize_bilinear",
-           "heatmaps_to_keypoints", "combine_panoptic"]
+           "onnx_model_file", "onnx_weights_words", "create_session", "paste_masks",
+           "resize_bilinear", "heatmaps_to_keypoints", "combine_panoptic"]
 
 logger = logging.getLogger(__name__)
 
@@ -472,24 +474,40 @@ def bundle_onnx_model(path: str, precision: str = ONNX.precision) -> Tuple[str, 
     if bundle is None:
         raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
                             "with ONNX Runtime.")
-    model = onnx_model(precision)
-    name, key = model.file, model.entry
+    name = onnx_model(precision).file
     manifest = read_manifest(bundle, only=[name])
-    entry = manifest.get(key)
-    if not entry or name not in manifest["files"]:
+    onnx_model_file(manifest, precision, bundle, path)
+    return bundle, name, manifest
+
+
+def onnx_model_file(manifest: dict, precision: str, bundle: str, path: str) -> str:
+    """
+    The file name of the ONNX model at ``precision`` in the bundle whose ``manifest`` this is.
+
+    Args:
+        manifest (dict): the bundle's manifest.
+        precision (str): one of :data:`d2persist.layout.PRECISIONS`.
+        bundle (str): where the bundle is (a folder or a URL), for the error.
+        path (str): the artifacts as the user gave them, for the error.
+
+    Raises:
+        ArtifactError: the bundle has no such model (with the reason its export failed, if it
+            did).
+    """
+    model = onnx_model(precision)
+    entry = manifest.get(model.entry)
+    if not entry or model.file not in manifest["files"]:
         why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
         raise ArtifactError(
-            f"The bundle {bundle} has no {name}{why}; add one with tools/export_model.py "
+            f"The bundle {bundle} has no {model.file}{why}; add one with tools/export_model.py "
             f"--artifacts {path} --format {model.format}."
         )
-    return bundle, name, manifest
+    return model.file
 
 
 def onnx_weights_words(manifest: dict, name: str) -> str:
     """Which weights the bundle's ONNX model ``name`` holds, in words."""
-    return describe_source(
-        manifest.get("source") or {"from": "final", "iteration": manifest.get("iteration")}
-    ) + f" ({name})"
+    return describe_source(bundle_source(manifest)) + f" ({name})"
 
 
 def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
