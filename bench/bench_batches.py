@@ -20,7 +20,7 @@ from common import machine, parse_args, table, val_images
 def _logging_loader(bundle, log):
     """A loader for the replica: the predictor, with each batch's size appended to ``log``."""
 
-    def load():
+    def load(threads=2):
         from d2persist.predict import serve
         from d2persist.predict.load import load_predictor
 
@@ -32,7 +32,7 @@ def _logging_loader(bundle, log):
             return predict_many(self, items)
 
         serve.Endpoint.predict_many = logged
-        return load_predictor(bundle, backend="onnxruntime", threads=2, spin=False)
+        return load_predictor(bundle, backend="onnxruntime", threads=threads, spin=False)
 
     return load
 

@@ -171,31 +171,26 @@ def plot(args):
     return 0
 
 
-def _loader(args, cpus, copies, backend):
+def _loader(args, backend):
     """
-    ``(CPUs each copy reserves, a picklable loader of the predictor with as many threads)``:
-    ``cpus`` as given, else this machine's cores shared by ``copies`` (Ray's actors, replicas);
-    ``backend`` as resolved here, so that every copy loads the same one. ONNX Runtime's
-    threads do not spin: the copies share the machine with Ray's own processes.
+    A picklable loader of the predictor for Ray's actors and replicas (called in each with its
+    ``threads``): ``backend`` as resolved here, so that every copy loads the same one. ONNX
+    Runtime's threads do not spin: the copies share their nodes with Ray's own processes.
     """
     import functools
-    import os
 
     from d2persist.predict.load import load_predictor
 
-    cpus = cpus or max(1.0, (os.cpu_count() or 1) / copies)
-    return cpus, functools.partial(load_predictor, args.artifacts, device=args.device,
-                                   backend=backend, precision=args.precision,
-                                   threads=max(1, int(cpus)), spin=False)
+    return functools.partial(load_predictor, args.artifacts, device=args.device,
+                             backend=backend, precision=args.precision, spin=False)
 
 
 def _ray_engine(args, backend):
     """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
     from d2persist.predict.batch import RayEngine
 
-    cpus, load = _loader(args, args.cpus_per_worker, args.workers, backend)
-    return RayEngine(load, None if args.ray == "local" else args.ray, args.workers, cpus,
-                     args.gpus_per_worker)
+    return RayEngine(_loader(args, backend), None if args.ray == "local" else args.ray,
+                     args.workers, args.cpus_per_worker, args.gpus_per_worker)
 
 
 def predict(args):
@@ -217,9 +212,11 @@ def predict(args):
     record = predict_source(predictor, args.src, args.output,
                             min_score=args.confidence_threshold, pictures=args.pictures,
                             progress=sys.stderr.isatty(), ray=engine)
-    counts = record["counts"]
-    print(f"{counts['inputs']} image(s): {counts['done']} predicted, {counts['skipped']} done "
-          f"before, {counts['failed']} could not be read; outputs: {args.output}")
+    counts, engine = record["counts"], record["engine"]
+    on = f" on Ray ({engine['workers']} worker(s) x {engine['cpus_per_worker']:g} CPU(s))" \
+        if engine.get("cpus_per_worker") else ""
+    print(f"{counts['inputs']} image(s): {counts['done']} predicted{on}, {counts['skipped']} "
+          f"done before, {counts['failed']} could not be read; outputs: {args.output}")
     return 1 if counts["failed"] else 0
 
 
@@ -236,9 +233,8 @@ def serve(args):
     else:
         backend = describe_predictor(args.artifacts, backend=args.backend,
                                      precision=args.precision, here=False).backend
-    cpus, load = _loader(args, args.cpus_per_replica, args.replicas, backend)
-    run_server(load, args.host, args.port, args.replicas, cpus, address, args.max_bytes,
-               args.max_batch_size)
+    run_server(_loader(args, backend), args.host, args.port, args.replicas,
+               args.cpus_per_replica, address, args.max_bytes, args.max_batch_size)
     return 0
 
 
@@ -285,8 +281,8 @@ def get_parser():
                    "address")
     p.add_argument("--workers", type=int, default=1, help="--ray: actors (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="--ray: CPUs each actor reserves and its threads (default: this "
-                   "machine's cores / workers)")
+                   help="--ray: CPUs each actor reserves and its threads (default: the "
+                   "Ray cluster's CPUs / workers, at most one node's)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
@@ -299,8 +295,8 @@ def get_parser():
     add_predictor_arguments(p)
     p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=None,
-                   help="CPUs each replica reserves and its threads (default: cores / "
-                   "replicas)")
+                   help="CPUs each replica reserves and its threads (default: the Ray "
+                   "cluster's CPUs / replicas, at most one node's)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="a running Ray cluster ('auto' or its address); default: a local one")
     p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,

@@ -245,7 +245,7 @@ def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
         alone.session.get_session_options().get_session_config_entry(key)
     # what serve loads in each replica (predict --ray's actors: the two-node test below)
     args = get_parser().parse_args(["serve", run])
-    assert _loader(args, None, 2, "onnxruntime")[1].keywords["spin"] is False
+    assert _loader(args, "onnxruntime").keywords["spin"] is False
 
 
 def _tail(f):
@@ -323,9 +323,11 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     torch). One actor's worker process SIGKILLs itself at its second image (fault injection,
     tests/scripts/ray_fault.py): Ray restarts it and retries, and every image has one output,
     equal to this machine's predictor's. Then the driver of a second job is SIGKILLed after
-    its first output: the same command again predicts only the rest. A job and ``serve`` with
-    ``--device cuda`` (the driver leaves the device to the nodes, which have no CUDA here) end
-    in one sentence naming the node, nothing predicted. The two nodes are stopped at the end.
+    its first output: the same command again predicts only the rest. A job with the bundle at
+    an S3 URL and no ``--cpus-per-worker``: its driver reads only the manifest, and its worker
+    reserves one node's CPU, not the driver's two. A job and ``serve`` with ``--device cuda``
+    (the driver leaves the device to the nodes, which have no CUDA here) end in one sentence
+    naming the node, nothing predicted. The two nodes are stopped at the end.
     """
     import subprocess
     import sys
@@ -372,6 +374,16 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                 if now != before:
                     before, quiet = now, time.monotonic()
             rerun = run_tool(*again, env=env, timeout=240, fresh=True)
+            # the bundle at a URL, no CPUs given: the driver reads its manifest alone (a node
+            # downloads it), and the worker reserves what a node has, not the driver's two
+            # cores (which no node has: the job waited for one)
+            fs.put(os.path.join(str(run), "export"), f"{BUCKET}/two/bundle", recursive=True)
+            driver_cache = source.parent / "driver-cache"
+            by_url = run_tool("-m", "d2persist", "predict", f"s3://{BUCKET}/two/images/",
+                              "--artifacts", f"s3://{BUCKET}/two/bundle", "--output",
+                              f"s3://{BUCKET}/two/url", "--ray", f"127.0.0.1:{port}",
+                              "--backend", "onnxruntime", timeout=240,
+                              env=dict(env, D2PERSIST_CACHE=str(driver_cache)))
             # a cluster's driver leaves the device to the nodes: one that cannot give it
             # ends the job in one sentence naming it (ONNX Runtime's CPU build: no CUDA)
             refused = run_tool("-m", "d2persist", "predict", f"s3://{BUCKET}/two/images/",
@@ -380,14 +392,18 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                                "--cpus-per-worker", 1, "--backend", "onnxruntime",
                                "--device", "cuda", env=env, timeout=240)
             # and serve's replicas alike, Serve's start given up
+            # (the replica's CPUs as the worker's above: the cluster's share, one node's)
             unserved = run_tool("-m", "d2persist", "serve", run, "--ray", f"127.0.0.1:{port}",
-                                "--port", free_port(), "--cpus-per-replica", 1, "--backend",
-                                "onnxruntime", "--device", "cuda", env=env, timeout=240)
+                                "--port", free_port(), "--backend", "onnxruntime",
+                                "--device", "cuda", env=env, timeout=240)
         assert res.returncode == 0, res.stderr[-4000:]
         said = json.loads(res.stdout.strip().splitlines()[-1])
         assert said["engine"] == {"address": f"127.0.0.1:{port}", "workers": 2,
-                                  "cpus_per_worker": 1.0, "threads": 1, "spin": False}
-        assert marker.is_file()  # a worker was killed
+                                  "cpus_per_worker": 1.0, "spin": False}
+        assert said["record"]["engine"] == {"name": "ray", "address": f"127.0.0.1:{port}",
+                                            "workers": 2, "cpus_per_worker": 1.0,
+                                            "gpus_per_worker": 0.0}
+        assert marker.read_text().endswith(" threads=1")  # a worker, loaded so, was killed
         assert said["record"]["counts"] == {"inputs": 5, "done": 4, "skipped": 0, "failed": 1}
         fs.invalidate_cache()
         outputs = sorted(p[len(f"{BUCKET}/two/preds/"):] for p in fs.find(f"{BUCKET}/two/preds"))
@@ -412,6 +428,12 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
             assert fs.info(f"{BUCKET}/two/again/{rel}.json")["LastModified"] == before[rel]
         for rel in ("a/0.png", "a/1.png", "a/2.png", "b/3.jpg"):
             assert fs.cat_file(f"{BUCKET}/two/again/{rel}.json") == fs.cat_file(
+                f"{BUCKET}/two/preds/{rel}.json")
+        assert by_url.returncode == 1, by_url.stderr[-3000:]  # (b/bad.png)
+        assert "4 predicted on Ray (1 worker(s) x 1 CPU(s))" in by_url.stdout, by_url.stdout
+        assert not (driver_cache / "bundles").exists()  # (the nodes' cache has it)
+        for rel in images:
+            assert fs.cat_file(f"{BUCKET}/two/url/{rel}.json") == fs.cat_file(
                 f"{BUCKET}/two/preds/{rel}.json")
         import onnxruntime
 

@@ -37,7 +37,7 @@ from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from .images import check_image_bytes, encode_png
 from .infer import IMAGE_EXTENSIONS, json_text
-from .serve import check_ray_nodes, refusal_on_node
+from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
 
@@ -292,7 +292,9 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
 
     Returns:
         dict: the job record written to ``dst/job.json``: identity, ``src``, ``counts``
-        (``inputs``, ``done`` by this run, ``skipped`` as done before, ``failed``), versions.
+        (``inputs``, ``done`` by this run, ``skipped`` as done before, ``failed``), the
+        ``engine`` of this run (``{"name": "here"}``, or Ray's address and what each worker
+        reserved), versions.
 
     Raises:
         InputImageError: ``src`` holds no image.
@@ -314,10 +316,13 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
     for path, rel in source.missing:  # listed, and not there
         shown = path if source.local else source.fs.unstrip_protocol(path)
         counts[job._failed(rel, shown, f"Image {shown} does not exist.")] += 1
+    engine: Dict[str, Any] = {"name": "here"}
     if ray is not None:
         for status, n in ray.run(source, todo, dst, min_score, pictures,
                                  failed_before).items():
             counts[status] += n
+        engine = dict(name="ray", address=ray.address or "local", workers=ray.workers,
+                      **ray.reserved)
     else:
         meta = predictor.visualizer_metadata() if pictures else None
         items: Iterable[Tuple[str, str]] = todo
@@ -333,7 +338,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
                     out.sync()
         finally:
             out.sync()  # what is written is done, even where the job stops here
-    record = dict(identity, counts=counts,
+    record = dict(identity, counts=counts, engine=engine,
                   versions=software_versions(imported=("torch", "detectron2", "onnxruntime")),
                   finished=datetime.datetime.now(datetime.timezone.utc).isoformat())
     out.sync()
@@ -351,19 +356,20 @@ _REFUSED = "refused"
 class _RayPredict:
     """
     Ray Data's callable class (``map_batches``): one predictor per actor, loaded once by
-    ``load`` (the bundle downloaded and verified once per node, through the cache).
+    ``load`` with ``threads`` (the bundle downloaded and verified once per node, through the
+    cache).
     """
 
-    def __init__(self, load: Callable[[], Any], dst: str, base: str, protocol: Optional[str],
+    def __init__(self, load: Callable[..., Any], dst: str, base: str, protocol: Optional[str],
                  min_score: float, pictures: bool, threads: int,
                  failed_before: Iterable[str] = ()) -> None:
         self.refused = ""
         try:
-            self.predictor = load()
+            self.predictor = load(threads=threads)
         except (D2PersistError, ImportError) as e:  # this node cannot (no GPU, no onnxruntime):
             self.refused = refusal_on_node(e)  # said by each call's rows, which end the job
             return
-        if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``'s)
+        if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``)
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
         self.job = _Job(dst, min_score, pictures, failed_before)
@@ -454,22 +460,27 @@ class RayEngine:
 
     Attributes:
         load: a picklable callable returning a predictor (e.g. a ``functools.partial`` of
-            :func:`d2persist.load_predictor`), called once in each actor.
+            :func:`d2persist.load_predictor`), called once in each actor with ``threads``, as
+            many as the actor's CPUs.
         address (str or None): a running cluster's address ("auto": the one this machine
             belongs to); None starts a local one for the job.
         workers (int): actors.
-        cpus_per_worker (float): CPUs each actor reserves.
+        cpus_per_worker (float or None): CPUs each actor reserves; None: the cluster's share
+            (:func:`~d2persist.predict.ray_nodes.cpus_per_copy`).
         gpus_per_worker (float): GPUs each actor reserves (PyTorch on GPUs).
         batch_size (int): images per call of an actor (each still predicted and written on
             its own): fewer calls, less of Ray's per-call cost; a retry redoes at most one.
+        reserved (dict): what each actor of the last :meth:`run` reserved
+            (``cpus_per_worker``, ``gpus_per_worker``); empty before one ran actors.
     """
 
-    load: Callable[[], Any]
+    load: Callable[..., Any]
     address: Optional[str] = None
     workers: int = 1
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: Optional[float] = None
     gpus_per_worker: float = 0.0
     batch_size: int = 8
+    reserved: Dict[str, float] = field(default_factory=dict, init=False)
 
     def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
             pictures: bool, failed_before: Iterable[str] = ()) -> Dict[str, int]:
@@ -482,18 +493,15 @@ class RayEngine:
         if not todo:
             return {}
         if ray.is_initialized():  # the caller's Ray, and its signal handling
-            check_ray_nodes(ray, "A worker", self.cpus_per_worker, self.gpus_per_worker,
-                            started=False)
-            return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
+            return self._run(ray, source, todo, dst, min_score, pictures, failed_before, False)
         stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
         try:
             # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
             ray.init(address=self.address or "local", include_dashboard=False,
                      log_to_driver=False, configure_logging=False)
             stops.take()
-            check_ray_nodes(ray, "A worker", self.cpus_per_worker, self.gpus_per_worker,
-                            started=self.address is None)
-            return self._run(ray, source, todo, dst, min_score, pictures, failed_before)
+            return self._run(ray, source, todo, dst, min_score, pictures, failed_before,
+                             self.address is None)
         finally:
             stops.unwind()
             try:
@@ -501,7 +509,10 @@ class RayEngine:
             finally:
                 stops.restore()
 
-    def _run(self, ray, source, todo, dst, min_score, pictures, failed_before):
+    def _run(self, ray, source, todo, dst, min_score, pictures, failed_before, started):
+        cpus = self.cpus_per_worker or cpus_per_copy(ray, self.workers)
+        check_ray_nodes(ray, "A worker", cpus, self.gpus_per_worker, started=started)
+        self.reserved = {"cpus_per_worker": cpus, "gpus_per_worker": self.gpus_per_worker}
         filesystem, protocol = None, None
         if not source.local:
             from pyarrow.fs import FSSpecHandler, PyFileSystem
@@ -518,9 +529,9 @@ class RayEngine:
         ds = ds.map_batches(
             _RayPredict, batch_size=self.batch_size,
             fn_constructor_args=(self.load, dst, base, protocol, min_score, pictures,
-                                 max(1, int(self.cpus_per_worker)), sorted(failed_before)),
+                                 max(1, int(cpus)), sorted(failed_before)),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
-            num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker or None)
+            num_cpus=cpus, num_gpus=self.gpus_per_worker or None)
         counts: Dict[str, int] = {}
         for row in ds.iter_rows():
             if row["status"] == _REFUSED:  # nothing written for it: a rerun predicts it

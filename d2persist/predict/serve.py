@@ -27,9 +27,10 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from ..errors import D2PersistError, InputImageError
 from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_bytes
+from .ray_nodes import REFUSED_ON_NODE, check_ray_nodes, cpus_per_copy, refusal_on_node
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
-           "health_of", "refusal_on_node", "check_ray_nodes"]
+           "health_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +62,12 @@ def multipart_file(body: bytes, content_type: str) -> Tuple[bytes, Optional[str]
 class Endpoint:
     """
     What a Ray Serve replica runs (wrapped by :func:`deployment`): one predictor, loaded once
-    by ``load``, and its answers.
+    by ``load`` (called with ``threads``, the replica's share of the cores), and its answers.
     """
 
-    def __init__(self, load: Callable[[], Any], max_bytes: int = MAX_IMAGE_BYTES) -> None:
-        self.predictor = load()
+    def __init__(self, load: Callable[..., Any], max_bytes: int = MAX_IMAGE_BYTES,
+                 threads: int = 1) -> None:
+        self.predictor = load(threads=threads)
         self.max_bytes = max_bytes
         self.health = health_of(self.predictor)
 
@@ -134,11 +136,12 @@ def health_of(predictor: Any) -> Dict[str, Any]:
     return health
 
 
-def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: float = 1.0,
+def deployment(load: Callable[..., Any], replicas: int = 1, cpus_per_replica: float = 1.0,
                max_batch_size: int = 8, max_bytes: int = MAX_IMAGE_BYTES) -> Any:
     """
     The Ray Serve application: :class:`Endpoint` behind ``@serve.deployment`` with requests
-    batched by ``@serve.batch`` (up to ``max_batch_size`` of those waiting; none waits for more).
+    batched by ``@serve.batch`` (up to ``max_batch_size`` of those waiting; none waits for more);
+    each replica reserves ``cpus_per_replica`` and loads with as many threads.
     """
     from ray import serve
     from starlette.requests import Request
@@ -148,9 +151,9 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
                       max_ongoing_requests=max(5, max_batch_size))
     class D2PersistEndpoint:
-        def __init__(self, load, max_bytes):
+        def __init__(self, load, max_bytes, threads):
             try:
-                self.endpoint = Endpoint(load, max_bytes)
+                self.endpoint = Endpoint(load, max_bytes, threads)
             except (D2PersistError, ImportError) as e:  # said by run_server (Serve's status)
                 raise D2PersistError(refusal_on_node(e)) from None
 
@@ -174,17 +177,21 @@ def deployment(load: Callable[[], Any], replicas: int = 1, cpus_per_replica: flo
                 status, answer = await self.predict(item)
             return JSONResponse(answer, status_code=status)
 
-    return D2PersistEndpoint.bind(load, max_bytes)  # type: ignore[attr-defined]
+    return D2PersistEndpoint.bind(  # type: ignore[attr-defined]
+        load, max_bytes, max(1, int(cpus_per_replica)))
 
 
-def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 8000,
-               replicas: int = 1, cpus_per_replica: float = 1.0, address: Optional[str] = None,
-               max_bytes: int = MAX_IMAGE_BYTES, max_batch_size: int = 8) -> None:
+def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 8000,
+               replicas: int = 1, cpus_per_replica: Optional[float] = None,
+               address: Optional[str] = None, max_bytes: int = MAX_IMAGE_BYTES,
+               max_batch_size: int = 8) -> None:
     """
     Serve until SIGINT or SIGTERM: Ray (a local cluster, or the one at ``address``), Ray
     Serve's HTTP proxy on ``host:port``, the application of :func:`deployment`; all stopped
     on the way out. A signal while the application is still starting stops the start (the
-    proxy may answer before ``serve.run`` returns).
+    proxy may answer before ``serve.run`` returns). ``cpus_per_replica`` None: the cluster's
+    share (:func:`~d2persist.predict.ray_nodes.cpus_per_copy`). ``load`` is called in each
+    replica with ``threads``, as many as its CPUs.
     """
     import signal
     import threading
@@ -207,14 +214,15 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
     ended_before = _ended_ray_processes()
     try:
         try:
-            check_ray_nodes(ray, "A replica", cpus_per_replica, started=address is None)
+            cpus = cpus_per_replica or cpus_per_copy(ray, replicas)
+            check_ray_nodes(ray, "A replica", cpus, started=address is None)
             # ours from here: ray.init installed its own (a C++ handler that aborts the process)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
             serve.start(http_options={"host": host, "port": port})
             try:
-                serve.run(deployment(load, replicas, cpus_per_replica, max_batch_size,
-                                     max_bytes), name=APP_NAME, route_prefix="/")
+                serve.run(deployment(load, replicas, cpus, max_batch_size, max_bytes),
+                          name=APP_NAME, route_prefix="/")
             except RuntimeError:  # Serve gave up starting the replicas: why, in one sentence
                 refusal = _replica_refusal()
                 if refusal is None:
@@ -222,8 +230,8 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
                 raise D2PersistError(refusal) from None
             serving = True
             if not stop.is_set():
-                print(f"serving on http://{host}:{port} (POST /predict, GET /healthz); "
-                      "Ctrl-C stops", flush=True)
+                print(f"serving on http://{host}:{port} (POST /predict, GET /healthz), "
+                      f"{replicas} replica(s) x {cpus:g} CPU(s); Ctrl-C stops", flush=True)
         except KeyboardInterrupt:
             if not stop.is_set():  # Python's own: a Ctrl-C before ours was in place
                 raise
@@ -236,61 +244,6 @@ def run_server(load: Callable[[], Any], host: str = "127.0.0.1", port: int = 800
             ray.shutdown()
 
 
-#: how :func:`refusal_on_node`'s sentences start
-_REFUSED_ON_NODE = "On Ray's node "
-
-
-def refusal_on_node(error: BaseException) -> str:
-    """
-    The sentence of a Ray actor or replica whose node cannot load the predictor: ``error``'s,
-    after the node's address in the cluster (else its id), as ``On Ray's node ADDR: ...``.
-    """
-    import ray
-
-    here = ray.get_runtime_context().get_node_id()
-    node = next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
-    return f"{_REFUSED_ON_NODE}{node}: {error}"
-
-
-def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
-                    started: bool = True) -> None:
-    """
-    Whether one node of the Ray cluster has the CPUs and GPUs that one actor asks for. Where
-    Ray was started for the job (this machine, which cannot grow), a request no node can hold
-    is refused in one sentence (Ray would wait for it forever); on a running cluster it is a
-    warning (an autoscaler may add such a node).
-
-    Args:
-        ray: the ``ray`` module, initialized.
-        who (str): the actor, in words ("A worker", "A replica").
-        cpus (float): the CPUs it asks for.
-        gpus (float): the GPUs it asks for.
-        started (bool): whether this Ray was started for the job, here.
-
-    Raises:
-        D2PersistError: ``started``, and no node has them.
-    """
-    nodes = [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
-    wants = {"CPU": float(cpus), "GPU": float(gpus or 0.0)}
-    if any(all(n.get(k, 0.0) >= v for k, v in wants.items()) for n in nodes):
-        return
-    largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in wants}
-    words = {k: f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in wants.items()}
-    short = [k for k, v in wants.items() if v > largest[k]]
-    if short and started:
-        sentence = (f"{who} asks for {words[short[0]]}, and the Ray started for it on this "
-                    f"machine has {largest[short[0]]:g}.")
-    elif short:
-        sentence = (f"{who} asks for {words[short[0]]}, and no node of the Ray cluster has "
-                    f"that many now (the most: {largest[short[0]]:g}).")
-    else:
-        sentence = (f"{who} asks for {words['CPU']} and {words['GPU']}, and no node of the "
-                    "Ray cluster has both now.")
-    if started:
-        raise D2PersistError(sentence)
-    logger.warning("%s It waits until one has.", sentence)
-
-
 def _replica_refusal() -> Optional[str]:
     """
     The sentence of a replica that could not load the predictor (no GPU, no onnxruntime-gpu
@@ -300,7 +253,7 @@ def _replica_refusal() -> Optional[str]:
 
     app = serve.status().applications.get(APP_NAME)
     for state in app.deployments.values() if app else ():
-        line = rf"^d2persist\.errors\.D2PersistError: ({re.escape(_REFUSED_ON_NODE)}.+)$"
+        line = rf"^d2persist\.errors\.D2PersistError: ({re.escape(REFUSED_ON_NODE)}.+)$"
         found = re.findall(line, state.message or "", re.M)
         if found:
             return found[-1]

@@ -1,7 +1,8 @@
 """
 Fault injection for ``d2persist predict --ray``: a predictor loader for Ray actors whose
-predictor SIGKILLs its own worker process at its second image, once per ``marker`` file, and
-optionally takes its time over each image (so that a test can kill the driver mid-job).
+predictor SIGKILLs its own worker process at its second image, once per ``marker`` file (which
+says the process and the threads it was loaded with), and optionally takes its time over each
+image (so that a test can kill the driver mid-job).
 """
 
 import os
@@ -10,10 +11,11 @@ import time
 
 
 class _Dying:
-    def __init__(self, predictor, marker, seconds=0.0):
+    def __init__(self, predictor, marker, seconds=0.0, threads=None):
         self._predictor = predictor
         self._marker = marker
         self._seconds = seconds
+        self._threads = threads
         self._calls = 0
 
     def __getattr__(self, name):
@@ -23,7 +25,7 @@ class _Dying:
         self._calls += 1
         if self._calls == 2 and not os.path.exists(self._marker):
             with open(self._marker, "w") as f:
-                f.write(str(os.getpid()))
+                f.write(f"{os.getpid()} threads={self._threads}")
             os.kill(os.getpid(), signal.SIGKILL)  # a worker lost mid-job
         time.sleep(self._seconds)
         return self._predictor(image)
@@ -36,7 +38,7 @@ def load(artifacts, marker, seconds=0.0, **kwargs):
     """
     from d2persist import load_predictor
 
-    return _Dying(load_predictor(artifacts, **kwargs), marker, seconds)
+    return _Dying(load_predictor(artifacts, **kwargs), marker, seconds, kwargs.get("threads"))
 
 
 def main(argv):
@@ -61,8 +63,7 @@ def main(argv):
     predictor = describe_predictor(run, backend=backend)  # as the command, the model not built
     engine = _ray_engine(args, predictor.backend)  # the command's engine
     settings = {"address": engine.address, "workers": engine.workers,
-                "cpus_per_worker": engine.cpus_per_worker,
-                "threads": engine.load.keywords["threads"], "spin": engine.load.keywords["spin"]}
+                "cpus_per_worker": engine.cpus_per_worker, "spin": engine.load.keywords["spin"]}
     engine.load = functools.partial(load, run, marker, float(seconds[0]) if seconds else 0.0,
                                     **engine.load.keywords)
     import ray

@@ -34,6 +34,7 @@ LAYERS = {
     "predict.outputs": 9,
     "predict.rebuild": 9,
     "predict.evaluate": 9,
+    "predict.ray_nodes": 9,
     "predict.onnx_predictor": 10,
     "predict.predictor": 10,
     "predict.infer": 10,

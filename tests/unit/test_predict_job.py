@@ -81,8 +81,10 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     (dst / "a.png.error.json").write_text("{}")
     synced = mocker.spy(batch, "fsync_dir")
     threads = torch.get_num_threads()  # the actor sets torch's threads: this process's stay
-    actor = _RayPredict(_Decoder, str(dst), str(src), None, 0.5, False, threads,
-                        failed_before=["a.png"])
+    loaded = []  # the threads each load was given: the actor's share of the cores
+    actor = _RayPredict(lambda threads: loaded.append(threads) or _Decoder(), str(dst),
+                        str(src), None, 0.5, False, threads, failed_before=["a.png"])
+    assert loaded == [threads]
     paths = [str(src / n) for n in ("a.png", "b.jpg")]
     out = actor({"bytes": [(src / n).read_bytes() for n in ("a.png", "b.jpg")], "path": paths})
     assert list(out["status"]) == ["skipped", "done"]

@@ -1,6 +1,7 @@
 """
-``check_ray_nodes``: whether one node of a Ray cluster can hold an actor's request, read from
-``ray.nodes()`` records as Ray gives them (a stand-in module: no Ray started).
+``check_ray_nodes``: whether one node of a Ray cluster can hold an actor's request, and
+``cpus_per_copy``: what an actor reserves by default, read from ``ray.nodes()`` records as Ray
+gives them (a stand-in module: no Ray started).
 """
 
 import logging
@@ -8,7 +9,7 @@ import logging
 import pytest
 
 from d2persist import D2PersistError
-from d2persist.predict.serve import check_ray_nodes
+from d2persist.predict.ray_nodes import check_ray_nodes, cpus_per_copy
 
 
 class _Ray:
@@ -49,3 +50,18 @@ def test_a_running_cluster_warns_and_needs_both_on_one_node(caplog):
         "It waits until one has.",
         "A worker asks for 2 GPUs, and no node of the Ray cluster has that many now (the "
         "most: 1). It waits until one has."]
+
+
+def test_each_copy_gets_the_clusters_cpus_shared_at_most_one_nodes():
+    """
+    The default share is the cluster's, not the driver's: a small head node drives big
+    workers with their cores, and a driver bigger than every node asks for no more than one.
+    """
+    assert cpus_per_copy(_Ray({"CPU": 2.0}), 1) == 2.0  # a Ray started here: its cores
+    assert cpus_per_copy(_Ray({"CPU": 2.0}), 2) == 1.0
+    assert cpus_per_copy(_Ray({"CPU": 2.0}), 3) == 1.0  # at least one
+    cluster = _Ray({"CPU": 0.0}, {"CPU": 16.0}, {"CPU": 16.0}, dead=[{"CPU": 64.0}])
+    assert cpus_per_copy(cluster, 4) == 8.0
+    assert cpus_per_copy(cluster, 1) == 16.0  # one node's
+    assert cpus_per_copy(_Ray({"CPU": 1.0}, {"CPU": 1.0}), 1) == 1.0
+    assert cpus_per_copy(_Ray({"GPU": 1.0}), 2) == 1.0  # no CPUs yet (an autoscaler's)
