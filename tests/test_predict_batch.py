@@ -199,6 +199,26 @@ def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, 
                 predictor.sha256, predictor.backend, predictor.precision, predictor.weights)
         with pytest.raises(AssertionError, match="download"):  # (here: downloaded to load)
             describe_predictor(url, backend="onnxruntime")
+        # what the nodes would refuse, refused here before Ray starts, in one sentence
+        fs = fsspec.filesystem("s3")
+        manifest = json.loads(fs.cat_file(f"{BUCKET}/described/manifest.json"))
+        fs.rm_file(f"{BUCKET}/described/model.onnx")  # (an upload cut short)
+        with pytest.raises(D2PersistError, match=r"^Bundle file s3://\S+/model.onnx named in "
+                                                 r"manifest.json is missing\.$"):
+            describe_predictor(url, backend="pytorch", here=False)
+        for key, value, said in [
+                ("sha256", None, r"gives model.safetensors no sha256: the bundle cannot be "
+                                 r"verified\.$"),
+                ("config_extensions", ["os:system"], r"os:system")]:
+            changed = json.loads(json.dumps(manifest))
+            del changed["files"]["model.onnx"]
+            if key == "sha256":
+                del changed["files"]["model.safetensors"]["sha256"]
+            else:
+                changed[key] = value
+            fs.pipe_file(f"{BUCKET}/described/manifest.json", json.dumps(changed).encode())
+            with pytest.raises(D2PersistError, match=said):
+                describe_predictor(url, backend="pytorch", here=False)
     assert download.call_count == 1
 
 

@@ -90,8 +90,12 @@ def _bundle_file(folder, name):
 
 
 def _bundle_file_problem(folder: _Folder, name: str, entry: dict,
-                         digest: Optional[str] = None) -> Optional[Problem]:
-    """Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does)."""
+                         digest: Optional[str] = None, hashed: bool = True
+                         ) -> Optional[Problem]:
+    """
+    Why the bundle file ``name`` does not match its manifest ``entry`` (None if it does); with
+    ``hashed`` False, by presence and size alone.
+    """
     sub, base, where = _bundle_file(folder, name)
     st = sub.stat(base)
     if st is None:
@@ -99,7 +103,7 @@ def _bundle_file_problem(folder: _Folder, name: str, entry: dict,
     if st[0] != entry.get("size"):
         return Problem(where, DAMAGED, f"Bundle file {where} has {st[0]} bytes, the manifest says "
                                        f"{entry.get('size')}.")
-    if (digest or sub.sha256(base)) != entry.get("sha256"):
+    if hashed and (digest or sub.sha256(base)) != entry.get("sha256"):
         return Problem(where, DAMAGED,
                        f"Bundle file {where} does not match its sha256 in the manifest.")
     return None

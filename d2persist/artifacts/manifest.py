@@ -91,7 +91,7 @@ def _reading_bundle(url: str) -> Iterator[None]:
     except D2PersistError as e:
         raise ArtifactError(str(e)) from None
     except (ValueError, OSError) as e:
-        raise ArtifactError(f"Cannot download the bundle at {url} ({type(e).__name__}: {e}).") \
+        raise ArtifactError(f"Cannot read the bundle at {url} ({type(e).__name__}: {e}).") \
             from None
 
 
@@ -113,18 +113,24 @@ def _remote_bundle(url: str) -> Tuple[str, Any, bytes, dict]:
     return bundle_url, bundle, text, manifest
 
 
-def remote_manifest(url: str) -> dict:
+def remote_manifest(url: str) -> Tuple[str, dict]:
     """
-    The manifest of the complete bundle at the fsspec URL ``url`` (as :func:`local_bundle`
-    takes), format checked; the bundle's files neither downloaded nor hashed (a Ray job's
-    driver describes what its nodes download).
+    ``(bundle URL, manifest)`` of the complete bundle at the fsspec URL ``url`` (as
+    :func:`local_bundle` takes), format checked, each of its files there at the size the
+    manifest gives; none downloaded or hashed (a Ray job's driver describes what its nodes
+    download and verify).
 
     Raises:
-        ArtifactError: nothing at the URL holds a complete bundle, or it cannot be read.
+        ArtifactError: nothing at the URL holds a complete bundle, a file is missing or of
+            another size, or it cannot be read.
     """
     url = url.rstrip("/")
     with _reading_bundle(url):
-        return _remote_bundle(url)[3]
+        bundle_url, bundle, _, manifest = _remote_bundle(url)
+        problems = bundle.bundle_size_problems(manifest)
+        if problems:
+            raise ArtifactError(problems[0].sentence)
+        return bundle_url, manifest
 
 
 def local_bundle(path: str) -> str:

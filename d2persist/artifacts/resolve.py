@@ -27,7 +27,7 @@ from .checkpoints import read_sidecar
 from .manifest import bundle_source, evaluation_problem, metadata_from_json
 from .view import find_newest_valid, list_checkpoints
 
-__all__ = ["Artifacts", "resolve_artifacts"]
+__all__ = ["Artifacts", "resolve_artifacts", "safe_extensions"]
 
 
 @dataclass
@@ -72,7 +72,14 @@ class Artifacts:
         return self.sha256 or read_sidecar(self.weights_path) or sha256_file(self.weights_path)
 
 
-def _extensions(names, where):
+def safe_extensions(names: Optional[List[str]], where: str) -> List[str]:
+    """
+    The config extensions an artifact names (``PERSIST.CONFIG_EXTENSIONS``), refused unless
+    each is ``module:add_*config`` (a predictor imports and calls them).
+
+    Raises:
+        UnsafeArtifactError: naming ``where`` (the file that lists them) and the bad entry.
+    """
     try:
         return check_extension_names(names or [])
     except D2PersistError as e:
@@ -101,7 +108,7 @@ def _from_export(folder):
         resolve_inside(folder, manifest["weights"]),
         metadata_from_json(manifest.get("metadata") or {}),
         manifest.get("iteration"),
-        _extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
+        safe_extensions(manifest.get("config_extensions"), os.path.join(folder, MANIFEST_NAME)),
         bundle_source(manifest),
         evaluation_problem(manifest, PYTORCH.backend) or "",
         manifest.get("evaluation"),
@@ -114,8 +121,8 @@ def _from_checkpoint(folder):
     if not os.path.isfile(config_path):
         raise ArtifactError(f"{folder} has checkpoints but no {CONFIG_NAME} to rebuild the model.")
     config = safe_yaml_load(config_path)
-    extensions = _extensions(persist_options_of_run(folder).get("CONFIG_EXTENSIONS"),
-                             os.path.join(folder, PERSIST_FILE))
+    extensions = safe_extensions(persist_options_of_run(folder).get("CONFIG_EXTENSIONS"),
+                                 os.path.join(folder, PERSIST_FILE))
     weights = find_newest_valid(folder)
     if weights is None:
         raise ArtifactError(f"No checkpoint in {folder} verifies (all are truncated or corrupt).")

@@ -362,6 +362,19 @@ class RunView:
             raise ArtifactError(f"{self.path} has no export bundle.")
         return _parse_manifest(folder, folder.read(MANIFEST_NAME))
 
+    def bundle_size_problems(self, manifest: Optional[dict] = None) -> List[Problem]:
+        """
+        The bundle's files that are missing or not of the size its manifest gives (nothing
+        hashed or downloaded: what a bundle at a URL is checked by before its nodes download
+        it). ``manifest``: the bundle's, if already read.
+        """
+        folder = self._export_folder()
+        if folder is None:
+            raise ArtifactError(f"{self.path} has no export bundle.")
+        files = (manifest or self.manifest())["files"]
+        found = (_bundle_file_problem(folder, n, e, hashed=False) for n, e in files.items())
+        return [p for p in found if p is not None]
+
     def export(self) -> Optional[dict]:
         """
         The bundle's summary: ``folder``, ``complete``, ``formats``, ``source``, ``iteration``,

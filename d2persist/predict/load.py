@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 from ..artifacts.manifest import (
     bundle_source, describe_source, evaluation_problem, local_bundle, remote_manifest,
 )
-from ..artifacts.resolve import resolve_artifacts
-from ..errors import D2PersistError
+from ..artifacts.resolve import resolve_artifacts, safe_extensions
+from ..errors import ArtifactError, D2PersistError
 from ..files.mirror import is_url
-from ..layout import BACKENDS, ONNX, ONNX_INT8, PRECISIONS, PYTORCH, onnx_model
+from ..layout import BACKENDS, MANIFEST_NAME, ONNX, ONNX_INT8, PRECISIONS, PYTORCH, onnx_model
 
 if TYPE_CHECKING:
     from .onnx_predictor import OnnxPredictor
@@ -116,7 +116,8 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
 
     path, backend = _artifacts_and_backend(path, backend, precision, here)
     if is_url(path):  # (not here) what the nodes download, by its manifest
-        spec = _spec_of_bundle(remote_manifest(path), backend, precision, path, path)
+        bundle, manifest = remote_manifest(path)
+        spec = _spec_of_bundle(manifest, backend, precision, bundle, path)
     elif backend == ONNX.backend:
         bundle, _, manifest = bundle_onnx_model(path, precision)  # its file checked
         spec = _spec_of_bundle(manifest, backend, precision, bundle, path)
@@ -131,18 +132,26 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
 
 def _spec_of_bundle(manifest: dict, backend: str, precision: str, bundle: str, path: str
                     ) -> PredictorSpec:
-    """:func:`describe_predictor` of the bundle at ``bundle`` from its manifest alone."""
+    """
+    :func:`describe_predictor` of the bundle at ``bundle`` from its manifest alone (``path``:
+    the artifacts as given).
+    """
     from .onnx_predictor import onnx_model_file, onnx_weights_words
 
+    where = f"{bundle.rstrip('/')}/{MANIFEST_NAME}"
     if backend == ONNX.backend:
         name = onnx_model_file(manifest, precision, bundle, path)
-        return PredictorSpec(backend, precision, manifest["files"][name].get("sha256") or "",
-                             onnx_weights_words(manifest, name),
-                             evaluation_problem(manifest, onnx_model(precision).backend) or "")
-    return PredictorSpec(backend, PYTORCH.precision,
-                         manifest["files"][manifest["weights"]].get("sha256") or "",
-                         describe_source(bundle_source(manifest)),
-                         evaluation_problem(manifest, PYTORCH.backend) or "")
+        words = onnx_weights_words(manifest, name)
+        problem = evaluation_problem(manifest, onnx_model(precision).backend)
+    else:
+        safe_extensions(manifest.get("config_extensions"), where)  # what a node would import
+        name, precision = manifest["weights"], PYTORCH.precision
+        words = describe_source(bundle_source(manifest))
+        problem = evaluation_problem(manifest, PYTORCH.backend)
+    sha256 = manifest["files"][name].get("sha256")
+    if not isinstance(sha256, str) or not sha256:
+        raise ArtifactError(f"{where} gives {name} no sha256: the bundle cannot be verified.")
+    return PredictorSpec(backend, precision, sha256, words, problem or "")
 
 
 def check_device(backend: str, device: Optional[str]) -> None:

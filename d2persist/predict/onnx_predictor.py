@@ -23,6 +23,7 @@ from ..artifacts.manifest import (
 )
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path
+from ..files.mirror import is_url
 from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
 from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
@@ -498,10 +499,10 @@ def onnx_model_file(manifest: dict, precision: str, bundle: str, path: str) -> s
     entry = manifest.get(model.entry)
     if not entry or model.file not in manifest["files"]:
         why = f" (its export failed: {entry['error']})" if entry and "error" in entry else ""
-        raise ArtifactError(
-            f"The bundle {bundle} has no {model.file}{why}; add one with tools/export_model.py "
-            f"--artifacts {path} --format {model.format}."
-        )
+        hint = (f"tools/export_model.py --artifacts RUN --format {model.format} where its run "
+                "is, and upload the bundle again" if is_url(path) else
+                f"tools/export_model.py --artifacts {path} --format {model.format}")
+        raise ArtifactError(f"The bundle {bundle} has no {model.file}{why}; add one with {hint}.")
     return model.file
 
 
