@@ -186,7 +186,10 @@ def _loader(args, backend):
 
 
 def _ray_engine(args, backend):
-    """The Ray engine of ``predict --ray``: actors x threads = the cores given."""
+    """
+    The Ray engine of ``predict --ray``: each actor's threads as many as its CPUs (given, or
+    the cluster's share).
+    """
     from d2persist.predict.batch import RayEngine
 
     return RayEngine(_loader(args, backend), None if args.ray == "local" else args.ray,
@@ -281,8 +284,8 @@ def get_parser():
                    "address")
     p.add_argument("--workers", type=int, default=1, help="--ray: actors (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="--ray: CPUs each actor reserves and its threads (default: the "
-                   "Ray cluster's CPUs / workers, at most one node's)")
+                   help="--ray: CPUs each actor reserves and its threads (default: the most "
+                   "whole CPUs for which the Ray cluster's nodes hold all the workers)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
@@ -295,8 +298,8 @@ def get_parser():
     add_predictor_arguments(p)
     p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=None,
-                   help="CPUs each replica reserves and its threads (default: the Ray "
-                   "cluster's CPUs / replicas, at most one node's)")
+                   help="CPUs each replica reserves and its threads (default: the most whole "
+                   "CPUs for which the Ray cluster's nodes hold all the replicas)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="a running Ray cluster ('auto' or its address); default: a local one")
     p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,

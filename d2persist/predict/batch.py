@@ -321,8 +321,8 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
         for status, n in ray.run(source, todo, dst, min_score, pictures,
                                  failed_before).items():
             counts[status] += n
-        engine = dict(name="ray", address=ray.address or "local", workers=ray.workers,
-                      **ray.reserved)
+        engine = dict(name="ray", address=ray.address or "local", workers=ray.workers)
+        engine.update(ray.ran)  # (the address of the Ray it ran on, if it ran actors)
     else:
         meta = predictor.visualizer_metadata() if pictures else None
         items: Iterable[Tuple[str, str]] = todo
@@ -470,8 +470,9 @@ class RayEngine:
         gpus_per_worker (float): GPUs each actor reserves (PyTorch on GPUs).
         batch_size (int): images per call of an actor (each still predicted and written on
             its own): fewer calls, less of Ray's per-call cost; a retry redoes at most one.
-        reserved (dict): what each actor of the last :meth:`run` reserved
-            (``cpus_per_worker``, ``gpus_per_worker``); empty before one ran actors.
+        ran (dict): where the last :meth:`run` ran its actors (``address``: as given, else
+            the cluster's GCS address; "local" for a Ray started for it) and what each reserved
+            (``cpus_per_worker``, ``gpus_per_worker``); empty where it ran none.
     """
 
     load: Callable[..., Any]
@@ -480,7 +481,7 @@ class RayEngine:
     cpus_per_worker: Optional[float] = None
     gpus_per_worker: float = 0.0
     batch_size: int = 8
-    reserved: Dict[str, float] = field(default_factory=dict, init=False)
+    ran: Dict[str, Any] = field(default_factory=dict, init=False)
 
     def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
             pictures: bool, failed_before: Iterable[str] = ()) -> Dict[str, int]:
@@ -490,6 +491,7 @@ class RayEngine:
         """
         import ray
 
+        self.ran = {}
         if not todo:
             return {}
         if ray.is_initialized():  # the caller's Ray, and its signal handling
@@ -512,7 +514,10 @@ class RayEngine:
     def _run(self, ray, source, todo, dst, min_score, pictures, failed_before, started):
         cpus = self.cpus_per_worker or cpus_per_copy(ray, self.workers)
         check_ray_nodes(ray, "A worker", cpus, self.gpus_per_worker, started=started)
-        self.reserved = {"cpus_per_worker": cpus, "gpus_per_worker": self.gpus_per_worker}
+        address = "local" if started else self.address if self.address not in (None, "auto") \
+            else ray.get_runtime_context().gcs_address  # (the caller's Ray, or "auto"'s)
+        self.ran = {"address": address, "cpus_per_worker": cpus,
+                    "gpus_per_worker": self.gpus_per_worker}
         filesystem, protocol = None, None
         if not source.local:
             from pyarrow.fs import FSSpecHandler, PyFileSystem

@@ -77,10 +77,11 @@ def _alive(ray: Any) -> list:
 def cpus_per_copy(ray: Any, copies: int) -> float:
     """
     The CPUs each of ``copies`` actors or replicas reserves where none were given (and each
-    predictor's threads): the Ray cluster's CPUs shared by the copies, at most one node's, at
-    least one. On a Ray started for the job this is this machine's cores / ``copies``; on a
-    running cluster, its nodes' (a head node driving bigger workers gives them their cores; a
-    driver with more cores than any node asks for no more than one node has).
+    predictor's threads): the most whole CPUs for which the cluster's nodes hold all the copies
+    together, at least one. On a Ray started for the job this is this machine's cores /
+    ``copies``; on a running cluster, its nodes' (a head node driving bigger workers gives them
+    their cores; a driver with more cores than any node asks for no more than one node has; a
+    node of 4 CPUs beside one of 32 gives 2 copies 16 each, which the big node holds, not 18).
 
     Args:
         ray: the ``ray`` module, initialized.
@@ -89,5 +90,8 @@ def cpus_per_copy(ray: Any, copies: int) -> float:
     Returns:
         float
     """
-    cpus = [float(n.get("CPU", 0.0)) for n in _alive(ray)]
-    return max(1.0, min(max(cpus, default=0.0), sum(cpus) / max(1, copies)))
+    cpus = [int(n.get("CPU", 0.0)) for n in _alive(ray)]
+    for each in range(max(cpus, default=0), 1, -1):
+        if sum(c // each for c in cpus) >= copies:
+            return float(each)
+    return 1.0

@@ -55,7 +55,8 @@ def test_a_running_cluster_warns_and_needs_both_on_one_node(caplog):
 def test_each_copy_gets_the_clusters_cpus_shared_at_most_one_nodes():
     """
     The default share is the cluster's, not the driver's: a small head node drives big
-    workers with their cores, and a driver bigger than every node asks for no more than one.
+    workers with their cores, and a driver bigger than every node asks for no more than one;
+    and all the copies fit on the nodes together.
     """
     assert cpus_per_copy(_Ray({"CPU": 2.0}), 1) == 2.0  # a Ray started here: its cores
     assert cpus_per_copy(_Ray({"CPU": 2.0}), 2) == 1.0
@@ -64,4 +65,7 @@ def test_each_copy_gets_the_clusters_cpus_shared_at_most_one_nodes():
     assert cpus_per_copy(cluster, 4) == 8.0
     assert cpus_per_copy(cluster, 1) == 16.0  # one node's
     assert cpus_per_copy(_Ray({"CPU": 1.0}, {"CPU": 1.0}), 1) == 1.0
+    assert cpus_per_copy(_Ray({"CPU": 4.0}, {"CPU": 32.0}), 2) == 16.0  # both on the big one
+    assert cpus_per_copy(_Ray({"CPU": 8.0}, {"CPU": 8.0}), 3) == 4.0  # 2 + 1, not 5.33
+    assert cpus_per_copy(_Ray({"CPU": 16.0}), 3) == 5.0  # whole CPUs
     assert cpus_per_copy(_Ray({"GPU": 1.0}), 2) == 1.0  # no CPUs yet (an autoscaler's)
