@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """
 ``d2persist serve``: how many requests a batch holds. One replica of the Ray Serve application
-(:func:`d2persist.predict.serve.deployment`, ``--max-batch-size`` 8) on a local Ray, ONNX
+(:func:`d2persist.scale.serve.deployment`, ``--max-batch-size`` 8) on a local Ray, ONNX
 Runtime, its ``Endpoint.predict_many`` wrapped in the replica to log each batch's size; 64
 requests from 1, 8 and 16 concurrent clients on 127.0.0.1.
 
@@ -21,7 +21,7 @@ def _logging_loader(bundle, log):
     """A loader for the replica: the predictor, with each batch's size appended to ``log``."""
 
     def load(threads=2):
-        from d2persist.predict import serve
+        from d2persist.scale import serve
         from d2persist.predict.load import load_predictor
 
         predict_many = serve.Endpoint.predict_many
@@ -44,7 +44,7 @@ def main():
     import ray
     from ray import serve
 
-    from d2persist.predict.serve import deployment
+    from d2persist.scale.serve import deployment
 
     print(f"machine: {machine()}")
     log = os.path.join(tempfile.mkdtemp(prefix="d2persist-bench-"), "batches.txt")

@@ -3,11 +3,11 @@ d2persist: make a detectron2 training run persist everything needed to resume it
 with it later, and make prediction from those artifacts give exactly what evaluation gave.
 
 The public API is re-exported here, from the subpackages that define it: ``files`` (how bytes
-travel), ``artifacts`` (the run folder and bundle, read side), ``predict``, ``export``,
-``training``. Names are imported on first use, so that prediction (``load_predictor``) never pays
-for importing the training engine, and ONNX Runtime prediction works where neither torch nor
-detectron2 is installed; the ``TYPE_CHECKING`` imports below let editors and type checkers
-resolve every name to its definition.
+travel), ``artifacts`` (the run folder and bundle, read side), ``predict``, ``export``, ``scale``
+(prediction at scale), ``training``. Names are imported on first use, so that prediction
+(``load_predictor``) never pays for importing the training engine, and ONNX Runtime prediction
+works where neither torch nor detectron2 is installed; the ``TYPE_CHECKING`` imports below let
+editors and type checkers resolve every name to its definition.
 """
 
 import importlib
@@ -39,6 +39,7 @@ _EXPORTS = {
     "Predictor": "predict.predictor",
     "Prediction": "predict.predictor",
     "evaluate_coco": "predict.evaluate",
+    "predict_source": "scale.batch",
     "DatasetMismatchError": "errors",
     "Artifacts": "artifacts.resolve",
     "resolve_artifacts": "artifacts.resolve",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # what editors and type checkers see: every name, from where 
     from .predict.onnx_predictor import OnnxPredictor
     from .predict.predictor import Prediction, Predictor
     from .runconfig import RunConfig, run_config
+    from .scale.batch import predict_source
     from .training.checkpointer import PersistCheckpointer
     from .training.hook import PersistHook
     from .training.lazy_trainer import train_lazy
@@ -124,6 +126,7 @@ __all__ = [
     "evaluate_coco",
     "load_predictor",
     "open_view",
+    "predict_source",
     "read_manifest",
     "register_shapes",
     "resolve_artifacts",

@@ -190,14 +190,14 @@ def _ray_engine(args, backend):
     The Ray engine of ``predict --ray``: each actor's threads as many as its CPUs (given, or
     the cluster's share).
     """
-    from d2persist.predict.batch import RayEngine
+    from d2persist.scale.batch import RayEngine
 
     return RayEngine(_loader(args, backend), None if args.ray == "local" else args.ray,
                      args.workers, args.cpus_per_worker, args.gpus_per_worker)
 
 
 def predict(args):
-    from d2persist.predict.batch import predict_source
+    from d2persist.scale.batch import predict_source
     from d2persist.predict.load import check_device, describe_predictor, load_predictor
 
     engine = None
@@ -225,7 +225,7 @@ def predict(args):
 
 def serve(args):
     from d2persist.predict.load import describe_predictor, load_predictor
-    from d2persist.predict.serve import run_server
+    from d2persist.scale.serve import run_server
 
     address = None if args.ray in (None, "local") else args.ray
     # bad artifacts or options: one sentence here, before Ray starts; where this machine runs

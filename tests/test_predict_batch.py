@@ -16,7 +16,7 @@ from helpers import INFER_SINGLE, REPO, kill_tree, run_tool
 
 from d2persist import D2PersistError, load_predictor
 from d2persist.data.shapes import register_shapes
-from d2persist.predict.batch import list_source, predict_source
+from d2persist.scale.batch import list_source, predict_source
 
 
 @pytest.fixture(scope="module")

@@ -53,7 +53,7 @@ def main(argv):
     import json
 
     from d2persist.__main__ import _ray_engine, get_parser
-    from d2persist.predict.batch import predict_source
+    from d2persist.scale.batch import predict_source
     from d2persist.predict.load import describe_predictor
 
     run, src, dst, marker, address, backend, *seconds = argv

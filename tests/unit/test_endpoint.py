@@ -7,7 +7,7 @@ import types
 
 import torch
 
-from d2persist.predict.serve import Endpoint
+from d2persist.scale.serve import Endpoint
 
 
 def test_a_replica_predicts_with_its_share_of_the_cores():

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from d2persist.predict import batch
-from d2persist.predict.batch import _RayPredict, predict_source
+from d2persist.scale import batch
+from d2persist.scale.batch import _RayPredict, predict_source
 from d2persist.predict.images import decode_image
 
 

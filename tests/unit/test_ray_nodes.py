@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from d2persist import D2PersistError
-from d2persist.predict.ray_nodes import check_ray_nodes, cpus_per_copy
+from d2persist.scale.ray_nodes import check_ray_nodes, cpus_per_copy
 
 
 class _Ray:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from d2persist.predict.batch import _StopSignals
+from d2persist.scale.batch import _StopSignals
 
 
 def _handlers():
@@ -57,7 +57,7 @@ def test_an_ignored_signal_stays_ignored_and_other_threads_change_nothing():
 def test_a_sigterm_ends_the_process_by_sigterm_after_the_shutdown():
     script = textwrap.dedent("""
         import os, signal, time
-        from d2persist.predict.batch import _StopSignals
+        from d2persist.scale.batch import _StopSignals
         stops = _StopSignals()
         stops.take()
         try:

@@ -35,8 +35,8 @@ from ..errors import D2PersistError, InputImageError
 from ..files.atomic import fsync_dir, write_bytes
 from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
-from .images import check_image_bytes, encode_png
-from .infer import IMAGE_EXTENSIONS, json_text
+from ..predict.images import check_image_bytes, encode_png
+from ..predict.infer import IMAGE_EXTENSIONS, json_text
 from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
 
 __all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
@@ -466,7 +466,7 @@ class RayEngine:
             belongs to); None starts a local one for the job.
         workers (int): actors.
         cpus_per_worker (float or None): CPUs each actor reserves; None: the cluster's share
-            (:func:`~d2persist.predict.ray_nodes.cpus_per_copy`).
+            (:func:`~d2persist.scale.ray_nodes.cpus_per_copy`).
         gpus_per_worker (float): GPUs each actor reserves (PyTorch on GPUs).
         batch_size (int): images per call of an actor (each still predicted and written on
             its own): fewer calls, less of Ray's per-call cost; a retry redoes at most one.

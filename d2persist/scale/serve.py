@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import D2PersistError, InputImageError
 from ..layout import DEFAULT_MIN_SCORE
-from .images import check_image_bytes
+from ..predict.images import check_image_bytes
 from .ray_nodes import REFUSED_ON_NODE, check_ray_nodes, cpus_per_copy, refusal_on_node
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
@@ -193,7 +193,7 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
     Serve's HTTP proxy on ``host:port``, the application of :func:`deployment`; all stopped
     on the way out. A signal while the application is still starting stops the start (the
     proxy may answer before ``serve.run`` returns). ``cpus_per_replica`` None: the cluster's
-    share (:func:`~d2persist.predict.ray_nodes.cpus_per_copy`). ``load`` is called in each
+    share (:func:`~d2persist.scale.ray_nodes.cpus_per_copy`). ``load`` is called in each
     replica with ``threads``, as many as its CPUs.
     """
     import signal
