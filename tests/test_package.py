@@ -36,9 +36,9 @@ def _loaded(statement, watched):
 def test_onnx_prediction_modules_import_no_torch():
     statement = ("import d2persist, d2persist.predict, d2persist.predict.load, "
                  "d2persist.predict.onnx_predictor, d2persist.predict.infer, "
-                 "d2persist.artifacts, d2persist.files, d2persist.__main__; "
-                 "d2persist.load_predictor")
-    assert _loaded(statement, ["torch", "detectron2", "cv2", "pycocotools"]) == "[]"
+                 "d2persist.artifacts, d2persist.files, d2persist.scale, d2persist.__main__; "
+                 "d2persist.load_predictor, d2persist.predict_source")
+    assert _loaded(statement, ["torch", "detectron2", "cv2", "pycocotools", "ray"]) == "[]"
 
 
 def test_prediction_does_not_import_the_training_engine():

@@ -116,18 +116,18 @@ def _remote_bundle(url: str) -> Tuple[str, Any, bytes, dict]:
 def remote_manifest(url: str) -> Tuple[str, dict]:
     """
     ``(bundle URL, manifest)`` of the complete bundle at the fsspec URL ``url`` (as
-    :func:`local_bundle` takes), format checked, each of its files there at the size the
-    manifest gives; none downloaded or hashed (a Ray job's driver describes what its nodes
-    download and verify).
+    :func:`local_bundle` takes), format checked, each of its files with a sha256 and there
+    at the size the manifest gives; none downloaded or hashed (a Ray job's driver describes
+    what its nodes download and verify).
 
     Raises:
-        ArtifactError: nothing at the URL holds a complete bundle, a file is missing or of
-            another size, or it cannot be read.
+        ArtifactError: nothing at the URL holds a complete bundle, a file has no sha256, is
+            missing or of another size, or it cannot be read.
     """
     url = url.rstrip("/")
     with _reading_bundle(url):
         bundle_url, bundle, _, manifest = _remote_bundle(url)
-        problems = bundle.bundle_size_problems(manifest)
+        problems = bundle.unhashed_problems(manifest)
         if problems:
             raise ArtifactError(problems[0].sentence)
         return bundle_url, manifest

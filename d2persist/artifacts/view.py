@@ -362,18 +362,23 @@ class RunView:
             raise ArtifactError(f"{self.path} has no export bundle.")
         return _parse_manifest(folder, folder.read(MANIFEST_NAME))
 
-    def bundle_size_problems(self, manifest: Optional[dict] = None) -> List[Problem]:
+    def unhashed_problems(self, manifest: Optional[dict] = None) -> List[Problem]:
         """
-        The bundle's files that are missing or not of the size its manifest gives (nothing
-        hashed or downloaded: what a bundle at a URL is checked by before its nodes download
-        it). ``manifest``: the bundle's, if already read.
+        The bundle's files that its manifest gives no sha256, or that are missing or not of the
+        size it gives (nothing hashed or downloaded: what a bundle at a URL is checked by before
+        its nodes download it). ``manifest``: the bundle's, if already read.
         """
         folder = self._export_folder()
         if folder is None:
             raise ArtifactError(f"{self.path} has no export bundle.")
         files = (manifest or self.manifest())["files"]
+        where = folder.where(MANIFEST_NAME)
+        problems = [Problem(where, INCOMPLETE, f"{where} gives {n} no sha256: the bundle cannot "
+                                               "be verified.")
+                    for n, e in files.items() if not isinstance(e.get("sha256"), str)
+                    or len(e["sha256"]) != 64]
         found = (_bundle_file_problem(folder, n, e, hashed=False) for n, e in files.items())
-        return [p for p in found if p is not None]
+        return problems + [p for p in found if p is not None]
 
     def export(self) -> Optional[dict]:
         """

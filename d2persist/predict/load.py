@@ -9,7 +9,7 @@ from ..artifacts.manifest import (
     bundle_source, describe_source, evaluation_problem, local_bundle, remote_manifest,
 )
 from ..artifacts.resolve import resolve_artifacts, safe_extensions
-from ..errors import ArtifactError, D2PersistError
+from ..errors import D2PersistError
 from ..files.mirror import is_url
 from ..layout import BACKENDS, MANIFEST_NAME, ONNX, ONNX_INT8, PRECISIONS, PYTORCH, onnx_model
 
@@ -102,9 +102,10 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
         precision (str): as :func:`load_predictor`'s.
         here (bool): whether this machine will load it; False (a cluster's driver): the
             pytorch backend is described without torch here (but for a checkpoint without its
-            sha256 sidecar, verified by loading it), and a bundle's URL by its manifest alone
-            (the nodes download the bundle and verify it); "auto" still resolves by what this
-            machine can import. The device is checked by :func:`check_device`.
+            sha256 sidecar, verified by loading it), and a bundle's URL by its manifest and its
+            files' sizes, nothing downloaded (the nodes download the bundle and verify it);
+            "auto" still resolves by what this machine can import. The device is checked by
+            :func:`check_device`.
 
     Returns:
         PredictorSpec
@@ -133,8 +134,8 @@ def describe_predictor(path: str, backend: str = "auto", precision: str = ONNX.p
 def _spec_of_bundle(manifest: dict, backend: str, precision: str, bundle: str, path: str
                     ) -> PredictorSpec:
     """
-    :func:`describe_predictor` of the bundle at ``bundle`` from its manifest alone (``path``:
-    the artifacts as given).
+    :func:`describe_predictor` of the bundle at ``bundle`` from its manifest (``path``: the
+    artifacts as given): its model files are not read.
     """
     from .onnx_predictor import onnx_model_file, onnx_weights_words
 
@@ -148,10 +149,9 @@ def _spec_of_bundle(manifest: dict, backend: str, precision: str, bundle: str, p
         name, precision = manifest["weights"], PYTORCH.precision
         words = describe_source(bundle_source(manifest))
         problem = evaluation_problem(manifest, PYTORCH.backend)
-    sha256 = manifest["files"][name].get("sha256")
-    if not isinstance(sha256, str) or not sha256:
-        raise ArtifactError(f"{where} gives {name} no sha256: the bundle cannot be verified.")
-    return PredictorSpec(backend, precision, sha256, words, problem or "")
+    # (a sha256 for every file: checked by read_manifest here, remote_manifest for a URL)
+    return PredictorSpec(backend, precision, manifest["files"][name]["sha256"], words,
+                         problem or "")
 
 
 def check_device(backend: str, device: Optional[str]) -> None:

@@ -513,7 +513,8 @@ class RayEngine:
 
     def _run(self, ray, source, todo, dst, min_score, pictures, failed_before, started):
         cpus = self.cpus_per_worker or cpus_per_copy(ray, self.workers)
-        check_ray_nodes(ray, "A worker", cpus, self.gpus_per_worker, started=started)
+        check_ray_nodes(ray, "A worker", cpus, self.gpus_per_worker, started=started,
+                        copies=self.workers)
         address = "local" if started else self.address if self.address not in (None, "auto") \
             else ray.get_runtime_context().gcs_address  # (the caller's Ray, or "auto"'s)
         self.ran = {"address": address, "cpus_per_worker": cpus,

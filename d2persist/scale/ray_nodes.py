@@ -6,6 +6,7 @@ cannot load the predictor. Imports Ray only where it is called with it.
 """
 
 import logging
+import math
 from typing import Any
 
 from ..errors import D2PersistError
@@ -31,29 +32,41 @@ def refusal_on_node(error: BaseException) -> str:
 
 
 def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
-                    started: bool = True) -> None:
+                    started: bool = True, copies: int = 1) -> None:
     """
-    Whether one node of the Ray cluster has the CPUs and GPUs that one actor asks for. Where
-    Ray was started for the job (this machine, which cannot grow), a request no node can hold
-    is refused in one sentence (Ray would wait for it forever); on a running cluster it is a
-    warning (an autoscaler may add such a node).
+    Whether the nodes of the Ray cluster hold ``copies`` actors asking for these CPUs and GPUs
+    each: one node must have them all for one, and the nodes together room for every copy.
+    Where Ray was started for the job (this machine, which cannot grow), a request they cannot
+    hold is refused in one sentence (Ray would wait for it forever, or run fewer); on a running
+    cluster it is a warning (an autoscaler may add nodes).
 
     Args:
         ray: the ``ray`` module, initialized.
-        who (str): the actor, in words ("A worker", "A replica").
-        cpus (float): the CPUs it asks for.
-        gpus (float): the GPUs it asks for.
+        who (str): one actor, in words ("A worker", "A replica").
+        cpus (float): the CPUs each asks for.
+        gpus (float): the GPUs each asks for.
         started (bool): whether this Ray was started for the job, here.
+        copies (int): how many.
 
     Raises:
-        D2PersistError: ``started``, and no node has them.
+        D2PersistError: ``started``, and the nodes cannot hold them.
     """
     nodes = _alive(ray)
     wants = {"CPU": float(cpus), "GPU": float(gpus or 0.0)}
-    if any(all(n.get(k, 0.0) >= v for k, v in wants.items()) for n in nodes):
+    words = {k: f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in wants.items()}
+    held = sum(_holds(n, wants) for n in nodes)
+    if held >= copies:
+        return
+    if held:  # one fits, not all
+        each = " and ".join(words[k] for k, v in wants.items() if v)
+        sentence = (f"{copies} {who.split()[-1]}s ask for {each} each, and the Ray " + (
+            f"started for them on this machine holds {held} of them." if started else
+            f"cluster's nodes hold {held} of them now."))
+        if started:
+            raise D2PersistError(sentence)
+        logger.warning(sentence)
         return
     largest = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in wants}
-    words = {k: f"{v:g} {k}{'' if v == 1 else 's'}" for k, v in wants.items()}
     short = [k for k, v in wants.items() if v > largest[k]]
     if short and started:
         sentence = (f"{who} asks for {words[short[0]]}, and the Ray started for it on this "
@@ -69,6 +82,12 @@ def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,
     logger.warning("%s It waits until one has.", sentence)
 
 
+def _holds(node: dict, wants: dict) -> int:
+    """How many actors asking for ``wants`` (resource -> amount) the ``node`` holds."""
+    fits = [int(node.get(k, 0.0) / v + 1e-9) for k, v in wants.items() if v > 0]
+    return min(fits) if fits else 1 << 30
+
+
 def _alive(ray: Any) -> list:
     """The resources of each alive node of the (initialized) Ray cluster."""
     return [n.get("Resources") or {} for n in ray.nodes() if n.get("Alive")]
@@ -77,21 +96,27 @@ def _alive(ray: Any) -> list:
 def cpus_per_copy(ray: Any, copies: int) -> float:
     """
     The CPUs each of ``copies`` actors or replicas reserves where none were given (and each
-    predictor's threads): the most whole CPUs for which the cluster's nodes hold all the copies
-    together, at least one. On a Ray started for the job this is this machine's cores /
-    ``copies``; on a running cluster, its nodes' (a head node driving bigger workers gives them
-    their cores; a driver with more cores than any node asks for no more than one node has; a
-    node of 4 CPUs beside one of 32 gives 2 copies 16 each, which the big node holds, not 18).
+    predictor's threads, at least one): the most whole CPUs for which the cluster's nodes hold
+    all the copies together; where the copies outnumber the CPUs, the largest share of one
+    that holds them all (Ray's CPUs are fractional). On a Ray started for the job this is this
+    machine's cores / ``copies``; on a running cluster, its nodes' (a head node driving bigger
+    workers gives them their cores; a driver with more cores than any node asks for no more
+    than one node has; a node of 4 CPUs beside one of 32 gives 2 copies 16 each, not 18).
 
     Args:
         ray: the ``ray`` module, initialized.
         copies (int): the actors or replicas.
 
     Returns:
-        float
+        float: 1.0 where the cluster has no CPU yet (an autoscaler's).
     """
-    cpus = [int(n.get("CPU", 0.0)) for n in _alive(ray)]
-    for each in range(max(cpus, default=0), 1, -1):
-        if sum(c // each for c in cpus) >= copies:
-            return float(each)
-    return 1.0
+    cpus = [float(n.get("CPU", 0.0)) for n in _alive(ray)]
+
+    def holds_all(each: float) -> bool:
+        return sum(_holds({"CPU": c}, {"CPU": each}) for c in cpus) >= copies
+
+    for whole in range(int(max(cpus, default=0.0) + 1e-9), 0, -1):
+        if holds_all(whole):
+            return float(whole)
+    shares = {math.floor(c / k * 1e4) / 1e4 for c in cpus for k in range(1, copies + 1)}
+    return next((s for s in sorted(shares, reverse=True) if s > 0 and holds_all(s)), 1.0)

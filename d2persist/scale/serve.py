@@ -218,7 +218,7 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
     try:
         try:
             cpus = cpus_per_replica or cpus_per_copy(ray, replicas)
-            check_ray_nodes(ray, "A replica", cpus, started=address is None)
+            check_ray_nodes(ray, "A replica", cpus, started=address is None, copies=replicas)
             # ours from here: ray.init installed its own (a C++ handler that aborts the process)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)

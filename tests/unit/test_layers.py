@@ -112,7 +112,7 @@ def test_module_imports_only_lower_layers(module):
 
 
 def test_subpackages_read_as_bands_of_layers():
-    """The file list shows the design: files < artifacts < predict < export < training."""
+    """The file list shows the design: files < artifacts < predict < export < scale < training."""
     bands = [[layer for m, layer in LAYERS.items() if m.startswith(p + ".")] for p in SUBPACKAGES]
     for lower, upper, (a, b) in zip(bands, bands[1:], zip(SUBPACKAGES, SUBPACKAGES[1:])):
         assert max(lower) < min(upper), (a, max(lower), b, min(upper))

@@ -60,7 +60,7 @@ def test_each_copy_gets_the_clusters_cpus_shared_at_most_one_nodes():
     """
     assert cpus_per_copy(_Ray({"CPU": 2.0}), 1) == 2.0  # a Ray started here: its cores
     assert cpus_per_copy(_Ray({"CPU": 2.0}), 2) == 1.0
-    assert cpus_per_copy(_Ray({"CPU": 2.0}), 3) == 1.0  # at least one
+    assert cpus_per_copy(_Ray({"CPU": 2.0}), 3) == 0.6666  # a share of one, all three held
     cluster = _Ray({"CPU": 0.0}, {"CPU": 16.0}, {"CPU": 16.0}, dead=[{"CPU": 64.0}])
     assert cpus_per_copy(cluster, 4) == 8.0
     assert cpus_per_copy(cluster, 1) == 16.0  # one node's
@@ -68,4 +68,26 @@ def test_each_copy_gets_the_clusters_cpus_shared_at_most_one_nodes():
     assert cpus_per_copy(_Ray({"CPU": 4.0}, {"CPU": 32.0}), 2) == 16.0  # both on the big one
     assert cpus_per_copy(_Ray({"CPU": 8.0}, {"CPU": 8.0}), 3) == 4.0  # 2 + 1, not 5.33
     assert cpus_per_copy(_Ray({"CPU": 16.0}), 3) == 5.0  # whole CPUs
+    assert cpus_per_copy(_Ray({"CPU": 1.0}, {"CPU": 1.0}), 3) == 0.5  # two on one node
+    for cluster, copies in [(_Ray({"CPU": 2.0}), 3), (_Ray({"CPU": 4.0}, {"CPU": 32.0}), 2),
+                            (_Ray({"CPU": 1.0}, {"CPU": 1.0}), 3), (_Ray({"CPU": 3.9999}), 2)]:
+        check_ray_nodes(cluster, "A worker", cpus_per_copy(cluster, copies), copies=copies)
     assert cpus_per_copy(_Ray({"GPU": 1.0}), 2) == 1.0  # no CPUs yet (an autoscaler's)
+
+
+def test_copies_the_nodes_cannot_hold_together_are_refused_on_a_ray_started_here(caplog):
+    """
+    Each fits on a node, not all of them: Serve would wait for the last replica forever, and
+    Ray Data ran fewer workers than the job's record says.
+    """
+    with pytest.raises(D2PersistError, match=r"^3 workers ask for 1 CPU each, and the Ray "
+                       r"started for them on this machine holds 2 of them\.$"):
+        check_ray_nodes(_Ray({"CPU": 2.0}), "A worker", 1, copies=3)
+    with pytest.raises(D2PersistError, match=r"^2 replicas ask for 1 CPU and 1 GPU each, .* "
+                       r"holds 1 of them\.$"):
+        check_ray_nodes(_Ray({"CPU": 4.0, "GPU": 1.0}), "A replica", 1, 1, copies=2)
+    with caplog.at_level(logging.WARNING):  # a running cluster: an autoscaler may add nodes
+        check_ray_nodes(_Ray({"CPU": 8.0}, {"CPU": 8.0}), "A worker", 6, started=False,
+                        copies=3)
+    assert [r.getMessage() for r in caplog.records] == [
+        "3 workers ask for 6 CPUs each, and the Ray cluster's nodes hold 2 of them now."]
