@@ -21,8 +21,8 @@ def _logging_loader(bundle, log):
     """A loader for the replica: the predictor, with each batch's size appended to ``log``."""
 
     def load(threads=2):
-        from d2persist.scale import serve
         from d2persist.predict.load import load_predictor
+        from d2persist.scale import serve
 
         predict_many = serve.Endpoint.predict_many
 

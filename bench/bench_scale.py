@@ -125,8 +125,8 @@ def actor_work(bundle, src, out):
     Images per second of what a Ray actor does for each image of ``src`` (read, predict, the
     JSON written into ``out``), in this process, on one thread.
     """
-    from d2persist.scale.batch import predict_source
     from d2persist.predict.onnx_predictor import load_onnx_predictor
+    from d2persist.scale.batch import predict_source
 
     predict_source(load_onnx_predictor(bundle, threads=1), src, out)
     rate = _steady_rate(out)

@@ -197,8 +197,8 @@ def _ray_engine(args, backend):
 
 
 def predict(args):
-    from d2persist.scale.batch import predict_source
     from d2persist.predict.load import check_device, describe_predictor, load_predictor
+    from d2persist.scale.batch import predict_source
 
     engine = None
     if args.ray:  # the actors load the model; here, what it is (the job's identity)

@@ -53,8 +53,8 @@ def main(argv):
     import json
 
     from d2persist.__main__ import _ray_engine, get_parser
-    from d2persist.scale.batch import predict_source
     from d2persist.predict.load import describe_predictor
+    from d2persist.scale.batch import predict_source
 
     run, src, dst, marker, address, backend, *seconds = argv
     args = get_parser().parse_args(["predict", src, "--artifacts", run, "--output", dst,

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from d2persist.predict.images import decode_image
 from d2persist.scale import batch
 from d2persist.scale.batch import _RayPredict, predict_source
-from d2persist.predict.images import decode_image
 
 
 class _Prediction:
