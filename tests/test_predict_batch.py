@@ -253,7 +253,10 @@ def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, sourc
 
 
 def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
-    """Ray's actors and replicas share their cores: their ONNX Runtime threads yield them."""
+    """
+    Ray's actors and replicas share their cores: their ONNX Runtime threads yield them; a
+    PyTorch one's threads (the process's) are its share.
+    """
     from d2persist.__main__ import _loader, get_parser
 
     key = "session.intra_op.allow_spinning"
@@ -266,6 +269,15 @@ def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
     # what serve loads in each replica (predict --ray's actors: the two-node test below)
     args = get_parser().parse_args(["serve", run])
     assert _loader(args, "onnxruntime").keywords["spin"] is False
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _loader(args, "pytorch")(threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _tail(f):

@@ -202,8 +202,9 @@ def load_predictor(
             torchvision and detectron2 are installed, else ONNX Runtime.
         precision (str): "float", or "int8" for the bundle's INT8 ONNX model (ONNX Runtime;
             "auto" then means onnxruntime).
-        threads (int): ONNX Runtime: its intra-op threads (default: its own choice); PyTorch
-            uses ``torch.set_num_threads``, the process's.
+        threads (int): ONNX Runtime: its intra-op threads (default: its own choice); PyTorch:
+            the process's (``torch.set_num_threads``), set when given (a Ray actor's or
+            replica's share of the cores).
         spin (bool): ONNX Runtime: whether its idle threads spin waiting for work (see
             :func:`~d2persist.predict.onnx_predictor.load_onnx_predictor`).
 
@@ -223,6 +224,10 @@ def load_predictor(
                                    precision=precision, spin=spin)
     from .predictor import load_torch_predictor
 
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     return load_torch_predictor(path, device, opts, allowed_targets)
 
 

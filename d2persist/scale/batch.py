@@ -369,8 +369,6 @@ class _RayPredict:
         except (D2PersistError, ImportError) as e:  # this node cannot (no GPU, no onnxruntime):
             self.refused = refusal_on_node(e)  # said by each call's rows, which end the job
             return
-        if "torch" in sys.modules:  # the actor's share of the cores (ONNX Runtime's: ``load``)
-            sys.modules["torch"].set_num_threads(max(1, threads))
         self.meta = self.predictor.visualizer_metadata() if pictures else None
         self.job = _Job(dst, min_score, pictures, failed_before)
         self.base = base

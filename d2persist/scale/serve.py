@@ -22,7 +22,6 @@ import email.parser
 import email.policy
 import logging
 import re
-import sys
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import D2PersistError, InputImageError
@@ -69,8 +68,6 @@ class Endpoint:
     def __init__(self, load: Callable[..., Any], max_bytes: int = MAX_IMAGE_BYTES,
                  threads: int = 1) -> None:
         self.predictor = load(threads=threads)
-        if "torch" in sys.modules:  # PyTorch's threads are the process's (ONNX Runtime's: load)
-            sys.modules["torch"].set_num_threads(max(1, threads))
         self.max_bytes = max_bytes
         self.health = health_of(self.predictor)
 

@@ -6,7 +6,6 @@ that decodes each image as the ONNX Runtime predictor does and predicts nothing 
 import json
 
 import numpy as np
-import torch
 from PIL import Image
 
 from d2persist.predict.images import decode_image
@@ -80,7 +79,7 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     (dst / "a.png.json").write_text("{}")  # written by the killed attempt, its removal not done
     (dst / "a.png.error.json").write_text("{}")
     synced = mocker.spy(batch, "fsync_dir")
-    threads = torch.get_num_threads()  # the actor sets torch's threads: this process's stay
+    threads = 3
     loaded = []  # the threads each load was given: the actor's share of the cores
     actor = _RayPredict(lambda threads: loaded.append(threads) or _Decoder(), str(dst),
                         str(src), None, 0.5, False, threads, failed_before=["a.png"])
