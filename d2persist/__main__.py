@@ -285,7 +285,8 @@ def get_parser():
     p.add_argument("--workers", type=int, default=1, help="--ray: actors (default 1)")
     p.add_argument("--cpus-per-worker", type=float, default=None,
                    help="--ray: CPUs each actor reserves and its threads (default: the most "
-                   "whole CPUs for which the Ray cluster's nodes hold all the workers)")
+                   "whole CPUs for which the Ray cluster's nodes hold all the workers, a "
+                   "fraction of one where they outnumber the CPUs)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0,
                    help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
@@ -299,7 +300,8 @@ def get_parser():
     p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=None,
                    help="CPUs each replica reserves and its threads (default: the most whole "
-                   "CPUs for which the Ray cluster's nodes hold all the replicas)")
+                   "CPUs for which the Ray cluster's nodes hold all the replicas, a fraction of "
+                   "one where they outnumber the CPUs)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="a running Ray cluster ('auto' or its address); default: a local one")
     p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
