@@ -6,6 +6,7 @@ __all__ = [
     "ArtifactError",
     "UnsafeArtifactError",
     "InputImageError",
+    "OutputPathError",
     "ConfigError",
     "ConfigRoundTripError",
     "OutputDirNotEmptyError",
@@ -34,6 +35,10 @@ class UnsafeArtifactError(ArtifactError):
 
 class InputImageError(D2PersistError):
     """An input image is missing, empty, not an image or truncated."""
+
+
+class OutputPathError(D2PersistError):
+    """An output cannot be written where asked: a folder or a file in its way, or an input."""
 
 
 class ConfigError(D2PersistError):

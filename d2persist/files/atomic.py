@@ -17,7 +17,7 @@ import os
 import secrets
 from typing import IO, Any, Callable, Iterator, List, Optional, Tuple
 
-from ..errors import CheckpointWriteError, UnsafeArtifactError
+from ..errors import CheckpointWriteError, OutputPathError, UnsafeArtifactError
 from ..layout import TEMP_PREFIX
 
 __all__ = [
@@ -31,6 +31,8 @@ __all__ = [
     "torch_save",
     "resolve_inside",
     "sha256_stream",
+    "check_output_file",
+    "check_output_folder",
 ]
 
 logger = logging.getLogger(__name__)
@@ -265,3 +267,37 @@ def resolve_inside(folder: str, name: str) -> str:
     if os.path.commonpath([root, path]) != root:
         raise UnsafeArtifactError(f"Refusing file name {name!r}: it points outside {folder}.")
     return path
+
+
+def check_output_file(path: str) -> None:
+    """
+    Refuse, in one sentence, a file path that a write (its folders made first) cannot create:
+    a folder, or a path under a file.
+
+    Raises:
+        OutputPathError: ``path`` is a folder, or a file stands where a folder above it would.
+    """
+    if os.path.isdir(path):
+        raise OutputPathError(f"Output {path} is a folder: name a file to write.")
+    _check_folder_possible(os.path.dirname(os.path.abspath(path)), path)
+
+
+def check_output_folder(path: str) -> None:
+    """
+    Refuse, in one sentence, a folder path that cannot be made (or used) as one.
+
+    Raises:
+        OutputPathError: ``path``, or a path above it, is a file.
+    """
+    _check_folder_possible(os.path.abspath(path), path)
+
+
+def _check_folder_possible(folder: str, path: str) -> None:
+    """The nearest of ``folder`` and the paths above it that exists must be a folder."""
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    if os.path.isdir(folder):
+        return
+    if folder == os.path.abspath(path):
+        raise OutputPathError(f"Output folder {path} is a file.")
+    raise OutputPathError(f"Cannot write {path}: {folder} is a file, not a folder.")

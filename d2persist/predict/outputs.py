@@ -14,8 +14,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import D2PersistError
+
 __all__ = [
     "PredictionArrays",
+    "min_score_of",
     "prediction_json",
     "draw_prediction",
     "rle_decode",
@@ -27,6 +30,23 @@ __all__ = [
     "MIN_DRAW_SIZE",
     "KEYPOINT_THRESHOLD",
 ]
+
+
+def min_score_of(value: Any) -> float:
+    """
+    ``value`` (a number, or its text) as a confidence threshold.
+
+    Raises:
+        D2PersistError: ``value`` is not a number from 0 to 1 (a higher one would leave every
+            instance out, silently).
+    """
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        score = float("nan")
+    if not 0.0 <= score <= 1.0:
+        raise D2PersistError(f"A confidence threshold is a number from 0 to 1, not {value!r}.")
+    return score
 
 
 def class_names_of(metadata: dict) -> List[str]:

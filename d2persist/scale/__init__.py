@@ -9,13 +9,21 @@ Ray is imported only where a job or a server runs on it (``pip install 'd2persis
 nothing here imports torch.
 """
 
-from .batch import RayEngine, Source, job_identity, list_source, predict_source
+from .batch import (
+    RayEngine,
+    Source,
+    check_destination,
+    job_identity,
+    list_source,
+    predict_source,
+)
 from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
 from .serve import Endpoint, deployment, health_of, multipart_file, run_server
 
 __all__ = [
     "RayEngine",
     "Source",
+    "check_destination",
     "job_identity",
     "list_source",
     "predict_source",

@@ -31,15 +31,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from ..artifacts.bundle import software_versions
-from ..errors import D2PersistError, InputImageError
-from ..files.atomic import fsync_dir, write_bytes
+from ..errors import D2PersistError, InputImageError, OutputPathError
+from ..files.atomic import check_output_folder, fsync_dir, write_bytes
 from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
 from ..predict.images import check_image_bytes, encode_png
 from ..predict.infer import IMAGE_EXTENSIONS, json_text
 from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
 
-__all__ = ["Source", "list_source", "predict_source", "job_identity", "RayEngine"]
+__all__ = ["Source", "list_source", "check_destination", "predict_source", "job_identity",
+           "RayEngine"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,10 @@ def list_source(src: str) -> Source:
     """
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(src)
+    try:
+        fs, root = fsspec.core.url_to_fs(src)
+    except (ValueError, ImportError) as e:  # an unknown protocol, or its package missing
+        raise InputImageError(f"Cannot read {src} ({type(e).__name__}: {e}).") from None
     local = is_local_fs(fs)
     sep = "/"  # fsspec paths, on every filesystem
     missing: List[str] = []
@@ -93,7 +97,12 @@ def list_source(src: str) -> Source:
         base = root.rstrip(sep)
     elif fs.isfile(root) and not _is_image(root):  # a list of paths
         folder = posixpath.dirname(root)
-        lines = fs.cat_file(root).decode("utf-8").splitlines()
+        try:
+            lines = fs.cat_file(root).decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise InputImageError(
+                f"{src} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a text file "
+                "listing images.") from None
         listed = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
         # a URL of the list's own filesystem, an absolute path, or one relative to the list
         paths = [fs._strip_protocol(p) if "://" in p else posixpath.join(folder, p)
@@ -126,11 +135,16 @@ class _Destination(Mirror):
     by :meth:`sync` (once per batch of files, not once per file).
     """
 
-    def __init__(self, dst: str) -> None:
-        super().__init__(dst)
+    def __init__(self, dst: str, make: bool = True) -> None:
+        try:
+            super().__init__(dst)
+        except (ValueError, ImportError) as e:  # an unknown protocol, or its package missing
+            raise OutputPathError(f"Cannot write to {dst} ({type(e).__name__}: {e}).") from None
         self._unsynced: Set[str] = set()
         if self.local:
-            os.makedirs(self.root, exist_ok=True)
+            check_output_folder(self.root)
+            if make:
+                os.makedirs(self.root, exist_ok=True)
 
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self._path(name)))
@@ -181,9 +195,28 @@ def job_identity(predictor: Any, source: str, min_score: float, pictures: bool
             "pictures": bool(pictures)}
 
 
+def check_destination(dst: Union[str, _Destination]) -> None:
+    """
+    Refuse, in one sentence, a destination no job can write into: a file, a URL of no
+    filesystem here, or a folder holding files that no ``d2persist predict`` job wrote (what
+    the job would take for its outputs, and its ``job.json`` would replace).
+
+    Raises:
+        OutputPathError: such a destination.
+    """
+    out = dst if isinstance(dst, _Destination) else _Destination(dst, make=False)
+    if out.read_text(PREDICT_OPTIONS_NAME) is not None:
+        return  # a job's destination: _check_same_job tells whether it is this job's
+    others = [n for n in out.names() if n != PREDICT_OPTIONS_NAME]
+    if others:
+        raise OutputPathError(
+            f"{out.url} already holds files no d2persist predict job wrote (such as "
+            f"{others[0]!r}): predict into an empty or new --output.")
+
+
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
     saved = dst.read_text(PREDICT_OPTIONS_NAME)
-    if saved is None:
+    if saved is None:  # (check_destination: nothing else is there)
         dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
         return
     try:
@@ -273,6 +306,20 @@ def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
     return {n[:-len(".json")] for n in names if n.endswith(".json")} - failed, failed
 
 
+def _leave_out_destination(source: Source, out: _Destination) -> None:
+    """
+    Drop from ``source`` what lies inside the destination (a destination inside the source
+    folder): a rerun would otherwise take the job's own pictures for inputs.
+    """
+    if type(source.fs) is not type(out.fs):
+        return
+    inside = out.root.rstrip("/") + "/"
+    source.items = [x for x in source.items if not x[0].startswith(inside)]
+    source.missing = [x for x in source.missing if not x[0].startswith(inside)]
+    if not source.items and not source.missing:
+        raise InputImageError(f"{source.url} holds no image outside the destination {out.url}.")
+
+
 def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAULT_MIN_SCORE,
                    pictures: bool = False, progress: bool = False,
                    ray: Optional["RayEngine"] = None) -> Dict[str, Any]:
@@ -297,11 +344,14 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
         reserved), versions.
 
     Raises:
-        InputImageError: ``src`` holds no image.
+        InputImageError: ``src`` holds no image (outside ``dst``).
+        OutputPathError: ``dst`` cannot be written, or holds files no job wrote.
         D2PersistError: ``dst`` holds another job's outputs.
     """
     source = list_source(src)
     out = _Destination(dst)
+    check_destination(out)
+    _leave_out_destination(source, out)
     identity = job_identity(predictor, source.url, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished

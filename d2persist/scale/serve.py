@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 from ..errors import D2PersistError, InputImageError
 from ..layout import DEFAULT_MIN_SCORE
 from ..predict.images import check_image_bytes
+from ..predict.outputs import min_score_of
 from .ray_nodes import REFUSED_ON_NODE, check_ray_nodes, cpus_per_copy, refusal_on_node
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
@@ -103,9 +104,10 @@ class Endpoint:
         if method != "POST":
             return 405, {"error": f"{method} /predict: send the image with POST."}, None
         try:
-            min_score = float(query.get("min_score", DEFAULT_MIN_SCORE))
-        except ValueError:
-            return 400, {"error": f"min_score must be a number, not {query['min_score']!r}."}, None
+            min_score = min_score_of(query.get("min_score", DEFAULT_MIN_SCORE))
+        except D2PersistError:
+            return 400, {"error": "min_score must be a number from 0 to 1, not "
+                                  f"{query['min_score']!r}."}, None
         if len(body) > self.max_bytes:
             return 413, {"error": f"The image is {len(body)} bytes; this server takes up to "
                                   f"{self.max_bytes}."}, None

@@ -20,3 +20,18 @@ def test_a_replica_loads_with_its_share_of_the_cores():
     endpoint = Endpoint(load, threads=3)
     assert loaded == [3]
     assert endpoint.health["backend"] == "pytorch"
+
+
+def test_a_threshold_outside_0_to_1_is_answered_400():
+    def load(threads):
+        return types.SimpleNamespace(weights="w", sha256="0" * 64, backend="onnxruntime",
+                                     precision="float", evaluation=None, problem="")
+
+    endpoint = Endpoint(load, threads=1)
+    for value in ("high", "7", "-0.1", "nan"):
+        status, answer, item = endpoint.parse("POST", "/predict", "image/png", b"x",
+                                              {"min_score": value})
+        assert (status, item) == (400, None)
+        assert answer["error"] == f"min_score must be a number from 0 to 1, not {value!r}."
+    status, _, item = endpoint.parse("POST", "/predict", "image/png", b"x", {"min_score": "1"})
+    assert status == 0 and item[2] == 1.0

@@ -6,11 +6,13 @@ that decodes each image as the ONNX Runtime predictor does and predicts nothing 
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from d2persist.errors import InputImageError, OutputPathError
 from d2persist.predict.images import decode_image
 from d2persist.scale import batch
-from d2persist.scale.batch import _RayPredict, predict_source
+from d2persist.scale.batch import _RayPredict, check_destination, predict_source
 
 
 class _Prediction:
@@ -19,6 +21,9 @@ class _Prediction:
 
     def to_json(self, image_name=None, min_score=0.0):
         return {"image": image_name, "size": self.size}
+
+    def draw(self, metadata, min_score=0.0):
+        return np.zeros((self.size[0], self.size[1], 3), np.uint8)
 
 
 class _Decoder:
@@ -89,3 +94,57 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     assert list(out["status"]) == ["skipped", "done"]
     assert sorted(p.name for p in dst.iterdir()) == ["a.png.json", "b.jpg.json"]
     assert synced.call_args_list == [mocker.call(str(dst))]  # once, before Ray hears of it
+
+
+def _tree(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_destination_that_is_a_file_or_holds_other_files_is_refused_untouched(tmp_path):
+    src = tmp_path / "src"
+    _images(src)
+    (tmp_path / "notes").write_text("mine")
+    with pytest.raises(OutputPathError, match="notes is a file"):
+        predict_source(_Decoder(), str(src), str(tmp_path / "notes"))
+    theirs = tmp_path / "theirs"  # files of the user's, no job's record among them
+    theirs.mkdir()
+    (theirs / "job.json").write_text("{}")
+    (theirs / "a.png.json").write_text("mine")
+    before = _tree(theirs)
+    with pytest.raises(OutputPathError, match="'a.png.json'.*empty or new"):
+        check_destination(str(theirs))  # what the command asks before loading the model
+    with pytest.raises(OutputPathError, match="holds files no d2persist predict job wrote"):
+        predict_source(_Decoder(), str(src), str(theirs))
+    assert _tree(theirs) == before
+    with pytest.raises(OutputPathError, match="src already holds"):  # the images' own folder
+        predict_source(_Decoder(), str(src), str(src))
+    assert sorted(p.name for p in src.iterdir()) == ["a.png", "b.jpg", "c.jpg"]
+    check_destination(str(tmp_path / "new" / "dst"))  # nothing there yet: fine, and not made
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_destination_inside_the_source_is_not_read_as_input(tmp_path):
+    src = tmp_path / "src"
+    _images(src)
+    dst = src / "predictions"
+    first = predict_source(_Decoder(), str(src), str(dst), pictures=True)
+    assert first["counts"] == {"inputs": 3, "done": 2, "skipped": 0, "failed": 1}
+    assert (dst / "a.png.png").is_file()  # a picture, inside the source folder
+    again = predict_source(_Decoder(), str(src), str(dst), pictures=True)
+    assert again["counts"] == {"inputs": 3, "done": 0, "skipped": 2, "failed": 1}
+    assert not (dst / "predictions").exists()
+
+
+def test_sources_and_destinations_that_cannot_be_read_are_one_sentence(tmp_path):
+    src = tmp_path / "src"
+    _images(src)
+    (tmp_path / "pic.gif").write_bytes(b"GIF89a\x01\x00\x01\x00\x80\xff\x00")
+    with pytest.raises(InputImageError, match="pic.gif is neither an image .* nor a text file"):
+        predict_source(_Decoder(), str(tmp_path / "pic.gif"), str(tmp_path / "out"))
+    with pytest.raises(InputImageError, match=r"Cannot read foo://x \(ValueError: Protocol"):
+        predict_source(_Decoder(), "foo://x", str(tmp_path / "out"))
+    with pytest.raises(OutputPathError, match=r"Cannot write to foo://y \(ValueError: Proto"):
+        predict_source(_Decoder(), str(src), "foo://y")
+    with pytest.raises(OutputPathError, match="Cannot write to foo://y"):
+        check_destination("foo://y")
