@@ -13,7 +13,8 @@ fsspec's usual credentials and settings.
 
 Exit codes: 0 all is well; 1 ``verify`` found a problem, or ``predict`` an image it could not
 read; 2 bad input (one sentence on stderr). None of them takes the run lock or writes into a run
-(``plot -o`` writes only its file, ``predict`` only into DST).
+(``plot`` writes only its picture, ``training.png`` here or ``-o FILE``; ``predict`` only into
+DST).
 """
 
 import argparse
@@ -82,7 +83,7 @@ def ls(args):
     if ex is None:
         print("  export: none")
     elif not ex["complete"]:
-        print(f"  export: {ex['folder']} INCOMPLETE (no manifest.json)")
+        print(f"  export: {ex['folder']} INCOMPLETE: {ex.get('problem', 'no manifest.json')}")
     else:
         src = ex.get("source") or {}
         print(f"  export: {ex['folder']} complete, {', '.join(ex['formats'])}, weights "
@@ -158,6 +159,7 @@ def plot(args):
 
     from d2persist.artifacts.plot import plot_run
     from d2persist.artifacts.view import open_view
+    from d2persist.files.atomic import check_output_file
 
     view = open_view(args.path)
     if view.kind != "run":
@@ -165,7 +167,10 @@ def plot(args):
 
         raise D2PersistError(f"{args.path} is a bundle: plot needs the run folder (its "
                              "metrics.json).")
-    out = args.output or ("training.png" if view.remote else view.where("training.png"))
+    # here by default, never into the run: its training writes RUN/training.png itself
+    out = args.output or "training.png"
+    check_output_file(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     plot_run(view, out)
     print(f"picture: {os.path.abspath(out)}")
     return 0
@@ -198,8 +203,9 @@ def _ray_engine(args, backend):
 
 def predict(args):
     from d2persist.predict.load import check_device, describe_predictor, load_predictor
-    from d2persist.scale.batch import predict_source
+    from d2persist.scale.batch import check_destination, predict_source
 
+    check_destination(args.output)  # before the model loads
     engine = None
     if args.ray:  # the actors load the model; here, what it is (the job's identity)
         here = args.ray == "local"  # this machine runs the actors
@@ -262,10 +268,17 @@ def get_parser():
     p.set_defaults(fn=diff)
     p = sub.add_parser("plot", help="losses, learning rate and evaluations of a run, as a PNG")
     p.add_argument("path", help="a run folder (OUTPUT_DIR) or its mirror's URL")
-    p.add_argument("-o", "--output", help="the PNG (default: RUN/training.png; for a URL, "
-                   "training.png here)")
+    p.add_argument("-o", "--output", help="the PNG (default: training.png here; a run "
+                   "trained with PersistHook keeps its own RUN/training.png)")
     p.set_defaults(fn=plot)
-    from d2persist.cli import add_predictor_arguments, add_threshold_argument
+    from d2persist.cli import (
+        add_predictor_arguments,
+        add_threshold_argument,
+        non_negative_number,
+        port_number,
+        positive_int,
+        positive_number,
+    )
 
     p = sub.add_parser("predict", help="predict every image of a folder, glob, list or URL "
                        "into a folder or URL, each once; rerun to finish an interrupted job")
@@ -282,12 +295,12 @@ def get_parser():
                    help="predict on Ray (pip install 'd2persist[ray]'): alone, a local cluster "
                    "for the job; 'auto', the running cluster this machine belongs to; or its "
                    "address")
-    p.add_argument("--workers", type=int, default=1, help="--ray: actors (default 1)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
+    p.add_argument("--workers", type=positive_int, default=1, help="--ray: actors (default 1)")
+    p.add_argument("--cpus-per-worker", type=positive_number, default=None,
                    help="--ray: CPUs each actor reserves and its threads (default: the most "
                    "whole CPUs for which the Ray cluster's nodes hold all the workers, a "
                    "fraction of one where they outnumber the CPUs)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0,
+    p.add_argument("--gpus-per-worker", type=non_negative_number, default=0.0,
                    help="--ray: GPUs each actor reserves (PyTorch on GPUs)")
     p.set_defaults(fn=predict)
     p = sub.add_parser("serve", help="serve predictions over HTTP on Ray Serve: POST /predict "
@@ -295,18 +308,19 @@ def get_parser():
     p.add_argument("artifacts", help="an export bundle, a training OUTPUT_DIR, or a bundle's URL")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     add_predictor_arguments(p)
-    p.add_argument("--replicas", type=int, default=1, help="copies of the model (default 1)")
-    p.add_argument("--cpus-per-replica", type=float, default=None,
+    p.add_argument("--replicas", type=positive_int, default=1,
+                   help="copies of the model (default 1)")
+    p.add_argument("--cpus-per-replica", type=positive_number, default=None,
                    help="CPUs each replica reserves and its threads (default: the most whole "
                    "CPUs for which the Ray cluster's nodes hold all the replicas, a fraction of "
                    "one where they outnumber the CPUs)")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="a running Ray cluster ('auto' or its address); default: a local one")
-    p.add_argument("--max-bytes", type=int, default=32 * 1024 * 1024,
+    p.add_argument("--max-bytes", type=positive_int, default=32 * 1024 * 1024,
                    help="the largest image a request may send (default 32 MiB)")
-    p.add_argument("--max-batch-size", type=int, default=8,
+    p.add_argument("--max-batch-size", type=positive_int, default=8,
                    help="concurrent requests a replica takes in one call (@serve.batch; "
                    "default 8; 1: none)")
     p.set_defaults(fn=serve)

@@ -28,6 +28,10 @@ __all__ = [
     "add_launch_arguments",
     "add_predictor_arguments",
     "add_threshold_argument",
+    "positive_int",
+    "positive_number",
+    "non_negative_number",
+    "port_number",
     "launch_main",
     "launched_by_torchrun",
 ]
@@ -154,11 +158,92 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
+def _argument(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from ``convert``, whose D2PersistError becomes argparse's error."""
+    def parse(text: str) -> Any:
+        from .errors import D2PersistError
+
+        try:
+            return convert(text)
+        except D2PersistError as e:  # (in argparse's style: "argument --x: a ..., not '7'")
+            message = str(e).rstrip(".")
+            raise argparse.ArgumentTypeError(message[:1].lower() + message[1:]) from None
+
+    parse.__name__ = convert.__name__  # (argparse names the type in some errors)
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """
+    ``text`` as a whole number of at least 1, for a count option (workers, images, bytes).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, in one sentence.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """
+    ``text`` as a number above 0 (CPUs to reserve).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, in one sentence.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """
+    ``text`` as a number of at least 0 (GPUs to reserve).
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, in one sentence.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """
+    ``text`` as a TCP port, 1 to 65535.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, in one sentence.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, not {text!r}")
+    return value
+
+
 def add_threshold_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add ``--confidence-threshold``, as every tool that writes predictions takes it."""
     from .layout import DEFAULT_MIN_SCORE
+    from .predict.outputs import min_score_of
 
-    parser.add_argument("--confidence-threshold", type=float, default=DEFAULT_MIN_SCORE,
+    parser.add_argument("--confidence-threshold", type=_argument(min_score_of),
+                        default=DEFAULT_MIN_SCORE,
                         help="minimum score of the instances written (default: "
                         f"{DEFAULT_MIN_SCORE})")
     return parser

@@ -271,6 +271,18 @@ def test_diverged_run_keeps_last_checkpoint_on_good_weights(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_train_net_names_a_config_that_does_not_load(tmp_path):
+    (tmp_path / "bad.yaml").write_text("MODEL: [unclosed\n")
+    (tmp_path / "based.yaml").write_text("_BASE_: nothere.yaml\n")
+    for name, why in (("bad.yaml", "ParserError"), ("based.yaml", "FileNotFoundError")):
+        res = run_tool(TRAIN_NET, "--config-file", tmp_path / name, "OUTPUT_DIR", tmp_path / "o")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"train_net.py: error: The config {tmp_path / name} does not "
+                               f"load ({why}: ")
+    assert not (tmp_path / "o").exists()
+
+
 def test_train_net_refuses_overwrite_and_resumes(tmp_path):
     from helpers import TINY_OPTS
 

@@ -227,4 +227,4 @@ def test_demo_summary_names_the_files_metrics_and_commands(tmp_path):
     assert f"{run / 'demo' / 'prediction.png'} (missing)" in out
     assert f"--artifacts {run / 'export'} --backend onnxruntime" in out
     bad = run_tool(f"{REPO}/tools/demo_summary.py", tmp_path / "nowhere")
-    assert bad.returncode == 2 and "is not a folder" in bad.stderr
+    assert bad.returncode == 2 and "nowhere does not exist" in bad.stderr

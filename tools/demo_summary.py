@@ -114,7 +114,8 @@ def main(argv=None):
     parser.add_argument("--started", type=float, help="when make demo started (epoch seconds)")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.run):
-        print(f"{PROG}: error: {args.run} is not a folder.", file=sys.stderr)
+        why = "is not a folder" if os.path.exists(args.run) else "does not exist"
+        print(f"{PROG}: error: {args.run} {why}.", file=sys.stderr)
         return 2
     print("\n".join(summary(args.run, args.started)))
     return 0

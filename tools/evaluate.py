@@ -59,12 +59,14 @@ def main(argv=None):
 
         from d2persist.artifacts.manifest import local_bundle
         from d2persist.errors import D2PersistError
-        from d2persist.files.atomic import write_json
+        from d2persist.files.atomic import check_output_file, write_json
         from d2persist.predict import evaluate as ev
         from d2persist.predict.load import load_predictor
 
         if args.panoptic_json and not args.panoptic_root:
             raise D2PersistError("--panoptic-json needs --panoptic-root, the folder of its PNGs.")
+        if args.json:
+            check_output_file(args.json)  # before the evaluation, not after it
         artifacts = local_bundle(args.artifacts)  # a URL: downloaded and verified once
         predictor = load_predictor(artifacts, device=args.device, backend=args.backend,
                                    precision=args.precision)

@@ -17,6 +17,7 @@ the exporter cannot handle.
 
 import argparse
 
+from d2persist.cli import positive_int
 from d2persist.layout import ONNX, ONNX_INT8
 
 PROG = "export_model.py"
@@ -27,7 +28,7 @@ def get_parser():
     parser.add_argument("--artifacts", required=True, help="a training OUTPUT_DIR or its export")
     parser.add_argument("--format", choices=[ONNX.format, ONNX_INT8.format], default=ONNX.format,
                         help="(default: onnx)")
-    parser.add_argument("--calibration-images", type=int, default=None,
+    parser.add_argument("--calibration-images", type=positive_int, default=None,
                         help="onnx-int8: how many training images calibrate it (default: the "
                         "run's PERSIST.CALIBRATION_IMAGES)")
     parser.add_argument("--calibration-dir",
@@ -111,6 +112,10 @@ def main(argv=None):
             count = args.calibration_images or int(
                 persist_options_of_run(run_dir).get("CALIBRATION_IMAGES", 64))
             calibration = calibration_subset(images, count)
+            if not calibration:  # before the bundle is touched: its INT8 model stays
+                raise ConfigError(f"{args.calibration_dir or repr(name)} holds no image to "
+                                  "calibrate INT8 on; pass --calibration-dir with a folder of "
+                                  "training images.")
             add_int8(bundle, calibration)
             written.append(ONNX_INT8_NAME)
         for name in written:

@@ -41,7 +41,7 @@ def main(argv=None):
 
     @exit_on_known_errors(PROG)
     def run():
-        from d2persist.predict.infer import collect_images, predict_files
+        from d2persist.predict.infer import check_outputs, collect_images, predict_files
         from d2persist.predict.load import load_predictor
 
         images, many = collect_images(args.image)
@@ -50,6 +50,7 @@ def main(argv=None):
             default = "predictions"
             output = default if many else os.path.join(default, _stem(images[0]) + ".png")
             json_out = default if many else os.path.join(default, _stem(images[0]) + ".json")
+        check_outputs(images, output, json_out, many)  # before the model loads
         predictor = load_predictor(args.artifacts, device=args.device, opts=args.opts,
                                    backend=args.backend, precision=args.precision)
         print(f"weights: {predictor.weights}")

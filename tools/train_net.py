@@ -17,6 +17,7 @@ import os
 # first: without detectron2, d2persist's import of its trainer says how to install it
 from d2persist import PersistTrainer  # isort: skip
 import torch
+import yaml
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
@@ -78,6 +79,9 @@ def setup(args):
         cfg.merge_from_list(args.opts)
     except (KeyError, ValueError, AssertionError) as e:
         raise ConfigError(f"The config does not load: {e}.") from None
+    except (yaml.YAMLError, OSError) as e:  # not YAML, or a _BASE_ that is not there
+        raise ConfigError(f"The config {path} does not load ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())}).") from None
     cfg.freeze()
     setup_run(cfg, args)
     return cfg

@@ -5,6 +5,7 @@ one verifies (sha256 against its sidecar, or a safe load when it has none).
 
 import logging
 import os
+import re
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ..errors import ArtifactError, UnsafeArtifactError
@@ -13,9 +14,12 @@ from ..files.safe_load import safe_torch_load
 from ..layout import EMA_STATE_KEY, FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
 from .folders import _Folder, _LocalFolder
 
-__all__ = ["read_sidecar", "verify_checkpoint", "resume_candidates", "evaluated_weights"]
+__all__ = ["read_sidecar", "sidecar_problem", "verify_checkpoint", "resume_candidates",
+           "evaluated_weights"]
 
 logger = logging.getLogger(__name__)
+
+_SHA256 = re.compile("[0-9a-fA-F]{64}")
 
 
 # -- checkpoints ------------------------------------------------------------------------------
@@ -69,14 +73,31 @@ def read_sidecar(path: str) -> Optional[str]:
 
 
 def _sidecar(folder: _Folder, name: str) -> Optional[str]:
-    """The sidecar's sha256; None without one (or an empty one), "" for one that is garbled."""
+    """
+    The sidecar's sha256; None without one (or an empty one), "" for one that is garbled (not
+    a sha256: it matches no file, so the checkpoint cannot be verified).
+    """
     data = folder.read(name + SIDECAR_SUFFIX)
     try:
-        return data.decode("utf-8").split()[0] if data else None
+        digest = data.decode("utf-8").split()[0] if data else None
     except IndexError:
         return None
     except UnicodeDecodeError:
-        return ""  # matches no file: the checkpoint cannot be verified
+        return ""
+    if digest is None:
+        return None
+    return digest.lower() if _SHA256.fullmatch(digest) else ""
+
+
+def sidecar_problem(name: str, expected: str, actual: str) -> Optional[str]:
+    """
+    Why checkpoint ``name`` does not verify against its sidecar's sha256 ``expected`` (""
+    for a garbled sidecar), ``actual`` being the file's; None if it does.
+    """
+    if expected == "":
+        return (f"its sidecar {name}{SIDECAR_SUFFIX} holds no sha256 (damaged): the checkpoint "
+                "cannot be verified")
+    return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
 
 
 def _safely_loadable(path: str) -> Optional[str]:
@@ -107,6 +128,5 @@ def verify_checkpoint(path: str) -> Optional[str]:
         return "it does not exist"
     expected = read_sidecar(path)
     if expected is not None:
-        actual = sha256_file(path)
-        return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+        return sidecar_problem(os.path.basename(path), expected, sha256_file(path))
     return _safely_loadable(path)

@@ -35,6 +35,7 @@ from ..layout import (
     MODEL_FILES,
     ONNX_INT8_NAME,
     ONNX_NAME,
+    PERSIST_FILE,
     PYTORCH,
     checkpoint_iteration,
     checkpoint_name,
@@ -45,6 +46,7 @@ from .checkpoints import (
     _safely_loadable,
     _sidecar,
     resume_candidates,
+    sidecar_problem,
     verify_checkpoint,
 )
 from .folders import _PROGRESS_BYTES, _Folder, _folder, _LocalFolder, _MirrorFolder
@@ -343,7 +345,12 @@ class RunView:
     def _export_folder(self):
         if self.kind == "bundle":
             return self._folder
-        name = self.persist_options().get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+        try:
+            name = self.persist_options().get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+        except UnsafeArtifactError:
+            raise  # a hostile file is refused loudly, never passed over
+        except ArtifactError:  # a damaged persist.yaml (verify says so): the default folder
+            name = DEFAULT_EXPORT_DIR
         try:
             folder = self._folder.child(name)
         except UnsafeArtifactError:
@@ -383,15 +390,17 @@ class RunView:
     def export(self) -> Optional[dict]:
         """
         The bundle's summary: ``folder``, ``complete``, ``formats``, ``source``, ``iteration``,
-        ``evaluation`` (the manifest's ``failed`` and per-backend box / mask AP); None without one.
+        ``evaluation`` (the manifest's ``failed`` and per-backend box / mask AP), or, where its
+        manifest is missing or does not read, ``folder``, ``complete`` False and ``problem`` (a
+        sentence); None without one.
         """
         folder = self._export_folder()
         if folder is None:
             return None
         try:
             manifest = self.manifest()
-        except ArtifactError:
-            return {"folder": folder.path, "complete": False}
+        except ArtifactError as e:  # none yet (an export under way), or a damaged one
+            return {"folder": folder.path, "complete": False, "problem": str(e)}
         files = manifest.get("files") or {}
         formats = [m.format for m in MODEL_FILES
                    if (manifest.get(m.entry) if m is PYTORCH else m.file) in files]
@@ -410,7 +419,12 @@ class RunView:
         """The run's configured mirror URL (PERSIST.MIRROR), or None."""
         if self.kind != "run":
             return None
-        return self.persist_options().get("MIRROR") or None
+        try:
+            return self.persist_options().get("MIRROR") or None
+        except UnsafeArtifactError:
+            raise
+        except ArtifactError:  # a damaged persist.yaml (verify says so): no mirror known
+            return None
 
     def mirror_state(self) -> Optional[dict]:
         """
@@ -562,7 +576,7 @@ class RunView:
                 # replaced while we hashed (a run still training rewrites model_best.pth):
                 # compare the file as it is now with its sidecar as it is now
                 expected, actual = _sidecar(self._folder, name), self._folder.sha256(name)
-            return None if actual == expected else f"its sha256 {actual[:12]}… does not match"
+            return sidecar_problem(name, expected, actual)
         try:
             with self._folder.local(name) as path:  # a stock checkpoint: load it safely
                 return _safely_loadable(path)
@@ -593,6 +607,10 @@ class RunView:
                                         f"{self.where(CONFIG_NAME)}: {e}"))
         else:
             notes.append(f"No {CONFIG_NAME}: the run's config could not be checked.")
+        try:
+            self.persist_options()
+        except ArtifactError as e:
+            problems.append(Problem(self.where(PERSIST_FILE), DAMAGED, str(e)))
 
     def _verify_best(self, record, good, problems, notes):
         where = self.where(BEST_NAME)
@@ -673,6 +691,9 @@ def open_view(path: str) -> RunView:
     if not exists:
         if folder.remote:
             raise D2PersistError(f"{path} holds nothing (a run's mirror or an export bundle).")
+        if not os.path.lexists(path):
+            raise D2PersistError(f"{path} does not exist (a run's OUTPUT_DIR or an export "
+                                 "bundle).")
         raise D2PersistError(f"{path} is not a folder (a run's OUTPUT_DIR or an export bundle).")
     if MANIFEST_NAME in names:
         return RunView(path, "bundle", source=folder)

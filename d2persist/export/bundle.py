@@ -236,10 +236,14 @@ def add_int8(export_dir: str, images: Sequence[str], float_nodes: Sequence[str] 
 
     Raises:
         ArtifactError: the bundle is incomplete, has no model.onnx, or does not verify.
-        ExportError: ONNX Runtime cannot quantize the model (the manifest records why).
+        ExportError: no ``images`` (the bundle is left as it is), or ONNX Runtime cannot
+            quantize the model (the manifest records why).
     """
     from ..errors import ArtifactError
 
+    images = list(images)
+    if not images:  # before the bundle is touched: an INT8 model it has stays
+        raise ExportError("INT8 export needs calibration images, and none were given.")
     manifest = read_manifest(export_dir, only=[ONNX_NAME])
     files = dict(manifest["files"])
     if ONNX_NAME not in files:

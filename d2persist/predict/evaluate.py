@@ -65,11 +65,15 @@ def match_categories(categories: Sequence[dict], class_names: Sequence[str]) -> 
     """
     by_name = {c["name"]: c["id"] for c in categories}
     unknown = [name for name in by_name if name not in class_names]
-    if unknown or not by_name:
+    if not by_name:
         raise DatasetMismatchError(
-            f"The dataset's categories ({', '.join(sorted(by_name)) or 'none'}) do not match the "
+            f"The dataset has no categories to score the bundle's classes "
+            f"({', '.join(class_names) or 'none'}) against.")
+    if unknown:
+        raise DatasetMismatchError(
+            f"The dataset's categories ({', '.join(sorted(by_name))}) do not match the "
             f"bundle's classes ({', '.join(class_names) or 'none'}): "
-            f"{', '.join(sorted(unknown)) or 'nothing'} not among them.")
+            f"{', '.join(sorted(unknown))} not among them.")
     extra = [n for n in class_names if n not in by_name]
     if extra:
         logger.warning("The bundle's classes %s are not in the dataset: their predictions are "

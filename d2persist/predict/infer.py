@@ -3,14 +3,15 @@
 import json
 import logging
 import os
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Set, Tuple
 
-from ..errors import InputImageError
-from ..files.atomic import write_bytes, write_text
+from ..errors import InputImageError, OutputPathError
+from ..files.atomic import check_output_file, check_output_folder, write_bytes, write_text
 from ..layout import DEFAULT_MIN_SCORE
 from .images import check_image_file, encode_png
 
-__all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "predict_files", "json_text"]
+__all__ = ["IMAGE_EXTENSIONS", "collect_images", "output_paths", "check_outputs",
+           "predict_files", "json_text"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,7 @@ def predict_files(
     """
     for image in images:
         check_image_file(image)
-    if many:
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
-        twins = sorted({s for s in stems if stems.count(s) > 1})
-        if twins and (output or json_out):
-            raise InputImageError(
-                f"Several images are named {twins[0]!r} (other folder or ending): their outputs "
-                "would overwrite each other; predict on them separately."
-            )
+    check_outputs(images, output, json_out, many)
     for target in (output, json_out):
         if target and many:
             os.makedirs(target, exist_ok=True)
@@ -121,6 +115,49 @@ def predict_files(
             _makedirs_for(json_path)
             write_text(json_path, json_text(data))
     return results
+
+
+def check_outputs(images: Sequence[str], output: Optional[str], json_out: Optional[str],
+                  many: bool) -> None:
+    """
+    Refuse, before any model work, outputs that cannot be written as asked: images whose outputs
+    would share a name, a folder where a file goes (or the reverse), a file where a folder
+    above one goes, an output that is one of the input images (it would be overwritten by the
+    drawing), or the picture and the JSON of an image on one file.
+
+    Raises:
+        InputImageError: several images of one name (other folder or ending), whose outputs
+            would overwrite each other.
+        OutputPathError: the first such output, in one sentence.
+    """
+    if many:
+        stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+        twins = sorted({s for s in stems if stems.count(s) > 1})
+        if twins and (output or json_out):
+            raise InputImageError(
+                f"Several images are named {twins[0]!r} (other folder or ending): their outputs "
+                "would overwrite each other; predict on them separately."
+            )
+    inputs = {os.path.realpath(p): p for p in images}
+    written: Set[str] = set()
+    for target, suffix in ((output, ".png"), (json_out, ".json")):
+        if not target:
+            continue
+        if many:
+            check_output_folder(target)
+        for image in images:
+            path = output_paths(image, target, many, suffix)
+            assert path is not None
+            check_output_file(path)
+            real = os.path.realpath(path)
+            if real in inputs:
+                raise OutputPathError(
+                    f"Output {path} is the input image {inputs[real]}: writing it would "
+                    "replace the image; write the outputs elsewhere.")
+            if real in written:
+                raise OutputPathError(f"Two outputs would be written to {path}: give the "
+                                      "picture and the JSON different paths.")
+            written.add(real)
 
 
 def json_text(data: dict) -> str:

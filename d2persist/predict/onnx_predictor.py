@@ -417,6 +417,10 @@ def create_session(model_path: str, sha256: Optional[str] = None,
 
     Returns:
         tuple: ``(session, cached)``, whether the session came from the cache.
+
+    Raises:
+        ArtifactError: ONNX Runtime cannot open the model (a damaged file whose manifest entry
+            was made to match it, a graph this ONNX Runtime does not support).
     """
     import onnxruntime as ort
 
@@ -430,8 +434,17 @@ def create_session(model_path: str, sha256: Optional[str] = None,
             o.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return o
 
+    def open_model(opts):
+        try:
+            return ort.InferenceSession(model_path, opts, providers=providers)
+        except Exception as e:  # (ONNX Runtime's own kinds derive from Exception alone)
+            if not type(e).__module__.startswith("onnxruntime"):
+                raise
+            raise ArtifactError(f"{model_path} does not open in ONNX Runtime ("
+                                f"{type(e).__name__}: {' '.join(str(e).split())}).") from None
+
     if not (cache and sha256):
-        return ort.InferenceSession(model_path, options(), providers=providers), False
+        return open_model(options()), False
     folder = os.path.join(cache_root(), "onnxruntime")
     opts = options()
     cached = os.path.join(folder, _cache_key(sha256, providers, opts) + ".onnx")
@@ -448,10 +461,10 @@ def create_session(model_path: str, sha256: Optional[str] = None,
             opts = options()
             opts.optimized_model_filepath = tmp
             opts.log_severity_level = 3  # not the warning that the graph suits this CPU only
-            session = ort.InferenceSession(model_path, opts, providers=providers)
+            session = open_model(opts)
     except OSError as e:  # a read-only cache: predict without one
         logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder, e)
-        return ort.InferenceSession(model_path, options(), providers=providers), False
+        return open_model(options()), False
     return session, False
 
 

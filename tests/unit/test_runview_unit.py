@@ -40,7 +40,8 @@ def test_each_damage_is_one_problem_naming_the_file(run):
     problems, notes = open_view(str(run)).verify()
     assert [(p.path, p.kind) for p in problems] == [
         (str(run / "model_0000001.pth"), "damaged"), (str(run / "config.yaml"), "damaged")]
-    assert problems[0].sentence.startswith(f"{run / 'model_0000001.pth'}: its sha256")
+    assert problems[0].sentence.startswith(f"{run / 'model_0000001.pth'}: its sidecar "
+                                           "model_0000001.pth.sha256 holds no sha256 (damaged)")
     assert str(run / "config.yaml") in problems[1].sentence
     assert "not valid YAML" in problems[1].sentence
     assert not notes
@@ -83,8 +84,11 @@ def test_names_from_a_remote_manifest_never_leave_the_bundle(name):
 
 
 def test_neither_kind_of_folder_is_one_sentence(tmp_path):
-    with pytest.raises(D2PersistError, match="is not a folder"):
+    with pytest.raises(D2PersistError, match="missing does not exist"):
         open_view(str(tmp_path / "missing"))
+    (tmp_path / "a_file").write_text("hi")
+    with pytest.raises(D2PersistError, match="a_file is not a folder"):
+        open_view(str(tmp_path / "a_file"))
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(D2PersistError, match="neither a run folder"):
         open_view(str(tmp_path))

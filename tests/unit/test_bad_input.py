@@ -1,0 +1,182 @@
+"""
+Bad input is one sentence and a non-zero exit, before any work, and loses nothing: outputs
+that would land on an input, a file or a folder; options out of range; artifacts damaged in
+ways a hash does not catch (a garbled sidecar, a damaged persist.yaml, an ONNX model whose
+manifest entry was made to match it). No model is trained or loaded.
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from d2persist.errors import (
+    ArtifactError,
+    D2PersistError,
+    DatasetMismatchError,
+    ExportError,
+    OutputPathError,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _picture(path):
+    Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(path)
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def _tool_parser(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_parser()
+
+
+def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(tmp_path):
+    from d2persist.predict.infer import check_outputs, predict_files
+
+    (tmp_path / "photos").mkdir()
+    a, b = str(tmp_path / "photos" / "a.png"), str(tmp_path / "photos" / "b.png")
+    digests = [_picture(a), _picture(b)]
+    (tmp_path / "afile").write_text("mine")
+    cases = [
+        ([a, b], str(tmp_path / "photos"), None, True, "Output .*a.png is the input image"),
+        ([a], a, None, False, "is the input image .*a.png: writing it would replace"),
+        ([a, b], None, str(tmp_path / "afile"), True, "Output folder .*afile is a file"),
+        ([a], None, str(tmp_path / "afile" / "x.json"), False, "afile is a file, not a folder"),
+        ([a], str(tmp_path / "o.png"), str(tmp_path / "o.png"), False, "Two outputs .*o.png"),
+        ([a], None, str(tmp_path), False, None),  # a folder for one image: a file in it
+    ]
+    for images, output, json_out, many, message in cases:
+        if message is None:
+            check_outputs(images, output, json_out, many)
+            continue
+        with pytest.raises(OutputPathError, match=message):
+            check_outputs(images, output, json_out, many)
+        with pytest.raises(OutputPathError, match=message):  # (no predictor is needed to refuse)
+            predict_files(None, images, output, json_out, many=many)
+    assert [hashlib.sha256(open(p, "rb").read()).hexdigest() for p in (a, b)] == digests
+    assert (tmp_path / "afile").read_text() == "mine"
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_options_out_of_range_are_argparse_errors(capsys):
+    from d2persist.__main__ import get_parser
+
+    predict = ["predict", "src", "--artifacts", "a", "--output", "o"]
+    cases = [
+        (predict + ["--workers", "0"], "--workers: expected a whole number of at least 1"),
+        (predict + ["--cpus-per-worker", "-2"], "--cpus-per-worker: expected a number above 0"),
+        (predict + ["--gpus-per-worker", "-1"], "--gpus-per-worker: expected a number of at"),
+        (predict + ["--confidence-threshold", "7"],
+         "--confidence-threshold: a confidence threshold is a number from 0 to 1, not '7'"),
+        (predict + ["--confidence-threshold", "nan"], "from 0 to 1, not 'nan'"),
+        (["serve", "b", "--port", "70000"], "--port: expected a port from 1 to 65535"),
+        (["serve", "b", "--replicas", "-1"], "--replicas: expected a whole number"),
+        (["serve", "b", "--max-bytes", "0"], "--max-bytes: expected a whole number"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            get_parser().parse_args(argv)
+        assert exit.value.code == 2
+        assert message in capsys.readouterr().err
+    args = get_parser().parse_args(predict + ["--confidence-threshold", "0", "--workers", "2"])
+    assert (args.confidence_threshold, args.workers) == (0.0, 2)
+    export_model = ["--artifacts", "a", "--calibration-images", "-1"]
+    with pytest.raises(SystemExit):
+        _tool_parser("export_model").parse_args(export_model)
+    assert "--calibration-images: expected a whole number" in capsys.readouterr().err
+    infer_single = ["--image", "x", "--artifacts", "a", "--confidence-threshold", "1.5"]
+    with pytest.raises(SystemExit):
+        _tool_parser("infer_single").parse_args(infer_single)
+    assert "from 0 to 1, not '1.5'" in capsys.readouterr().err
+
+
+def test_plot_refuses_an_output_it_cannot_write_and_never_writes_into_the_run(
+        tmp_path, capsys, monkeypatch):
+    from d2persist.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
+    (tmp_path / "afile").write_text("mine")
+    for output, message in ((tmp_path, "is a folder: name a file"),
+                            (tmp_path / "afile" / "p.png", "afile is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit:
+            main(["plot", str(run), "-o", str(output)])
+        assert exit.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    assert main(["plot", str(run)]) == 0
+    assert (tmp_path / "training.png").is_file() and not (run / "training.png").exists()
+
+
+def test_a_garbled_sidecar_and_a_damaged_persist_yaml_are_named_by_verify(tmp_path):
+    from d2persist.artifacts.checkpoints import verify_checkpoint
+    from d2persist.artifacts.view import open_view
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "model_final.pth").write_bytes(b"weights")
+    (run / "model_final.pth.sha256").write_text("garbage\n")
+    (run / "config.yaml").write_text("MODEL: {}\n")
+    (run / "persist.yaml").write_text("PERSIST: [\n")
+    want = "its sidecar model_final.pth.sha256 holds no sha256 (damaged)"
+    assert verify_checkpoint(str(run / "model_final.pth")).startswith(want)
+    view = open_view(str(run))
+    problems, _ = view.verify()
+    sentences = [p.sentence for p in problems]
+    assert any(want in s for s in sentences), sentences
+    assert any(p.path.endswith("persist.yaml") and p.kind == "damaged" for p in problems)
+    assert view.export() is None and view.mirror() is None  # (not an error: listed as it is)
+    digest = hashlib.sha256(b"weights").hexdigest()
+    (run / "model_final.pth.sha256").write_text(digest.upper() + "  model_final.pth\n")
+    assert verify_checkpoint(str(run / "model_final.pth")) is None
+
+
+def test_a_bundle_whose_manifest_does_not_read_says_why_in_ls(tmp_path):
+    from d2persist.artifacts.view import open_view
+
+    (tmp_path / "manifest.json").write_text('{"format": ')
+    export = open_view(str(tmp_path)).export()
+    assert export["complete"] is False and "is not valid JSON" in export["problem"]
+
+
+def test_an_onnx_model_that_does_not_open_is_one_sentence(tmp_path, monkeypatch):
+    from d2persist.predict.onnx_predictor import create_session
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"\x08\x07" + b"not a graph" * 10)
+    sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    for cache in (False, True):
+        with pytest.raises(ArtifactError, match=r"model.onnx does not open in ONNX Runtime \("):
+            create_session(str(model), sha256, cache=cache)
+    left = [n for _, _, names in os.walk(tmp_path / "cache") for n in names]
+    assert left == []  # no optimized graph, no temp file
+
+
+def test_int8_without_calibration_images_leaves_the_bundle_as_it_was(tmp_path):
+    from d2persist.export.bundle import add_int8
+
+    (tmp_path / "manifest.json").write_text('{"as": "it was"}')
+    with pytest.raises(ExportError, match="needs calibration images, and none were given"):
+        add_int8(str(tmp_path), [])
+    assert (tmp_path / "manifest.json").read_text() == '{"as": "it was"}'
+
+
+def test_thresholds_and_categories_that_cannot_work_are_one_sentence():
+    from d2persist.predict.evaluate import match_categories
+    from d2persist.predict.outputs import min_score_of
+
+    assert min_score_of("0.25") == 0.25 and min_score_of(1) == 1.0
+    for bad in ("7", -1, "nan", None, "high"):
+        with pytest.raises(D2PersistError, match="a number from 0 to 1"):
+            min_score_of(bad)
+    with pytest.raises(DatasetMismatchError, match="has no categories to score the bundle's "
+                                                   r"classes \(circle, square\) against\."):
+        match_categories([], ["circle", "square"])
