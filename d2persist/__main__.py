@@ -82,6 +82,8 @@ def ls(args):
     ex = data["export"]
     if ex is None:
         print("  export: none")
+    elif ex["folder"] is None:
+        print(f"  export: unknown: {ex['problem']}")
     elif not ex["complete"]:
         print(f"  export: {ex['folder']} INCOMPLETE: {ex.get('problem', 'no manifest.json')}")
     else:

@@ -91,8 +91,15 @@ def _sidecar(folder: _Folder, name: str) -> Optional[str]:
 
 def sidecar_problem(name: str, expected: str, actual: str) -> Optional[str]:
     """
-    Why checkpoint ``name`` does not verify against its sidecar's sha256 ``expected`` (""
-    for a garbled sidecar), ``actual`` being the file's; None if it does.
+    Why checkpoint ``name`` does not verify against its sidecar.
+
+    Args:
+        name (str): the checkpoint's file name.
+        expected (str): its sidecar's sha256 ("" for a garbled sidecar).
+        actual (str): the file's sha256.
+
+    Returns:
+        str or None: the reason, or None if it verifies.
     """
     if expected == "":
         return (f"its sidecar {name}{SIDECAR_SUFFIX} holds no sha256 (damaged): the checkpoint "

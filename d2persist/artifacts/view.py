@@ -342,14 +342,20 @@ class RunView:
                 out[n] = stats[n][:2] + (("sha256", digest),)
         return out
 
-    def _export_folder(self):
+    def _export_folder(self, lenient: bool = False) -> Optional[_Folder]:
+        """
+        The bundle's folder, or None. A damaged ``persist.yaml`` (which names it) raises, or
+        with ``lenient`` (:meth:`verify`, which names the damage) gives the default folder.
+        """
         if self.kind == "bundle":
             return self._folder
         try:
             name = self.persist_options().get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
         except UnsafeArtifactError:
             raise  # a hostile file is refused loudly, never passed over
-        except ArtifactError:  # a damaged persist.yaml (verify says so): the default folder
+        except ArtifactError:
+            if not lenient:
+                raise
             name = DEFAULT_EXPORT_DIR
         try:
             folder = self._folder.child(name)
@@ -392,9 +398,14 @@ class RunView:
         The bundle's summary: ``folder``, ``complete``, ``formats``, ``source``, ``iteration``,
         ``evaluation`` (the manifest's ``failed`` and per-backend box / mask AP), or, where its
         manifest is missing or does not read, ``folder``, ``complete`` False and ``problem`` (a
-        sentence); None without one.
+        sentence; ``folder`` None where a damaged ``persist.yaml`` hides it); None without one.
         """
-        folder = self._export_folder()
+        try:
+            folder = self._export_folder()
+        except UnsafeArtifactError:
+            raise
+        except ArtifactError as e:  # a damaged persist.yaml: where the export is is unknown
+            return {"folder": None, "complete": False, "problem": str(e)}
         if folder is None:
             return None
         try:
@@ -476,7 +487,7 @@ class RunView:
                 if expected is not None:
                     jobs.append((self._folder, e.name, e.size))
                 checks.append((e.name, expected))
-        bundle = self._export_folder()
+        bundle = self._export_folder(lenient=True)  # (a damaged persist.yaml: a problem)
         manifest, bundle_problem = None, None
         if bundle is not None:
             try:

@@ -274,6 +274,9 @@ def check_output_file(path: str) -> None:
     Refuse, in one sentence, a file path that a write (its folders made first) cannot create:
     a folder, or a path under a file.
 
+    Args:
+        path (str): the file to be written.
+
     Raises:
         OutputPathError: ``path`` is a folder, or a file stands where a folder above it would.
     """
@@ -285,6 +288,9 @@ def check_output_file(path: str) -> None:
 def check_output_folder(path: str) -> None:
     """
     Refuse, in one sentence, a folder path that cannot be made (or used) as one.
+
+    Args:
+        path (str): the folder to be written into.
 
     Raises:
         OutputPathError: ``path``, or a path above it, is a file.

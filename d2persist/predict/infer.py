@@ -1,5 +1,6 @@
 """What ``tools/infer_single.py`` does: predict on image files, write visualizations and JSON."""
 
+import collections
 import json
 import logging
 import os
@@ -125,20 +126,26 @@ def check_outputs(images: Sequence[str], output: Optional[str], json_out: Option
     above one goes, an output that is one of the input images (it would be overwritten by the
     drawing), or the picture and the JSON of an image on one file.
 
+    Args:
+        images (list[str]): the input image files.
+        output (str): the pictures' file, or folder (``many``), or None.
+        json_out (str): the JSON file, or folder (``many``), or None.
+        many (bool): outputs are folders, one file per image.
+
     Raises:
         InputImageError: several images of one name (other folder or ending), whose outputs
             would overwrite each other.
         OutputPathError: the first such output, in one sentence.
     """
     if many:
-        stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
-        twins = sorted({s for s in stems if stems.count(s) > 1})
+        stems = collections.Counter(os.path.splitext(os.path.basename(p))[0] for p in images)
+        twins = sorted(s for s, n in stems.items() if n > 1)
         if twins and (output or json_out):
             raise InputImageError(
                 f"Several images are named {twins[0]!r} (other folder or ending): their outputs "
                 "would overwrite each other; predict on them separately."
             )
-    inputs = {os.path.realpath(p): p for p in images}
+    inputs = {_file_id(p): p for p in images}  # (links and case-insensitive names alike)
     written: Set[str] = set()
     for target, suffix in ((output, ".png"), (json_out, ".json")):
         if not target:
@@ -149,15 +156,21 @@ def check_outputs(images: Sequence[str], output: Optional[str], json_out: Option
             path = output_paths(image, target, many, suffix)
             assert path is not None
             check_output_file(path)
-            real = os.path.realpath(path)
-            if real in inputs:
+            same = inputs.get(_file_id(path)) if os.path.exists(path) else None
+            if same is not None:
                 raise OutputPathError(
-                    f"Output {path} is the input image {inputs[real]}: writing it would "
+                    f"Output {path} is the input image {same}: writing it would "
                     "replace the image; write the outputs elsewhere.")
+            real = os.path.realpath(path)
             if real in written:
                 raise OutputPathError(f"Two outputs would be written to {path}: give the "
                                       "picture and the JSON different paths.")
             written.add(real)
+
+
+def _file_id(path: str) -> Tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
 
 
 def json_text(data: dict) -> str:

@@ -403,6 +403,11 @@ def _cache_key(sha256, providers, options):
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+def _from_onnxruntime(e: BaseException) -> bool:
+    """Whether ``e`` is one of ONNX Runtime's own errors (they derive from Exception alone)."""
+    return type(e).__module__.startswith("onnxruntime")
+
+
 def create_session(model_path: str, sha256: Optional[str] = None,
                    providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
                    cache: bool = True, spin: bool = True) -> Tuple["ort.InferenceSession", bool]:
@@ -437,8 +442,8 @@ def create_session(model_path: str, sha256: Optional[str] = None,
     def open_model(opts):
         try:
             return ort.InferenceSession(model_path, opts, providers=providers)
-        except Exception as e:  # (ONNX Runtime's own kinds derive from Exception alone)
-            if not type(e).__module__.startswith("onnxruntime"):
+        except Exception as e:
+            if not _from_onnxruntime(e):
                 raise
             raise ArtifactError(f"{model_path} does not open in ONNX Runtime ("
                                 f"{type(e).__name__}: {' '.join(str(e).split())}).") from None
@@ -461,10 +466,14 @@ def create_session(model_path: str, sha256: Optional[str] = None,
             opts = options()
             opts.optimized_model_filepath = tmp
             opts.log_severity_level = 3  # not the warning that the graph suits this CPU only
-            session = open_model(opts)
-    except OSError as e:  # a read-only cache: predict without one
-        logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder, e)
-        return open_model(options()), False
+            session = ort.InferenceSession(model_path, opts, providers=providers)
+    except Exception as e:  # a read-only or full cache: predict without one
+        if not isinstance(e, OSError) and not _from_onnxruntime(e):
+            raise
+        session = open_model(options())  # (a model that does not open: one sentence)
+        logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder,
+                       " ".join(str(e).split()))
+        return session, False
     return session, False
 
 

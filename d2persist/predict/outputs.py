@@ -36,6 +36,12 @@ def min_score_of(value: Any) -> float:
     """
     ``value`` (a number, or its text) as a confidence threshold.
 
+    Args:
+        value: what the user gave (``--confidence-threshold``, ``?min_score=``).
+
+    Returns:
+        float: from 0 to 1.
+
     Raises:
         D2PersistError: ``value`` is not a number from 0 to 1 (a higher one would leave every
             instance out, silently).

@@ -34,7 +34,7 @@ from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError, OutputPathError
 from ..files.atomic import check_output_folder, fsync_dir, write_bytes
 from ..files.mirror import Mirror, is_local_fs
-from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME
+from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME, TEMP_PREFIX
 from ..predict.images import check_image_bytes, encode_png
 from ..predict.infer import IMAGE_EXTENSIONS, json_text
 from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
@@ -199,7 +199,12 @@ def check_destination(dst: Union[str, _Destination]) -> None:
     """
     Refuse, in one sentence, a destination no job can write into: a file, a URL of no
     filesystem here, or a folder holding files that no ``d2persist predict`` job wrote (what
-    the job would take for its outputs, and its ``job.json`` would replace).
+    the job would take for its outputs, and its ``job.json`` would replace). Left aside: a
+    temp file of a job's record whose write was cut short, and an object store's marker of
+    an empty folder.
+
+    Args:
+        dst (str): the destination, a folder or an fsspec URL (or one already opened).
 
     Raises:
         OutputPathError: such a destination.
@@ -207,7 +212,14 @@ def check_destination(dst: Union[str, _Destination]) -> None:
     out = dst if isinstance(dst, _Destination) else _Destination(dst, make=False)
     if out.read_text(PREDICT_OPTIONS_NAME) is not None:
         return  # a job's destination: _check_same_job tells whether it is this job's
-    others = [n for n in out.names() if n != PREDICT_OPTIONS_NAME]
+    try:
+        entries = out.fs.ls(out.root, detail=False)
+    except FileNotFoundError:
+        return
+    root = out.root.rstrip("/")
+    names = [posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != root]
+    others = [n for n in names if not n.startswith(TEMP_PREFIX)
+              and not n.endswith(".d2persist-tmp") and n != PREDICT_OPTIONS_NAME]
     if others:
         raise OutputPathError(
             f"{out.url} already holds files no d2persist predict job wrote (such as "

@@ -65,6 +65,27 @@ def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(
     assert not (tmp_path / "o.png").exists()
 
 
+def test_the_tools_check_outputs_before_the_model_loads(tmp_path, capsys):
+    from d2persist.__main__ import main
+
+    spec = importlib.util.spec_from_file_location(
+        "infer_single", os.path.join(REPO, "tools", "infer_single.py"))
+    infer_single = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer_single)
+    image = str(tmp_path / "a.png")
+    digest = _picture(image)
+    nowhere = str(tmp_path / "no_artifacts")  # loading would fail: the outputs are refused first
+    with pytest.raises(SystemExit) as exit:
+        infer_single.main(["--image", image, "--artifacts", nowhere, "--output", image])
+    assert exit.value.code == 2 and "is the input image" in capsys.readouterr().err
+    assert hashlib.sha256(open(image, "rb").read()).hexdigest() == digest
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "job.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit:
+        main(["predict", image, "--artifacts", nowhere, "--output", str(tmp_path / "theirs")])
+    assert exit.value.code == 2 and "'job.json'" in capsys.readouterr().err
+
+
 def test_options_out_of_range_are_argparse_errors(capsys):
     from d2persist.__main__ import get_parser
 
@@ -132,7 +153,11 @@ def test_a_garbled_sidecar_and_a_damaged_persist_yaml_are_named_by_verify(tmp_pa
     sentences = [p.sentence for p in problems]
     assert any(want in s for s in sentences), sentences
     assert any(p.path.endswith("persist.yaml") and p.kind == "damaged" for p in problems)
-    assert view.export() is None and view.mirror() is None  # (not an error: listed as it is)
+    export = view.export()  # what ls shows: the export's place is unknown, and why
+    assert export["folder"] is None and "persist.yaml is not valid YAML" in export["problem"]
+    assert view.mirror() is None
+    with pytest.raises(ArtifactError, match="persist.yaml is not valid YAML"):
+        view.export_dir()  # what prediction from it reads: refused, not the default folder
     digest = hashlib.sha256(b"weights").hexdigest()
     (run / "model_final.pth.sha256").write_text(digest.upper() + "  model_final.pth\n")
     assert verify_checkpoint(str(run / "model_final.pth")) is None
@@ -158,6 +183,34 @@ def test_an_onnx_model_that_does_not_open_is_one_sentence(tmp_path, monkeypatch)
             create_session(str(model), sha256, cache=cache)
     left = [n for _, _, names in os.walk(tmp_path / "cache") for n in names]
     assert left == []  # no optimized graph, no temp file
+
+
+def test_a_graph_that_cannot_be_cached_is_not_blamed_on_the_model(
+        tmp_path, monkeypatch, mocker, caplog):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import onnxruntime as ort
+    from d2persist.predict import onnx_predictor
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(model))
+    real = ort.InferenceSession
+    fail = ort.capi.onnxruntime_pybind11_state.Fail
+
+    def saving_fails(path, opts=None, **kw):  # as a full disk fails ONNX Runtime's save
+        if opts is not None and opts.optimized_model_filepath:
+            raise fail("Failed to save the optimized model")
+        return real(path, opts, **kw)
+
+    mocker.patch.object(ort, "InferenceSession", saving_fails)
+    session, cached = onnx_predictor.create_session(str(model), "0" * 64)
+    assert cached is False and session.get_inputs()[0].name == "x"
+    assert "Cannot cache the optimized ONNX Runtime graph" in caplog.text
 
 
 def test_int8_without_calibration_images_leaves_the_bundle_as_it_was(tmp_path):

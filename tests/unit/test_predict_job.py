@@ -124,6 +124,23 @@ def test_a_destination_that_is_a_file_or_holds_other_files_is_refused_untouched(
     assert not (tmp_path / "new").exists()
 
 
+def test_a_job_record_cut_short_or_a_folder_marker_does_not_refuse_the_destination(
+        tmp_path, mocker):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _images(src)
+    dst.mkdir()  # a first run killed while it wrote its record: only the record's temp file
+    (dst / ".d2persist-tmp-.d2persist-predict.json.0a1b").write_text('{"src": ')
+    record = predict_source(_Decoder(), str(src), str(dst))
+    assert record["counts"] == {"inputs": 3, "done": 2, "skipped": 0, "failed": 1}
+    empty = batch._Destination(str(tmp_path / "marked"))
+    # an object store's folder made in its console lists the folder itself (s3fs)
+    mocker.patch.object(empty.fs, "ls", return_value=[empty.root + "/"])
+    check_destination(empty)
+    mocker.patch.object(empty.fs, "ls", return_value=[empty.root + "/", empty.root + "/x.json"])
+    with pytest.raises(OutputPathError, match="'x.json'"):
+        check_destination(empty)
+
+
 def test_a_destination_inside_the_source_is_not_read_as_input(tmp_path):
     src = tmp_path / "src"
     _images(src)
