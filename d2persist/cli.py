@@ -117,6 +117,7 @@ def setup_run(cfg: Union["CfgNode", "DictConfig"], args: argparse.Namespace) -> 
     from .training.resume import hold_run_lock
 
     run = run_config(cfg)
+    run.check_settings()  # before the folder is made and anything built
     output_dir = run.output_dir
     restarted = getattr(args, "restarted", 0) and not getattr(args, "eval_only", False)
     if restarted and not args.resume:
@@ -143,6 +144,26 @@ def setup_run(cfg: Union["CfgNode", "DictConfig"], args: argparse.Namespace) -> 
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = run.cudnn_benchmark
     logging.getLogger("d2persist").setLevel(logging.INFO)
+    loop = logging.getLogger("detectron2.engine.train_loop")
+    if not any(isinstance(f, _KnownErrorAsSentence) for f in loop.filters):
+        loop.addFilter(_KnownErrorAsSentence())
+
+
+class _KnownErrorAsSentence(logging.Filter):
+    """
+    detectron2's loop logs "Exception during training:" with the traceback of whatever ended
+    training; a :class:`D2PersistError` (the user's error, printed as one line on stderr by
+    the tool) is logged as its sentence instead.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from .errors import D2PersistError
+
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, D2PersistError):
+            record.msg, record.args = "Training stopped: %s", (str(error),)
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -135,6 +135,12 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
                           f"none), not {warmup!r}.")
     opts["EMA_WARMUP"] = int(number)  # persist.yaml holds it as add_persist_config types it
     opts["STOP_SIGNALS"] = _signal_names(opts["STOP_SIGNALS"])
+    opts["EXPORT_DIR"] = _export_dir(opts["EXPORT_DIR"])
+    keep = _number(opts["MAX_TO_KEEP"])
+    if not (0 <= keep < math.inf and keep == int(keep)):
+        raise ConfigError("PERSIST.MAX_TO_KEEP must be a whole number of checkpoints >= 0 (0: "
+                          f"all), not {opts['MAX_TO_KEEP']!r}.")
+    opts["MAX_TO_KEEP"] = int(keep)
     minutes = opts["CHECKPOINT_MINUTES"]
     try:
         opts["CHECKPOINT_MINUTES"] = float(minutes)
@@ -146,6 +152,21 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
             f"{minutes!r}."
         )
     return opts
+
+
+def _export_dir(value: Any) -> str:
+    """
+    ``PERSIST.EXPORT_DIR`` checked: a folder inside OUTPUT_DIR, given relative to it (the
+    run's own files, or another folder, would be overwritten by the export's).
+    """
+    name = value if isinstance(value, str) else ""
+    parts = name.replace("\\", "/").split("/")
+    if (not name.strip() or os.path.isabs(name) or ".." in parts
+            or all(p in ("", ".") for p in parts)):
+        raise ConfigError("PERSIST.EXPORT_DIR must be a folder inside OUTPUT_DIR, relative to "
+                          f"it (e.g. 'export'), not {value!r}: the export's files would "
+                          "overwrite the run's own or another folder's.")
+    return name
 
 
 def _number(value: Any) -> float:
@@ -307,11 +328,37 @@ class RunConfig:
     """
 
     kind = ""
+    #: the config's own names of the output folder, the iterations and the checkpoint period
+    SETTING_KEYS = ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD")
 
     def __init__(self, cfg: Union["CfgNode", "DictConfig"]) -> None:
         self.cfg = cfg
         self.options = persist_options(cfg)
         self._text: Optional[str] = None  # config.yaml, once checked
+
+    def check_settings(self) -> None:
+        """
+        Refuse, before anything is built, what no run can train with: no output folder (or a
+        file in its place), fewer than one iteration, a negative checkpoint period.
+
+        Raises:
+            ConfigError: naming the setting, in the config's own keys.
+        """
+        out, iters, period = self.SETTING_KEYS
+        if not str(self.output_dir or "").strip():
+            raise ConfigError(f"{out} is empty: name the folder the run writes.")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise ConfigError(f"{out} {self.output_dir} is a file, not a folder.")
+        if self.max_iter < 1:
+            raise ConfigError(f"{iters} must be a number of iterations >= 1, not "
+                              f"{self.max_iter}.")
+        if self.checkpoint_period < 0:
+            raise ConfigError(f"{period} must be a number of iterations >= 0 (0: no periodic "
+                              f"checkpoints), not {self.checkpoint_period}.")
+        if self.checkpoint_period == 0 and not self.options["CHECKPOINT_MINUTES"]:
+            logger.warning("%s is 0 and PERSIST.CHECKPOINT_MINUTES 0: no checkpoint before the "
+                           "last iteration, so a run stopped before its end keeps nothing to "
+                           "resume from.", period)
 
     # -- where and how often -----------------------------------------------------------------
     @property
@@ -396,8 +443,10 @@ class RunConfig:
 
         Raises:
             ConfigRoundTripError: naming the keys at fault.
-            ConfigError: PERSIST.BEST_METRIC without any evaluation configured.
+            ConfigError: a setting no run can train with (:meth:`check_settings`), or
+                PERSIST.BEST_METRIC without any evaluation configured.
         """
+        self.check_settings()
         self._check_best()
         self.dump()
 
@@ -641,6 +690,7 @@ class LazyRunConfig(RunConfig):
     """
 
     kind = "lazy"
+    SETTING_KEYS = ("train.output_dir", "train.max_iter", "train.checkpointer.period")
 
     def __init__(self, cfg: "DictConfig") -> None:
         super().__init__(cfg)
@@ -742,6 +792,7 @@ class LazyRunConfig(RunConfig):
 
     def check(self) -> None:
         """Checked only with EXPORT on; without it, config.yaml may use the pickle fallback."""
+        self.check_settings()
         self._check_best()
         if self.options["EXPORT"]:
             self.dump()

@@ -87,8 +87,12 @@ def test_best_survives_resume(tmp_path, mode="max"):  # "min" across a restore: 
 
 def test_metric_the_evaluation_does_not_produce_fails_listing_what_it_did(tmp_path):
     with pytest.raises(ConfigError, match=r"'bbox/APX' .* produced: .*bbox/AP50") as e:
-        _run(tmp_path, "PERSIST.BEST_METRIC", "bbox/APX", "SOLVER.MAX_ITER", 4)
+        _run(tmp_path, "PERSIST.BEST_METRIC", "bbox/APX", "SOLVER.MAX_ITER", 4,
+             "SOLVER.CHECKPOINT_PERIOD", 2)
     assert "\n" not in str(e.value) and "total_loss" not in str(e.value)
+    # the checkpoint of the iteration evaluated is written first: the fixed name resumes there
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert verify_checkpoint(str(tmp_path / "model_0000001.pth")) is None
 
 
 def test_best_metric_without_evaluation_fails_before_training(tmp_path):

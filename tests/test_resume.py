@@ -160,6 +160,29 @@ def test_damaged_newest_checkpoint_falls_back(tmp_path, damage, caplog):
                for r in caplog.records)
 
 
+def test_resume_refuses_another_model_and_a_schedule_already_past_and_names_changes(
+        tmp_path, caplog):
+    from d2persist import ConfigError
+
+    opts = ["SOLVER.MAX_ITER", 4, "PERSIST.EXPORT", False]
+    train(tiny_cfg(tmp_path, *opts))
+    config = (tmp_path / "config.yaml").read_text()
+    # another model's config: fvcore would skip the tensors of other shapes and train on (on a
+    # fused SGD, the old momentum's shapes crashed the process)
+    with pytest.raises(ConfigError, match=r"model_final.pth: it holds another model's weights "
+                                          r"\(\d+ tensor\(s\) of other shapes, e.g. .*\(32,"):
+        train(tiny_cfg(tmp_path, *opts, "MODEL.FPN.OUT_CHANNELS", 64), resume=True)
+    with pytest.raises(ConfigError, match="checkpoint is of iteration 3, past SOLVER.MAX_ITER 2"):
+        train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 2), resume=True)
+    assert (tmp_path / "config.yaml").read_text() == config  # the run's own, kept
+    assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
+        "model_0000001.pth", "model_0000003.pth", "model_final.pth"]
+    caplog.clear()
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 5, "SOLVER.BASE_LR", 0.02), resume=True)
+    assert "differs from its config.yaml in SOLVER.BASE_LR (0.01 -> 0.02), SOLVER.MAX_ITER " \
+           "(4 -> 5); config.yaml now records this one" in caplog.text
+
+
 def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):
     from d2persist.artifacts.view import find_newest_valid
 

@@ -85,11 +85,15 @@ def main(argv=None):
         from d2persist.predict.infer import collect_images
         from d2persist.predict.predictor import load_torch_predictor
 
+        if not os.path.exists(args.artifacts):
+            raise ArtifactError(f"{args.artifacts} does not exist.")
         bundle = find_bundle(args.artifacts) if os.path.isdir(args.artifacts) else None
         if bundle is None:
             raise ArtifactError(
-                f"{args.artifacts} holds no complete export bundle (manifest.json); train with "
-                "PERSIST.EXPORT True, or point --artifacts at an export folder."
+                f"{args.artifacts} holds no complete export bundle (manifest.json); export a "
+                "finished run by running its training command again with --resume and "
+                "PERSIST.EXPORT True (it trains no further), or point --artifacts at an export "
+                "folder."
             )
         register_shapes()  # the built-in datasets, as tools/train_net.py registers them
         art = resolve_artifacts(bundle)

@@ -7,6 +7,8 @@ neither torch nor detectron2.
 
 from .atomic import (
     atomic_path,
+    check_output_file,
+    check_output_folder,
     fsync_dir,
     remove_temp_files,
     resolve_inside,
@@ -24,12 +26,14 @@ from .lock import (
     restarted_run_started,
     unlock_run_folder,
 )
-from .mirror import Mirror, Uploader, is_url
+from .mirror import Mirror, Uploader, check_mirror, is_url
 from .safe_load import SafeLoader, read_json, safe_torch_load, safe_yaml_load, safe_yaml_loads
 from .writer import BackgroundWriter
 
 __all__ = [
     "atomic_path",
+    "check_output_file",
+    "check_output_folder",
     "fsync_dir",
     "remove_temp_files",
     "resolve_inside",
@@ -45,6 +49,7 @@ __all__ = [
     "restarted_run_started",
     "unlock_run_folder",
     "Mirror",
+    "check_mirror",
     "Uploader",
     "is_url",
     "SafeLoader",

@@ -17,10 +17,11 @@ import threading
 import time
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
-from ..layout import LAST_CHECKPOINT, METRICS_NAME
+from ..errors import ConfigError
+from ..layout import LAST_CHECKPOINT, LOCK_NAME, METRICS_NAME
 from .atomic import atomic_path
 
-__all__ = ["Mirror", "Uploader", "RunMirror", "is_url", "is_local_fs"]
+__all__ = ["Mirror", "Uploader", "RunMirror", "check_mirror", "is_url", "is_local_fs"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,38 @@ def is_url(path: str) -> bool:
 def is_local_fs(fs: Any) -> bool:
     """Whether the fsspec filesystem ``fs`` is this machine's (its paths are files here)."""
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def check_mirror(url: str, output_dir: str) -> None:
+    """
+    Refuse, in one sentence, a ``PERSIST.MIRROR`` a run cannot mirror to: a URL of no
+    filesystem here (an unknown protocol, or its package missing), or a folder of this machine
+    that is the run's folder, inside it or above it, or another run's folder (it holds a run
+    lock file): the copies would overwrite the run's own files or another run's.
+
+    Args:
+        url (str): the mirror's URL (or a local path).
+        output_dir (str): the run's folder.
+
+    Raises:
+        ConfigError: such a mirror.
+    """
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
+    except (ValueError, ImportError) as e:  # e.g. "Protocol not known", gcsfs not installed
+        raise ConfigError(f"PERSIST.MIRROR {url!r} cannot be used ({type(e).__name__}: "
+                          f"{e}).") from None
+    if not is_local_fs(fs):
+        return
+    mirror, run = os.path.realpath(root), os.path.realpath(output_dir)
+    if os.path.commonpath([mirror, run]) in (mirror, run):
+        raise ConfigError(f"PERSIST.MIRROR {url!r} is the run's folder {output_dir}, inside it "
+                          "or above it: mirror to a folder of its own.")
+    if os.path.exists(os.path.join(mirror, LOCK_NAME)):
+        raise ConfigError(f"PERSIST.MIRROR {url!r} is another run's folder (it holds "
+                          f"{LOCK_NAME}): mirror to a folder of its own.")
 
 
 class Mirror:

@@ -17,14 +17,16 @@ from ..artifacts.checkpoints import evaluated_weights
 from ..artifacts.manifest import export_backends
 from ..artifacts.view import RunView, metrics_json_history
 from ..collective import main_says
-from ..errors import TrainingDivergedError
+from ..errors import ConfigError, D2PersistError, TrainingDivergedError
 from ..export.bundle import dataset_metadata, write_export, write_manifest
 from ..export.quantize import calibration_subset
 from ..export.self_eval import evaluate_bundle, metrics_at
 from ..files.atomic import remove_temp_files, write_json
 from ..files.lock import note_run_started
-from ..files.mirror import RunMirror
+from ..files.mirror import RunMirror, check_mirror
+from ..files.safe_load import safe_yaml_load, safe_yaml_loads
 from ..layout import BEST_NAME, CONFIG_NAME, METADATA_NAME, METRICS_NAME, ONNX_INT8, PERSIST_FILE
+from ..runconfig import flatten_config
 from .best import BestMetric
 from .resume import check_output_dir
 
@@ -56,6 +58,13 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     """
     out = run.output_dir
     check_output_dir(out, start_iter)
+    if os.path.exists(run.export_dir) and not os.path.isdir(run.export_dir):
+        raise ConfigError(f"PERSIST.EXPORT_DIR {run.export_dir} is a file: the export needs a "
+                          "folder there.")
+    if run.options["MIRROR"]:
+        check_mirror(run.options["MIRROR"], out)
+    if start_iter > 0:
+        _note_config_changes(run, out)
     note_run_started(out)
     os.makedirs(out, exist_ok=True)
     remove_temp_files(out)
@@ -66,6 +75,28 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     mirror = RunMirror(run.options["MIRROR"], out)
     mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME)
     return mirror
+
+
+def _note_config_changes(run: "RunConfig", out: str) -> None:
+    """
+    On resume, say which keys of the config differ from the run's ``config.yaml`` (which then
+    records the new one): a change made on purpose (more iterations) or not (another file).
+    """
+    try:
+        saved = safe_yaml_load(os.path.join(out, CONFIG_NAME))
+        now = safe_yaml_loads(run.dump())
+    except (OSError, D2PersistError, ValueError):  # none (a stock run), or not comparable
+        return
+    if not isinstance(saved, dict) or not isinstance(now, dict):
+        return
+    before, after = flatten_config(saved), flatten_config(now)
+    changed = sorted(k for k in set(before) | set(after)
+                     if before.get(k) != after.get(k) and not k.startswith("PERSIST."))
+    if changed:
+        shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        logger.warning("Resuming %s with a config that differs from its %s in %s%s; %s now "
+                       "records this one.", out, CONFIG_NAME, shown, more, CONFIG_NAME)
 
 
 #: what usually helps a run that diverged, in each config system's keys

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 
 from ..artifacts.plot import BackgroundPlot
 from ..artifacts.view import EVAL_TASKS, RunView
-from ..collective import main_says
-from ..errors import D2PersistError, EarlyStopped, TrainingDivergedError
+from ..collective import main_decides, main_says
+from ..errors import ConfigError, D2PersistError, EarlyStopped, TrainingDivergedError
 from ..files.atomic import write_json
 from ..files.lock import unlock_run_folder
 from ..files.mirror import RunMirror
@@ -249,6 +249,13 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
+        if self.trainer.start_iter > self.trainer.max_iter:  # (every process alike)
+            key = self.run.SETTING_KEYS[1]
+            raise ConfigError(
+                f"Cannot resume {out}: its checkpoint is of iteration "
+                f"{self.trainer.start_iter - 1}, past {key} {self.trainer.max_iter}; resume "
+                f"with {key} {self.trainer.start_iter} or more, or start a new run in another "
+                "OUTPUT_DIR.")
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
         if comm.is_main_process():  # the folder the main process writes is the one that counts
             self._mirror_jobs = start_run_folder(self.run, self.trainer.start_iter)
@@ -380,12 +387,19 @@ class PersistHook(HookBase):
             latest = self.trainer.storage.latest()
             self._training_keys = (self._training_keys or set()) | {
                 k for k, (_, i) in latest.items() if i == it}
+        periodic = period > 0 and (it + 1) % period == 0
         # the best is decided first, so that a checkpoint of this iteration knows it
-        improved = self._best is not None and self._consider_best(it)
+        try:  # (on the main process, which every process hears: the same error everywhere)
+            improved = self._best is not None and evaluated and main_decides(
+                lambda: self._consider_best(it))
+        except ConfigError:  # PERSIST.BEST_METRIC no evaluation gives: this iteration's
+            if periodic:  # checkpoint first, so that fixing the name resumes from it
+                self._save(checkpoint_name(it), it)
+                self._writer.wait()
+            raise
         if evaluated:
             self._record_evaluation(it, it)
         stop = self._early is not None and evaluated and self._early_stop_decided(it)
-        periodic = period > 0 and (it + 1) % period == 0
         if timed and not periodic and not sig:
             logger.info("%s minutes since the last save: checkpoint after iteration %d "
                         "(PERSIST.CHECKPOINT_MINUTES).", self.options["CHECKPOINT_MINUTES"], it)

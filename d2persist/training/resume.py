@@ -17,10 +17,11 @@ from detectron2.utils import comm
 from ..artifacts.checkpoints import read_sidecar, verify_checkpoint
 from ..artifacts.view import RunView, find_newest_valid, list_checkpoints, open_view
 from ..collective import main_decides, main_says
-from ..errors import ArtifactError, D2PersistError, OutputDirNotEmptyError
+from ..errors import ArtifactError, ConfigError, D2PersistError, OutputDirNotEmptyError
 from ..files.atomic import sha256_file, write_text
 from ..files.lock import lock_run_folder, unlock_run_folder
-from ..layout import LAST_CHECKPOINT, SIDECAR_SUFFIX
+from ..files.mirror import check_mirror
+from ..layout import LAST_CHECKPOINT, MANIFEST_NAME, SIDECAR_SUFFIX
 
 if TYPE_CHECKING:
     from fvcore.common.checkpoint import Checkpointer
@@ -89,6 +90,8 @@ def _fetch_from_mirror(url, folder):
 
 def _decide(folder, resume, refuse_existing, mirror=""):
     """The main process's choice: a checkpoint's path or "" (raises the user's errors)."""
+    if mirror:
+        check_mirror(mirror, folder)
     if resume and mirror and not list_checkpoints(folder):
         _fetch_from_mirror(mirror, folder)
     if not resume:
@@ -105,6 +108,12 @@ def _decide(folder, resume, refuse_existing, mirror=""):
             "are truncated or corrupt, see the warnings above); restore a good copy, or move "
             "them away to start a new run."
         )
+    tagged = RunView(folder, "run").last_checkpoint() if os.path.isdir(folder) else None
+    if tagged:
+        raise ArtifactError(
+            f"Cannot resume: {folder}/{LAST_CHECKPOINT} names {tagged}, which is not there "
+            f"(and no other checkpoint is); restore it, or remove {LAST_CHECKPOINT} to start "
+            "a new run.")
     logger.info("No checkpoint to resume from in %s: starting a new run.", folder)
     return ""
 
@@ -185,9 +194,44 @@ def _local_copy(folder, path):
 def _load_chosen(checkpointer: "Checkpointer", path: str) -> Dict[str, Any]:
     """Load the chosen checkpoint on every process, wherever its bytes are (see _local_copy)."""
     if comm.get_world_size() == 1:
-        return checkpointer.load(path)
+        return _load_same_model(checkpointer, path)
     with _local_copy(checkpointer.save_dir, path) as local:
-        return checkpointer.load(local)
+        return _load_same_model(checkpointer, local, shown=path)
+
+
+def _load_same_model(checkpointer: "Checkpointer", path: str, shown: str = "") -> Dict[str, Any]:
+    """
+    ``checkpointer.load(path)``, refused in one sentence where the checkpoint's weights do not
+    fit the model (another config's: fvcore would skip those tensors, and training go on from
+    a model half new, with an optimizer state of other shapes).
+    """
+    found = []
+    load_model = checkpointer._load_model  # (fvcore's override point; detectron2's too)
+
+    def recording(checkpoint):
+        incompatible = load_model(checkpoint)
+        found.append(incompatible)
+        return incompatible
+
+    checkpointer._load_model = recording
+    try:
+        data = checkpointer.load(path)
+    finally:
+        del checkpointer._load_model
+    shapes = list(getattr(found[0], "incorrect_shapes", None) or []) if found else []
+    missing = list(getattr(found[0], "missing_keys", None) or []) if found else []
+    if shapes or missing:
+        if shapes:
+            key, had, want = shapes[0]
+            what = (f"{len(shapes)} tensor(s) of other shapes, e.g. {key}: "
+                    f"{tuple(had)} there, {tuple(want)} in this model")
+        else:
+            what = f"{len(missing)} tensor(s) of this model missing, e.g. {missing[0]}"
+        raise ConfigError(
+            f"Cannot resume from {shown or path}: it holds another model's weights ({what}); "
+            "resume with the config the run was trained with (its config.yaml), or start a "
+            "new run in another OUTPUT_DIR.")
+    return data
 
 
 def resume_or_load(checkpointer: "Checkpointer", weights: str, *, resume: bool,
@@ -223,11 +267,16 @@ def resume_or_load(checkpointer: "Checkpointer", weights: str, *, resume: bool,
 
 def check_output_dir(output_dir: str, start_iter: int) -> None:
     """
-    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints.
+    Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints, and
+    any run in an export bundle's folder.
 
     Raises:
         OutputDirNotEmptyError: naming what is there and how to resume it.
     """
+    if os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
+        raise OutputDirNotEmptyError(
+            f"{output_dir} is an export bundle ({MANIFEST_NAME}): training there would "
+            "overwrite its files; choose another OUTPUT_DIR.")
     if start_iter != 0:
         return
     existing = list_checkpoints(output_dir)

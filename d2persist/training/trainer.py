@@ -62,6 +62,7 @@ class PersistTrainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode) -> None:
+        run_config(cfg).check_settings()  # before anything is built (MAX_ITER 0 fails there)
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()

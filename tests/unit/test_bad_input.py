@@ -30,11 +30,22 @@ def _picture(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
-def _tool_parser(name):
+def _tool(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_parser()
+    return module
+
+
+def _tool_parser(name):
+    return _tool(name).get_parser()
+
+
+def test_export_model_names_artifacts_that_do_not_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        _tool("export_model").main(["--artifacts", str(tmp_path / "nowhere")])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("nowhere does not exist.")
 
 
 def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(tmp_path):
@@ -68,10 +79,7 @@ def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(
 def test_the_tools_check_outputs_before_the_model_loads(tmp_path, capsys):
     from d2persist.__main__ import main
 
-    spec = importlib.util.spec_from_file_location(
-        "infer_single", os.path.join(REPO, "tools", "infer_single.py"))
-    infer_single = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(infer_single)
+    infer_single = _tool("infer_single")
     image = str(tmp_path / "a.png")
     digest = _picture(image)
     nowhere = str(tmp_path / "no_artifacts")  # loading would fail: the outputs are refused first

@@ -324,3 +324,92 @@ def test_the_validation_loss_needs_annotations_in_the_test_dataset():
     cfg.PERSIST.VAL_LOSS = True
     with pytest.raises(ConfigError, match=f"test dataset '{name}' has none"):
         validation_batches(run_config(cfg))
+
+
+def _yacs(**changes):
+    cfg = add_persist_config(get_cfg())
+    for key, value in changes.items():
+        node, _, leaf = key.rpartition("__")
+        target = cfg
+        for part in node.split("__") if node else []:
+            target = target[part]
+        target[leaf] = value
+    return cfg
+
+
+@pytest.mark.parametrize("value", [".", "", "./", "/elsewhere", "../other_run", "a/../.."])
+def test_an_export_folder_outside_the_run_or_the_run_itself_is_refused(value):
+    with pytest.raises(ConfigError, match="EXPORT_DIR must be a folder inside OUTPUT_DIR"):
+        run_config(_yacs(PERSIST__EXPORT_DIR=value))
+
+
+def test_settings_no_run_can_train_with_are_refused_before_anything_is_built(tmp_path, caplog):
+    (tmp_path / "afile").write_text("mine")
+    cases = [({"OUTPUT_DIR": ""}, "OUTPUT_DIR is empty"),
+             ({"OUTPUT_DIR": str(tmp_path / "afile")}, "afile is a file, not a folder"),
+             ({"SOLVER__MAX_ITER": 0}, "SOLVER.MAX_ITER must be a number of iterations >= 1"),
+             ({"SOLVER__CHECKPOINT_PERIOD": -2}, "SOLVER.CHECKPOINT_PERIOD must be a number"),
+             ({"PERSIST__MAX_TO_KEEP": -1}, "PERSIST.MAX_TO_KEEP must be a whole number")]
+    for changes, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            run_config(_yacs(**{"OUTPUT_DIR": str(tmp_path / "run"), **changes})
+                       ).check_settings()
+    run_config(_yacs(OUTPUT_DIR=str(tmp_path / "run"), SOLVER__CHECKPOINT_PERIOD=0)
+               ).check_settings()
+    assert "no checkpoint before the last iteration" in caplog.text
+    with pytest.raises(ConfigError, match="SOLVER.MAX_ITER must be"):  # the library's trainer
+        from d2persist import PersistTrainer
+
+        PersistTrainer(_yacs(OUTPUT_DIR=str(tmp_path / "run"), SOLVER__MAX_ITER=-3))
+
+
+def test_a_mirror_onto_a_run_or_of_no_filesystem_is_refused(tmp_path):
+    from d2persist.files.mirror import check_mirror
+    from d2persist.layout import LOCK_NAME
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    run.mkdir()
+    other.mkdir()
+    (other / LOCK_NAME).write_text("")
+    cases = [("nosuch://x/y", r"cannot be used \(ValueError: Protocol not known: nosuch\)"),
+             (f"file://{run}", "is the run's folder"), (str(run / "mirror"), "inside it"),
+             (str(tmp_path), "or above it"), (f"file://{other}", "is another run's folder")]
+    for url, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            check_mirror(url, str(run))
+    check_mirror(f"file://{tmp_path / 'mirrors' / 'run'}", str(run))
+    check_mirror("s3://bucket/runs/run", str(run))  # (not reached here: checked at upload)
+
+
+def test_an_export_bundle_is_no_run_folder_and_a_dangling_last_checkpoint_is_named(tmp_path):
+    bundle = tmp_path / "export"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}")
+    with pytest.raises(OutputDirNotEmptyError, match="is an export bundle"):
+        choose_checkpoint(str(bundle), resume=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LAST_CHECKPOINT).write_text("model_0000009.pth")
+    with pytest.raises(ArtifactError, match="names model_0000009.pth, which is not there"):
+        choose_checkpoint(str(run), resume=True)
+
+
+def test_a_d2persist_error_ending_training_is_logged_as_its_sentence():
+    from d2persist.cli import _KnownErrorAsSentence
+
+    def record(error):
+        try:
+            raise error
+        except Exception:
+            import sys
+
+            rec = logging.LogRecord("detectron2.engine.train_loop", logging.ERROR, __file__, 1,
+                                    "Exception during training:", (), sys.exc_info())
+        assert _KnownErrorAsSentence().filter(rec)
+        return rec
+
+    mine = record(ConfigError("PERSIST.BEST_METRIC 'x' is not a result."))
+    assert mine.getMessage() == "Training stopped: PERSIST.BEST_METRIC 'x' is not a result."
+    assert mine.exc_info is None
+    other = record(RuntimeError("a bug"))
+    assert other.exc_info is not None and other.getMessage() == "Exception during training:"
