@@ -355,10 +355,6 @@ class RunConfig:
         if self.checkpoint_period < 0:
             raise ConfigError(f"{period} must be a number of iterations >= 0 (0: no periodic "
                               f"checkpoints), not {self.checkpoint_period}.")
-        if self.checkpoint_period == 0 and not self.options["CHECKPOINT_MINUTES"]:
-            logger.warning("%s is 0 and PERSIST.CHECKPOINT_MINUTES 0: no checkpoint before the "
-                           "last iteration, so a run stopped before its end keeps nothing to "
-                           "resume from.", period)
 
     # -- where and how often -----------------------------------------------------------------
     @property
@@ -702,7 +698,9 @@ class LazyRunConfig(RunConfig):
 
     @property
     def checkpoint_period(self) -> int:
-        return int(self.cfg.train.checkpointer.period)
+        from omegaconf import OmegaConf
+
+        return int(OmegaConf.select(self.cfg, "train.checkpointer.period", default=0))
 
     @property
     def max_iter(self) -> int:

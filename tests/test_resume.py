@@ -172,6 +172,10 @@ def test_resume_refuses_another_model_and_a_schedule_already_past_and_names_chan
     with pytest.raises(ConfigError, match=r"model_final.pth: it holds another model's weights "
                                           r"\(\d+ tensor\(s\) of other shapes, e.g. .*\(32,"):
         train(tiny_cfg(tmp_path, *opts, "MODEL.FPN.OUT_CHANNELS", 64), resume=True)
+    # one layer more: refused before the optimizer's state (of fewer parameters) is loaded
+    with pytest.raises(ConfigError, match=r"\(\d+ tensor\(s\) of this model missing, e.g. "
+                                          r"roi_heads.mask_head.mask_fcn\d"):
+        train(tiny_cfg(tmp_path, *opts, "MODEL.ROI_MASK_HEAD.NUM_CONV", 5), resume=True)
     with pytest.raises(ConfigError, match="checkpoint is of iteration 3, past SOLVER.MAX_ITER 2"):
         train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 2), resume=True)
     assert (tmp_path / "config.yaml").read_text() == config  # the run's own, kept

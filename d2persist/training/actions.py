@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "start_run_folder",
+    "check_run_folder",
     "diverged_error",
     "calibration_images",
     "export_run",
@@ -57,14 +58,13 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
         RunMirror or None: the mirror's uploads (``PERSIST.MIRROR``), with the config queued.
     """
     out = run.output_dir
-    check_output_dir(out, start_iter)
-    if os.path.exists(run.export_dir) and not os.path.isdir(run.export_dir):
-        raise ConfigError(f"PERSIST.EXPORT_DIR {run.export_dir} is a file: the export needs a "
-                          "folder there.")
-    if run.options["MIRROR"]:
-        check_mirror(run.options["MIRROR"], out)
+    check_run_folder(run, start_iter)
     if start_iter > 0:
         _note_config_changes(run, out)
+    if run.checkpoint_period == 0 and not run.options["CHECKPOINT_MINUTES"]:
+        logger.warning("%s is 0 and PERSIST.CHECKPOINT_MINUTES 0: no checkpoint before the "
+                       "last iteration, so a run stopped before its end keeps nothing to "
+                       "resume from.", run.SETTING_KEYS[2])
     note_run_started(out)
     os.makedirs(out, exist_ok=True)
     remove_temp_files(out)
@@ -77,11 +77,35 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     return mirror
 
 
+def check_run_folder(run: "RunConfig", start_iter: int) -> None:
+    """
+    What the run's folder must be before anything is written there: no earlier run's
+    checkpoints under a new run, not an export bundle, room for the export, a mirror of its
+    own. Main process only: every process hears it through
+    :func:`~d2persist.collective.main_decides`.
+
+    Raises:
+        OutputDirNotEmptyError: see :func:`~d2persist.training.resume.check_output_dir`.
+        ConfigError: a file where PERSIST.EXPORT_DIR goes; a mirror refused by
+            :func:`~d2persist.files.mirror.check_mirror`.
+    """
+    check_output_dir(run.output_dir, start_iter)
+    if os.path.exists(run.export_dir) and not os.path.isdir(run.export_dir):
+        raise ConfigError(f"PERSIST.EXPORT_DIR {run.export_dir} is a file: the export needs a "
+                          "folder there.")
+    if run.options["MIRROR"]:
+        check_mirror(run.options["MIRROR"], run.output_dir)
+
+
 def _note_config_changes(run: "RunConfig", out: str) -> None:
     """
     On resume, say which keys of the config differ from the run's ``config.yaml`` (which then
     records the new one): a change made on purpose (more iterations) or not (another file).
+    A yacs config's only: a LazyConfig's text need not load back (detectron2's pickle
+    fallback).
     """
+    if run.kind != "yacs":
+        return
     try:
         saved = safe_yaml_load(os.path.join(out, CONFIG_NAME))
         now = safe_yaml_loads(run.dump())

@@ -36,6 +36,7 @@ from ..layout import (
 from ..runconfig import run_config
 from .actions import (
     calibration_images,
+    check_run_folder,
     diverged_error,
     evaluate_run_export,
     export_run,
@@ -45,7 +46,7 @@ from .before_eval import BeforeEvaluation
 from .best import BestMetric, EarlyStopping, EvaluationLog, evaluation_value
 from .checkpointer import PersistCheckpointer, all_finite, snapshot_state
 from .ema import ModelEMA
-from .resume import hold_run_lock
+from .resume import check_resume_point, hold_run_lock
 from .state import data_state_to_resume, get_rng_state, set_rng_state
 
 __all__ = ["PersistHook"]
@@ -249,13 +250,9 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
-        if self.trainer.start_iter > self.trainer.max_iter:  # (every process alike)
-            key = self.run.SETTING_KEYS[1]
-            raise ConfigError(
-                f"Cannot resume {out}: its checkpoint is of iteration "
-                f"{self.trainer.start_iter - 1}, past {key} {self.trainer.max_iter}; resume "
-                f"with {key} {self.trainer.start_iter} or more, or start a new run in another "
-                "OUTPUT_DIR.")
+        # (PersistTrainer and train_lazy checked before training; a stock trainer, here)
+        check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
+        main_decides(lambda: check_run_folder(self.run, self.trainer.start_iter))
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
         if comm.is_main_process():  # the folder the main process writes is the one that counts
             self._mirror_jobs = start_run_folder(self.run, self.trainer.start_iter)
@@ -393,7 +390,7 @@ class PersistHook(HookBase):
             improved = self._best is not None and evaluated and main_decides(
                 lambda: self._consider_best(it))
         except ConfigError:  # PERSIST.BEST_METRIC no evaluation gives: this iteration's
-            if periodic:  # checkpoint first, so that fixing the name resumes from it
+            if periodic or timed or sig:  # checkpoint first, so that the fixed name resumes
                 self._save(checkpoint_name(it), it)
                 self._writer.wait()
             raise
@@ -653,7 +650,8 @@ class PersistHook(HookBase):
             self._record_evaluation(last, trainer.storage.iter)
             if comm.is_main_process():
                 self._writer.wait()  # before the last picture and upload read it
-        if not stopped and self._best is not None and self._consider_best(last, final=True):
+        if not stopped and self._best is not None and main_decides(
+                lambda: self._consider_best(last, final=True)):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
                 self._writer.wait()

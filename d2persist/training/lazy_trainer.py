@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from ..errors import EarlyStopped
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
-from .resume import resume_or_load
+from .resume import check_resume_point, resume_or_load
 from .trainer import create_ddp_model
 
 __all__ = ["train_lazy"]
@@ -36,7 +36,7 @@ def train_lazy(cfg: DictConfig, resume: bool = False) -> TrainerBase:
         the trainer, once training has finished.
     """
     persist = PersistHook(cfg)
-    persist.run.check()  # fails before any work; its before_train does not check again
+    persist.run.check()  # fails before any work (before_train reuses what it checked)
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
@@ -71,8 +71,10 @@ def train_lazy(cfg: DictConfig, resume: bool = False) -> TrainerBase:
     )
     resumed = resume_or_load(checkpointer, cfg.train.init_checkpoint, resume=resume,
                              mirror=persist.options["MIRROR"])
+    start = trainer.iter + 1 if resumed else 0
+    check_resume_point(persist.run, start, cfg.train.max_iter)  # (before EvalHook's work)
     try:
-        trainer.train(trainer.iter + 1 if resumed else 0, cfg.train.max_iter)
+        trainer.train(start, cfg.train.max_iter)
     except EarlyStopped:  # a completed run (PERSIST.EARLY_STOP_PATIENCE)
         pass
     return trainer

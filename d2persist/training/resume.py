@@ -26,7 +26,10 @@ from ..layout import LAST_CHECKPOINT, MANIFEST_NAME, SIDECAR_SUFFIX
 if TYPE_CHECKING:
     from fvcore.common.checkpoint import Checkpointer
 
-__all__ = ["hold_run_lock", "choose_checkpoint", "resume_or_load", "check_output_dir"]
+    from ..runconfig import RunConfig
+
+__all__ = ["hold_run_lock", "choose_checkpoint", "resume_or_load", "check_output_dir",
+           "check_resume_point"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,35 +206,59 @@ def _load_same_model(checkpointer: "Checkpointer", path: str, shown: str = "") -
     """
     ``checkpointer.load(path)``, refused in one sentence where the checkpoint's weights do not
     fit the model (another config's: fvcore would skip those tensors, and training go on from
-    a model half new, with an optimizer state of other shapes).
+    a model half new, with an optimizer state of other shapes). Refused as soon as the model's
+    weights are compared, before the optimizer's state is loaded.
     """
-    found = []
+    own = vars(checkpointer).get("_load_model")  # (an instance's own, if it has one)
     load_model = checkpointer._load_model  # (fvcore's override point; detectron2's too)
 
-    def recording(checkpoint):
+    def checked(checkpoint):
         incompatible = load_model(checkpoint)
-        found.append(incompatible)
-        return incompatible
-
-    checkpointer._load_model = recording
-    try:
-        data = checkpointer.load(path)
-    finally:
-        del checkpointer._load_model
-    shapes = list(getattr(found[0], "incorrect_shapes", None) or []) if found else []
-    missing = list(getattr(found[0], "missing_keys", None) or []) if found else []
-    if shapes or missing:
+        shapes = list(getattr(incompatible, "incorrect_shapes", None) or [])
+        missing = list(getattr(incompatible, "missing_keys", None) or [])
         if shapes:
             key, had, want = shapes[0]
             what = (f"{len(shapes)} tensor(s) of other shapes, e.g. {key}: "
                     f"{tuple(had)} there, {tuple(want)} in this model")
-        else:
+        elif missing:
             what = f"{len(missing)} tensor(s) of this model missing, e.g. {missing[0]}"
+        else:
+            return incompatible
         raise ConfigError(
             f"Cannot resume from {shown or path}: it holds another model's weights ({what}); "
             "resume with the config the run was trained with (its config.yaml), or start a "
-            "new run in another OUTPUT_DIR.")
-    return data
+            "new run in another output folder.")
+
+    checkpointer._load_model = checked
+    try:
+        return checkpointer.load(path)
+    finally:
+        if own is not None:
+            checkpointer._load_model = own
+        else:
+            del checkpointer._load_model
+
+
+def check_resume_point(run: "RunConfig", start_iter: int, max_iter: int) -> None:
+    """
+    Refuse, before training starts, a resumed run already past the iterations asked for (its
+    final checkpoint would hold later weights under an earlier iteration). Every process
+    computes the same.
+
+    Args:
+        run (RunConfig): the run (for the config's name of the iterations).
+        start_iter (int): the iteration training would start at.
+        max_iter (int): the iterations asked for.
+
+    Raises:
+        ConfigError: ``start_iter > max_iter``.
+    """
+    if start_iter > max_iter:
+        key = run.SETTING_KEYS[1]
+        raise ConfigError(
+            f"Cannot resume {run.output_dir}: its checkpoint is of iteration {start_iter - 1}, "
+            f"past {key} {max_iter}; resume with {key} {start_iter} or more, or start a new "
+            "run in another output folder.")
 
 
 def resume_or_load(checkpointer: "Checkpointer", weights: str, *, resume: bool,

@@ -17,7 +17,7 @@ from ..errors import EarlyStopped
 from ..runconfig import run_config
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
-from .resume import resume_or_load
+from .resume import check_resume_point, resume_or_load
 from .state import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = ["PersistTrainer", "create_ddp_model"]
@@ -94,6 +94,7 @@ class PersistTrainer(DefaultTrainer):
         resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume,
                                  mirror=run.options["MIRROR"])
         self.start_iter = self.iter + 1 if resumed else 0
+        check_resume_point(run, self.start_iter, self.max_iter)  # (before EvalHook's work)
 
     def train(self) -> Optional[dict]:
         """
