@@ -700,7 +700,7 @@ class LazyRunConfig(RunConfig):
     def checkpoint_period(self) -> int:
         from omegaconf import OmegaConf
 
-        return int(OmegaConf.select(self.cfg, "train.checkpointer.period", default=0))
+        return int(OmegaConf.select(self.cfg, "train.checkpointer.period", default=0) or 0)
 
     @property
     def max_iter(self) -> int:

@@ -178,6 +178,10 @@ def test_resume_refuses_another_model_and_a_schedule_already_past_and_names_chan
         train(tiny_cfg(tmp_path, *opts, "MODEL.ROI_MASK_HEAD.NUM_CONV", 5), resume=True)
     with pytest.raises(ConfigError, match="checkpoint is of iteration 3, past SOLVER.MAX_ITER 2"):
         train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 2), resume=True)
+    from d2persist.files.lock import lock_run_folder, unlock_run_folder
+
+    assert lock_run_folder(str(tmp_path))  # released by the refusal: another run may take it
+    unlock_run_folder(str(tmp_path))
     assert (tmp_path / "config.yaml").read_text() == config  # the run's own, kept
     assert sorted(p.name for p in tmp_path.glob("model_*.pth")) == [
         "model_0000001.pth", "model_0000003.pth", "model_final.pth"]

@@ -50,9 +50,11 @@ logger = logging.getLogger(__name__)
 
 def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     """
-    On the main process, before training: refuse a new run over an earlier run's checkpoints,
-    note that the run started (a restarted worker may resume it), write ``config.yaml``,
-    ``persist.yaml`` and ``metadata.json``, and start the mirror.
+    On the main process, before training (PersistHook runs it through
+    :func:`~d2persist.collective.main_decides`, so that every process hears its errors): refuse
+    what :func:`check_run_folder` refuses, note that the run started (a restarted worker may
+    resume it), write ``config.yaml``, ``persist.yaml`` and ``metadata.json``, and start the
+    mirror.
 
     Returns:
         RunMirror or None: the mirror's uploads (``PERSIST.MIRROR``), with the config queued.

@@ -36,7 +36,6 @@ from ..layout import (
 from ..runconfig import run_config
 from .actions import (
     calibration_images,
-    check_run_folder,
     diverged_error,
     evaluate_run_export,
     export_run,
@@ -252,12 +251,15 @@ class PersistHook(HookBase):
         self.run.check()  # raises ConfigRoundTripError, on every process alike
         # (PersistTrainer and train_lazy checked before training; a stock trainer, here)
         check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
-        main_decides(lambda: check_run_folder(self.run, self.trainer.start_iter))
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
-        if comm.is_main_process():  # the folder the main process writes is the one that counts
+
+        def start_folder():  # the folder the main process writes is the one that counts
             self._mirror_jobs = start_run_folder(self.run, self.trainer.start_iter)
-            if self.options["PLOT"]:
-                self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
+
+        # its refusals (and a failing write) reach every process, not the main one alone
+        main_decides(start_folder, errors=(D2PersistError, OSError))
+        if comm.is_main_process() and self.options["PLOT"]:
+            self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
         self._apply_pending_resume()
         if self._ema is not None:

@@ -93,6 +93,7 @@ def _fetch_from_mirror(url, folder):
 
 def _decide(folder, resume, refuse_existing, mirror=""):
     """The main process's choice: a checkpoint's path or "" (raises the user's errors)."""
+    _check_not_bundle(folder)
     if mirror:
         check_mirror(mirror, folder)
     if resume and mirror and not list_checkpoints(folder):
@@ -242,8 +243,8 @@ def _load_same_model(checkpointer: "Checkpointer", path: str, shown: str = "") -
 def check_resume_point(run: "RunConfig", start_iter: int, max_iter: int) -> None:
     """
     Refuse, before training starts, a resumed run already past the iterations asked for (its
-    final checkpoint would hold later weights under an earlier iteration). Every process
-    computes the same.
+    final checkpoint would hold later weights under an earlier iteration), releasing the run
+    lock (no training follows to release it). Every process computes the same.
 
     Args:
         run (RunConfig): the run (for the config's name of the iterations).
@@ -254,6 +255,8 @@ def check_resume_point(run: "RunConfig", start_iter: int, max_iter: int) -> None
         ConfigError: ``start_iter > max_iter``.
     """
     if start_iter > max_iter:
+        if comm.is_main_process():  # no training follows: the lock resume_or_load took goes
+            unlock_run_folder(run.output_dir)
         key = run.SETTING_KEYS[1]
         raise ConfigError(
             f"Cannot resume {run.output_dir}: its checkpoint is of iteration {start_iter - 1}, "
@@ -292,6 +295,13 @@ def resume_or_load(checkpointer: "Checkpointer", weights: str, *, resume: bool,
         raise
 
 
+def _check_not_bundle(folder: str) -> None:
+    if os.path.isfile(os.path.join(folder, MANIFEST_NAME)):
+        raise OutputDirNotEmptyError(
+            f"{folder} is an export bundle ({MANIFEST_NAME}): training there would overwrite "
+            "its files; choose another output folder.")
+
+
 def check_output_dir(output_dir: str, start_iter: int) -> None:
     """
     Refuse to start a new run (``start_iter == 0``) in a folder that holds checkpoints, and
@@ -300,10 +310,7 @@ def check_output_dir(output_dir: str, start_iter: int) -> None:
     Raises:
         OutputDirNotEmptyError: naming what is there and how to resume it.
     """
-    if os.path.isfile(os.path.join(output_dir, MANIFEST_NAME)):
-        raise OutputDirNotEmptyError(
-            f"{output_dir} is an export bundle ({MANIFEST_NAME}): training there would "
-            "overwrite its files; choose another OUTPUT_DIR.")
+    _check_not_bundle(output_dir)
     if start_iter != 0:
         return
     existing = list_checkpoints(output_dir)

@@ -389,8 +389,9 @@ def test_an_export_bundle_is_no_run_folder_and_a_dangling_last_checkpoint_is_nam
     bundle = tmp_path / "export"
     bundle.mkdir()
     (bundle / "manifest.json").write_text("{}")
-    with pytest.raises(OutputDirNotEmptyError, match="is an export bundle"):
-        choose_checkpoint(str(bundle), resume=False)
+    for resume in (False, True):
+        with pytest.raises(OutputDirNotEmptyError, match="is an export bundle"):
+            choose_checkpoint(str(bundle), resume=resume)
     run = tmp_path / "run"
     run.mkdir()
     (run / LAST_CHECKPOINT).write_text("model_0000009.pth")
