@@ -101,9 +101,12 @@ def test_failing_exporter_leaves_run_and_bundle_then_export_model_adds_onnx(
 
 
 def test_export_model_bad_input_is_one_line(tmp_path):
-    res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path / "missing")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "holds no complete export bundle" in res.stderr.strip().splitlines()[-1]
+    (tmp_path / "empty").mkdir()
+    for name, message in (("missing", "missing does not exist."),
+                          ("empty", "empty holds no complete export bundle")):
+        res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path / name)
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert message in res.stderr.strip().splitlines()[-1]
 
 
 def test_export_leaves_the_trainers_model_as_it_was(tmp_path):
