@@ -12,6 +12,7 @@ SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
 import argparse
 import functools
 import logging
+import math
 import os
 import sys
 from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
@@ -194,68 +195,34 @@ def _argument(convert: Callable[[str], Any]) -> Callable[[str], Any]:
     return parse
 
 
-def positive_int(text: str) -> int:
-    """
-    ``text`` as a whole number of at least 1, for a count option (workers, images, bytes).
+def _ranged(convert: Callable[[str], Any], ok: Callable[[Any], bool], what: str,
+            name: str) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert(text)`` where ``ok`` of it, else one sentence."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, not {text!r}")
+        return value
 
-    Raises:
-        argparse.ArgumentTypeError: anything else, in one sentence.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
-    return value
-
-
-def positive_number(text: str) -> float:
-    """
-    ``text`` as a number above 0 (CPUs to reserve).
-
-    Raises:
-        argparse.ArgumentTypeError: anything else, in one sentence.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, not {text!r}")
-    return value
+    parse.__name__ = parse.__qualname__ = name
+    parse.__doc__ = (f"``text`` as {what}.\n\n    Raises:\n        argparse.ArgumentTypeError: "
+                     "anything else, in one sentence.\n    ")
+    return parse
 
 
-def non_negative_number(text: str) -> float:
-    """
-    ``text`` as a number of at least 0 (GPUs to reserve).
-
-    Raises:
-        argparse.ArgumentTypeError: anything else, in one sentence.
-    """
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """
-    ``text`` as a TCP port, 1 to 65535.
-
-    Raises:
-        argparse.ArgumentTypeError: anything else, in one sentence.
-    """
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, not {text!r}")
-    return value
+#: a count option (workers, replicas, images, bytes)
+positive_int = _ranged(int, lambda v: v >= 1, "a whole number of at least 1", "positive_int")
+#: CPUs to reserve
+positive_number = _ranged(float, lambda v: 0 < v < math.inf, "a number above 0",
+                          "positive_number")
+#: GPUs to reserve
+non_negative_number = _ranged(float, lambda v: 0 <= v < math.inf, "a number of at least 0",
+                              "non_negative_number")
+#: a TCP port
+port_number = _ranged(int, lambda v: 1 <= v <= 65535, "a port from 1 to 65535", "port_number")
 
 
 def add_threshold_argument(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
