@@ -5,11 +5,21 @@ bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 
 import contextlib
 import os
+import shutil
+import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError
-from ..files.atomic import resolve_inside, sha256_file
-from ..layout import MANIFEST_NAME, MODEL_FILES, ONNX, ONNX_INT8, PYTORCH, cache_root
+from ..files.atomic import fsync_dir, resolve_inside, sha256_file, write_bytes
+from ..layout import (
+    MANIFEST_NAME,
+    MODEL_FILES,
+    ONNX,
+    ONNX_INT8,
+    PYTORCH,
+    TEMP_PREFIX,
+    cache_root,
+)
 from .bundle import read_manifest
 
 __all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
@@ -137,15 +147,20 @@ def local_bundle(path: str) -> str:
     """
     A local folder to predict from: ``path`` itself, or for an fsspec URL (``s3://.../export``,
     or a mirrored run whose export is complete) the bundle downloaded into the cache
-    (``$D2PERSIST_CACHE/bundles``), manifest last, and verified against the manifest.
+    (``$D2PERSIST_CACHE/bundles``) and verified. Each version of a bundle (its manifest's
+    bytes, which give every file's sha256) has a folder of its own there, made whole in a
+    temporary folder and renamed into place once every file matches: a cached folder is
+    complete and never changes, so processes that load one bundle at once (replicas, actors)
+    neither see a partial one nor undo each other's; files of the version cached before are
+    reused, not downloaded again.
 
     Raises:
-        ArtifactError: nothing at the URL holds a manifest, a download fails, or a file does
-            not match the manifest.
+        ArtifactError: nothing at the URL holds a manifest, a file there is missing, of
+            another size or without a sha256, a download fails or does not match the
+            manifest (named by its URL), or the cache cannot be written.
     """
     import hashlib
 
-    from ..files.atomic import write_bytes
     from ..files.mirror import is_url
 
     if not is_url(path):
@@ -153,16 +168,65 @@ def local_bundle(path: str) -> str:
     url = path.rstrip("/")
     with _reading_bundle(url):
         bundle_url, bundle, text, manifest = _remote_bundle(url)
-        cache = os.path.join(cache_root(), "bundles",
-                             hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
-        os.makedirs(cache, exist_ok=True)
-        stale = os.path.join(cache, MANIFEST_NAME)
-        if os.path.exists(stale):  # the cached bundle stops being complete first
-            os.unlink(stale)
+        problems = bundle.unhashed_problems(manifest)  # before anything is downloaded
+        if problems:
+            raise ArtifactError(problems[0].sentence)
+    versions = os.path.join(cache_root(), "bundles",
+                            hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
+    final = os.path.join(versions, hashlib.sha256(text).hexdigest()[:16])
+    if os.path.isfile(os.path.join(final, MANIFEST_NAME)):
+        read_manifest(final)  # (what is cached is checked each time, as the model is loaded)
+        return final
+    try:
+        os.makedirs(versions, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=versions)
+    except OSError as e:
+        raise ArtifactError(f"Cannot write the bundle cache in {versions} ({e}); set "
+                            "D2PERSIST_CACHE to a folder this process can write.") from None
+    try:
         for name, entry in manifest["files"].items():
-            local = resolve_inside(cache, name)
-            if not (os.path.isfile(local) and sha256_file(local) == entry.get("sha256")):
-                bundle.download(name, local)
-    write_bytes(os.path.join(cache, MANIFEST_NAME), text)
-    read_manifest(cache)  # every file against its sha256
-    return cache
+            local = resolve_inside(tmp, name)
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            if not _reuse_cached(versions, name, entry, local):
+                with _reading_bundle(url):
+                    bundle.download(name, local)
+                if sha256_file(local) != entry["sha256"]:
+                    raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
+                                        "entry (sha256): the bundle there is damaged.")
+        write_bytes(os.path.join(tmp, MANIFEST_NAME), text)
+        try:
+            os.rename(tmp, final)  # whole, or not at all
+            fsync_dir(versions)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, MANIFEST_NAME)):
+                raise
+            # another process cached the same version first: it is the same bytes
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _reuse_cached(versions: str, name: str, entry: dict, local: str) -> bool:
+    """
+    Link (or copy) into ``local`` the file ``name`` of a version cached before, if one holds it
+    as ``entry`` gives it (size, then sha256); whether one did.
+    """
+    try:
+        cached = sorted(d for d in os.listdir(versions) if not d.startswith(TEMP_PREFIX))
+    except OSError:
+        return False
+    for version in cached:
+        old = os.path.join(versions, version, name)
+        if not os.path.isfile(os.path.join(versions, version, MANIFEST_NAME)):
+            continue
+        try:
+            if os.path.getsize(old) != entry.get("size") or sha256_file(old) != entry["sha256"]:
+                continue
+            try:
+                os.link(old, local)
+            except OSError:
+                shutil.copyfile(old, local)
+            return True
+        except OSError:
+            continue
+    return False

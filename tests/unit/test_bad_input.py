@@ -241,3 +241,50 @@ def test_thresholds_and_categories_that_cannot_work_are_one_sentence():
     with pytest.raises(DatasetMismatchError, match="has no categories to score the bundle's "
                                                    r"classes \(circle, square\) against\."):
         match_categories([], ["circle", "square"])
+
+
+def _memory_bundle(root, files):
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    manifest = {"format": {"name": "d2persist-export", "version": 1}, "config": "config.yaml",
+                "weights": "model.safetensors", "input": {"format": "BGR"},
+                "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                          for n, d in files.items()}}
+    for name, data in files.items():
+        fs.pipe(f"{root}/{name}", data)
+    fs.pipe(f"{root}/manifest.json", json.dumps(manifest).encode())
+    return fs
+
+
+def test_a_bundle_url_is_cached_whole_per_version_and_a_damaged_one_never(
+        tmp_path, monkeypatch, mocker):
+    from d2persist.artifacts.manifest import local_bundle
+    from d2persist.artifacts.view import RunView
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    root = f"/d2persist-test-{os.getpid()}-{tmp_path.name}/export"
+    url = f"memory://{root}"
+    config = b"MODEL: {}\n"
+    fs = _memory_bundle(root, {"config.yaml": config, "model.safetensors": b"w" * 100})
+    downloads = mocker.spy(RunView, "download")
+    first = local_bundle(url)
+    assert sorted(os.listdir(first)) == ["config.yaml", "manifest.json", "model.safetensors"]
+    assert local_bundle(url) == first and downloads.call_count == 2  # cached: nothing again
+    _memory_bundle(root, {"config.yaml": config, "model.safetensors": b"v" * 100})
+    second = local_bundle(url)  # a new version beside the first, which stays whole
+    assert second != first and open(os.path.join(second, "model.safetensors"), "rb").read() \
+        == b"v" * 100 and open(os.path.join(first, "model.safetensors"), "rb").read() == b"w" * 100
+    assert downloads.call_count == 3  # the config was the same bytes: reused, not downloaded
+    _memory_bundle(root, {"config.yaml": config, "model.safetensors": b"u" * 100})
+    fs.pipe(f"{root}/model.safetensors", b"x" * 100)  # damaged there: not what its entry says
+    with pytest.raises(ArtifactError, match=f"{url}/model.safetensors does not match its "
+                                            r"manifest entry \(sha256\)"):
+        local_bundle(url)
+    versions = os.path.dirname(first)
+    assert sorted(os.listdir(versions)) == sorted([os.path.basename(first),
+                                                   os.path.basename(second)])
+    fs.rm(f"{root}/model.safetensors")  # missing there: refused before anything is downloaded
+    with pytest.raises(ArtifactError, match="model.safetensors"):
+        local_bundle(url)
+    fs.rm(root, recursive=True)
