@@ -29,6 +29,7 @@ __all__ = [
     "add_launch_arguments",
     "add_predictor_arguments",
     "add_threshold_argument",
+    "check_weights",
     "positive_int",
     "positive_number",
     "non_negative_number",
@@ -178,6 +179,40 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "(detectron2's default: 1800)",
     )
     return parser
+
+
+def check_weights(weights: str, output_dir: str, resume: bool, key: str,
+                  needed: bool = False) -> None:
+    """
+    Refuse, before the model is built, weights that cannot be loaded: a local file that does
+    not exist, or none at all where some are ``needed`` (``--eval-only``: a model of random
+    weights would be scored as if trained). Nothing is asked of them where ``resume`` finds a
+    checkpoint in ``output_dir`` (that is loaded instead).
+
+    Args:
+        weights (str): ``MODEL.WEIGHTS`` / ``train.init_checkpoint`` (a path or a URL).
+        output_dir (str): the run's folder.
+        resume (bool): ``--resume``.
+        key (str): the config's name of ``weights``, for the sentence.
+        needed (bool): weights are required (evaluation).
+
+    Raises:
+        ConfigError: such weights.
+    """
+    from .artifacts.view import list_checkpoints
+    from .errors import ConfigError
+
+    if resume and os.path.isdir(output_dir) and list_checkpoints(output_dir):
+        return
+    if not weights:
+        if needed:
+            raise ConfigError(f"Nothing to evaluate: {key} is empty and no checkpoint is "
+                              f"resumed from {output_dir}; set {key}, or add --resume for the "
+                              "run's newest checkpoint (a model of random weights would be "
+                              "scored).")
+        return
+    if "://" not in weights and not os.path.isfile(weights):
+        raise ConfigError(f"{key} {weights} does not exist.")
 
 
 def _argument(convert: Callable[[str], Any]) -> Callable[[str], Any]:

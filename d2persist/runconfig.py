@@ -67,6 +67,9 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     opts = copy.deepcopy(DEFAULT_OPTIONS)
     if _is_lazy(cfg):
         given = cfg.train.get("persist", None) or {}
+        if not hasattr(given, "items"):
+            raise ConfigError(f"train.persist must be a dict of d2persist's options, not "
+                              f"{given!r}.")
         opts.update({str(k).upper(): v for k, v in dict(given).items()})
     elif PERSIST_KEY in cfg:
         opts.update(dict(cfg[PERSIST_KEY]))
@@ -74,7 +77,9 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     if unknown:
         raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
     opts["CONFIG_EXTENSIONS"] = check_extension_names(opts["CONFIG_EXTENSIONS"])
-    formats = [str(f) for f in opts["EXPORT_FORMATS"]]
+    given_formats = opts["EXPORT_FORMATS"]  # (one name alone: a list of it, not its letters)
+    formats = [given_formats] if isinstance(given_formats, str) else [
+        str(f) for f in given_formats]
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
         raise ConfigError(
@@ -330,6 +335,7 @@ class RunConfig:
     kind = ""
     #: the config's own names of the output folder, the iterations and the checkpoint period
     SETTING_KEYS = ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD")
+    SEED_KEY = "SEED"
 
     def __init__(self, cfg: Union["CfgNode", "DictConfig"]) -> None:
         self.cfg = cfg
@@ -345,6 +351,12 @@ class RunConfig:
             ConfigError: naming the setting, in the config's own keys.
         """
         out, iters, period = self.SETTING_KEYS
+        for key, read in ((iters, lambda: self.max_iter), (period, lambda: self.checkpoint_period),
+                          (self.SEED_KEY, lambda: self.seed)):
+            try:
+                read()
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{key} must be a whole number ({e}).") from None
         if not str(self.output_dir or "").strip():
             raise ConfigError(f"{out} is empty: name the folder the run writes.")
         if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
@@ -687,6 +699,7 @@ class LazyRunConfig(RunConfig):
 
     kind = "lazy"
     SETTING_KEYS = ("train.output_dir", "train.max_iter", "train.checkpointer.period")
+    SEED_KEY = "train.seed"
 
     def __init__(self, cfg: "DictConfig") -> None:
         super().__init__(cfg)

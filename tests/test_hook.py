@@ -7,7 +7,7 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultTrainer, HookBase
-from helpers import TRAIN_NET, run_tool, tiny_cfg, train
+from helpers import REPO, TRAIN_NET, run_tool, tiny_cfg, train
 
 from d2persist import ConfigRoundTripError, PersistHook, PersistTrainer
 from d2persist.config import add_persist_config
@@ -281,6 +281,22 @@ def test_train_net_names_a_config_that_does_not_load(tmp_path):
         assert last.startswith(f"train_net.py: error: The config {tmp_path / name} does not "
                                f"load ({why}: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_train_net_refuses_weights_it_cannot_load_before_building(tmp_path):
+    from helpers import TINY_OPTS
+
+    out = tmp_path / "o"
+    cases = [(["--eval-only"], [], "Nothing to evaluate: MODEL.WEIGHTS is empty and no checkpoint"),
+             ([], ["MODEL.WEIGHTS", tmp_path / "nope.pth"], "nope.pth does not exist."),
+             (["--config-file", f"{REPO}/configs/shapes_mask_rcnn_R_18_FPN_lazy.py"], [],
+              "is a LazyConfig: train it with tools/lazyconfig_train_net.py.")]
+    for options, overrides, message in cases:
+        res = run_tool(TRAIN_NET, *options, *TINY_OPTS, "OUTPUT_DIR", out, *overrides)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("train_net.py: error: ") and message in last, last
+    assert not out.exists()  # refused before anything was set up
 
 
 def test_train_net_refuses_overwrite_and_resumes(tmp_path):

@@ -57,6 +57,32 @@ def lazy_run(tmp_path_factory):
     return out
 
 
+def test_lazy_tool_refuses_in_one_sentence_before_building(tmp_path):
+    out = tmp_path / "run"
+    (tmp_path / "yacs.yaml").write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n")
+    cases = [
+        (["--eval-only"], "lazyconfig_train_net.py trains; to evaluate a run, use"),
+        (["--config-file", tmp_path], "is a folder."),
+        (["--config-file", tmp_path / "yacs.yaml"], "has no 'train' section"),
+        (["lr_multiplier.scheduler.milestones=[400,470]"],  # (LAZY_TINY's max_iter is 5)
+         "The learning-rate schedule (lr_multiplier) does not fit train.max_iter 5: "),
+        (["train.seed=abc"], "train.seed must be a whole number"),
+        (["train.max_iter=x"], "train.max_iter must be a whole number"),
+        (["+train.persist=5"], "train.persist must be a dict of d2persist's options, not 5."),
+        (["train.init_checkpoint=/nowhere/model.pth"],
+         "train.init_checkpoint /nowhere/model.pth does not exist."),
+    ]
+    for extra, message in cases:
+        options = [a for a in extra if not str(a).count("=")]  # (before the overrides)
+        overrides = [a for a in extra if str(a).count("=")]
+        res = run_tool(LAZY_TRAIN_NET, *options, *LAZY_TINY, f"train.output_dir={out}",
+                       *overrides)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        last = res.stderr.strip().splitlines()[-1]
+        assert last.startswith("lazyconfig_train_net.py: error: ") and message in last, last
+        assert not list(out.glob("model_*.pth"))  # refused before training
+
+
 def test_lazy_run_writes_periodic_final_and_export(lazy_run):
     names = sorted(n for n in os.listdir(lazy_run) if n.endswith(".pth"))
     assert names == ["model_0000001.pth", "model_0000003.pth", "model_final.pth"]

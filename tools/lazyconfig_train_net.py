@@ -14,7 +14,13 @@ from d2persist import train_lazy  # isort: skip
 from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser
 
-from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
+from d2persist.cli import (
+    add_launch_arguments,
+    check_weights,
+    exit_on_known_errors,
+    launch_main,
+    setup_run,
+)
 
 DEFAULT_CONFIG = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "configs",
@@ -27,13 +33,26 @@ PROG = "lazyconfig_train_net.py"
 def main(args):
     from d2persist import ConfigError
 
+    if args.eval_only:
+        raise ConfigError(f"{PROG} trains; to evaluate a run, use tools/evaluate.py --artifacts "
+                          "on its export, or load its weights with d2persist.load_predictor.")
     path = args.config_file or DEFAULT_CONFIG
     if not os.path.isfile(path):
-        raise ConfigError(f"Config file {path} does not exist.")
+        raise ConfigError(f"Config file {path} " + (
+            "is a folder." if os.path.isdir(path) else "does not exist."))
     try:
-        cfg = LazyConfig.apply_overrides(LazyConfig.load(path), args.opts)
+        cfg = LazyConfig.load(path)
+    except Exception as e:  # a .py config runs: any error of it
+        raise ConfigError(f"The config does not load ({type(e).__name__}: {e}).") from None
+    if "train" not in cfg:
+        raise ConfigError(f"{path} has no 'train' section: it is not a LazyConfig of a training "
+                          "(a yacs config trains with tools/train_net.py).")
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, args.opts)
     except Exception as e:  # omegaconf and hydra raise several kinds for a bad override
         raise ConfigError(f"The config does not load ({type(e).__name__}: {e}).") from None
+    check_weights(cfg.train.get("init_checkpoint", ""), cfg.train.get("output_dir", ""),
+                  args.resume, "train.init_checkpoint")
     setup_run(cfg, args)
     train_lazy(cfg, resume=args.resume)
 

@@ -23,7 +23,13 @@ from detectron2.engine import default_argument_parser
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 
 from d2persist import ConfigError, PersistCheckpointer, add_persist_config
-from d2persist.cli import add_launch_arguments, exit_on_known_errors, launch_main, setup_run
+from d2persist.cli import (
+    add_launch_arguments,
+    check_weights,
+    exit_on_known_errors,
+    launch_main,
+    setup_run,
+)
 from d2persist.data.shapes import register_shapes
 from d2persist.export.self_eval import family_evaluator
 
@@ -73,7 +79,10 @@ def setup(args):
     add_persist_config(cfg)
     path = args.config_file or DEFAULT_CONFIG
     if not os.path.isfile(path):
-        raise ConfigError(f"Config file {path} does not exist.")
+        raise ConfigError(f"Config file {path} " + (
+            "is a folder." if os.path.isdir(path) else "does not exist."))
+    if path.endswith(".py"):
+        raise ConfigError(f"{path} is a LazyConfig: train it with tools/lazyconfig_train_net.py.")
     try:
         cfg.merge_from_file(path)
         cfg.merge_from_list(args.opts)
@@ -83,6 +92,8 @@ def setup(args):
         raise ConfigError(f"The config {path} does not load ({type(e).__name__}: "
                           f"{' '.join(str(e).split())}).") from None
     cfg.freeze()
+    check_weights(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, args.resume, "MODEL.WEIGHTS",
+                  needed=args.eval_only)
     setup_run(cfg, args)
     return cfg
 

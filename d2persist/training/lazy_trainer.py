@@ -11,7 +11,7 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..errors import EarlyStopped
+from ..errors import ConfigError, EarlyStopped
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
 from .resume import check_resume_point, resume_or_load
@@ -37,6 +37,11 @@ def train_lazy(cfg: DictConfig, resume: bool = False) -> TrainerBase:
     """
     persist = PersistHook(cfg)
     persist.run.check()  # fails before any work (before_train reuses what it checked)
+    try:  # the schedule too, before the model and the data are built
+        instantiate(cfg.lr_multiplier)
+    except (ValueError, AssertionError) as e:  # fvcore's, e.g. a milestone past max_iter
+        raise ConfigError(f"The learning-rate schedule (lr_multiplier) does not fit "
+                          f"train.max_iter {cfg.train.max_iter}: {e}.") from None
     model = instantiate(cfg.model)
     model.to(cfg.train.device)
     cfg.optimizer.params.model = model
