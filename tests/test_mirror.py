@@ -235,3 +235,24 @@ def test_sigkill_while_uploading_leaves_a_mirror_naming_a_complete_checkpoint(s3
     fs.get_file(f"{BUCKET}/run5/{named}", str(tmp_path / "fetched.pth"))
     fs.get_file(f"{BUCKET}/run5/{named}.sha256", str(tmp_path / "fetched.pth.sha256"))
     assert verify_checkpoint(str(tmp_path / "fetched.pth")) is None
+
+
+def test_urls_that_cannot_be_used_are_one_sentence(s3, tmp_path, mocker):
+    from d2persist import D2PersistError, InputImageError, OutputPathError
+    from d2persist.artifacts.view import open_view
+    from d2persist.scale.batch import check_destination, list_source
+
+    with pytest.raises(OutputPathError, match="there is no d2persist-no-such-bucket there"):
+        check_destination("s3://d2persist-no-such-bucket/out")
+    check_destination(f"s3://{BUCKET}/new-predictions")  # a new prefix of a bucket: fine
+    _fs().pipe(f"{BUCKET}/lone/config.yaml", b"MODEL: {}\n")
+    with pytest.raises(D2PersistError, match="config.yaml is a file, not a folder"):
+        open_view(f"s3://{BUCKET}/lone/config.yaml")  # was read as a run that verifies
+    denied = PermissionError("Access Denied")  # as s3fs raises for refused credentials
+    mocker.patch.object(type(_fs()), "isdir", side_effect=denied)
+    with pytest.raises(InputImageError, match=r"Cannot read s3://.*/images \(PermissionError: "
+                                              "Access Denied\\)"):
+        list_source(f"s3://{BUCKET}/images")
+    mocker.patch.object(_fs(), "ls", side_effect=denied)  # (s3fs's sync methods: instance's)
+    with pytest.raises(OutputPathError, match=r"Cannot write to s3://.*/out \(PermissionError"):
+        check_destination(f"s3://{BUCKET}/out")

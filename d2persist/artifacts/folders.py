@@ -82,6 +82,7 @@ class _MirrorFolder:
         self.path = url.rstrip("/")
         self.mirror = mirror or Mirror(self.path)
         self._listing = None
+        self.is_file = False  # the URL names an object, not a folder (known once listed)
 
     def where(self, name):
         return f"{self.path}/{name}"
@@ -93,7 +94,12 @@ class _MirrorFolder:
                 entries = fs.ls(self.mirror.root, detail=True)
             except FileNotFoundError:
                 entries = []
-            self._listing = {os.path.basename(e["name"].rstrip("/")): e for e in entries}
+            root = self.mirror.root.rstrip("/")
+            itself = [e for e in entries if e["name"].rstrip("/") == root]
+            # an object's URL lists the object; a folder made in a console, its marker
+            self.is_file = any(e.get("type") == "file" for e in itself) and len(entries) == 1
+            self._listing = {os.path.basename(e["name"].rstrip("/")): e for e in entries
+                             if e["name"].rstrip("/") != root}
         return self._listing
 
     def names(self):

@@ -700,6 +700,9 @@ def open_view(path: str) -> RunView:
     except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
         raise ArtifactError(f"Cannot read {path} ({type(e).__name__}: {e}).") from None
     if not exists:
+        if folder.remote and getattr(folder, "is_file", False):
+            raise D2PersistError(f"{path} is a file, not a folder (a run's mirror or an export "
+                                 "bundle).")
         if folder.remote:
             raise D2PersistError(f"{path} holds nothing (a run's mirror or an export bundle).")
         if not os.path.lexists(path):

@@ -272,7 +272,7 @@ def resolve_inside(folder: str, name: str) -> str:
 def check_output_file(path: str) -> None:
     """
     Refuse, in one sentence, a file path that a write (its folders made first) cannot create:
-    a folder, or a path under a file.
+    a folder, a path under a file, or a URL (this writes on this machine).
 
     Args:
         path (str): the file to be written.
@@ -280,6 +280,7 @@ def check_output_file(path: str) -> None:
     Raises:
         OutputPathError: ``path`` is a folder, or a file stands where a folder above it would.
     """
+    _check_not_url(path)
     if os.path.isdir(path):
         raise OutputPathError(f"Output {path} is a folder: name a file to write.")
     _check_folder_possible(os.path.dirname(os.path.abspath(path)), path)
@@ -287,7 +288,7 @@ def check_output_file(path: str) -> None:
 
 def check_output_folder(path: str) -> None:
     """
-    Refuse, in one sentence, a folder path that cannot be made (or used) as one.
+    Refuse, in one sentence, a folder path that cannot be made (or used) as one, or a URL.
 
     Args:
         path (str): the folder to be written into.
@@ -295,7 +296,15 @@ def check_output_folder(path: str) -> None:
     Raises:
         OutputPathError: ``path``, or a path above it, is a file.
     """
+    _check_not_url(path)
     _check_folder_possible(os.path.abspath(path), path)
+
+
+def _check_not_url(path: str) -> None:
+    """What is written here is written on this machine: a URL would become a local folder."""
+    if "://" in str(path):
+        raise OutputPathError(f"Output {path} is a URL: this writes files on this machine; write "
+                              "here and copy them there.")
 
 
 def _check_folder_possible(folder: str, path: str) -> None:

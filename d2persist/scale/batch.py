@@ -78,8 +78,19 @@ def list_source(src: str) -> Source:
     listing one path per line (relative paths: to the file's folder), or an fsspec URL of one.
 
     Raises:
-        InputImageError: ``src`` does not exist or holds no image.
+        InputImageError: ``src`` does not exist, holds no image, or cannot be read (a store
+            that does not answer, credentials refused).
     """
+    try:
+        return _list_source(src)
+    except D2PersistError:
+        raise
+    except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+        raise InputImageError(f"Cannot read {src} ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())}).") from None
+
+
+def _list_source(src: str) -> Source:
     import fsspec
 
     try:
@@ -210,12 +221,22 @@ def check_destination(dst: Union[str, _Destination]) -> None:
         OutputPathError: such a destination.
     """
     out = dst if isinstance(dst, _Destination) else _Destination(dst, make=False)
-    if out.read_text(PREDICT_OPTIONS_NAME) is not None:
-        return  # a job's destination: _check_same_job tells whether it is this job's
     try:
-        entries = out.fs.ls(out.root, detail=False)
-    except FileNotFoundError:
-        return
+        if out.read_text(PREDICT_OPTIONS_NAME) is not None:
+            return  # a job's destination: _check_same_job tells whether it is this job's
+        if not out.local:  # a store's "folder" exists once written: its bucket must already
+            bucket = out.root.split("/", 1)[0]
+            if bucket and not out.fs.exists(bucket):
+                raise OutputPathError(f"Cannot write to {out.url}: there is no {bucket} there.")
+        try:
+            entries = out.fs.ls(out.root, detail=False)
+        except FileNotFoundError:
+            return
+    except D2PersistError:
+        raise
+    except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+        raise OutputPathError(f"Cannot write to {out.url} ({type(e).__name__}: "
+                              f"{' '.join(str(e).split())}).") from None
     root = out.root.rstrip("/")
     names = [posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != root]
     others = [n for n in names if not n.startswith(TEMP_PREFIX)

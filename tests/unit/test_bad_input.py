@@ -61,6 +61,8 @@ def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(
         ([a, b], None, str(tmp_path / "afile"), True, "Output folder .*afile is a file"),
         ([a], None, str(tmp_path / "afile" / "x.json"), False, "afile is a file, not a folder"),
         ([a], str(tmp_path / "o.png"), str(tmp_path / "o.png"), False, "Two outputs .*o.png"),
+        ([a], "s3://bucket/o.png", None, False, "is a URL: this writes files on this machine"),
+        ([a, b], None, "s3://bucket/preds", True, "is a URL"),
         ([a], None, str(tmp_path), False, None),  # a folder for one image: a file in it
     ]
     for images, output, json_out, many, message in cases:
