@@ -67,6 +67,8 @@ def main(argv=None):
             raise D2PersistError("--panoptic-json needs --panoptic-root, the folder of its PNGs.")
         if args.json:
             check_output_file(args.json)  # before the evaluation, not after it
+        if args.coco_json:  # the dataset too, before the model loads
+            ev.check_coco_dataset(args.coco_json, args.image_root)
         artifacts = local_bundle(args.artifacts)  # a URL: downloaded and verified once
         predictor = load_predictor(artifacts, device=args.device, backend=args.backend,
                                    precision=args.precision)

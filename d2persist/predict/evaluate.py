@@ -21,7 +21,7 @@ import io
 import logging
 import math
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -30,7 +30,7 @@ from ..errors import ArtifactError, D2PersistError, DatasetMismatchError, InputI
 if TYPE_CHECKING:
     from pycocotools.coco import COCO
 
-__all__ = ["evaluate_coco", "coco_metrics", "match_categories",
+__all__ = ["evaluate_coco", "check_coco_dataset", "coco_metrics", "match_categories",
            "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
            "config_keypoint_sigmas"]
 
@@ -197,11 +197,10 @@ def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
         InputImageError: an image is missing or unreadable.
         D2PersistError: keypoints to score without a sigma for each.
     """
-    coco = _coco(coco_json)
+    coco, images = check_coco_dataset(coco_json, image_root)
     class_to_cat = match_categories(list(coco.cats.values()), list(predictor.class_names))
     results = []
-    for image_id in _progress(sorted(coco.imgs), progress):
-        path = _image_path(image_root, coco.imgs[image_id]["file_name"], coco_json)
+    for image_id, path in _progress(images, progress):
         results += _results(predictor(path).to_json(), image_id, class_to_cat)
     tasks = ["bbox"] + (["segm"] if any("segmentation" in r for r in results) else [])
     truth = next((a["keypoints"] for a in coco.anns.values() if a.get("keypoints")), None)
@@ -217,6 +216,45 @@ def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
                 f"{' and '.join(wrong)} keypoints.")
         tasks.append("keypoints")
     return {task: coco_metrics(coco, results, task, kpt_oks_sigmas) for task in tasks}
+
+
+def check_coco_dataset(coco_json: str, image_root: str = "") -> Tuple[Any, List[Tuple[int, str]]]:
+    """
+    A COCO dataset checked before any prediction: images listed, each with an id, a
+    ``file_name`` and its file there, annotations of declared categories (else every metric
+    would come out NaN, as if scored).
+
+    Args:
+        coco_json (str): the dataset's annotations.
+        image_root (str): folder the images' ``file_name`` are relative to.
+
+    Returns:
+        tuple: ``(pycocotools COCO, [(image id, image path), ...])`` in id order.
+
+    Raises:
+        ArtifactError: not a COCO file, an image without ``file_name``, an annotation of an
+            undeclared category.
+        DatasetMismatchError: no images, or no annotations: nothing to score.
+        InputImageError: an image file is missing.
+    """
+    coco = _coco(coco_json)
+    if not coco.imgs:
+        raise DatasetMismatchError(f"{coco_json} lists no images: there is nothing to score.")
+    if not coco.anns:
+        raise DatasetMismatchError(f"{coco_json} holds no annotations: every metric would be "
+                                   "undefined.")
+    undeclared = sorted({a.get("category_id") for a in coco.anns.values()} - set(coco.cats),
+                        key=str)
+    if undeclared:
+        raise ArtifactError(f"{coco_json} annotates category id {undeclared[0]!r}, which its "
+                            "categories do not declare.")
+    images = []
+    for image_id in sorted(coco.imgs):
+        name = coco.imgs[image_id].get("file_name")
+        if not name:
+            raise ArtifactError(f"{coco_json}: image {image_id} has no file_name.")
+        images.append((image_id, _image_path(image_root, name, coco_json)))
+    return coco, images
 
 
 def _image_path(image_root, file_name, where):
@@ -330,7 +368,11 @@ def evaluate_sem_seg(predictor: Any, label_dir: str, image_root: str = "",
         pred = predictor(image).arrays.sem_seg
         if pred is None:
             raise DatasetMismatchError("The model predicts no semantic segmentation.")
-        gt = np.array(Image.open(label), dtype=int)
+        try:
+            with Image.open(label) as png:
+                gt = np.array(png, dtype=int)
+        except (OSError, SyntaxError, ValueError) as e:  # (PIL's UnidentifiedImageError too)
+            raise InputImageError(f"Label {label} is not a PNG that reads ({e}).") from None
         if gt.ndim != 2:
             raise DatasetMismatchError(f"Label {label} has {gt.shape[2]} channels; a semantic "
                                        "label PNG holds one class id a pixel.")
@@ -382,8 +424,17 @@ def evaluate_panoptic(predictor: Any, panoptic_json: str, panoptic_root: str, im
         with open(panoptic_json, "r", encoding="utf-8") as f:
             gt = json.load(f)
         cats, images = gt["categories"], gt["images"]
-    except (ValueError, KeyError, TypeError) as e:
+        missing = next((k for k in ("annotations",) if k not in gt), None) or next(
+            (f"'{k}' of image {i}" for i, info in enumerate(images) for k in ("id", "file_name")
+             if k not in info), None)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{panoptic_json} is not a COCO panoptic file ({e}).") from None
+    if missing:
+        raise ArtifactError(f"{panoptic_json} is not a COCO panoptic file (no {missing}).")
+    if not images:
+        raise DatasetMismatchError(f"{panoptic_json} lists no images: there is nothing to "
+                                   "score.")
+    paths = [_image_path(image_root, info["file_name"], panoptic_json) for info in images]
     meta = predictor.metadata
     ids = {}
     for isthing, key in ((True, "thing_classes"), (False, "stuff_classes")):
@@ -391,8 +442,7 @@ def evaluate_panoptic(predictor: Any, panoptic_json: str, panoptic_root: str, im
         ids[isthing] = {i: by_name[n] for i, n in enumerate(meta.get(key) or []) if n in by_name}
     predictions = []
     with tempfile.TemporaryDirectory(prefix="d2persist-pq-") as pred_dir:
-        for info in _progress(images, progress):
-            path = _image_path(image_root, info["file_name"], panoptic_json)
+        for info, path in _progress(list(zip(images, paths)), progress):
             a = predictor(path).arrays
             if a.panoptic is None:
                 raise DatasetMismatchError("The model predicts no panoptic segmentation.")

@@ -290,3 +290,62 @@ def test_a_bundle_url_is_cached_whole_per_version_and_a_damaged_one_never(
     with pytest.raises(ArtifactError, match="model.safetensors"):
         local_bundle(url)
     fs.rm(root, recursive=True)
+
+
+def test_datasets_with_nothing_to_score_or_entries_missing_are_refused_before_predicting(
+        tmp_path):
+    import types
+
+    from d2persist.errors import InputImageError
+    from d2persist.predict import evaluate as ev
+
+    (tmp_path / "img").mkdir()
+    _picture(str(tmp_path / "img" / "a.png"))
+    image = {"id": 1, "file_name": "a.png", "height": 8, "width": 8}
+    ann = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 4, 4], "area": 16,
+           "iscrowd": 0}
+    cats = [{"id": 1, "name": "circle"}]
+
+    def coco(**dataset):
+        path = tmp_path / f"coco{len(list(tmp_path.glob('coco*.json')))}.json"
+        path.write_text(json.dumps({"images": [image], "annotations": [ann], "categories": cats,
+                                    **dataset}))
+        return str(path)
+
+    root = str(tmp_path / "img")
+    cases = [(coco(images=[]), DatasetMismatchError, "lists no images"),
+             (coco(annotations=[]), DatasetMismatchError, "holds no annotations"),
+             (coco(annotations=[dict(ann, category_id=7)]), ArtifactError,
+              "annotates category id 7, which its categories do not declare"),
+             (coco(images=[{"id": 1, "height": 8, "width": 8}]), ArtifactError,
+              "image 1 has no file_name")]
+    for path, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            ev.check_coco_dataset(path, root)
+    _, images = ev.check_coco_dataset(coco(), root)
+    assert images == [(1, os.path.join(root, "a.png"))]
+
+    class Never:  # a predictor that must not be called: the data is refused first
+        metadata = {"stuff_classes": ["a", "b"], "thing_classes": []}
+        class_names = ["circle"]
+
+        def __call__(self, image):
+            raise AssertionError("predicted before the dataset was checked")
+
+    with pytest.raises(DatasetMismatchError, match="holds no annotations"):
+        ev.evaluate_coco(Never(), coco(annotations=[]), root)
+    panoptic = tmp_path / "panoptic.json"
+    (tmp_path / "pan").mkdir()
+    for dataset, message in (({"images": [image], "categories": []}, "no annotations"),
+                             ({"images": [{"file_name": "a.png"}], "categories": [],
+                               "annotations": []}, "no 'id' of image 0")):
+        panoptic.write_text(json.dumps(dataset))
+        with pytest.raises(ArtifactError, match=message):
+            ev.evaluate_panoptic(Never(), str(panoptic), str(tmp_path / "pan"), root)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "labels" / "a.png").write_bytes(b"not a png")
+    zeros = types.SimpleNamespace(arrays=types.SimpleNamespace(sem_seg=np.zeros((8, 8), int)))
+    semantic = Never()
+    semantic.__class__ = type("Semantic", (Never,), {"__call__": lambda self, image: zeros})
+    with pytest.raises(InputImageError, match="Label .*a.png is not a PNG that reads"):
+        ev.evaluate_sem_seg(semantic, str(tmp_path / "labels"), root)
