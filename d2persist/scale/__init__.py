@@ -18,7 +18,14 @@ from .batch import (
     predict_source,
 )
 from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
-from .serve import Endpoint, deployment, health_of, multipart_file, run_server
+from .serve import (
+    Endpoint,
+    check_port_free,
+    deployment,
+    health_of,
+    multipart_file,
+    run_server,
+)
 
 __all__ = [
     "RayEngine",
@@ -31,6 +38,7 @@ __all__ = [
     "cpus_per_copy",
     "refusal_on_node",
     "Endpoint",
+    "check_port_free",
     "deployment",
     "health_of",
     "multipart_file",

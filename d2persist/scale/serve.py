@@ -30,8 +30,8 @@ from ..predict.images import check_image_bytes
 from ..predict.outputs import min_score_of
 from .ray_nodes import REFUSED_ON_NODE, check_ray_nodes, cpus_per_copy, refusal_on_node
 
-__all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "run_server",
-           "health_of"]
+__all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "check_port_free",
+           "run_server", "health_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +183,30 @@ def deployment(load: Callable[..., Any], replicas: int = 1, cpus_per_replica: fl
         load, max_bytes, max(1, int(cpus_per_replica)))
 
 
+def check_port_free(host: str, port: int) -> None:
+    """
+    Refuse, in one sentence, a ``host:port`` this machine cannot listen on (another process
+    listens there, or the address is not this machine's).
+
+    Args:
+        host (str): the address to listen on.
+        port (int): the TCP port.
+
+    Raises:
+        D2PersistError: the port cannot be bound.
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as servers bind)
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise D2PersistError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another "
+                                 "process may be using it; choose another --port.") from None
+
+
 def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 8000,
                replicas: int = 1, cpus_per_replica: Optional[float] = None,
                address: Optional[str] = None, max_bytes: int = MAX_IMAGE_BYTES,
@@ -210,6 +234,8 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
                 raise KeyboardInterrupt
 
     serving = False
+    if address is None:  # this machine's proxy: its port is asked for before Ray starts
+        check_port_free(host, port)
     # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False)
@@ -221,7 +247,13 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
             # ours from here: ray.init installed its own (a C++ handler that aborts the process)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, on_signal)
-            serve.start(http_options={"host": host, "port": port})
+            try:
+                serve.start(http_options={"host": host, "port": port})
+            except Exception as e:  # (Ray raises it as a RayTaskError of its proxy)
+                if "Failed to bind" not in str(e):
+                    raise
+                raise D2PersistError(f"Ray Serve cannot listen on {host}:{port}: another "
+                                     "process may be using it; choose another --port.") from None
             try:
                 serve.run(deployment(load, replicas, cpus, max_batch_size, max_bytes),
                           name=APP_NAME, route_prefix="/")

@@ -35,3 +35,21 @@ def test_a_threshold_outside_0_to_1_is_answered_400():
         assert answer["error"] == f"min_score must be a number from 0 to 1, not {value!r}."
     status, _, item = endpoint.parse("POST", "/predict", "image/png", b"x", {"min_score": "1"})
     assert status == 0 and item[2] == 1.0
+
+
+def test_a_port_another_process_listens_on_is_refused_before_ray_starts():
+    import socket
+
+    import pytest
+
+    from d2persist.errors import D2PersistError
+    from d2persist.scale.serve import check_port_free, run_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(D2PersistError, match=f"Cannot listen on 127.0.0.1:{port} .*another "
+                                                 "process may be using it; choose another"):
+            run_server(None, "127.0.0.1", port)  # (refused before the loader is needed)
+    check_port_free("127.0.0.1", port)  # free again
