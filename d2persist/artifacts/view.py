@@ -595,6 +595,11 @@ class RunView:
             return str(e)
 
     def _verify_run(self, entries, good, unsidecarred, problems, notes):
+        models = [m.file for m in MODEL_FILES if self._folder.stat(m.file) is not None]
+        if models:  # an export's files in the folder itself, and no manifest names them
+            problems.append(Problem(self.where(models[0]), INCOMPLETE, (
+                f"{self.path} holds {', '.join(models)} but no {MANIFEST_NAME}: an export that "
+                "never finished, or lost its manifest; nothing can predict from it.")))
         if unsidecarred:
             notes.append(f"{len(unsidecarred)} checkpoint(s) without a .sha256 sidecar (written "
                          "by stock detectron2): verified by loading them safely.")

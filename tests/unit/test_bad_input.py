@@ -349,3 +349,14 @@ def test_datasets_with_nothing_to_score_or_entries_missing_are_refused_before_pr
     semantic.__class__ = type("Semantic", (Never,), {"__call__": lambda self, image: zeros})
     with pytest.raises(InputImageError, match="Label .*a.png is not a PNG that reads"):
         ev.evaluate_sem_seg(semantic, str(tmp_path / "labels"), root)
+
+
+def test_an_export_without_its_manifest_does_not_verify_as_a_run(tmp_path):
+    from d2persist.artifacts.view import open_view
+
+    (tmp_path / "config.yaml").write_text("MODEL: {}\n")
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    problems, _ = open_view(str(tmp_path)).verify()
+    assert [(p.kind, p.path) for p in problems] == [
+        ("incomplete", str(tmp_path / "model.safetensors"))]
+    assert "holds model.safetensors but no manifest.json" in problems[0].sentence
