@@ -114,8 +114,10 @@ def _remote_bundle(url: str) -> Tuple[str, Any, bytes, dict]:
 
     view = open_view(url)
     bundle_url = view.export_dir()
-    if bundle_url is None or (view.export() or {}).get("complete") is not True:
-        raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}).")
+    export = view.export() or {}
+    if bundle_url is None or export.get("complete") is not True:
+        why = f": {export['problem']}" if export.get("problem") else "."
+        raise ArtifactError(f"{url} holds no complete export bundle ({MANIFEST_NAME}){why}")
     bundle = open_view(bundle_url)
     text = bundle.read(MANIFEST_NAME)  # checked by manifest(), and written as these bytes
     manifest = bundle.manifest()

@@ -360,3 +360,22 @@ def test_an_export_without_its_manifest_does_not_verify_as_a_run(tmp_path):
     assert [(p.kind, p.path) for p in problems] == [
         ("incomplete", str(tmp_path / "model.safetensors"))]
     assert "holds model.safetensors but no manifest.json" in problems[0].sentence
+
+
+def test_a_bundle_url_whose_manifest_does_not_read_says_why(tmp_path, monkeypatch):
+    from d2persist.artifacts.manifest import local_bundle
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    root = f"/d2persist-test-{os.getpid()}-{tmp_path.name}/export"
+    fs = _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": b"w"})
+    fs.pipe(f"{root}/manifest.json", b'{"format": ')
+    with pytest.raises(ArtifactError, match=r"holds no complete export bundle \(manifest.json\)"
+                                            ": .*manifest.json is not valid JSON"):
+        local_bundle(f"memory://{root}")
+    _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": b"w"})
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "a_file"))  # the cache, not the bundle
+    with pytest.raises(ArtifactError, match="Cannot write the bundle cache in .*a_file/bundles/"
+                                            ".*; set D2PERSIST_CACHE to a folder"):
+        local_bundle(f"memory://{root}")
+    fs.rm(root, recursive=True)
