@@ -200,19 +200,25 @@ def check_weights(weights: str, output_dir: str, resume: bool, key: str,
         ConfigError: such weights.
     """
     from .artifacts.view import list_checkpoints
+    from .collective import main_decides
     from .errors import ConfigError
 
-    if resume and os.path.isdir(output_dir) and list_checkpoints(output_dir):
-        return
-    if not weights:
-        if needed:
-            raise ConfigError(f"Nothing to evaluate: {key} is empty and no checkpoint is "
-                              f"resumed from {output_dir}; set {key}, or add --resume for the "
-                              "run's newest checkpoint (a model of random weights would be "
-                              "scored).")
-        return
-    if "://" not in weights and not os.path.isfile(weights):
-        raise ConfigError(f"{key} {weights} does not exist.")
+    def decide() -> None:  # the main process's folder and files, as resume_or_load decides
+        if resume and os.path.isdir(output_dir) and list_checkpoints(output_dir):
+            return
+        if not weights:
+            if needed:
+                raise ConfigError(f"Nothing to evaluate: {key} is empty and no checkpoint is "
+                                  f"resumed from {output_dir}; set {key}, or add --resume for "
+                                  "the run's newest checkpoint (a model of random weights "
+                                  "would be scored).")
+            return
+        if resume:  # a mirror may give the checkpoint: the weights are read only if not
+            return
+        if "://" not in weights and not os.path.isfile(weights):
+            raise ConfigError(f"{key} {weights} does not exist.")
+
+    main_decides(decide)  # every process launched hears the same (a hang otherwise)
 
 
 def _argument(convert: Callable[[str], Any]) -> Callable[[str], Any]:

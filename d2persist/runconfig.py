@@ -355,7 +355,7 @@ class RunConfig:
                           (self.SEED_KEY, lambda: self.seed)):
             try:
                 read()
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise ConfigError(f"{key} must be a whole number ({e}).") from None
         if not str(self.output_dir or "").strip():
             raise ConfigError(f"{out} is empty: name the folder the run writes.")

@@ -97,7 +97,8 @@ class _MirrorFolder:
             root = self.mirror.root.rstrip("/")
             itself = [e for e in entries if e["name"].rstrip("/") == root]
             # an object's URL lists the object; a folder made in a console, its marker
-            self.is_file = any(e.get("type") == "file" for e in itself) and len(entries) == 1
+            self.is_file = len(entries) == 1 and any(
+                e.get("type") == "file" and not e["name"].endswith("/") for e in itself)
             self._listing = {os.path.basename(e["name"].rstrip("/")): e for e in entries
                              if e["name"].rstrip("/") != root}
         return self._listing

@@ -4,13 +4,14 @@ bundle. Needs neither torch nor detectron2 (the ONNX Runtime predictor uses it).
 """
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
 from typing import Any, Iterator, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError
-from ..files.atomic import fsync_dir, resolve_inside, sha256_file, write_bytes
+from ..files.atomic import folder_mode, fsync_dir, resolve_inside, sha256_file, write_bytes
 from ..layout import (
     MANIFEST_NAME,
     MODEL_FILES,
@@ -25,6 +26,8 @@ from .bundle import read_manifest
 __all__ = ["EVAL_TOLERANCE", "EVAL_CHECKED", "metadata_from_json", "describe_source",
            "evaluation_problem", "export_backends", "bundle_source", "local_bundle",
            "remote_manifest"]
+
+logger = logging.getLogger(__name__)
 
 #: How far (in AP points) each backend may be from the in-training evaluation: the PyTorch
 #: bundle *is* the evaluation path; ONNX Runtime computes the same graph in another order (every
@@ -177,58 +180,97 @@ def local_bundle(path: str) -> str:
                             hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
     final = os.path.join(versions, hashlib.sha256(text).hexdigest()[:16])
     if os.path.isfile(os.path.join(final, MANIFEST_NAME)):
-        read_manifest(final)  # (what is cached is checked each time, as the model is loaded)
-        return final
+        try:
+            read_manifest(final)  # (what is cached is checked each time, as the model is loaded)
+            return final
+        except ArtifactError as e:  # damaged since: set aside whole, then made again
+            logger.warning("%s; downloading %s again.", e, bundle_url)
+            _set_aside(final, versions)
     try:
         os.makedirs(versions, exist_ok=True)
+        _remove_stale_temps(versions)
         tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=versions)
+        os.chmod(tmp, folder_mode())  # (mkdtemp's is 0700: a cache other users share)
     except OSError as e:
-        raise ArtifactError(f"Cannot write the bundle cache in {versions} ({e}); set "
-                            "D2PERSIST_CACHE to a folder this process can write.") from None
+        raise _cache_error(versions, e) from None
     try:
         for name, entry in manifest["files"].items():
             local = resolve_inside(tmp, name)
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            if not _reuse_cached(versions, name, entry, local):
+            try:
+                os.makedirs(os.path.dirname(local), exist_ok=True)
+                reused = _reuse_cached(versions, name, entry, local)
+            except OSError as e:
+                raise _cache_error(versions, e) from None
+            if not reused:
                 with _reading_bundle(url):
                     bundle.download(name, local)
-                if sha256_file(local) != entry["sha256"]:
-                    raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
-                                        "entry (sha256): the bundle there is damaged.")
-        write_bytes(os.path.join(tmp, MANIFEST_NAME), text)
+            if sha256_file(local) != entry["sha256"]:
+                raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
+                                    "entry (sha256): the bundle there is damaged.")
         try:
+            write_bytes(os.path.join(tmp, MANIFEST_NAME), text)
             os.rename(tmp, final)  # whole, or not at all
             fsync_dir(versions)
-        except OSError:
+        except OSError as e:
             if not os.path.isfile(os.path.join(final, MANIFEST_NAME)):
-                raise
+                raise _cache_error(versions, e) from None
             # another process cached the same version first: it is the same bytes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def _cache_error(versions: str, e: OSError) -> ArtifactError:
+    return ArtifactError(f"Cannot write the bundle cache in {versions} ({e}); set "
+                         "D2PERSIST_CACHE to a folder this process can write, with room.")
+
+
+def _set_aside(folder: str, versions: str) -> None:
+    """Take a cached version out of use at once (a rename), then remove it."""
+    aside = os.path.join(versions, f"{TEMP_PREFIX}aside-{os.getpid()}-{os.path.basename(folder)}")
+    try:
+        os.rename(folder, aside)
+    except OSError:  # another process set it aside first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _remove_stale_temps(versions: str, age: float = 86400.0) -> None:
+    """Temporary folders a killed process left (older than ``age`` seconds)."""
+    import time
+
+    for name in os.listdir(versions):
+        path = os.path.join(versions, name)
+        try:
+            if name.startswith(TEMP_PREFIX) and time.time() - os.path.getmtime(path) > age:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
 def _reuse_cached(versions: str, name: str, entry: dict, local: str) -> bool:
     """
-    Link (or copy) into ``local`` the file ``name`` of a version cached before, if one holds it
-    as ``entry`` gives it (size, then sha256); whether one did.
+    Link (or copy) into ``local`` the file ``name`` of a version cached before whose manifest
+    gives it the sha256 of ``entry``; whether one did (the caller hashes what it got).
     """
+    import json
+
     try:
         cached = sorted(d for d in os.listdir(versions) if not d.startswith(TEMP_PREFIX))
     except OSError:
         return False
     for version in cached:
         old = os.path.join(versions, version, name)
-        if not os.path.isfile(os.path.join(versions, version, MANIFEST_NAME)):
+        try:
+            with open(os.path.join(versions, version, MANIFEST_NAME), "rb") as f:
+                their = (json.loads(f.read()).get("files") or {}).get(name) or {}
+        except (OSError, ValueError, AttributeError):
+            continue  # not a cached version (the layout before versions, or being set aside)
+        if their.get("sha256") != entry["sha256"] or not os.path.isfile(old):
             continue
         try:
-            if os.path.getsize(old) != entry.get("size") or sha256_file(old) != entry["sha256"]:
-                continue
-            try:
-                os.link(old, local)
-            except OSError:
-                shutil.copyfile(old, local)
-            return True
+            os.link(old, local)
         except OSError:
-            continue
+            shutil.copyfile(old, local)
+        return True
     return False

@@ -33,6 +33,7 @@ __all__ = [
     "sha256_stream",
     "check_output_file",
     "check_output_folder",
+    "folder_mode",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,15 +41,24 @@ logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
-def _file_mode():
-    """The mode ``open()`` would give a new file under the current umask."""
+def _umask():
     try:  # Linux: read it without changing it (os.umask would, for every thread, for a moment)
         with open("/proc/self/status") as f:
-            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
     except (OSError, StopIteration, ValueError, IndexError):
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+        return umask
+
+
+def _file_mode():
+    """The mode ``open()`` would give a new file under the current umask."""
+    return 0o666 & ~_umask()
+
+
+def folder_mode() -> int:
+    """The mode ``os.makedirs`` would give a new folder under the current umask."""
+    return 0o777 & ~_umask()
 
 
 def fsync_dir(path: str) -> None:

@@ -222,7 +222,8 @@ def check_coco_dataset(coco_json: str, image_root: str = "") -> Tuple[Any, List[
     """
     A COCO dataset checked before any prediction: images listed, each with an id, a
     ``file_name`` and its file there, annotations of declared categories (else every metric
-    would come out NaN, as if scored).
+    would come out NaN, as if scored; annotations of undeclared ones beside them are warned
+    about, and not scored, as by COCOEvaluator).
 
     Args:
         coco_json (str): the dataset's annotations.
@@ -232,8 +233,8 @@ def check_coco_dataset(coco_json: str, image_root: str = "") -> Tuple[Any, List[
         tuple: ``(pycocotools COCO, [(image id, image path), ...])`` in id order.
 
     Raises:
-        ArtifactError: not a COCO file, an image without ``file_name``, an annotation of an
-            undeclared category.
+        ArtifactError: not a COCO file, an image without ``file_name``, only annotations of
+            undeclared categories.
         DatasetMismatchError: no images, or no annotations: nothing to score.
         InputImageError: an image file is missing.
     """
@@ -245,9 +246,13 @@ def check_coco_dataset(coco_json: str, image_root: str = "") -> Tuple[Any, List[
                                    "undefined.")
     undeclared = sorted({a.get("category_id") for a in coco.anns.values()} - set(coco.cats),
                         key=str)
-    if undeclared:
-        raise ArtifactError(f"{coco_json} annotates category id {undeclared[0]!r}, which its "
-                            "categories do not declare.")
+    if undeclared and not any(a.get("category_id") in coco.cats for a in coco.anns.values()):
+        raise ArtifactError(f"{coco_json} annotates only category ids its categories do not "
+                            f"declare (such as {undeclared[0]!r}): there is nothing to score.")
+    if undeclared:  # COCOeval leaves them out, as COCOEvaluator does
+        logger.warning("%s annotates category id(s) %s, which its categories do not declare: "
+                       "those annotations are not scored.", coco_json,
+                       ", ".join(map(str, undeclared)))
     images = []
     for image_id in sorted(coco.imgs):
         name = coco.imgs[image_id].get("file_name")

@@ -226,8 +226,14 @@ def check_destination(dst: Union[str, _Destination]) -> None:
             return  # a job's destination: _check_same_job tells whether it is this job's
         if not out.local:  # a store's "folder" exists once written: its bucket must already
             bucket = out.root.split("/", 1)[0]
-            if bucket and not out.fs.exists(bucket):
-                raise OutputPathError(f"Cannot write to {out.url}: there is no {bucket} there.")
+            try:
+                if bucket:  # (paths from "/" have none: memory, hdfs, ssh)
+                    out.fs.info(bucket)
+            except FileNotFoundError:  # (only a store that says so: access scoped to a
+                raise OutputPathError(  # prefix may not see the bucket itself)
+                    f"Cannot write to {out.url}: there is no {bucket} there.") from None
+            except Exception:  # noqa: BLE001 (cannot tell: the listing and writes will say)
+                pass
         try:
             entries = out.fs.ls(out.root, detail=False)
         except FileNotFoundError:

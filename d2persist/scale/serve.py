@@ -198,13 +198,14 @@ def check_port_free(host: str, port: int) -> None:
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as servers bind)
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (as servers bind)
             probe.bind((host, port))
-        except OSError as e:
-            raise D2PersistError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another "
-                                 "process may be using it; choose another --port.") from None
+    except OSError as e:
+        raise D2PersistError(f"Cannot listen on {host}:{port} ({e.strerror or e}): another "
+                             "process may be using it, or the address is not this machine's; "
+                             "choose another --port or --host.") from None
 
 
 def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 8000,

@@ -289,6 +289,15 @@ def test_a_bundle_url_is_cached_whole_per_version_and_a_damaged_one_never(
     fs.rm(f"{root}/model.safetensors")  # missing there: refused before anything is downloaded
     with pytest.raises(ArtifactError, match="model.safetensors"):
         local_bundle(url)
+    _memory_bundle(root, {"config.yaml": config, "model.safetensors": b"v" * 100})
+    damaged = os.path.join(second, "model.safetensors")  # damaged in the cache, since
+    os.unlink(damaged)  # (a new file: the first version's link to config.yaml is not touched)
+    open(damaged, "wb").write(b"z" * 100)
+    assert local_bundle(url) == second  # set aside and made again, whole
+    assert open(damaged, "rb").read() == b"v" * 100
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(second).st_mode & 0o777 == 0o777 & ~umask  # (mkdtemp's would be 0700)
     fs.rm(root, recursive=True)
 
 
@@ -316,7 +325,7 @@ def test_datasets_with_nothing_to_score_or_entries_missing_are_refused_before_pr
     cases = [(coco(images=[]), DatasetMismatchError, "lists no images"),
              (coco(annotations=[]), DatasetMismatchError, "holds no annotations"),
              (coco(annotations=[dict(ann, category_id=7)]), ArtifactError,
-              "annotates category id 7, which its categories do not declare"),
+              "annotates only category ids its categories do not declare \\(such as 7\\)"),
              (coco(images=[{"id": 1, "height": 8, "width": 8}]), ArtifactError,
               "image 1 has no file_name")]
     for path, kind, message in cases:
