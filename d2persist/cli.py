@@ -204,19 +204,15 @@ def check_weights(weights: str, output_dir: str, resume: bool, key: str,
     from .errors import ConfigError
 
     def decide() -> None:  # the main process's folder and files, as resume_or_load decides
-        if resume and os.path.isdir(output_dir) and list_checkpoints(output_dir):
-            return
-        if not weights:
-            if needed:
-                raise ConfigError(f"Nothing to evaluate: {key} is empty and no checkpoint is "
-                                  f"resumed from {output_dir}; set {key}, or add --resume for "
-                                  "the run's newest checkpoint (a model of random weights "
-                                  "would be scored).")
-            return
-        if resume:  # a mirror may give the checkpoint: the weights are read only if not
-            return
-        if "://" not in weights and not os.path.isfile(weights):
-            raise ConfigError(f"{key} {weights} does not exist.")
+        if weights:  # with --resume, read only if no checkpoint (nor the mirror's) is found
+            if not resume and "://" not in weights and not os.path.isfile(weights):
+                raise ConfigError(f"{key} {weights} does not exist.")
+        elif needed and not (resume and os.path.isdir(output_dir)
+                             and list_checkpoints(output_dir)):
+            raise ConfigError(f"Nothing to evaluate: {key} is empty and no checkpoint is "
+                              f"resumed from {output_dir}; set {key}, or add --resume for the "
+                              "run's newest checkpoint (a model of random weights would be "
+                              "scored).")
 
     main_decides(decide)  # every process launched hears the same (a hang otherwise)
 

@@ -176,6 +176,9 @@ def test_resume_refuses_another_model_and_a_schedule_already_past_and_names_chan
     with pytest.raises(ConfigError, match=r"\(\d+ tensor\(s\) of this model missing, e.g. "
                                           r"roi_heads.mask_head.mask_fcn\d"):
         train(tiny_cfg(tmp_path, *opts, "MODEL.ROI_MASK_HEAD.NUM_CONV", 5), resume=True)
+    with pytest.raises(ConfigError, match=r"\(\d+ tensor\(s\) this model does not have, e.g. "
+                                          r"roi_heads.mask_head.mask_fcn\d"):  # one layer less
+        train(tiny_cfg(tmp_path, *opts, "MODEL.ROI_MASK_HEAD.NUM_CONV", 1), resume=True)
     with pytest.raises(ConfigError, match="checkpoint is of iteration 3, past SOLVER.MAX_ITER 2"):
         train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 2), resume=True)
     from d2persist.files.lock import lock_run_folder, unlock_run_folder

@@ -67,8 +67,9 @@ def main(argv=None):
             raise D2PersistError("--panoptic-json needs --panoptic-root, the folder of its PNGs.")
         if args.json:
             check_output_file(args.json)  # before the evaluation, not after it
+        dataset = None
         if args.coco_json:  # the dataset too, before the model loads
-            ev.check_coco_dataset(args.coco_json, args.image_root)
+            dataset = ev.check_coco_dataset(args.coco_json, args.image_root)
         artifacts = local_bundle(args.artifacts)  # a URL: downloaded and verified once
         predictor = load_predictor(artifacts, device=args.device, backend=args.backend,
                                    precision=args.precision)
@@ -83,9 +84,10 @@ def main(argv=None):
         else:
             sigmas = args.keypoint_oks_sigmas or ev.config_keypoint_sigmas(artifacts)
             results = ev.evaluate_coco(predictor, args.coco_json, args.image_root,
-                                       progress=progress, kpt_oks_sigmas=sigmas)
-        dataset = args.coco_json or args.sem_seg_dir or args.panoptic_json
-        print(ev.format_results(results, os.path.basename(os.path.normpath(dataset))))
+                                       progress=progress, kpt_oks_sigmas=sigmas,
+                                       dataset=dataset)
+        source = args.coco_json or args.sem_seg_dir or args.panoptic_json
+        print(ev.format_results(results, os.path.basename(os.path.normpath(source))))
         if args.json:
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             write_json(args.json, {task: {k: None if v != v else v for k, v in m.items()}

@@ -201,12 +201,15 @@ def local_bundle(path: str) -> str:
                 reused = _reuse_cached(versions, name, entry, local)
             except OSError as e:
                 raise _cache_error(versions, e) from None
+            if reused and sha256_file(local) != entry["sha256"]:  # damaged in the cache
+                os.unlink(local)
+                reused = False
             if not reused:
                 with _reading_bundle(url):
                     bundle.download(name, local)
-            if sha256_file(local) != entry["sha256"]:
-                raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
-                                    "entry (sha256): the bundle there is damaged.")
+                if sha256_file(local) != entry["sha256"]:
+                    raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
+                                        "entry (sha256): the bundle there is damaged.")
         try:
             write_bytes(os.path.join(tmp, MANIFEST_NAME), text)
             os.rename(tmp, final)  # whole, or not at all

@@ -174,8 +174,9 @@ def _progress(items, enabled):
 
 
 def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
-                  progress: bool = False,
-                  kpt_oks_sigmas: Sequence[float] = ()) -> Dict[str, Dict[str, float]]:
+                  progress: bool = False, kpt_oks_sigmas: Sequence[float] = (),
+                  dataset: Optional[Tuple[Any, List[Tuple[int, str]]]] = None
+                  ) -> Dict[str, Dict[str, float]]:
     """
     Predict every image of a COCO-format dataset and score it as COCOEvaluator does.
 
@@ -186,6 +187,8 @@ def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
         progress (bool): a progress bar on stderr (tqdm).
         kpt_oks_sigmas: keypoint models: one OKS sigma per keypoint
             (:func:`config_keypoint_sigmas`).
+        dataset: what :func:`check_coco_dataset` returned for ``coco_json``, if it was
+            already checked (not read again).
 
     Returns:
         dict: ``{"bbox": {"AP": ..., "AP-<class>": ...}, "segm": {...}, "keypoints": {...}}``
@@ -197,7 +200,7 @@ def evaluate_coco(predictor: Any, coco_json: str, image_root: str = "",
         InputImageError: an image is missing or unreadable.
         D2PersistError: keypoints to score without a sigma for each.
     """
-    coco, images = check_coco_dataset(coco_json, image_root)
+    coco, images = dataset or check_coco_dataset(coco_json, image_root)
     class_to_cat = match_categories(list(coco.cats.values()), list(predictor.class_names))
     results = []
     for image_id, path in _progress(images, progress):

@@ -223,6 +223,8 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
     import signal
     import threading
 
+    if address is None:  # this machine's proxy: its port is asked for before Ray starts
+        check_port_free(host, port)
     import ray
     from ray import serve
 
@@ -235,8 +237,6 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
                 raise KeyboardInterrupt
 
     serving = False
-    if address is None:  # this machine's proxy: its port is asked for before Ray starts
-        check_port_free(host, port)
     # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
              configure_logging=False)

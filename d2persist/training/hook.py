@@ -249,7 +249,8 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
-        # (PersistTrainer and train_lazy checked before training; a stock trainer, here)
+        # (PersistTrainer and train_lazy checked before training; with a stock trainer it is
+        # refused here, and detectron2's finally still runs EvalHook's last evaluation)
         check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
 

@@ -206,9 +206,10 @@ def _load_chosen(checkpointer: "Checkpointer", path: str) -> Dict[str, Any]:
 def _load_same_model(checkpointer: "Checkpointer", path: str, shown: str = "") -> Dict[str, Any]:
     """
     ``checkpointer.load(path)``, refused in one sentence where the checkpoint's weights do not
-    fit the model (another config's: fvcore would skip those tensors, and training go on from
-    a model half new, with an optimizer state of other shapes). Refused as soon as the model's
-    weights are compared, before the optimizer's state is loaded.
+    fit the model (another config's: tensors of other shapes, missing or left over; fvcore
+    would skip them, and training go on from a model half new, with an optimizer state of
+    other shapes). Refused as soon as the model's weights are compared, before the
+    optimizer's state is loaded.
     """
     own = vars(checkpointer).get("_load_model")  # (an instance's own, if it has one)
     load_model = checkpointer._load_model  # (fvcore's override point; detectron2's too)
@@ -217,12 +218,15 @@ def _load_same_model(checkpointer: "Checkpointer", path: str, shown: str = "") -
         incompatible = load_model(checkpoint)
         shapes = list(getattr(incompatible, "incorrect_shapes", None) or [])
         missing = list(getattr(incompatible, "missing_keys", None) or [])
+        extra = list(getattr(incompatible, "unexpected_keys", None) or [])
         if shapes:
             key, had, want = shapes[0]
             what = (f"{len(shapes)} tensor(s) of other shapes, e.g. {key}: "
                     f"{tuple(had)} there, {tuple(want)} in this model")
         elif missing:
             what = f"{len(missing)} tensor(s) of this model missing, e.g. {missing[0]}"
+        elif extra:
+            what = f"{len(extra)} tensor(s) this model does not have, e.g. {extra[0]}"
         else:
             return incompatible
         raise ConfigError(

@@ -295,6 +295,15 @@ def test_a_bundle_url_is_cached_whole_per_version_and_a_damaged_one_never(
     open(damaged, "wb").write(b"z" * 100)
     assert local_bundle(url) == second  # set aside and made again, whole
     assert open(damaged, "rb").read() == b"v" * 100
+    for version in (first, second):  # the file a new version would reuse, damaged in each
+        shared = os.path.join(version, "config.yaml")
+        os.unlink(shared)
+        open(shared, "wb").write(b"MODEL: {x}\n")
+    calls = downloads.call_count
+    _memory_bundle(root, {"config.yaml": config, "model.safetensors": b"t" * 100})
+    third = local_bundle(url)  # not reused: downloaded (the damage is here, not at the URL)
+    assert open(os.path.join(third, "config.yaml"), "rb").read() == config
+    assert downloads.call_count == calls + 2  # the config and the new weights
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(second).st_mode & 0o777 == 0o777 & ~umask  # (mkdtemp's would be 0700)
