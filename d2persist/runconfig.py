@@ -333,8 +333,11 @@ class RunConfig:
     """
 
     kind = ""
-    #: the config's own names of the output folder, the iterations and the checkpoint period
-    SETTING_KEYS = ("OUTPUT_DIR", "SOLVER.MAX_ITER", "SOLVER.CHECKPOINT_PERIOD")
+    #: the config's own names of the output folder, the iterations, the checkpoint period and
+    #: the seed (for sentences)
+    OUTPUT_DIR_KEY = "OUTPUT_DIR"
+    MAX_ITER_KEY = "SOLVER.MAX_ITER"
+    PERIOD_KEY = "SOLVER.CHECKPOINT_PERIOD"
     SEED_KEY = "SEED"
 
     def __init__(self, cfg: Union["CfgNode", "DictConfig"]) -> None:
@@ -350,7 +353,7 @@ class RunConfig:
         Raises:
             ConfigError: naming the setting, in the config's own keys.
         """
-        out, iters, period = self.SETTING_KEYS
+        out, iters, period = self.OUTPUT_DIR_KEY, self.MAX_ITER_KEY, self.PERIOD_KEY
         for key, read in ((iters, lambda: self.max_iter), (period, lambda: self.checkpoint_period),
                           (self.SEED_KEY, lambda: self.seed)):
             try:
@@ -698,7 +701,9 @@ class LazyRunConfig(RunConfig):
     """
 
     kind = "lazy"
-    SETTING_KEYS = ("train.output_dir", "train.max_iter", "train.checkpointer.period")
+    OUTPUT_DIR_KEY = "train.output_dir"
+    MAX_ITER_KEY = "train.max_iter"
+    PERIOD_KEY = "train.checkpointer.period"
     SEED_KEY = "train.seed"
 
     def __init__(self, cfg: "DictConfig") -> None:

@@ -66,7 +66,7 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     if run.checkpoint_period == 0 and not run.options["CHECKPOINT_MINUTES"]:
         logger.warning("%s is 0 and PERSIST.CHECKPOINT_MINUTES 0: no checkpoint before the "
                        "last iteration, so a run stopped before its end keeps nothing to "
-                       "resume from.", run.SETTING_KEYS[2])
+                       "resume from.", run.PERIOD_KEY)
     note_run_started(out)
     os.makedirs(out, exist_ok=True)
     remove_temp_files(out)

@@ -261,7 +261,7 @@ def check_resume_point(run: "RunConfig", start_iter: int, max_iter: int) -> None
     if start_iter > max_iter:
         if comm.is_main_process():  # no training follows: the lock resume_or_load took goes
             unlock_run_folder(run.output_dir)
-        key = run.SETTING_KEYS[1]
+        key = run.MAX_ITER_KEY
         raise ConfigError(
             f"Cannot resume {run.output_dir}: its checkpoint is of iteration {start_iter - 1}, "
             f"past {key} {max_iter}; resume with {key} {start_iter} or more, or start a new "
