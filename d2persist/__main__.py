@@ -239,13 +239,17 @@ def serve(args):
     # bad artifacts or options: one sentence here, before Ray starts; where this machine runs
     # the replicas, its device and the model are checked by loading it once
     if address is None:
-        backend = load_predictor(args.artifacts, device=args.device, backend=args.backend,
-                                 precision=args.precision).backend
+        loaded = load_predictor(args.artifacts, device=args.device, backend=args.backend,
+                                precision=args.precision)
     else:
-        backend = describe_predictor(args.artifacts, backend=args.backend,
-                                     precision=args.precision, here=False).backend
+        loaded = describe_predictor(args.artifacts, backend=args.backend,
+                                    precision=args.precision, here=False)
+    backend, sha256 = loaded.backend, loaded.sha256
+    del loaded  # (the replicas hold the model; this process serves none)
+    # every replica serves these weights: one Serve restarts after the artifacts changed
+    # (a new export at the URL, a new checkpoint in the run) does not start
     run_server(_loader(args, backend), args.host, args.port, args.replicas,
-               args.cpus_per_replica, address, args.max_bytes, args.max_batch_size)
+               args.cpus_per_replica, address, args.max_bytes, args.max_batch_size, sha256)
     return 0
 
 

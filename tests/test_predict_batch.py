@@ -359,7 +359,8 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
     an S3 URL and no ``--cpus-per-worker``: its driver reads only the manifest, and its worker
     reserves one node's CPU, not the driver's two. A job and ``serve`` with ``--device cuda``
     (the driver leaves the device to the nodes, which have no CUDA here) end in one sentence
-    naming the node, nothing predicted. The two nodes are stopped at the end.
+    naming the node, nothing predicted; so does a job whose bundle at its URL is replaced
+    after its driver read it, before the actors load it. The two nodes are stopped at the end.
     """
     import subprocess
     import sys
@@ -416,6 +417,17 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                               f"s3://{BUCKET}/two/url", "--ray", f"127.0.0.1:{port}",
                               "--backend", "onnxruntime", timeout=240,
                               env=dict(env, D2PERSIST_CACHE=str(driver_cache)))
+            # the bundle at the URL replaced once the driver has read it (a new export, as a
+            # nightly job writes one), before the actors load it: the job ends in one sentence
+            # (its outputs would come from two models under one identity); run again, it is
+            # another job's
+            fs.put(os.path.join(str(run), "export"), f"{BUCKET}/two/swapped", recursive=True)
+            swap = [f"s3://{BUCKET}/two/images/", "--artifacts", f"s3://{BUCKET}/two/swapped",
+                    "--output", f"s3://{BUCKET}/two/swap", "--ray", f"127.0.0.1:{port}",
+                    "--backend", "onnxruntime"]
+            swapped = run_tool(os.path.join(REPO, "tests", "scripts", "ray_swap.py"), *swap,
+                               env=env, timeout=240)
+            swapped_again = run_tool("-m", "d2persist", "predict", *swap, env=env, timeout=240)
             # a cluster's driver leaves the device to the nodes: one that cannot give it
             # ends the job in one sentence naming it (ONNX Runtime's CPU build: no CUDA)
             refused = run_tool("-m", "d2persist", "predict", f"s3://{BUCKET}/two/images/",
@@ -467,6 +479,18 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
         for rel in images:
             assert fs.cat_file(f"{BUCKET}/two/url/{rel}.json") == fs.cat_file(
                 f"{BUCKET}/two/preds/{rel}.json")
+        assert swapped.returncode == 2, swapped.stderr[-3000:]
+        assert re.fullmatch(r"d2persist: error: On Ray's node [\w.:-]+: The artifacts changed "
+                            r"after the driver read them: this copy loaded weights with sha256 "
+                            r"[0-9a-f]{12}\.\.\., not [0-9a-f]{12}\.\.\.; start again to use "
+                            r"the new ones\.", swapped.stderr.strip().splitlines()[-1]), \
+            swapped.stderr[-3000:]
+        assert "Traceback" not in swapped.stderr
+        assert swapped_again.returncode == 2 and "holds the outputs of another job (" \
+            "weights_sha256 " in swapped_again.stderr, swapped_again.stderr[-3000:]
+        fs.invalidate_cache()
+        assert [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/swap")] == [
+            ".d2persist-predict.json"]  # nothing predicted by the other model
         import onnxruntime
 
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():

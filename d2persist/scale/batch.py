@@ -37,7 +37,7 @@ from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME, TEMP_PREFIX
 from ..predict.images import check_image_bytes, encode_png
 from ..predict.infer import IMAGE_EXTENSIONS, json_text
-from .ray_nodes import check_ray_nodes, cpus_per_copy, refusal_on_node
+from .ray_nodes import check_ray_nodes, check_same_weights, cpus_per_copy, refusal_on_node
 
 __all__ = ["Source", "list_source", "check_destination", "predict_source", "job_identity",
            "RayEngine"]
@@ -407,8 +407,8 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
         counts[job._failed(rel, shown, f"Image {shown} does not exist.")] += 1
     engine: Dict[str, Any] = {"name": "here"}
     if ray is not None:
-        for status, n in ray.run(source, todo, dst, min_score, pictures,
-                                 failed_before).items():
+        for status, n in ray.run(source, todo, dst, min_score, pictures, failed_before,
+                                 predictor.sha256).items():
             counts[status] += n
         engine = dict(name="ray", address=ray.address or "local", workers=ray.workers)
         engine.update(ray.ran)  # (the address of the Ray it ran on, if it ran actors)
@@ -446,15 +446,16 @@ class _RayPredict:
     """
     Ray Data's callable class (``map_batches``): one predictor per actor, loaded once by
     ``load`` with ``threads`` (the bundle downloaded and verified once per node, through the
-    cache).
+    cache), its weights those of the job's identity (``sha256``).
     """
 
     def __init__(self, load: Callable[..., Any], dst: str, base: str, protocol: Optional[str],
                  min_score: float, pictures: bool, threads: int,
-                 failed_before: Iterable[str] = ()) -> None:
+                 failed_before: Iterable[str] = (), sha256: Optional[str] = None) -> None:
         self.refused = ""
         try:
             self.predictor = load(threads=threads)
+            check_same_weights(self.predictor, sha256)
         except (D2PersistError, ImportError) as e:  # this node cannot (no GPU, no onnxruntime):
             self.refused = refusal_on_node(e)  # said by each call's rows, which end the job
             return
@@ -571,10 +572,13 @@ class RayEngine:
     ran: Dict[str, Any] = field(default_factory=dict, init=False)
 
     def run(self, source: Source, todo: List[Tuple[str, str]], dst: str, min_score: float,
-            pictures: bool, failed_before: Iterable[str] = ()) -> Dict[str, int]:
+            pictures: bool, failed_before: Iterable[str] = (), sha256: Optional[str] = None
+            ) -> Dict[str, int]:
         """
         Predict ``todo`` (``(path, rel)`` of ``source``; ``failed_before``: the names of
-        those whose error record an earlier run wrote); the count of each status.
+        those whose error record an earlier run wrote); the count of each status. ``sha256``:
+        the weights of the job's identity; an actor that loads others ends the job (the
+        artifacts changed since they were described).
         """
         import ray
 
@@ -582,7 +586,8 @@ class RayEngine:
         if not todo:
             return {}
         if ray.is_initialized():  # the caller's Ray, and its signal handling
-            return self._run(ray, source, todo, dst, min_score, pictures, failed_before, False)
+            return self._run(ray, source, todo, dst, min_score, pictures, failed_before, False,
+                             sha256)
         stops = _StopSignals()  # Python's handlers, before ray.init installs Ray's
         try:
             # "local": a Ray of its own, not the one RAY_ADDRESS or the last `ray start` names
@@ -590,7 +595,7 @@ class RayEngine:
                      log_to_driver=False, configure_logging=False)
             stops.take()
             return self._run(ray, source, todo, dst, min_score, pictures, failed_before,
-                             self.address is None)
+                             self.address is None, sha256)
         finally:
             stops.unwind()
             try:
@@ -598,7 +603,8 @@ class RayEngine:
             finally:
                 stops.restore()
 
-    def _run(self, ray, source, todo, dst, min_score, pictures, failed_before, started):
+    def _run(self, ray, source, todo, dst, min_score, pictures, failed_before, started,
+             sha256):
         cpus = self.cpus_per_worker or cpus_per_copy(ray, self.workers)
         check_ray_nodes(ray, "A worker", cpus, self.gpus_per_worker, started=started,
                         copies=self.workers)
@@ -622,7 +628,7 @@ class RayEngine:
         ds = ds.map_batches(
             _RayPredict, batch_size=self.batch_size,
             fn_constructor_args=(self.load, dst, base, protocol, min_score, pictures,
-                                 max(1, int(cpus)), sorted(failed_before)),
+                                 max(1, int(cpus)), sorted(failed_before), sha256),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=cpus, num_gpus=self.gpus_per_worker or None)
         counts: Dict[str, int] = {}

@@ -7,11 +7,12 @@ cannot load the predictor. Imports Ray only where it is called with it.
 
 import logging
 import math
-from typing import Any
+from typing import Any, Optional
 
-from ..errors import D2PersistError
+from ..errors import ArtifactError, D2PersistError
 
-__all__ = ["check_ray_nodes", "cpus_per_copy", "refusal_on_node", "REFUSED_ON_NODE"]
+__all__ = ["check_ray_nodes", "cpus_per_copy", "refusal_on_node", "REFUSED_ON_NODE",
+           "check_same_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +30,27 @@ def refusal_on_node(error: BaseException) -> str:
     here = ray.get_runtime_context().get_node_id()
     node = next((n["NodeManagerAddress"] for n in ray.nodes() if n.get("NodeID") == here), here)
     return f"{REFUSED_ON_NODE}{node}: {error}"
+
+
+def check_same_weights(predictor: Any, sha256: Optional[str]) -> None:
+    """
+    Refuse, in one sentence, a copy of the predictor (an actor, a replica) that loaded other
+    weights than the driver described: the artifacts were replaced in between (a new export
+    at the bundle's URL, a new checkpoint in a run folder), and the copies would predict with
+    two models under one job's or server's identity.
+
+    Args:
+        predictor: the copy's loaded predictor.
+        sha256 (str or None): the weights file's sha256 the driver read (None: not checked).
+
+    Raises:
+        ArtifactError: the copy's weights are other ones.
+    """
+    if sha256 and predictor.sha256 != sha256:
+        raise ArtifactError(
+            f"The artifacts changed after the driver read them: this copy loaded weights "
+            f"with sha256 {predictor.sha256[:12]}..., not {sha256[:12]}...; start again to "
+            "use the new ones.")
 
 
 def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,

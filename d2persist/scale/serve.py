@@ -28,7 +28,13 @@ from ..errors import D2PersistError, InputImageError
 from ..layout import DEFAULT_MIN_SCORE
 from ..predict.images import check_image_bytes
 from ..predict.outputs import min_score_of
-from .ray_nodes import REFUSED_ON_NODE, check_ray_nodes, cpus_per_copy, refusal_on_node
+from .ray_nodes import (
+    REFUSED_ON_NODE,
+    check_ray_nodes,
+    check_same_weights,
+    cpus_per_copy,
+    refusal_on_node,
+)
 
 __all__ = ["Endpoint", "multipart_file", "MAX_IMAGE_BYTES", "deployment", "check_port_free",
            "run_server", "health_of"]
@@ -64,11 +70,16 @@ class Endpoint:
     """
     What a Ray Serve replica runs (wrapped by :func:`deployment`): one predictor, loaded once
     by ``load`` (called with ``threads``, the replica's share of the cores), and its answers.
+
+    Raises:
+        ArtifactError: the weights loaded are not those of ``sha256`` (the server's, as its
+            driver read them): the artifacts changed since, and replicas would serve two models.
     """
 
     def __init__(self, load: Callable[..., Any], max_bytes: int = MAX_IMAGE_BYTES,
-                 threads: int = 1) -> None:
+                 threads: int = 1, sha256: Optional[str] = None) -> None:
         self.predictor = load(threads=threads)
+        check_same_weights(self.predictor, sha256)
         self.max_bytes = max_bytes
         self.health = health_of(self.predictor)
 
@@ -139,11 +150,14 @@ def health_of(predictor: Any) -> Dict[str, Any]:
 
 
 def deployment(load: Callable[..., Any], replicas: int = 1, cpus_per_replica: float = 1.0,
-               max_batch_size: int = 8, max_bytes: int = MAX_IMAGE_BYTES) -> Any:
+               max_batch_size: int = 8, max_bytes: int = MAX_IMAGE_BYTES,
+               sha256: Optional[str] = None) -> Any:
     """
     The Ray Serve application: :class:`Endpoint` behind ``@serve.deployment`` with requests
     batched by ``@serve.batch`` (up to ``max_batch_size`` of those waiting; none waits for more);
-    each replica reserves ``cpus_per_replica`` and loads with as many threads.
+    each replica reserves ``cpus_per_replica``, loads with as many threads, and refuses to
+    start with weights other than ``sha256``'s (a replica Serve restarts after the artifacts
+    changed).
     """
     from ray import serve
     from starlette.requests import Request
@@ -153,9 +167,9 @@ def deployment(load: Callable[..., Any], replicas: int = 1, cpus_per_replica: fl
     @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
                       max_ongoing_requests=max(5, max_batch_size))
     class D2PersistEndpoint:
-        def __init__(self, load, max_bytes, threads):
+        def __init__(self, load, max_bytes, threads, sha256):
             try:
-                self.endpoint = Endpoint(load, max_bytes, threads)
+                self.endpoint = Endpoint(load, max_bytes, threads, sha256)
             except (D2PersistError, ImportError) as e:  # said by run_server (Serve's status)
                 raise D2PersistError(refusal_on_node(e)) from None
 
@@ -180,7 +194,7 @@ def deployment(load: Callable[..., Any], replicas: int = 1, cpus_per_replica: fl
             return JSONResponse(answer, status_code=status)
 
     return D2PersistEndpoint.bind(  # type: ignore[attr-defined]
-        load, max_bytes, max(1, int(cpus_per_replica)))
+        load, max_bytes, max(1, int(cpus_per_replica)), sha256)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -211,14 +225,15 @@ def check_port_free(host: str, port: int) -> None:
 def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 8000,
                replicas: int = 1, cpus_per_replica: Optional[float] = None,
                address: Optional[str] = None, max_bytes: int = MAX_IMAGE_BYTES,
-               max_batch_size: int = 8) -> None:
+               max_batch_size: int = 8, sha256: Optional[str] = None) -> None:
     """
     Serve until SIGINT or SIGTERM: Ray (a local cluster, or the one at ``address``), Ray
     Serve's HTTP proxy on ``host:port``, the application of :func:`deployment`; all stopped
     on the way out. A signal while the application is still starting stops the start (the
     proxy may answer before ``serve.run`` returns). ``cpus_per_replica`` None: the cluster's
     share (:func:`~d2persist.scale.ray_nodes.cpus_per_copy`). ``load`` is called in each
-    replica with ``threads``, as many as its CPUs.
+    replica with ``threads``, as many as its CPUs; with ``sha256`` (the weights as this
+    process read them), a replica that loads other weights does not start.
     """
     import signal
     import threading
@@ -256,7 +271,7 @@ def run_server(load: Callable[..., Any], host: str = "127.0.0.1", port: int = 80
                 raise D2PersistError(f"Ray Serve cannot listen on {host}:{port}: another "
                                      "process may be using it; choose another --port.") from None
             try:
-                serve.run(deployment(load, replicas, cpus, max_batch_size, max_bytes),
+                serve.run(deployment(load, replicas, cpus, max_batch_size, max_bytes, sha256),
                           name=APP_NAME, route_prefix="/")
             except RuntimeError:  # Serve gave up starting the replicas: why, in one sentence
                 refusal = _replica_refusal()

@@ -22,6 +22,22 @@ def test_a_replica_loads_with_its_share_of_the_cores():
     assert endpoint.health["backend"] == "pytorch"
 
 
+def test_a_replica_that_loads_other_weights_than_the_servers_does_not_start():
+    import pytest
+
+    from d2persist.errors import ArtifactError
+
+    def load(threads):  # the artifacts replaced since the server read them
+        return types.SimpleNamespace(weights="w", sha256="b" * 64, backend="onnxruntime",
+                                     precision="float", evaluation=None, problem="")
+
+    with pytest.raises(ArtifactError, match=r"^The artifacts changed after the driver read "
+                                            r"them: this copy loaded weights with sha256 "
+                                            r"b{12}\.\.\., not a{12}\.\.\.; start again"):
+        Endpoint(load, threads=1, sha256="a" * 64)
+    assert Endpoint(load, threads=1, sha256="b" * 64).health["sha256"] == "b" * 64
+
+
 def test_a_threshold_outside_0_to_1_is_answered_400():
     def load(threads):
         return types.SimpleNamespace(weights="w", sha256="0" * 64, backend="onnxruntime",
