@@ -12,6 +12,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import folder_mode, fsync_dir, resolve_inside, sha256_file, write_bytes
+from ..files.cache import discard, note_used, remove_unused
 from ..layout import (
     MANIFEST_NAME,
     MODEL_FILES,
@@ -157,7 +158,8 @@ def local_bundle(path: str) -> str:
     temporary folder and renamed into place once every file matches: a cached folder is
     complete and never changes, so processes that load one bundle at once (replicas, actors)
     neither see a partial one nor undo each other's; files of the version cached before are
-    reused, not downloaded again.
+    reused, not downloaded again. The URL's other versions that no process used for a week are
+    removed (:mod:`d2persist.files.cache`).
 
     Raises:
         ArtifactError: nothing at the URL holds a manifest, a file there is missing, of
@@ -180,12 +182,14 @@ def local_bundle(path: str) -> str:
                             hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
     final = os.path.join(versions, hashlib.sha256(text).hexdigest()[:16])
     if os.path.isfile(os.path.join(final, MANIFEST_NAME)):
+        note_used(final)  # (first: a process removing unused versions now leaves it alone)
         try:
             read_manifest(final)  # (what is cached is checked each time, as the model is loaded)
+            remove_unused(versions, keep=[os.path.basename(final)])
             return final
-        except ArtifactError as e:  # damaged since: set aside whole, then made again
+        except ArtifactError as e:  # damaged since (or removed meanwhile): made again
             logger.warning("%s; downloading %s again.", e, bundle_url)
-            _set_aside(final, versions)
+            discard(final)
     try:
         os.makedirs(versions, exist_ok=True)
         _remove_stale_temps(versions)
@@ -220,22 +224,14 @@ def local_bundle(path: str) -> str:
             # another process cached the same version first: it is the same bytes
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    note_used(final)
+    remove_unused(versions, keep=[os.path.basename(final)])
     return final
 
 
 def _cache_error(versions: str, e: OSError) -> ArtifactError:
     return ArtifactError(f"Cannot write the bundle cache in {versions} ({e}); set "
                          "D2PERSIST_CACHE to a folder this process can write, with room.")
-
-
-def _set_aside(folder: str, versions: str) -> None:
-    """Take a cached version out of use at once (a rename), then remove it."""
-    aside = os.path.join(versions, f"{TEMP_PREFIX}aside-{os.getpid()}-{os.path.basename(folder)}")
-    try:
-        os.rename(folder, aside)
-    except OSError:  # another process set it aside first
-        return
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_stale_temps(versions: str, age: float = 86400.0) -> None:

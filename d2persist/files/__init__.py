@@ -1,8 +1,8 @@
 """
 ``files``: how bytes travel. Atomic writes (temporary file, fsync, ``os.replace``), sha256,
 safe loading (no code runs), the run lock (one process writes a run folder), the background
-writer and the fsspec mirror. A guarantee about files is made here and nowhere else. Imports
-neither torch nor detectron2.
+writer, the fsspec mirror, and a cache that stays bounded. A guarantee about files is made here
+and nowhere else. Imports neither torch nor detectron2.
 """
 
 from .atomic import (
@@ -19,6 +19,7 @@ from .atomic import (
     write_json,
     write_text,
 )
+from .cache import discard, note_used, remove_unused
 from .lock import (
     lock_run_folder,
     note_run_started,
@@ -43,6 +44,9 @@ __all__ = [
     "write_bytes",
     "write_json",
     "write_text",
+    "discard",
+    "note_used",
+    "remove_unused",
     "lock_run_folder",
     "note_run_started",
     "read_lock_holder",

@@ -23,6 +23,7 @@ from ..artifacts.manifest import (
 )
 from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path
+from ..files.cache import note_used, remove_unused
 from ..files.mirror import is_url
 from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
 from .images import image_input, resize_shortest_edge
@@ -416,7 +417,9 @@ def create_session(model_path: str, sha256: Optional[str] = None,
     states and the caller verified) and ``cache``, the graph ONNX Runtime optimizes is cached
     under ``$D2PERSIST_CACHE/onnxruntime``, keyed by that sha256, the ONNX Runtime version, the
     machine and the providers, and written atomically; a later process loads the optimized
-    graph instead of optimizing again. A cached graph that does not load is optimized anew.
+    graph instead of optimizing again. A cached graph that does not load is optimized anew;
+    graphs no process used for a week are removed when another is cached
+    (:mod:`d2persist.files.cache`).
     ``spin=False`` turns off the spinning of ONNX Runtime's idle intra-op threads
     (``session.intra_op.allow_spinning``), for processes that share their cores.
 
@@ -454,6 +457,7 @@ def create_session(model_path: str, sha256: Optional[str] = None,
     opts = options()
     cached = os.path.join(folder, _cache_key(sha256, providers, opts) + ".onnx")
     if os.path.isfile(cached):
+        note_used(cached)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             return ort.InferenceSession(cached, opts, providers=providers), True
@@ -474,6 +478,7 @@ def create_session(model_path: str, sha256: Optional[str] = None,
         logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder,
                        " ".join(str(e).split()))
         return session, False
+    remove_unused(folder, keep=[os.path.basename(cached)], is_entry=lambda n: n.endswith(".onnx"))
     return session, False
 
 

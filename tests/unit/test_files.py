@@ -145,3 +145,76 @@ def test_uploads_try_once_while_the_mirror_is_down_and_retry_once_it_is_back(tmp
     assert store.calls == ["a"] * 3 + ["b", "c", "d"] + ["e"] * 3
     assert uploader.failures == 4
     assert len([r for r in caplog.records if "Could not copy" in r.getMessage()]) == 1
+
+
+def _age(path, days):
+    """Stamp ``path`` as last used ``days`` ago."""
+    import time
+
+    then = time.time() - days * 86400
+    os.utime(path, (then, then))
+
+
+def _days_unused(path):
+    import time
+
+    return (time.time() - os.stat(path).st_mtime) / 86400
+
+
+def test_a_bundle_urls_versions_unused_for_a_week_leave_the_cache(tmp_path, monkeypatch):
+    """
+    A bundle re-exported to one URL adds a version to the cache each time: those no process
+    loaded for a week go when the URL is next loaded; recent ones, and the current one
+    whatever its age, stay.
+    """
+    from test_bad_input import _memory_bundle
+
+    from d2persist.artifacts.manifest import local_bundle
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    root = f"/d2persist-test-{os.getpid()}-{tmp_path.name}/export"
+    url = f"memory://{root}"
+    fs = _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": b"1" * 10})
+    made = [local_bundle(url)]
+    for weights in (b"2" * 10, b"3" * 10):
+        _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": weights})
+        made.append(local_bundle(url))
+    versions = os.path.dirname(made[0])
+    assert sorted(os.listdir(versions)) == sorted(os.path.basename(v) for v in made)
+    _age(made[0], 8)  # a week and a day unused
+    _age(made[1], 6)
+    _age(made[2], 30)  # the one the URL holds now: stamped again as it is loaded
+    assert local_bundle(url) == made[2]
+    assert sorted(os.listdir(versions)) == sorted(os.path.basename(v) for v in made[1:])
+    assert open(os.path.join(made[1], "model.safetensors"), "rb").read() == b"2" * 10
+    assert _days_unused(made[2]) < 0.01  # used now
+    fs.rm(root, recursive=True)
+
+
+def test_onnxruntime_graphs_unused_for_a_week_leave_the_cache(tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from d2persist.predict.onnx_predictor import create_session
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = str(tmp_path / "model.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
+    graphs = tmp_path / "cache" / "onnxruntime"
+    graphs.mkdir(parents=True)
+    for name, days in (("old.onnx", 8), ("recent.onnx", 6), (f"{TEMP_PREFIX}x.onnx", 30),
+                       ("notes.txt", 30)):
+        (graphs / name).write_bytes(b"")
+        _age(graphs / name, days)
+    before = set(os.listdir(graphs))
+    _, cached = create_session(model, sha256="a" * 64)  # a new graph cached: the old one goes
+    new = set(os.listdir(graphs)) - before
+    assert not cached and len(new) == 1
+    assert set(os.listdir(graphs)) == new | before - {"old.onnx"}  # (not a temp, not a graph)
+    graph = graphs / new.pop()
+    _age(graph, 30)
+    _, cached = create_session(model, sha256="a" * 64)  # loaded from the cache: stamped
+    assert cached and _days_unused(graph) < 0.01

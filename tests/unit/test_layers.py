@@ -17,6 +17,7 @@ LAYERS = {
     "files.writer": 1,
     "files.atomic": 1,
     "files.safe_load": 1,
+    "files.cache": 1,
     "files.lock": 2,
     "files.mirror": 2,
     "runconfig": 3,
