@@ -4,6 +4,7 @@
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -418,15 +419,17 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                               "--backend", "onnxruntime", timeout=240,
                               env=dict(env, D2PERSIST_CACHE=str(driver_cache)))
             # the bundle at the URL replaced once the driver has read it (a new export, as a
-            # nightly job writes one), before the actors load it: the job ends in one sentence
-            # (its outputs would come from two models under one identity); run again, it is
-            # another job's
+            # nightly job writes one), before the actors load it: the job ends in one sentence,
+            # nothing written (its outputs would come from two models under one identity); run
+            # again, it predicts with the new weights
             fs.put(os.path.join(str(run), "export"), f"{BUCKET}/two/swapped", recursive=True)
             swap = [f"s3://{BUCKET}/two/images/", "--artifacts", f"s3://{BUCKET}/two/swapped",
                     "--output", f"s3://{BUCKET}/two/swap", "--ray", f"127.0.0.1:{port}",
                     "--backend", "onnxruntime"]
             swapped = run_tool(os.path.join(REPO, "tests", "scripts", "ray_swap.py"), *swap,
                                env=env, timeout=240)
+            fs.invalidate_cache()
+            left = [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/swap")]
             swapped_again = run_tool("-m", "d2persist", "predict", *swap, env=env, timeout=240)
             # a cluster's driver leaves the device to the nodes: one that cannot give it
             # ends the job in one sentence naming it (ONNX Runtime's CPU build: no CUDA)
@@ -486,11 +489,11 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                             r"the new ones\.", swapped.stderr.strip().splitlines()[-1]), \
             swapped.stderr[-3000:]
         assert "Traceback" not in swapped.stderr
-        assert swapped_again.returncode == 2 and "holds the outputs of another job (" \
-            "weights_sha256 " in swapped_again.stderr, swapped_again.stderr[-3000:]
-        fs.invalidate_cache()
-        assert [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/swap")] == [
-            ".d2persist-predict.json"]  # nothing predicted by the other model
+        assert left == [".d2persist-predict.json"]  # nothing predicted by the other model
+        assert swapped_again.returncode == 1, swapped_again.stderr[-3000:]  # (b/bad.png)
+        assert "4 predicted" in swapped_again.stdout
+        new = hashlib.sha256(fs.cat_file(f"{BUCKET}/two/swapped/model.onnx")).hexdigest()
+        assert json.loads(fs.cat_file(f"{BUCKET}/two/swap/job.json"))["weights_sha256"] == new
         import onnxruntime
 
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():

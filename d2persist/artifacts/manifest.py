@@ -158,8 +158,8 @@ def local_bundle(path: str) -> str:
     temporary folder and renamed into place once every file matches: a cached folder is
     complete and never changes, so processes that load one bundle at once (replicas, actors)
     neither see a partial one nor undo each other's; files of the version cached before are
-    reused, not downloaded again. The URL's other versions that no process used for a week are
-    removed (:mod:`d2persist.files.cache`).
+    reused, not downloaded again. The URL's other versions, and other URLs' bundles, that no
+    process used for a week are removed (:mod:`d2persist.files.cache`).
 
     Raises:
         ArtifactError: nothing at the URL holds a manifest, a file there is missing, of
@@ -181,18 +181,18 @@ def local_bundle(path: str) -> str:
     versions = os.path.join(cache_root(), "bundles",
                             hashlib.sha256(bundle_url.encode()).hexdigest()[:16])
     final = os.path.join(versions, hashlib.sha256(text).hexdigest()[:16])
+    note_used(versions)  # (first: a process cleaning the cache now leaves these alone)
     if os.path.isfile(os.path.join(final, MANIFEST_NAME)):
-        note_used(final)  # (first: a process removing unused versions now leaves it alone)
+        note_used(final)
         try:
             read_manifest(final)  # (what is cached is checked each time, as the model is loaded)
-            remove_unused(versions, keep=[os.path.basename(final)])
+            _remove_unused(versions, final)
             return final
         except ArtifactError as e:  # damaged since (or removed meanwhile): made again
             logger.warning("%s; downloading %s again.", e, bundle_url)
             discard(final)
     try:
         os.makedirs(versions, exist_ok=True)
-        _remove_stale_temps(versions)
         tmp = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=versions)
         os.chmod(tmp, folder_mode())  # (mkdtemp's is 0700: a cache other users share)
     except OSError as e:
@@ -225,26 +225,22 @@ def local_bundle(path: str) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     note_used(final)
-    remove_unused(versions, keep=[os.path.basename(final)])
+    _remove_unused(versions, final)
     return final
+
+
+def _remove_unused(versions: str, final: str) -> None:
+    """
+    The cache kept bounded as ``final`` is loaded: the other versions of its URL, and other
+    URLs' bundles, that no process used for a week; stale temporary folders.
+    """
+    remove_unused(versions, keep=[os.path.basename(final)])
+    remove_unused(os.path.dirname(versions), keep=[os.path.basename(versions)])
 
 
 def _cache_error(versions: str, e: OSError) -> ArtifactError:
     return ArtifactError(f"Cannot write the bundle cache in {versions} ({e}); set "
                          "D2PERSIST_CACHE to a folder this process can write, with room.")
-
-
-def _remove_stale_temps(versions: str, age: float = 86400.0) -> None:
-    """Temporary folders a killed process left (older than ``age`` seconds)."""
-    import time
-
-    for name in os.listdir(versions):
-        path = os.path.join(versions, name)
-        try:
-            if name.startswith(TEMP_PREFIX) and time.time() - os.path.getmtime(path) > age:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue
 
 
 def _reuse_cached(versions: str, name: str, entry: dict, local: str) -> bool:
@@ -270,6 +266,9 @@ def _reuse_cached(versions: str, name: str, entry: dict, local: str) -> bool:
         try:
             os.link(old, local)
         except OSError:
-            shutil.copyfile(old, local)
+            try:
+                shutil.copyfile(old, local)
+            except OSError:  # (removed meanwhile, as unused)
+                continue
         return True
     return False

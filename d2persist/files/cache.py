@@ -14,12 +14,14 @@ from typing import Callable, Iterable, List
 
 from ..layout import TEMP_PREFIX
 
-__all__ = ["UNUSED_FOR_S", "note_used", "discard", "remove_unused"]
+__all__ = ["UNUSED_FOR_S", "STALE_TEMP_S", "note_used", "discard", "remove_unused"]
 
 logger = logging.getLogger(__name__)
 
 #: how long a cached entry may go unused before it is removed (a week)
 UNUSED_FOR_S = 7 * 86400.0
+#: how old a temporary file or folder of a write is when it counts as left by a killed process
+STALE_TEMP_S = 86400.0
 
 
 def note_used(path: str) -> None:
@@ -41,19 +43,12 @@ def discard(path: str) -> bool:
     Returns:
         bool: whether this call took it (False: gone already, or another process took it).
     """
-    folder, name = os.path.split(path)
-    aside = os.path.join(folder, f"{TEMP_PREFIX}gone-{os.getpid()}-{name}")
+    aside = _aside(path)
     try:
         os.rename(path, aside)
     except OSError:
         return False
-    if os.path.isdir(aside) and not os.path.islink(aside):
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        try:
-            os.unlink(aside)
-        except OSError:
-            pass
+    _remove(aside)
     return True
 
 
@@ -62,12 +57,15 @@ def remove_unused(folder: str, keep: Iterable[str] = (),
                   unused_for_s: float = UNUSED_FOR_S) -> List[str]:
     """
     Remove the entries of ``folder`` that no process used for ``unused_for_s`` seconds (by
-    :func:`note_used`'s stamp). Never raises: a cache that cannot be cleaned is still a cache.
+    :func:`note_used`'s stamp), and the temporary files and folders (``TEMP_PREFIX``) that
+    a process killed while writing left there over :data:`STALE_TEMP_S` ago. An entry a
+    process stamps while it is being taken is put back. Never raises: a cache that cannot be
+    cleaned is still a cache.
 
     Args:
         folder (str): the cache folder whose entries to look at.
         keep (iterable[str]): names not to remove, whatever their age.
-        is_entry (callable): whether a name is an entry (temporary files are not).
+        is_entry (callable): whether a name (not a temporary one) is an entry.
         unused_for_s (float): how long unused before removed.
 
     Returns:
@@ -78,19 +76,51 @@ def remove_unused(folder: str, keep: Iterable[str] = (),
         names = sorted(os.listdir(folder))
     except OSError:
         return []
-    now = time.time()
     removed = []
     for name in names:
-        if name in kept or name.startswith(TEMP_PREFIX) or not is_entry(name):
+        temp = name.startswith(TEMP_PREFIX)
+        if name in kept or not (temp or is_entry(name)):
             continue
         path = os.path.join(folder, name)
-        try:
-            unused = now - os.stat(path).st_mtime > unused_for_s
-        except OSError:
+        limit = STALE_TEMP_S if temp else unused_for_s
+        if not _unused(path, limit):
             continue
-        if unused and discard(path):
-            removed.append(name)
+        aside = _aside(path)
+        try:
+            os.rename(path, aside)
+        except OSError:  # gone meanwhile (another process took it)
+            continue
+        if not _unused(aside, limit):  # stamped between the look and the rename: in use
+            try:
+                os.rename(aside, path)
+                continue
+            except OSError:  # made again meanwhile: this copy goes
+                pass
+        _remove(aside)
+        removed.append(name)
     if removed:
-        logger.info("Removed %d cache entr%s unused for %g days from %s.", len(removed),
-                    "y" if len(removed) == 1 else "ies", unused_for_s / 86400, folder)
+        logger.info("Removed from %s what no process used for %g days: %s.", folder,
+                    unused_for_s / 86400, ", ".join(removed))
     return removed
+
+
+def _unused(path: str, seconds: float) -> bool:
+    try:
+        return time.time() - os.stat(path).st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _aside(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f"{TEMP_PREFIX}gone-{os.getpid()}-{name}")
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

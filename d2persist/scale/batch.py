@@ -254,15 +254,20 @@ def check_destination(dst: Union[str, _Destination]) -> None:
 
 
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
+    """
+    Record ``identity`` as the job of ``dst``, or refuse another job's destination holding
+    outputs (one that holds none yet, a job stopped before its first, is taken over).
+    """
     saved = dst.read_text(PREDICT_OPTIONS_NAME)
-    if saved is None:  # (check_destination: nothing else is there)
-        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
-        return
     try:
-        before = json.loads(saved)
+        before = json.loads(saved) if saved is not None else {}
     except ValueError:
         before = {}
     differ = [k for k in identity if before.get(k) != identity[k]]
+    if saved is None or differ and _outputs_at(dst) == (set(), set()):
+        # (check_destination: nothing else is there)
+        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
+        return
     if differ:
         k = differ[0]
         raise D2PersistError(
@@ -341,6 +346,8 @@ def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
         return set(), set()
     root = out.root.rstrip("/") + "/"
     names = {p[len(root):] for p in found if p.startswith(root)}
+    names = {n for n in names if n not in (PREDICT_OPTIONS_NAME, PREDICT_JOB_NAME)
+             and not posixpath.basename(n).startswith(TEMP_PREFIX)}  # (the job's own files)
     failed = {n[:-len(".error.json")] for n in names if n.endswith(".error.json")}
     return {n[:-len(".json")] for n in names if n.endswith(".json")} - failed, failed
 

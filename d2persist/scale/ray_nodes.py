@@ -49,8 +49,8 @@ def check_same_weights(predictor: Any, sha256: Optional[str]) -> None:
     if sha256 and predictor.sha256 != sha256:
         raise ArtifactError(
             f"The artifacts changed after the driver read them: this copy loaded weights "
-            f"with sha256 {predictor.sha256[:12]}..., not {sha256[:12]}...; start again to "
-            "use the new ones.")
+            f"with sha256 {str(predictor.sha256)[:12]}..., not {sha256[:12]}...; start again "
+            "to use the new ones.")
 
 
 def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,

@@ -163,32 +163,47 @@ def _days_unused(path):
 
 def test_a_bundle_urls_versions_unused_for_a_week_leave_the_cache(tmp_path, monkeypatch):
     """
-    A bundle re-exported to one URL adds a version to the cache each time: those no process
-    loaded for a week go when the URL is next loaded; recent ones, and the current one
-    whatever its age, stay.
+    A bundle re-exported to one URL adds a version to the cache each time: the versions, and
+    other URLs' bundles, that no process loaded for a week go as a bundle is downloaded or
+    loaded from the cache; recent ones, and the one loaded whatever its age, stay.
     """
     from test_bad_input import _memory_bundle
 
     from d2persist.artifacts.manifest import local_bundle
 
     monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
-    root = f"/d2persist-test-{os.getpid()}-{tmp_path.name}/export"
-    url = f"memory://{root}"
-    fs = _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": b"1" * 10})
-    made = [local_bundle(url)]
-    for weights in (b"2" * 10, b"3" * 10):
-        _memory_bundle(root, {"config.yaml": b"MODEL: {}\n", "model.safetensors": weights})
-        made.append(local_bundle(url))
-    versions = os.path.dirname(made[0])
-    assert sorted(os.listdir(versions)) == sorted(os.path.basename(v) for v in made)
-    _age(made[0], 8)  # a week and a day unused
-    _age(made[1], 6)
-    _age(made[2], 30)  # the one the URL holds now: stamped again as it is loaded
-    assert local_bundle(url) == made[2]
-    assert sorted(os.listdir(versions)) == sorted(os.path.basename(v) for v in made[1:])
-    assert open(os.path.join(made[1], "model.safetensors"), "rb").read() == b"2" * 10
-    assert _days_unused(made[2]) < 0.01  # used now
-    fs.rm(root, recursive=True)
+    root = f"/d2persist-test-{os.getpid()}-{tmp_path.name}"
+    url, other = f"memory://{root}/export", f"memory://{root}/other"
+
+    def publish(where, weights):
+        return _memory_bundle(where, {"config.yaml": b"MODEL: {}\n", "model.safetensors": weights})
+
+    try:
+        publish(f"{root}/other", b"o" * 10)
+        elsewhere = local_bundle(other)
+        made = []
+        for weights in (b"1" * 10, b"2" * 10):
+            publish(f"{root}/export", weights)
+            made.append(local_bundle(url))
+        versions = os.path.dirname(made[0])
+        _age(made[0], 8)  # a week and a day unused
+        _age(made[1], 6)
+        _age(os.path.dirname(elsewhere), 6)  # (another URL's folder: used within the week)
+        publish(f"{root}/export", b"3" * 10)
+        made.append(local_bundle(url))  # downloaded: the version unused for a week goes
+        assert sorted(os.listdir(versions)) == sorted(os.path.basename(v) for v in made[1:])
+        assert open(os.path.join(made[1], "model.safetensors"), "rb").read() == b"2" * 10
+        _age(made[1], 8)
+        _age(made[2], 30)  # the one the URL holds now: stamped again as it is loaded
+        _age(os.path.dirname(elsewhere), 8)
+        assert local_bundle(url) == made[2]  # from the cache: the unused ones go
+        assert os.listdir(versions) == [os.path.basename(made[2])]
+        assert not os.path.exists(os.path.dirname(elsewhere))
+        assert _days_unused(made[2]) < 0.01  # used now
+    finally:
+        import fsspec
+
+        fsspec.filesystem("memory").rm(root, recursive=True)
 
 
 def test_onnxruntime_graphs_unused_for_a_week_leave_the_cache(tmp_path, monkeypatch):
@@ -205,15 +220,16 @@ def test_onnxruntime_graphs_unused_for_a_week_leave_the_cache(tmp_path, monkeypa
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), model)
     graphs = tmp_path / "cache" / "onnxruntime"
     graphs.mkdir(parents=True)
-    for name, days in (("old.onnx", 8), ("recent.onnx", 6), (f"{TEMP_PREFIX}x.onnx", 30),
-                       ("notes.txt", 30)):
+    for name, days in (("old.onnx", 8), ("recent.onnx", 6), (f"{TEMP_PREFIX}x.onnx.1", 2),
+                       (f"{TEMP_PREFIX}y.onnx.2", 0.5), ("notes.txt", 30)):
         (graphs / name).write_bytes(b"")
         _age(graphs / name, days)
     before = set(os.listdir(graphs))
     _, cached = create_session(model, sha256="a" * 64)  # a new graph cached: the old one goes
     new = set(os.listdir(graphs)) - before
     assert not cached and len(new) == 1
-    assert set(os.listdir(graphs)) == new | before - {"old.onnx"}  # (not a temp, not a graph)
+    # a graph unused for a week, and a write a killed process left over a day ago, go
+    assert set(os.listdir(graphs)) == new | before - {"old.onnx", f"{TEMP_PREFIX}x.onnx.1"}
     graph = graphs / new.pop()
     _age(graph, 30)
     _, cached = create_session(model, sha256="a" * 64)  # loaded from the cache: stamped

@@ -96,6 +96,36 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     assert synced.call_args_list == [mocker.call(str(dst))]  # once, before Ray hears of it
 
 
+def test_an_actor_with_other_weights_refuses_and_a_rerun_takes_over_an_empty_destination(
+        tmp_path, mocker):
+    """
+    The artifacts replaced between the driver's description and an actor's load: the actor
+    writes nothing and says so (on Ray, the job ends with that sentence); the destination,
+    holding the job's record and no output, is taken over by the rerun with the new weights,
+    whose outputs then make it refused to other weights.
+    """
+    from d2persist.errors import D2PersistError
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _images(src)
+    mocker.patch.object(batch, "refusal_on_node", lambda e: f"On Ray's node N: {e}")
+    stopped = mocker.Mock(side_effect=KeyboardInterrupt)  # the driver of the job that ended
+    stopped.sha256, stopped.backend, stopped.precision = "1" * 64, "onnxruntime", "fp32"
+    with pytest.raises(KeyboardInterrupt):
+        predict_source(stopped, str(src), str(dst))  # its record written, no output
+    actor = _RayPredict(lambda threads: _Decoder(), str(dst), str(src), None, 0.5, False, 1,
+                        sha256="1" * 64)
+    out = actor({"bytes": [(src / "a.png").read_bytes()], "path": [str(src / "a.png")]})
+    assert list(out["status"]) == ["refused"] and out["detail"][0] == (
+        "On Ray's node N: The artifacts changed after the driver read them: this copy loaded "
+        f"weights with sha256 {'0' * 12}..., not {'1' * 12}...; start again to use the new ones.")
+    assert [p.name for p in dst.iterdir()] == [".d2persist-predict.json"]
+    record = predict_source(_Decoder(), str(src), str(dst))  # run again: the new weights
+    assert record["counts"]["done"] == 2 and record["weights_sha256"] == "0" * 64
+    with pytest.raises(D2PersistError, match=r"holds the outputs of another job \(weights_sha256 "):
+        predict_source(stopped, str(src), str(dst))
+
+
 def _tree(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
