@@ -420,8 +420,8 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                               env=dict(env, D2PERSIST_CACHE=str(driver_cache)))
             # the bundle at the URL replaced once the driver has read it (a new export, as a
             # nightly job writes one), before the actors load it: the job ends in one sentence,
-            # nothing written (its outputs would come from two models under one identity); run
-            # again, it predicts with the new weights
+            # nothing written (its outputs would come from two models under one identity); the
+            # same command again is another job's (the destination refused)
             fs.put(os.path.join(str(run), "export"), f"{BUCKET}/two/swapped", recursive=True)
             swap = [f"s3://{BUCKET}/two/images/", "--artifacts", f"s3://{BUCKET}/two/swapped",
                     "--output", f"s3://{BUCKET}/two/swap", "--ray", f"127.0.0.1:{port}",
@@ -430,6 +430,8 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
                                env=env, timeout=240)
             fs.invalidate_cache()
             left = [os.path.basename(p) for p in fs.find(f"{BUCKET}/two/swap")]
+            swapped_sha = json.loads(fs.cat_file(f"{BUCKET}/two/swap/.d2persist-predict.json"))[
+                "weights_sha256"]
             swapped_again = run_tool("-m", "d2persist", "predict", *swap, env=env, timeout=240)
             # a cluster's driver leaves the device to the nodes: one that cannot give it
             # ends the job in one sentence naming it (ONNX Runtime's CPU build: no CUDA)
@@ -490,10 +492,13 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
             swapped.stderr[-3000:]
         assert "Traceback" not in swapped.stderr
         assert left == [".d2persist-predict.json"]  # nothing predicted by the other model
-        assert swapped_again.returncode == 1, swapped_again.stderr[-3000:]  # (b/bad.png)
-        assert "4 predicted" in swapped_again.stdout
         new = hashlib.sha256(fs.cat_file(f"{BUCKET}/two/swapped/model.onnx")).hexdigest()
-        assert json.loads(fs.cat_file(f"{BUCKET}/two/swap/job.json"))["weights_sha256"] == new
+        with open(os.path.join(str(run), "export", "model.onnx"), "rb") as f:
+            assert swapped_sha == hashlib.sha256(f.read()).hexdigest() != new  # as described
+        assert swapped_again.returncode == 2 and swapped_again.stderr.strip().splitlines()[
+            -1].endswith(f"holds another job's record, and no output yet (weights_sha256 "
+                         f"'{swapped_sha}', this one '{new}'): predict into another --output, "
+                         "or remove it first."), swapped_again.stderr[-3000:]
         import onnxruntime
 
         if "CUDAExecutionProvider" in onnxruntime.get_available_providers():

@@ -255,24 +255,26 @@ def check_destination(dst: Union[str, _Destination]) -> None:
 
 def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
     """
-    Record ``identity`` as the job of ``dst``, or refuse another job's destination holding
-    outputs (one that holds none yet, a job stopped before its first, is taken over).
+    Record ``identity`` as the job of ``dst``, or refuse another job's destination, even
+    where it holds no output yet: that job may still be starting (there is no lock on an
+    object store), and its outputs would join this one's under one record.
     """
     saved = dst.read_text(PREDICT_OPTIONS_NAME)
+    if saved is None:  # (check_destination: nothing else is there)
+        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
+        return
     try:
-        before = json.loads(saved) if saved is not None else {}
+        before = json.loads(saved)
     except ValueError:
         before = {}
     differ = [k for k in identity if before.get(k) != identity[k]]
-    if saved is None or differ and _outputs_at(dst) == (set(), set()):
-        # (check_destination: nothing else is there)
-        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
-        return
     if differ:
         k = differ[0]
+        what = "the outputs of another job" if _outputs_at(dst) != (set(), set()) else \
+            "another job's record, and no output yet"
         raise D2PersistError(
-            f"{dst.url} holds the outputs of another job ({k} {before.get(k)!r}, this one "
-            f"{identity[k]!r}): predict into another --output, or remove it first.")
+            f"{dst.url} holds {what} ({k} {before.get(k)!r}, this one {identity[k]!r}): "
+            "predict into another --output, or remove it first.")
 
 
 class _Job:
@@ -462,7 +464,8 @@ class _RayPredict:
         self.refused = ""
         try:
             self.predictor = load(threads=threads)
-            check_same_weights(self.predictor, sha256)
+            check_same_weights(self.predictor, sha256, "predict into another --output to "
+                               "use the new ones")
         except (D2PersistError, ImportError) as e:  # this node cannot (no GPU, no onnxruntime):
             self.refused = refusal_on_node(e)  # said by each call's rows, which end the job
             return

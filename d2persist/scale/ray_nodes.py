@@ -32,7 +32,8 @@ def refusal_on_node(error: BaseException) -> str:
     return f"{REFUSED_ON_NODE}{node}: {error}"
 
 
-def check_same_weights(predictor: Any, sha256: Optional[str]) -> None:
+def check_same_weights(predictor: Any, sha256: Optional[str],
+                       then: str = "start again to use the new ones") -> None:
     """
     Refuse, in one sentence, a copy of the predictor (an actor, a replica) that loaded other
     weights than the driver described: the artifacts were replaced in between (a new export
@@ -42,6 +43,7 @@ def check_same_weights(predictor: Any, sha256: Optional[str]) -> None:
     Args:
         predictor: the copy's loaded predictor.
         sha256 (str or None): the weights file's sha256 the driver read (None: not checked).
+        then (str): what to do, the sentence's end.
 
     Raises:
         ArtifactError: the copy's weights are other ones.
@@ -49,8 +51,7 @@ def check_same_weights(predictor: Any, sha256: Optional[str]) -> None:
     if sha256 and predictor.sha256 != sha256:
         raise ArtifactError(
             f"The artifacts changed after the driver read them: this copy loaded weights "
-            f"with sha256 {str(predictor.sha256)[:12]}..., not {sha256[:12]}...; start again "
-            "to use the new ones.")
+            f"with sha256 {str(predictor.sha256)[:12]}..., not {sha256[:12]}...; {then}.")
 
 
 def check_ray_nodes(ray: Any, who: str, cpus: float, gpus: float = 0.0,

@@ -79,7 +79,7 @@ class Endpoint:
     def __init__(self, load: Callable[..., Any], max_bytes: int = MAX_IMAGE_BYTES,
                  threads: int = 1, sha256: Optional[str] = None) -> None:
         self.predictor = load(threads=threads)
-        check_same_weights(self.predictor, sha256)
+        check_same_weights(self.predictor, sha256, "start serve again to serve the new ones")
         self.max_bytes = max_bytes
         self.health = health_of(self.predictor)
 

@@ -33,7 +33,7 @@ def test_a_replica_that_loads_other_weights_than_the_servers_does_not_start():
 
     with pytest.raises(ArtifactError, match=r"^The artifacts changed after the driver read "
                                             r"them: this copy loaded weights with sha256 "
-                                            r"b{12}\.\.\., not a{12}\.\.\.; start again"):
+                                            r"b{12}\.\.\., not a{12}\.\.\.; start serve again"):
         Endpoint(load, threads=1, sha256="a" * 64)
     assert Endpoint(load, threads=1, sha256="b" * 64).health["sha256"] == "b" * 64
 

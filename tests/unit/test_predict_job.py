@@ -96,13 +96,13 @@ def test_a_ray_retry_skips_a_written_image_and_removes_its_stale_error_record(tm
     assert synced.call_args_list == [mocker.call(str(dst))]  # once, before Ray hears of it
 
 
-def test_an_actor_with_other_weights_refuses_and_a_rerun_takes_over_an_empty_destination(
+def test_an_actor_with_other_weights_refuses_and_so_does_the_jobs_destination(
         tmp_path, mocker):
     """
     The artifacts replaced between the driver's description and an actor's load: the actor
-    writes nothing and says so (on Ray, the job ends with that sentence); the destination,
-    holding the job's record and no output, is taken over by the rerun with the new weights,
-    whose outputs then make it refused to other weights.
+    writes nothing and says so (on Ray, the job ends with that sentence). The destination
+    holds that job's record and no output: still refused to a job with the new weights (the
+    other may be starting, where no lock can tell); into another, they predict.
     """
     from d2persist.errors import D2PersistError
 
@@ -118,12 +118,17 @@ def test_an_actor_with_other_weights_refuses_and_a_rerun_takes_over_an_empty_des
     out = actor({"bytes": [(src / "a.png").read_bytes()], "path": [str(src / "a.png")]})
     assert list(out["status"]) == ["refused"] and out["detail"][0] == (
         "On Ray's node N: The artifacts changed after the driver read them: this copy loaded "
-        f"weights with sha256 {'0' * 12}..., not {'1' * 12}...; start again to use the new ones.")
+        f"weights with sha256 {'0' * 12}..., not {'1' * 12}...; predict into another --output "
+        "to use the new ones.")
     assert [p.name for p in dst.iterdir()] == [".d2persist-predict.json"]
-    record = predict_source(_Decoder(), str(src), str(dst))  # run again: the new weights
+    with pytest.raises(D2PersistError, match=r"holds another job's record, and no output yet "
+                                             r"\(weights_sha256 '1{64}', this one '0{64}'\): "
+                                             r"predict into another --output, or remove it"):
+        predict_source(_Decoder(), str(src), str(dst))
+    record = predict_source(_Decoder(), str(src), str(tmp_path / "new"))
     assert record["counts"]["done"] == 2 and record["weights_sha256"] == "0" * 64
     with pytest.raises(D2PersistError, match=r"holds the outputs of another job \(weights_sha256 "):
-        predict_source(stopped, str(src), str(dst))
+        predict_source(stopped, str(src), str(tmp_path / "new"))
 
 
 def _tree(folder):
