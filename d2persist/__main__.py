@@ -46,11 +46,12 @@ def ls(args):
     from d2persist.artifacts.view import open_view
 
     view = open_view(args.path)
+    entries = view.checkpoints() if view.kind == "run" else []  # (before verify: each hashed)
     problems = []
     if args.verify:
         problems = view.verify(progress=sys.stderr.isatty())[0]
     rows = []
-    for e in view.checkpoints() if view.kind == "run" else []:
+    for e in entries:
         row = {"name": e.name, "iteration": e.iteration, "size": e.size,
                "time": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.mtime)),
                "markers": e.markers, "metrics": e.metrics}

@@ -467,7 +467,9 @@ class RunView:
                ) -> Tuple[List[Problem], List[str]]:
         """
         Check everything the folder holds. Files are hashed in parallel (hashlib releases the
-        GIL), the bigger ones first.
+        GIL), the bigger ones first. A run still training is checked as it was when this began:
+        ``last_checkpoint`` as read then, and a checkpoint that the run's retention removed
+        meanwhile is a note, not damage.
 
         Args:
             progress (bool): show a progress bar (bytes hashed) when there is much to hash.
@@ -480,7 +482,9 @@ class RunView:
         """
         problems, notes, jobs = [], [], []
         checks = []  # (checkpoint, its sidecar's sha256), in the order their lines are reported
+        last, entries = None, []
         if self.kind == "run":
+            last = self.last_checkpoint()  # (before the listing: the file it names is listed)
             entries = self.checkpoints()
             for e in entries:
                 expected = _sidecar(self._folder, e.name)
@@ -509,6 +513,11 @@ class RunView:
         good = set()
         unsidecarred, unchecked = [], []
         for name, expected in checks:
+            if self._folder.stat(name) is None:  # listed, and removed since
+                notes.append(f"{self.where(name)} was removed while this ran (a run still "
+                             "training keeps its newest checkpoints): not checked.")
+                good.add(name)  # not known to be damaged
+                continue
             try:
                 why = self._checkpoint_problem(name, expected, digests)
             except ImportError:  # a stock checkpoint, and no torch to load it with
@@ -525,7 +534,7 @@ class RunView:
             notes.append(f"torch is not installed: {len(unchecked)} checkpoint(s) without a "
                          f".sha256 sidecar could not be checked ({', '.join(unchecked[:3])}).")
         if self.kind == "run":
-            self._verify_run(entries, good, unsidecarred, problems, notes)
+            self._verify_run(entries, last, good, unsidecarred, problems, notes)
         if bundle_problem is not None:
             problems.append(bundle_problem)
         if manifest is not None:
@@ -594,7 +603,7 @@ class RunView:
         except ArtifactError as e:  # a hostile pickle, or a download that failed
             return str(e)
 
-    def _verify_run(self, entries, good, unsidecarred, problems, notes):
+    def _verify_run(self, entries, last, good, unsidecarred, problems, notes):
         models = [m.file for m in MODEL_FILES if self._folder.stat(m.file) is not None]
         if models:  # an export's files in the folder itself, and no manifest names them
             problems.append(Problem(self.where(models[0]), INCOMPLETE, (
@@ -603,7 +612,6 @@ class RunView:
         if unsidecarred:
             notes.append(f"{len(unsidecarred)} checkpoint(s) without a .sha256 sidecar (written "
                          "by stock detectron2): verified by loading them safely.")
-        last = self.last_checkpoint()
         if last is None:
             if entries:
                 notes.append(f"No {LAST_CHECKPOINT}: nothing names the checkpoint to resume from.")

@@ -34,6 +34,30 @@ def test_a_whole_run_verifies_and_lists_newest_first(run):
     assert view.checkpoints()[0].markers == ["last"]
 
 
+def test_a_run_still_training_verifies_as_it_was_when_verify_began(run, mocker):
+    """
+    While verify hashes, the run writes a checkpoint, names it in last_checkpoint, and its
+    retention removes the oldest: nothing is reported damaged or inconsistent (verify's exit
+    0); the removed one is a note.
+    """
+    from d2persist.artifacts.view import RunView
+
+    hash_files = RunView._hash
+
+    def training_meanwhile(jobs, progress, workers):
+        digests = hash_files(jobs, progress, workers)
+        _checkpoint(run, "model_0000005.pth", b"weights 5")
+        (run / "last_checkpoint").write_text("model_0000005.pth")
+        for name in ("model_0000001.pth", "model_0000001.pth.sha256"):
+            os.unlink(run / name)
+        return digests
+
+    mocker.patch.object(RunView, "_hash", side_effect=training_meanwhile)
+    assert open_view(str(run)).verify() == ([], [
+        f"{run / 'model_0000001.pth'} was removed while this ran (a run still training keeps "
+        "its newest checkpoints): not checked."])
+
+
 def test_each_damage_is_one_problem_naming_the_file(run):
     (run / "config.yaml").write_bytes(b"MODEL: \xff\xfe\x00 broken")  # not UTF-8
     (run / "model_0000001.pth.sha256").write_bytes(b"\xff\xfe garbled")
