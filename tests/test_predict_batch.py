@@ -223,6 +223,53 @@ def test_a_job_on_ray_is_described_on_its_driver_without_its_model(default_run, 
     assert download.call_count == 1
 
 
+def test_weights_replaced_while_they_load_are_refused_not_predicted_with(
+        default_run, tmp_path, mocker, monkeypatch):
+    """
+    A bundle exported again (a resumed run finishing) or a run's newest checkpoint written
+    again while a predictor loads it: the file loaded would not be the file verified, whose
+    sha256 the predictor reports (a job's identity, ``/healthz``). Refused in one sentence
+    with PyTorch and ONNX Runtime, and ONNX Runtime's graph of the new file is not cached
+    under the old file's sha256.
+    """
+    import onnxruntime
+
+    from d2persist.predict import predictor as torch_predictor
+
+    bundle, run = tmp_path / "export", tmp_path / "run"
+    shutil.copytree(os.path.join(default_run[0], "export"), bundle)
+    run.mkdir()  # a run folder of checkpoints (its newest, linked: cheap)
+    for name in ("config.yaml", "persist.yaml", "metadata.json", "model_final.pth",
+                 "model_final.pth.sha256"):
+        os.link(os.path.join(default_run[0], name), run / name)
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+
+    def replace(path):  # a new file under the name (the same bytes here: another inode)
+        new = path.with_name(path.name + ".new")
+        new.write_bytes(path.read_bytes())
+        os.replace(new, path)
+
+    def refused(path):
+        return rf"^{re.escape(str(path))} was replaced while it was being loaded \(a new " \
+            r"export or checkpoint written meanwhile\): load it again\.$"
+
+    build = torch_predictor.build_model_from_config
+    for weights in (bundle / "model.safetensors", run / "model_final.pth"):
+        mocker.patch.object(torch_predictor, "build_model_from_config",
+                            side_effect=lambda *a, **k: (replace(weights), build(*a, **k))[1])
+        with pytest.raises(D2PersistError, match=refused(weights)):
+            load_predictor(str(weights.parent), backend="pytorch")
+    session = onnxruntime.InferenceSession
+    mocker.patch("onnxruntime.InferenceSession", side_effect=lambda *a, **k: (
+        session(*a, **k), replace(bundle / "model.onnx"))[0])
+    with pytest.raises(D2PersistError, match=refused(bundle / "model.onnx")):
+        load_predictor(str(bundle), backend="onnxruntime")
+    assert not list((tmp_path / "cache").rglob("*.onnx"))  # no graph under the old sha256
+    mocker.stopall()
+    for path, backend in ((bundle, "pytorch"), (run, "pytorch"), (bundle, "onnxruntime")):
+        assert load_predictor(str(path), backend=backend).backend == backend  # left alone
+
+
 def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, source, tmp_path):
     """
     The Ray a job starts is this machine and cannot grow: a worker asking for a GPU it does
@@ -485,11 +532,11 @@ def test_a_two_node_ray_cluster_from_and_to_s3_survives_a_killed_worker(default_
             assert fs.cat_file(f"{BUCKET}/two/url/{rel}.json") == fs.cat_file(
                 f"{BUCKET}/two/preds/{rel}.json")
         assert swapped.returncode == 2, swapped.stderr[-3000:]
+        refusal = swapped.stderr.strip().splitlines()[-1]
         assert re.fullmatch(r"d2persist: error: On Ray's node [\w.:-]+: The artifacts changed "
                             r"after the driver read them: this copy loaded weights with sha256 "
-                            r"[0-9a-f]{12}\.\.\., not [0-9a-f]{12}\.\.\.; start again to use "
-                            r"the new ones\.", swapped.stderr.strip().splitlines()[-1]), \
-            swapped.stderr[-3000:]
+                            r"[0-9a-f]{12}\.\.\., not [0-9a-f]{12}\.\.\.; predict into another "
+                            r"--output to use the new ones\.", refusal), swapped.stderr[-3000:]
         assert "Traceback" not in swapped.stderr
         assert left == [".d2persist-predict.json"]  # nothing predicted by the other model
         new = hashlib.sha256(fs.cat_file(f"{BUCKET}/two/swapped/model.onnx")).hexdigest()

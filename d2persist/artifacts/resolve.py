@@ -8,10 +8,10 @@ A run folder is predicted from through its export when that export is complete; 
 
 import os
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from ..files.atomic import resolve_inside, sha256_file
+from ..files.atomic import check_unchanged, file_identity, resolve_inside, sha256_file
 from ..files.safe_load import read_json, safe_yaml_load
 from ..layout import (
     CONFIG_NAME,
@@ -51,7 +51,11 @@ class Artifacts:
             "".
         evaluation (dict or None): an export's self-evaluation (its manifest's ``evaluation``).
         sha256 (str or None): the weights file's sha256, where the artifact records it (an
-            export's manifest, checked when it was read).
+            export's manifest, checked when it was read; a checkpoint's sidecar, which it was
+            verified against).
+        identities (dict): the weights' and the config's
+            :func:`~d2persist.files.atomic.file_identity` from before they were verified, for
+            :meth:`check_unchanged` once the model is loaded.
     """
 
     kind: str
@@ -66,10 +70,24 @@ class Artifacts:
     problem: str = ""
     evaluation: Optional[dict] = None
     sha256: Optional[str] = None
+    identities: Dict[str, Optional[Tuple[int, int, int, int]]] = field(default_factory=dict,
+                                                                       repr=False)
 
     def weights_sha256(self) -> str:
         """The weights file's sha256: as the artifact or its sidecar records it, else hashed."""
         return self.sha256 or read_sidecar(self.weights_path) or sha256_file(self.weights_path)
+
+    def check_unchanged(self) -> None:
+        """
+        Refuse, in one sentence, weights or a config replaced since they were verified (a
+        resumed run exporting again, a new ``model_final.pth``): what was loaded from them
+        may not be what was verified, nor what :meth:`weights_sha256` names.
+
+        Raises:
+            ArtifactError: one of them changed.
+        """
+        for path, identity in self.identities.items():
+            check_unchanged(path, identity)
 
 
 def safe_extensions(names: Optional[List[str]], where: str) -> List[str]:
@@ -97,6 +115,9 @@ def _config_kind(config, path):
 
 
 def _from_export(folder):
+    listed = read_manifest(folder, verify=False)  # the names: each file noted, then verified
+    loaded = [resolve_inside(folder, listed[key]) for key in ("config", "weights")]
+    identities = {path: file_identity(path) for path in loaded}
     manifest = read_manifest(folder, only=LOADED)
     config_path = resolve_inside(folder, manifest["config"])
     config = safe_yaml_load(config_path)
@@ -113,6 +134,7 @@ def _from_export(folder):
         evaluation_problem(manifest, PYTORCH.backend) or "",
         manifest.get("evaluation"),
         (manifest.get("files") or {}).get(manifest["weights"], {}).get("sha256"),
+        identities,
     )
 
 
@@ -126,6 +148,9 @@ def _from_checkpoint(folder):
     weights = find_newest_valid(folder)
     if weights is None:
         raise ArtifactError(f"No checkpoint in {folder} verifies (all are truncated or corrupt).")
+    # (from here: the file verified, and the sha256 it was verified against)
+    identities = {weights: file_identity(weights)}
+    sha256 = read_sidecar(weights)
     meta_path = os.path.join(folder, METADATA_NAME)
     metadata = read_json(meta_path) if os.path.isfile(meta_path) else {}
     checkpoint = os.path.basename(weights)
@@ -133,6 +158,7 @@ def _from_checkpoint(folder):
         "checkpoint", folder, config, _config_kind(config, config_path), weights,
         metadata_from_json(metadata), checkpoint_iteration(checkpoint), extensions,
         {"from": "checkpoint", "file": checkpoint, "iteration": checkpoint_iteration(checkpoint)},
+        sha256=sha256, identities=identities,
     )
 
 

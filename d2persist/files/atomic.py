@@ -17,7 +17,7 @@ import os
 import secrets
 from typing import IO, Any, Callable, Iterator, List, Optional, Tuple
 
-from ..errors import CheckpointWriteError, OutputPathError, UnsafeArtifactError
+from ..errors import ArtifactError, CheckpointWriteError, OutputPathError, UnsafeArtifactError
 from ..layout import TEMP_PREFIX
 
 __all__ = [
@@ -34,6 +34,8 @@ __all__ = [
     "check_output_file",
     "check_output_folder",
     "folder_mode",
+    "file_identity",
+    "check_unchanged",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,6 +236,33 @@ def sha256_file(path: str, on_chunk: Optional[Callable[[int], Any]] = None) -> s
     """Returns the sha256 hex digest of the file at ``path`` (see :func:`sha256_stream`)."""
     with open(path, "rb") as f:
         return sha256_stream(f, on_chunk)
+
+
+def file_identity(path: str) -> Optional[Tuple[int, int, int, int]]:
+    """
+    What changes when the file at ``path`` is replaced (a new inode, as every write here
+    makes) or written in place: ``(device, inode, size, mtime_ns)``; None if there is none.
+    Taken before a file is verified and compared after it is loaded, it tells that the file
+    loaded is the file verified, without reading it twice.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(path: str, identity: Optional[Tuple[int, int, int, int]]) -> None:
+    """
+    Refuse, in one sentence, a file replaced or changed since ``identity``
+    (:func:`file_identity`) was taken: what was loaded may not be what was verified.
+
+    Raises:
+        ArtifactError: the file at ``path`` changed.
+    """
+    if file_identity(path) != identity:
+        raise ArtifactError(f"{path} was replaced while it was being loaded (a new export or "
+                            "checkpoint written meanwhile): load it again.")
 
 
 def remove_temp_files(folder: str) -> List[str]:

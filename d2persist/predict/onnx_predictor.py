@@ -22,7 +22,7 @@ from ..artifacts.manifest import (
     bundle_source, describe_source, evaluation_problem, metadata_from_json,
 )
 from ..errors import ArtifactError, D2PersistError
-from ..files.atomic import atomic_path
+from ..files.atomic import atomic_path, check_unchanged, file_identity
 from ..files.cache import note_used, remove_unused
 from ..files.mirror import is_url
 from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
@@ -411,7 +411,9 @@ def _from_onnxruntime(e: BaseException) -> bool:
 
 def create_session(model_path: str, sha256: Optional[str] = None,
                    providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
-                   cache: bool = True, spin: bool = True) -> Tuple["ort.InferenceSession", bool]:
+                   cache: bool = True, spin: bool = True,
+                   identity: Optional[Tuple[int, int, int, int]] = None
+                   ) -> Tuple["ort.InferenceSession", bool]:
     """
     An ONNX Runtime session of ``model_path``. With ``sha256`` (the file's, as its manifest
     states and the caller verified) and ``cache``, the graph ONNX Runtime optimizes is cached
@@ -421,16 +423,25 @@ def create_session(model_path: str, sha256: Optional[str] = None,
     graphs no process used for a week are removed when another is cached
     (:mod:`d2persist.files.cache`).
     ``spin=False`` turns off the spinning of ONNX Runtime's idle intra-op threads
-    (``session.intra_op.allow_spinning``), for processes that share their cores.
+    (``session.intra_op.allow_spinning``), for processes that share their cores. With
+    ``identity`` (the file's :func:`~d2persist.files.atomic.file_identity` from before the
+    caller verified it), a file replaced since is refused, its graph not cached under the
+    sha256 of the file it replaced.
 
     Returns:
         tuple: ``(session, cached)``, whether the session came from the cache.
 
     Raises:
         ArtifactError: ONNX Runtime cannot open the model (a damaged file whose manifest entry
-            was made to match it, a graph this ONNX Runtime does not support).
+            was made to match it, a graph this ONNX Runtime does not support), or it was
+            replaced since ``identity``.
     """
     import onnxruntime as ort
+
+    def unchanged(session):
+        if identity is not None:
+            check_unchanged(model_path, identity)
+        return session
 
     providers = list(providers or ["CPUExecutionProvider"])
 
@@ -452,7 +463,7 @@ def create_session(model_path: str, sha256: Optional[str] = None,
                                 f"{type(e).__name__}: {' '.join(str(e).split())}).") from None
 
     if not (cache and sha256):
-        return open_model(options()), False
+        return unchanged(open_model(options())), False
     folder = os.path.join(cache_root(), "onnxruntime")
     opts = options()
     cached = os.path.join(folder, _cache_key(sha256, providers, opts) + ".onnx")
@@ -470,11 +481,11 @@ def create_session(model_path: str, sha256: Optional[str] = None,
             opts = options()
             opts.optimized_model_filepath = tmp
             opts.log_severity_level = 3  # not the warning that the graph suits this CPU only
-            session = ort.InferenceSession(model_path, opts, providers=providers)
+            session = unchanged(ort.InferenceSession(model_path, opts, providers=providers))
     except Exception as e:  # a read-only or full cache: predict without one
         if not isinstance(e, OSError) and not _from_onnxruntime(e):
             raise
-        session = open_model(options())  # (a model that does not open: one sentence)
+        session = unchanged(open_model(options()))  # (one that does not open: one sentence)
         logger.warning("Cannot cache the optimized ONNX Runtime graph in %s (%s).", folder,
                        " ".join(str(e).split()))
         return session, False
@@ -493,6 +504,11 @@ def bundle_onnx_model(path: str, precision: str = ONNX.precision) -> Tuple[str, 
         ArtifactError: no complete bundle, no such model in it (with the reason its export
             failed, if it did), or a model file that does not match its manifest entry.
     """
+    return _verified_onnx_model(path, precision)[:3]
+
+
+def _verified_onnx_model(path: str, precision: str) -> Tuple[str, str, dict, Any]:
+    """:func:`bundle_onnx_model`, and the model file's identity from before it was verified."""
     if precision not in PRECISIONS:
         raise D2PersistError(
             f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
@@ -503,9 +519,10 @@ def bundle_onnx_model(path: str, precision: str = ONNX.precision) -> Tuple[str, 
         raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "
                             "with ONNX Runtime.")
     name = onnx_model(precision).file
+    identity = file_identity(os.path.join(bundle, name))  # (what is loaded: this file)
     manifest = read_manifest(bundle, only=[name])
     onnx_model_file(manifest, precision, bundle, path)
-    return bundle, name, manifest
+    return bundle, name, manifest, identity
 
 
 def onnx_model_file(manifest: dict, precision: str, bundle: str, path: str) -> str:
@@ -561,11 +578,11 @@ def load_onnx_predictor(path: str, providers: Optional[Sequence[str]] = None,
     """
     import onnxruntime as ort
 
-    bundle, name, manifest = bundle_onnx_model(path, precision)
+    bundle, name, manifest, identity = _verified_onnx_model(path, precision)
     model = onnx_model(precision)
     model_path = os.path.join(bundle, name)
     session, cached = create_session(model_path, manifest["files"][name].get("sha256"),
-                                     providers, threads, cache, spin)
+                                     providers, threads, cache, spin, identity)
     predictor = OnnxPredictor(session, manifest["input"],
                               metadata_from_json(manifest.get("metadata") or {}),
                               manifest.get("onnx"))

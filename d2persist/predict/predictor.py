@@ -276,6 +276,7 @@ def load_torch_predictor(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
     )
     loaded = load_weights(model, art.weights_path) or {}
+    art.check_unchanged()  # what was loaded is what was verified (and weights_sha256 names)
     model.to(device).eval()
     predictor = Predictor(model, augmentation, input_format, art.metadata, device)
     source = dict(art.source)
