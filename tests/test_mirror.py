@@ -163,6 +163,34 @@ def test_resume_from_the_mirror_into_an_empty_folder(s3, tmp_path):
     )
 
 
+def test_an_export_written_again_is_incomplete_at_the_mirror_until_it_is_whole(
+        s3, tmp_path, mocker):
+    """
+    A run exporting again (resumed for more iterations): the mirror's old manifest goes before
+    any new file of the bundle is uploaded, so a reader there never takes the new files for
+    the old manifest's (a download that does not match, blamed on damage); the new manifest
+    comes last.
+    """
+    from d2persist.files.mirror import Mirror
+
+    opts = ["PERSIST.MIRROR", f"s3://{BUCKET}/run6", "SOLVER.CHECKPOINT_PERIOD", 2]
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 2))
+    calls = []
+    for op in ("put", "remove"):
+        mocker.patch.object(Mirror, op, autospec=True, side_effect=lambda self, *a, op=op,
+                            real=getattr(Mirror, op): (calls.append((op, a[-1])),
+                                                       real(self, *a))[1])
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 4), resume=True)
+    export = [c for c in calls if c[1].startswith("export/")]
+    assert export[0] == ("remove", "export/manifest.json"), export
+    assert export[-1] == ("put", "export/manifest.json"), export
+    assert ("put", "export/model.safetensors") in export
+    fs = _fs()
+    fs.invalidate_cache()  # the mirror ends as the run's own export
+    assert fs.cat_file(f"{BUCKET}/run6/export/manifest.json") == (
+        tmp_path / "export" / "manifest.json").read_bytes()
+
+
 def test_a_failed_upload_is_never_named_by_last_checkpoint(s3, tmp_path, mocker):
     from d2persist.files.mirror import Mirror
 

@@ -677,7 +677,11 @@ class PersistHook(HookBase):
         manifest = None
         main = comm.is_main_process()
         calibration = calibration_images(self.run) if main else []  # read once, for both
+        folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
         if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
+            # the mirror's bundle, as the local one, stops being complete before any of its
+            # files is replaced: a reader there never takes new files for the old manifest's
+            self._mirror(folder=folder, remove=[MANIFEST_NAME])
             ema = None
             if self._ema_eval:
                 assert self._ema is not None
@@ -689,7 +693,6 @@ class PersistHook(HookBase):
             manifest = evaluate_run_export(self.run, self.trainer, self._checkpointer.model,
                                            manifest, calibration)  # collective
         if manifest is not None:
-            folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
             self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
 
     # -- state ---------------------------------------------------------------------------------
