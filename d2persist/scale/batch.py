@@ -19,6 +19,7 @@ has its output.
 """
 
 import collections
+import contextlib
 import datetime
 import json
 import logging
@@ -180,6 +181,35 @@ class _Destination(Mirror):
         if not sync:
             self._unsynced.add(folder)
 
+    def create(self, name: str, data: bytes) -> bool:
+        """
+        Write file ``name`` whole unless it exists: here exclusively (of two processes at
+        once, one creates it: a complete temp file hard-linked to the name); on an object
+        store, one put (which cannot tell).
+
+        Returns:
+            bool: whether this call wrote it (False: it exists).
+        """
+        if not self.local:
+            self.put_bytes(data, name)
+            return True
+        path = self._path(name)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+        write_bytes(tmp, data, sync_folder=False)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: not exclusive there
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(folder)
+        return True
+
     def remove(self, name: str) -> None:
         super().remove(name)
         if self.local:
@@ -261,8 +291,9 @@ def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
     """
     saved = dst.read_text(PREDICT_OPTIONS_NAME)
     if saved is None:  # (check_destination: nothing else is there)
-        dst.write(PREDICT_OPTIONS_NAME, _json_bytes(identity), sync=True)
-        return
+        if dst.create(PREDICT_OPTIONS_NAME, _json_bytes(identity)):
+            return
+        saved = dst.read_text(PREDICT_OPTIONS_NAME) or ""  # a job started at the same moment
     try:
         before = json.loads(saved)
     except ValueError:

@@ -131,6 +131,33 @@ def test_an_actor_with_other_weights_refuses_and_so_does_the_jobs_destination(
         predict_source(stopped, str(src), str(tmp_path / "new"))
 
 
+def test_of_two_jobs_starting_into_one_folder_at_once_one_is_refused(tmp_path, mocker):
+    """
+    Both found no job's record there; the one that creates it second (the other's record
+    created between its look and its write) reads it and is refused, as a later start is.
+    """
+    from d2persist.errors import D2PersistError
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _images(src)
+    other = _Decoder()
+    other.sha256 = "1" * 64
+    create = batch._Destination.create
+
+    def the_other_job_creates_it_first(self, name, data):
+        mocker.stopall()  # (the other job's own create is the real one)
+        batch._check_same_job(batch._Destination(str(dst)), batch.job_identity(
+            other, batch.list_source(str(src)).url, 0.5, False))
+        return create(self, name, data)
+
+    mocker.patch.object(batch._Destination, "create", the_other_job_creates_it_first)
+    with pytest.raises(D2PersistError, match=r"holds another job's record, and no output yet "
+                                             r"\(weights_sha256 '1{64}', this one '0{64}'\)"):
+        predict_source(_Decoder(), str(src), str(dst))
+    assert [p.name for p in dst.iterdir()] == [".d2persist-predict.json"]
+    assert json.loads((dst / ".d2persist-predict.json").read_text())["weights_sha256"] == "1" * 64
+
+
 def _tree(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*"))
             if p.is_file()}
