@@ -259,6 +259,15 @@ def test_weights_replaced_while_they_load_are_refused_not_predicted_with(
                             side_effect=lambda *a, **k: (replace(weights), build(*a, **k))[1])
         with pytest.raises(D2PersistError, match=refused(weights)):
             load_predictor(str(weights.parent), backend="pytorch")
+    mocker.stopall()
+    from d2persist.artifacts import view
+
+    verify = view.verify_checkpoint  # replaced just after it verified, before anything else
+    mocker.patch.object(view, "verify_checkpoint", side_effect=lambda path: (
+        verify(path), replace(run / "model_final.pth"))[0])
+    with pytest.raises(D2PersistError, match=refused(run / "model_final.pth")):
+        load_predictor(str(run), backend="pytorch")
+    mocker.stopall()
     session = onnxruntime.InferenceSession
     mocker.patch("onnxruntime.InferenceSession", side_effect=lambda *a, **k: (
         session(*a, **k), replace(bundle / "model.onnx"))[0])

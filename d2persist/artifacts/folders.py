@@ -51,6 +51,10 @@ class _LocalFolder:
             return None
         return st.st_size, st.st_mtime, (st.st_dev, st.st_ino)
 
+    def exists_now(self, name):
+        """Whether file ``name`` is there now."""
+        return os.path.isfile(self.where(name))
+
     def read(self, name: str) -> Optional[bytes]:
         try:
             with open(self.where(name), "rb") as f:
@@ -124,6 +128,15 @@ class _MirrorFolder:
             except ValueError:
                 mtime = 0.0
         return int(e.get("size") or 0), float(mtime or 0.0), None  # objects have no hard links
+
+    def exists_now(self, name):
+        """Whether object ``name`` is there now (asked again, not from the listing)."""
+        path = self.mirror._path(name)
+        try:
+            self.mirror.fs.invalidate_cache(path)
+            return bool(self.mirror.fs.exists(path))
+        except Exception:  # noqa: BLE001 (cannot tell: taken as there, checked as such)
+            return True
 
     def _failed(self, name, e):
         return ArtifactError(f"Cannot read {self.where(name)} ({type(e).__name__}: {e}).")

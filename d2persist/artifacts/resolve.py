@@ -25,7 +25,7 @@ from ..runconfig import check_extension_names
 from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
 from .checkpoints import read_sidecar
 from .manifest import bundle_source, evaluation_problem, metadata_from_json
-from .view import find_newest_valid, list_checkpoints
+from .view import list_checkpoints, newest_valid_noted
 
 __all__ = ["Artifacts", "resolve_artifacts", "safe_extensions"]
 
@@ -53,7 +53,7 @@ class Artifacts:
         sha256 (str or None): the weights file's sha256, where the artifact records it (an
             export's manifest, checked when it was read; a checkpoint's sidecar, which it was
             verified against).
-        identities (dict): the weights' and the config's
+        identities (dict): the weights' (and an export's config's)
             :func:`~d2persist.files.atomic.file_identity` from before they were verified, for
             :meth:`check_unchanged` once the model is loaded.
     """
@@ -145,12 +145,11 @@ def _from_checkpoint(folder):
     config = safe_yaml_load(config_path)
     extensions = safe_extensions(persist_options_of_run(folder).get("CONFIG_EXTENSIONS"),
                                  os.path.join(folder, PERSIST_FILE))
-    weights = find_newest_valid(folder)
-    if weights is None:
+    found = newest_valid_noted(folder)
+    if found is None:
         raise ArtifactError(f"No checkpoint in {folder} verifies (all are truncated or corrupt).")
-    # (from here: the file verified, and the sha256 it was verified against)
-    identities = {weights: file_identity(weights)}
-    sha256 = read_sidecar(weights)
+    weights, identity, sha256 = found  # (the file verified, and what it was verified against)
+    identities = {weights: identity}
     meta_path = os.path.join(folder, METADATA_NAME)
     metadata = read_json(meta_path) if os.path.isfile(meta_path) else {}
     checkpoint = os.path.basename(weights)

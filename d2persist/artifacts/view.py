@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from ..files.atomic import sha256_file
+from ..files.atomic import file_identity, sha256_file
 from ..files.safe_load import safe_torch_load, safe_yaml_loads
 from ..layout import (
     BEST_NAME,
@@ -45,6 +45,7 @@ from .checkpoints import (
     _checkpoint_names,
     _safely_loadable,
     _sidecar,
+    read_sidecar,
     resume_candidates,
     sidecar_problem,
     verify_checkpoint,
@@ -60,6 +61,7 @@ __all__ = [
     "open_view",
     "metrics_json_history",
     "find_newest_valid",
+    "newest_valid_noted",
 ]
 
 logger = logging.getLogger(__name__)
@@ -513,7 +515,7 @@ class RunView:
         good = set()
         unsidecarred, unchecked = [], []
         for name, expected in checks:
-            if self._folder.stat(name) is None:  # listed, and removed since
+            if not self._folder.exists_now(name):  # listed, and removed since
                 notes.append(f"{self.where(name)} was removed while this ran (a run still "
                              "training keeps its newest checkpoints): not checked.")
                 good.add(name)  # not known to be damaged
@@ -741,11 +743,22 @@ def find_newest_valid(folder: str) -> Optional[str]:
     Returns:
         str or None: the path, or None if no checkpoint verifies.
     """
+    found = newest_valid_noted(folder)
+    return found[0] if found is not None else None
+
+
+def newest_valid_noted(folder: str) -> Optional[Tuple[str, Any, Optional[str]]]:
+    """
+    :func:`find_newest_valid`, with what a loader compares once it has loaded the file:
+    ``(path, its file identity from before it was verified, the sha256 of its sidecar, or
+    None)``; None if no checkpoint verifies.
+    """
     for name in RunView(folder, "run").resume_candidates():
         path = os.path.join(folder, name)
+        identity, sha256 = file_identity(path), read_sidecar(path)
         problem = verify_checkpoint(path)
         if problem is None:
-            return path
+            return path, identity, sha256
         logger.warning(
             "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
         )

@@ -1,14 +1,17 @@
 """
 ``files``: how bytes travel. Atomic writes (temporary file, fsync, ``os.replace``), sha256,
-safe loading (no code runs), the run lock (one process writes a run folder), the background
-writer, the fsspec mirror, and a cache that stays bounded. A guarantee about files is made here
-and nowhere else. Imports neither torch nor detectron2.
+a file's identity (the file loaded is the file verified), safe loading (no code runs), the run
+lock (one process writes a run folder), the background writer, the fsspec mirror, and a cache
+that stays bounded. A guarantee about files is made here and nowhere else. Imports neither
+torch nor detectron2.
 """
 
 from .atomic import (
     atomic_path,
     check_output_file,
+    check_unchanged,
     check_output_folder,
+    file_identity,
     fsync_dir,
     remove_temp_files,
     resolve_inside,
@@ -35,6 +38,8 @@ __all__ = [
     "atomic_path",
     "check_output_file",
     "check_output_folder",
+    "check_unchanged",
+    "file_identity",
     "fsync_dir",
     "remove_temp_files",
     "resolve_inside",

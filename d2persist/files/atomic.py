@@ -241,9 +241,14 @@ def sha256_file(path: str, on_chunk: Optional[Callable[[int], Any]] = None) -> s
 def file_identity(path: str) -> Optional[Tuple[int, int, int, int]]:
     """
     What changes when the file at ``path`` is replaced (a new inode, as every write here
-    makes) or written in place: ``(device, inode, size, mtime_ns)``; None if there is none.
-    Taken before a file is verified and compared after it is loaded, it tells that the file
-    loaded is the file verified, without reading it twice.
+    makes) or written in place. Taken before a file is verified and compared after it is
+    loaded, it tells that the file loaded is the file verified, without reading it twice.
+
+    Args:
+        path (str): the file.
+
+    Returns:
+        tuple or None: ``(device, inode, size, mtime_ns)``; None if there is no such file.
     """
     try:
         st = os.stat(path)
@@ -254,15 +259,21 @@ def file_identity(path: str) -> Optional[Tuple[int, int, int, int]]:
 
 def check_unchanged(path: str, identity: Optional[Tuple[int, int, int, int]]) -> None:
     """
-    Refuse, in one sentence, a file replaced or changed since ``identity``
-    (:func:`file_identity`) was taken: what was loaded may not be what was verified.
+    Refuse, in one sentence, a file replaced, changed or removed since ``identity`` was
+    taken: what was loaded may not be what was verified.
+
+    Args:
+        path (str): the file.
+        identity (tuple or None): its :func:`file_identity` from before it was verified.
 
     Raises:
         ArtifactError: the file at ``path`` changed.
     """
-    if file_identity(path) != identity:
-        raise ArtifactError(f"{path} was replaced while it was being loaded (a new export or "
-                            "checkpoint written meanwhile): load it again.")
+    now = file_identity(path)
+    if now != identity:
+        what = "removed while it was being loaded (the run's retention, or a new export" \
+            if now is None else "replaced while it was being loaded (a new export or checkpoint"
+        raise ArtifactError(f"{path} was {what} written meanwhile): load it again.")
 
 
 def remove_temp_files(folder: str) -> List[str]:

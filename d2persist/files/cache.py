@@ -1,9 +1,10 @@
 """
 What d2persist caches stays bounded: bundles downloaded from URLs (a version per manifest) and
 ONNX Runtime's optimized graphs (one per model file) are stamped each time a process uses them,
-and those no process used for :data:`UNUSED_FOR_S` are removed the next time an entry beside
-them is cached or used. A removal first renames the entry out of use, so no process finds it
-half removed; a process that loaded an entry before keeps what it loaded.
+and those no process used for :data:`UNUSED_FOR_S` are removed as a bundle is loaded (the
+bundles) or another graph is cached (the graphs). A removal first renames the entry out of use,
+so no process finds it half removed; a process that loaded an entry before keeps what it
+loaded.
 """
 
 import logging
@@ -29,6 +30,9 @@ def note_used(path: str) -> None:
     Stamp the cached entry ``path`` (a file or a folder) as used now: its modification time,
     which caching never changes otherwise. Quietly not where this process may not (a shared
     cache another user's process wrote).
+
+    Args:
+        path (str): the entry.
     """
     try:
         os.utime(path)
@@ -39,6 +43,9 @@ def note_used(path: str) -> None:
 def discard(path: str) -> bool:
     """
     Take the entry ``path`` out of use at once (a rename, in its folder), then remove it.
+
+    Args:
+        path (str): the entry (a file or a folder).
 
     Returns:
         bool: whether this call took it (False: gone already, or another process took it).

@@ -276,7 +276,6 @@ def load_torch_predictor(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
     )
     loaded = load_weights(model, art.weights_path) or {}
-    art.check_unchanged()  # what was loaded is what was verified (and weights_sha256 names)
     model.to(device).eval()
     predictor = Predictor(model, augmentation, input_format, art.metadata, device)
     source = dict(art.source)
@@ -286,7 +285,8 @@ def load_torch_predictor(
         source.update(weights="ema", ema=loaded["ema"])
     predictor.weights = describe_source(source)
     # the weights file's identity (d2persist predict's jobs)
-    predictor.sha256 = art.weights_sha256()
+    predictor.sha256 = art.weights_sha256()  # (a stock checkpoint's: hashed now)
+    art.check_unchanged()  # what was loaded is what was verified, and what sha256 names
     predictor.evaluation = art.evaluation
     predictor.problem = art.problem
     logger.info("Loaded %s from %s: %s", art.kind, art.weights_path, predictor.weights)

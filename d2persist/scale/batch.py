@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import posixpath
+import secrets
 import signal
 import sys
 import threading
@@ -184,8 +185,12 @@ class _Destination(Mirror):
     def create(self, name: str, data: bytes) -> bool:
         """
         Write file ``name`` whole unless it exists: here exclusively (of two processes at
-        once, one creates it: a complete temp file hard-linked to the name); on an object
-        store, one put (which cannot tell).
+        once, one creates it: a complete temp file hard-linked to the name; a file system
+        without hard links cannot tell); on an object store, one put (which cannot tell).
+
+        Args:
+            name (str): relative to the destination.
+            data (bytes): the file's content.
 
         Returns:
             bool: whether this call wrote it (False: it exists).
@@ -196,7 +201,8 @@ class _Destination(Mirror):
         path = self._path(name)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}.{os.getpid()}")
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}."
+                                   f"{secrets.token_hex(6)}")  # (processes on one volume)
         write_bytes(tmp, data, sync_folder=False)
         try:
             os.link(tmp, path)

@@ -234,3 +234,21 @@ def test_onnxruntime_graphs_unused_for_a_week_leave_the_cache(tmp_path, monkeypa
     _age(graph, 30)
     _, cached = create_session(model, sha256="a" * 64)  # loaded from the cache: stamped
     assert cached and _days_unused(graph) < 0.01
+
+
+def test_a_file_replaced_or_removed_since_its_identity_was_taken_is_refused(tmp_path):
+    from d2persist.files.atomic import check_unchanged, file_identity
+
+    path = tmp_path / "model.safetensors"
+    write_bytes(str(path), b"old")
+    identity = file_identity(str(path))
+    os.link(path, tmp_path / "another name")  # (a hard link: the same file)
+    check_unchanged(str(path), identity)
+    write_bytes(str(path), b"old")  # the same bytes, written again: another file
+    with pytest.raises(ArtifactError, match=r"model.safetensors was replaced while it was "
+                                            r"being loaded \(a new export or checkpoint"):
+        check_unchanged(str(path), identity)
+    os.unlink(path)
+    with pytest.raises(ArtifactError, match=r"model.safetensors was removed while it was being "
+                                            r"loaded \(the run's retention, or a new export"):
+        check_unchanged(str(path), identity)
