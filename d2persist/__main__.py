@@ -179,28 +179,30 @@ def plot(args):
     return 0
 
 
-def _loader(args, backend):
+def _loader(args, backend, sha256=None):
     """
     A picklable loader of the predictor for Ray's actors and replicas (called in each with its
-    ``threads``): ``backend`` as resolved here, so that every copy loads the same one. ONNX
-    Runtime's threads do not spin: the copies share their nodes with Ray's own processes.
+    ``threads``): ``backend`` as resolved here, so that every copy loads the same one, and of a
+    run folder the checkpoint of ``sha256`` (described here), not the newest when it loads.
+    ONNX Runtime's threads do not spin: the copies share their nodes with Ray's own processes.
     """
     import functools
 
     from d2persist.predict.load import load_predictor
 
     return functools.partial(load_predictor, args.artifacts, device=args.device,
-                             backend=backend, precision=args.precision, spin=False)
+                             backend=backend, precision=args.precision, spin=False,
+                             sha256=sha256)
 
 
-def _ray_engine(args, backend):
+def _ray_engine(args, backend, sha256=None):
     """
     The Ray engine of ``predict --ray``: each actor's threads as many as its CPUs (given, or
     the cluster's share).
     """
     from d2persist.scale.batch import RayEngine
 
-    return RayEngine(_loader(args, backend), None if args.ray == "local" else args.ray,
+    return RayEngine(_loader(args, backend, sha256), None if args.ray == "local" else args.ray,
                      args.workers, args.cpus_per_worker, args.gpus_per_worker)
 
 
@@ -216,7 +218,7 @@ def predict(args):
                                        precision=args.precision, here=here)
         if here:
             check_device(predictor.backend, args.device)
-        engine = _ray_engine(args, predictor.backend)
+        engine = _ray_engine(args, predictor.backend, predictor.sha256)
     else:
         predictor = load_predictor(args.artifacts, device=args.device, backend=args.backend,
                                    precision=args.precision)
@@ -249,7 +251,7 @@ def serve(args):
     del loaded  # (the replicas hold the model; this process serves none)
     # every replica serves these weights: one Serve restarts after the artifacts changed
     # (a new export at the URL, a new checkpoint in the run) does not start
-    run_server(_loader(args, backend), args.host, args.port, args.replicas,
+    run_server(_loader(args, backend, sha256), args.host, args.port, args.replicas,
                args.cpus_per_replica, address, args.max_bytes, args.max_batch_size, sha256)
     return 0
 

@@ -279,6 +279,38 @@ def test_weights_replaced_while_they_load_are_refused_not_predicted_with(
         assert load_predictor(str(path), backend=backend).backend == backend  # left alone
 
 
+def test_copies_load_the_checkpoint_their_driver_described_not_a_newer_one(
+        default_run, tmp_path):
+    """
+    Predicting or serving from a run folder still training: the driver describes its newest
+    checkpoint, and each Ray actor or replica (the loader the command builds) loads that one,
+    though the run has written a newer one since; one the run's retention removed since is
+    refused in one sentence.
+    """
+    from d2persist.__main__ import _loader, get_parser
+    from d2persist.predict.load import describe_predictor
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.yaml", "persist.yaml", "metadata.json", "model_0000019.pth",
+                 "model_0000019.pth.sha256"):
+        os.link(os.path.join(default_run[0], name), run / name)
+    spec = describe_predictor(str(run), backend="pytorch")
+    for name in ("model_final.pth", "model_final.pth.sha256"):  # the run goes on
+        os.link(os.path.join(default_run[0], name), run / name)
+    load = _loader(get_parser().parse_args(["serve", str(run)]), spec.backend, spec.sha256)
+    copy = load(threads=None)
+    assert copy.sha256 == spec.sha256 and copy.weights.endswith("iteration 19")
+    assert load_predictor(str(run), backend="pytorch").sha256 != spec.sha256  # the newest
+    for name in ("model_0000019.pth", "model_0000019.pth.sha256"):  # the run's retention
+        os.unlink(run / name)
+    with pytest.raises(D2PersistError, match=rf"^{re.escape(str(run))} no longer holds a "
+                                             rf"checkpoint with sha256 {spec.sha256[:12]}… that "
+                                             r"verifies \(the run's retention removed it\): "
+                                             r"start again\.$"):
+        load(threads=None)
+
+
 def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, source, tmp_path):
     """
     The Ray a job starts is this machine and cannot grow: a worker asking for a GPU it does

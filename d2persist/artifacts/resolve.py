@@ -138,14 +138,17 @@ def _from_export(folder):
     )
 
 
-def _from_checkpoint(folder):
+def _from_checkpoint(folder, sha256=None):
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise ArtifactError(f"{folder} has checkpoints but no {CONFIG_NAME} to rebuild the model.")
     config = safe_yaml_load(config_path)
     extensions = safe_extensions(persist_options_of_run(folder).get("CONFIG_EXTENSIONS"),
                                  os.path.join(folder, PERSIST_FILE))
-    found = newest_valid_noted(folder)
+    found = newest_valid_noted(folder, sha256)
+    if found is None and sha256 is not None:
+        raise ArtifactError(f"{folder} no longer holds a checkpoint with sha256 {sha256[:12]}… "
+                            "that verifies (the run's retention removed it): start again.")
     if found is None:
         raise ArtifactError(f"No checkpoint in {folder} verifies (all are truncated or corrupt).")
     weights, identity, sha256 = found  # (the file verified, and what it was verified against)
@@ -161,12 +164,14 @@ def _from_checkpoint(folder):
     )
 
 
-def resolve_artifacts(path: str) -> Artifacts:
+def resolve_artifacts(path: str, sha256: Optional[str] = None) -> Artifacts:
     """
     Find the model to predict with at ``path``.
 
     Args:
         path (str): an export folder, or a training OUTPUT_DIR.
+        sha256 (str): of a run folder's checkpoints, the one whose sidecar gives this sha256
+            instead of the newest (unused for an export, which holds one weights file).
 
     Returns:
         Artifacts
@@ -181,7 +186,7 @@ def resolve_artifacts(path: str) -> Artifacts:
     if bundle is not None:
         return _from_export(bundle)
     if list_checkpoints(path):
-        return _from_checkpoint(path)
+        return _from_checkpoint(path, sha256)
     raise ArtifactError(
         f"{path} holds neither an export ({MANIFEST_NAME}) nor checkpoints (model_*.pth)."
     )

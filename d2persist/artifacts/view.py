@@ -747,18 +747,22 @@ def find_newest_valid(folder: str) -> Optional[str]:
     return found[0] if found is not None else None
 
 
-def newest_valid_noted(folder: str) -> Optional[Tuple[str, Any, Optional[str]]]:
+def newest_valid_noted(folder: str, sha256: Optional[str] = None
+                       ) -> Optional[Tuple[str, Any, Optional[str]]]:
     """
     :func:`find_newest_valid`, with what a loader compares once it has loaded the file:
     ``(path, its file identity from before it was verified, the sha256 of its sidecar, or
-    None)``; None if no checkpoint verifies.
+    None)``; None if no checkpoint verifies. With ``sha256``, the newest checkpoint whose
+    sidecar gives it (the one a Ray job's driver described, while the run writes newer ones).
     """
     for name in RunView(folder, "run").resume_candidates():
         path = os.path.join(folder, name)
-        identity, sha256 = file_identity(path), read_sidecar(path)
+        identity, expected = file_identity(path), read_sidecar(path)
+        if sha256 is not None and expected != sha256:
+            continue
         problem = verify_checkpoint(path)
         if problem is None:
-            return path, identity, sha256
+            return path, identity, expected
         logger.warning(
             "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
         )

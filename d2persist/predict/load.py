@@ -183,6 +183,7 @@ def load_predictor(
     precision: str = ONNX.precision,
     threads: Optional[int] = None,
     spin: bool = True,
+    sha256: Optional[str] = None,
 ) -> Union["Predictor", "OnnxPredictor"]:
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -207,6 +208,11 @@ def load_predictor(
             replica's share of the cores).
         spin (bool): ONNX Runtime: whether its idle threads spin waiting for work (see
             :func:`~d2persist.predict.onnx_predictor.load_onnx_predictor`).
+        sha256 (str): PyTorch, a run folder without a complete export: the checkpoint whose
+            sidecar gives this sha256 instead of the newest (what a Ray job's driver or a
+            server described, loaded by each actor or replica while the run writes newer
+            ones), refused in one sentence where the run no longer holds it. Unused for a
+            bundle, which holds one weights file.
 
     Returns:
         :class:`d2persist.predict.predictor.Predictor` or
@@ -228,7 +234,7 @@ def load_predictor(
         import torch
 
         torch.set_num_threads(threads)
-    return load_torch_predictor(path, device, opts, allowed_targets)
+    return load_torch_predictor(path, device, opts, allowed_targets, sha256)
 
 
 #: ONNX Runtime's execution provider for ``device="cuda"`` (onnxruntime-gpu)

@@ -252,6 +252,7 @@ def load_torch_predictor(
     device: Optional[str] = None,
     opts: Optional[Sequence[str]] = None,
     allowed_targets: Optional[Sequence[str]] = None,
+    sha256: Optional[str] = None,
 ) -> "Predictor":
     """
     Load a predictor from an export folder or a training OUTPUT_DIR.
@@ -266,11 +267,13 @@ def load_torch_predictor(
             ``key=value`` overrides (LazyConfigs).
         allowed_targets (list[str]): LazyConfig only: module prefixes whose callables the
             config may instantiate, in addition to detectron2's and torch.nn's.
+        sha256 (str): a run folder's checkpoint by its sha256, not the newest (see
+            :func:`~d2persist.artifacts.resolve.resolve_artifacts`).
 
     Returns:
         Predictor
     """
-    art = resolve_artifacts(path)
+    art = resolve_artifacts(path, sha256)
     device = torch_device(device)
     model, augmentation, input_format = build_model_from_config(
         art.config, art.config_kind, opts, allowed_targets, art.config_extensions
