@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -88,6 +89,21 @@ def test_failing_exporter_leaves_run_and_bundle_then_export_model_adds_onnx(
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("infer_single.py: error:")
 
+    from d2persist.files.lock import lock_run_folder, unlock_run_folder
+
+    before = {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()}
+    lock_run_folder(str(tmp_path))  # as a resumed training of the run holds it
+    try:
+        for artifacts in (tmp_path, tmp_path / "export"):
+            res = run_tool(EXPORT_MODEL, "--artifacts", artifacts, "--format", "onnx")
+            assert res.returncode == 2 and "Traceback" not in res.stderr
+            assert re.fullmatch(rf"export_model.py: error: {re.escape(str(tmp_path))} is being "
+                                r"written by a training run \(host .*\), which exports into "
+                                r".*export too: run export_model.py once it has ended\.",
+                                res.stderr.strip().splitlines()[-1]), res.stderr[-2000:]
+    finally:
+        unlock_run_folder(str(tmp_path))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "export").iterdir()} == before
     res = run_tool(EXPORT_MODEL, "--artifacts", tmp_path, "--format", "onnx")
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())

@@ -12,7 +12,8 @@ images; model.onnx is exported first if missing). Each file is written atomicall
 manifest is updated once it is complete. Then, unless --no-eval, every backend of the bundle is
 evaluated on the config's first test dataset with COCOEvaluator and the manifest's evaluation
 entry is replaced. Exit code 2, with one line on stderr, for bad input, bad artifacts or a model
-the exporter cannot handle.
+the exporter cannot handle. The bundle of a run folder is not touched while a training run
+writes that folder (it holds the run lock: one process writes a run folder).
 """
 
 import argparse
@@ -63,6 +64,35 @@ def _keypoint_sigmas(config, kind):
     return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
 
 
+def _lock_run_of(artifacts, bundle):
+    """
+    Take the run lock of the run folder holding ``bundle`` (``artifacts`` given as a run folder,
+    or the bundle's parent where it is one), refusing in one sentence while a training run
+    writes it (a resumed run would export into the bundle too).
+    """
+    import os
+
+    from d2persist.errors import RunFolderBusyError
+    from d2persist.files.lock import lock_run_folder, read_lock_holder
+    from d2persist.layout import LAST_CHECKPOINT, LOCK_NAME
+
+    parent = os.path.dirname(os.path.abspath(bundle))
+    if os.path.abspath(bundle) != os.path.abspath(artifacts):
+        run = artifacts
+    elif any(os.path.isfile(os.path.join(parent, n)) for n in (LOCK_NAME, LAST_CHECKPOINT)):
+        run = parent
+    else:
+        return  # a bundle of its own
+    try:
+        lock_run_folder(run)
+    except RunFolderBusyError:
+        holder = read_lock_holder(run) or {}
+        raise RunFolderBusyError(
+            f"{run} is being written by a training run (host {holder.get('host', '?')}, pid "
+            f"{holder.get('pid', '?')}, since {holder.get('since', '?')}), which exports into "
+            f"{bundle} too: run {PROG} once it has ended.") from None
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     from d2persist.cli import exit_on_known_errors
@@ -95,6 +125,7 @@ def main(argv=None):
                 "PERSIST.EXPORT True (it trains no further), or point --artifacts at an export "
                 "folder."
             )
+        _lock_run_of(args.artifacts, bundle)
         register_shapes()  # the built-in datasets, as tools/train_net.py registers them
         art = resolve_artifacts(bundle)
         start = time.perf_counter()
