@@ -118,8 +118,10 @@ def lock_run_folder(folder: str) -> bool:
         logger.warning("The file system of %s has no flock (%s): a second training into this "
                        "folder will not be kept out.", folder, os.strerror(e.errno))
         return False
-    record = {"host": socket.gethostname(), "pid": os.getpid(),
-              "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    record: Dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
+                              "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+    if restarted_run_started(folder):  # a run of this launcher got past its start-up checks:
+        record.update(started=True, ppid=os.getppid())  # still so, if this one dies starting
     _write_record(fd, record)
     _HELD[key] = (fd, record)
     return True

@@ -65,6 +65,40 @@ def test_run_lock_keeps_out_another_process_and_dies_with_its_holder(tmp_path):
     assert os.listdir(folder) == [LOCK_NAME]
 
 
+_ATTEMPT = """
+import os, sys
+from d2persist.files.lock import lock_run_folder, note_run_started, restarted_run_started
+folder, step = sys.argv[1:]
+if step == "ask":  # what a worker torchrun restarted asks
+    print(restarted_run_started(folder))
+    sys.exit(0)
+lock_run_folder(folder)
+if step == "start":
+    note_run_started(folder)  # past its start-up checks: it trains
+    sys.exit(0)
+os.kill(os.getpid(), 9)  # killed while it starts (an OOM building the model)
+"""
+
+
+def test_a_restart_killed_while_it_starts_leaves_the_run_resumable_by_the_next(tmp_path):
+    """
+    Attempts of one launcher (children of this process, as torchrun's workers are of it): the
+    first gets past its start-up checks; a restart killed before it does must not make the
+    run look never started to the restart after it (which would start it over: refused).
+    """
+    folder = str(tmp_path / "run")
+
+    def attempt(step):
+        return subprocess.run([sys.executable, "-c", _ATTEMPT, folder, step], timeout=120,
+                              capture_output=True, text=True, env=tool_env())
+
+    assert attempt("ask").stdout.strip() == "False"  # nothing ran yet
+    assert attempt("start").returncode == 0
+    assert attempt("ask").stdout.strip() == "True"
+    assert attempt("killed").returncode == -signal.SIGKILL
+    assert attempt("ask").stdout.strip() == "True"
+
+
 class _Sizes:
     """A dataset of dicts with a ``width``/``height`` (portrait, landscape) per index."""
 
