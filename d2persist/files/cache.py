@@ -9,6 +9,7 @@ loaded.
 
 import logging
 import os
+import secrets
 import shutil
 import time
 from typing import Callable, Iterable, List
@@ -120,7 +121,7 @@ def _unused(path: str, seconds: float) -> bool:
 
 def _aside(path: str) -> str:
     folder, name = os.path.split(path)
-    return os.path.join(folder, f"{TEMP_PREFIX}gone-{os.getpid()}-{name}")
+    return os.path.join(folder, f"{TEMP_PREFIX}gone-{secrets.token_hex(6)}-{name}")
 
 
 def _remove(path: str) -> None:
