@@ -169,7 +169,8 @@ def test_an_export_written_again_is_incomplete_at_the_mirror_until_it_is_whole(
     A run exporting again (resumed for more iterations): the mirror's old manifest goes before
     any new file of the bundle is uploaded, so a reader there never takes the new files for
     the old manifest's (a download that does not match, blamed on damage); the new manifest
-    comes last.
+    comes last. A run killed before the mirror had its export whole, resumed once finished:
+    the mirror gets it.
     """
     from d2persist.files.mirror import Mirror
 
@@ -187,8 +188,14 @@ def test_an_export_written_again_is_incomplete_at_the_mirror_until_it_is_whole(
     assert ("put", "export/model.safetensors") in export
     fs = _fs()
     fs.invalidate_cache()  # the mirror ends as the run's own export
-    assert fs.cat_file(f"{BUCKET}/run6/export/manifest.json") == (
-        tmp_path / "export" / "manifest.json").read_bytes()
+    local = (tmp_path / "export" / "manifest.json").read_bytes()
+    assert fs.cat_file(f"{BUCKET}/run6/export/manifest.json") == local
+    fs.rm_file(f"{BUCKET}/run6/export/manifest.json")  # killed between removal and upload
+    mocker.stopall()
+    train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 4), resume=True)  # trains no further
+    fs.invalidate_cache()
+    assert fs.cat_file(f"{BUCKET}/run6/export/manifest.json") == local
+    assert (tmp_path / "export" / "manifest.json").read_bytes() == local  # not exported again
 
 
 def test_a_failed_upload_is_never_named_by_last_checkpoint(s3, tmp_path, mocker):

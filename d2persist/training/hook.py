@@ -13,6 +13,7 @@ from detectron2.engine.hooks import EvalHook, HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
+from ..artifacts.bundle import read_manifest
 from ..artifacts.plot import BackgroundPlot
 from ..artifacts.view import EVAL_TASKS, RunView
 from ..collective import main_decides, main_says
@@ -674,14 +675,11 @@ class PersistHook(HookBase):
 
     def _export(self, last, trained):
         """Export the weights of iteration ``last`` (or the best); the export evaluates itself."""
-        manifest = None
+        manifest, behind = None, None
         main = comm.is_main_process()
         calibration = calibration_images(self.run) if main else []  # read once, for both
         folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
         if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
-            # the mirror's bundle, as the local one, stops being complete before any of its
-            # files is replaced: a reader there never takes new files for the old manifest's
-            self._mirror(folder=folder, remove=[MANIFEST_NAME])
             ema = None
             if self._ema_eval:
                 assert self._ema is not None
@@ -689,11 +687,37 @@ class PersistHook(HookBase):
                        "updates": self._ema.updates}
             manifest = export_run(self.run, self._checkpointer.model, last, self._best,
                                   calibration, ema=ema)
+        elif main:  # exported before: a run resumed once finished
+            behind = self._export_behind_at_mirror(folder)
         if self.options["EXPORT_EVAL"] and main_says(manifest is not None):
             manifest = evaluate_run_export(self.run, self.trainer, self._checkpointer.model,
                                            manifest, calibration)  # collective
-        if manifest is not None:
-            self._mirror(*manifest["files"], MANIFEST_NAME, folder=folder)  # manifest last
+        upload = manifest if manifest is not None else behind
+        if upload is not None:
+            # the mirror's bundle stops being complete before any of its files is replaced (a
+            # reader there never takes new files for the old manifest's); its manifest last
+            self._mirror(folder=folder, remove=[MANIFEST_NAME])
+            self._mirror(*upload["files"], MANIFEST_NAME, folder=folder)
+
+    def _export_behind_at_mirror(self, folder: str) -> Optional[dict]:
+        """
+        The run's export (its manifest), where the mirror does not hold it as it is here: a
+        run killed after it exported, before the mirror had the bundle whole, then resumed
+        once finished; else None.
+        """
+        if self._mirror_jobs is None:
+            return None
+        try:
+            manifest = read_manifest(self.run.export_dir, verify=False)
+            with open(os.path.join(self.run.export_dir, MANIFEST_NAME), "rb") as f:
+                local = f.read().decode("utf-8")
+        except (D2PersistError, OSError, UnicodeDecodeError):  # damaged here: verify says so
+            return None
+        try:
+            there = self._mirror_jobs.uploader.mirror.read_text(f"{folder}/{MANIFEST_NAME}")
+        except Exception:  # noqa: BLE001 (cannot tell: uploaded again; failures are reported)
+            there = None
+        return None if there == local else manifest
 
     # -- state ---------------------------------------------------------------------------------
 
