@@ -53,11 +53,13 @@ def read_lock_holder(folder: str) -> Optional[Dict[str, Any]]:
     of a process that died stays in the file until the next run takes it.
     """
     try:
-        with open(os.path.join(folder, LOCK_NAME), "r", encoding="utf-8") as f:
-            holder = json.loads(f.read() or "null")
-    except (OSError, ValueError):
+        fd = os.open(os.path.join(folder, LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
         return None
-    return holder if isinstance(holder, dict) else None
+    try:
+        return _read_record(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_record(fd, record):
@@ -120,8 +122,11 @@ def lock_run_folder(folder: str) -> bool:
         return False
     record: Dict[str, Any] = {"host": socket.gethostname(), "pid": os.getpid(),
                               "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
-    if restarted_run_started(folder):  # a run of this launcher got past its start-up checks:
-        record.update(started=True, ppid=os.getppid())  # still so, if this one dies starting
+    # a run of this launcher got past its start-up checks: still so, if this one dies starting
+    # (the record before read through this descriptor: on NFS, closing another one of the
+    # file would release the lock)
+    if _of_this_launcher_and_started(_read_record(fd)):
+        record.update(started=True, ppid=os.getppid())
     _write_record(fd, record)
     _HELD[key] = (fd, record)
     return True
@@ -147,11 +152,24 @@ def restarted_run_started(folder: str) -> bool:
     (same host, same parent process) and got past its start-up checks: what a worker that
     torchrun restarted asks before it resumes by itself.
     """
+    return _of_this_launcher_and_started(read_lock_holder(folder))
+
+
+def _of_this_launcher_and_started(holder: Optional[Dict[str, Any]]) -> bool:
     import socket
 
-    holder = read_lock_holder(folder) or {}
+    holder = holder or {}
     return bool(holder.get("started")) and holder.get("host") == socket.gethostname() and \
         holder.get("ppid") == os.getppid()
+
+
+def _read_record(fd: int) -> Optional[Dict[str, Any]]:
+    """The record in the lock file open as ``fd`` (None: none, or not one)."""
+    try:
+        record = json.loads(os.pread(fd, 1 << 16, 0).decode("utf-8") or "null")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def unlock_run_folder(folder: str) -> None:
