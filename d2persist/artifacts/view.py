@@ -758,8 +758,9 @@ def newest_valid_noted(folder: str, sha256: Optional[str] = None
     for name in RunView(folder, "run").resume_candidates():
         path = os.path.join(folder, name)
         identity, expected = file_identity(path), read_sidecar(path)
-        if sha256 is not None and expected != sha256:
-            continue
+        if sha256 is not None and expected != sha256 and (
+                expected is not None or not _hashes_to(path, sha256)):
+            continue  # (without a sidecar, a stock checkpoint: its hash is compared)
         problem = verify_checkpoint(path)
         if problem is None:
             return path, identity, expected
@@ -767,6 +768,13 @@ def newest_valid_noted(folder: str, sha256: Optional[str] = None
             "Checkpoint %s is not usable (%s); falling back to an older one.", path, problem
         )
     return None
+
+
+def _hashes_to(path: str, sha256: str) -> bool:
+    try:
+        return sha256_file(path) == sha256
+    except OSError:  # removed meanwhile (retention)
+        return False
 
 
 def list_checkpoints(folder: str) -> List[str]:

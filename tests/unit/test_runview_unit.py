@@ -116,3 +116,22 @@ def test_neither_kind_of_folder_is_one_sentence(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(D2PersistError, match="neither a run folder"):
         open_view(str(tmp_path))
+
+
+def test_a_checkpoint_without_sidecar_is_found_by_its_hash(tmp_path):
+    """
+    Checkpoints stock detectron2 wrote (no sidecar): the one a Ray job's driver described by
+    its sha256 is found by hashing it, not skipped as if the run had removed it.
+    """
+    import torch
+
+    from d2persist.artifacts.view import newest_valid_noted
+
+    for it in (1, 3):
+        torch.save({"model": {"w": torch.tensor([float(it)])}, "iteration": it},
+                   tmp_path / f"model_{it:07d}.pth")
+    digest = hashlib.sha256((tmp_path / "model_0000001.pth").read_bytes()).hexdigest()
+    found = newest_valid_noted(str(tmp_path), digest)
+    assert found is not None and found[0] == str(tmp_path / "model_0000001.pth")
+    assert found[2] is None  # no sidecar: the loader hashes what it loaded
+    assert newest_valid_noted(str(tmp_path), "0" * 64) is None
