@@ -322,6 +322,17 @@ def _nested_ok(x, ok):
     return isinstance(x, (list, tuple)) and all(isinstance(y, ok) or _nested_ok(y, ok) for y in x)
 
 
+def _plain(value: Any) -> Any:
+    """``value`` with OmegaConf's containers (a LazyConfig's lists) as plain lists and dicts."""
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "ListConfig":
+        return [_plain(v) for v in value]
+    return value
+
+
 class RunConfig:
     """
     The facts about a run that d2persist needs from its config (see :func:`run_config`).
@@ -490,8 +501,19 @@ class RunConfig:
         raise NotImplementedError
 
     def write(self, folder: str) -> None:
-        """Write ``config.yaml`` (and what else the kind needs) into ``folder``, atomically."""
+        """
+        Write ``config.yaml`` and ``persist.yaml`` (the options, in ``PERSIST``'s keys for
+        either kind: what readers of the run take them from) into ``folder``, atomically.
+        """
         write_text(os.path.join(folder, CONFIG_NAME), self.dump())
+        self._write_options(folder)
+
+    def persist_yaml(self) -> str:
+        """d2persist's own options, written next to config.yaml as persist.yaml."""
+        return yaml.safe_dump({PERSIST_KEY: _plain(self.options)}, sort_keys=True)
+
+    def _write_options(self, folder: str) -> None:
+        write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
     def export_config_text(self, weights_name: str) -> str:
         """
@@ -625,14 +647,6 @@ class YacsRunConfig(RunConfig):
             raise ConfigRoundTripError(
                 f"config.yaml would not load back to the same values for: {', '.join(differ)}."
             )
-
-    def persist_yaml(self) -> str:
-        """d2persist's own options, written next to config.yaml as persist.yaml."""
-        return yaml.safe_dump({PERSIST_KEY: self.options}, sort_keys=True)
-
-    def write(self, folder: str) -> None:
-        super().write(folder)
-        write_text(os.path.join(folder, PERSIST_FILE), self.persist_yaml())
 
     def export_config_text(self, weights_name: str) -> str:
         cfg = self._without_persist()
@@ -819,6 +833,7 @@ class LazyRunConfig(RunConfig):
     def write(self, folder: str) -> None:
         if self._text is None:  # unchecked: the pickle fallback is allowed
             save_lazy_config(self.cfg, os.path.join(folder, CONFIG_NAME))
+            self._write_options(folder)
         else:
             super().write(folder)
 

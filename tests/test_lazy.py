@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog
 from helpers import INFER_SINGLE, REPO, run_tool
 
 from d2persist import UnsafeArtifactError, load_predictor
+from d2persist.artifacts.bundle import persist_options_of_run
 from d2persist.data.shapes import register_shapes
 from d2persist.files.atomic import sha256_file
 from d2persist.files.safe_load import safe_yaml_loads
@@ -155,7 +156,7 @@ def test_lazy_config_is_serialized_once_for_check_and_config_yaml(tmp_path, mock
     from d2persist import run_config
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
-    cfg.train.persist = {"export": export}
+    cfg.train.persist = {"export": export, "export_dir": "bundle", "stop_signals": ["SIGTERM"]}
     save = mocker.spy(LazyConfig, "save")
     run = run_config(cfg)
     run.check()
@@ -165,5 +166,10 @@ def test_lazy_config_is_serialized_once_for_check_and_config_yaml(tmp_path, mock
     assert save.call_count == 1  # the checked text is what config.yaml gets
     text = (tmp_path / "config.yaml").read_text()
     assert safe_yaml_loads(text)["train"]["seed"] == cfg.train.seed
+    # its options where every reader of a run takes them (ls, verify, the predictors find the
+    # export in EXPORT_DIR), as a yacs run's
+    options = persist_options_of_run(str(tmp_path))
+    assert (options["EXPORT"], options["EXPORT_DIR"], options["STOP_SIGNALS"]) == (
+        export, "bundle", ["SIGTERM"])
     if export:
         assert text == run.dump()

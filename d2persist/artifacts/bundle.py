@@ -151,7 +151,8 @@ def _persist_options(folder: _Folder) -> dict:
 
 
 def persist_options_of_run(folder: str) -> dict:
-    """A yacs run's ``persist.yaml`` options ({} if it has none)."""
+    """A run's ``persist.yaml`` options ({} if it has none: a LazyConfig run written before
+    d2persist wrote one for them too)."""
     return _persist_options(_LocalFolder(folder))
 
 
