@@ -63,9 +63,14 @@ def read_lock_holder(folder: str) -> Optional[Dict[str, Any]]:
 
 
 def _write_record(fd, record):
-    # in place, never replaced: the lock belongs to this inode
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(record) + "\n").encode("utf-8"), 0)
+    """
+    Write ``record`` over the one in the lock file open as ``fd``, in place (the lock belongs
+    to this inode), so that a process killed at any moment leaves one whole record, the old or
+    the new: one write, padded to the old one's length (JSON ignores the blanks), then cut.
+    """
+    data = (json.dumps(record) + "\n").encode("utf-8")
+    os.pwrite(fd, data.ljust(os.fstat(fd).st_size), 0)
+    os.ftruncate(fd, len(data))
     os.fsync(fd)
 
 

@@ -99,6 +99,31 @@ def test_a_restart_killed_while_it_starts_leaves_the_run_resumable_by_the_next(t
     assert attempt("ask").stdout.strip() == "True"
 
 
+class _Killed(BaseException):
+    """A SIGKILL: nothing after it runs."""
+
+
+def test_a_process_killed_while_it_writes_the_lock_record_leaves_one_whole(tmp_path, mocker):
+    """Killed before or inside the rewrite of a longer record: the old one or the new one."""
+    from d2persist.files import lock
+
+    folder = str(tmp_path / "run")
+    assert lock_run_folder(folder)
+    try:
+        fd, record = lock._HELD[os.path.realpath(folder)]
+        record.update(started=True, ppid=os.getppid())
+        lock._write_record(fd, record)
+        shorter = {"host": record["host"], "pid": 1}
+        for call, left in (("pwrite", record), ("ftruncate", shorter)):
+            mocker.patch.object(lock.os, call, side_effect=_Killed)
+            with pytest.raises(_Killed):
+                lock._write_record(fd, shorter)
+            mocker.stopall()
+            assert read_lock_holder(folder) == left
+    finally:
+        unlock_run_folder(folder)
+
+
 class _Sizes:
     """A dataset of dicts with a ``width``/``height`` (portrait, landscape) per index."""
 
