@@ -2,14 +2,15 @@
 What the command-line tools share: the launcher (detectron2's ``launch()`` or torchrun's
 environment), run setup, and known errors as one line + exit code 2.
 
-Exit codes of the training tools: 0 training completed; 2 bad input, or the run folder is
-being written by another run (one sentence on stderr); 3 training diverged (NaN/Inf: one
-sentence naming the iteration and the last good checkpoint); 128 + N stopped by signal N (one of
-``PERSIST.STOP_SIGNALS``) after saving a resumable checkpoint, e.g. 143 for SIGTERM, 138 for
-SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
+Exit codes of the training tools: 0 training completed; 2 bad input, the run folder is being
+written by another run, or a file the machine refuses (one sentence on stderr); 3 training
+diverged (NaN/Inf: one sentence naming the iteration and the last good checkpoint); 128 + N
+stopped by signal N (one of ``PERSIST.STOP_SIGNALS``) after saving a resumable checkpoint, e.g.
+143 for SIGTERM, 138 for SIGUSR1, 130 for SIGINT; 1 any other failure (a traceback).
 """
 
 import argparse
+import errno
 import functools
 import logging
 import math
@@ -54,7 +55,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 def exit_on_known_errors(prog: str) -> Callable[[F], F]:
     """
     Decorate a tool's ``main``: a :class:`D2PersistError` is printed as one line on stderr and
-    exits with code 2 (3 for a diverged run); Ctrl-C exits with 130 without a traceback.
+    exits with code 2 (3 for a diverged run), and so does a file the machine refuses (a full
+    disk, a permission, a folder where a file goes: its name and why); Ctrl-C exits with 130
+    without a traceback.
     """
 
     def decorator(fn):
@@ -70,6 +73,12 @@ def exit_on_known_errors(prog: str) -> Callable[[F], F]:
             except KeyboardInterrupt:
                 print(f"{prog}: interrupted", file=sys.stderr)
                 _exit(130)
+            except OSError as e:
+                sentence = _file_error(e)
+                if sentence is None:
+                    raise
+                print(f"{prog}: error: {sentence}", file=sys.stderr)
+                _exit(EXIT_BAD_INPUT)
 
         return wrapper
 
@@ -81,6 +90,23 @@ def _leave_process_group():
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+#: what the machine refuses a tool that reads or writes a file the user named: a full disk, a
+#: quota, permissions, a read-only file system, a folder where a file goes or the reverse
+_FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG}
+
+
+def _file_error(e: OSError):
+    """One sentence for an OSError about a named file the machine refused, else None."""
+    if e.errno not in _FILE_ERRNOS or not e.filename:
+        return None
+    sentence = f"{e.filename}: {e.strerror or os.strerror(e.errno)}"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return sentence + (" (every file written before is whole; make room, then run the same "
+                           "command again).")
+    return sentence + "."
 
 
 def _exit(code):

@@ -51,6 +51,12 @@ def _coco(json_file):
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return COCO(json_file)
+    except AssertionError:  # pycocotools asserts that the file holds a mapping
+        raise ArtifactError(
+            f"{json_file} is not a COCO annotation file (a mapping with images, annotations "
+            "and categories; a list is a results file).") from None
+    except OSError as e:
+        raise ArtifactError(f"Cannot read {json_file}: {e.strerror or e}.") from None
     except (ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{json_file} is not a COCO annotation file ({e}).") from None
 

@@ -146,6 +146,30 @@ def test_plot_refuses_an_output_it_cannot_write_and_never_writes_into_the_run(
     assert (tmp_path / "training.png").is_file() and not (run / "training.png").exists()
 
 
+def test_a_file_the_machine_refuses_is_one_sentence_naming_it(tmp_path, capsys, mocker):
+    """A full disk (or a permission, a read-only disk) while a tool writes: exit 2, no traceback."""
+    import errno
+
+    from d2persist.__main__ import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"iteration": 0, "total_loss": 1.0}) + "\n")
+    out = tmp_path / "p.png"
+    for code, said in ((errno.ENOSPC, "No space left on device (every file written before is "
+                        "whole; make room, then run the same command again)."),
+                       (errno.EROFS, "Read-only file system.")):
+        mocker.patch("d2persist.artifacts.plot.atomic_path",
+                     side_effect=OSError(code, os.strerror(code), str(out)))
+        with pytest.raises(SystemExit) as exit:
+            main(["plot", str(run), "-o", str(out)])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err == f"d2persist: error: {out}: {said}\n"
+    mocker.patch("d2persist.artifacts.plot.atomic_path", side_effect=OSError(errno.EIO, "I/O"))
+    with pytest.raises(OSError):  # not a file the user named: a failure, with its traceback
+        main(["plot", str(run), "-o", str(out)])
+
+
 def test_a_garbled_sidecar_and_a_damaged_persist_yaml_are_named_by_verify(tmp_path):
     from d2persist.artifacts.checkpoints import verify_checkpoint
     from d2persist.artifacts.view import open_view
@@ -337,6 +361,9 @@ def test_datasets_with_nothing_to_score_or_entries_missing_are_refused_before_pr
               "annotates only category ids its categories do not declare \\(such as 7\\)"),
              (coco(images=[{"id": 1, "height": 8, "width": 8}]), ArtifactError,
               "image 1 has no file_name")]
+    results = tmp_path / "results.json"  # what COCOEvaluator writes: a list of detections
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "score": 0.5}]))
+    cases.append((str(results), ArtifactError, "a list is a results file"))
     for path, kind, message in cases:
         with pytest.raises(kind, match=message):
             ev.check_coco_dataset(path, root)
