@@ -209,10 +209,12 @@ def _ray_engine(args, backend, sha256=None):
 def predict(args):
     from d2persist.predict.load import check_device, describe_predictor, load_predictor
     from d2persist.scale.batch import check_destination, predict_source
+    from d2persist.scale.ray_nodes import require_ray
 
     check_destination(args.output)  # before the model loads
     engine = None
     if args.ray:  # the actors load the model; here, what it is (the job's identity)
+        require_ray(f"{PROG} predict --ray", "ray.data")
         here = args.ray == "local"  # this machine runs the actors
         predictor = describe_predictor(args.artifacts, backend=args.backend,
                                        precision=args.precision, here=here)
@@ -236,8 +238,10 @@ def predict(args):
 
 def serve(args):
     from d2persist.predict.load import describe_predictor, load_predictor
+    from d2persist.scale.ray_nodes import require_ray
     from d2persist.scale.serve import run_server
 
+    require_ray(f"{PROG} serve", "ray.serve")
     address = None if args.ray in (None, "local") else args.ray
     # bad artifacts or options: one sentence here, before Ray starts; where this machine runs
     # the replicas, its device and the model are checked by loading it once

@@ -12,12 +12,31 @@ from typing import Any, Optional
 from ..errors import ArtifactError, D2PersistError
 
 __all__ = ["check_ray_nodes", "cpus_per_copy", "refusal_on_node", "REFUSED_ON_NODE",
-           "check_same_weights"]
+           "check_same_weights", "require_ray"]
 
 logger = logging.getLogger(__name__)
 
 #: how :func:`refusal_on_node`'s sentences start
 REFUSED_ON_NODE = "On Ray's node "
+
+
+def require_ray(what: str, module: str) -> None:
+    """
+    Refuse, in one sentence, a command that runs on Ray where Ray (or the part of it that
+    ``module`` is, e.g. ``ray.serve``, with its own dependencies) does not import: before the
+    model loads, not after.
+
+    Args:
+        what (str): the command, for the sentence (e.g. "d2persist serve").
+        module (str): what it imports.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as e:
+        raise D2PersistError(f"{what} runs on Ray, and {module} does not import here ({e}): "
+                             "pip install 'd2persist[ray]'.") from None
 
 
 def refusal_on_node(error: BaseException) -> str:

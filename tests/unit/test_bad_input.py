@@ -170,6 +170,25 @@ def test_a_file_the_machine_refuses_is_one_sentence_naming_it(tmp_path, capsys, 
         main(["plot", str(run), "-o", str(out)])
 
 
+def test_commands_on_ray_without_ray_are_one_sentence_before_the_model_loads(
+        tmp_path, capsys, monkeypatch):
+    import sys
+
+    from d2persist.__main__ import main
+
+    for module in ("ray.serve", "ray.data"):  # as where 'd2persist[ray]' was not installed
+        monkeypatch.setitem(sys.modules, module, None)
+    nowhere = str(tmp_path / "nowhere")  # (the artifacts would be refused after)
+    for argv, what in ((["serve", nowhere], "d2persist serve"),
+                       (["predict", str(tmp_path), "--artifacts", nowhere, "--output",
+                         str(tmp_path / "out"), "--ray"], "d2persist predict --ray")):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.startswith(f"d2persist: error: {what} runs on Ray")
+        assert err.endswith("pip install 'd2persist[ray]'.\n") and "Traceback" not in err
+
+
 def test_a_garbled_sidecar_and_a_damaged_persist_yaml_are_named_by_verify(tmp_path):
     from d2persist.artifacts.checkpoints import verify_checkpoint
     from d2persist.artifacts.view import open_view
