@@ -18,7 +18,7 @@ from .folders import _Folder, _LocalFolder, _remote_name
 from .problems import DAMAGED, MISSING, Problem
 
 __all__ = ["FORMAT", "LOADED", "read_manifest", "persist_options_of_run", "find_bundle",
-           "software_versions"]
+           "check_artifacts_folder", "software_versions"]
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +154,23 @@ def persist_options_of_run(folder: str) -> dict:
     """A run's ``persist.yaml`` options ({} if it has none: a LazyConfig run written before
     d2persist wrote one for them too)."""
     return _persist_options(_LocalFolder(folder))
+
+
+def check_artifacts_folder(path: str) -> None:
+    """
+    Refuse, in one sentence, artifacts that are not a folder: none there, or one of the
+    run's or the bundle's files (a checkpoint) in its place.
+
+    Raises:
+        ArtifactError: naming ``path``.
+    """
+    if os.path.isdir(path):
+        return
+    if os.path.exists(path):
+        raise ArtifactError(
+            f"{path} is a file, not a folder: give the folder of the training run or of the "
+            f"export bundle that holds it ({os.path.dirname(path) or '.'}).")
+    raise ArtifactError(f"Artifacts folder {path} does not exist.")
 
 
 def find_bundle(path: str) -> Optional[str]:

@@ -22,7 +22,13 @@ from ..layout import (
     checkpoint_iteration,
 )
 from ..runconfig import check_extension_names
-from .bundle import LOADED, find_bundle, persist_options_of_run, read_manifest
+from .bundle import (
+    LOADED,
+    check_artifacts_folder,
+    find_bundle,
+    persist_options_of_run,
+    read_manifest,
+)
 from .checkpoints import read_sidecar
 from .manifest import bundle_source, evaluation_problem, metadata_from_json
 from .view import list_checkpoints, newest_valid_noted
@@ -180,8 +186,7 @@ def resolve_artifacts(path: str, sha256: Optional[str] = None) -> Artifacts:
         ArtifactError: ``path`` holds neither an export nor checkpoints, or what it holds is
             incomplete, corrupt or inconsistent.
     """
-    if not os.path.isdir(path):
-        raise ArtifactError(f"Artifacts folder {path} does not exist.")
+    check_artifacts_folder(path)
     bundle = find_bundle(path)
     if bundle is not None:
         return _from_export(bundle)

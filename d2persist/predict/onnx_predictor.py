@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
-from ..artifacts.bundle import find_bundle, read_manifest
+from ..artifacts.bundle import check_artifacts_folder, find_bundle, read_manifest
 from ..artifacts.manifest import (
     bundle_source, describe_source, evaluation_problem, metadata_from_json,
 )
@@ -512,8 +512,7 @@ def _verified_onnx_model(path: str, precision: str) -> Tuple[str, str, dict, Any
     if precision not in PRECISIONS:
         raise D2PersistError(
             f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
-    if not os.path.isdir(path):
-        raise ArtifactError(f"Artifacts folder {path} does not exist.")
+    check_artifacts_folder(path)
     bundle = find_bundle(path)
     if bundle is None:
         raise ArtifactError(f"{path} holds no complete export bundle (manifest.json) to run "

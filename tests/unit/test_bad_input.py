@@ -48,6 +48,20 @@ def test_export_model_names_artifacts_that_do_not_exist(tmp_path, capsys):
     assert capsys.readouterr().err.strip().endswith("nowhere does not exist.")
 
 
+@pytest.mark.parametrize("backend", ["pytorch", "onnxruntime"])
+def test_artifacts_given_as_one_of_their_files_name_the_folder_to_give(tmp_path, backend):
+    from d2persist import load_predictor
+
+    checkpoint = tmp_path / "run" / "model_final.pth"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"weights")
+    with pytest.raises(ArtifactError) as e:
+        load_predictor(str(checkpoint), backend=backend)
+    assert str(e.value) == (f"{checkpoint} is a file, not a folder: give the folder of the "
+                            f"training run or of the export bundle that holds it "
+                            f"({tmp_path / 'run'}).")
+
+
 def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(tmp_path):
     from d2persist.predict.infer import check_outputs, predict_files
 
