@@ -109,7 +109,16 @@ def _build_yacs(config, opts, extensions):
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    return build_model(cfg), build_augmentation(cfg, is_train=False), cfg.INPUT.FORMAT
+    try:
+        model = build_model(cfg)
+    except KeyError as e:  # fvcore's Registry: "No object named 'X' found in 'Y' registry!"
+        if "registry" not in str(e):
+            raise
+        raise ArtifactError(
+            f"The config names a model part that no imported module registers ({e.args[0]}): "
+            "fix the name, or list an add_*config function of the module that registers it "
+            "in PERSIST.CONFIG_EXTENSIONS (importing it registers the part).") from None
+    return model, build_augmentation(cfg, is_train=False), cfg.INPUT.FORMAT
 
 
 def build_model_from_config(

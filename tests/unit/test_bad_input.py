@@ -457,3 +457,14 @@ def test_a_bundle_url_whose_manifest_does_not_read_says_why(tmp_path, monkeypatc
                                             ".*; set D2PERSIST_CACHE to a folder"):
         local_bundle(f"memory://{root}")
     fs.rm(root, recursive=True)
+
+
+def test_a_model_part_no_module_registers_is_one_sentence():
+    """A project's own architecture whose module is not imported (or a typo in its name)."""
+    from d2persist.predict.rebuild import build_model_from_config
+
+    with pytest.raises(ArtifactError) as e:
+        build_model_from_config({"MODEL": {"META_ARCHITECTURE": "MyRCNN"}}, "yacs")
+    assert "\n" not in str(e.value) and str(e.value).startswith(
+        "The config names a model part that no imported module registers (No object named "
+        "'MyRCNN' found in 'META_ARCH' registry!): fix the name, or list")
