@@ -171,6 +171,7 @@ class PersistCheckpointer(DetectionCheckpointer):
         """
         path = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", path)
+        self._forget_sidecar(path)
         digest, _ = torch_save(data, path)
         write_text(path + SIDECAR_SUFFIX, f"{digest}  {basename}\n")
         if tag:
@@ -190,6 +191,7 @@ class PersistCheckpointer(DetectionCheckpointer):
             os.unlink(tmp)
         try:
             os.link(src, tmp)
+            self._forget_sidecar(dst)
             os.replace(tmp, dst)
             fsync_dir(self.save_dir)
             digest = read_sidecar(src) or sha256_file(dst)
@@ -199,6 +201,17 @@ class PersistCheckpointer(DetectionCheckpointer):
         if tag:
             self.tag_last_checkpoint(dst_basename)
         return dst
+
+    def _forget_sidecar(self, path: str) -> None:
+        """
+        Remove the sidecar of a checkpoint about to be replaced (a name written again: a
+        replayed iteration, ``model_final.pth``, ``model_best.pth``), before it is: killed in
+        between, the new file is found without one (verified by loading) instead of with the
+        old one's hash (reported damaged, refused).
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path + SIDECAR_SUFFIX)
+            fsync_dir(self.save_dir)
 
     def remove(self, basename: str) -> None:
         """Delete a checkpoint and its sidecar."""

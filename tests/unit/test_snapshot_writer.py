@@ -120,3 +120,33 @@ class _State:
 
     def state_dict(self):
         return self.state
+
+
+class _Killed(BaseException):
+    """A SIGKILL: nothing after it runs."""
+
+
+@pytest.mark.parametrize("how", ["write", "link"])
+def test_a_name_written_again_and_killed_before_its_sidecar_still_verifies(
+        tmp_path, mocker, how):
+    """
+    model_final.pth (or model_best.pth, a replayed iteration) written again, killed after the
+    new file is in place and before its sidecar: found without one (verified by loading), not
+    with the old one's hash (reported damaged, and refused by every reader).
+    """
+    from d2persist.artifacts.checkpoints import verify_checkpoint
+    from d2persist.training import checkpointer as module
+
+    ckpt = module.PersistCheckpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    ckpt.write("model_final.pth", {"model": {"w": torch.zeros(2)}, "iteration": 1}, tag=False)
+    ckpt.write("model_0000003.pth", {"model": {"w": torch.ones(2)}, "iteration": 3}, tag=False)
+    mocker.patch.object(module, "write_text", side_effect=_Killed)  # the sidecar's write
+    with pytest.raises(_Killed):
+        if how == "write":
+            ckpt.write("model_final.pth", {"model": {"w": torch.ones(2)}, "iteration": 3})
+        else:
+            ckpt.link("model_0000003.pth", "model_final.pth")
+    final = tmp_path / "model_final.pth"
+    assert torch.load(final, weights_only=True)["iteration"] == 3
+    assert not (tmp_path / "model_final.pth.sha256").exists()
+    assert verify_checkpoint(str(final)) is None
