@@ -163,6 +163,32 @@ def test_resume_from_the_mirror_into_an_empty_folder(s3, tmp_path):
     )
 
 
+def test_resume_from_the_mirror_brings_the_best_model(s3, tmp_path):
+    """
+    A run keeping its best model (exported from it), resumed from the mirror on a new machine:
+    model_best.pth and best.json come with the checkpoint; the export is of the best weights.
+    """
+    import json
+
+    from helpers import EVAL_OPTS, eval_trainer
+
+    opts = [*EVAL_OPTS, "PERSIST.BEST_METRIC", "bbox/AP50", "PERSIST.EXPORT_FROM", "best",
+            "PERSIST.MIRROR", f"s3://{BUCKET}/run7", "SOLVER.CHECKPOINT_PERIOD", 2]
+    train(tiny_cfg(tmp_path / "lost", *opts, "SOLVER.MAX_ITER", 4), trainer_cls=eval_trainer())
+    record = json.loads((tmp_path / "lost" / "best.json").read_text())
+    shutil.rmtree(tmp_path / "lost")  # the machine is gone; a new one starts empty
+    new = tmp_path / "new"
+    trainer = train(tiny_cfg(new, *opts, "SOLVER.MAX_ITER", 5), resume=True,
+                    trainer_cls=eval_trainer())
+    assert trainer.start_iter == 4
+    assert verify_checkpoint(str(new / "model_best.pth")) is None
+    best = json.loads((new / "best.json").read_text())
+    assert best["iteration"] in (record["iteration"], 4)  # the evaluation after 4 may beat it
+    manifest = json.loads((new / "export" / "manifest.json").read_text())
+    assert (manifest["source"]["from"], manifest["iteration"]) == ("best", best["iteration"])
+    assert torch.load(new / "model_best.pth", weights_only=True)["iteration"] == best["iteration"]
+
+
 def test_an_export_written_again_is_incomplete_at_the_mirror_until_it_is_whole(
         s3, tmp_path, mocker):
     """

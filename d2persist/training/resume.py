@@ -21,7 +21,7 @@ from ..errors import ArtifactError, ConfigError, D2PersistError, OutputDirNotEmp
 from ..files.atomic import sha256_file, write_text
 from ..files.lock import lock_run_folder, unlock_run_folder
 from ..files.mirror import check_mirror
-from ..layout import LAST_CHECKPOINT, MANIFEST_NAME, SIDECAR_SUFFIX
+from ..layout import BEST_NAME, BEST_RECORD, LAST_CHECKPOINT, MANIFEST_NAME, SIDECAR_SUFFIX
 
 if TYPE_CHECKING:
     from fvcore.common.checkpoint import Checkpointer
@@ -56,8 +56,8 @@ def hold_run_lock(folder: str) -> bool:
 def _fetch_from_mirror(url, folder):
     """
     Into a folder without checkpoints: the mirror's newest checkpoint that verifies (its
-    ``last_checkpoint`` target first, as the run view orders them), with its sha256 sidecar.
-    Returns its path or None.
+    ``last_checkpoint`` target first, as the run view orders them), with its sha256 sidecar,
+    and the best model with its record if the mirror has them. Returns its path or None.
     """
     try:
         view = open_view(url)
@@ -71,24 +71,39 @@ def _fetch_from_mirror(url, folder):
         raise ArtifactError(f"Cannot read the mirror {url} ({type(e).__name__}: {e}).") from None
     os.makedirs(folder, exist_ok=True)
     for name in candidates:
-        path = os.path.join(folder, name)
-        try:
-            for n in (name, name + SIDECAR_SUFFIX):
-                if n in names:
-                    view.download(n, os.path.join(folder, n))
-        except Exception as e:
-            raise ArtifactError(f"Cannot download {name} from the mirror {url} "
-                                f"({type(e).__name__}: {e}).") from None
-        problem = verify_checkpoint(path)
-        if problem is None:
+        if _download_checkpoint(view, names, name, folder, url):
+            # the best model too: a run recording one exports it (PERSIST.EXPORT_FROM "best")
+            # and keeps it while it scores best; its record after it, as the run writes them
+            if BEST_NAME in names and _download_checkpoint(
+                    view, names, BEST_NAME, folder, url) and BEST_RECORD in names:
+                _download(view, BEST_RECORD, folder, url)
             write_text(os.path.join(folder, LAST_CHECKPOINT), name)
             logger.info("Resuming from the mirror %s: downloaded %s.", url, name)
-            return path
-        logger.warning("Checkpoint %s of the mirror %s is not usable (%s).", name, url, problem)
-        for n in (name, name + SIDECAR_SUFFIX):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, n))
+            return os.path.join(folder, name)
     return None
+
+
+def _download(view, name, folder, url):
+    try:
+        view.download(name, os.path.join(folder, name))
+    except Exception as e:
+        raise ArtifactError(f"Cannot download {name} from the mirror {url} "
+                            f"({type(e).__name__}: {e}).") from None
+
+
+def _download_checkpoint(view, names, name, folder, url) -> bool:
+    """Download the mirror's checkpoint ``name`` and its sidecar; whether it verifies."""
+    for n in (name, name + SIDECAR_SUFFIX):
+        if n in names:
+            _download(view, n, folder, url)
+    problem = verify_checkpoint(os.path.join(folder, name))
+    if problem is None:
+        return True
+    logger.warning("Checkpoint %s of the mirror %s is not usable (%s).", name, url, problem)
+    for n in (name, name + SIDECAR_SUFFIX):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, n))
+    return False
 
 
 def _decide(folder, resume, refuse_existing, mirror=""):
