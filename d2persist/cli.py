@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar, Union
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
@@ -98,7 +98,7 @@ _FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ERO
                 errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG}
 
 
-def _file_error(e: OSError):
+def _file_error(e: OSError) -> Optional[str]:
     """One sentence for an OSError about a named file the machine refused, else None."""
     if e.errno not in _FILE_ERRNOS or not e.filename:
         return None

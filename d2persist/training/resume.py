@@ -10,7 +10,7 @@ and every process loads the bytes it sends.
 import contextlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Set
 
 from detectron2.utils import comm
 
@@ -91,7 +91,7 @@ def _download(view, name, folder, url):
                             f"({type(e).__name__}: {e}).") from None
 
 
-def _download_checkpoint(view, names, name, folder, url) -> bool:
+def _download_checkpoint(view: Any, names: Set[str], name: str, folder: str, url: str) -> bool:
     """Download the mirror's checkpoint ``name`` and its sidecar; whether it verifies."""
     for n in (name, name + SIDECAR_SUFFIX):
         if n in names:
