@@ -1,6 +1,7 @@
 """Exact resume, crash safety and checkpoint verification, on real detectron2 (CPU)."""
 
 import errno
+import json
 import os
 import random
 import signal
@@ -192,6 +193,56 @@ def test_resume_refuses_another_model_and_a_schedule_already_past_and_names_chan
     train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", 5, "SOLVER.BASE_LR", 0.02), resume=True)
     assert "differs from its config.yaml in SOLVER.BASE_LR (0.01 -> 0.02), SOLVER.MAX_ITER " \
            "(4 -> 5); config.yaml now records this one" in caplog.text
+
+
+class _Killed(BaseException):
+    """What a SIGKILL leaves: nothing after it runs, no ``except Exception`` either."""
+
+
+def test_a_run_killed_before_it_named_final_or_evaluated_its_export_ends_on_resume(
+        tmp_path, mocker):
+    """
+    A finished run extended (MAX_ITER 4 -> 6) and killed after its last checkpoint, before it
+    named that one final and exported it: the resume, with nothing left to train, makes
+    model_0000005 final and exports it, not keeps the earlier MAX_ITER's model_final and export
+    it finds. Extended again (-> 8) and killed during its export's evaluation: the resume
+    exports and evaluates again (a manifest never stays without its evaluation).
+    """
+    from helpers import eval_trainer
+
+    from d2persist.training.checkpointer import PersistCheckpointer
+
+    opts = ["DATASETS.TEST", "('shapes_val_10',)", "PERSIST.EXPORT_EVAL", True]
+    manifest = tmp_path / "export" / "manifest.json"
+
+    def train_to(max_iter):
+        return train(tiny_cfg(tmp_path, *opts, "SOLVER.MAX_ITER", max_iter), resume=True,
+                     trainer_cls=eval_trainer())
+
+    train_to(4)
+    exported = json.loads(manifest.read_text())
+    assert exported["iteration"] == 3 and exported["evaluation"]["failed"] == []
+    mocker.patch.object(PersistCheckpointer, "link", side_effect=_Killed)
+    with pytest.raises(_Killed):
+        train_to(6)
+    mocker.stopall()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000005.pth"
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 3
+    assert train_to(6).start_iter == 6
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert final["iteration"] == 5
+    assert_bitwise_equal(final["model"], _weights(tmp_path / "model_0000005.pth"))
+    exported = json.loads(manifest.read_text())
+    assert exported["iteration"] == 5 and exported["evaluation"]["failed"] == []
+
+    mocker.patch("d2persist.training.hook.evaluate_run_export", side_effect=_Killed)
+    with pytest.raises(_Killed):
+        train_to(8)
+    mocker.stopall()
+    assert "evaluation" not in json.loads(manifest.read_text())
+    assert train_to(8).start_iter == 8
+    exported = json.loads(manifest.read_text())
+    assert exported["iteration"] == 7 and exported["evaluation"]["failed"] == []
 
 
 def test_stock_checkpoint_without_sidecar_is_verified_by_loading(tmp_path):

@@ -14,11 +14,12 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..artifacts.bundle import read_manifest
+from ..artifacts.checkpoints import read_sidecar
 from ..artifacts.plot import BackgroundPlot
 from ..artifacts.view import EVAL_TASKS, RunView
 from ..collective import main_decides, main_says
 from ..errors import ConfigError, D2PersistError, EarlyStopped, TrainingDivergedError
-from ..files.atomic import write_json
+from ..files.atomic import sha256_file, write_json
 from ..files.lock import unlock_run_folder
 from ..files.mirror import RunMirror
 from ..files.writer import BackgroundWriter
@@ -637,14 +638,13 @@ class PersistHook(HookBase):
             return
         if not completed or self._checkpointer is None:
             return  # failed or interrupted: no model_final, no export
-        out = self.run.output_dir
         last = self._stopped_at if stopped else trainer.max_iter - 1
         trained = trainer.start_iter <= last
         if self._last_saved == last:
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
                 self._mirror(FINAL_NAME, FINAL_NAME + SIDECAR_SUFFIX, tag=FINAL_NAME)
-        elif trained or not main_says(RunView(out, "run").has(FINAL_NAME)):
+        elif trained or not main_decides(lambda: self._final_is_current(last)):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
@@ -679,7 +679,7 @@ class PersistHook(HookBase):
         main = comm.is_main_process()
         calibration = calibration_images(self.run) if main else []  # read once, for both
         folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
-        if main and (trained or not RunView(self.run.export_dir, "bundle").has(MANIFEST_NAME)):
+        if main and (trained or not self._export_is_current(last)):
             ema = None
             if self._ema_eval:
                 assert self._ema is not None
@@ -698,6 +698,52 @@ class PersistHook(HookBase):
             # reader there never takes new files for the old manifest's); its manifest last
             self._mirror(folder=folder, remove=[MANIFEST_NAME])
             self._mirror(*upload["files"], MANIFEST_NAME, folder=folder)
+
+    def _final_is_current(self, last: int) -> bool:
+        """
+        Whether ``model_final.pth`` holds the weights of iteration ``last``, in a run resumed
+        with nothing left to train: it may be an earlier MAX_ITER's, from a run extended and
+        killed after its last checkpoint, before it named that one final.
+        """
+        view = RunView(self.run.output_dir, "run")
+        if not view.has(FINAL_NAME):
+            return False
+        path = os.path.join(self.run.output_dir, checkpoint_name(last))
+        if not os.path.isfile(path):  # resumed from model_final itself
+            return True
+        final = os.path.join(self.run.output_dir, FINAL_NAME)
+        return (read_sidecar(final) or sha256_file(final)) == (
+            read_sidecar(path) or sha256_file(path))
+
+    def _export_is_current(self, last: int) -> bool:
+        """
+        Whether the export holds what :func:`export_run` would write now, whole: the weights of
+        iteration ``last`` (or of the best), and with ``PERSIST.EXPORT_EVAL`` its evaluation. In
+        a run resumed with nothing left to train it may not: an earlier MAX_ITER's export (the
+        run extended and killed before it exported), or one killed during its evaluation
+        (without ``evaluation``, perhaps without the INT8 model it was remaking).
+        """
+        try:
+            manifest = read_manifest(self.run.export_dir, verify=False)
+        except D2PersistError:  # none, or damaged: exported again
+            return False
+        best = self._best
+        if (self.options["EXPORT_FROM"] == "best" and best is not None
+                and best.iteration is not None):
+            wanted = (best.iteration, "best")
+        else:
+            wanted = (last, "final")
+        if (manifest.get("iteration"), (manifest.get("source") or {}).get("from")) != wanted:
+            logger.info("The export holds iteration %s, not %s: exporting again.",
+                        manifest.get("iteration"), wanted[0])
+            return False
+        name = self.run.test_dataset_name()
+        if (self.options["EXPORT_EVAL"] and name and "evaluation" not in manifest
+                and self.run.build_evaluator(self.trainer, name) is not None):
+            logger.info("The export was never evaluated (the run was stopped during its "
+                        "evaluation): exporting and evaluating it again.")
+            return False
+        return True
 
     def _export_behind_at_mirror(self, folder: str) -> Optional[dict]:
         """
