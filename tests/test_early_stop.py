@@ -135,6 +135,39 @@ def test_a_resume_in_the_patience_window_continues_the_count(tmp_path):
     assert more.iter == 9 and _iteration(out / "model_final.pth") == 9
 
 
+class _Killed(BaseException):
+    """A SIGKILL: nothing after it runs."""
+
+
+def test_a_run_killed_before_it_named_its_first_best_names_it_on_resume(tmp_path, mocker):
+    """
+    Killed after its first checkpoint (it records a new best) was written, before it was named
+    model_best.pth and tagged: with no tag, the resume takes that checkpoint, best already in
+    its state. The best (the lowest AP: 10 after iteration 1, 20 after) never improves again,
+    so only the resume can name it; the export of the best needs it.
+    """
+    from d2persist.artifacts.checkpoints import verify_checkpoint
+    from d2persist.training.hook import PersistHook
+
+    opts = ["DATASETS.TEST", "('shapes_val_10',)", "TEST.EVAL_PERIOD", 2,
+            "SOLVER.CHECKPOINT_PERIOD", 2, "PERSIST.BEST_METRIC", "bbox/AP",
+            "PERSIST.BEST_MODE", "min", "PERSIST.EXPORT_FROM", "best", "PERSIST.ASYNC", False,
+            "PERSIST.EXPORT_EVAL", False, "SOLVER.MAX_ITER", 4]
+    mocker.patch.object(PersistHook, "_link_best", side_effect=_Killed)
+    with pytest.raises(_Killed):
+        train(tiny_cfg(tmp_path, *opts), trainer_cls=Trainer)
+    mocker.stopall()
+    assert (tmp_path / "model_0000001.pth").is_file()
+    assert not (tmp_path / "last_checkpoint").exists() and not (tmp_path / "best.json").exists()
+    train(tiny_cfg(tmp_path, *opts), resume=True, trainer_cls=Trainer)
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert (best["iteration"], best["value"]) == (1, 10.0)
+    assert verify_checkpoint(str(tmp_path / "model_best.pth")) is None
+    assert _iteration(tmp_path / "model_best.pth") == 1
+    manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
+    assert (manifest["source"]["from"], manifest["iteration"]) == ("best", 1)
+
+
 def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(tmp_path):
     """
     Under launch() with 2 processes a stock DefaultTrainer stops on both after the same

@@ -55,6 +55,11 @@ __all__ = ["PersistHook"]
 logger = logging.getLogger(__name__)
 
 
+def _sha256(path):
+    """A checkpoint's sha256: its sidecar's, else hashed."""
+    return read_sidecar(path) or sha256_file(path)
+
+
 def _stop_exception(signum):
     """What a stop on ``signum`` raises: KeyboardInterrupt for SIGINT, else SystemExit(128+N)."""
     return KeyboardInterrupt(128 + signum) if signum == signal.SIGINT else SystemExit(128 + signum)
@@ -277,6 +282,7 @@ class PersistHook(HookBase):
             view = RunView(out, "run")
             if self._best is not None:
                 self._best.adopt(view.best_record())
+                self._name_best()
             records = view.evaluation_records()
             self._evaluations.start(records, before=start)
             if self._early is not None:  # what was evaluated after the checkpoint was written
@@ -513,6 +519,24 @@ class PersistHook(HookBase):
         write_json(os.path.join(self.run.output_dir, BEST_RECORD), record)
         self._mirror(BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
 
+    def _name_best(self):
+        """
+        On resume (main process): ``model_best.pth`` and ``best.json`` as the best the run
+        resumes with says, where a kill left them behind it. A checkpoint recording a new best
+        is tagged in ``last_checkpoint`` only once they are written; but with no tag yet (the
+        run's first checkpoints) the resume takes the newest checkpoint, written before them.
+        """
+        it = self._best.iteration
+        out = self.run.output_dir
+        if it is None or not os.path.isfile(os.path.join(out, checkpoint_name(it))):
+            return  # none, or a snapshot of its own (no checkpoint of that iteration)
+        saved, best = (os.path.join(out, n) for n in (checkpoint_name(it), BEST_NAME))
+        if os.path.isfile(best) and _sha256(best) == _sha256(saved):
+            return
+        logger.info("%s is not the checkpoint of the best evaluation (after iteration %d; the "
+                    "run was stopped before it named it): naming it now.", BEST_NAME, it)
+        self._link_best(checkpoint_name(it), self._best.record())
+
     def _link_best(self, saved, record, mirror=True):
         """``model_best.pth`` as a second name of the checkpoint ``saved``, then best.json."""
         self._checkpointer.link(saved, BEST_NAME, tag=False)
@@ -711,9 +735,7 @@ class PersistHook(HookBase):
         path = os.path.join(self.run.output_dir, checkpoint_name(last))
         if not os.path.isfile(path):  # resumed from model_final itself
             return True
-        final = os.path.join(self.run.output_dir, FINAL_NAME)
-        return (read_sidecar(final) or sha256_file(final)) == (
-            read_sidecar(path) or sha256_file(path))
+        return _sha256(os.path.join(self.run.output_dir, FINAL_NAME)) == _sha256(path)
 
     def _export_is_current(self, last: int) -> bool:
         """
