@@ -280,6 +280,14 @@ def test_train_net_names_a_config_that_does_not_load(tmp_path):
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith(f"train_net.py: error: The config {tmp_path / name} does not "
                                f"load ({why}: ")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "list.yaml").write_text("- MODEL\n")
+    for name, what in (("empty.yaml", "empty"), ("list.yaml", "a list")):
+        res = run_tool(TRAIN_NET, "--config-file", tmp_path / name, "OUTPUT_DIR", tmp_path / "o")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+        assert res.stderr.strip().splitlines()[-1] == (
+            f"train_net.py: error: The config {tmp_path / name} holds no mapping of config keys "
+            f"(it is {what}).")
     assert not (tmp_path / "o").exists()
 
 

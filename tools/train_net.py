@@ -73,6 +73,18 @@ class Trainer(PersistTrainer):
         return maybe_add_gradient_clipping(cfg, sgd)
 
 
+def _check_mapping(path):
+    """Refuse a config file that is empty, or a list or a plain text, in one sentence."""
+    try:
+        with open(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError):  # merge_from_file says why
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"The config {path} holds no mapping of config keys (it is "
+                          f"{'empty' if data is None else 'a ' + type(data).__name__}).")
+
+
 def setup(args):
     """Create the config and set up logging."""
     cfg = get_cfg()
@@ -83,6 +95,7 @@ def setup(args):
             "is a folder." if os.path.isdir(path) else "does not exist."))
     if path.endswith(".py"):
         raise ConfigError(f"{path} is a LazyConfig: train it with tools/lazyconfig_train_net.py.")
+    _check_mapping(path)
     try:
         cfg.merge_from_file(path)
         cfg.merge_from_list(args.opts)
