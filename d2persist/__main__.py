@@ -131,8 +131,13 @@ def verify(args):
     return 1 if problems else 0
 
 
+def _jsonable(v):
+    """What a config value JSON cannot hold becomes: a dataclass (ShapeSpec) its fields."""
+    return dataclasses.asdict(v) if dataclasses.is_dataclass(v) else repr(v)
+
+
 def _value(v):
-    return "(absent)" if v is None else json.dumps(v)
+    return "(absent)" if v is None else json.dumps(v, default=_jsonable)
 
 
 def diff(args):
@@ -140,7 +145,7 @@ def diff(args):
 
     d = diff_runs(args.a, args.b)
     if args.json:
-        print(json.dumps(d, indent=2))
+        print(json.dumps(d, indent=2, default=_jsonable))
         return 0
     print(f"A: {args.a} ({d['kinds'][0]})")
     print(f"B: {args.b} ({d['kinds'][1]})")

@@ -52,20 +52,22 @@ def safe_torch_load(path: str) -> Any:
 class SafeLoader(yaml.SafeLoader):
     """
     ``yaml.SafeLoader`` that also builds detectron2's ``ShapeSpec`` (a record of four ints),
-    which ``LazyConfig.save`` writes as a python tag in detectron2's own model configs. Every
-    other python tag is refused.
+    which ``LazyConfig.save`` writes as a python tag in detectron2's own model configs (a dict
+    of its fields where detectron2 is not installed). Every other python tag is refused.
     """
 
 
 def _construct_shape_spec(loader, node):
-    from detectron2.layers import ShapeSpec
-
     fields = loader.construct_mapping(node)
     if set(fields) - {"channels", "height", "width", "stride"} or not all(
         v is None or isinstance(v, int) for v in fields.values()
     ):
         raise yaml.constructor.ConstructorError(None, None, "a ShapeSpec of other fields",
                                                 node.start_mark)
+    try:
+        from detectron2.layers import ShapeSpec
+    except ImportError:  # ls, verify, diff, ONNX Runtime where detectron2 is not: its fields
+        return dict(fields)
     return ShapeSpec(**fields)
 
 

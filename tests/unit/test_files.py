@@ -49,6 +49,28 @@ def test_yaml_python_tags_are_refused(tmp_path):
         safe_yaml_load(str(path))
 
 
+def test_a_lazy_configs_shape_spec_reads_and_diffs_without_detectron2(tmp_path, monkeypatch):
+    """
+    LazyConfig.save writes detectron2's ShapeSpec as a python tag: read as its fields where
+    detectron2 is not installed (ls, verify, diff and ONNX Runtime need none), and shown by
+    diff either way.
+    """
+    import sys
+
+    from detectron2.layers import ShapeSpec
+
+    from d2persist.__main__ import _value
+    from d2persist.files.safe_load import safe_yaml_loads
+
+    text = ("model:\n  shape: !!python/object:detectron2.layers.shape_spec.ShapeSpec\n"
+            "    channels: 64\n    stride: 4\n")
+    assert safe_yaml_loads(text)["model"]["shape"] == ShapeSpec(channels=64, stride=4)
+    assert _value(ShapeSpec(channels=64, stride=4)) == (
+        '{"channels": 64, "height": null, "width": null, "stride": 4}')
+    monkeypatch.setitem(sys.modules, "detectron2.layers", None)
+    assert safe_yaml_loads(text)["model"]["shape"] == {"channels": 64, "stride": 4}
+
+
 def test_run_folder_naming_a_foreign_config_function_is_refused(tmp_path):
     (tmp_path / "config.yaml").write_text("MODEL:\n  META_ARCHITECTURE: GeneralizedRCNN\n")
     (tmp_path / "persist.yaml").write_text("PERSIST:\n  CONFIG_EXTENSIONS: ['os:system']\n")
