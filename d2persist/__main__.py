@@ -169,15 +169,25 @@ def plot(args):
     from d2persist.artifacts.view import open_view
     from d2persist.files.atomic import check_output_file
 
+    from d2persist.errors import D2PersistError
+
+    try:
+        import matplotlib  # noqa: F401 (detectron2 brings it; a deploy install may not)
+    except ImportError:
+        raise D2PersistError("d2persist plot draws with matplotlib, which is not installed "
+                             "here: pip install matplotlib.") from None
     view = open_view(args.path)
     if view.kind != "run":
-        from d2persist.errors import D2PersistError
-
         raise D2PersistError(f"{args.path} is a bundle: plot needs the run folder (its "
                              "metrics.json).")
     # here by default, never into the run: its training writes RUN/training.png itself
     out = args.output or "training.png"
     check_output_file(out)
+    if not view.remote:
+        run = os.path.realpath(args.path)
+        if os.path.commonpath([run, os.path.realpath(out)]) == run:
+            raise D2PersistError(f"{os.path.abspath(out)} is inside the run {args.path}, which "
+                                 "plot never writes into: name an output outside it (-o FILE).")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     plot_run(view, out)
     print(f"picture: {os.path.abspath(out)}")

@@ -158,6 +158,21 @@ def test_plot_refuses_an_output_it_cannot_write_and_never_writes_into_the_run(
     monkeypatch.chdir(tmp_path)
     assert main(["plot", str(run)]) == 0
     assert (tmp_path / "training.png").is_file() and not (run / "training.png").exists()
+    (run / "training.png").write_bytes(b"the run's own")
+    monkeypatch.chdir(run)  # plot . from inside the run, or -o into it
+    for argv in (["plot", "."], ["plot", str(run), "-o", str(run / "sub" / "p.png")]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 2 and "which plot never writes into: name an output outside " \
+            "it (-o FILE)." in capsys.readouterr().err
+    assert (run / "training.png").read_bytes() == b"the run's own"
+    assert sorted(os.listdir(run)) == ["metrics.json", "training.png"]
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    with pytest.raises(SystemExit) as exit:
+        main(["plot", str(run), "-o", str(tmp_path / "q.png")])
+    assert exit.value.code == 2 and capsys.readouterr().err == (
+        "d2persist: error: d2persist plot draws with matplotlib, which is not installed here: "
+        "pip install matplotlib.\n")
 
 
 def test_a_file_the_machine_refuses_is_one_sentence_naming_it(tmp_path, capsys, mocker):
