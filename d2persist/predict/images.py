@@ -73,7 +73,11 @@ def pil_errors(unreadable: str, corrupt: str) -> Iterator[None]:
         yield
     except UnidentifiedImageError:
         raise InputImageError(unreadable) from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except OSError as e:
+        if e.errno is not None and e.filename:  # the file itself (a permission), not its bytes
+            raise InputImageError(f"Cannot read image {e.filename}: {e.strerror}.") from None
+        raise InputImageError(f"{corrupt} ({e}).") from None
+    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputImageError(f"{corrupt} ({e}).") from None
 
 

@@ -85,6 +85,18 @@ def test_image_bytes_checked_and_decoded_with_one_sentence(tmp_path):
             decode(whole[:len(whole) // 2], "BGR")
 
 
+def test_an_image_the_machine_refuses_is_not_called_corrupt(tmp_path, mocker):
+    from d2persist.predict.images import check_image_file
+
+    path = str(tmp_path / "a.png")
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(path)
+    mocker.patch("d2persist.predict.images.Image.open",
+                 side_effect=PermissionError(13, "Permission denied", path))
+    with pytest.raises(InputImageError) as e:
+        check_image_file(path)
+    assert str(e.value) == f"Cannot read image {path}: Permission denied."
+
+
 def test_paste_masks_equals_detectron2():
     rng = np.random.default_rng(2)
     masks = rng.random((12, 28, 28)).astype(np.float32)
