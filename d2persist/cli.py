@@ -200,7 +200,7 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     collective (and at start-up for the others) before the run fails, as ``launch(timeout=)``.
     """
     parser.add_argument(
-        "--dist-timeout", type=float, default=30 * 60, metavar="SECONDS",
+        "--dist-timeout", type=positive_number, default=30 * 60, metavar="SECONDS",
         help="fail a multi-process run whose processes wait on each other this long "
         "(detectron2's default: 1800)",
     )

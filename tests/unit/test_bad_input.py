@@ -140,6 +140,15 @@ def test_options_out_of_range_are_argparse_errors(capsys):
     with pytest.raises(SystemExit):
         _tool_parser("infer_single").parse_args(infer_single)
     assert "from 0 to 1, not '1.5'" in capsys.readouterr().err
+    import argparse
+
+    from d2persist.cli import add_launch_arguments
+
+    for timeout in ("inf", "nan", "0"):  # (timedelta() raised OverflowError at launch)
+        with pytest.raises(SystemExit):
+            add_launch_arguments(argparse.ArgumentParser()).parse_args(
+                ["--dist-timeout", timeout])
+        assert "--dist-timeout: expected a number above 0" in capsys.readouterr().err
 
 
 def test_plot_refuses_an_output_it_cannot_write_and_never_writes_into_the_run(
