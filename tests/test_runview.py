@@ -165,6 +165,14 @@ def test_diff_of_two_runs_shows_exactly_the_overridden_keys(trained_run, tmp_pat
     assert d["last_iteration"] == [5, 5]
     text = _cli("diff", trained_run / "export", other / "config.yaml")
     assert text.returncode == 0 and "SOLVER.BASE_LR: 0.01 -> 0.005" in text.stdout, text.stdout
+    # a config file on a _BASE_ (the model zoo's way), its options onto the defaults
+    from d2persist.artifacts.describe import diff
+
+    derived = tmp_path / "derived.yaml"
+    derived.write_text(f"_BASE_: {other / 'config.yaml'}\nSOLVER:\n  BASE_LR: 0.02\n"
+                       "PERSIST:\n  MAX_TO_KEEP: 2\n")
+    d = diff(str(other), str(derived))
+    assert (d["config"], d["persist"]) == ({"SOLVER.BASE_LR": [0.005, 0.02]}, {})
 
 
 def test_plot_holds_the_runs_series(default_run, tmp_path):

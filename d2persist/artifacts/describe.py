@@ -6,6 +6,7 @@ read through the view.
 import logging
 import os
 
+from ..config import DEFAULT_OPTIONS
 from ..errors import D2PersistError
 from ..files.mirror import is_url
 from ..files.safe_load import safe_yaml_load
@@ -35,8 +36,10 @@ def describe(path: str) -> dict:
         config = safe_yaml_load(path)
         if not isinstance(config, dict):
             raise D2PersistError(f"{path} does not hold a config mapping.")
-        persist = config.pop("PERSIST", None)
-        if "MODEL" in config and "_BASE_" not in config:  # a yacs file: onto get_cfg()
+        if "_BASE_" in config:  # a yacs file on others (detectron2's model zoo's way)
+            config = _with_bases(path)
+        persist = config.pop("PERSIST", None) or {}
+        if "MODEL" in config:  # a yacs file: onto get_cfg(), its options onto the defaults
             from ..runconfig import load_config_dict
 
             try:
@@ -45,20 +48,36 @@ def describe(path: str) -> dict:
                 raise D2PersistError(f"{path} does not load as a detectron2 config ({e}).") \
                     from None
             config.pop("PERSIST", None)
-        return {"kind": "config", "config": flatten_config(config), "persist": persist or {},
+            persist = dict(DEFAULT_OPTIONS, **persist) if isinstance(persist, dict) else persist
+        return {"kind": "config", "config": flatten_config(config), "persist": persist,
                 "classes": None, "last_iteration": None, "final": {}}
     view = open_view(path)
+    config = view.config()
+    if config is not None and not isinstance(config, dict):
+        raise D2PersistError(f"The config of {path} does not hold a config mapping.")
     if view.kind == "bundle":
         manifest = view.manifest()
         evaluation = manifest.get("evaluation") or {}
-        return {"kind": "bundle", "config": flatten_config(view.config()), "persist": {},
+        return {"kind": "bundle", "config": flatten_config(config), "persist": {},
                 "classes": view.classes(), "last_iteration": manifest.get("iteration"),
                 "final": (evaluation.get("backends") or {}).get(PYTORCH.backend) or {}}
     evaluations = view.evaluations()
-    return {"kind": "run", "config": flatten_config(view.config() or {}),
+    return {"kind": "run", "config": flatten_config(config),
             "persist": view.persist_options(), "classes": view.classes(),
             "last_iteration": view.last_iteration(),
             "final": evaluations[max(evaluations)] if evaluations else {}}
+
+
+def _with_bases(path: str) -> dict:
+    """A yacs config file merged onto its ``_BASE_`` files, read safely (fvcore's merge)."""
+    import yaml
+    from fvcore.common.config import CfgNode
+
+    try:
+        return dict(CfgNode.load_yaml_with_base(path, allow_unsafe=False))
+    except (OSError, yaml.YAMLError) as e:
+        raise D2PersistError(f"{path} does not load with its _BASE_ ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())}).") from None
 
 
 def diff(a: str, b: str) -> dict:
