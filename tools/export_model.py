@@ -10,15 +10,17 @@ evaluate the bundle as training's export does.
 onnx-int8 writes model.int8.onnx (model.onnx quantized by ONNX Runtime, calibrated on training
 images; model.onnx is exported first if missing). Each file is written atomically and the
 manifest is updated once it is complete. Then, unless --no-eval, every backend of the bundle is
-evaluated on the config's first test dataset with COCOEvaluator and the manifest's evaluation
-entry is replaced. Exit code 2, with one line on stderr, for bad input, bad artifacts or a model
-the exporter cannot handle. The bundle of a run folder is not touched while a training run
-writes that folder (it holds the run lock: one process writes a run folder).
+evaluated on the config's first test dataset with the family's evaluator (COCOEvaluator, the
+semantic or panoptic one) and the manifest's evaluation entry is replaced. Exit code 2, with one
+line on stderr, for bad input, bad artifacts or a model the exporter cannot handle. The bundle
+of a run folder (also given as the bundle, however deep its PERSIST.EXPORT_DIR) is not touched
+while a training run writes that folder (it holds the run lock: one process writes a run
+folder).
 """
 
 import argparse
 
-from d2persist.cli import positive_int
+from d2persist.cli import non_negative_number, positive_int
 from d2persist.layout import ONNX, ONNX_INT8
 
 PROG = "export_model.py"
@@ -35,7 +37,7 @@ def get_parser():
     parser.add_argument("--calibration-dir",
                         help="onnx-int8: calibrate on the images of this folder instead of the "
                         "config's training dataset")
-    parser.add_argument("--int8-budget", type=float, default=None,
+    parser.add_argument("--int8-budget", type=non_negative_number, default=None,
                         help="onnx-int8: how far INT8 may score from training on the headline "
                         "metric; outside it, its most sensitive layers stay float (default: "
                         "the run's PERSIST.INT8_BUDGET, else 1.0)")
@@ -64,25 +66,43 @@ def _keypoint_sigmas(config, kind):
     return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
 
 
-def _lock_run_of(artifacts, bundle):
+def _run_of(artifacts, bundle):
     """
-    Take the run lock of the run folder holding ``bundle`` (``artifacts`` given as a run folder,
-    or the bundle's parent where it is one), refusing in one sentence while a training run
-    writes it (a resumed run would export into the bundle too).
+    The run folder whose export ``bundle`` is: ``artifacts`` given as a run folder, else the
+    nearest folder above the bundle that is a run exporting there (its ``PERSIST.EXPORT_DIR``
+    may be nested, ``a/b``); None for a bundle of its own.
     """
     import os
 
+    from d2persist.artifacts.bundle import find_bundle
+    from d2persist.layout import LAST_CHECKPOINT, LOCK_NAME, PERSIST_FILE
+
+    bundle = os.path.abspath(bundle)
+    if bundle != os.path.abspath(artifacts):
+        return artifacts
+    folder = os.path.dirname(bundle)
+    while True:
+        if any(os.path.isfile(os.path.join(folder, n))
+               for n in (LOCK_NAME, LAST_CHECKPOINT, PERSIST_FILE)):
+            found = find_bundle(folder)
+            return folder if found is not None and os.path.abspath(found) == bundle else None
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
+
+
+def _lock_run_of(run, bundle):
+    """
+    Take the run lock of the run folder ``run`` holding ``bundle`` (none: a bundle of its own),
+    refusing in one sentence while a training run writes it (a resumed run would export into
+    the bundle too).
+    """
     from d2persist.errors import RunFolderBusyError
     from d2persist.files.lock import lock_run_folder, read_lock_holder
-    from d2persist.layout import LAST_CHECKPOINT, LOCK_NAME
 
-    parent = os.path.dirname(os.path.abspath(bundle))
-    if os.path.abspath(bundle) != os.path.abspath(artifacts):
-        run = artifacts
-    elif any(os.path.isfile(os.path.join(parent, n)) for n in (LOCK_NAME, LAST_CHECKPOINT)):
-        run = parent
-    else:
-        return  # a bundle of its own
+    if run is None:
+        return
     try:
         lock_run_folder(run)
     except RunFolderBusyError:
@@ -125,7 +145,12 @@ def main(argv=None):
                 "PERSIST.EXPORT True (it trains no further), or point --artifacts at an export "
                 "folder."
             )
-        _lock_run_of(args.artifacts, bundle)
+        if args.no_eval and args.int8_budget is not None:
+            raise ConfigError("--int8-budget is how the evaluation judges INT8: without it "
+                              "(--no-eval) it would do nothing; drop one of them.")
+        run_dir = _run_of(args.artifacts, bundle)
+        options = persist_options_of_run(run_dir) if run_dir else {}
+        _lock_run_of(run_dir, bundle)
         register_shapes()  # the built-in datasets, as tools/train_net.py registers them
         art = resolve_artifacts(bundle)
         start = time.perf_counter()
@@ -143,9 +168,7 @@ def main(argv=None):
                         f"The training dataset {name!r} of {bundle} is not registered in this "
                         "process; pass --calibration-dir with a folder of training images.")
                 images = [d["file_name"] for d in DatasetCatalog.get(name)]
-            run_dir = os.path.dirname(os.path.abspath(bundle))
-            count = args.calibration_images or int(
-                persist_options_of_run(run_dir).get("CALIBRATION_IMAGES", 64))
+            count = args.calibration_images or int(options.get("CALIBRATION_IMAGES", 64))
             calibration = calibration_subset(images, count)
             if not calibration:  # before the bundle is touched: its INT8 model stays
                 raise ConfigError(f"{args.calibration_dir or repr(name)} holds no image to "
@@ -170,10 +193,9 @@ def main(argv=None):
 
         sigmas = _keypoint_sigmas(art.config, art.config_kind)
         with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:
-            run_dir = os.path.dirname(os.path.abspath(bundle))
             budget = args.int8_budget
             if budget is None:
-                budget = float(persist_options_of_run(run_dir).get("INT8_BUDGET", 1.0))
+                budget = float(options.get("INT8_BUDGET", 1.0))
             entry = evaluate_saved_bundle(
                 bundle, test, family_evaluator(test, tmp, sigmas), device="cpu",
                 run_dir=run_dir, calibration_images=calibration,

@@ -62,6 +62,26 @@ def test_artifacts_given_as_one_of_their_files_name_the_folder_to_give(tmp_path,
                             f"({tmp_path / 'run'}).")
 
 
+def test_export_model_finds_the_run_of_a_nested_export_and_refuses_a_budget_unused(
+        tmp_path, capsys):
+    tool = _tool("export_model")
+    run = tmp_path / "run"
+    bundle = run / "a" / "b"
+    bundle.mkdir(parents=True)
+    (bundle / "manifest.json").write_text("{}")
+    (run / "persist.yaml").write_text("PERSIST:\n  EXPORT_DIR: a/b\n")
+    (run / "last_checkpoint").write_text("model_final.pth")
+    assert tool._run_of(str(bundle), str(bundle)) == str(run)  # its lock, its options
+    assert tool._run_of(str(run), str(bundle)) == str(run)
+    (run / "persist.yaml").write_text("PERSIST:\n  EXPORT_DIR: export\n")
+    assert tool._run_of(str(bundle), str(bundle)) is None  # not its export: a bundle of its own
+    with pytest.raises(SystemExit) as exit:
+        tool.main(["--artifacts", str(bundle), "--no-eval", "--int8-budget", "0.5"])
+    assert exit.value.code == 2 and capsys.readouterr().err == (
+        "export_model.py: error: --int8-budget is how the evaluation judges INT8: without it "
+        "(--no-eval) it would do nothing; drop one of them.\n")
+
+
 def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(tmp_path):
     from d2persist.predict.infer import check_outputs, predict_files
 
