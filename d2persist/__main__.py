@@ -3,18 +3,19 @@
 touching them, and predict with them at scale.
 
     d2persist ls RUN|BUNDLE|URL [--verify] [--json]
-    d2persist verify RUN|BUNDLE|URL
+    d2persist verify RUN|BUNDLE|URL [--json]
     d2persist diff A B [--json]          (runs, bundles, their URLs, or config files)
     d2persist plot RUN|URL [-o FILE]
-    d2persist predict SRC --artifacts BUNDLE|RUN|URL --output DST [--pictures]
+    d2persist predict SRC --artifacts BUNDLE|RUN|URL --output DST [--pictures] [--ray [ADDR]]
+    d2persist serve BUNDLE|RUN|URL [--port N] [--replicas N]
 
 A URL is a run's mirror or a bundle at any fsspec location (``s3://bucket/runs/a``), read with
 fsspec's usual credentials and settings.
 
-Exit codes: 0 all is well; 1 ``verify`` found a problem, or ``predict`` an image it could not
-read; 2 bad input (one sentence on stderr). None of them takes the run lock or writes into a run
-(``plot`` writes only its picture, ``training.png`` here or ``-o FILE``; ``predict`` only into
-DST).
+Exit codes: 0 all is well; 1 ``verify`` (or ``ls --verify``) found a problem, or ``predict`` an
+image it could not read; 2 bad input (one sentence on stderr). None of them takes the run lock
+or writes into a run (``plot`` writes only its picture, ``training.png`` here or ``-o FILE``;
+``predict`` only into DST).
 """
 
 import argparse
@@ -62,9 +63,10 @@ def ls(args):
         rows.append(row)
     data = {"path": view.path, "kind": view.kind, "checkpoints": rows, "export": view.export(),
             "mirror": view.mirror_state(), "early_stop": view.early_stop()}
+    failed = 1 if problems else 0  # (--verify: as verify's exit code)
     if args.json:
         print(json.dumps(data, indent=2))
-        return 0
+        return failed
     print(f"{view.kind} {view.path}")
     for r in rows:
         shown = ", ".join(_shown(k, v) for k, v in sorted(r["metrics"].items())
@@ -109,7 +111,7 @@ def ls(args):
             lacks = f"lacks {', '.join(m['missing'])}; " if m["missing"] else ""
             state = f"behind: {lacks}its last_checkpoint is {m['last_checkpoint'] or 'missing'}"
         print(f"  mirror: {m['url']} {state}")
-    return 0
+    return failed
 
 
 def verify(args):

@@ -116,6 +116,8 @@ def test_verify_names_each_damaged_file(default_run, tmp_path):
     found = {(p["path"], p["kind"]) for p in json.loads(records.stdout)["problems"]}
     assert found == {(str(p), "damaged") for p in damaged + [last]} | {
         (str(run / "last_checkpoint"), "inconsistent"), (str(run / "best.json"), "inconsistent")}
+    listed = _cli("ls", run, "--verify")
+    assert listed.returncode == 1 and listed.stdout.count("  DAMAGED") == 2, listed.stdout
     clean = _cli("verify", default_run[0])  # the original, untouched through the links
     assert clean.returncode == 0, clean.stdout
 
