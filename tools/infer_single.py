@@ -25,13 +25,14 @@ def get_parser():
     parser.add_argument("--artifacts", required=True,
                         help="an export folder, or a training OUTPUT_DIR")
     parser.add_argument("--output", help="visualization file (a folder for several images); "
-                        "default: predictions/<image>.png")
-    parser.add_argument("--json", help="JSON file (a folder for several images); "
-                        "default: predictions/<image>.json")
+                        "with neither --output nor --json, both go to predictions/ "
+                        "(predictions/<image>.png and .json); with one, only that is written")
+    parser.add_argument("--json", help="JSON file (a folder for several images)")
     add_threshold_argument(parser)
     add_predictor_arguments(parser)
     parser.add_argument("--opts", default=[], nargs=argparse.REMAINDER,
-                        help="config overrides as KEY VALUE pairs")
+                        help="config overrides as KEY VALUE pairs (PyTorch only: an ONNX "
+                        "graph is fixed when exported)")
     return parser
 
 
