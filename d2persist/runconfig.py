@@ -699,6 +699,24 @@ def target_name(target):
     return f"{target.__module__}.{target.__qualname__}"
 
 
+def lazy_image_format(cfg: Any) -> str:
+    """
+    The channel order a LazyConfig's evaluation reads images in: its test loader's
+    ``mapper.image_format`` (what ``DatasetMapper`` reads them with; the zoo's configs
+    interpolate the training loader's), else ``model.input_format`` (which only visualizers
+    read), else "BGR".
+    """
+    from omegaconf import OmegaConf
+
+    try:
+        fmt = OmegaConf.select(cfg, "dataloader.test.mapper.image_format", default=None)
+    except Exception:  # omegaconf raises several kinds for an interpolation that fails
+        fmt = None
+    if fmt is None:
+        fmt = OmegaConf.select(cfg, "model.input_format", default=None) or "BGR"
+    return str(fmt)
+
+
 def lazy_test_augmentations(cfg):
     """A LazyConfig's ``dataloader.test.mapper.augmentations`` ([] if it has none)."""
     try:
@@ -797,7 +815,7 @@ class LazyRunConfig(RunConfig):
     def input_contract(self) -> Dict[str, Any]:
         model = self.cfg.model
         contract: Dict[str, Any] = {
-            "format": str(model.get("input_format", "BGR")),
+            "format": lazy_image_format(self.cfg),
             "pixel_mean": [float(x) for x in model.get("pixel_mean", [])],
             "pixel_std": [float(x) for x in model.get("pixel_std", [])],
             "meta_architecture": target_name(model._target_).rsplit(".", 1)[-1],

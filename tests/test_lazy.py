@@ -173,3 +173,20 @@ def test_lazy_config_is_serialized_once_for_check_and_config_yaml(tmp_path, mock
         export, "bundle", ["SIGTERM"])
     if export:
         assert text == run.dump()
+
+
+def test_a_lazy_run_reading_rgb_is_predicted_in_rgb():
+    """
+    Evaluation reads images as the test loader's mapper says (image_format; the zoo's configs
+    interpolate the training loader's), not as model.input_format (which only visualizers
+    read): the export's contract and the rebuilt predictor take that one.
+    """
+    from d2persist import run_config
+    from d2persist.predict.rebuild import build_model_from_config
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
+    cfg.dataloader.train.mapper.image_format = "RGB"
+    assert cfg.model.input_format == "BGR"
+    run = run_config(cfg)
+    assert run.input_contract()["format"] == "RGB"
+    assert build_model_from_config(safe_yaml_loads(run.dump()), "lazy")[2] == "RGB"

@@ -15,7 +15,7 @@ import torch
 from ..artifacts.checkpoints import evaluated_weights
 from ..errors import ArtifactError, UnsafeArtifactError
 from ..files.safe_load import safe_torch_load
-from ..runconfig import lazy_test_augmentations, load_config_dict, target_name
+from ..runconfig import lazy_image_format, lazy_test_augmentations, load_config_dict, target_name
 
 if TYPE_CHECKING:
     from detectron2.data.transforms import Augmentation
@@ -93,7 +93,7 @@ def _build_lazy(config, opts, allowed_targets):
         augs = [instantiate(OmegaConf.create(a)) for a in augs_cfg]
     except Exception as e:  # instantiate wraps whatever the callables raise
         raise ArtifactError(f"The LazyConfig's model cannot be built: {e}") from None
-    return model, augs, str(cfg.model.get("input_format", "BGR"))
+    return model, augs, lazy_image_format(cfg)
 
 
 def _build_yacs(config, opts, extensions):
