@@ -289,6 +289,14 @@ def test_evaluate_scores_as_detectron2s_evaluator(name, tmp_path, tmp_path_facto
                 assert have != have, (backend, key, have)
             else:
                 assert abs(have - want) <= tolerance, (backend, key, have, want)
+    if kind == "panoptic":  # COCO's stuff names ("sky-other-merged"), which detectron2 shortens
+        coco = json.loads(open(files["panoptic_json"]).read())
+        for c in coco["categories"]:
+            if not c["isthing"]:
+                c["name"] += "-other-merged"
+        renamed = tmp_path / "coco_names.json"
+        renamed.write_text(json.dumps(coco))
+        assert ev.evaluate_panoptic(p, **dict(files, panoptic_json=str(renamed))) == got
 
 
 def test_evaluate_tool_scores_panoptic_without_torch(tmp_path, tmp_path_factory):

@@ -61,6 +61,12 @@ def _coco(json_file):
         raise ArtifactError(f"{json_file} is not a COCO annotation file ({e}).") from None
 
 
+def _short_name(name: str) -> str:
+    """A COCO panoptic category's name as detectron2's metadata gives it ("sky-other-merged":
+    "sky"; ``detectron2/data/datasets/builtin_meta.py``)."""
+    return name.replace("-other", "").replace("-merged", "")
+
+
 def match_categories(categories: Sequence[dict], class_names: Sequence[str]) -> Dict[int, int]:
     """
     Class index of the bundle -> category id of the dataset, matched by name.
@@ -452,7 +458,11 @@ def evaluate_panoptic(predictor: Any, panoptic_json: str, panoptic_root: str, im
     meta = predictor.metadata
     ids = {}
     for isthing, key in ((True, "thing_classes"), (False, "stuff_classes")):
-        by_name = {c["name"]: c["id"] for c in cats if bool(c.get("isthing")) == isthing}
+        by_name: Dict[str, int] = {}
+        for c in cats:
+            if bool(c.get("isthing")) == isthing:
+                by_name[c["name"]] = c["id"]
+                by_name.setdefault(_short_name(c["name"]), c["id"])  # as detectron2 names it
         ids[isthing] = {i: by_name[n] for i, n in enumerate(meta.get(key) or []) if n in by_name}
     predictions = []
     with tempfile.TemporaryDirectory(prefix="d2persist-pq-") as pred_dir:
