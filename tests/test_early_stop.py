@@ -166,6 +166,10 @@ def test_a_run_killed_before_it_named_its_first_best_names_it_on_resume(tmp_path
     assert _iteration(tmp_path / "model_best.pth") == 1
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     assert (manifest["source"]["from"], manifest["iteration"]) == ("best", 1)
+    # killed between model_best.pth and best.json: the record is written again too
+    (tmp_path / "best.json").write_text(json.dumps(dict(best, iteration=3, value=20.0)))
+    train(tiny_cfg(tmp_path, *opts), resume=True, trainer_cls=Trainer)
+    assert json.loads((tmp_path / "best.json").read_text())["iteration"] == 1
 
 
 def test_a_stock_trainer_gets_exit_status_0_and_so_do_two_processes_then_2_to_1(tmp_path):

@@ -55,6 +55,10 @@ __all__ = ["PersistHook"]
 logger = logging.getLogger(__name__)
 
 
+#: the checkpoints written again under their name in a run
+_REWRITTEN = (FINAL_NAME, BEST_NAME)
+
+
 def _sha256(path):
     """A checkpoint's sha256: its sidecar's, else hashed."""
     return read_sidecar(path) or sha256_file(path)
@@ -282,11 +286,12 @@ class PersistHook(HookBase):
             view = RunView(out, "run")
             if self._best is not None:
                 self._best.adopt(view.best_record())
-                self._name_best()
             records = view.evaluation_records()
             self._evaluations.start(records, before=start)
             if self._early is not None:  # what was evaluated after the checkpoint was written
                 self._early.merge(records, before=start)
+        if self._best is not None and start > 0:  # its errors reach every process
+            main_decides(self._name_best, errors=(D2PersistError, OSError))
         self._install_signal_handlers()
         self._last_save_time = time.monotonic()
         if self._early is not None and start > 0 and main_says(self._early.should_stop()):
@@ -526,16 +531,20 @@ class PersistHook(HookBase):
         is tagged in ``last_checkpoint`` only once they are written; but with no tag yet (the
         run's first checkpoints) the resume takes the newest checkpoint, written before them.
         """
-        it = self._best.iteration
-        out = self.run.output_dir
+        assert self._best is not None
+        it, out = self._best.iteration, self.run.output_dir
         if it is None or not os.path.isfile(os.path.join(out, checkpoint_name(it))):
             return  # none, or a snapshot of its own (no checkpoint of that iteration)
         saved, best = (os.path.join(out, n) for n in (checkpoint_name(it), BEST_NAME))
-        if os.path.isfile(best) and _sha256(best) == _sha256(saved):
+        if not os.path.isfile(best) or _sha256(best) != _sha256(saved):
+            logger.info("%s is not the checkpoint of the best evaluation (after iteration %d; "
+                        "the run was stopped before it named it): naming it now.", BEST_NAME, it)
+            self._link_best(checkpoint_name(it), self._best.record())
             return
-        logger.info("%s is not the checkpoint of the best evaluation (after iteration %d; the "
-                    "run was stopped before it named it): naming it now.", BEST_NAME, it)
-        self._link_best(checkpoint_name(it), self._best.record())
+        record = RunView(out, "run").best_record() or {}
+        if (record.get("iteration"), record.get("value")) != (it, self._best.value):
+            write_json(os.path.join(out, BEST_RECORD), self._best.record())
+            self._mirror(BEST_RECORD)
 
     def _link_best(self, saved, record, mirror=True):
         """``model_best.pth`` as a second name of the checkpoint ``saved``, then best.json."""
@@ -548,8 +557,14 @@ class PersistHook(HookBase):
 
     def _mirror(self, *names, folder=None, remove=(), tag=None):
         """Queue one upload job to the mirror (see :meth:`RunMirror.upload`), if there is one."""
-        if self._mirror_jobs is not None:
-            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
+        if self._mirror_jobs is None:
+            return
+        # a name written again: its old sidecar goes first, as here (a copy stopped between
+        # the two uploads leaves a checkpoint without one, never new bytes with the old hash)
+        again = [n + SIDECAR_SUFFIX for n in names if folder is None and n in _REWRITTEN]
+        if again:
+            self._mirror_jobs.upload(remove=again)
+        self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -664,11 +679,12 @@ class PersistHook(HookBase):
             return  # failed or interrupted: no model_final, no export
         last = self._stopped_at if stopped else trainer.max_iter - 1
         trained = trainer.start_iter <= last
-        if self._last_saved == last:
+        if self._last_saved == last or not trained and main_decides(
+                lambda: self._final_behind(last), errors=(D2PersistError, OSError)):
             if comm.is_main_process():
                 self._checkpointer.link(checkpoint_name(last), FINAL_NAME)
                 self._mirror(FINAL_NAME, FINAL_NAME + SIDECAR_SUFFIX, tag=FINAL_NAME)
-        elif trained or not main_decides(lambda: self._final_is_current(last)):
+        elif trained or not main_says(RunView(self.run.output_dir, "run").has(FINAL_NAME)):
             self._save(FINAL_NAME, last)
             self._writer.wait()
         # EvalHook's final evaluation ran before this hook's after_train (also when a resumed
@@ -703,7 +719,9 @@ class PersistHook(HookBase):
         main = comm.is_main_process()
         calibration = calibration_images(self.run) if main else []  # read once, for both
         folder = os.path.relpath(self.run.export_dir, self.run.output_dir)
-        if main and (trained or not self._export_is_current(last)):
+        stale = trained or not main_decides(lambda: self._export_is_current(last),
+                                            errors=(D2PersistError, OSError))
+        if main and stale:
             ema = None
             if self._ema_eval:
                 assert self._ema is not None
@@ -723,19 +741,18 @@ class PersistHook(HookBase):
             self._mirror(folder=folder, remove=[MANIFEST_NAME])
             self._mirror(*upload["files"], MANIFEST_NAME, folder=folder)
 
-    def _final_is_current(self, last: int) -> bool:
+    def _final_behind(self, last: int) -> bool:
         """
-        Whether ``model_final.pth`` holds the weights of iteration ``last``, in a run resumed
-        with nothing left to train: it may be an earlier MAX_ITER's, from a run extended and
-        killed after its last checkpoint, before it named that one final.
+        Whether the checkpoint of iteration ``last`` is there and ``model_final.pth`` is not it,
+        in a run resumed with nothing left to train (main process): it may be an earlier
+        MAX_ITER's, from a run extended and killed after its last checkpoint, before it named
+        that one final; or none, killed the same way on its first MAX_ITER.
         """
-        view = RunView(self.run.output_dir, "run")
-        if not view.has(FINAL_NAME):
-            return False
         path = os.path.join(self.run.output_dir, checkpoint_name(last))
         if not os.path.isfile(path):  # resumed from model_final itself
-            return True
-        return _sha256(os.path.join(self.run.output_dir, FINAL_NAME)) == _sha256(path)
+            return False
+        final = os.path.join(self.run.output_dir, FINAL_NAME)
+        return not os.path.isfile(final) or _sha256(final) != _sha256(path)
 
     def _export_is_current(self, last: int) -> bool:
         """
