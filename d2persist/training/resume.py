@@ -17,7 +17,13 @@ from detectron2.utils import comm
 from ..artifacts.checkpoints import read_sidecar, verify_checkpoint
 from ..artifacts.view import RunView, find_newest_valid, list_checkpoints, open_view
 from ..collective import main_decides, main_says
-from ..errors import ArtifactError, ConfigError, D2PersistError, OutputDirNotEmptyError
+from ..errors import (
+    ArtifactError,
+    ConfigError,
+    D2PersistError,
+    OutputDirNotEmptyError,
+    UnsafeArtifactError,
+)
 from ..files.atomic import sha256_file, write_text
 from ..files.lock import lock_run_folder, unlock_run_folder
 from ..files.mirror import check_mirror
@@ -72,18 +78,37 @@ def _fetch_from_mirror(url, folder):
     os.makedirs(folder, exist_ok=True)
     for name in candidates:
         if _download_checkpoint(view, names, name, folder, url):
-            # the best model too: a run recording one exports it (PERSIST.EXPORT_FROM "best")
-            # and keeps it while it scores best; its record after it, as the run writes them
-            if BEST_NAME in names and _download_checkpoint(
-                    view, names, BEST_NAME, folder, url) and BEST_RECORD in names:
-                _download(view, BEST_RECORD, folder, url)
+            if BEST_NAME in names:
+                _fetch_best(view, names, folder, url)
             write_text(os.path.join(folder, LAST_CHECKPOINT), name)
             logger.info("Resuming from the mirror %s: downloaded %s.", url, name)
             return os.path.join(folder, name)
     return None
 
 
-def _download(view, name, folder, url):
+def _fetch_best(view: Any, names: Set[str], folder: str, url: str) -> None:
+    """
+    The mirror's best model and its record, after it (as the run writes them): a run recording
+    one exports it (PERSIST.EXPORT_FROM "best") and keeps it while it scores best. Not needed to
+    resume: where it cannot be had, the run resumes without it, with a warning.
+    """
+    try:
+        if _download_checkpoint(view, names, BEST_NAME, folder, url) and BEST_RECORD in names:
+            _download(view, BEST_RECORD, folder, url)
+            return
+    except UnsafeArtifactError:
+        raise  # a hostile file is refused loudly, as the checkpoint would be
+    except D2PersistError as e:
+        logger.warning("%s", e)
+    logger.warning("The run resumes without the mirror's %s: its next best evaluation writes "
+                   "it (an export of the best needs it before then).", BEST_NAME)
+    for n in (BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(folder, n))
+
+
+def _download(view: Any, name: str, folder: str, url: str) -> None:
+    """Download the mirror's file ``name`` into ``folder``, or raise one sentence."""
     try:
         view.download(name, os.path.join(folder, name))
     except Exception as e:
