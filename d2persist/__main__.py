@@ -169,9 +169,8 @@ def plot(args):
 
     from d2persist.artifacts.plot import plot_run
     from d2persist.artifacts.view import open_view
-    from d2persist.files.atomic import check_output_file
-
     from d2persist.errors import D2PersistError
+    from d2persist.files.atomic import check_output_file
 
     try:
         import matplotlib  # noqa: F401 (detectron2 brings it; a deploy install may not)

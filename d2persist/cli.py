@@ -56,7 +56,7 @@ def exit_on_known_errors(prog: str) -> Callable[[F], F]:
     """
     Decorate a tool's ``main``: a :class:`D2PersistError` is printed as one line on stderr and
     exits with code 2 (3 for a diverged run), and so does a file the machine refuses (a full
-    disk, a permission, a folder where a file goes: its name and why); Ctrl-C exits with 130
+    disk, a quota, a permission, a read-only disk: its name and why); Ctrl-C exits with 130
     without a traceback.
     """
 
@@ -92,10 +92,10 @@ def _leave_process_group():
         dist.destroy_process_group()
 
 
-#: what the machine refuses a tool that reads or writes a file the user named: a full disk, a
-#: quota, permissions, a read-only file system, a folder where a file goes or the reverse
-_FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
-                errno.EISDIR, errno.ENOTDIR, errno.ENAMETOOLONG}
+#: what the machine refuses a tool that reads or writes a file: a full disk, a quota, a
+#: permission, a read-only file system (others, which a bug of its own may cause too, keep
+#: their traceback)
+_FILE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS}
 
 
 def _file_error(e: OSError) -> Optional[str]:

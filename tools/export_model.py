@@ -74,8 +74,8 @@ def _run_of(artifacts, bundle):
     """
     import os
 
-    from d2persist.artifacts.bundle import find_bundle
-    from d2persist.layout import LAST_CHECKPOINT, LOCK_NAME, PERSIST_FILE
+    from d2persist.artifacts.bundle import persist_options_of_run
+    from d2persist.layout import DEFAULT_EXPORT_DIR, LAST_CHECKPOINT, LOCK_NAME, PERSIST_FILE
 
     bundle = os.path.abspath(bundle)
     if bundle != os.path.abspath(artifacts):
@@ -84,8 +84,10 @@ def _run_of(artifacts, bundle):
     while True:
         if any(os.path.isfile(os.path.join(folder, n))
                for n in (LOCK_NAME, LAST_CHECKPOINT, PERSIST_FILE)):
-            found = find_bundle(folder)
-            return folder if found is not None and os.path.abspath(found) == bundle else None
+            # where it exports, whether or not its manifest is there now (a resumed run
+            # exporting again removes it first)
+            name = persist_options_of_run(folder).get("EXPORT_DIR", DEFAULT_EXPORT_DIR)
+            return folder if os.path.abspath(os.path.join(folder, name)) == bundle else None
         parent = os.path.dirname(folder)
         if parent == folder:
             return None
