@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import MutableSequence
 from typing import TYPE_CHECKING, Any, Callable, Collection, Dict, List, Optional, Sequence, Union
 
 import yaml
@@ -59,7 +60,8 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     d2persist's options of a config, defaults filled in.
 
     yacs configs keep them in ``cfg.PERSIST`` (:func:`add_persist_config`); LazyConfigs in an
-    optional ``train.persist`` dict with the same keys in lower case.
+    optional ``train.persist`` dict with the same keys in lower case (``MAX_TO_KEEP``, where it
+    does not set it: ``train.checkpointer.max_to_keep``, as detectron2's loop keeps).
 
     Raises:
         ConfigRoundTripError: naming an option d2persist does not have.
@@ -71,35 +73,42 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
             raise ConfigError(f"train.persist must be a dict of d2persist's options, not "
                               f"{given!r}.")
         opts.update({str(k).upper(): v for k, v in dict(given).items()})
+        keep = (cfg.train.get("checkpointer", None) or {}).get("max_to_keep", None)
+        if keep is not None and "MAX_TO_KEEP" not in {str(k).upper() for k in given}:
+            opts["MAX_TO_KEEP"] = keep  # PeriodicCheckpointer's, which PersistHook replaces
     elif PERSIST_KEY in cfg:
         opts.update(dict(cfg[PERSIST_KEY]))
     unknown: Collection[str] = set(opts) - set(DEFAULT_OPTIONS)
     if unknown:
         raise ConfigRoundTripError(f"Unknown d2persist option(s): {', '.join(sorted(unknown))}.")
+    for key in ("CONFIG_EXTENSIONS", "EXPORT_FORMATS", "STOP_SIGNALS"):
+        value = opts[key]  # (one name alone: a list of it, not its letters)
+        if isinstance(value, str):
+            opts[key] = [value]
+        elif not isinstance(value, Sequence) and type(value).__name__ != "ListConfig":
+            raise ConfigError(f"PERSIST.{key} must be a list of names ([] for none), not "
+                              f"{value!r}.")
+    for key in ("EXPORT", "EXPORT_EVAL", "PLOT", "ASYNC", "SAVE_ON_INTERRUPT", "VAL_LOSS",
+                "EMA_EVAL"):
+        opts[key] = _flag(opts, key)
     opts["CONFIG_EXTENSIONS"] = check_extension_names(opts["CONFIG_EXTENSIONS"])
-    given_formats = opts["EXPORT_FORMATS"]  # (one name alone: a list of it, not its letters)
-    formats = [given_formats] if isinstance(given_formats, str) else [
-        str(f) for f in given_formats]
+    formats = [str(f) for f in opts["EXPORT_FORMATS"]]
     unknown = sorted(set(formats) - set(EXPORT_FORMATS))
     if unknown:
         raise ConfigError(
             f"PERSIST.EXPORT_FORMATS {unknown} unknown: choose from {', '.join(EXPORT_FORMATS)}."
         )
     opts["EXPORT_FORMATS"] = formats
-    try:
-        opts["CALIBRATION_IMAGES"] = int(opts["CALIBRATION_IMAGES"])
-    except (TypeError, ValueError):
-        opts["CALIBRATION_IMAGES"] = 0
-    if opts["CALIBRATION_IMAGES"] < 1:
-        raise ConfigError("PERSIST.CALIBRATION_IMAGES must be a number of images >= 1, not "
-                          f"{opts['CALIBRATION_IMAGES']!r}.")
-    try:
-        opts["INT8_BUDGET"] = float(opts["INT8_BUDGET"])
-    except (TypeError, ValueError):
-        opts["INT8_BUDGET"] = -1.0
-    if not opts["INT8_BUDGET"] >= 0:
+    images, budget = opts["CALIBRATION_IMAGES"], opts["INT8_BUDGET"]
+    number = _number(images)
+    if not (1 <= number < math.inf and number == int(number)):
+        raise ConfigError("PERSIST.CALIBRATION_IMAGES must be a whole number of images >= 1, "
+                          f"not {images!r}.")
+    opts["CALIBRATION_IMAGES"] = int(number)
+    opts["INT8_BUDGET"] = _number(budget)
+    if not 0 <= opts["INT8_BUDGET"] < math.inf:  # also NaN
         raise ConfigError("PERSIST.INT8_BUDGET must be a number of metric points >= 0, not "
-                          f"{opts['INT8_BUDGET']!r}.")
+                          f"{budget!r}.")
     if opts["BEST_MODE"] not in ("max", "min"):
         raise ConfigError(f"PERSIST.BEST_MODE must be 'max' or 'min', not {opts['BEST_MODE']!r}.")
     if opts["EXPORT_FROM"] not in ("final", "best"):
@@ -127,8 +136,17 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     if opts["EARLY_STOP_PATIENCE"] and not opts["BEST_METRIC"]:
         raise ConfigError("PERSIST.EARLY_STOP_PATIENCE needs PERSIST.BEST_METRIC, the metric "
                           "it watches (e.g. 'bbox/AP').")
-    opts["VAL_LOSS"] = _flag(opts, "VAL_LOSS")
-    opts["EMA_EVAL"] = _flag(opts, "EMA_EVAL")
+    metric = opts["BEST_METRIC"]
+    if not isinstance(metric, str):
+        raise ConfigError(f"PERSIST.BEST_METRIC must be a metric's name, not {metric!r}.")
+    if metric in TRAINING_VALUES or metric.startswith(TRAINING_PREFIXES):
+        raise ConfigError(
+            f"PERSIST.BEST_METRIC {metric!r} is a value of training logged every iteration, "
+            "not an evaluation's result: name one (e.g. 'bbox/AP', 'segm/AP', "
+            "'validation/total_loss' with PERSIST.VAL_LOSS).")
+    if metric.startswith("validation/") and not opts["VAL_LOSS"]:
+        raise ConfigError(f"PERSIST.BEST_METRIC {metric!r} is computed with PERSIST.VAL_LOSS "
+                          "True only.")
     decay, warmup = opts["EMA_DECAY"], opts["EMA_WARMUP"]
     opts["EMA_DECAY"] = _number(decay)
     if not 0 <= opts["EMA_DECAY"] < 1:  # also NaN
@@ -157,6 +175,12 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
             f"{minutes!r}."
         )
     return opts
+
+
+#: what detectron2's trainers log every iteration, which no evaluation reports
+TRAINING_VALUES = ("total_loss", "lr", "time", "data_time", "eta_seconds")
+#: ... and the prefixes of the rest (losses; the heads' and the RPN's statistics)
+TRAINING_PREFIXES = ("loss_", "fast_rcnn/", "mask_rcnn/", "roi_head/", "rpn/")
 
 
 def _export_dir(value: Any) -> str:
@@ -793,7 +817,12 @@ class LazyRunConfig(RunConfig):
 
         if not self.evaluates:
             return None
-        return instantiate(self.cfg.dataloader.evaluator)
+        evaluator = instantiate(self.cfg.dataloader.evaluator)
+        if isinstance(evaluator, MutableSequence):  # a list (the zoo's panoptic data config):
+            from detectron2.evaluation import DatasetEvaluators  # as inference_on_dataset
+
+            evaluator = DatasetEvaluators(list(evaluator))
+        return evaluator
 
     def build_validation_mapper(self) -> Callable[[dict], dict]:
         from detectron2.config import instantiate

@@ -190,3 +190,22 @@ def test_a_lazy_run_reading_rgb_is_predicted_in_rgb():
     run = run_config(cfg)
     assert run.input_contract()["format"] == "RGB"
     assert build_model_from_config(safe_yaml_loads(run.dump()), "lazy")[2] == "RGB"
+
+
+def test_a_list_of_evaluators_is_one_evaluator_as_detectron2_runs_it(tmp_path):
+    """
+    The zoo's panoptic data config gives dataloader.evaluator as a list; inference_on_dataset
+    wraps it in DatasetEvaluators, and so does the run's evaluator (the export's evaluation
+    called reset() on the list and failed when training ended, and on every resume).
+    """
+    from detectron2.evaluation import DatasetEvaluators
+
+    from d2persist import run_config
+
+    register_shapes()
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
+    cfg.dataloader.evaluator.output_dir = str(tmp_path)
+    cfg.dataloader.evaluator.dataset_name = "shapes_val_10"  # (not relative to the list)
+    cfg.dataloader.evaluator = [cfg.dataloader.evaluator, cfg.dataloader.evaluator]
+    evaluator = run_config(cfg).build_evaluator(None, "shapes_val_10")
+    assert isinstance(evaluator, DatasetEvaluators) and len(evaluator._evaluators) == 2

@@ -60,9 +60,10 @@ def _dataset(config, kind, split):
 def _keypoint_sigmas(config, kind):
     """COCOEvaluator's OKS sigmas: ``TEST.KEYPOINT_OKS_SIGMAS``, or a LazyConfig's
     ``dataloader.evaluator.kpt_oks_sigmas``; () if the config names none."""
+    from d2persist.predict.evaluate import lazy_keypoint_sigmas
+
     if kind == "lazy":
-        evaluator = (config.get("dataloader") or {}).get("evaluator") or {}
-        return tuple(evaluator.get("kpt_oks_sigmas") or ())
+        return tuple(lazy_keypoint_sigmas(config))
     return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
 
 

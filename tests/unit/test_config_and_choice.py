@@ -257,6 +257,56 @@ def test_ema_and_validation_options_refuse_bad_values_in_one_sentence(key, value
         persist_options(cfg)
 
 
+@pytest.mark.parametrize("key, value, said", [
+    ("EXPORT", "no", "PERSIST.EXPORT must be True or False, not 'no'."),
+    ("PLOT", 0, "PERSIST.PLOT must be True or False, not 0."),
+    ("SAVE_ON_INTERRUPT", "false", "PERSIST.SAVE_ON_INTERRUPT must be True or False"),
+    ("STOP_SIGNALS", None, "PERSIST.STOP_SIGNALS must be a list of names ([] for none), not "
+     "None."),
+    ("EXPORT_FORMATS", None, "PERSIST.EXPORT_FORMATS must be a list of names"),
+    ("CALIBRATION_IMAGES", "many", "PERSIST.CALIBRATION_IMAGES must be a whole number of "
+     "images >= 1, not 'many'."),
+    ("CALIBRATION_IMAGES", 2.5, "not 2.5."),
+    ("INT8_BUDGET", None, "PERSIST.INT8_BUDGET must be a number of metric points >= 0, not "
+     "None."),
+    ("BEST_METRIC", "total_loss", "PERSIST.BEST_METRIC 'total_loss' is a value of training "
+     "logged every iteration"),
+    ("BEST_METRIC", "fast_rcnn/cls_accuracy", "is a value of training"),
+    ("BEST_METRIC", "validation/total_loss", "PERSIST.BEST_METRIC 'validation/total_loss' is "
+     "computed with PERSIST.VAL_LOSS True only."),
+])
+def test_options_that_would_misbehave_later_are_refused_up_front(key, value, said):
+    """
+    Each was taken and then ignored or misread: "no" as a truthy flag, None iterated
+    mid-setup, a training value kept as the "best" (the highest loss, by default).
+    """
+    from omegaconf import OmegaConf
+
+    from d2persist.runconfig import persist_options
+
+    cfg = OmegaConf.create({"train": {"persist": {key.lower(): value}}})  # (yacs types them)
+    with pytest.raises(ConfigError) as e:
+        persist_options(cfg)
+    assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_lazyconfig_keeps_as_many_checkpoints_as_its_checkpointer_says():
+    """PersistHook replaces the PeriodicCheckpointer that honoured train.checkpointer."""
+    from omegaconf import OmegaConf
+
+    from d2persist.predict.evaluate import lazy_keypoint_sigmas
+    from d2persist.runconfig import persist_options
+
+    cfg = OmegaConf.create({"train": {"checkpointer": {"period": 5, "max_to_keep": 7}}})
+    assert persist_options(cfg)["MAX_TO_KEEP"] == 7
+    cfg.train.persist = {"max_to_keep": 3}
+    assert persist_options(cfg)["MAX_TO_KEEP"] == 3
+    # and a list of evaluators (the zoo's panoptic data config) names its keypoint sigmas too
+    evaluators = [{"_target_": "SemSegEvaluator"},
+                  {"_target_": "COCOEvaluator", "kpt_oks_sigmas": [0.5, 0.25]}]
+    assert lazy_keypoint_sigmas({"dataloader": {"evaluator": evaluators}}) == [0.5, 0.25]
+
+
 def test_ema_and_validation_options_are_lazyconfig_keys_too():
     from omegaconf import OmegaConf
 
