@@ -42,7 +42,8 @@ def is_local_fs(fs: Any) -> bool:
 def check_mirror(url: str, output_dir: str) -> None:
     """
     Refuse, in one sentence, a ``PERSIST.MIRROR`` a run cannot mirror to: a URL of no
-    filesystem here (an unknown protocol, or its package missing), or a folder of this machine
+    filesystem here (an unknown protocol, or its package missing), a relative path (a URL
+    mistyped, "s3:/bucket", is one), or a folder of this machine
     that is the run's folder, inside it or above it, or another run's folder (it holds a run
     lock file): the copies would overwrite the run's own files or another run's.
 
@@ -55,6 +56,10 @@ def check_mirror(url: str, output_dir: str) -> None:
     """
     import fsspec
 
+    if "://" not in url and not os.path.isabs(url):  # ("s3:/bucket", "bucket/runs": folders)
+        raise ConfigError(f"PERSIST.MIRROR {url!r} is neither a URL (e.g. s3://bucket/runs/a) "
+                          "nor an absolute folder: a relative one is a folder here that moves "
+                          "with the working directory.")
     try:
         fs, root = fsspec.core.url_to_fs(url.rstrip("/"))
     except (ValueError, ImportError) as e:  # e.g. "Protocol not known", gcsfs not installed

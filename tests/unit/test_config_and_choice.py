@@ -427,7 +427,8 @@ def test_a_mirror_onto_a_run_or_of_no_filesystem_is_refused(tmp_path):
     (other / LOCK_NAME).write_text("")
     cases = [("nosuch://x/y", r"cannot be used \(ValueError: Protocol not known: nosuch\)"),
              (f"file://{run}", "is the run's folder"), (str(run / "mirror"), "inside it"),
-             (str(tmp_path), "or above it"), (f"file://{other}", "is another run's folder")]
+             (str(tmp_path), "or above it"), (f"file://{other}", "is another run's folder"),
+             ("s3:/bucket/runs", "is neither a URL"), ("bucket/runs", "nor an absolute folder")]
     for url, message in cases:
         with pytest.raises(ConfigError, match=message):
             check_mirror(url, str(run))
