@@ -628,6 +628,14 @@ class RunView:
         if data is not None:
             try:
                 safe_yaml_loads(data, where=self.where(CONFIG_NAME))
+            except UnsafeArtifactError as e:
+                if self._folder.stat(CONFIG_NAME + ".pkl") is None:
+                    problems.append(Problem(self.where(CONFIG_NAME), DAMAGED,
+                                            f"{self.where(CONFIG_NAME)}: {e}"))
+                else:  # a LazyConfig with objects YAML cannot hold, saved as detectron2 does
+                    notes.append(f"{self.where(CONFIG_NAME)} holds Python objects (LazyConfig."
+                                 f"save wrote {CONFIG_NAME}.pkl beside it): not loaded, so not "
+                                 "checked; such a run exports nothing.")
             except ArtifactError as e:
                 problems.append(Problem(self.where(CONFIG_NAME), DAMAGED,
                                         f"{self.where(CONFIG_NAME)}: {e}"))

@@ -75,7 +75,8 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
     if not run.options["MIRROR"]:
         return None
     mirror = RunMirror(run.options["MIRROR"], out)
-    mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME)
+    # (a LazyConfig's pickle fallback last: where there is none, the job ends there)
+    mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME, CONFIG_NAME + ".pkl")
     return mirror
 
 

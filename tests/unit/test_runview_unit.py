@@ -135,3 +135,17 @@ def test_a_checkpoint_without_sidecar_is_found_by_its_hash(tmp_path):
     assert found is not None and found[0] == str(tmp_path / "model_0000001.pth")
     assert found[2] is None  # no sidecar: the loader hashes what it loaded
     assert newest_valid_noted(str(tmp_path), "0" * 64) is None
+
+
+def test_a_lazy_config_with_objects_saved_beside_a_pickle_is_a_note(run):
+    """
+    LazyConfig.save writes what YAML cannot hold as python tags, and config.yaml.pkl beside
+    it (a run with PERSIST.EXPORT False may): not damage; the same tags without it are.
+    """
+    (run / "config.yaml").write_text(
+        "model:\n  norm: !!python/name:torch.nn.LayerNorm ''\n")
+    problems, _ = open_view(str(run)).verify()
+    assert [(p.path, p.kind) for p in problems] == [(str(run / "config.yaml"), "damaged")]
+    (run / "config.yaml.pkl").write_bytes(b"pickled")
+    problems, notes = open_view(str(run)).verify()
+    assert problems == [] and any("config.yaml.pkl beside it" in n for n in notes)
