@@ -209,3 +209,18 @@ def test_a_list_of_evaluators_is_one_evaluator_as_detectron2_runs_it(tmp_path):
     cfg.dataloader.evaluator = [cfg.dataloader.evaluator, cfg.dataloader.evaluator]
     evaluator = run_config(cfg).build_evaluator(None, "shapes_val_10")
     assert isinstance(evaluator, DatasetEvaluators) and len(evaluator._evaluators) == 2
+
+
+def test_a_lazy_run_resumed_with_another_config_names_the_changes(tmp_path, caplog):
+    import logging
+
+    from d2persist import run_config
+    from d2persist.training.actions import _note_config_changes
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
+    run_config(cfg).write(str(tmp_path))
+    cfg.optimizer.lr, cfg.train.persist = 0.5, {"max_to_keep": 2}
+    with caplog.at_level(logging.WARNING, logger="d2persist"):
+        _note_config_changes(run_config(cfg), str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "differs from its" in r.getMessage()]
+    assert len(said) == 1 and "optimizer.lr (" in said[0] and "persist" not in said[0]

@@ -104,11 +104,8 @@ def _note_config_changes(run: "RunConfig", out: str) -> None:
     """
     On resume, say which keys of the config differ from the run's ``config.yaml`` (which then
     records the new one): a change made on purpose (more iterations) or not (another file).
-    A yacs config's only: a LazyConfig's text need not load back (detectron2's pickle
-    fallback).
+    Not for a LazyConfig saved with detectron2's pickle fallback: its text does not load back.
     """
-    if run.kind != "yacs":
-        return
     try:
         saved = safe_yaml_load(os.path.join(out, CONFIG_NAME))
         now = safe_yaml_loads(run.dump())
@@ -117,8 +114,8 @@ def _note_config_changes(run: "RunConfig", out: str) -> None:
     if not isinstance(saved, dict) or not isinstance(now, dict):
         return
     before, after = flatten_config(saved), flatten_config(now)
-    changed = sorted(k for k in set(before) | set(after)
-                     if before.get(k) != after.get(k) and not k.startswith("PERSIST."))
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)
+                     and not k.startswith(("PERSIST.", "train.persist.")))
     if changed:
         shown = ", ".join(f"{k} ({before.get(k)!r} -> {after.get(k)!r})" for k in changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
