@@ -100,3 +100,10 @@ def test_best_metric_without_evaluation_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="needs an evaluation"):
         train(cfg)
     assert not os.path.exists(tmp_path / "config.yaml")
+    # early stopping, where EvalHook evaluates only when training ends: it would never stop
+    cfg = tiny_cfg(tmp_path, *OPTS, "TEST.EVAL_PERIOD", 0, "PERSIST.BEST_METRIC", "bbox/AP",
+                   "PERSIST.EARLY_STOP_PATIENCE", 2)
+    with pytest.raises(ConfigError, match="PERSIST.EARLY_STOP_PATIENCE 2 watches evaluations "
+                       "during training, and this run evaluates only when training ends"):
+        train(cfg, trainer_cls=eval_trainer())
+    assert not list(tmp_path.glob("*.pth")) and not os.path.exists(tmp_path / "config.yaml")

@@ -260,6 +260,7 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
+        self._check_evaluations()
         # (PersistTrainer and train_lazy checked before training; with a stock trainer it is
         # refused here, and detectron2's finally still runs EvalHook's last evaluation)
         check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
@@ -441,6 +442,21 @@ class PersistHook(HookBase):
             raise EarlyStopped(it)
 
     # -- best ----------------------------------------------------------------------------------
+
+    def _check_evaluations(self):
+        """
+        Refuse early stopping where EvalHook (as registered) never evaluates during training:
+        every ``PERSIST.EARLY_STOP_PATIENCE`` would be ignored.
+        """
+        period, max_iter = self._eval_period, self.trainer.max_iter
+        if self._early is None or 0 < period < max_iter:
+            return
+        when = "only when training ends" if period <= 0 else (
+            f"every {period} iterations, not once before MAX_ITER {max_iter}")
+        raise ConfigError(
+            f"PERSIST.EARLY_STOP_PATIENCE {self._early.patience} watches evaluations during "
+            f"training, and this run evaluates {when}: set TEST.EVAL_PERIOD (LazyConfig: "
+            "train.eval_period) below the number of iterations.")
 
     def _evaluated_after(self, it):
         """Whether EvalHook evaluated after iteration ``it`` (in its after_step)."""
