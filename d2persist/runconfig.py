@@ -865,6 +865,10 @@ class LazyRunConfig(RunConfig):
             contract["outputs"].append("masks")
         if roi.get("keypoint_head") is not None:
             contract["outputs"].append("keypoints")
+        if model.get("sem_seg_head") is not None:  # SemanticSegmentor, PanopticFPN
+            contract["outputs"].append("sem_seg")
+        if contract["meta_architecture"] == "PanopticFPN":
+            contract["outputs"].append("panoptic_seg")
         return contract
 
     def check(self) -> None:

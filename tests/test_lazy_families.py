@@ -166,6 +166,10 @@ def test_lazy_zoo_family_exports_and_predicts_as_it_evaluates(family, tmp_path, 
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["config_kind"] == "lazy"
     assert manifest["onnx"].get("task") == FAMILIES[name][2], manifest["onnx"]
+    outputs = {"keypoint": ["boxes", "keypoints"], "fcos": ["boxes"],
+               "new_baselines": ["boxes", "masks"],
+               "panoptic": ["boxes", "masks", "sem_seg", "panoptic_seg"]}
+    assert manifest["input"]["outputs"] == outputs[name]  # as a yacs run's says
     register_shapes()
     image = _make(kind, DatasetCatalog.get("shapes_val")[3]["file_name"], tmp_path)
     ref = evaluation_path(run, image)

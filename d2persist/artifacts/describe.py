@@ -5,6 +5,7 @@ read through the view.
 
 import logging
 import os
+from typing import Optional
 
 from ..config import DEFAULT_OPTIONS
 from ..errors import D2PersistError
@@ -49,12 +50,16 @@ def describe(path: str) -> dict:
                     from None
             config.pop("PERSIST", None)
             persist = dict(DEFAULT_OPTIONS, **persist) if isinstance(persist, dict) else persist
+        lazy = _lazy_options(config)
+        if lazy is not None:  # a LazyConfig's, onto the defaults too
+            persist = dict(DEFAULT_OPTIONS, **lazy)
         return {"kind": "config", "config": flatten_config(config), "persist": persist,
                 "classes": None, "last_iteration": None, "final": {}}
     view = open_view(path)
     config = view.config()
     if config is not None and not isinstance(config, dict):
         raise D2PersistError(f"The config of {path} does not hold a config mapping.")
+    _lazy_options(config)  # (compared once: as the run's options)
     if view.kind == "bundle":
         manifest = view.manifest()
         evaluation = manifest.get("evaluation") or {}
@@ -66,6 +71,18 @@ def describe(path: str) -> dict:
             "persist": view.persist_options(), "classes": view.classes(),
             "last_iteration": view.last_iteration(),
             "final": evaluations[max(evaluations)] if evaluations else {}}
+
+
+def _lazy_options(config: Optional[dict]) -> Optional[dict]:
+    """
+    A LazyConfig's ``train.persist``, taken out of ``config`` (compared as options, in
+    ``PERSIST``'s keys, not twice), or None for a config of another kind.
+    """
+    train = config.get("train") if isinstance(config, dict) and "model" in config else None
+    if not isinstance(train, dict):
+        return None
+    given = train.pop("persist", None)
+    return {str(k).upper(): v for k, v in given.items()} if isinstance(given, dict) else {}
 
 
 def _with_bases(path: str) -> dict:

@@ -149,3 +149,24 @@ def test_a_lazy_config_with_objects_saved_beside_a_pickle_is_a_note(run):
     (run / "config.yaml.pkl").write_bytes(b"pickled")
     problems, notes = open_view(str(run)).verify()
     assert problems == [] and any("config.yaml.pkl beside it" in n for n in notes)
+
+
+def test_diff_compares_a_lazyconfigs_options_once_as_options(tmp_path):
+    """train.persist is the run's options (persist.yaml), not config keys too."""
+    import yaml
+
+    from d2persist.artifacts.describe import diff
+    from d2persist.config import DEFAULT_OPTIONS
+
+    config = {"model": {"_target_": "x.Model"},
+              "train": {"max_iter": 5, "persist": {"max_to_keep": 2}}}
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "persist.yaml").write_text(yaml.safe_dump(
+        {"PERSIST": dict(DEFAULT_OPTIONS, MAX_TO_KEEP=2)}))
+    (run / "model_0000004.pth").write_bytes(b"x")
+    config["train"].update(max_iter=9, persist={"max_to_keep": 3})
+    (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
+    d = diff(str(run), str(tmp_path / "more.yaml"))
+    assert (d["config"], d["persist"]) == ({"train.max_iter": [5, 9]}, {"MAX_TO_KEEP": [2, 3]})
