@@ -723,6 +723,10 @@ def target_name(target):
     return f"{target.__module__}.{target.__qualname__}"
 
 
+#: PIL's bilinear resampling (``Image.BILINEAR``), ResizeShortestEdge's default ``interp``
+_BILINEAR = 2
+
+
 def lazy_image_format(cfg: Any) -> str:
     """
     The channel order a LazyConfig's evaluation reads images in: its test loader's
@@ -854,8 +858,14 @@ class LazyRunConfig(RunConfig):
             name = target_name(aug._target_)
             if name.endswith("ResizeShortestEdge"):
                 size = aug.short_edge_length
-                contract["min_size_test"] = int(size if isinstance(size, int) else size[0])
+                sizes = [size] if isinstance(size, int) else list(size)
+                contract["min_size_test"] = int(sizes[0])
                 contract["max_size_test"] = int(aug.get("max_size", sys.maxsize))
+                interp = aug.get("interp", None)
+                if len(set(sizes)) > 1 or interp not in (None, _BILINEAR):  # the graph's
+                    # resize is one size, bilinear: the ONNX export refuses another
+                    contract.setdefault("other_test_augmentations", []).append(
+                        f"{name} of sizes {sizes} with interp {interp}")
             else:  # applied by the PyTorch predictor; the ONNX export refuses them
                 contract.setdefault("other_test_augmentations", []).append(name)
         roi = model.get("roi_heads") or {}

@@ -224,3 +224,22 @@ def test_a_lazy_run_resumed_with_another_config_names_the_changes(tmp_path, capl
         _note_config_changes(run_config(cfg), str(tmp_path))
     said = [r.getMessage() for r in caplog.records if "differs from its" in r.getMessage()]
     assert len(said) == 1 and "optimizer.lr (" in said[0] and "persist" not in said[0]
+
+
+def test_a_test_resize_the_onnx_graph_cannot_do_is_named_in_the_contract():
+    """
+    The ONNX predictor resizes to one size, bilinear: a LazyConfig's test ResizeShortestEdge
+    of several sizes or another interpolation is listed as an augmentation it does not apply
+    (the ONNX export refuses it; the PyTorch predictor applies it as evaluation does).
+    """
+    from d2persist import run_config
+
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "shapes_mask_rcnn_R_18_FPN_lazy.py"))
+    resize = cfg.dataloader.test.mapper.augmentations[0]
+    assert "other_test_augmentations" not in run_config(cfg).input_contract()
+    for key, value in (("interp", 0), ("short_edge_length", [64, 80])):
+        saved = resize.get(key)
+        resize[key] = value
+        others = run_config(cfg).input_contract().get("other_test_augmentations")
+        assert others and "ResizeShortestEdge of sizes" in others[0], others
+        resize[key] = saved if saved is not None else 2
