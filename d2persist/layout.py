@@ -18,6 +18,7 @@ from typing import Optional
 __all__ = [
     "cache_root",
     "CONFIG_NAME",
+    "CONFIG_PICKLE",
     "PERSIST_FILE",
     "METADATA_NAME",
     "LAST_CHECKPOINT",
@@ -55,6 +56,9 @@ __all__ = [
 
 #: A run's config (loads with a plain ``get_cfg().merge_from_file``); also the bundle's config.
 CONFIG_NAME = "config.yaml"
+#: what LazyConfig.save writes beside config.yaml for objects YAML cannot hold (a run
+#: with PERSIST.EXPORT False may have one)
+CONFIG_PICKLE = CONFIG_NAME + ".pkl"
 #: d2persist's own options of a yacs run, kept out of config.yaml so stock code loads that.
 PERSIST_FILE = "persist.yaml"
 #: The training dataset's metadata (class names, colours, ...).

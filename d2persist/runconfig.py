@@ -68,14 +68,7 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
     """
     opts = copy.deepcopy(DEFAULT_OPTIONS)
     if _is_lazy(cfg):
-        given = cfg.train.get("persist", None) or {}
-        if not hasattr(given, "items"):
-            raise ConfigError(f"train.persist must be a dict of d2persist's options, not "
-                              f"{given!r}.")
-        opts.update({str(k).upper(): v for k, v in dict(given).items()})
-        keep = (cfg.train.get("checkpointer", None) or {}).get("max_to_keep", None)
-        if keep is not None and "MAX_TO_KEEP" not in {str(k).upper() for k in given}:
-            opts["MAX_TO_KEEP"] = keep  # PeriodicCheckpointer's, which PersistHook replaces
+        opts.update(lazy_options_given(cfg.train))
     elif PERSIST_KEY in cfg:
         opts.update(dict(cfg[PERSIST_KEY]))
     unknown: Collection[str] = set(opts) - set(DEFAULT_OPTIONS)
@@ -85,7 +78,7 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
         value = opts[key]  # (one name alone: a list of it, not its letters)
         if isinstance(value, str):
             opts[key] = [value]
-        elif not isinstance(value, Sequence) and type(value).__name__ != "ListConfig":
+        elif not isinstance(value, Sequence):  # (OmegaConf's ListConfig is one)
             raise ConfigError(f"PERSIST.{key} must be a list of names ([] for none), not "
                               f"{value!r}.")
     for key in ("EXPORT", "EXPORT_EVAL", "PLOT", "ASYNC", "SAVE_ON_INTERRUPT", "VAL_LOSS",
@@ -181,6 +174,25 @@ def persist_options(cfg: Union["CfgNode", "DictConfig"]) -> Dict[str, Any]:
 TRAINING_VALUES = ("total_loss", "lr", "time", "data_time", "eta_seconds")
 #: ... and the prefixes of the rest (losses; the heads' and the RPN's statistics)
 TRAINING_PREFIXES = ("loss_", "fast_rcnn/", "mask_rcnn/", "roi_head/", "rpn/")
+
+
+def lazy_options_given(train: Any) -> Dict[str, Any]:
+    """
+    The d2persist options a LazyConfig's ``train`` section gives (its ``persist`` dict, in
+    ``PERSIST``'s upper-case keys), ``MAX_TO_KEEP`` from ``train.checkpointer.max_to_keep``
+    where ``persist`` does not set it (PeriodicCheckpointer's, which PersistHook replaces).
+
+    Raises:
+        ConfigError: ``train.persist`` is not a dict.
+    """
+    given = train.get("persist", None) or {}
+    if not hasattr(given, "items"):
+        raise ConfigError(f"train.persist must be a dict of d2persist's options, not {given!r}.")
+    opts = {str(k).upper(): v for k, v in given.items()}
+    keep = (train.get("checkpointer", None) or {}).get("max_to_keep", None)
+    if keep is not None and "MAX_TO_KEEP" not in opts:
+        opts["MAX_TO_KEEP"] = keep
+    return opts
 
 
 def _export_dir(value: Any) -> str:
@@ -509,6 +521,15 @@ class RunConfig:
                 "DATASETS.TEST (LazyConfig: dataloader.evaluator), and TEST.EVAL_PERIOD "
                 "(train.eval_period) to evaluate during training."
             )
+        patience, period, max_iter = (self.options["EARLY_STOP_PATIENCE"], self.eval_period,
+                                      self.max_iter)
+        if patience and not 0 < period < max_iter:  # EvalHook would evaluate only at the end
+            when = "only when training ends" if period <= 0 else (
+                f"every {period} iterations, not once before MAX_ITER {max_iter}")
+            raise ConfigError(
+                f"PERSIST.EARLY_STOP_PATIENCE {patience} watches evaluations during training, "
+                f"and this run evaluates {when}: set TEST.EVAL_PERIOD (LazyConfig: "
+                "train.eval_period) below the number of iterations.")
 
     def dump(self) -> str:
         """

@@ -57,16 +57,6 @@ def _dataset(config, kind, split):
     return names[0] if names else None
 
 
-def _keypoint_sigmas(config, kind):
-    """COCOEvaluator's OKS sigmas: ``TEST.KEYPOINT_OKS_SIGMAS``, or a LazyConfig's
-    ``dataloader.evaluator.kpt_oks_sigmas``; () if the config names none."""
-    from d2persist.predict.evaluate import lazy_keypoint_sigmas
-
-    if kind == "lazy":
-        return tuple(lazy_keypoint_sigmas(config))
-    return tuple((config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or ())
-
-
 def _run_of(artifacts, bundle):
     """
     The run folder whose export ``bundle`` is: ``artifacts`` given as a run folder, else the
@@ -193,8 +183,9 @@ def main(argv=None):
             print(f"not evaluated: the config's test dataset {test!r} is not registered here")
             return
         from d2persist.export.self_eval import evaluate_saved_bundle, family_evaluator
+        from d2persist.predict.evaluate import keypoint_sigmas
 
-        sigmas = _keypoint_sigmas(art.config, art.config_kind)
+        sigmas = keypoint_sigmas(art.config)
         with tempfile.TemporaryDirectory(prefix="d2persist-eval-") as tmp:
             budget = args.int8_budget
             if budget is None:

@@ -8,11 +8,11 @@ import os
 from typing import Optional
 
 from ..config import DEFAULT_OPTIONS
-from ..errors import D2PersistError
+from ..errors import ConfigError, D2PersistError
 from ..files.mirror import is_url
 from ..files.safe_load import safe_yaml_load
 from ..layout import PYTORCH
-from ..runconfig import flatten_config
+from ..runconfig import flatten_config, lazy_options_given
 from .view import open_view
 
 __all__ = ["describe", "diff"]
@@ -50,16 +50,22 @@ def describe(path: str) -> dict:
                     from None
             config.pop("PERSIST", None)
             persist = dict(DEFAULT_OPTIONS, **persist) if isinstance(persist, dict) else persist
-        lazy = _lazy_options(config)
-        if lazy is not None:  # a LazyConfig's, onto the defaults too
-            persist = dict(DEFAULT_OPTIONS, **lazy)
+        train = _lazy_train(config)
+        if train is not None:  # a LazyConfig's options, onto the defaults too
+            try:
+                persist = dict(DEFAULT_OPTIONS, **lazy_options_given(train))
+            except ConfigError as e:
+                raise D2PersistError(f"{path}: {e}") from None
+            train.pop("persist", None)
         return {"kind": "config", "config": flatten_config(config), "persist": persist,
                 "classes": None, "last_iteration": None, "final": {}}
     view = open_view(path)
     config = view.config()
     if config is not None and not isinstance(config, dict):
         raise D2PersistError(f"The config of {path} does not hold a config mapping.")
-    _lazy_options(config)  # (compared once: as the run's options)
+    train = _lazy_train(config)
+    if train is not None:  # compared once: as the run's options (persist.yaml)
+        train.pop("persist", None)
     if view.kind == "bundle":
         manifest = view.manifest()
         evaluation = manifest.get("evaluation") or {}
@@ -73,16 +79,10 @@ def describe(path: str) -> dict:
             "final": evaluations[max(evaluations)] if evaluations else {}}
 
 
-def _lazy_options(config: Optional[dict]) -> Optional[dict]:
-    """
-    A LazyConfig's ``train.persist``, taken out of ``config`` (compared as options, in
-    ``PERSIST``'s keys, not twice), or None for a config of another kind.
-    """
+def _lazy_train(config: Optional[dict]) -> Optional[dict]:
+    """A LazyConfig's ``train`` section (where its options are), or None for another kind."""
     train = config.get("train") if isinstance(config, dict) and "model" in config else None
-    if not isinstance(train, dict):
-        return None
-    given = train.pop("persist", None)
-    return {str(k).upper(): v for k, v in given.items()} if isinstance(given, dict) else {}
+    return train if isinstance(train, dict) else None
 
 
 def _with_bases(path: str) -> dict:

@@ -25,6 +25,7 @@ from ..layout import (
     BEST_NAME,
     BEST_RECORD,
     CONFIG_NAME,
+    CONFIG_PICKLE,
     DEFAULT_EXPORT_DIR,
     EVALUATIONS_NAME,
     FINAL_NAME,
@@ -629,7 +630,7 @@ class RunView:
             try:
                 safe_yaml_loads(data, where=self.where(CONFIG_NAME))
             except UnsafeArtifactError as e:
-                if self._folder.stat(CONFIG_NAME + ".pkl") is None:
+                if self._folder.stat(CONFIG_PICKLE) is None:
                     problems.append(Problem(self.where(CONFIG_NAME), DAMAGED,
                                             f"{self.where(CONFIG_NAME)}: {e}"))
                 else:  # a LazyConfig with objects YAML cannot hold, saved as detectron2 does

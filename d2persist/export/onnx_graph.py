@@ -272,8 +272,8 @@ def export_onnx(model: torch.nn.Module, path: str, contract: dict) -> Dict:
     others = contract.get("other_test_augmentations")
     if others:
         raise ExportError(
-            f"The ONNX predictor applies only ResizeShortestEdge at test time; this config also "
-            f"has {', '.join(others)}."
+            f"The ONNX predictor applies only a ResizeShortestEdge of one size, bilinear, at "
+            f"test time; this config has {', '.join(others)}."
         )
     model = copy.deepcopy(model).to("cpu").eval()  # the trainer's model stays where it is
     image = _sample_image(contract)

@@ -18,7 +18,7 @@ import time
 from typing import Any, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
-from ..layout import LAST_CHECKPOINT, LOCK_NAME, METRICS_NAME
+from ..layout import LAST_CHECKPOINT, LOCK_NAME, METRICS_NAME, SIDECAR_SUFFIX
 from .atomic import atomic_path
 
 __all__ = ["Mirror", "Uploader", "RunMirror", "check_mirror", "is_url", "is_local_fs"]
@@ -235,10 +235,16 @@ class RunMirror:
         """
         Queue one job: ``names`` (files of the run folder, or of its subfolder ``folder``) in
         this order, then ``last_checkpoint`` naming ``tag``, then the removals of ``remove``.
+        A checkpoint uploaded with its sidecar loses the mirror's old sidecar first, in the same
+        job (``model_final.pth``, ``model_best.pth`` are written again under their name): a copy
+        stopped between the two uploads leaves one without a sidecar, never new bytes beside
+        the old hash.
         """
         base = os.path.join(self.output_dir, folder) if folder else self.output_dir
         prefix = f"{folder}/" if folder else ""
-        steps: List[_Step] = [(prefix + n, os.path.join(base, n)) for n in names]
+        steps: List[_Step] = [(prefix + n + SIDECAR_SUFFIX, None) for n in names
+                              if n + SIDECAR_SUFFIX in names]
+        steps += [(prefix + n, os.path.join(base, n)) for n in names]
         if tag is not None:
             steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
         steps += [(prefix + n, None) for n in remove]

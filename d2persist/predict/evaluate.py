@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["evaluate_coco", "check_coco_dataset", "coco_metrics", "match_categories",
            "format_results", "evaluate_sem_seg", "sem_seg_metrics", "evaluate_panoptic",
-           "config_keypoint_sigmas", "lazy_keypoint_sigmas"]
+           "config_keypoint_sigmas", "keypoint_sigmas"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,24 +168,24 @@ def config_keypoint_sigmas(path: str) -> List[float]:
     for folder in (bundle, path):
         config = os.path.join(folder or "", CONFIG_NAME)
         if folder and os.path.isfile(config):
-            cfg = safe_yaml_load(config) or {}
-            sigmas = (cfg.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS") or (
-                lazy_keypoint_sigmas(cfg))
-            return [float(v) for v in sigmas or []]
+            return keypoint_sigmas(safe_yaml_load(config) or {})
     return []
 
 
-def lazy_keypoint_sigmas(config: dict) -> List[float]:
+def keypoint_sigmas(config: dict) -> List[float]:
     """
-    A LazyConfig's (as read from YAML) ``dataloader.evaluator.kpt_oks_sigmas``; of the first
-    evaluator naming them where ``dataloader.evaluator`` is a list (the zoo's panoptic data
-    config); [] if none does.
+    The OKS sigmas a config (as read from YAML) names: a yacs config's
+    ``TEST.KEYPOINT_OKS_SIGMAS``, a LazyConfig's ``dataloader.evaluator.kpt_oks_sigmas`` (of
+    the first evaluator naming them where ``dataloader.evaluator`` is a list, as the zoo's
+    panoptic data config has it); [] if it names none.
     """
-    evaluator = (config.get("dataloader") or {}).get("evaluator") or {}
-    for e in evaluator if isinstance(evaluator, list) else [evaluator]:
-        if isinstance(e, dict) and e.get("kpt_oks_sigmas"):
-            return [float(v) for v in e["kpt_oks_sigmas"]]
-    return []
+    sigmas = (config.get("TEST") or {}).get("KEYPOINT_OKS_SIGMAS")
+    if not sigmas:
+        evaluator = (config.get("dataloader") or {}).get("evaluator") or {}
+        sigmas = next((e["kpt_oks_sigmas"] for e in (
+            evaluator if isinstance(evaluator, list) else [evaluator])
+            if isinstance(e, dict) and e.get("kpt_oks_sigmas")), None)
+    return [float(v) for v in sigmas or []]
 
 
 def _progress(items, enabled):

@@ -25,7 +25,15 @@ from ..files.atomic import remove_temp_files, write_json
 from ..files.lock import note_run_started
 from ..files.mirror import RunMirror, check_mirror
 from ..files.safe_load import safe_yaml_load, safe_yaml_loads
-from ..layout import BEST_NAME, CONFIG_NAME, METADATA_NAME, METRICS_NAME, ONNX_INT8, PERSIST_FILE
+from ..layout import (
+    BEST_NAME,
+    CONFIG_NAME,
+    CONFIG_PICKLE,
+    METADATA_NAME,
+    METRICS_NAME,
+    ONNX_INT8,
+    PERSIST_FILE,
+)
 from ..runconfig import flatten_config
 from .best import BestMetric
 from .resume import check_output_dir
@@ -76,7 +84,7 @@ def start_run_folder(run: "RunConfig", start_iter: int) -> Optional[RunMirror]:
         return None
     mirror = RunMirror(run.options["MIRROR"], out)
     # (a LazyConfig's pickle fallback last: where there is none, the job ends there)
-    mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME, CONFIG_NAME + ".pkl")
+    mirror.upload(CONFIG_NAME, PERSIST_FILE, METADATA_NAME, CONFIG_PICKLE)
     return mirror
 
 

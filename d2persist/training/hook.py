@@ -55,10 +55,6 @@ __all__ = ["PersistHook"]
 logger = logging.getLogger(__name__)
 
 
-#: the checkpoints written again under their name in a run
-_REWRITTEN = (FINAL_NAME, BEST_NAME)
-
-
 def _sha256(path):
     """A checkpoint's sha256: its sidecar's, else hashed."""
     return read_sidecar(path) or sha256_file(path)
@@ -260,7 +256,6 @@ class PersistHook(HookBase):
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
-        self._check_evaluations()
         # (PersistTrainer and train_lazy checked before training; with a stock trainer it is
         # refused here, and detectron2's finally still runs EvalHook's last evaluation)
         check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
@@ -443,21 +438,6 @@ class PersistHook(HookBase):
 
     # -- best ----------------------------------------------------------------------------------
 
-    def _check_evaluations(self):
-        """
-        Refuse early stopping where EvalHook (as registered) never evaluates during training:
-        every ``PERSIST.EARLY_STOP_PATIENCE`` would be ignored.
-        """
-        period, max_iter = self._eval_period, self.trainer.max_iter
-        if self._early is None or 0 < period < max_iter:
-            return
-        when = "only when training ends" if period <= 0 else (
-            f"every {period} iterations, not once before MAX_ITER {max_iter}")
-        raise ConfigError(
-            f"PERSIST.EARLY_STOP_PATIENCE {self._early.patience} watches evaluations during "
-            f"training, and this run evaluates {when}: set TEST.EVAL_PERIOD (LazyConfig: "
-            "train.eval_period) below the number of iterations.")
-
     def _evaluated_after(self, it):
         """Whether EvalHook evaluated after iteration ``it`` (in its after_step)."""
         period = self._eval_period
@@ -573,14 +553,8 @@ class PersistHook(HookBase):
 
     def _mirror(self, *names, folder=None, remove=(), tag=None):
         """Queue one upload job to the mirror (see :meth:`RunMirror.upload`), if there is one."""
-        if self._mirror_jobs is None:
-            return
-        # a name written again: its old sidecar goes first, as here (a copy stopped between
-        # the two uploads leaves a checkpoint without one, never new bytes with the old hash)
-        again = [n + SIDECAR_SUFFIX for n in names if folder is None and n in _REWRITTEN]
-        if again:
-            self._mirror_jobs.upload(remove=again)
-        self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
+        if self._mirror_jobs is not None:
+            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

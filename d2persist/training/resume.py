@@ -93,8 +93,9 @@ def _fetch_best(view: Any, names: Set[str], folder: str, url: str) -> None:
     resume: where it cannot be had, the run resumes without it, with a warning.
     """
     try:
-        if _download_checkpoint(view, names, BEST_NAME, folder, url) and BEST_RECORD in names:
-            _download(view, BEST_RECORD, folder, url)
+        if _download_checkpoint(view, names, BEST_NAME, folder, url):
+            if BEST_RECORD in names:  # (else the resume writes it, from the checkpoint's best)
+                _download(view, BEST_RECORD, folder, url)
             return
     except UnsafeArtifactError:
         raise  # a hostile file is refused loudly, as the checkpoint would be

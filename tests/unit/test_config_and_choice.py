@@ -294,17 +294,23 @@ def test_a_lazyconfig_keeps_as_many_checkpoints_as_its_checkpointer_says():
     """PersistHook replaces the PeriodicCheckpointer that honoured train.checkpointer."""
     from omegaconf import OmegaConf
 
-    from d2persist.predict.evaluate import lazy_keypoint_sigmas
     from d2persist.runconfig import persist_options
 
     cfg = OmegaConf.create({"train": {"checkpointer": {"period": 5, "max_to_keep": 7}}})
     assert persist_options(cfg)["MAX_TO_KEEP"] == 7
     cfg.train.persist = {"max_to_keep": 3}
     assert persist_options(cfg)["MAX_TO_KEEP"] == 3
-    # and a list of evaluators (the zoo's panoptic data config) names its keypoint sigmas too
-    evaluators = [{"_target_": "SemSegEvaluator"},
+
+
+def test_keypoint_sigmas_of_either_kind_of_config_and_of_a_list_of_evaluators():
+    from d2persist.predict.evaluate import keypoint_sigmas
+
+    assert keypoint_sigmas({"TEST": {"KEYPOINT_OKS_SIGMAS": [0.5]}}) == [0.5]
+    evaluators = [{"_target_": "SemSegEvaluator"},  # the zoo's panoptic data config's list
                   {"_target_": "COCOEvaluator", "kpt_oks_sigmas": [0.5, 0.25]}]
-    assert lazy_keypoint_sigmas({"dataloader": {"evaluator": evaluators}}) == [0.5, 0.25]
+    assert keypoint_sigmas({"dataloader": {"evaluator": evaluators}}) == [0.5, 0.25]
+    assert keypoint_sigmas({"dataloader": {"evaluator": evaluators[1]}}) == [0.5, 0.25]
+    assert keypoint_sigmas({"TEST": {}, "dataloader": {"evaluator": evaluators[0]}}) == []
 
 
 def test_ema_and_validation_options_are_lazyconfig_keys_too():
