@@ -259,12 +259,29 @@ def torchrun(*args):
 
 
 def free_port():
-    """A free TCP port on 127.0.0.1."""
+    """
+    A free TCP port on 127.0.0.1 for a server a test starts, which binds it seconds later:
+    between Ray's worker ports (10002-19999) and the kernel's ephemeral range, so that no
+    process binding port 0 meanwhile (Ray's own, any client's connection) is given it. The
+    kernel's own choice (port 0) was, once: Serve could not listen on it.
+    """
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randint(20000, max(20001, low - 1))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("No free TCP port between 20000 and the ephemeral range.")
 
 
 def tool_env(**extra):
