@@ -14,8 +14,8 @@ from ..files.safe_load import safe_torch_load
 from ..layout import EMA_STATE_KEY, FINAL_NAME, SIDECAR_SUFFIX, checkpoint_iteration
 from .folders import _Folder, _LocalFolder
 
-__all__ = ["read_sidecar", "sidecar_problem", "verify_checkpoint", "resume_candidates",
-           "evaluated_weights"]
+__all__ = ["read_sidecar", "checkpoint_sha256", "sidecar_problem", "verify_checkpoint",
+           "resume_candidates", "evaluated_weights"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ def resume_candidates(names: Iterable[str], tagged: Optional[str]) -> List[str]:
 def read_sidecar(path: str) -> Optional[str]:
     """The sha256 recorded next to checkpoint ``path``, or None."""
     return _sidecar(_LocalFolder(os.path.dirname(path)), os.path.basename(path))
+
+
+def checkpoint_sha256(path: str) -> str:
+    """The sha256 of checkpoint ``path``: as its sidecar records it, else hashed."""
+    return read_sidecar(path) or sha256_file(path)
 
 
 def _sidecar(folder: _Folder, name: str) -> Optional[str]:

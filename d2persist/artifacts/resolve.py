@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from ..errors import ArtifactError, D2PersistError, UnsafeArtifactError
-from ..files.atomic import check_unchanged, file_identity, resolve_inside, sha256_file
+from ..files.atomic import check_unchanged, file_identity, resolve_inside
 from ..files.safe_load import read_json, safe_yaml_load
 from ..layout import (
     CONFIG_NAME,
@@ -29,7 +29,7 @@ from .bundle import (
     persist_options_of_run,
     read_manifest,
 )
-from .checkpoints import read_sidecar
+from .checkpoints import checkpoint_sha256
 from .manifest import bundle_source, evaluation_problem, metadata_from_json
 from .view import list_checkpoints, newest_valid_noted
 
@@ -81,7 +81,7 @@ class Artifacts:
 
     def weights_sha256(self) -> str:
         """The weights file's sha256: as the artifact or its sidecar records it, else hashed."""
-        return self.sha256 or read_sidecar(self.weights_path) or sha256_file(self.weights_path)
+        return self.sha256 or checkpoint_sha256(self.weights_path)
 
     def check_unchanged(self) -> None:
         """

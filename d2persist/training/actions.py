@@ -8,7 +8,7 @@ import copy
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from detectron2.utils import comm
 
@@ -50,6 +50,7 @@ __all__ = [
     "diverged_error",
     "calibration_images",
     "export_run",
+    "exported_weights",
     "evaluate_run_export",
 ]
 
@@ -166,6 +167,18 @@ def calibration_images(run: "RunConfig") -> List[str]:
     return calibration_subset(files, run.options["CALIBRATION_IMAGES"])
 
 
+def exported_weights(run: "RunConfig", iteration: int,
+                     best: Optional[BestMetric] = None) -> Tuple[int, str]:
+    """
+    Which weights :func:`export_run` exports, as its manifest records them: ``(iteration,
+    "final")``, or with ``PERSIST.EXPORT_FROM`` "best" and a best evaluated, ``(its iteration,
+    "best")``.
+    """
+    if run.options["EXPORT_FROM"] == "best" and best is not None and best.iteration is not None:
+        return best.iteration, "best"
+    return iteration, "final"
+
+
 def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
                best: Optional[BestMetric] = None, calibration: Sequence[str] = (),
                ema: Optional[dict] = None) -> dict:
@@ -182,10 +195,11 @@ def export_run(run: "RunConfig", model: "torch.nn.Module", iteration: int,
     """
     source: Dict[str, Any] = {"from": "final"}
     if run.options["EXPORT_FROM"] == "best":
-        if best is None or best.iteration is None:
+        if exported_weights(run, iteration, best)[1] != "best":
             logger.warning("No evaluation gave %s: exporting the final weights.",
                            run.options["BEST_METRIC"])
         else:
+            assert best is not None and best.iteration is not None
             state, ema = evaluated_weights(
                 RunView(run.output_dir, "run").load_checkpoint(BEST_NAME))
             model = copy.deepcopy(model)

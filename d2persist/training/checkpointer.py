@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from ..artifacts.checkpoints import evaluated_weights, read_sidecar
+from ..artifacts.checkpoints import checkpoint_sha256, evaluated_weights
 from ..artifacts.view import find_newest_valid
 from ..errors import UnsafeArtifactError
-from ..files.atomic import fsync_dir, sha256_file, torch_save, write_text
+from ..files.atomic import fsync_dir, torch_save, write_text
 from ..files.safe_load import safe_torch_load
 from ..layout import LAST_CHECKPOINT, SIDECAR_SUFFIX, TEMP_PREFIX
 from .resume import _load_chosen, choose_checkpoint
@@ -194,7 +194,7 @@ class PersistCheckpointer(DetectionCheckpointer):
             self._forget_sidecar(dst)
             os.replace(tmp, dst)
             fsync_dir(self.save_dir)
-            digest = read_sidecar(src) or sha256_file(dst)
+            digest = checkpoint_sha256(src)  # (dst: the same bytes)
             write_text(dst + SIDECAR_SUFFIX, f"{digest}  {dst_basename}\n")
         except OSError:
             self.write(dst_basename, safe_torch_load(src), tag=False)

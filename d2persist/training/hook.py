@@ -14,12 +14,12 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..artifacts.bundle import read_manifest
-from ..artifacts.checkpoints import read_sidecar
+from ..artifacts.checkpoints import checkpoint_sha256
 from ..artifacts.plot import BackgroundPlot
 from ..artifacts.view import EVAL_TASKS, RunView
 from ..collective import main_decides, main_says
 from ..errors import ConfigError, D2PersistError, EarlyStopped, TrainingDivergedError
-from ..files.atomic import sha256_file, write_json
+from ..files.atomic import write_json
 from ..files.lock import unlock_run_folder
 from ..files.mirror import RunMirror
 from ..files.writer import BackgroundWriter
@@ -41,6 +41,7 @@ from .actions import (
     diverged_error,
     evaluate_run_export,
     export_run,
+    exported_weights,
     start_run_folder,
 )
 from .before_eval import BeforeEvaluation
@@ -53,11 +54,6 @@ from .state import data_state_to_resume, get_rng_state, set_rng_state
 __all__ = ["PersistHook"]
 
 logger = logging.getLogger(__name__)
-
-
-def _sha256(path):
-    """A checkpoint's sha256: its sidecar's, else hashed."""
-    return read_sidecar(path) or sha256_file(path)
 
 
 def _stop_exception(signum):
@@ -532,7 +528,7 @@ class PersistHook(HookBase):
         if it is None or not os.path.isfile(os.path.join(out, checkpoint_name(it))):
             return  # none, or a snapshot of its own (no checkpoint of that iteration)
         saved, best = (os.path.join(out, n) for n in (checkpoint_name(it), BEST_NAME))
-        if not os.path.isfile(best) or _sha256(best) != _sha256(saved):
+        if not os.path.isfile(best) or checkpoint_sha256(best) != checkpoint_sha256(saved):
             logger.info("%s is not the checkpoint of the best evaluation (after iteration %d; "
                         "the run was stopped before it named it): naming it now.", BEST_NAME, it)
             self._link_best(checkpoint_name(it), self._best.record())
@@ -742,7 +738,7 @@ class PersistHook(HookBase):
         if not os.path.isfile(path):  # resumed from model_final itself
             return False
         final = os.path.join(self.run.output_dir, FINAL_NAME)
-        return not os.path.isfile(final) or _sha256(final) != _sha256(path)
+        return not os.path.isfile(final) or checkpoint_sha256(final) != checkpoint_sha256(path)
 
     def _export_is_current(self, last: int) -> bool:
         """
@@ -756,12 +752,7 @@ class PersistHook(HookBase):
             manifest = read_manifest(self.run.export_dir, verify=False)
         except D2PersistError:  # none, or damaged: exported again
             return False
-        best = self._best
-        if (self.options["EXPORT_FROM"] == "best" and best is not None
-                and best.iteration is not None):
-            wanted = (best.iteration, "best")
-        else:
-            wanted = (last, "final")
+        wanted = exported_weights(self.run, last, self._best)
         if (manifest.get("iteration"), (manifest.get("source") or {}).get("from")) != wanted:
             logger.info("The export holds iteration %s, not %s: exporting again.",
                         manifest.get("iteration"), wanted[0])

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, Set
 
 from detectron2.utils import comm
 
-from ..artifacts.checkpoints import read_sidecar, verify_checkpoint
+from ..artifacts.checkpoints import checkpoint_sha256, verify_checkpoint
 from ..artifacts.view import RunView, find_newest_valid, list_checkpoints, open_view
 from ..collective import main_decides, main_says
 from ..errors import (
@@ -205,7 +205,7 @@ def _local_copy(folder, path):
 
     name = os.path.basename(path)
     # the main process verified its file against the sidecar a moment ago: no second hash
-    main_digest = (read_sidecar(path) or sha256_file(path)) if comm.is_main_process() else None
+    main_digest = checkpoint_sha256(path) if comm.is_main_process() else None
     digest = main_says(main_digest)
     local = os.path.join(folder, name)
     have = comm.is_main_process() or (os.path.isfile(local) and sha256_file(local) == digest)
