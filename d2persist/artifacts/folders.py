@@ -56,11 +56,14 @@ class _LocalFolder:
         return os.path.isfile(self.where(name))
 
     def read(self, name: str) -> Optional[bytes]:
+        """The bytes of file ``name``; None if there is none, one sentence if it cannot be read."""
         try:
             with open(self.where(name), "rb") as f:
                 return f.read()
-        except (OSError, ValueError):
-            return None
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+            return None  # (ValueError: a NUL in the name)
+        except OSError as e:  # there, and not readable (a permission): not "missing"
+            raise ArtifactError(f"Cannot read {self.where(name)}: {e.strerror or e}.") from None
 
     def sha256(self, name, on_chunk=None):
         return sha256_file(self.where(name), on_chunk)

@@ -170,3 +170,28 @@ def test_diff_compares_a_lazyconfigs_options_once_as_options(tmp_path):
     (tmp_path / "more.yaml").write_text(yaml.safe_dump(config))
     d = diff(str(run), str(tmp_path / "more.yaml"))
     assert (d["config"], d["persist"]) == ({"train.max_iter": [5, 9]}, {"MAX_TO_KEEP": [2, 3]})
+
+
+def test_a_file_that_cannot_be_read_is_not_taken_for_a_missing_one(run, mocker):
+    """
+    A manifest another user's umask left unreadable was reported as "no manifest.json: an
+    incomplete export"; the real cause is the sentence now (root reads every file: injected).
+    """
+    from d2persist.__main__ import main
+
+    (run / "export").mkdir()
+    (run / "export" / "manifest.json").write_text("{}")
+    real_open = open
+    denied = str(run / "export" / "manifest.json")
+
+    def deny(path, *args, **kwargs):
+        if str(path) == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    mocker.patch("d2persist.artifacts.folders.open", create=True, side_effect=deny)
+    with pytest.raises(D2PersistError, match=f"^Cannot read {denied}: Permission denied.$"):
+        open_view(str(run / "export")).manifest()
+    with pytest.raises(SystemExit) as e:
+        main(["verify", str(run)])
+    assert e.value.code == 2
