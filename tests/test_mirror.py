@@ -249,6 +249,42 @@ def test_a_failed_upload_is_never_named_by_last_checkpoint(s3, tmp_path, mocker)
     assert (tmp_path / "model_final.pth").is_file()  # the local run is whole
 
 
+def test_retention_removes_from_the_mirror_only_after_a_newer_checkpoint_is_named(
+        s3, tmp_path, mocker):
+    """
+    MAX_TO_KEEP 1 and the upload of model_0000003 failing: the mirror kept model_0000001
+    until model_final was named there (it removed it when 0000003 was retired here, leaving
+    a last_checkpoint naming nothing: a resume from it started a new run). A mirror whose
+    last_checkpoint names a missing checkpoint refuses to resume, as a local folder does.
+    """
+    from d2persist import D2PersistError
+    from d2persist.files.mirror import Mirror
+
+    url = f"s3://{BUCKET}/run8"
+    real_put, held = Mirror.put, {}
+
+    def put(self, local, name):
+        if name == "model_0000003.pth":
+            raise ConnectionError("connection reset during upload")
+        if name == "model_final.pth":
+            held["before final"] = sorted(self.names())
+        return real_put(self, local, name)
+
+    mocker.patch.object(Mirror, "put", put)
+    opts = ["PERSIST.MIRROR", url, "PERSIST.EXPORT", False, "PERSIST.MAX_TO_KEEP", 1,
+            "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2]
+    train(tiny_cfg(tmp_path / "lost", *opts))
+    assert "model_0000001.pth" in held["before final"], held
+    assert not (tmp_path / "lost" / "model_0000001.pth").exists()  # retired here
+    names = _names("run8")
+    assert "model_0000001.pth" not in names and "model_final.pth" in names, names  # then there
+    mocker.stopall()
+    _fs().rm_file(f"{BUCKET}/run8/model_final.pth")  # the mirror names what is not there
+    with pytest.raises(D2PersistError, match="Cannot resume: the mirror's last_checkpoint .* "
+                       "names model_final.pth, which is not there"):
+        train(tiny_cfg(tmp_path / "new", *opts), resume=True)
+
+
 class _StopServerAt(__import__("detectron2.engine", fromlist=["HookBase"]).HookBase):
     def __init__(self, it, server):
         self.it, self.server = it, server

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import ConfigError
 from ..layout import LAST_CHECKPOINT, LOCK_NAME, METRICS_NAME, SIDECAR_SUFFIX
@@ -147,6 +147,8 @@ class Uploader:
         self._thread: Optional[threading.Thread] = None
         self.failures = 0
         self._down = False  # the last upload failed: the mirror is likely unreachable
+        #: called with a name this thread removed from the mirror (or found gone)
+        self.on_removed: Optional[Callable[[str], None]] = None
 
     def submit(self, steps: Sequence[_Step]) -> None:
         """
@@ -183,6 +185,8 @@ class Uploader:
             try:
                 if source is None:
                     self.mirror.remove(name)
+                    if self.on_removed is not None:
+                        self.on_removed(name)
                 elif isinstance(source, bytes):
                     self.mirror.put_bytes(source, name)
                 else:
@@ -215,7 +219,10 @@ class RunMirror:
     """
     The upload jobs of one run folder to its mirror, in the order that keeps the mirror
     consistent: a file before anything names it, a checkpoint's sha256 with it,
-    ``last_checkpoint`` as it was when the job was queued, removals last. Training never waits.
+    ``last_checkpoint`` as it was when the job was queued, removals last. A checkpoint the
+    run's retention retired is removed only by a job that uploaded and named a newer one (a
+    failed or skipped upload never leaves the mirror without a checkpoint to resume from).
+    Training never waits.
 
     Args:
         url (str): ``PERSIST.MIRROR``.
@@ -224,17 +231,28 @@ class RunMirror:
 
     def __init__(self, url: str, output_dir: str):
         self.uploader = Uploader(Mirror(url))
+        self.uploader.on_removed = self._removed
         self.output_dir = output_dir
+        # retired names not yet removed from the mirror (an ordered set, shared with the thread)
+        self._retired: Dict[str, None] = {}
+        self._lock = threading.Lock()
+
+    def _removed(self, name):
+        with self._lock:
+            self._retired.pop(name, None)
 
     @property
     def url(self) -> str:
         return self.uploader.mirror.url
 
     def upload(self, *names: str, folder: Optional[str] = None, remove: Sequence[str] = (),
-               tag: Optional[str] = None) -> None:
+               tag: Optional[str] = None, retire: Sequence[str] = ()) -> None:
         """
         Queue one job: ``names`` (files of the run folder, or of its subfolder ``folder``) in
         this order, then ``last_checkpoint`` naming ``tag``, then the removals of ``remove``.
+        With ``tag``, then also the removals of ``retire`` (checkpoints the retention removed
+        here) and of those earlier jobs retired and did not remove (their job failed): a job
+        that fails before its end removes none of them.
         A checkpoint uploaded with its sidecar loses the mirror's old sidecar first, in the same
         job (``model_final.pth``, ``model_best.pth`` are written again under their name): a copy
         stopped between the two uploads leaves one without a sidecar, never new bytes beside
@@ -248,6 +266,15 @@ class RunMirror:
         if tag is not None:
             steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))
         steps += [(prefix + n, None) for n in remove]
+        if retire and tag is None:
+            raise ValueError("retire= needs tag=: a retired checkpoint is removed only after a "
+                             "newer one is named.")
+        if tag is not None:
+            with self._lock:
+                self._retired.update((n, None) for n in retire)
+                for n in (tag, tag + SIDECAR_SUFFIX):  # named again: no longer retired
+                    self._retired.pop(n, None)
+                steps += [(n, None) for n in self._retired]
         self.uploader.submit(steps)
 
     def upload_metrics(self) -> None:

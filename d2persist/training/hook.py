@@ -547,10 +547,10 @@ class PersistHook(HookBase):
 
     # -- the mirror ----------------------------------------------------------------------------
 
-    def _mirror(self, *names, folder=None, remove=(), tag=None):
+    def _mirror(self, *names, folder=None, remove=(), tag=None, retire=()):
         """Queue one upload job to the mirror (see :meth:`RunMirror.upload`), if there is one."""
         if self._mirror_jobs is not None:
-            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag)
+            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag, retire=retire)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -605,21 +605,25 @@ class PersistHook(HookBase):
             self._link_best(basename, best_record, mirror=False)
             self._checkpointer.tag_last_checkpoint(basename)
             best = (BEST_NAME, BEST_NAME + SIDECAR_SUFFIX, BEST_RECORD)
-        # the checkpoint and its sha256 before anything names it
-        self._mirror(basename, basename + SIDECAR_SUFFIX, *best, tag=basename)
+        retired = self._prune()
+        # the checkpoint and its sha256 before anything names it; the retired ones removed
+        # from the mirror after it is named there
+        self._mirror(basename, basename + SIDECAR_SUFFIX, *best, tag=basename,
+                     retire=[n for name in retired for n in (name, name + SIDECAR_SUFFIX)])
         if self._mirror_jobs is not None:  # a job of its own: the mirror's ls and plot read it
             self._mirror_jobs.upload_metrics()
-        self._prune()
 
-    def _prune(self):
+    def _prune(self) -> List[str]:
+        """Remove the checkpoints beyond PERSIST.MAX_TO_KEEP here; returns their names."""
         keep = int(self.options["MAX_TO_KEEP"])
         if keep <= 0 or len(self._kept) <= keep:
-            return
+            return []
         old, self._kept = self._kept[:-keep], self._kept[-keep:]
-        for name in old:
-            if name != FINAL_NAME:
-                self._checkpointer.remove(name)
-                self._mirror(remove=(name, name + SIDECAR_SUFFIX))
+        retired = [name for name in old if name != FINAL_NAME]
+        assert self._checkpointer is not None  # (set in before_train)
+        for name in retired:
+            self._checkpointer.remove(name)
+        return retired
 
     # -- after_train ---------------------------------------------------------------------------
 

@@ -83,6 +83,18 @@ def _fetch_from_mirror(url, folder):
             write_text(os.path.join(folder, LAST_CHECKPOINT), name)
             logger.info("Resuming from the mirror %s: downloaded %s.", url, name)
             return os.path.join(folder, name)
+    # never start afresh over a run the mirror holds (as over a local one, see _decide)
+    if candidates:
+        raise ArtifactError(
+            f"Cannot resume: no checkpoint at the mirror {url} verifies "
+            f"({', '.join(candidates[:3])}, see the warnings above); restore a good copy there, "
+            "or set another PERSIST.MIRROR to start a new run.")
+    tagged = view.last_checkpoint()
+    if tagged:
+        raise ArtifactError(
+            f"Cannot resume: the mirror's {LAST_CHECKPOINT} ({url}) names {tagged}, which is "
+            f"not there (and no other checkpoint is); restore it, or remove {LAST_CHECKPOINT} "
+            "there to start a new run.")
     return None
 
 
