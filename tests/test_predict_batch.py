@@ -341,6 +341,42 @@ def test_a_job_on_its_own_ray_refuses_what_this_machine_lacks(default_run, sourc
     assert not [p for p in dst.rglob("*") if p.is_file() and not p.name.startswith(".")]
 
 
+def test_an_image_ray_cannot_read_is_an_error_record_not_the_end_of_the_job(
+        default_run, source, tmp_path, mocker):
+    """
+    An image removed after the job listed its source: Ray Data's reader ended the whole job
+    (a traceback), and every rerun the same way, the image never done. Now it gets its error
+    record, as on this machine's engine, and the others are predicted, each once.
+    """
+    import functools
+
+    from d2persist.predict.load import describe_predictor
+    from d2persist.scale import batch
+
+    src = tmp_path / "src"
+    shutil.copytree(source, src)
+    listed = batch.list_source
+
+    def list_then_remove(url):
+        found = listed(url)
+        os.unlink(src / "a" / "1.png")  # (the source changed meanwhile)
+        return found
+
+    mocker.patch.object(batch, "list_source", side_effect=list_then_remove)
+    run = str(default_run[0])
+    spec = describe_predictor(run, backend="onnxruntime")
+    engine = batch.RayEngine(functools.partial(load_predictor, run, backend="onnxruntime"),
+                             workers=1, cpus_per_worker=1)
+    record = predict_source(spec, str(src), str(tmp_path / "dst"), ray=engine)
+    assert record["counts"] == {"inputs": 5, "done": 3, "skipped": 0, "failed": 2}
+    error = _json(tmp_path / "dst" / "a" / "1.png.error.json")
+    assert error == {"path": str(src / "a" / "1.png"),
+                     "error": f"Image {src / 'a' / '1.png'} does not exist."}
+    assert sorted(p.name for p in (tmp_path / "dst").rglob("*.json")) == [
+        ".d2persist-predict.json", "0.png.json", "1.png.error.json", "2.png.json",
+        "3.jpg.json", "bad.png.error.json", "job.json"]
+
+
 def test_onnxruntime_threads_of_ray_replicas_do_not_spin(default_run):
     """
     Ray's actors and replicas share their cores: their ONNX Runtime threads yield them; a

@@ -499,6 +499,8 @@ class _RayPredict:
                  min_score: float, pictures: bool, threads: int,
                  failed_before: Iterable[str] = (), sha256: Optional[str] = None) -> None:
         self.refused = ""
+        self.base = base
+        self.protocol = protocol
         try:
             self.predictor = load(threads=threads)
             check_same_weights(self.predictor, sha256, "predict into another --output to "
@@ -508,18 +510,16 @@ class _RayPredict:
             return
         self.meta = self.predictor.visualizer_metadata() if pictures else None
         self.job = _Job(dst, min_score, pictures, failed_before)
-        self.base = base
-        self.protocol = protocol
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         import numpy as np
 
+        rels = [posixpath.relpath(path, self.base) for path in batch["path"]]
         if self.refused:
-            return {"status": np.array([_REFUSED] * len(batch["path"])),
-                    "detail": np.array([self.refused] * len(batch["path"]))}
+            return {"status": np.array([_REFUSED] * len(rels)),
+                    "detail": np.array([self.refused] * len(rels)), "rel": np.array(rels)}
         statuses = []
-        for data, path in zip(batch["bytes"], batch["path"]):
-            rel = posixpath.relpath(path, self.base)
+        for data, path, rel in zip(batch["bytes"], batch["path"], rels):
             shown = f"{self.protocol}://{path}" if self.protocol else path
             if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
                 if rel in self.job.failed_before:  # (killed between JSON and removal)
@@ -529,7 +529,8 @@ class _RayPredict:
                 statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
                                                  bytes(data)))
         self.job.out.sync()  # each output durable before Ray hears it is done
-        return {"status": np.array(statuses), "detail": np.array([""] * len(statuses))}
+        return {"status": np.array(statuses), "detail": np.array([""] * len(statuses)),
+                "rel": np.array(rels)}
 
 
 class _StopSignals:
@@ -666,8 +667,29 @@ class RayEngine:
             filesystem = PyFileSystem(FSSpecHandler(source.fs))
             protocol = source.fs.protocol if isinstance(source.fs.protocol, str) else \
                 source.fs.protocol[0]
+        counts: Dict[str, int] = {}
+        for _ in range(_READ_PASSES):
+            seen: Set[str] = set()
+            try:
+                self._pass(ray, filesystem, protocol, source.base, todo, dst, min_score,
+                           pictures, failed_before, sha256, cpus, counts, seen)
+                failure = None
+            except D2PersistError:
+                raise
+            except Exception as e:  # noqa: BLE001 (Ray's errors wrap the reader's)
+                failure = e
+            todo = _after_pass(source, todo, seen, dst, failed_before, counts,
+                               min_score, pictures, failure)
+            if not todo:
+                return counts
+        raise D2PersistError(  # (each pass ends unreadable inputs, so only a file that comes
+            f"Ray Data could not read {len(todo)} image(s) of {source.url} that this machine "
+            f"reads, such as {todo[0][0]}: run the same command again.")  # and goes)
+
+    def _pass(self, ray, filesystem, protocol, base, todo, dst, min_score, pictures,
+              failed_before, sha256, cpus, counts, seen):
+        """One Ray Data job over ``todo``: ``counts`` each status, ``seen`` each name."""
         paths = [p for p, _ in todo]
-        base = source.base
         # reading is I/O: it reserves no CPU, which the actors hold (actors x threads = cores)
         ds = ray.data.read_binary_files(paths, include_paths=True, filesystem=filesystem,
                                         override_num_blocks=min(len(paths), 4 * self.workers),
@@ -678,10 +700,66 @@ class RayEngine:
                                  max(1, int(cpus)), sorted(failed_before), sha256),
             compute=ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=cpus, num_gpus=self.gpus_per_worker or None)
-        counts: Dict[str, int] = {}
         for row in ds.iter_rows():
             if row["status"] == _REFUSED:  # nothing written for it: a rerun predicts it
                 raise D2PersistError(str(row["detail"]))
             status = "done" if row["status"] == "skipped" else str(row["status"])
             counts[status] = counts.get(status, 0) + 1
-        return counts
+            seen.add(str(row["rel"]))
+
+
+#: Ray Data jobs one ``RayEngine.run`` may take: each after the first predicts only what the
+#: one before could not read (an image removed, or refused to Ray's reader)
+_READ_PASSES = 3
+
+
+def _read_problem(fs: Any, path: str, shown: str) -> Optional[str]:
+    """Why the image at ``path`` cannot be read here (one sentence), or None."""
+    try:
+        with fs.open(path, "rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        return f"Image {shown} does not exist."
+    except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+        return f"{shown} could not be read ({type(e).__name__}: {e})."
+    return None
+
+
+def _after_pass(source: Source, todo: List[Tuple[str, str]], seen: Set[str], dst: str,
+                failed_before: Iterable[str], counts: Dict[str, int], min_score: float,
+                pictures: bool, failure: Optional[BaseException]) -> List[Tuple[str, str]]:
+    """
+    After a Ray Data job: what it left without a row (``todo`` whose name is not in ``seen``; Ray
+    Data ends a job whose reader fails on one file, and passes over a file removed since it
+    was listed). Each one with its output at ``dst`` now is counted; one this machine cannot
+    read gets its error record here; the rest is returned, for another job. A ``failure``
+    that left nothing unreadable is raised again (not an input's).
+    """
+    left = [(p, rel) for p, rel in todo if rel not in seen]
+    if not left:
+        return []
+    out = _Destination(dst, make=False)
+    done, failed = _outputs_at(out)
+    failed -= set(failed_before)  # (a record of before: not known to be this job's)
+    job = _Job(out, min_score, pictures)
+    rest, unreadable = [], 0
+    for path, rel in left:
+        status = "done" if rel in done else "failed" if rel in failed else None
+        shown = path if source.local else source.fs.unstrip_protocol(path)
+        problem = None if status else _read_problem(source.fs, path, shown)
+        if problem is not None:
+            job._failed(rel, shown, problem)
+            status, unreadable = "failed", unreadable + 1
+        if status is None:
+            rest.append((path, rel))
+        else:  # (else: written by an actor whose row never came)
+            counts[status] = counts.get(status, 0) + 1
+    out.sync()
+    if failure is not None and not unreadable:
+        raise failure
+    if failure is not None:
+        logger.warning("Ray Data's job ended on %d image(s) it could not read (%s: %s); "
+                       "they have error records, the other %d are predicted again.",
+                       unreadable, type(failure).__name__,
+                       str(failure).splitlines()[0][:200] if str(failure) else "", len(rest))
+    return rest
