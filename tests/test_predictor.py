@@ -145,6 +145,32 @@ def test_array_input_needs_and_honours_channel_order(bgr_run, val_image):
         predictor(bgr)
 
 
+def test_an_image_too_thin_for_the_test_resize_is_one_sentence_everywhere(bgr_run, tmp_path):
+    """
+    A 200x1 image: at the test size (64, at most 96) one side resizes to 0 pixels, which PIL
+    refuses with a ValueError: a traceback from infer_single, the end of a whole ``predict``
+    job (and of every rerun), a 500 from ``serve``. Now one sentence, an error record, a 400.
+    """
+    from d2persist.scale.batch import predict_source
+    from d2persist.scale.serve import Endpoint
+
+    thin = tmp_path / "src" / "thin.png"
+    thin.parent.mkdir()
+    Image.new("RGB", (200, 1), (90, 120, 200)).save(thin)
+    for backend in ("pytorch", "onnxruntime"):
+        predictor = load_predictor(str(bgr_run / "export"), backend=backend)
+        with pytest.raises(InputImageError, match=r"^An image of 200x1 pixels cannot be "
+                                                  r"resized for the model"):
+            predictor(str(thin))
+        record = predict_source(predictor, str(thin.parent), str(tmp_path / backend))
+        assert record["counts"]["failed"] == 1, record
+        error = json.loads((tmp_path / backend / "thin.png.error.json").read_text())["error"]
+        assert error.startswith(f"Image {thin}: An image of 200x1 pixels"), error
+        [(status, answer)] = Endpoint(lambda threads, p=predictor: p).predict_many(
+            [(thin.read_bytes(), "upload", 0.5)])
+        assert status == 400 and "200x1 pixels" in answer["error"], answer
+
+
 def test_checkpoint_folder_without_export_predicts_like_export(bgr_run, val_image, tmp_path):
     import shutil
 

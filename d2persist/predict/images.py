@@ -228,6 +228,10 @@ def resize_shortest_edge(image: np.ndarray, short: int, max_size: int) -> np.nda
         return image
     h, w = image.shape[:2]
     newh, neww = resized_shape(h, w, short, max_size)
+    if min(newh, neww) < 1:  # (PIL's resize raised ValueError; detectron2's evaluation too)
+        raise InputImageError(f"An image of {w}x{h} pixels cannot be resized for the model: "
+                              f"at its test size ({short}, at most {max_size}) a side would be "
+                              "0 pixels.")
     gray = image.ndim > 2 and image.shape[2] == 1
     pil = Image.fromarray(image[:, :, 0], mode="L") if gray else Image.fromarray(image)
     out = np.asarray(pil.resize((neww, newh), Image.BILINEAR))

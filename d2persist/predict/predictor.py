@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts.manifest import describe_source
 from ..artifacts.resolve import resolve_artifacts
-from ..errors import D2PersistError
+from ..errors import D2PersistError, InputImageError
 from ..layout import PYTORCH
 from .images import check_image_file, decode_image, image_input, pil_errors
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
@@ -224,7 +224,11 @@ class Predictor:
                             decode=decode_image_data)
         height, width = image.shape[:2]
         aug_input = T.AugInput(image)
-        self.augmentation(aug_input)
+        try:
+            self.augmentation(aug_input)
+        except ValueError as e:  # PIL: "height and width must be > 0" (a very thin image)
+            raise InputImageError(f"An image of {width}x{height} pixels cannot be resized for "
+                                  f"the model ({e}).") from None
         tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         with torch.inference_mode():
             outputs = self.model([{"image": tensor.to(self.device), "height": height,

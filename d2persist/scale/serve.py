@@ -91,9 +91,9 @@ class Endpoint:
                 check_image_bytes(data, name)
                 pred = self.predictor(data)
                 out.append((200, pred.to_json(image_name=name, min_score=min_score)))
-            except InputImageError:
+            except InputImageError as e:  # its reason: not an image, truncated, too thin
                 out.append((400, {"error": f"The request's body ({len(data)} bytes) is not an "
-                                           "image this server can read."}))
+                                           f"image this server can predict: {e}"}))
             except Exception as e:  # this request's answer; the batch's others stand
                 logger.exception("Predicting %s failed:", name)
                 out.append((500, {"error": f"Predicting this image failed "
