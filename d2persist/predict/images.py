@@ -84,8 +84,19 @@ def pil_errors(unreadable: str, corrupt: str) -> Iterator[None]:
 def _verify(source: Union[str, io.BytesIO], name: str) -> None:
     with pil_errors(f"{name} is not an image file PIL can read.",
                     f"Image {name} is truncated or corrupt"):
-        with Image.open(source) as probe:
-            probe.verify()
+        try:
+            with Image.open(source) as probe:
+                probe.verify()
+            return
+        except UnidentifiedImageError:
+            raise
+        except (OSError, SyntaxError, ValueError):
+            # verify checks what decoding does not (a PNG chunk's CRC, its IEND): refused only
+            # if it does not decode either, as detectron2's read_image decodes it
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
+        with Image.open(source) as image:
+            image.load()
 
 
 def _apply_exif_orientation(image):

@@ -85,6 +85,34 @@ def test_image_bytes_checked_and_decoded_with_one_sentence(tmp_path):
             decode(whole[:len(whole) // 2], "BGR")
 
 
+def test_a_png_evaluation_reads_is_not_refused_for_a_bad_crc(tmp_path):
+    """
+    PIL's verify checks each PNG chunk's CRC and the IEND chunk, which decoding (and so
+    detectron2's read_image in evaluation) does not: such a file was refused as corrupt.
+    """
+    import zlib
+
+    from d2persist.predict.images import check_image_file
+
+    noise = np.random.default_rng(3).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "a.png")
+    data = bytearray((tmp_path / "a.png").read_bytes())
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4:idat], "big")
+    data[idat + 4 + length] ^= 0xFF  # the first byte of IDAT's CRC
+    bad_crc = bytes(data)
+    assert zlib.crc32(bad_crc[idat:idat + 4 + length]) != int.from_bytes(
+        bad_crc[idat + 4 + length:idat + 8 + length], "big")
+    for name, content in (("crc.png", bad_crc), ("no-iend.png", bad_crc[:-12])):
+        path = tmp_path / name
+        path.write_bytes(content)
+        want = d2_read_image(str(path), format="BGR")
+        check_image_file(str(path))
+        check_image_bytes(content, name)
+        np.testing.assert_array_equal(read_image(str(path), "BGR"), want)
+        np.testing.assert_array_equal(decode_image(content, "BGR"), want)
+
+
 def test_an_image_the_machine_refuses_is_not_called_corrupt(tmp_path, mocker):
     from d2persist.predict.images import check_image_file
 
