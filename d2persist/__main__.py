@@ -97,7 +97,8 @@ def ls(args):
         if ev:
             from d2persist.layout import EVAL_BACKENDS
 
-            for b in sorted(ev["backends"], key=EVAL_BACKENDS.index):
+            # (a backend a later d2persist evaluated: after this version's own)
+            for b in sorted(ev["backends"], key=lambda b: (EVAL_BACKENDS + (b,)).index(b)):
                 scores = ", ".join(f"{k} {v:.1f}" for k, v in ev["backends"][b].items()
                                    if v is not None)
                 print(f"    {b:17s} {scores}" + ("  FAILED" if b in ev["failed"] else ""))

@@ -146,10 +146,23 @@ def onnx_model(precision: str) -> ModelFile:
 
 
 def cache_root() -> str:
-    """d2persist's cache folder: ``$D2PERSIST_CACHE`` if set and not empty, else
-    ``~/.cache/d2persist`` (the synthetic datasets, bundles from URLs, ONNX Runtime's graphs)."""
-    return os.environ.get("D2PERSIST_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "d2persist")
+    """
+    d2persist's cache folder (the synthetic datasets, bundles from URLs, ONNX Runtime's
+    graphs): ``$D2PERSIST_CACHE`` if set and not empty, else ``~/.cache/d2persist``; where
+    there is no home (no ``$HOME``, a user with no passwd entry: a container's),
+    ``d2persist-cache-UID`` in the temporary folder, never a folder named "~" where the
+    command runs.
+    """
+    given = os.environ.get("D2PERSIST_CACHE")
+    if given:
+        return given
+    home = os.path.expanduser("~")
+    if os.path.isabs(home):
+        return os.path.join(home, ".cache", "d2persist")
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return os.path.join(tempfile.gettempdir(), f"d2persist-cache-{uid}")
 
 
 _PERIODIC = re.compile(r"^model_(\d{7,})\.pth$")

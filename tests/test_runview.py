@@ -236,3 +236,17 @@ def test_training_png_appears_after_an_evaluation(tmp_path):
     off = tmp_path / "off"
     train(tiny_cfg(off, "PERSIST.PLOT", False, "SOLVER.MAX_ITER", 2))
     assert not (off / "training.png").exists()
+
+
+def test_ls_lists_a_backend_a_later_version_evaluated(default_run, tmp_path):
+    """A manifest's evaluation of a backend this version does not know: listed after the
+    known ones (``ls`` ended in a ValueError traceback)."""
+    run = _copy_run(default_run, tmp_path)
+    manifest = _own(run / "export" / "manifest.json")
+    data = json.loads(manifest.read_text())
+    data["evaluation"]["backends"]["tensorrt"] = {"bbox/AP": 12.5}
+    manifest.write_text(json.dumps(data))
+    res = _cli("ls", run)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("    ")]
+    assert rows[-1] == "tensorrt" and "bbox/AP 12.5" in res.stdout, res.stdout

@@ -274,3 +274,19 @@ def test_a_file_replaced_or_removed_since_its_identity_was_taken_is_refused(tmp_
     with pytest.raises(ArtifactError, match=r"model.safetensors was removed while it was being "
                                             r"loaded \(the run's retention, or a new export"):
         check_unchanged(str(path), identity)
+
+
+def test_without_a_home_the_cache_is_not_a_folder_named_tilde(monkeypatch, mocker):
+    """No $HOME and no passwd entry (a container's user): expanduser("~") is "~", and the
+    cache was ./~/.cache/d2persist wherever the command ran."""
+    import tempfile
+
+    from d2persist.layout import cache_root
+
+    monkeypatch.delenv("D2PERSIST_CACHE", raising=False)
+    monkeypatch.delenv("HOME", raising=False)
+    mocker.patch("pwd.getpwuid", side_effect=KeyError("no such user"))
+    assert os.path.expanduser("~") == "~"  # (the premise)
+    assert cache_root() == os.path.join(tempfile.gettempdir(), f"d2persist-cache-{os.getuid()}")
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert cache_root() == "/home/someone/.cache/d2persist"
