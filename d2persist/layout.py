@@ -51,6 +51,7 @@ __all__ = [
     "EVAL_BACKENDS",
     "PRECISIONS",
     "BACKENDS",
+    "ONNX_TASKS",
     "onnx_model",
 ]
 
@@ -138,6 +139,8 @@ EVAL_BACKENDS = tuple(m.backend for m in MODEL_FILES)
 PRECISIONS = (ONNX.precision, ONNX_INT8.precision)
 #: ``--backend`` values: a backend, or "auto" (PyTorch where it is installed, else ONNX Runtime).
 BACKENDS = (PYTORCH.backend, ONNX.backend, "auto")
+#: the tasks of an ONNX graph (its manifest entry's ``task``), each post-processed its own way
+ONNX_TASKS = ("rcnn", "dense", "semantic", "rpn", "panoptic")
 
 
 def onnx_model(precision: str) -> ModelFile:

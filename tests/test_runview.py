@@ -5,6 +5,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from helpers import run_tool, tiny_cfg
 
 
@@ -250,3 +252,21 @@ def test_ls_lists_a_backend_a_later_version_evaluated(default_run, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("    ")]
     assert rows[-1] == "tensorrt" and "bbox/AP 12.5" in res.stdout, res.stdout
+
+
+def test_an_onnx_task_this_version_does_not_know_is_refused(default_run, tmp_path):
+    """A bundle whose ONNX model is of a task a later d2persist added: refused in one sentence
+    (its outputs were post-processed as Mask R-CNN's, silently)."""
+    from d2persist import ArtifactError, load_predictor
+    from d2persist.export.onnx_graph import TASKS
+    from d2persist.layout import ONNX_TASKS
+
+    assert sorted(TASKS.values()) == sorted(ONNX_TASKS)  # (the two lists: one torch-free)
+    run = _copy_run(default_run, tmp_path)
+    manifest = _own(run / "export" / "manifest.json")
+    data = json.loads(manifest.read_text())
+    data["onnx"]["task"] = "depth"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"^The bundle's ONNX model is of task 'depth', "
+                                            r"which this d2persist does not know"):
+        load_predictor(str(run / "export"), backend="onnxruntime")

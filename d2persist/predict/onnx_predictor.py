@@ -25,7 +25,7 @@ from ..errors import ArtifactError, D2PersistError
 from ..files.atomic import atomic_path, check_unchanged, file_identity
 from ..files.cache import note_used, remove_unused
 from ..files.mirror import is_url
-from ..layout import ONNX, PRECISIONS, cache_root, onnx_model
+from ..layout import ONNX, ONNX_TASKS, PRECISIONS, cache_root, onnx_model
 from .images import image_input, resize_shortest_edge
 from .outputs import PredictionArrays, class_names_of, draw_prediction, prediction_json
 
@@ -325,6 +325,10 @@ class OnnxPredictor:
         self.class_names = class_names_of(metadata)
         self.onnx_entry = dict(onnx_entry or {})
         self.task = self.onnx_entry.get("task", "rcnn")
+        if self.task not in ONNX_TASKS:  # a later d2persist's: its outputs would be misread
+            raise ArtifactError(
+                f"The bundle's ONNX model is of task {self.task!r}, which this d2persist does "
+                f"not know ({', '.join(ONNX_TASKS)}): predict with a newer d2persist.")
         self._outputs = [o.name for o in session.get_outputs()]
         self.weights = ""  # which weights, in words (set by load_onnx_predictor)
         self.backend = ONNX.backend

@@ -304,13 +304,17 @@ def _check_same_job(dst: _Destination, identity: Dict[str, Any]) -> None:
         before = json.loads(saved)
     except ValueError:
         before = {}
-    differ = [k for k in identity if before.get(k) != identity[k]]
+    if not isinstance(before, dict):
+        before = {}
+    # (a key only the record has: a later d2persist's part of a job's identity, not this one's)
+    differ = [k for k in [*identity, *sorted(set(before) - set(identity))]
+              if before.get(k) != identity.get(k)]
     if differ:
         k = differ[0]
         what = "the outputs of another job" if _outputs_at(dst) != (set(), set()) else \
             "another job's record, and no output yet"
         raise D2PersistError(
-            f"{dst.url} holds {what} ({k} {before.get(k)!r}, this one {identity[k]!r}): "
+            f"{dst.url} holds {what} ({k} {before.get(k)!r}, this one {identity.get(k)!r}): "
             "predict into another --output, or remove it first.")
 
 

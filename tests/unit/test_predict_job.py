@@ -227,3 +227,25 @@ def test_sources_and_destinations_that_cannot_be_read_are_one_sentence(tmp_path)
         predict_source(_Decoder(), str(src), "foo://y")
     with pytest.raises(OutputPathError, match="Cannot write to foo://y"):
         check_destination("foo://y")
+
+
+def test_a_job_record_of_another_version_is_compared_whole(tmp_path):
+    """
+    A job's record holding a key this version does not write (a later d2persist's part of a
+    job's identity) is another job's, not this one's; one that is JSON but not an object is
+    refused in one sentence (was an AttributeError).
+    """
+    from d2persist.errors import D2PersistError
+
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _images(src)
+    predict_source(_Decoder(), str(src), str(dst))
+    record = dst / ".d2persist-predict.json"
+    later = dict(json.loads(record.read_text()), tile_size=512)
+    record.write_text(json.dumps(later))
+    with pytest.raises(D2PersistError, match=r"holds the outputs of another job \(tile_size "
+                                             r"512, this one None\)"):
+        predict_source(_Decoder(), str(src), str(dst))
+    record.write_text("[1, 2]")
+    with pytest.raises(D2PersistError, match=r"holds the outputs of another job \(\w+ None, "):
+        predict_source(_Decoder(), str(src), str(dst))
