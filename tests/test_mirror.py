@@ -356,3 +356,55 @@ def test_urls_that_cannot_be_used_are_one_sentence(s3, tmp_path, mocker):
     mocker.patch.object(_fs(), "ls", side_effect=denied)  # (s3fs's sync methods: instance's)
     with pytest.raises(OutputPathError, match=r"Cannot write to s3://.*/out \(PermissionError"):
         check_destination(f"s3://{BUCKET}/out")
+
+
+class _Sized:
+    """A predictor's interface, predicting each image's size (fast)."""
+
+    sha256, backend, precision = "0" * 64, "onnxruntime", "fp32"
+
+    def __call__(self, data):
+        import io
+
+        from PIL import Image
+
+        size = Image.open(io.BytesIO(data)).size
+        return type("P", (), {"to_json": lambda self, image_name=None, min_score=0: {
+            "image": image_name, "size": list(size)}})()
+
+
+def test_a_destination_that_refuses_writes_ends_the_job_in_one_sentence(s3, tmp_path, mocker):
+    """
+    Credentials that may list and read the destination, not write it (s3fs's PermissionError
+    has no errno): the job's record, then an image's output, refused; a traceback before,
+    one sentence naming the URL now, and the rerun once writable finishes the job.
+    """
+    from PIL import Image
+
+    from d2persist import OutputPathError
+    from d2persist.files.mirror import Mirror
+    from d2persist.scale.batch import predict_source
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (8, 6)).save(src / name)
+    url = f"s3://{BUCKET}/refused"
+    real = Mirror.put_bytes
+    refuse = {"names": (".d2persist-predict.json",)}
+
+    def put_bytes(self, data, name):
+        if name.endswith(refuse["names"]):
+            raise PermissionError("Access Denied")
+        return real(self, data, name)
+
+    mocker.patch.object(Mirror, "put_bytes", put_bytes)
+    for names in ((".d2persist-predict.json",), ("b.png.json",)):
+        refuse["names"] = names
+        with pytest.raises(OutputPathError, match=rf"^Cannot write to {url} \(PermissionError: "
+                                                  r"Access Denied\); what is written there is "
+                                                  r"whole: run the same command again"):
+            predict_source(_Sized(), str(src), url)
+    mocker.stopall()
+    record = predict_source(_Sized(), str(src), url)
+    assert record["counts"] == {"inputs": 2, "done": 1, "skipped": 1, "failed": 0}

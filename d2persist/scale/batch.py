@@ -30,7 +30,8 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple,
+                    Union)
 
 from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError, OutputPathError
@@ -159,8 +160,23 @@ class _Destination(Mirror):
             if make:
                 os.makedirs(self.root, exist_ok=True)
 
+    @contextlib.contextmanager
+    def _remote(self, doing: str) -> Iterator[None]:
+        """An object store's error (s3fs's PermissionError has no errno) as one sentence."""
+        try:
+            yield
+        except D2PersistError:
+            raise
+        except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+            raise OutputPathError(
+                f"Cannot {doing} {self.url} ({type(e).__name__}: {e}); what is written there "
+                "is whole: run the same command again once it can be written.") from None
+
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self._path(name)))
+        if self.local:
+            return bool(self.fs.exists(self._path(name)))
+        with self._remote("read"):
+            return bool(self.fs.exists(self._path(name)))
 
     def write(self, name: str, data: bytes, sync: bool = False) -> None:
         """
@@ -173,7 +189,8 @@ class _Destination(Mirror):
             sync (bool): here, fsync its folder at once.
         """
         if not self.local:
-            self.put_bytes(data, name)
+            with self._remote("write to"):
+                self.put_bytes(data, name)
             return
         path = self._path(name)
         folder = os.path.dirname(path)
@@ -196,7 +213,8 @@ class _Destination(Mirror):
             bool: whether this call wrote it (False: it exists).
         """
         if not self.local:
-            self.put_bytes(data, name)
+            with self._remote("write to"):
+                self.put_bytes(data, name)
             return True
         path = self._path(name)
         folder = os.path.dirname(path)
@@ -217,9 +235,12 @@ class _Destination(Mirror):
         return True
 
     def remove(self, name: str) -> None:
+        if not self.local:
+            with self._remote("write to"):
+                super().remove(name)
+            return
         super().remove(name)
-        if self.local:
-            self._unsynced.add(os.path.dirname(self._path(name)))
+        self._unsynced.add(os.path.dirname(self._path(name)))
 
     def sync(self) -> None:
         """Make the names written and removed since the last call durable (fsync folders)."""
@@ -387,6 +408,8 @@ def _outputs_at(out: _Destination) -> Tuple[Set[str], Set[str]]:
         found = out.fs.find(out.root)
     except FileNotFoundError:
         return set(), set()
+    except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+        raise OutputPathError(f"Cannot read {out.url} ({type(e).__name__}: {e}).") from None
     root = out.root.rstrip("/") + "/"
     names = {p[len(root):] for p in found if p.startswith(root)}
     names = {n for n in names if n not in (PREDICT_OPTIONS_NAME, PREDICT_JOB_NAME)
@@ -523,16 +546,20 @@ class _RayPredict:
             return {"status": np.array([_REFUSED] * len(rels)),
                     "detail": np.array([self.refused] * len(rels)), "rel": np.array(rels)}
         statuses = []
-        for data, path, rel in zip(batch["bytes"], batch["path"], rels):
-            shown = f"{self.protocol}://{path}" if self.protocol else path
-            if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
-                if rel in self.job.failed_before:  # (killed between JSON and removal)
-                    self.job.out.remove(rel + ".error.json")
-                statuses.append("skipped")
-            else:
-                statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
-                                                 bytes(data)))
-        self.job.out.sync()  # each output durable before Ray hears it is done
+        try:
+            for data, path, rel in zip(batch["bytes"], batch["path"], rels):
+                shown = f"{self.protocol}://{path}" if self.protocol else path
+                if self.job.out.exists(rel + ".json"):  # a retry after the write: done once
+                    if rel in self.job.failed_before:  # (killed between JSON and removal)
+                        self.job.out.remove(rel + ".error.json")
+                    statuses.append("skipped")
+                else:
+                    statuses.append(self.job.predict(self.predictor, self.meta, rel, shown,
+                                                     bytes(data)))
+            self.job.out.sync()  # each output durable before Ray hears it is done
+        except OutputPathError as e:  # the destination refuses: the job ends in its sentence
+            return {"status": np.array([_REFUSED] * len(rels)),
+                    "detail": np.array([str(e)] * len(rels)), "rel": np.array(rels)}
         return {"status": np.array(statuses), "detail": np.array([""] * len(statuses)),
                 "rel": np.array(rels)}
 
