@@ -246,10 +246,12 @@ class RunMirror:
         return self.uploader.mirror.url
 
     def upload(self, *names: str, folder: Optional[str] = None, remove: Sequence[str] = (),
-               tag: Optional[str] = None, retire: Sequence[str] = ()) -> None:
+               tag: Optional[str] = None, retire: Sequence[str] = (),
+               remove_first: Sequence[str] = ()) -> None:
         """
-        Queue one job: ``names`` (files of the run folder, or of its subfolder ``folder``) in
-        this order, then ``last_checkpoint`` naming ``tag``, then the removals of ``remove``.
+        Queue one job: the removals of ``remove_first``, then ``names`` (files of the run
+        folder, or of its subfolder ``folder``) in this order, then ``last_checkpoint`` naming
+        ``tag``, then the removals of ``remove``.
         With ``tag``, then also the removals of ``retire`` (checkpoints the retention removed
         here) and of those earlier jobs retired and did not remove (their job failed): a job
         that fails before its end removes none of them.
@@ -260,8 +262,9 @@ class RunMirror:
         """
         base = os.path.join(self.output_dir, folder) if folder else self.output_dir
         prefix = f"{folder}/" if folder else ""
-        steps: List[_Step] = [(prefix + n + SIDECAR_SUFFIX, None) for n in names
-                              if n + SIDECAR_SUFFIX in names]
+        steps: List[_Step] = [(prefix + n, None) for n in remove_first]
+        steps += [(prefix + n + SIDECAR_SUFFIX, None) for n in names
+                  if n + SIDECAR_SUFFIX in names]
         steps += [(prefix + n, os.path.join(base, n)) for n in names]
         if tag is not None:
             steps.append((LAST_CHECKPOINT, tag.encode("utf-8")))

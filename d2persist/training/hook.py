@@ -547,10 +547,11 @@ class PersistHook(HookBase):
 
     # -- the mirror ----------------------------------------------------------------------------
 
-    def _mirror(self, *names, folder=None, remove=(), tag=None, retire=()):
+    def _mirror(self, *names, folder=None, remove=(), tag=None, retire=(), remove_first=()):
         """Queue one upload job to the mirror (see :meth:`RunMirror.upload`), if there is one."""
         if self._mirror_jobs is not None:
-            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag, retire=retire)
+            self._mirror_jobs.upload(*names, folder=folder, remove=remove, tag=tag, retire=retire,
+                                     remove_first=remove_first)
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -727,9 +728,10 @@ class PersistHook(HookBase):
         upload = manifest if manifest is not None else behind
         if upload is not None:
             # the mirror's bundle stops being complete before any of its files is replaced (a
-            # reader there never takes new files for the old manifest's); its manifest last
-            self._mirror(folder=folder, remove=[MANIFEST_NAME])
-            self._mirror(*upload["files"], MANIFEST_NAME, folder=folder)
+            # reader there never takes new files for the old manifest's); its manifest last;
+            # one job: a removal that fails uploads nothing under the old manifest
+            self._mirror(*upload["files"], MANIFEST_NAME, folder=folder,
+                         remove_first=[MANIFEST_NAME])
 
     def _final_behind(self, last: int) -> bool:
         """

@@ -138,6 +138,33 @@ def test_file_mirror_renames_complete_copies_into_place(tmp_path):
     assert mirror.names() == ["last_checkpoint"] and uploader.failures == 0
 
 
+def test_a_bundle_is_replaced_at_the_mirror_in_one_job_its_old_manifest_removed_first(
+        tmp_path, mocker):
+    """
+    The old manifest's removal failing, the new files are not uploaded under it (they were,
+    by a job of their own: a bundle that then read as damaged at the mirror, for good).
+    """
+    from d2persist.files.mirror import Mirror, RunMirror
+
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    for name in ("model.safetensors", "manifest.json"):
+        (run / "export" / name).write_bytes(b"new " + name.encode())
+    jobs = RunMirror(f"file://{tmp_path}/mirror", str(run))
+    jobs.uploader.backoff = 0.0
+    mocker.patch.object(Mirror, "remove", side_effect=ConnectionError("store unreachable"))
+    put = mocker.spy(Mirror, "put")
+    jobs.upload("model.safetensors", "manifest.json", folder="export",
+                remove_first=["manifest.json"])
+    jobs.uploader.wait()
+    assert put.call_count == 0 and jobs.uploader.failures == 1
+    mocker.stopall()
+    jobs.upload("model.safetensors", "manifest.json", folder="export",
+                remove_first=["manifest.json"])
+    jobs.uploader.wait()
+    assert jobs.uploader.mirror.names("export") == ["manifest.json", "model.safetensors"]
+
+
 def test_uploads_try_once_while_the_mirror_is_down_and_retry_once_it_is_back(tmp_path, caplog):
     """A failed upload is retried; later ones get one try until one succeeds; then retries."""
     from d2persist.files.mirror import Uploader
