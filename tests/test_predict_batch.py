@@ -116,7 +116,7 @@ def test_an_interrupted_job_finishes_with_only_the_rest(trained_run, source, tmp
     assert all((dst / (rel + ".png")).is_file() for rel in ("a/0.png", "a/2.png", "b/3.jpg"))
 
 
-def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path):
+def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path, mocker):
     glob = list_source(str(source / "a" / "*.png"))
     assert [n for _, n in glob.items] == ["0.png", "1.png", "2.png"]
     listing = source / "list.txt"  # relative paths, a URL, a comment, a missing image
@@ -129,6 +129,22 @@ def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path):
     assert listed.missing == [(str(source / "a" / "gone.png"), "a/gone.png")]
     with pytest.raises(D2PersistError, match="does not exist"):
         list_source(str(tmp_path / "nowhere"))
+    # "../": named as under the folder above (was "../b/3.jpg": an output outside --output,
+    # never found by a rerun); whether each is there: one listing per folder, not a request
+    # per line (a million lines in a bucket)
+    import fsspec
+
+    listing = source / "a" / "list.txt"
+    listing.write_text("0.png\n1.png\n../b/3.jpg\n../b/gone.png\n")
+    fs = fsspec.filesystem("file")
+    ls, isfile = mocker.spy(type(fs), "ls"), mocker.spy(type(fs), "isfile")
+    try:
+        listed = list_source(str(listing))
+    finally:
+        listing.unlink()
+    assert [n for _, n in listed.items] == ["a/0.png", "a/1.png", "b/3.jpg"]
+    assert listed.missing == [(str(source / "b" / "gone.png"), "b/gone.png")]
+    assert ls.call_count == 2 and isfile.call_count == 1  # (the list file itself)
 
 
 def test_from_and_to_s3(trained_run, source, tmp_path):

@@ -93,6 +93,20 @@ def list_source(src: str) -> Source:
                               f"{' '.join(str(e).split())}).") from None
 
 
+def _not_listed(fs: Any, paths: List[str]) -> List[str]:
+    """
+    Those of ``paths`` their folder does not list: one listing per folder, not one request
+    per path (a list of a million images in a bucket).
+    """
+    folders: Dict[str, Set[str]] = {}
+    for folder in sorted({posixpath.dirname(p) for p in paths}):
+        try:
+            folders[folder] = {e.rstrip("/") for e in fs.ls(folder, detail=False)}
+        except (FileNotFoundError, NotADirectoryError):
+            folders[folder] = set()
+    return [p for p in paths if p not in folders[posixpath.dirname(p)]]
+
+
 def _list_source(src: str) -> Source:
     import fsspec
 
@@ -118,11 +132,12 @@ def _list_source(src: str) -> Source:
                 f"{src} is neither an image ({', '.join(IMAGE_EXTENSIONS)}) nor a text file "
                 "listing images.") from None
         listed = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
-        # a URL of the list's own filesystem, an absolute path, or one relative to the list
-        paths = [fs._strip_protocol(p) if "://" in p else posixpath.join(folder, p)
-                 for p in listed]
+        # a URL of the list's own filesystem, an absolute path, or one relative to the list;
+        # normalized ("../b.jpg" is under the folder above, and so is its output's name)
+        paths = [posixpath.normpath(fs._strip_protocol(p) if "://" in p
+                                    else posixpath.join(folder, p)) for p in listed]
         base = posixpath.commonpath([posixpath.dirname(p) for p in paths]) if paths else folder
-        missing = [p for p in paths if not fs.isfile(p)]
+        missing = _not_listed(fs, paths)
     elif fs.isfile(root):
         paths, base = [root], posixpath.dirname(root)
     else:
