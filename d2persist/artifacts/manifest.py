@@ -205,13 +205,16 @@ def local_bundle(path: str) -> str:
                 reused = _reuse_cached(versions, name, entry, local)
             except OSError as e:
                 raise _cache_error(versions, e) from None
-            if reused and sha256_file(local) != entry["sha256"]:  # damaged in the cache
-                os.unlink(local)
-                reused = False
+            with _writing_cache(versions):
+                if reused and sha256_file(local) != entry["sha256"]:  # damaged in the cache
+                    os.unlink(local)
+                    reused = False
             if not reused:
-                with _reading_bundle(url):
+                with _reading_bundle(url), _writing_cache(versions):
                     bundle.download(name, local)
-                if sha256_file(local) != entry["sha256"]:
+                with _writing_cache(versions):
+                    got = sha256_file(local)
+                if got != entry["sha256"]:
                     raise ArtifactError(f"{bundle_url}/{name} does not match its manifest "
                                         "entry (sha256): the bundle there is damaged.")
         try:
@@ -236,6 +239,25 @@ def _remove_unused(versions: str, final: str) -> None:
     """
     remove_unused(versions, keep=[os.path.basename(final)])
     remove_unused(os.path.dirname(versions), keep=[os.path.basename(versions)])
+
+
+@contextlib.contextmanager
+def _writing_cache(versions: str) -> Iterator[None]:
+    """
+    An error of the cache's disk while a file is downloaded into it (full, read-only, not
+    this user's) as :func:`_cache_error`, not blamed on the bundle's URL.
+    """
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        mine = bool(e.filename) and os.path.abspath(str(e.filename)).startswith(
+            os.path.abspath(versions) + os.sep)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) or (
+                mine and e.errno in (errno.EACCES, errno.EPERM)):
+            raise _cache_error(versions, e) from None
+        raise
 
 
 def _cache_error(versions: str, e: OSError) -> ArtifactError:

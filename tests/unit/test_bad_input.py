@@ -484,7 +484,7 @@ def test_an_export_without_its_manifest_does_not_verify_as_a_run(tmp_path):
     assert "holds model.safetensors but no manifest.json" in problems[0].sentence
 
 
-def test_a_bundle_url_whose_manifest_does_not_read_says_why(tmp_path, monkeypatch):
+def test_a_bundle_url_whose_manifest_does_not_read_says_why(tmp_path, monkeypatch, mocker):
     from d2persist.artifacts.manifest import local_bundle
 
     monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
@@ -499,6 +499,18 @@ def test_a_bundle_url_whose_manifest_does_not_read_says_why(tmp_path, monkeypatc
     monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "a_file"))  # the cache, not the bundle
     with pytest.raises(ArtifactError, match="Cannot write the bundle cache in .*a_file/bundles/"
                                             ".*; set D2PERSIST_CACHE to a folder"):
+        local_bundle(f"memory://{root}")
+    # the cache's disk full while a file downloads into it: the cache is named, not the URL
+    import errno
+
+    from d2persist.artifacts.view import RunView
+
+    monkeypatch.setenv("D2PERSIST_CACHE", str(tmp_path / "cache"))
+    full = OSError(errno.ENOSPC, "No space left on device")
+    mocker.patch.object(RunView, "download", side_effect=full)
+    with pytest.raises(ArtifactError, match=r"^Cannot write the bundle cache in .*cache/"
+                                            r"bundles/.*No space left on device.*; set "
+                                            "D2PERSIST_CACHE to a folder"):
         local_bundle(f"memory://{root}")
     fs.rm(root, recursive=True)
 
