@@ -167,7 +167,11 @@ class _MirrorFolder:
     @contextlib.contextmanager
     def local(self, name):
         """The object ``name`` downloaded into a temporary folder, for the time of the block."""
-        tmp = tempfile.mkdtemp(prefix="d2persist-view-")
+        try:
+            tmp = tempfile.mkdtemp(prefix="d2persist-view-")
+        except OSError as e:  # no temporary folder this process can write
+            raise ArtifactError(f"Cannot download {self.where(name)}: no temporary folder "
+                                f"({e}); set TMPDIR to a folder with room.") from None
         try:
             path = os.path.join(tmp, os.path.basename(name))
             try:

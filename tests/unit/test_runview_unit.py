@@ -195,3 +195,37 @@ def test_a_file_that_cannot_be_read_is_not_taken_for_a_missing_one(run, mocker):
     with pytest.raises(SystemExit) as e:
         main(["verify", str(run)])
     assert e.value.code == 2
+
+
+def test_a_remote_onnx_model_that_cannot_be_fetched_is_not_called_damaged(tmp_path, mocker):
+    """
+    verify of a bundle at a URL opens its ONNX model in ONNX Runtime from a download: a full
+    temporary folder (or a failed download) was reported as the model not opening (DAMAGED,
+    exit 1, the reason dropped); it is a note, the file checked by its sha256.
+    """
+    import errno
+    import json
+
+    import fsspec
+
+    pytest.importorskip("onnxruntime")
+    fs = fsspec.filesystem("memory")
+    root = f"/d2persist-verify-{os.getpid()}-{tmp_path.name}"
+    files = {"config.yaml": b"MODEL: {}\n", "model.safetensors": b"w", "model.onnx": b"graph"}
+    manifest = {"format": {"name": "d2persist-export", "version": 1}, "config": "config.yaml",
+                "weights": "model.safetensors", "input": {"format": "BGR"},
+                "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                          for n, d in files.items()}}
+    for name, data in [*files.items(), ("manifest.json", json.dumps(manifest).encode())]:
+        fs.pipe(f"{root}/{name}", data)
+    try:
+        mocker.patch.object(type(fs), "get_file",
+                            side_effect=OSError(errno.ENOSPC, "No space left on device"))
+        problems, notes = open_view(f"memory://{root}").verify()
+    finally:
+        fs.rm(root, recursive=True)
+    assert problems == []
+    assert len(notes) == 1 and notes[0].startswith(
+        f"memory://{root}/model.onnx was checked against its sha256 only, not opened in ONNX "
+        "Runtime (Cannot read"), notes
+    assert "No space left on device" in notes[0]
