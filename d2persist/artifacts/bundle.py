@@ -65,6 +65,11 @@ def _parse_manifest(folder: _Folder, text: Optional[bytes]) -> dict:
         raise ArtifactError(f"{where} is not valid JSON ({e}).") from None
     fmt: Any = manifest.get("format") if isinstance(manifest, dict) else None
     version = fmt.get("version") if isinstance(fmt, dict) else None
+    if isinstance(version, int) and fmt.get("name") == FORMAT["name"] \
+            and version > FORMAT["version"]:
+        raise ArtifactError(
+            f"{where} was written by a newer d2persist (format version {version}; this one "
+            f"reads up to {FORMAT['version']}): read it with a newer d2persist.")
     if (not isinstance(version, int) or fmt.get("name") != FORMAT["name"]
             or version > FORMAT["version"] or not isinstance(manifest.get("input"), dict)):
         raise ArtifactError(f"{where} is not a d2persist manifest this version can read.")
