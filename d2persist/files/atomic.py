@@ -27,6 +27,7 @@ __all__ = [
     "write_json",
     "sha256_file",
     "fsync_dir",
+    "temp_name",
     "remove_temp_files",
     "torch_save",
     "resolve_inside",
@@ -77,6 +78,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_name(base: str) -> str:
+    """
+    A temporary file's name for the file ``base``: ``TEMP_PREFIX``, ``base`` cut to 120 bytes
+    (a name of 230 bytes, allowed, would make one over the usual 255), a random part.
+    """
+    short = base.encode("utf-8", "surrogateescape")[:120].decode("utf-8", "ignore")
+    return f"{TEMP_PREFIX}{short}.{secrets.token_hex(6)}"
+
+
 def _create_temp(path: str) -> Tuple[int, str]:
     """
     A new, empty temporary file next to ``path``, opened for writing. Its mode is what
@@ -88,7 +98,7 @@ def _create_temp(path: str) -> Tuple[int, str]:
     folder, base = os.path.split(os.path.abspath(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
     for _ in range(100):
-        tmp = os.path.join(folder, f"{TEMP_PREFIX}{base}.{secrets.token_hex(6)}")
+        tmp = os.path.join(folder, temp_name(base))
         try:
             return os.open(tmp, flags, 0o666), tmp
         except FileExistsError:

@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import posixpath
-import secrets
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 from ..artifacts.bundle import software_versions
 from ..errors import D2PersistError, InputImageError, OutputPathError
-from ..files.atomic import check_output_folder, fsync_dir, write_bytes
+from ..files.atomic import check_output_folder, fsync_dir, temp_name, write_bytes
 from ..files.mirror import Mirror, is_local_fs
 from ..layout import DEFAULT_MIN_SCORE, PREDICT_JOB_NAME, PREDICT_OPTIONS_NAME, TEMP_PREFIX
 from ..predict.images import check_image_bytes, encode_png
@@ -234,8 +233,7 @@ class _Destination(Mirror):
         path = self._path(name)
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f"{TEMP_PREFIX}{os.path.basename(path)}."
-                                   f"{secrets.token_hex(6)}")  # (processes on one volume)
+        tmp = os.path.join(folder, temp_name(os.path.basename(path)))  # (one volume)
         write_bytes(tmp, data, sync_folder=False)
         try:
             os.link(tmp, path)
@@ -447,6 +445,28 @@ def _leave_out_destination(source: Source, out: _Destination) -> None:
         raise InputImageError(f"{source.url} holds no image outside the destination {out.url}.")
 
 
+def _check_output_names(source: Source, out: _Destination) -> None:
+    """
+    Refuse, before anything is predicted, an input whose outputs' names this destination
+    cannot hold (a file name of over 255 bytes, usually): its output and its error record
+    could not be written, and every run would end at it.
+    """
+    if not out.local or not (source.items or source.missing):
+        return
+    try:
+        limit = os.pathconf(out.root, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    path, rel = max(source.items + source.missing,
+                    key=lambda x: len(posixpath.basename(x[1]).encode("utf-8", "replace")))
+    longest = len(posixpath.basename(rel).encode("utf-8", "replace")) + len(".error.json")
+    if longest > limit:
+        shown = path if source.local else source.fs.unstrip_protocol(path)
+        raise InputImageError(
+            f"The outputs of {shown} would have names of {longest} bytes, and {out.url} takes "
+            f"at most {limit}: rename the image, or predict into an object store.")
+
+
 def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAULT_MIN_SCORE,
                    pictures: bool = False, progress: bool = False,
                    ray: Optional["RayEngine"] = None) -> Dict[str, Any]:
@@ -479,6 +499,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
     out = _Destination(dst)
     check_destination(out)
     _leave_out_destination(source, out)
+    _check_output_names(source, out)
     identity = job_identity(predictor, source.url, min_score, pictures)
     _check_same_job(out, identity)
     out.remove(PREDICT_JOB_NAME)  # present only once a run has finished

@@ -249,3 +249,26 @@ def test_a_job_record_of_another_version_is_compared_whole(tmp_path):
     record.write_text("[1, 2]")
     with pytest.raises(D2PersistError, match=r"holds the outputs of another job \(\w+ None, "):
         predict_source(_Decoder(), str(src), str(dst))
+
+
+def test_long_image_names_are_predicted_or_refused_up_front(tmp_path):
+    """
+    A 230-byte image name (allowed) made a temporary name of over 255 bytes: ENAMETOOLONG, a
+    traceback, and every rerun ended at the same image. Temporary names are cut now; a name
+    whose error record could not be written here is refused before anything is predicted.
+    """
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    long = "x" * 226 + ".png"
+    Image.fromarray(noise).save(src / long)
+    record = predict_source(_Decoder(), str(src), str(dst))
+    assert record["counts"] == {"inputs": 1, "done": 1, "skipped": 0, "failed": 0}
+    assert (dst / (long + ".json")).is_file()
+    longer = "y" * 246 + ".png"  # its .error.json: 261 bytes
+    Image.fromarray(noise).save(src / longer)
+    with pytest.raises(InputImageError, match=rf"^The outputs of {src / longer} would have "
+                                              rf"names of 261 bytes, and {dst} takes at most "
+                                              r"255: rename the image"):
+        predict_source(_Decoder(), str(src), str(dst))
+    assert not (dst / (longer + ".json")).exists()
