@@ -64,10 +64,11 @@ def check_image_bytes(data: bytes, name: str) -> None:
 
 
 @contextlib.contextmanager
-def pil_errors(unreadable: str, corrupt: str) -> Iterator[None]:
+def pil_errors(unreadable: str, corrupt: str, subject: str = "the image") -> Iterator[None]:
     """
     PIL's errors while opening or decoding an image, as one :class:`InputImageError`:
-    ``unreadable`` where PIL cannot tell what the file is, else ``corrupt`` and PIL's reason.
+    ``unreadable`` where PIL cannot tell what the file is, a sentence on ``subject`` (e.g.
+    "image PATH") where it has more pixels than PIL decodes, else ``corrupt`` and PIL's reason.
     """
     try:
         yield
@@ -77,13 +78,17 @@ def pil_errors(unreadable: str, corrupt: str) -> Iterator[None]:
         if e.errno is not None and e.filename:  # the file itself (a permission), not its bytes
             raise InputImageError(f"Cannot read image {e.filename}: {e.strerror}.") from None
         raise InputImageError(f"{corrupt} ({e}).") from None
-    except (SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError as e:  # not damage: more pixels than PIL decodes
+        raise InputImageError(
+            f"Too many pixels in {subject} for PIL ({str(e).rstrip('.')}); raise "
+            "PIL.Image.MAX_IMAGE_PIXELS to read it.") from None
+    except (SyntaxError, ValueError) as e:
         raise InputImageError(f"{corrupt} ({e}).") from None
 
 
 def _verify(source: Union[str, io.BytesIO], name: str) -> None:
     with pil_errors(f"{name} is not an image file PIL can read.",
-                    f"Image {name} is truncated or corrupt"):
+                    f"Image {name} is truncated or corrupt", f"image {name}"):
         try:
             with Image.open(source) as probe:
                 probe.verify()
@@ -123,7 +128,7 @@ def read_image(path: str, fmt: str) -> np.ndarray:
         raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
     check_image_file(path)
     with pil_errors(f"{path} is not an image file PIL can read.",
-                    f"Image {path} is truncated or corrupt"):
+                    f"Image {path} is truncated or corrupt", f"image {path}"):
         with Image.open(path) as image:
             return _to_numpy(_apply_exif_orientation(image), fmt)
 
@@ -151,7 +156,7 @@ def decode_image(data: bytes, fmt: str,
     if convert is None and fmt not in ("BGR", "RGB", "L"):
         raise InputImageError(f"Input format {fmt!r} is not one of BGR, RGB, L.")
     with pil_errors("The image's bytes are not an image file PIL can read.",
-                    "The image's bytes are truncated or corrupt"):
+                    "The image's bytes are truncated or corrupt", "the image's bytes"):
         with Image.open(io.BytesIO(data)) as image:
             if convert is not None:
                 return convert(image, fmt)

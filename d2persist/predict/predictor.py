@@ -48,7 +48,7 @@ def read_image_file(path: str, fmt: str) -> np.ndarray:
 
     check_image_file(path)
     with pil_errors(f"{path} is not an image file PIL can read.",
-                    f"Image {path} is truncated or corrupt"):
+                    f"Image {path} is truncated or corrupt", f"image {path}"):
         return read_image(path, format=fmt)
 
 

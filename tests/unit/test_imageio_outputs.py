@@ -113,6 +113,24 @@ def test_a_png_evaluation_reads_is_not_refused_for_a_bad_crc(tmp_path):
         np.testing.assert_array_equal(decode_image(content, "BGR"), want)
 
 
+def test_an_image_with_more_pixels_than_pil_decodes_is_not_called_corrupt(
+        tmp_path, monkeypatch):
+    from d2persist.predict.images import check_image_file
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "big.png")
+    path, data = str(tmp_path / "big.png"), (tmp_path / "big.png").read_bytes()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 600 pixels: over twice the limit
+    for call, subject in [(lambda: check_image_file(path), f"image {path}"),
+                          (lambda: check_image_bytes(data, "s3://b/big.png"),
+                           "image s3://b/big.png"),
+                          (lambda: decode_image(data, "BGR"), "the image's bytes")]:
+        with pytest.raises(InputImageError) as e:
+            call()
+        assert str(e.value).startswith(f"Too many pixels in {subject} for PIL (Image size "
+                                       "(600 pixels) exceeds limit"), str(e.value)
+        assert str(e.value).endswith("; raise PIL.Image.MAX_IMAGE_PIXELS to read it.")
+
+
 def test_an_image_the_machine_refuses_is_not_called_corrupt(tmp_path, mocker):
     from d2persist.predict.images import check_image_file
 
