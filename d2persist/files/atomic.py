@@ -372,6 +372,9 @@ def _check_folder_possible(folder: str, path: str) -> None:
     while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
     if os.path.isdir(folder):
+        if not os.access(folder, os.W_OK | os.X_OK):  # before a model loads for minutes
+            raise OutputPathError(f"Cannot write {path}: this process may not write in "
+                                  f"{folder}.")
         return
     if folder == os.path.abspath(path):
         raise OutputPathError(f"Output folder {path} is a file.")

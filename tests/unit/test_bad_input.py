@@ -112,6 +112,26 @@ def test_outputs_onto_an_input_a_file_or_each_other_are_refused_before_any_work(
     assert not (tmp_path / "o.png").exists()
 
 
+def test_an_output_folder_this_process_may_not_write_is_refused_before_any_work(
+        tmp_path, mocker):
+    """(root writes everywhere: the permission injected.) Was refused only once the model
+    had loaded, naming a temporary file."""
+    from d2persist.predict.infer import check_outputs
+
+    a = str(tmp_path / "a.png")
+    _picture(a)
+    (tmp_path / "ro").mkdir()
+    access = os.access
+    mocker.patch("d2persist.files.atomic.os.access", side_effect=lambda p, mode: False if
+                 p == str(tmp_path / "ro") else access(p, mode))
+    for output, json_out in ((str(tmp_path / "ro" / "new" / "a.png"), None),
+                             (None, str(tmp_path / "ro"))):
+        with pytest.raises(OutputPathError, match=rf"^Cannot write {tmp_path / 'ro'}\S*: this "
+                                                  rf"process may not write in {tmp_path / 'ro'}\."):
+            check_outputs([a], output, json_out, False)
+    check_outputs([a], str(tmp_path / "elsewhere.png"), None, False)
+
+
 def test_the_tools_check_outputs_before_the_model_loads(tmp_path, capsys):
     from d2persist.__main__ import main
 
