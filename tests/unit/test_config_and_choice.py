@@ -141,6 +141,14 @@ def test_best_metric_of_a_task_the_evaluation_did_not_report_is_skipped(caplog):
         evaluation_value(latest, "bbox/APX", 99, {"total_loss"})  # a typo in the task's metric
     with pytest.raises(ConfigError, match="produced: nothing"):
         evaluation_value({"total_loss": (1.2, 99)}, "segm/AP", 99, {"total_loss"})
+    # two test datasets: DefaultTrainer.test nests the results by dataset (was skipped with
+    # "produced no bbox results" at every evaluation: no best model, ever)
+    nested = {"val_a/bbox/AP": (0.5, 99), "val_b/bbox/AP": (0.7, 99)}
+    with pytest.raises(ConfigError, match=r"^PERSIST.BEST_METRIC 'bbox/AP' is reported per test "
+                                          r"dataset .* \(val_a/bbox/AP, val_b/bbox/AP\): name "
+                                          r"one of those\.$"):
+        evaluation_value(nested, "bbox/AP", 99)
+    assert evaluation_value(nested, "val_b/bbox/AP", 99) == 0.7
 
 
 @pytest.mark.parametrize("value", [-0.5, "a lot", None])
