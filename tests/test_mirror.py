@@ -258,7 +258,7 @@ def test_retention_removes_from_the_mirror_only_after_a_newer_checkpoint_is_name
     last_checkpoint names a missing checkpoint refuses to resume, as a local folder does.
     """
     from d2persist import D2PersistError
-    from d2persist.files.mirror import Mirror
+    from d2persist.files.mirror import Mirror, Uploader
 
     url = f"s3://{BUCKET}/run8"
     real_put, held = Mirror.put, {}
@@ -267,10 +267,18 @@ def test_retention_removes_from_the_mirror_only_after_a_newer_checkpoint_is_name
         if name == "model_0000003.pth":
             raise ConnectionError("connection reset during upload")
         if name == "model_final.pth":
+            self.fs.invalidate_cache()  # (s3fs's listings are cached)
             held["before final"] = sorted(self.names())
         return real_put(self, local, name)
 
     mocker.patch.object(Mirror, "put", put)
+    submit = Uploader.submit
+
+    def in_order(self, steps):  # each job done before training goes on: model_0000001 is
+        submit(self, steps)  # uploaded before retention removes it here (on a loaded machine
+        self.wait()  # its job may find it gone: then the mirror never had it)
+
+    mocker.patch.object(Uploader, "submit", in_order)
     opts = ["PERSIST.MIRROR", url, "PERSIST.EXPORT", False, "PERSIST.MAX_TO_KEEP", 1,
             "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2]
     train(tiny_cfg(tmp_path / "lost", *opts))
