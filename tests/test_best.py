@@ -107,3 +107,26 @@ def test_best_metric_without_evaluation_fails_before_training(tmp_path):
                        "during training, and this run evaluates only when training ends"):
         train(cfg, trainer_cls=eval_trainer())
     assert not list(tmp_path.glob("*.pth")) and not os.path.exists(tmp_path / "config.yaml")
+
+
+def test_an_eval_hook_told_not_to_evaluate_after_training_still_ends_the_run(tmp_path):
+    """
+    ``EvalHook(eval_after_train=False)`` in a trainer's own ``build_hooks``: no evaluation of
+    the final weights, so none to compare with the best; the completed run failed there
+    ("produced: nothing"), with no export, and again on every resume.
+    """
+    from detectron2.engine.hooks import EvalHook
+
+    class NoFinalEval(eval_trainer()):
+        def build_hooks(self):
+            hooks = super().build_hooks()
+            for h in hooks:
+                if isinstance(h, EvalHook):
+                    h._eval_after_train = False
+            return hooks
+
+    cfg = tiny_cfg(tmp_path, *OPTS, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                   "PERSIST.BEST_METRIC", "bbox/AP50", "PERSIST.EXPORT", True)
+    train(cfg, trainer_cls=NoFinalEval)
+    assert json.loads((tmp_path / "best.json").read_text())["iteration"] == 1
+    assert (tmp_path / "export" / "manifest.json").is_file()

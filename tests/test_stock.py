@@ -129,3 +129,54 @@ def test_checkpointer_reads_export_safetensors(trained_run):
     PersistCheckpointer(model).load(str(trained_run / "export" / "model.safetensors"))
     source = torch.load(trained_run / "model_final.pth", weights_only=True)["model"]
     assert all(torch.equal(v, source[k]) for k, v in model.state_dict().items())
+
+
+def test_a_stock_trainer_whose_hook_missed_its_state_or_trains_twice_is_refused(tmp_path):
+    """
+    PersistHook registered after ``resume_or_load(resume=True)``: detectron2 only logged that
+    no hook took its state, and the run went on with its RNG, EMA and retention reset; a
+    trainer's second ``train()`` retrained its iterations over its checkpoints. Both refused.
+    """
+    from d2persist import D2PersistError, PersistHook
+
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                   "PERSIST.EXPORT", False, "PERSIST.EMA_DECAY", 0.9)
+    first = DefaultTrainer(cfg)
+    first.register_hooks([PersistHook(cfg)])
+    first.resume_or_load(resume=False)
+    first.train()
+    more = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 6, "SOLVER.CHECKPOINT_PERIOD", 2,
+                    "PERSIST.EXPORT", False, "PERSIST.EMA_DECAY", 0.9)
+    late = DefaultTrainer(more)
+    late.resume_or_load(resume=True)
+    late.register_hooks([PersistHook(more)])
+    with pytest.raises(D2PersistError, match=r"^PersistHook was registered after resume_or_load: "
+                                             r"the state it saved in .*model_final.pth"):
+        late.train()
+    assert not (tmp_path / "model_0000005.pth").exists()
+    ready = DefaultTrainer(more)  # registered first: it resumes
+    ready.register_hooks([PersistHook(more)])
+    ready.resume_or_load(resume=True)
+    ready.train()
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 5
+    final = (tmp_path / "model_final.pth").read_bytes()
+    with pytest.raises(Exception) as e:  # (EvalHook's own after_train then fails too)
+        ready.train()
+    chain = [str(e.value), str(e.value.__context__)]
+    assert any(s.startswith("This trainer has trained already (train() called again)")
+               for s in chain), chain
+    assert (tmp_path / "model_final.pth").read_bytes() == final
+
+
+def test_a_stock_trainer_resumed_past_max_iter_with_ema_eval_says_so(tmp_path):
+    """The refusal of a resume past SOLVER.MAX_ITER ended in an AssertionError instead: the
+    EMA swap before EvalHook's last evaluation, of an average never attached."""
+    from helpers import train
+
+    from d2persist import D2PersistError
+
+    opts = ["PERSIST.EXPORT", False, "PERSIST.EMA_DECAY", 0.9, "PERSIST.EMA_EVAL", True]
+    train(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 4, *opts), trainer_cls=DefaultTrainer)
+    with pytest.raises(D2PersistError, match="MAX_ITER"):
+        train(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, *opts), resume=True,
+              trainer_cls=DefaultTrainer)

@@ -63,7 +63,10 @@ class BeforeEvaluation(HookBase):
             self._prepare()
 
     def after_train(self) -> None:
-        # EvalHook's condition for its final evaluation
+        # EvalHook's condition for its final evaluation; not where training never started
+        # (refused before PersistHook attached the average: a resume past MAX_ITER)
+        if self.ema is not None and not self.ema.attached:
+            return
         if self.eval_after_train and self.trainer.iter + 1 >= self.trainer.max_iter:
             self._prepare()
 

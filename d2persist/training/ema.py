@@ -59,6 +59,11 @@ class ModelEMA:
         assert self._model is not None
         return self._model.state_dict(keep_vars=False)
 
+    @property
+    def attached(self) -> bool:
+        """Whether :meth:`attach` gave it its model."""
+        return self._model is not None
+
     def attach(self, model: torch.nn.Module) -> None:
         """
         Follow ``model`` (a DDP model is unwrapped): the average starts as a copy of its state,

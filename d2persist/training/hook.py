@@ -197,6 +197,12 @@ class PersistHook(HookBase):
                                     self.options["EARLY_STOP_MIN_DELTA"]) if patience else None
         # the last iteration trained, once early stopping ended the run
         self._stopped_at: Optional[int] = None
+        # whether EvalHook evaluates when training completes (its eval_after_train)
+        self._eval_at_end = True
+        # whether before_train ran (a trainer trains once)
+        self._began = False
+        # whether the trainer's resume gave this hook its state (load_state_dict)
+        self._restored = False
         # every evaluation's metrics (evaluations.json), on the main process
         self._evaluations = EvaluationLog()
         # what training itself puts into the event storage
@@ -238,6 +244,7 @@ class PersistHook(HookBase):
         if at is not None:  # when EvalHook evaluates: as it says, not as the config does
             evaluator = kept[at]
             self._eval_period = int(getattr(evaluator, "_period", self.run.eval_period))
+            self._eval_at_end = bool(getattr(evaluator, "_eval_after_train", True))
         if self._before_eval is not None:  # right before EvalHook, else before this hook
             self._before_eval.trainer = self.trainer
             if at is not None:
@@ -249,6 +256,11 @@ class PersistHook(HookBase):
     # -- before_train --------------------------------------------------------------------------
 
     def before_train(self) -> None:
+        if self._began:  # (its iterations would be trained again over its checkpoints)
+            raise D2PersistError(
+                "This trainer has trained already (train() called again): build a new trainer "
+                "and call resume_or_load(resume=True) on it to continue the run.")
+        self._began = True
         self._take_place()
         out = self.run.output_dir
         self.run.check()  # raises ConfigRoundTripError, on every process alike
@@ -265,6 +277,8 @@ class PersistHook(HookBase):
         if comm.is_main_process() and self.options["PLOT"]:
             self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
+        if self.trainer.start_iter > 0 and not self._restored:  # (the same on every process)
+            main_decides(self._check_registered_before_resume)
         self._apply_pending_resume()
         if self._ema is not None:
             self._ema.attach(self.trainer.model)
@@ -291,6 +305,29 @@ class PersistHook(HookBase):
             # hook still gets its before_train
             logger.info("This run stopped early after iteration %d (PERSIST.EARLY_STOP_PATIENCE "
                         "%d): nothing left to train.", self._stopped_at, self._early.patience)
+
+    def _check_registered_before_resume(self):
+        """
+        Refuse a resume that left this hook's saved state unread: it was registered after
+        ``resume_or_load`` (detectron2 only logs that it found no hook to give the state to).
+        A checkpoint of a stock run holds none: that run continues (main process).
+        """
+        import torch
+
+        name = RunView(self.run.output_dir, "run").last_checkpoint()
+        path = os.path.join(self.run.output_dir, name) if name else ""
+        if not name or not os.path.isfile(path):
+            return
+        try:  # (mmap: the tensors are not read)
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # noqa: BLE001 (cannot tell: the resume went through it already)
+            return
+        hooks = (data.get("trainer") or {}).get("hooks") or {} if isinstance(data, dict) else {}
+        if type(self).__qualname__ in hooks:
+            raise D2PersistError(
+                f"PersistHook was registered after resume_or_load: the state it saved in {path} "
+                "(random number generators, EMA, retention, best model) was not restored; "
+                "register it before calling resume_or_load(resume=True).")
 
     def _apply_pending_resume(self):
         states, self._pending_resume = self._pending_resume, None
@@ -685,7 +722,8 @@ class PersistHook(HookBase):
             self._record_evaluation(last, trainer.storage.iter)
             if comm.is_main_process():
                 self._writer.wait()  # before the last picture and upload read it
-        if not stopped and self._best is not None and main_decides(
+        # (an EvalHook told not to evaluate after training: no final evaluation to compare)
+        if not stopped and self._eval_at_end and self._best is not None and main_decides(
                 lambda: self._consider_best(last, final=True)):
             if comm.is_main_process():
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
@@ -806,6 +844,7 @@ class PersistHook(HookBase):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = True
         self._kept = list(state_dict.get("kept", []))
         self._pending_resume = state_dict.get("resume")
         if self._best is not None:
