@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from typing import IO, Any, Callable, Iterator, List, Optional, Tuple
 
 from ..errors import ArtifactError, CheckpointWriteError, OutputPathError, UnsafeArtifactError
@@ -288,7 +289,8 @@ def check_unchanged(path: str, identity: Optional[Tuple[int, int, int, int]]) ->
 
 def remove_temp_files(folder: str) -> List[str]:
     """
-    Remove the temporary files a killed process left in ``folder``.
+    Remove the temporary files (and folders: INT8 quantization's) a killed process left in
+    ``folder``.
 
     Returns:
         list[str]: the names removed.
@@ -298,8 +300,12 @@ def remove_temp_files(folder: str) -> List[str]:
         return removed
     for name in os.listdir(folder):
         if name.startswith(TEMP_PREFIX):
+            path = os.path.join(folder, name)
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, name))
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
                 removed.append(name)
     if removed:
         logger.info("Removed temporary files left by an interrupted write: %s", removed)

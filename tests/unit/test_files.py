@@ -321,3 +321,17 @@ def test_without_a_home_the_cache_is_not_a_folder_named_tilde(monkeypatch, mocke
     assert cache_root() == os.path.join(tempfile.gettempdir(), f"d2persist-cache-{os.getuid()}")
     monkeypatch.setenv("HOME", "/home/someone")
     assert cache_root() == "/home/someone/.cache/d2persist"
+
+
+def test_temporary_folders_a_killed_export_left_are_removed_too(tmp_path):
+    """INT8 quantization's temporary folder in a bundle, left by a kill: its removal raised
+    IsADirectoryError, and every later export of the run (the resume's) ended there."""
+    from d2persist.files.atomic import remove_temp_files
+
+    (tmp_path / f"{TEMP_PREFIX}quant-x").mkdir()
+    (tmp_path / f"{TEMP_PREFIX}quant-x" / "pre.onnx").write_bytes(b"graph")
+    (tmp_path / f"{TEMP_PREFIX}manifest.json.0a1b").write_text("{")
+    (tmp_path / "model.onnx").write_bytes(b"kept")
+    assert sorted(remove_temp_files(str(tmp_path))) == [
+        f"{TEMP_PREFIX}manifest.json.0a1b", f"{TEMP_PREFIX}quant-x"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
