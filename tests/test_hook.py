@@ -183,6 +183,32 @@ def test_signal_saves_last_completed_iteration_and_no_final(tmp_path, sig, exc):
     assert resumed.start_iter == 3
 
 
+class _SignalAfterTraining(HookBase):
+    """Sends its process SIGTERM in its after_train, as during EvalHook's final evaluation."""
+
+    def after_train(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_signal_during_the_final_evaluation_stops_before_the_export(tmp_path):
+    """
+    SIGTERM while EvalHook evaluated the final weights (PersistHook's handler still in
+    place): it was logged, and the run went on to export (and evaluate the export: minutes)
+    past a preemption's grace period. It stops after the final checkpoint now; the resume
+    exports.
+    """
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 3)
+    with pytest.raises(SystemExit) as e:
+        train(cfg, hooks=[_SignalAfterTraining()])
+    assert e.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert not (tmp_path / "export" / "manifest.json").exists()
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None),
+                          PersistHook)
+    train(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 3), resume=True)  # nothing to train: exports
+    assert (tmp_path / "export" / "manifest.json").is_file()
+
+
 def _sigterm_handler_name():
     return str(signal.getsignal(signal.SIGTERM))
 

@@ -733,6 +733,11 @@ class PersistHook(HookBase):
                 self._early.add(last, self._last_value)
             self._write_evaluations()  # with where it stopped
             self._writer.wait()
+        sig, _ = self._agree()  # a stop signal during EvalHook's final evaluation (its
+        if sig:  # handler was still this hook's): the export (minutes) is left to the resume
+            logger.warning("Stopping on %s after the final checkpoint; the export is left to "
+                           "--resume.", signal.Signals(sig).name)
+            raise _stop_exception(sig)
         if self.options["EXPORT"]:
             if self._ema_eval:  # the weights the run evaluated
                 assert self._ema is not None
