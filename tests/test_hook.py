@@ -366,3 +366,30 @@ def test_a_diverging_run_ends_in_one_sentence_with_exit_code_3(tmp_path):
     assert f"last_checkpoint names {last}" in line and "--resume continues" in line
     assert "SOLVER.BASE_LR" in line and "SOLVER.CLIP_GRADIENTS" in line
     assert int(last[6:13]) < it  # saved before the iteration that diverged
+
+
+class _FailsAfterTraining(HookBase):
+    def after_train(self):
+        raise RuntimeError("the final evaluation failed")
+
+
+def test_a_hook_failing_after_training_still_lets_persisthook_clean_up(tmp_path):
+    """
+    An earlier hook's after_train raising (EvalHook's final evaluation): detectron2 calls no
+    later hook's, and PersistHook's handlers stayed installed, its run lock held (a notebook's
+    next run refused), the mirror's last uploads not waited for. Its cleanup runs now.
+    """
+    from d2persist.files.lock import _HELD
+
+    mirror = tmp_path / "mirror"
+    cfg = tiny_cfg(tmp_path / "run", "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2,
+                   "PERSIST.ASYNC", True, "PERSIST.MIRROR", f"file://{mirror}")
+    with pytest.raises(RuntimeError, match="the final evaluation failed"):
+        train(cfg, hooks=[_FailsAfterTraining()])
+    assert not isinstance(getattr(signal.getsignal(signal.SIGTERM), "__self__", None),
+                          PersistHook)
+    assert os.path.realpath(tmp_path / "run") not in _HELD
+    assert (mirror / "last_checkpoint").read_text() == (
+        tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert (mirror / "model_0000001.pth").read_bytes() == (
+        tmp_path / "run" / "model_0000001.pth").read_bytes()

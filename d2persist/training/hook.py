@@ -199,8 +199,9 @@ class PersistHook(HookBase):
         self._stopped_at: Optional[int] = None
         # whether EvalHook evaluates when training completes (its eval_after_train)
         self._eval_at_end = True
-        # whether before_train ran (a trainer trains once)
+        # whether before_train ran (a trainer trains once), and after_train was called
         self._began = False
+        self._after_train_called = False
         # whether the trainer's resume gave this hook its state (load_state_dict)
         self._restored = False
         # every evaluation's metrics (evaluations.json), on the main process
@@ -252,6 +253,36 @@ class PersistHook(HookBase):
                     getattr(kept[at], "_eval_after_train", True))
             kept.insert(len(kept) if at is None else at, self._before_eval)
         self.trainer._hooks = kept + [self]
+        self._guard_after_train()
+
+    def _guard_after_train(self):
+        """
+        The trainer's ``after_train`` calls each hook's in turn, with no ``finally``: where an
+        earlier hook's raises (EvalHook's final evaluation failing, a second Ctrl-C there),
+        this hook's is never called. Its cleanup then runs here: the last writes waited for,
+        the mirror's last uploads, the signal handlers, the run lock.
+        """
+        original = self.trainer.after_train  # (the bound method, through the proxy)
+
+        def after_train():
+            try:
+                original()
+            finally:
+                if not self._after_train_called:
+                    self._clean_up_skipped()
+
+        self.trainer.after_train = after_train
+
+    def _clean_up_skipped(self):
+        logger.warning("PersistHook's after_train was not reached (an earlier hook's raised): "
+                       "no model_final or export; the last checkpoint written stands.")
+        self._restore_signal_handlers()
+        try:
+            self._writer.wait()
+        except Exception:  # (the error in flight is the earlier hook's)
+            logger.exception("The last checkpoint write failed:")
+        finally:
+            self._finish()
 
     # -- before_train --------------------------------------------------------------------------
 
@@ -669,25 +700,30 @@ class PersistHook(HookBase):
         # the trainer calls after_train in the ``finally`` of its loop: an exception ending
         # training is still in flight here
         failure = sys.exc_info()[1]
+        self._after_train_called = True
         try:
             self._after_train()
         finally:
-            self._spare = None  # the snapshot buffers: training is over
-            try:
-                if self._plotter is not None:
-                    self._plotter.finish()
-            except Exception:  # a picture never hides why training ended
-                logger.exception("Could not draw %s:", TRAINING_PLOT)
-            try:
-                if self._mirror_jobs is not None:  # also after a failure or a signal
-                    self._mirror_jobs.finish()
-            finally:
-                if comm.is_main_process():
-                    unlock_run_folder(self.run.output_dir)
+            self._finish()
         if isinstance(failure, FloatingPointError) and not isinstance(
             failure, TrainingDivergedError
         ):
             raise diverged_error(self.run, self.trainer.iter, failure) from failure
+
+    def _finish(self):
+        """What ends every run, completed or not: the plot, the mirror's uploads, the lock."""
+        self._spare = None  # the snapshot buffers: training is over
+        try:
+            if self._plotter is not None:
+                self._plotter.finish()
+        except Exception:  # a picture never hides why training ended
+            logger.exception("Could not draw %s:", TRAINING_PLOT)
+        try:
+            if self._mirror_jobs is not None:  # also after a failure or a signal
+                self._mirror_jobs.finish()
+        finally:
+            if comm.is_main_process():
+                unlock_run_folder(self.run.output_dir)
 
     def _after_train(self):
         self._restore_signal_handlers()
