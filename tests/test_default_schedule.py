@@ -272,12 +272,23 @@ def _requantized(out, folder, budget):
     """A copy of run ``out`` whose INT8 model export_model makes again within ``budget``."""
     run = folder / "run"
     shutil.copytree(out, run, ignore=shutil.ignore_patterns("*.pth", "*.lock"))
+    graphs = os.path.join(os.environ["D2PERSIST_CACHE"], "onnxruntime")
+    before = set(os.listdir(graphs)) if os.path.isdir(graphs) else set()
     res = run_tool(EXPORT_MODEL, "--artifacts", run, "--format", "onnx-int8",
                    "--int8-budget", budget, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    manifest = json.loads((run / "export" / "manifest.json").read_text())
-    from d2persist.files.atomic import sha256_file
+    # of the INT8 models tried, only the one kept has its optimized graph cached (each tried
+    # one stayed in the cache for a week); the float model's is there from its training
+    import onnxruntime
 
+    from d2persist.files.atomic import sha256_file
+    from d2persist.predict.onnx_predictor import _cache_key
+
+    allowed = {_cache_key(sha256_file(str(run / "export" / name)), ["CPUExecutionProvider"],
+                          onnxruntime.SessionOptions()) + ".onnx"
+               for name in ("model.onnx", "model.int8.onnx")}
+    assert set(os.listdir(graphs)) - before <= allowed
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["files"]["model.int8.onnx"]["sha256"] == sha256_file(
         str(run / "export" / "model.int8.onnx"))  # the manifest names the file that is there
     assert manifest["evaluation"]["tolerance"]["onnxruntime-int8"] == budget

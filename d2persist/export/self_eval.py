@@ -198,7 +198,7 @@ def _outputs(pred):
     return out
 
 
-def _load(export_dir, backend, device):
+def _load(export_dir, backend, device, cache=True):
     if backend == PYTORCH.backend:
         from ..predict.predictor import load_torch_predictor
 
@@ -206,7 +206,7 @@ def _load(export_dir, backend, device):
     from ..predict.onnx_predictor import load_onnx_predictor
 
     model = next(m for m in MODEL_FILES if m.backend == backend)
-    return load_onnx_predictor(export_dir, precision=model.precision)
+    return load_onnx_predictor(export_dir, precision=model.precision, cache=cache)
 
 
 @contextlib.contextmanager
@@ -288,7 +288,8 @@ def _adapt_int8(export_dir, dataset, evaluator, reference, images, tolerance, de
         predictor = None
         if main:
             add_int8(export_dir, images, [name for name, _ in ranking[:k]])
-            predictor = _load(export_dir, ONNX_INT8.backend, device)
+            # (a model tried once: its optimized graph would stay in the cache for a week)
+            predictor = _load(export_dir, ONNX_INT8.backend, device, cache=False)
         results, error = _run(predictor, dataset if main else [], evaluator)
         if main:
             metrics = _flat(results)
