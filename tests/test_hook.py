@@ -393,3 +393,6 @@ def test_a_hook_failing_after_training_still_lets_persisthook_clean_up(tmp_path)
         tmp_path / "run" / "last_checkpoint").read_text() == "model_0000001.pth"
     assert (mirror / "model_0000001.pth").read_bytes() == (
         tmp_path / "run" / "model_0000001.pth").read_bytes()
+    import threading  # the mirror's upload thread ended (was left waiting for good)
+
+    assert not [t for t in threading.enumerate() if t.name == "d2persist-mirror"]

@@ -214,6 +214,13 @@ class Uploader:
         self._jobs.join()
         return time.perf_counter() - start
 
+    def close(self) -> None:
+        """End the upload thread once every queued upload is done (a later job starts one)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
 
 class RunMirror:
     """
@@ -289,6 +296,7 @@ class RunMirror:
         """Upload ``metrics.json`` a last time and wait for every job; log what failed."""
         self.upload_metrics()
         waited = self.uploader.wait()
+        self.uploader.close()  # (a process training again starts another: no thread left)
         failures = self.uploader.failures
         logger.info(
             "Mirror %s: waited %.1f s for the last uploads%s.", self.url, waited,

@@ -640,6 +640,7 @@ class PersistHook(HookBase):
         self._last_save_time = time.monotonic()
         if not comm.is_main_process():
             return
+        self._writer.wait()  # (the write in flight prunes _kept in its thread)
         if basename != FINAL_NAME:
             self._kept.append(basename)
         data = self._snapshot(iteration)
