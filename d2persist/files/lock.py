@@ -130,9 +130,14 @@ def lock_run_folder(folder: str) -> bool:
     # a run of this launcher got past its start-up checks: still so, if this one dies starting
     # (the record before read through this descriptor: on NFS, closing another one of the
     # file would release the lock)
-    if _of_this_launcher_and_started(_read_record(fd)):
-        record.update(started=True, ppid=os.getppid())
-    _write_record(fd, record)
+    try:
+        if _of_this_launcher_and_started(_read_record(fd)):
+            record.update(started=True, ppid=os.getppid())
+        _write_record(fd, record)
+    except OSError as e:  # (a full disk): the lock given back, not kept by a lost descriptor
+        os.close(fd)
+        raise ArtifactError(f"Cannot write {path}: {os.strerror(e.errno) if e.errno else e}.") \
+            from None
     _HELD[key] = (fd, record)
     return True
 

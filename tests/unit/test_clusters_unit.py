@@ -203,3 +203,20 @@ def test_stop_signal_names_are_normalized():
     assert persist_options(cfg)["STOP_SIGNALS"] == ["SIGUSR1", "SIGTERM"]
     cfg.PERSIST.STOP_SIGNALS = ["SIGINT", "INT", "SIGABRT", "SIGIOT"]  # repeats, an alias
     assert persist_options(cfg)["STOP_SIGNALS"] == ["SIGINT", "SIGABRT"]
+
+
+def test_a_lock_record_that_cannot_be_written_gives_the_lock_back(tmp_path, mocker):
+    """The disk full as the holder's record is written: one sentence, and the lock is not kept
+    by a descriptor nothing holds (a retry in the process was refused as another run's)."""
+    import errno
+
+    from d2persist import ArtifactError
+
+    mocker.patch("d2persist.files.lock.os.pwrite",
+                 side_effect=OSError(errno.ENOSPC, "No space left on device"))
+    with pytest.raises(ArtifactError, match=r"^Cannot write .*\.d2persist\.lock: No space left on "
+                                            r"device\.$"):
+        lock_run_folder(str(tmp_path))
+    mocker.stopall()
+    assert lock_run_folder(str(tmp_path))  # taken now: nothing held it
+    unlock_run_folder(str(tmp_path))
