@@ -180,3 +180,42 @@ def test_a_stock_trainer_resumed_past_max_iter_with_ema_eval_says_so(tmp_path):
     with pytest.raises(D2PersistError, match="MAX_ITER"):
         train(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2, *opts), resume=True,
               trainer_cls=DefaultTrainer)
+
+
+class _Counter:
+    """A project's own state, saved with the checkpoints (``add_checkpointable``)."""
+
+    def __init__(self):
+        self.count, self.loaded = 0, None
+
+    def state_dict(self):
+        return {"count": self.count}
+
+    def load_state_dict(self, state):
+        self.loaded = dict(state)
+
+
+def test_what_the_trainers_checkpointer_saves_besides_is_saved_too(tmp_path):
+    """
+    ``trainer.checkpointer.add_checkpointable`` (an EMA of a project's, its own counters): the
+    hook's checkpoints left it out, and a resume restarted it without a word.
+    """
+    from d2persist import PersistHook
+
+    cfg = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 3, "SOLVER.CHECKPOINT_PERIOD", 2,
+                   "PERSIST.EXPORT", False)
+    trainer, counter = DefaultTrainer(cfg), _Counter()
+    counter.count = 7
+    trainer.checkpointer.add_checkpointable("counter", counter)
+    trainer.register_hooks([PersistHook(cfg)])
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    for name in ("model_0000001.pth", "model_final.pth"):
+        assert torch.load(tmp_path / name, weights_only=True)["counter"] == {"count": 7}
+    more = tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 4, "SOLVER.CHECKPOINT_PERIOD", 2,
+                    "PERSIST.EXPORT", False)
+    again, restored = DefaultTrainer(more), _Counter()
+    again.checkpointer.add_checkpointable("counter", restored)
+    again.register_hooks([PersistHook(more)])
+    again.resume_or_load(resume=True)
+    assert restored.loaded == {"count": 7}

@@ -199,6 +199,8 @@ class PersistHook(HookBase):
         self._stopped_at: Optional[int] = None
         # whether EvalHook evaluates when training completes (its eval_after_train)
         self._eval_at_end = True
+        # the trainer's checkpointers' other checkpointables (set at before_train)
+        self._extra_checkpointables: Dict[str, Any] = {}
         # whether before_train ran (a trainer trains once), and after_train was called
         self._began = False
         self._after_train_called = False
@@ -239,8 +241,17 @@ class PersistHook(HookBase):
                 "d2persist's LazyConfig loop add one themselves); register only one."
             )
         kept = [h for h in others if not isinstance(h, (PeriodicCheckpointer, BeforeEvaluation))]
-        if any(isinstance(h, PeriodicCheckpointer) for h in others):
+        removed = [h for h in others if isinstance(h, PeriodicCheckpointer)]
+        if removed:
             logger.info("PersistHook writes the checkpoints: PeriodicCheckpointer removed.")
+        # what the trainer's checkpointers save besides the model and the trainer (an EMA, a
+        # project's own state: add_checkpointable), saved by this hook's too
+        self._extra_checkpointables = {}
+        for c in [getattr(self.trainer, "checkpointer", None)] + [
+                getattr(h, "checkpointer", None) for h in removed]:
+            for k, v in (getattr(c, "checkpointables", None) or {}).items():
+                if k != "trainer":
+                    self._extra_checkpointables.setdefault(k, v)
         at = next((i for i, h in enumerate(kept) if isinstance(h, EvalHook)), None)
         if at is not None:  # when EvalHook evaluates: as it says, not as the config does
             evaluator = kept[at]
@@ -307,7 +318,8 @@ class PersistHook(HookBase):
         main_decides(start_folder, errors=(D2PersistError, OSError))
         if comm.is_main_process() and self.options["PLOT"]:
             self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
-        self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer)
+        self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer,
+                                                 **self._extra_checkpointables)
         if self.trainer.start_iter > 0 and not self._restored:  # (the same on every process)
             main_decides(self._check_registered_before_resume)
         self._apply_pending_resume()
