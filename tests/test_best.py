@@ -130,3 +130,25 @@ def test_an_eval_hook_told_not_to_evaluate_after_training_still_ends_the_run(tmp
     train(cfg, trainer_cls=NoFinalEval)
     assert json.loads((tmp_path / "best.json").read_text())["iteration"] == 1
     assert (tmp_path / "export" / "manifest.json").is_file()
+
+
+def test_detectron2s_best_checkpointer_writing_model_best_is_refused(tmp_path):
+    """
+    BestCheckpointer's default file_prefix writes model_best.pth, which BEST_METRIC makes a
+    hard link to a checkpoint: its write (open "wb") rewrote that checkpoint's bytes, which
+    then no longer matched their sha256. Refused before training.
+    """
+    from detectron2.engine.hooks import BestCheckpointer
+
+    from d2persist import D2PersistError
+
+    class WithBestCheckpointer(eval_trainer()):
+        def build_hooks(self):
+            return super().build_hooks() + [
+                BestCheckpointer(2, self.checkpointer, "bbox/AP50", "max")]
+
+    cfg = tiny_cfg(tmp_path, *OPTS, "SOLVER.MAX_ITER", 4, "PERSIST.BEST_METRIC", "bbox/AP50")
+    with pytest.raises(D2PersistError, match=r"^detectron2's BestCheckpointer writes "
+                                             r"model_best.pth, which d2persist makes a hard link"):
+        train(cfg, trainer_cls=WithBestCheckpointer)
+    assert not list(tmp_path.glob("model_*.pth"))

@@ -9,7 +9,7 @@ import time
 from typing import Any, Dict, List, Optional, Set, Union
 
 from detectron2.config import CfgNode
-from detectron2.engine.hooks import EvalHook, HookBase, PeriodicCheckpointer
+from detectron2.engine.hooks import BestCheckpointer, EvalHook, HookBase, PeriodicCheckpointer
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
@@ -240,6 +240,16 @@ class PersistHook(HookBase):
                 "Two PersistHooks are registered on this trainer (PersistTrainer and "
                 "d2persist's LazyConfig loop add one themselves); register only one."
             )
+        # d2persist's names that are hard links to a checkpoint: a write there changes it too
+        linked = [FINAL_NAME] + ([BEST_NAME] if self._best is not None else [])
+        clashing = [h for h in others if isinstance(h, BestCheckpointer)
+                    and f"{getattr(h, '_file_prefix', '')}.pth" in linked]
+        if clashing:
+            raise D2PersistError(
+                f"detectron2's BestCheckpointer writes {clashing[0]._file_prefix}.pth, which "
+                "d2persist makes a hard link to a checkpoint (PERSIST.BEST_METRIC's best, the "
+                "final one): its write would change that checkpoint too. Remove it (PERSIST."
+                "BEST_METRIC keeps the best), or give it another file_prefix.")
         kept = [h for h in others if not isinstance(h, (PeriodicCheckpointer, BeforeEvaluation))]
         removed = [h for h in others if isinstance(h, PeriodicCheckpointer)]
         if removed:
