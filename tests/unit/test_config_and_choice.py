@@ -483,3 +483,19 @@ def test_a_d2persist_error_ending_training_is_logged_as_its_sentence():
     assert mine.exc_info is None
     other = record(RuntimeError("a bug"))
     assert other.exc_info is not None and other.getMessage() == "Exception during training:"
+
+
+def test_the_divergence_hint_of_a_lazyconfig_names_keys_detectron2s_configs_have():
+    """It named train.clip_grad, which detectron2's LazyConfig loop never reads."""
+    import re
+
+    from detectron2 import model_zoo
+
+    from d2persist.training.actions import DIVERGENCE_HINTS
+
+    named = set(re.findall(r"\(([\w.]+)\)|a lower ([\w.]+)", DIVERGENCE_HINTS["lazy"]))
+    keys = {k for pair in named for k in pair if k}
+    assert keys == {"lr_multiplier.warmup_length", "optimizer.lr"}
+    schedule = model_zoo.get_config("common/coco_schedule.py").lr_multiplier_1x
+    assert "warmup_length" in schedule
+    assert "lr" in model_zoo.get_config("common/optim.py").SGD
