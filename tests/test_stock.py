@@ -219,3 +219,17 @@ def test_what_the_trainers_checkpointer_saves_besides_is_saved_too(tmp_path):
     again.register_hooks([PersistHook(more)])
     again.resume_or_load(resume=True)
     assert restored.loaded == {"count": 7}
+
+
+def test_a_persisttrainer_whose_hooks_leave_out_persisthook_is_refused(tmp_path):
+    """A subclass's build_hooks not calling super(): it trained with nothing saved (no
+    config.yaml, no checkpoint, no export) and a run lock never released."""
+    from d2persist import D2PersistError
+
+    class OwnHooks(PersistTrainer):
+        def build_hooks(self):
+            return []
+
+    with pytest.raises(D2PersistError, match=r"^OwnHooks.build_hooks returns no PersistHook: "
+                                             r"call super\(\).build_hooks\(\)"):
+        OwnHooks(tiny_cfg(tmp_path, "SOLVER.MAX_ITER", 2))

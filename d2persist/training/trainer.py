@@ -13,7 +13,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from ..errors import EarlyStopped
+from ..errors import D2PersistError, EarlyStopped
 from ..runconfig import run_config
 from .checkpointer import PersistCheckpointer
 from .hook import PersistHook
@@ -80,6 +80,10 @@ class PersistTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+        if not any(isinstance(h, PersistHook) for h in self._hooks):
+            raise D2PersistError(  # (it would train with nothing saved, a lock never released)
+                f"{type(self).__name__}.build_hooks returns no PersistHook: call "
+                "super().build_hooks() in it, or add PersistHook(cfg) to what it returns.")
 
     def resume_or_load(self, resume: bool = True) -> None:
         """
