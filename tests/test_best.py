@@ -149,6 +149,7 @@ def test_detectron2s_best_checkpointer_writing_model_best_is_refused(tmp_path):
 
     cfg = tiny_cfg(tmp_path, *OPTS, "SOLVER.MAX_ITER", 4, "PERSIST.BEST_METRIC", "bbox/AP50")
     with pytest.raises(D2PersistError, match=r"^detectron2's BestCheckpointer writes "
-                                             r"model_best.pth, which d2persist makes a hard link"):
+                                             r"model_best.pth, which d2persist makes a hard "
+                                             r"link to a checkpoint .*: remove it;"):
         train(cfg, trainer_cls=WithBestCheckpointer)
     assert not list(tmp_path.glob("model_*.pth"))

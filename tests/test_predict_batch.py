@@ -144,7 +144,9 @@ def test_sources_name_their_outputs_relative_to_themselves(source, tmp_path, moc
         listing.unlink()
     assert [n for _, n in listed.items] == ["a/0.png", "a/1.png", "b/3.jpg"]
     assert listed.missing == [(str(source / "b" / "gone.png"), "b/gone.png")]
-    assert ls.call_count == 2 and isfile.call_count == 1  # (the list file itself)
+    assert ls.call_count == 2  # and one isfile for the list file, one for what is not listed
+    assert [c.args[1] for c in isfile.call_args_list] == [str(listing),
+                                                          str(source / "b" / "gone.png")]
 
 
 def test_from_and_to_s3(trained_run, source, tmp_path):

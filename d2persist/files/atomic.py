@@ -344,7 +344,8 @@ def check_output_file(path: str) -> None:
         path (str): the file to be written.
 
     Raises:
-        OutputPathError: ``path`` is a folder, or a file stands where a folder above it would.
+        OutputPathError: ``path`` is a folder, a file stands where a folder above it would, or
+            this process may not write in the nearest folder that exists.
     """
     _check_not_url(path)
     if os.path.isdir(path):
@@ -360,7 +361,8 @@ def check_output_folder(path: str) -> None:
         path (str): the folder to be written into.
 
     Raises:
-        OutputPathError: ``path``, or a path above it, is a file.
+        OutputPathError: ``path``, or a path above it, is a file, or this process may not
+            write in the nearest folder that exists.
     """
     _check_not_url(path)
     _check_folder_possible(os.path.abspath(path), path)
@@ -374,7 +376,8 @@ def _check_not_url(path: str) -> None:
 
 
 def _check_folder_possible(folder: str, path: str) -> None:
-    """The nearest of ``folder`` and the paths above it that exists must be a folder."""
+    """The nearest of ``folder`` and the paths above it that exists: a folder this process
+    may write in."""
     while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
         folder = os.path.dirname(folder)
     if os.path.isdir(folder):

@@ -226,7 +226,8 @@ class RunMirror:
     """
     The upload jobs of one run folder to its mirror, in the order that keeps the mirror
     consistent: a file before anything names it, a checkpoint's sha256 with it,
-    ``last_checkpoint`` as it was when the job was queued, removals last. A checkpoint the
+    ``last_checkpoint`` as it was when the job was queued, removals last (but those of
+    ``remove_first``, which make a bundle incomplete before its files change). A checkpoint the
     run's retention retired is removed only by a job that uploaded and named a newer one (a
     failed or skipped upload never leaves the mirror without a checkpoint to resume from).
     Training never waits.

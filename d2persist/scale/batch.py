@@ -28,6 +28,7 @@ import posixpath
 import signal
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import (Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple,
                     Union)
@@ -94,16 +95,18 @@ def list_source(src: str) -> Source:
 
 def _not_listed(fs: Any, paths: List[str]) -> List[str]:
     """
-    Those of ``paths`` their folder does not list: one listing per folder, not one request
-    per path (a list of a million images in a bucket).
+    Those of ``paths`` that are not there: one listing per folder, not one request per path
+    (a list of a million images in a bucket); a path its folder's listing leaves out, or of a
+    folder that cannot be listed (credentials that read objects and list nothing, a web
+    server without index pages), asked on its own.
     """
     folders: Dict[str, Set[str]] = {}
     for folder in sorted({posixpath.dirname(p) for p in paths}):
         try:
             folders[folder] = {e.rstrip("/") for e in fs.ls(folder, detail=False)}
-        except (FileNotFoundError, NotADirectoryError):
+        except Exception:  # noqa: BLE001 (fsspec backends raise many kinds): not known
             folders[folder] = set()
-    return [p for p in paths if p not in folders[posixpath.dirname(p)]]
+    return [p for p in paths if p not in folders[posixpath.dirname(p)] and not fs.isfile(p)]
 
 
 def _list_source(src: str) -> Source:
@@ -184,7 +187,7 @@ class _Destination(Mirror):
         except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
             raise OutputPathError(
                 f"Cannot {doing} {self.url} ({type(e).__name__}: {e}); what is written there "
-                "is whole: run the same command again once it can be written.") from None
+                "is whole: run the same command again once it can be used.") from None
 
     def exists(self, name: str) -> bool:
         if self.local:
@@ -780,6 +783,11 @@ class RayEngine:
 _READ_PASSES = 3
 
 
+def _shown(source: Source, path: str) -> str:
+    """An image's path as sentences and records name it: its URL where it is not local."""
+    return path if source.local else source.fs.unstrip_protocol(path)
+
+
 def _read_problem(fs: Any, path: str, shown: str) -> Optional[str]:
     """Why the image at ``path`` cannot be read here (one sentence), or None."""
     try:
@@ -809,11 +817,19 @@ def _after_pass(source: Source, todo: List[Tuple[str, str]], seen: Set[str], dst
     done, failed = _outputs_at(out)
     failed -= set(failed_before)  # (a record of before: not known to be this job's)
     job = _Job(out, min_score, pictures)
+    unknown = [(p, rel) for p, rel in left if rel not in done and rel not in failed]
+    # the images the failure names (Ray's reader says which file), else all of those left,
+    # asked concurrently (a failure not of a read: each one is read, once)
+    named = [(p, rel) for p, rel in unknown if failure is not None and p in str(failure)]
+    with ThreadPoolExecutor(16) as pool:
+        asked = named or unknown
+        problems = dict(zip([rel for _, rel in asked], pool.map(
+            lambda x: _read_problem(source.fs, x[0], _shown(source, x[0])), asked)))
     rest, unreadable = [], 0
     for path, rel in left:
         status = "done" if rel in done else "failed" if rel in failed else None
-        shown = path if source.local else source.fs.unstrip_protocol(path)
-        problem = None if status else _read_problem(source.fs, path, shown)
+        shown = _shown(source, path)
+        problem = None if status else problems.get(rel)
         if problem is not None:
             job._failed(rel, shown, problem)
             status, unreadable = "failed", unreadable + 1

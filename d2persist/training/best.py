@@ -44,7 +44,7 @@ def evaluation_value(latest: Dict[str, Tuple[float, int]], metric: str, iteratio
         return float(entry[0])
     produced = sorted(k for k, (_, it) in latest.items() if it == iteration
                       and k not in training_keys)
-    per_dataset = [k for k in produced if k.endswith("/" + metric)]
+    per_dataset = [k for k in produced if "/" in metric and k.endswith("/" + metric)]
     if per_dataset:  # several test datasets: DefaultTrainer.test nests each one's results
         raise ConfigError(
             f"PERSIST.BEST_METRIC {metric!r} is reported per test dataset by the evaluation "

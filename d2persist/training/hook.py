@@ -124,7 +124,10 @@ class PersistHook(HookBase):
       or once ``PERSIST.CHECKPOINT_MINUTES`` have passed on the main process's clock since the
       last save; and, after a ``PERSIST.STOP_SIGNALS`` signal (SIGINT, SIGTERM) on any process,
       a checkpoint of the finished iteration before every process stops.
-    - ``after_train``: only if training completed, ``model_final.pth`` and the inference export.
+    - ``after_train``: only if training completed, ``model_final.pth`` and the inference export
+      (a stop signal received during EvalHook's final evaluation stops after
+      ``model_final.pth``: ``--resume`` exports). Where an earlier hook's ``after_train``
+      raises, its cleanup (writes, mirror, signal handlers, lock) still runs.
     - with ``PERSIST.BEST_METRIC``: after each evaluation that improves the metric,
       ``model_best.pth`` (the weights EvalHook just evaluated) and ``best.json``.
     - after each evaluation (EvalHook's, in its ``after_step`` and ``after_train``): its
@@ -154,7 +157,8 @@ class PersistHook(HookBase):
     iteration's checkpoint is written (the previous one is intact).
 
     Its state (the checkpoints it keeps, RNG states and data position of every process)
-    travels in the checkpoint through ``state_dict``/``load_state_dict``. A run resumed with
+    travels in the checkpoint through ``state_dict``/``load_state_dict``: register it before
+    ``resume_or_load`` (a resume that left it unread is refused). A run resumed with
     another number of processes gets the data position (the global batches do not depend on
     it, see :mod:`d2persist.training.state`), best model and retention back, not the per-process
     RNGs.
@@ -201,8 +205,10 @@ class PersistHook(HookBase):
         self._eval_at_end = True
         # the trainer's checkpointers' other checkpointables (set at before_train)
         self._extra_checkpointables: Dict[str, Any] = {}
-        # whether before_train ran (a trainer trains once), and after_train was called
+        # whether before_train ran (a trainer trains once), a second one was refused, and
+        # after_train was called
         self._began = False
+        self._refused_again = False
         self._after_train_called = False
         # whether the trainer's resume gave this hook its state (load_state_dict)
         self._restored = False
@@ -242,14 +248,15 @@ class PersistHook(HookBase):
             )
         # d2persist's names that are hard links to a checkpoint: a write there changes it too
         linked = [FINAL_NAME] + ([BEST_NAME] if self._best is not None else [])
-        clashing = [h for h in others if isinstance(h, BestCheckpointer)
-                    and f"{getattr(h, '_file_prefix', '')}.pth" in linked]
+        clashing = sorted({f"{getattr(h, '_file_prefix', '')}.pth" for h in others
+                           if isinstance(h, BestCheckpointer)} & set(linked))
+        if comm.get_world_size() > 1:  # (added on the main process alone, as usual)
+            clashing = sorted({n for names in comm.all_gather(clashing) for n in names})
         if clashing:
             raise D2PersistError(
-                f"detectron2's BestCheckpointer writes {clashing[0]._file_prefix}.pth, which "
-                "d2persist makes a hard link to a checkpoint (PERSIST.BEST_METRIC's best, the "
-                "final one): its write would change that checkpoint too. Remove it (PERSIST."
-                "BEST_METRIC keeps the best), or give it another file_prefix.")
+                f"detectron2's BestCheckpointer writes {clashing[0]}, which d2persist makes a "
+                "hard link to a checkpoint (its write would change that checkpoint too): "
+                "remove it; PERSIST.BEST_METRIC keeps the best model.")
         kept = [h for h in others if not isinstance(h, (PeriodicCheckpointer, BeforeEvaluation))]
         removed = [h for h in others if isinstance(h, PeriodicCheckpointer)]
         if removed:
@@ -283,9 +290,14 @@ class PersistHook(HookBase):
         this hook's is never called. Its cleanup then runs here: the last writes waited for,
         the mirror's last uploads, the signal handlers, the run lock.
         """
-        original = self.trainer.after_train  # (the bound method, through the proxy)
+        bound = self.trainer.after_train
+        func = getattr(bound, "__func__", None)
+        trainer = self.trainer  # the proxy: the trainer does not hold itself through this
+        original = (lambda: func(trainer)) if func is not None else bound
 
         def after_train():
+            if self._refused_again:  # a second train(): every hook ended with the first
+                return
             try:
                 original()
             finally:
@@ -309,6 +321,7 @@ class PersistHook(HookBase):
 
     def before_train(self) -> None:
         if self._began:  # (its iterations would be trained again over its checkpoints)
+            self._refused_again = True  # (no after_train of any hook then: see the guard)
             raise D2PersistError(
                 "This trainer has trained already (train() called again): build a new trainer "
                 "and call resume_or_load(resume=True) on it to continue the run.")
@@ -319,6 +332,8 @@ class PersistHook(HookBase):
         # (PersistTrainer and train_lazy checked before training; with a stock trainer it is
         # refused here, and detectron2's finally still runs EvalHook's last evaluation)
         check_resume_point(self.run, self.trainer.start_iter, self.trainer.max_iter)
+        if self.trainer.start_iter > 0 and not self._restored:  # (the same on every process;
+            main_decides(self._check_registered_before_resume)  # before anything is written)
         hold_run_lock(out)  # this process already holds it when PersistTrainer resumed
 
         def start_folder():  # the folder the main process writes is the one that counts
@@ -330,8 +345,6 @@ class PersistHook(HookBase):
             self._plotter = BackgroundPlot(out, on_drawn=self._mirror)
         self._checkpointer = PersistCheckpointer(self.trainer.model, out, trainer=self.trainer,
                                                  **self._extra_checkpointables)
-        if self.trainer.start_iter > 0 and not self._restored:  # (the same on every process)
-            main_decides(self._check_registered_before_resume)
         self._apply_pending_resume()
         if self._ema is not None:
             self._ema.attach(self.trainer.model)
@@ -788,7 +801,7 @@ class PersistHook(HookBase):
                 self._writer.submit(self._link_best, FINAL_NAME, self._best.record())
                 self._writer.wait()
         if self._early is not None and comm.is_main_process():
-            if not stopped and self._last_value is not None:
+            if not stopped and self._eval_at_end and self._last_value is not None:
                 self._early.add(last, self._last_value)
             self._write_evaluations()  # with where it stopped
             self._writer.wait()

@@ -92,8 +92,7 @@ class PersistTrainer(DefaultTrainer):
         bad setup fails before any work: the config must load back from YAML, and a new run
         must not overwrite an earlier run's checkpoints.
         """
-        hook = next((h for h in self._hooks if isinstance(h, PersistHook)), None)
-        run = hook.run if hook is not None else run_config(self.cfg)
+        run = next(h for h in self._hooks if isinstance(h, PersistHook)).run  # (see __init__)
         run.check()  # before_train reuses it
         resumed = resume_or_load(self.checkpointer, self.cfg.MODEL.WEIGHTS, resume=resume,
                                  mirror=run.options["MIRROR"])
