@@ -133,12 +133,16 @@ def read_manifest(export_dir: str, verify: bool = True,
         UnsafeArtifactError: a file name that points outside the bundle.
     """
     folder = _LocalFolder(export_dir)
-    manifest = _parse_manifest(folder, folder.read(MANIFEST_NAME))
+    text = folder.read(MANIFEST_NAME)
+    manifest = _parse_manifest(folder, text)
     if only == LOADED:
         only = [manifest["config"], manifest["weights"]]
     for name, entry in manifest["files"].items():
         if verify and (only is None or name in only):
             problem = _bundle_file_problem(folder, name, entry)
+            if problem and folder.read(MANIFEST_NAME) != text:  # not damage: a new export
+                raise ArtifactError(f"{export_dir} was exported again while it was being "
+                                    "read (a resumed run, export_model.py): read it again.")
             if problem:
                 raise ArtifactError(problem.sentence)
     return manifest

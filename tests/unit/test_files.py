@@ -335,3 +335,43 @@ def test_temporary_folders_a_killed_export_left_are_removed_too(tmp_path):
     assert sorted(remove_temp_files(str(tmp_path))) == [
         f"{TEMP_PREFIX}manifest.json.0a1b", f"{TEMP_PREFIX}quant-x"]
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_a_bundle_exported_again_while_it_is_read_is_not_called_damaged(tmp_path, mocker):
+    """
+    A resumed run (or export_model.py) writing the bundle again while a predictor verified
+    it: its new weights did not match the old manifest read first, reported as damage ("does
+    not match its sha256"); the manifest changed meanwhile, so it says to read it again.
+    """
+    import hashlib
+    import json
+
+    from d2persist import read_manifest
+    from d2persist.artifacts import bundle
+
+    def export(weights):
+        files = {"config.yaml": b"MODEL: {}\n", "model.safetensors": weights}
+        for name, data in files.items():
+            (tmp_path / name).write_bytes(data)
+        (tmp_path / "manifest.json").write_text(json.dumps({
+            "format": {"name": "d2persist-export", "version": 1}, "config": "config.yaml",
+            "weights": "model.safetensors", "input": {"format": "BGR"},
+            "files": {n: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                      for n, d in files.items()}}))
+
+    export(b"weights 1")
+    real = bundle._bundle_file_problem
+
+    def exported_meanwhile(folder, name, entry, *args, **kwargs):
+        if name == "model.safetensors":
+            export(b"weights 2")
+        return real(folder, name, entry, *args, **kwargs)
+
+    mocker.patch.object(bundle, "_bundle_file_problem", side_effect=exported_meanwhile)
+    with pytest.raises(ArtifactError, match=r"was exported again while it was being read .*: "
+                                            r"read it again\.$"):
+        read_manifest(str(tmp_path))
+    mocker.stopall()
+    (tmp_path / "model.safetensors").write_bytes(b"weights 3")  # damage: the manifest as it was
+    with pytest.raises(ArtifactError, match="does not match"):
+        read_manifest(str(tmp_path))
