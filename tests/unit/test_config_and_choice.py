@@ -149,6 +149,8 @@ def test_best_metric_of_a_task_the_evaluation_did_not_report_is_skipped(caplog):
                                           r"one of those\.$"):
         evaluation_value(nested, "bbox/AP", 99)
     assert evaluation_value(nested, "val_b/bbox/AP", 99) == 0.7
+    with pytest.raises(ConfigError, match=r"'AP' is not a result .* bbox/AP"):  # no task: a typo
+        evaluation_value(latest, "AP", 99, {"total_loss"})
 
 
 @pytest.mark.parametrize("value", [-0.5, "a lot", None])

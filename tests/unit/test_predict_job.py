@@ -272,3 +272,16 @@ def test_long_image_names_are_predicted_or_refused_up_front(tmp_path):
                                               r"255: rename the image"):
         predict_source(_Decoder(), str(src), str(dst))
     assert not (dst / (longer + ".json")).exists()
+
+
+def test_a_list_files_folder_that_cannot_be_listed_asks_each_image(tmp_path, mocker):
+    """Credentials that read objects and list nothing (or a web server without index pages):
+    a failed listing is not 'every image missing'; each one is asked on its own."""
+    src = tmp_path / "src"
+    _images(src)
+    (src / "list.txt").write_text("a.png\nb.jpg\ngone.png\n")
+    fs = type(batch.list_source(str(src)).fs)
+    mocker.patch.object(fs, "ls", side_effect=PermissionError("Access Denied"))
+    listed = batch.list_source(str(src / "list.txt"))
+    assert [n for _, n in listed.items] == ["a.png", "b.jpg"]
+    assert [n for _, n in listed.missing] == ["gone.png"]
