@@ -71,6 +71,11 @@ class Source:
     missing: List[Tuple[str, str]] = field(default_factory=list)
 
 
+def _shown(source: Source, path: str) -> str:
+    """An image's path as sentences and records name it: its URL where it is not local."""
+    return path if source.local else source.fs.unstrip_protocol(path)
+
+
 def _is_image(path: str) -> bool:
     return path.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -179,7 +184,13 @@ class _Destination(Mirror):
 
     @contextlib.contextmanager
     def _remote(self, doing: str) -> Iterator[None]:
-        """An object store's error (s3fs's PermissionError has no errno) as one sentence."""
+        """
+        An object store's error (s3fs's PermissionError has no errno) as one sentence; here,
+        errors as they are (a file error names its file: the CLI says it in one sentence).
+        """
+        if self.local:
+            yield
+            return
         try:
             yield
         except D2PersistError:
@@ -190,8 +201,6 @@ class _Destination(Mirror):
                 "is whole: run the same command again once it can be used.") from None
 
     def exists(self, name: str) -> bool:
-        if self.local:
-            return bool(self.fs.exists(self._path(name)))
         with self._remote("read"):
             return bool(self.fs.exists(self._path(name)))
 
@@ -251,12 +260,10 @@ class _Destination(Mirror):
         return True
 
     def remove(self, name: str) -> None:
-        if not self.local:
-            with self._remote("write to"):
-                super().remove(name)
-            return
-        super().remove(name)
-        self._unsynced.add(os.path.dirname(self._path(name)))
+        with self._remote("write to"):
+            super().remove(name)
+        if self.local:
+            self._unsynced.add(os.path.dirname(self._path(name)))
 
     def sync(self) -> None:
         """Make the names written and removed since the last call durable (fsync folders)."""
@@ -404,11 +411,16 @@ class _Job:
         """:meth:`predict` of the image at ``path`` on ``fs`` (an fsspec filesystem)."""
         try:
             data = fs.cat_file(path)
-        except FileNotFoundError:
-            return self._failed(rel, shown, f"Image {shown} does not exist.")
-        except OSError as e:
-            return self._failed(rel, shown, f"{shown} could not be read ({e}).")
+        except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
+            return self._failed(rel, shown, _read_failure(e, shown))
         return self.predict(predictor, meta, rel, shown, data)
+
+
+def _read_failure(e: BaseException, shown: str) -> str:
+    """The sentence of an image that could not be read (``shown``: as records name it)."""
+    if isinstance(e, FileNotFoundError):
+        return f"Image {shown} does not exist."
+    return f"{shown} could not be read ({type(e).__name__}: {e})."
 
 
 #: images predicted on this machine between two fsyncs of the output folders
@@ -464,7 +476,7 @@ def _check_output_names(source: Source, out: _Destination) -> None:
                     key=lambda x: len(posixpath.basename(x[1]).encode("utf-8", "replace")))
     longest = len(posixpath.basename(rel).encode("utf-8", "replace")) + len(".error.json")
     if longest > limit:
-        shown = path if source.local else source.fs.unstrip_protocol(path)
+        shown = _shown(source, path)
         raise InputImageError(
             f"The outputs of {shown} would have names of {longest} bytes, and {out.url} takes "
             f"at most {limit}: rename the image, or predict into an object store.")
@@ -515,7 +527,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
     counts = {"inputs": inputs, "done": 0, "skipped": len(source.items) - len(todo),
               "failed": 0}
     for path, rel in source.missing:  # listed, and not there
-        shown = path if source.local else source.fs.unstrip_protocol(path)
+        shown = _shown(source, path)
         counts[job._failed(rel, shown, f"Image {shown} does not exist.")] += 1
     engine: Dict[str, Any] = {"name": "here"}
     if ray is not None:
@@ -533,7 +545,7 @@ def predict_source(predictor: Any, src: str, dst: str, min_score: float = DEFAUL
             items = tqdm(todo, unit="image")
         try:
             for i, (path, rel) in enumerate(items, 1):
-                shown = path if source.local else source.fs.unstrip_protocol(path)
+                shown = _shown(source, path)
                 counts[job.read_and_predict(predictor, meta, source.fs, path, rel, shown)] += 1
                 if i % _SYNC_EVERY == 0:
                     out.sync()
@@ -783,20 +795,13 @@ class RayEngine:
 _READ_PASSES = 3
 
 
-def _shown(source: Source, path: str) -> str:
-    """An image's path as sentences and records name it: its URL where it is not local."""
-    return path if source.local else source.fs.unstrip_protocol(path)
-
-
 def _read_problem(fs: Any, path: str, shown: str) -> Optional[str]:
     """Why the image at ``path`` cannot be read here (one sentence), or None."""
     try:
         with fs.open(path, "rb") as f:
             f.read(1)
-    except FileNotFoundError:
-        return f"Image {shown} does not exist."
     except Exception as e:  # noqa: BLE001 (fsspec backends raise many kinds)
-        return f"{shown} could not be read ({type(e).__name__}: {e})."
+        return _read_failure(e, shown)
     return None
 
 

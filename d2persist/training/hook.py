@@ -276,9 +276,7 @@ class PersistHook(HookBase):
             self._eval_at_end = bool(getattr(evaluator, "_eval_after_train", True))
         if self._before_eval is not None:  # right before EvalHook, else before this hook
             self._before_eval.trainer = self.trainer
-            if at is not None:
-                self._before_eval.eval_after_train = bool(
-                    getattr(kept[at], "_eval_after_train", True))
+            self._before_eval.eval_after_train = self._eval_at_end
             kept.insert(len(kept) if at is None else at, self._before_eval)
         self.trainer._hooks = kept + [self]
         self._guard_after_train()
